@@ -1,0 +1,47 @@
+# Quick start: `make up` (set everything up and run the hub), `make test` (run the test suite).
+# The environments are built from the system Python, which every user account can run.
+PYTHON ?= $(shell if [ -x /usr/bin/python3 ]; then echo /usr/bin/python3; else command -v python3; fi)
+VENV   := .venv
+BIN    := $(VENV)/bin
+CONFIG ?=
+PYTEST_ARGS ?=
+
+.PHONY: up setup check build test test-deps bench clean
+
+up: setup
+	$(BIN)/spinnaker-jupyter up $(if $(CONFIG),-c $(CONFIG))
+
+setup: $(VENV)/.installed node_modules/.installed
+
+$(VENV)/.installed: requirements-hub.txt hub/pyproject.toml extensions/pyproject.toml
+	./scripts/system-deps.sh
+	@echo "[make] creating the hub environment in $(VENV) with $(PYTHON)"
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --progress-bar off -q --upgrade pip
+	$(BIN)/pip install --progress-bar off -r requirements-hub.txt
+	touch $@
+
+node_modules/.installed: package.json
+	@echo "[make] installing configurable-http-proxy (pinned)"
+	npm install --no-audit --no-fund --loglevel=error
+	touch $@
+
+check: setup
+	$(BIN)/spinnaker-jupyter check $(if $(CONFIG),-c $(CONFIG))
+
+build: setup
+	$(BIN)/spinnaker-jupyter build $(if $(CONFIG),-c $(CONFIG))
+
+test-deps: setup requirements-test.txt
+	./scripts/system-deps.sh --test
+	$(BIN)/pip install --progress-bar off -q -r requirements-test.txt
+	$(BIN)/spinnaker-jupyter build -c tests/build-config.yaml
+
+test: test-deps
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: test-deps
+	$(BIN)/python benchmarks/bench_hub.py
+
+clean:
+	rm -rf $(VENV) node_modules data .cache

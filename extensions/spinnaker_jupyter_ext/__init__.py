@@ -1,0 +1,34 @@
+"""Runs inside each user's Jupyter server: seeds the tutorials, locks the proxy down, serves the NRP route."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .proxy_guard import install_proxy_guard
+from .tutorials import seed_tutorials
+
+__version__ = "0.1.0"
+
+
+def _jupyter_server_extension_points():
+    return [{"module": "spinnaker_jupyter_ext"}]
+
+
+def _load_jupyter_server_extension(server_app):
+    log = server_app.log
+    source = os.environ.get("SPINNAKER_TUTORIALS_DIR")
+    if source and Path(source).is_dir():
+        try:
+            report = seed_tutorials(Path(source), Path.home())
+            for line in report:
+                log.info("tutorials: %s", line)
+        except OSError as e:  # a full disk must not stop the server: the user keeps their files
+            log.error("tutorials: could not copy the tutorials into %s: %s", Path.home(), e)
+    install_proxy_guard(server_app.web_app, allowed_ports=_ports(os.environ.get("SPINNAKER_PROXY_PORTS", "")),
+                        nrp_port=int(os.environ.get("SPINNAKER_NRP_PORT", "9000")),
+                        nrp_installed=bool(os.environ.get("SPINNAKER_NRP_COMMAND")))
+
+
+def _ports(text: str) -> set[int]:
+    return {int(p) for p in text.replace(",", " ").split() if p.isdigit()}

@@ -1,0 +1,40 @@
+"""Serve the 'NRP is not installed here' page on a unix socket (run by jupyter-server-proxy)."""
+
+from __future__ import annotations
+
+import os
+import socketserver
+import sys
+from http.server import BaseHTTPRequestHandler
+
+from .proxy_guard import NOT_INSTALLED
+
+
+class Page(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = NOT_INSTALLED.format(port=os.environ.get("SPINNAKER_NRP_PORT", "9000")).encode()
+        self.send_response(404)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_HEAD = do_GET
+
+    def address_string(self):
+        return "local"
+
+
+class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+def main(path: str) -> None:
+    if os.path.exists(path):
+        os.unlink(path)
+    with Server(path, Page) as server:
+        server.serve_forever()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,1 @@
+"""Hub side of the SpiNNaker Jupyter service."""

@@ -1,0 +1,200 @@
+"""`spinnaker-jupyter`: the operator's command.
+
+  up       validate the config, build what is missing (with progress), start the hub in the foreground
+  check    validate config files without starting anything
+  build    build or refresh the kernel environments
+  user     add | passwd | remove | list local accounts
+  config   print the effective config, or the reference of every key
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import stat
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from . import config as configmod
+from . import kernels
+from .config import PROJECT_ROOT, ConfigError, Deployment
+from .hubconfig import chp_command, system_users_enabled
+from .local_accounts import AccountError, AccountStore
+from .schema import describe
+
+DEFAULT_CONFIG = PROJECT_ROOT / "spinnaker-jupyter.yaml"
+
+
+def say(message: str) -> None:
+    print(f"[spinnaker-jupyter] {message}", flush=True)
+
+
+def _config_files(args) -> list[str]:
+    if args.config:
+        return args.config
+    env = os.environ.get(configmod.CONFIG_ENV)
+    if env:
+        return [f for f in env.split(os.pathsep) if f]
+    return [str(DEFAULT_CONFIG)] if DEFAULT_CONFIG.exists() else []
+
+
+def _load(args) -> Deployment:
+    return configmod.load(_config_files(args))
+
+
+def cmd_check(args) -> int:
+    d = _load(args)
+    files = ", ".join(str(f) for f in d.files) or "built-in defaults only"
+    say(f"config OK ({files})")
+    say(f"auth: {d['auth']['type']}, spawner: {d['spawner']['type']}, SpiNNaker: {d['spinnaker']['mode']}, "
+        f"data in {d.data_dir}")
+    return 0
+
+
+def _check_reachable_by_all(paths: list[Path]) -> None:
+    """As root with per-user accounts, every user must be able to run the shared environments."""
+    for path in paths:
+        for parent in [path, *path.parents]:
+            if parent.exists() and not parent.stat().st_mode & stat.S_IXOTH:
+                raise ConfigError(f"{parent} is not reachable by other accounts (mode "
+                                  f"{oct(parent.stat().st_mode & 0o777)}), so user servers could not run {path}. "
+                                  "Install the project and data_dir under a world-traversable folder such as /opt or "
+                                  "/srv, or set kernels.python to an interpreter outside it.")
+
+
+def prepare(d: Deployment, build: bool = True) -> None:
+    for p, mode in ((d.data_dir, 0o755), (d.hub_dir, 0o700), (d.homes_dir, 0o711), (d.logs_dir, 0o700)):
+        p.mkdir(parents=True, exist_ok=True)
+        os.chmod(p, mode)
+    if d["spawner"]["type"] == "local":
+        if system_users_enabled(d):
+            if os.geteuid() != 0:
+                raise ConfigError("spawner.local.system_users: true needs the hub to run as root")
+            _check_reachable_by_all([Path(sys.executable), Path(kernels.base_python(d)), d.envs_dir,
+                                     d.tutorials_dir])
+            say("Each user's server runs as their own system account (jupyter-<name>), home folders private.")
+        else:
+            say("NOTE: the hub is not running as root, so all users' servers run as this one account "
+                f"({os.environ.get('USER', os.getuid())}) and can read each other's files. Fine for one person or a "
+                "trusted group; run as root (or use spawner.type: docker) to separate users.")
+    if not shutil.which(chp_command(d)[0]):
+        raise ConfigError(f"configurable-http-proxy not found at {chp_command(d)[0]}: run `npm ci` in {PROJECT_ROOT} "
+                          "(make up does) or set proxy.command")
+    if build:
+        kernels.build_all(d, say)
+    else:
+        kernels.write_spynnaker_cfg(d)
+
+
+def first_admin(d: Deployment) -> None:
+    if d["auth"]["type"] != "local":
+        return
+    store = AccountStore(d.accounts_file)
+    if store.names():
+        return
+    name = d["auth"]["local"]["admin"]
+    password = store.add(name, admin=True)
+    bar = "=" * 72
+    print(f"\n{bar}\n  First start: created the admin account.\n    user:     {name}\n    password: {password}\n"
+          f"  This password is shown once. Change it with `spinnaker-jupyter user passwd {name}`.\n"
+          f"  Add accounts with `spinnaker-jupyter user add NAME`.\n{bar}\n", flush=True)
+
+
+def cmd_up(args) -> int:
+    t0 = time.monotonic()
+    d = _load(args)
+    say(f"config OK ({', '.join(map(str, d.files)) or 'built-in defaults'})")
+    prepare(d, build=not args.no_build)
+    first_admin(d)
+    env = dict(os.environ)
+    env[configmod.CONFIG_ENV] = os.pathsep.join(str(f) for f in d.files)
+    hub = d["hub"]
+    say(f"ready to start after {time.monotonic() - t0:.1f} s; the hub will answer at "
+        f"http://{hub['ip']}:{hub['port']}{hub['base_url']}")
+    hub_cmd = [str(Path(sys.executable).parent / "jupyterhub"), "-f", str(Path(__file__).parent / "jupyterhub_config.py")]
+    os.chdir(d.hub_dir)  # jupyterhub writes its runtime files in the working folder
+    os.execve(hub_cmd[0], hub_cmd, env)
+
+
+def cmd_build(args) -> int:
+    d = _load(args)
+    kernels.build_all(d, say, force=args.force)
+    return 0
+
+
+def cmd_user(args) -> int:
+    d = _load(args)
+    if d["auth"]["type"] != "local":
+        raise ConfigError("user accounts are managed here only with auth.type: local")
+    store = AccountStore(d.accounts_file)
+    if args.action == "list":
+        for name, admin in store.names().items():
+            print(f"{name}{'  (admin)' if admin else ''}")
+        return 0
+    if not args.name:
+        raise ConfigError(f"`user {args.action}` needs a NAME")
+    if args.action == "add":
+        password = store.add(args.name, admin=args.admin)
+        print(f"Created account {args.name}{' (admin)' if args.admin else ''}. Password (shown once): {password}")
+    elif args.action == "passwd":
+        password = sys.stdin.readline().rstrip("\n") if args.stdin else None
+        password = store.set_password(args.name, password, d["auth"]["local"]["min_password_length"])
+        print(f"New password for {args.name}: {password}" if not args.stdin else f"Password of {args.name} changed.")
+    elif args.action == "remove":
+        store.remove(args.name)
+        print(f"Removed account {args.name}; their home folder {d.homes_dir / args.name} is kept.")
+    return 0
+
+
+def cmd_config(args) -> int:
+    if args.reference:
+        for path, desc, default in describe():
+            print(f"{path} (default {default!r})\n    {desc}")
+        return 0
+    d = _load(args)
+    print(yaml.safe_dump(d.values, sort_keys=False), end="")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spinnaker-jupyter", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name, fn, help):
+        sp = sub.add_parser(name, help=help)
+        sp.add_argument("-c", "--config", action="append",
+                        help=f"deployment config file (repeat to layer; default {DEFAULT_CONFIG.name} if present)")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    up = add("up", cmd_up, "validate, build what is missing, and run the hub")
+    up.add_argument("--no-build", action="store_true", help="skip building kernel environments")
+    add("check", cmd_check, "validate the config and exit")
+    b = add("build", cmd_build, "build the kernel environments")
+    b.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    u = add("user", cmd_user, "manage local accounts")
+    u.add_argument("action", choices=["add", "passwd", "remove", "list"])
+    u.add_argument("name", nargs="?")
+    u.add_argument("--admin", action="store_true", help="(add) give admin rights")
+    u.add_argument("--stdin", action="store_true", help="(passwd) read the new password from standard input")
+    cf = add("config", cmd_config, "print the effective config")
+    cf.add_argument("--reference", action="store_true", help="list every key with its default and meaning")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args) or 0
+    except (ConfigError, AccountError) as e:
+        print(f"spinnaker-jupyter: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

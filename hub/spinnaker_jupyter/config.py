@@ -1,0 +1,219 @@
+"""Load the deployment config: built-in defaults, then the operator's files in order, then secrets from the
+environment or secret files. Anything wrong stops here, with the key's path and what was expected."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from .schema import SCHEMA, defaults
+
+PROJECT_ROOT = Path(os.environ.get("SPINNAKER_JUPYTER_ROOT", Path(__file__).resolve().parents[2]))
+CONFIG_ENV = "SPINNAKER_JUPYTER_CONFIG"  # os.pathsep-separated config files, for jupyterhub_config.py
+
+
+class ConfigError(Exception):
+    """A config problem an operator can fix; the message says where and how."""
+
+
+@dataclass
+class Deployment:
+    """The validated config plus the paths and secrets derived from it."""
+
+    values: dict
+    files: list[Path] = field(default_factory=list)
+
+    def __getitem__(self, key):
+        return self.values[key]
+
+    @property
+    def base_dir(self) -> Path:
+        return self.files[-1].parent if self.files else Path.cwd()
+
+    def path(self, value: str | None, default: Path) -> Path:
+        if not value:
+            return default
+        p = Path(value).expanduser()
+        return (p if p.is_absolute() else self.base_dir / p).resolve()
+
+    @property
+    def data_dir(self) -> Path:
+        return self.path(self.values["data_dir"], self.base_dir / "data")
+
+    @property
+    def hub_dir(self) -> Path:
+        return self.data_dir / "hub"
+
+    @property
+    def homes_dir(self) -> Path:
+        return self.data_dir / "homes"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def envs_dir(self) -> Path:
+        return self.path(self.values["kernels"]["envs_dir"], self.data_dir / "envs")
+
+    @property
+    def share_dir(self) -> Path:
+        """Goes on the user servers' JUPYTER_PATH: holds the shared kernelspecs."""
+        return self.data_dir / "share" / "jupyter"
+
+    @property
+    def spynnaker_cfg_dir(self) -> Path:
+        return self.data_dir / "etc" / "spynnaker"
+
+    @property
+    def tutorials_dir(self) -> Path:
+        return self.path(self.values["tutorials"]["source"], PROJECT_ROOT / "notebooks")
+
+    @property
+    def accounts_file(self) -> Path:
+        return self.hub_dir / "accounts.json"
+
+    def secret(self, name: str) -> str:
+        """A secret the hub generates and keeps (0600) when the operator gives none."""
+        env = {"proxy_auth_token": "CONFIGPROXY_AUTH_TOKEN", "crypt_key": "JUPYTERHUB_CRYPT_KEY"}[name]
+        if os.environ.get(env):
+            return os.environ[env]
+        path = self.hub_dir / name
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+        return path.read_text().strip()
+
+    @property
+    def db_url(self) -> str:
+        return (os.environ.get("SPINNAKER_JUPYTER_DB_URL") or self.values["hub"]["db_url"]
+                or f"sqlite:///{self.hub_dir / 'jupyterhub.sqlite'}")
+
+    def ebrains_client_secret(self) -> str:
+        eb = self.values["auth"]["ebrains"]
+        if os.environ.get("EBRAINS_CLIENT_SECRET"):
+            return os.environ["EBRAINS_CLIENT_SECRET"]
+        if eb["client_secret_file"]:
+            return self.path(eb["client_secret_file"], Path()).read_text().strip()
+        raise ConfigError("auth.ebrains.client_secret: missing. Set the environment variable EBRAINS_CLIENT_SECRET "
+                          "or auth.ebrains.client_secret_file (a file readable only by the hub).")
+
+
+def merge(base: dict, over: dict) -> dict:
+    """Deep-merge `over` into a copy of `base`; lists and scalars replace."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _describe_type(schema: dict) -> str:
+    if "enum" in schema:
+        return "one of " + ", ".join(repr(v) for v in schema["enum"])
+    t = schema.get("type", "a value")
+    return " or ".join(t) if isinstance(t, list) else t
+
+
+def _format_error(err: jsonschema.ValidationError, source: str) -> str:
+    path = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+    where = f" (in {source})" if source else ""
+    if err.validator == "additionalProperties":
+        allowed = sorted(err.schema.get("properties", {}))
+        unknown = sorted(set(err.instance) - set(allowed))
+        lines = []
+        for key in unknown:
+            full = f"{path}.{key}" if err.absolute_path else key
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            lines.append(f"{full}: unknown key{hint} Allowed here: {', '.join(allowed)}{where}")
+        return "\n".join(lines)
+    if err.validator == "type":
+        return f"{path}: expected {_describe_type(err.schema)}, got {err.instance!r}{where}"
+    if err.validator == "enum":
+        return f"{path}: expected {_describe_type(err.schema)}, got {err.instance!r}{where}"
+    return f"{path}: {err.message}{where}"
+
+
+def validate(values: dict, source: str = "") -> None:
+    validator = jsonschema.Draft202012Validator(SCHEMA)
+    errors = sorted(validator.iter_errors(values), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        raise ConfigError("\n".join(_format_error(e, source) for e in errors))
+
+
+SECRET_KEYS = {"client_secret", "password", "api_token", "crypt_key", "auth_token", "cookie_secret"}
+
+
+def _reject_inline_secrets(values, path=""):
+    for key, value in (values.items() if isinstance(values, dict) else []):
+        full = f"{path}.{key}" if path else key
+        if key in SECRET_KEYS:
+            raise ConfigError(f"{full}: secrets do not belong in the config file. Use the environment or a "
+                              f"`{key}_file` setting where one exists.")
+        _reject_inline_secrets(value, full)
+
+
+def read_file(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(data).__name__}")
+    return data
+
+
+def load(files: list[str | Path] | None = None) -> Deployment:
+    """Defaults, then each file in order (later wins). Each file is checked on its own so errors name it."""
+    if files is None:
+        files = [f for f in os.environ.get(CONFIG_ENV, "").split(os.pathsep) if f]
+    paths = [Path(f).expanduser().resolve() for f in files]
+    values = defaults()
+    for path in paths:
+        data = read_file(path)
+        _reject_inline_secrets(data)
+        values = merge(values, data)
+        validate(values, str(path))
+    validate(values)
+    deployment = Deployment(values, paths)
+    _check_consistency(deployment)
+    return deployment
+
+
+def _check_consistency(d: Deployment) -> None:
+    """Rules that span keys, which the schema cannot say."""
+    v = d.values
+    if v["spinnaker"]["mode"] == "machine" and not v["spinnaker"]["machine_name"]:
+        raise ConfigError("spinnaker.machine_name: required when spinnaker.mode is 'machine' (the board's host name "
+                          "or IP address)")
+    if v["auth"]["type"] == "ebrains":
+        eb = v["auth"]["ebrains"]
+        if not eb["client_id"]:
+            raise ConfigError("auth.ebrains.client_id: required when auth.type is 'ebrains'")
+        d.ebrains_client_secret()
+        if not (eb["allow_all"] or eb["allowed_groups"] or eb["allowed_users"]):
+            raise ConfigError("auth.ebrains: nobody would be admitted. Set allowed_groups, allowed_users or "
+                              "allow_all: true")
+    ports = {v["hub"]["port"], v["proxy"]["api_port"], v["proxy"]["hub_port"]}
+    if len(ports) < 3:
+        raise ConfigError("hub.port, proxy.api_port and proxy.hub_port must be three different ports")
+    if v["nrp"]["port"] not in v["proxy_ports"]:
+        raise ConfigError(f"proxy_ports: must include nrp.port ({v['nrp']['port']}) or the NRP route cannot work")

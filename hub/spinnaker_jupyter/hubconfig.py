@@ -1,0 +1,112 @@
+"""Apply a validated deployment config to JupyterHub's `c`: the one place where config keys become traitlets."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from .config import PROJECT_ROOT, Deployment
+
+
+def system_users_enabled(d: Deployment) -> bool:
+    setting = d["spawner"]["local"]["system_users"]
+    return os.geteuid() == 0 if setting == "auto" else bool(setting)
+
+
+def chp_command(d: Deployment) -> list[str]:
+    return d["proxy"]["command"] or [str(PROJECT_ROOT / "node_modules" / ".bin" / "configurable-http-proxy")]
+
+
+def user_server_env(d: Deployment) -> dict[str, str]:
+    """What every user server (and so every kernel and terminal) is told about the deployment."""
+    nrp = d["nrp"]
+    env = {
+        "JUPYTER_PATH": str(d.share_dir),
+        "SPINNAKER_CFG_DIR": str(d.spynnaker_cfg_dir),
+        "SPINNAKER_TUTORIALS_DIR": str(d.tutorials_dir),
+        "SPINNAKER_PROXY_PORTS": ",".join(str(p) for p in d["proxy_ports"]),
+        "SPINNAKER_NRP_PORT": str(nrp["port"]),
+        "SPINNAKER_NRP_START_TIMEOUT": str(nrp["start_timeout"]),
+    }
+    if nrp["command"]:
+        env["SPINNAKER_NRP_COMMAND"] = json.dumps(nrp["command"])
+    return env
+
+
+def apply(c, d: Deployment) -> None:
+    hub = d["hub"]
+    d.hub_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(d.hub_dir, 0o700)
+
+    c.JupyterHub.bind_url = f"http://{hub['ip']}:{hub['port']}{hub['base_url']}"
+    c.JupyterHub.hub_ip = "127.0.0.1"
+    c.JupyterHub.hub_port = d["proxy"]["hub_port"]
+    c.JupyterHub.db_url = d.db_url
+    c.JupyterHub.cookie_secret_file = str(d.hub_dir / "jupyterhub_cookie_secret")
+    c.JupyterHub.pid_file = str(d.hub_dir / "jupyterhub.pid")
+    c.JupyterHub.log_level = hub["log_level"]
+    c.JupyterHub.allow_named_servers = hub["allow_named_servers"]
+    c.JupyterHub.named_server_limit_per_user = hub["named_server_limit"]
+    c.JupyterHub.cleanup_servers = hub["stop_servers_on_exit"]
+    c.JupyterHub.template_paths = [str(Path(__file__).parent / "templates")]
+
+    c.ConfigurableHTTPProxy.command = chp_command(d)
+    c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{d['proxy']['api_port']}"
+    c.ConfigurableHTTPProxy.auth_token = d.secret("proxy_auth_token")
+    c.ConfigurableHTTPProxy.pid_file = str(d.hub_dir / "proxy.pid")
+
+    args = []
+    if hub["frame_ancestors"]:
+        # So that an EBRAINS collab page may embed the hub and the user servers in an iframe.
+        csp = "frame-ancestors 'self' " + " ".join(hub["frame_ancestors"])
+        c.JupyterHub.tornado_settings = {"headers": {"Content-Security-Policy": csp}}
+        args.append("--ServerApp.tornado_settings=" + json.dumps({"headers": {"Content-Security-Policy": csp}}))
+
+    _apply_auth(c, d)
+    _apply_spawner(c, d, args)
+    _apply_services(c, d)
+
+
+def _apply_auth(c, d: Deployment) -> None:
+    auth = d["auth"]
+    c.Authenticator.admin_users = set(d["hub"]["admin_users"])
+    if auth["type"] == "local":
+        c.JupyterHub.authenticator_class = "spinnaker_jupyter.local_accounts.LocalAccountsAuthenticator"
+        c.LocalAccountsAuthenticator.accounts_file = str(d.accounts_file)
+        c.Authenticator.admin_users |= {auth["local"]["admin"]}
+
+
+def _apply_spawner(c, d: Deployment, args: list[str]) -> None:
+    sp = d["spawner"]
+    c.Spawner.default_url = sp["default_url"]
+    c.Spawner.start_timeout = d["hub"]["start_timeout"]
+    c.Spawner.http_timeout = 60
+    c.Spawner.environment = user_server_env(d)
+    if sp["type"] == "local":
+        c.JupyterHub.spawner_class = "spinnaker_jupyter.spawner.SpiNNakerLocalSpawner"
+        c.SpiNNakerLocalSpawner.homes_dir = str(d.homes_dir)
+        c.SpiNNakerLocalSpawner.logs_dir = str(d.logs_dir)
+        c.SpiNNakerLocalSpawner.system_users = system_users_enabled(d)
+        c.SpiNNakerLocalSpawner.system_user_prefix = sp["local"]["system_user_prefix"]
+        # The user servers run from the hub's own environment; as root they need --allow-root only if not switched.
+        c.Spawner.cmd = [str(Path(sys.executable).parent / "jupyterhub-singleuser")]
+        if not system_users_enabled(d) and os.geteuid() == 0:
+            args.append("--allow-root")
+    c.Spawner.args = args
+
+
+def _apply_services(c, d: Deployment) -> None:
+    services, roles = [], []
+    cull = d["culler"]
+    if cull["enabled"]:
+        cmd = [sys.executable, "-m", "jupyterhub_idle_culler", f"--timeout={cull['timeout']}",
+               f"--cull-every={cull['every']}"]
+        if cull["max_age"]:
+            cmd.append(f"--max-age={cull['max_age']}")
+        services.append({"name": "idle-culler", "command": cmd})
+        roles.append({"name": "idle-culler", "services": ["idle-culler"],
+                      "scopes": ["list:users", "read:users:activity", "read:servers", "delete:servers"]})
+    c.JupyterHub.services = services
+    c.JupyterHub.load_roles = roles

@@ -1,0 +1,138 @@
+"""Build the shared kernel environments, their kernelspecs, and the deployment's sPyNNaker cfg.
+
+Environments are rebuilt only when their pinned requirements or launcher change (a stamp file records a hash), so
+`spinnaker-jupyter up` is quick after the first time. pip's output is streamed as progress.
+"""
+
+from __future__ import annotations
+
+import configparser
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .config import PROJECT_ROOT, ConfigError, Deployment
+
+KERNELS_SRC = PROJECT_ROOT / "kernels"
+STAMP = ".spinnaker-jupyter-stamp"
+
+
+def base_python(deployment: Deployment) -> str:
+    """An interpreter every user account can run (the hub venv's base, not a venv inside /root)."""
+    return deployment["kernels"]["python"] or getattr(sys, "_base_executable", sys.executable)
+
+
+def _digest(*files: Path) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _run(cmd: list[str], say, label: str) -> None:
+    """Run a build step, echoing pip's milestones so a long first set-up shows it is moving."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tail: list[str] = []
+    for line in proc.stdout:
+        line = line.rstrip()
+        tail = (tail + [line])[-30:]
+        if line.startswith(("Collecting ", "Installing collected", "Successfully installed", "Building wheel")):
+            say(f"  [{time.monotonic() - t0:5.0f}s] {line[:110]}")
+    if proc.wait() != 0:
+        raise ConfigError(f"{label} failed (exit code {proc.returncode}). Last output:\n" + "\n".join(tail))
+
+
+def build_spynnaker_env(deployment: Deployment, say=print, force: bool = False) -> Path:
+    src = KERNELS_SRC / "spynnaker"
+    req = deployment.path(deployment["kernels"]["spynnaker"]["requirements"], src / "requirements.txt")
+    launcher = src / "spinnaker_kernel.py"
+    env = deployment.envs_dir / "spynnaker"
+    stamp = _digest(req, launcher)
+    if not force and (env / STAMP).exists() and (env / STAMP).read_text() == stamp:
+        say(f"Kernel environment sPyNNaker is up to date ({env})")
+        return env
+    t0 = time.monotonic()
+    say(f"Building the sPyNNaker kernel environment in {env} (first time: about a minute)")
+    python = base_python(deployment)
+    if env.exists() and not (env / "bin" / "python").exists():
+        shutil.rmtree(env)
+    # System site packages on, so that `pip install --user` works in the kernel and survives restarts.
+    _run([python, "-m", "venv", "--system-site-packages", str(env)], say, "creating the kernel environment")
+    _run([str(env / "bin" / "python"), "-m", "pip", "install", "--progress-bar", "off", "-r", str(req)], say,
+         f"installing {req}")
+    site = subprocess.run([str(env / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    shutil.copy2(launcher, Path(site) / "spinnaker_kernel.py")
+    _make_world_readable(env)
+    (env / STAMP).write_text(stamp)
+    say(f"sPyNNaker kernel environment ready in {time.monotonic() - t0:.0f} s")
+    return env
+
+
+def _make_world_readable(root: Path) -> None:
+    """Every user account runs these environments: no file may be private to the builder."""
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode
+        want = mode | 0o444 | (0o111 if path.is_dir() or mode & 0o100 else 0)
+        if want != mode:
+            os.chmod(path, want)
+
+
+def write_kernelspec(deployment: Deployment, env: Path) -> Path:
+    spec_dir = deployment.share_dir / "kernels" / "spynnaker"
+    spec_dir.mkdir(parents=True, exist_ok=True)
+    spec = {
+        "argv": [str(env / "bin" / "python"), "-m", "spinnaker_kernel", "-f", "{connection_file}"],
+        "display_name": deployment["kernels"]["spynnaker"]["display_name"],
+        "language": "python",
+        "metadata": {"debugger": True},
+    }
+    (spec_dir / "kernel.json").write_text(json.dumps(spec, indent=1))
+    for logo in ("logo-32x32.png", "logo-64x64.png"):
+        found = list(env.glob(f"share/jupyter/kernels/python3/{logo}"))
+        if found:
+            shutil.copy2(found[0], spec_dir / logo)
+    _make_world_readable(deployment.share_dir)
+    return spec_dir
+
+
+def spynnaker_cfg_text(spinnaker: dict) -> str:
+    """The one sPyNNaker cfg a kernel sees, from the `spinnaker:` config section."""
+    cfg = configparser.ConfigParser()
+    cfg.optionxform = str  # keep sPyNNaker's key spelling
+    machine = {"version": str(spinnaker["version"])}
+    if spinnaker["mode"] == "virtual":
+        machine["virtual_board"] = "True"
+    else:
+        machine["machine_name"] = spinnaker["machine_name"]
+    cfg["Machine"] = machine
+    for section, values in spinnaker.get("extra_cfg", {}).items():
+        cfg[section] = {**(cfg[section] if cfg.has_section(section) else {}), **{k: str(v) for k, v in values.items()}}
+    out = io.StringIO()
+    out.write("# Written by spinnaker-jupyter from the deployment config; edits here are replaced at start-up.\n")
+    cfg.write(out)
+    return out.getvalue()
+
+
+def write_spynnaker_cfg(deployment: Deployment) -> Path:
+    cfg_dir = deployment.spynnaker_cfg_dir
+    cfg_dir.mkdir(parents=True, exist_ok=True)
+    path = cfg_dir / ".spynnaker.cfg"
+    path.write_text(spynnaker_cfg_text(deployment["spinnaker"]))
+    _make_world_readable(cfg_dir.parent)
+    return path
+
+
+def build_all(deployment: Deployment, say=print, force: bool = False) -> None:
+    env = build_spynnaker_env(deployment, say, force)
+    write_kernelspec(deployment, env)
+    write_spynnaker_cfg(deployment)

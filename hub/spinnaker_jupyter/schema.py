@@ -1,0 +1,154 @@
+"""The deployment config schema: every key an operator may set, its type, default and meaning.
+
+JSON Schema (draft 2020-12), kept as Python so defaults and help live beside the types. Every object is closed
+(`additionalProperties: false`) so that a misspelt key stops start-up instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+
+def _obj(properties: dict, **extra) -> dict:
+    return {"type": "object", "additionalProperties": False, "properties": properties, **extra}
+
+
+def _str(default=None, desc="", **extra) -> dict:
+    return {"type": ["string", "null"] if default is None else "string", "default": default,
+            "description": desc, **extra}
+
+
+def _int(default, desc="", minimum=None, **extra) -> dict:
+    d = {"type": "integer", "default": default, "description": desc, **extra}
+    if minimum is not None:
+        d["minimum"] = minimum
+    return d
+
+
+def _bool(default, desc="") -> dict:
+    return {"type": "boolean", "default": default, "description": desc}
+
+
+def _list(items: dict, default=None, desc="") -> dict:
+    return {"type": "array", "items": items, "default": default if default is not None else [],
+            "description": desc}
+
+
+USERNAME = {"type": "string", "pattern": r"^[a-z0-9][a-z0-9._-]{0,63}$"}
+
+SCHEMA: dict = _obj({
+    "data_dir": _str("data", "Where the hub keeps its database, secrets, user homes and kernel environments. "
+                     "Relative paths are relative to the config file's folder (or the working folder)."),
+    "hub": _obj({
+        "ip": _str("127.0.0.1", "Address the public proxy listens on."),
+        "port": _int(8000, "Port the public proxy listens on.", minimum=1, maximum=65535),
+        "base_url": _str("/", "URL prefix of the whole service.", pattern=r"^/(.*/)?$"),
+        "db_url": _str(None, "SQLAlchemy database URL (default: SQLite in data_dir/hub). A URL holding a "
+                       "password belongs in the environment variable SPINNAKER_JUPYTER_DB_URL instead."),
+        "admin_users": _list(USERNAME, desc="Hub user names with admin rights."),
+        "allow_named_servers": _bool(True, "Let users run several named servers."),
+        "named_server_limit": _int(3, "Named servers per user (0 = unlimited).", minimum=0),
+        "start_timeout": _int(300, "Seconds a user's server may take to start.", minimum=10),
+        "stop_servers_on_exit": _bool(True, "Stop user servers when the hub stops (false keeps sessions "
+                                            "through hub restarts and upgrades)."),
+        "frame_ancestors": _list({"type": "string"}, desc="Origins allowed to embed the hub in an iframe "
+                                 "(Content-Security-Policy frame-ancestors), e.g. https://wiki.ebrains.eu."),
+        "log_level": _str("INFO", "Hub log level.", enum=["DEBUG", "INFO", "WARNING", "ERROR"]),
+    }),
+    "proxy": _obj({
+        "api_port": _int(8001, "Port of the proxy's REST API on 127.0.0.1.", minimum=1, maximum=65535),
+        "hub_port": _int(8081, "Port the hub itself listens on, behind the proxy.", minimum=1, maximum=65535),
+        "command": _list({"type": "string"}, desc="configurable-http-proxy command (default: the pinned one in "
+                         "the project's node_modules)."),
+    }),
+    "auth": _obj({
+        "type": _str("local", "`local`: accounts managed with `spinnaker-jupyter user`; `ebrains`: EBRAINS IAM "
+                     "(OpenID Connect).", enum=["local", "ebrains"]),
+        "local": _obj({
+            "admin": {**USERNAME, "default": "admin",
+                      "description": "Admin account created at first start, with a generated password printed once."},
+            "min_password_length": _int(10, "Shortest password `user passwd` accepts.", minimum=8),
+        }),
+        "ebrains": _obj({
+            "issuer": _str("https://iam.ebrains.eu/auth/realms/hbp", "OpenID Connect issuer (Keycloak realm URL)."),
+            "client_id": _str(None, "OAuth client id registered with the issuer."),
+            "client_secret_file": _str(None, "File holding the client secret (else env EBRAINS_CLIENT_SECRET)."),
+            "scopes": _list({"type": "string"}, ["openid", "profile", "email"], "Scopes to request."),
+            "allowed_groups": _list({"type": "string"}, desc="Groups/teams admitted (empty: anyone listed in "
+                                    "allowed_users, or everyone when allow_all is true)."),
+            "allowed_users": _list({"type": "string"}, desc="Users admitted regardless of groups."),
+            "allow_all": _bool(False, "Admit every EBRAINS account."),
+            "admin_groups": _list({"type": "string"}, desc="Groups whose members are hub admins."),
+            "groups_claim": _str("roles.group", "Dotted path of the claim listing a user's groups."),
+            "contact": _str("the service's operators", "Whom refused users should ask for access."),
+        }),
+    }),
+    "spawner": _obj({
+        "type": _str("local", "`local`: a process per user on this machine; `docker`: a container per user.",
+                     enum=["local", "docker"]),
+        "local": _obj({
+            "system_users": {"enum": ["auto", True, False], "default": "auto",
+                             "description": "Run each user's server as their own system account (needs root; "
+                                            "`auto` = when the hub runs as root)."},
+            "system_user_prefix": _str("jupyter-", "Prefix of the system accounts created for hub users."),
+        }),
+        "cpu_limit": {"type": ["number", "null"], "default": None, "exclusiveMinimum": 0,
+                      "description": "CPU cores per user server (containers)."},
+        "mem_limit": _str(None, "Memory per user server, e.g. 4G (containers).", pattern=r"^[0-9]+[KMGT]?$"),
+        "default_url": _str("/lab", "Page a user lands on."),
+    }),
+    "culler": _obj({
+        "enabled": _bool(True, "Stop servers idle for longer than `timeout`."),
+        "timeout": _int(3600, "Seconds of inactivity before a server is stopped.", minimum=60),
+        "every": _int(300, "Seconds between culler passes.", minimum=10),
+        "max_age": _int(0, "Stop servers older than this many seconds regardless of activity (0 = never).",
+                        minimum=0),
+    }),
+    "kernels": _obj({
+        "envs_dir": _str(None, "Where kernel environments are built (default: data_dir/envs)."),
+        "python": _str(None, "Interpreter the environments are built from (default: the hub's base Python). "
+                       "Must be executable by every user account."),
+        "spynnaker": _obj({
+            "display_name": _str("sPyNNaker", "Name users see in the launcher."),
+            "requirements": _str(None, "Pinned requirements file (default: kernels/spynnaker/requirements.txt)."),
+        }),
+    }),
+    "spinnaker": _obj({
+        "mode": _str("virtual", "`virtual`: no board, sPyNNaker maps and loads but returns no data; `machine`: a "
+                     "board at a fixed address.", enum=["virtual", "machine"]),
+        "version": _int(5, "SpiNNaker board version (3 = 4-chip, 5 = 48-chip).", enum=[3, 5, 201, 248]),
+        "machine_name": _str(None, "Host name or IP address of the board (mode `machine`)."),
+        "extra_cfg": {"type": "object", "default": {}, "description": "Extra sPyNNaker cfg sections, e.g. "
+                      "{Reports: {write_energy_report: 'False'}}.",
+                      "additionalProperties": {"type": "object",
+                                               "additionalProperties": {"type": ["string", "number", "boolean"]}}},
+    }),
+    "nrp": _obj({
+        "command": _list({"type": "string"}, desc="Command that serves the NRP frontend on `port` (`{port}` is "
+                         "substituted). Empty: the NRP is not installed here and its route says so."),
+        "port": _int(9000, "Port the NRP frontend listens on inside a user's server.", minimum=1024, maximum=65535),
+        "start_timeout": _int(120, "Seconds the NRP may take to answer after it is started.", minimum=5),
+    }),
+    "proxy_ports": _list({"type": "integer", "minimum": 1024, "maximum": 65535}, [9000],
+                         "Local ports users may reach through /user/<name>/proxy/<port>/ (nothing else is reachable)."),
+    "tutorials": _obj({
+        "source": _str(None, "Folder of tutorial notebooks copied into new homes (default: the project's "
+                       "notebooks/)."),
+    }),
+})
+
+
+def defaults(schema: dict = SCHEMA):
+    """The built-in defaults: the bottom layer of the config."""
+    if schema.get("type") == "object" and "properties" in schema:
+        return {k: defaults(v) for k, v in schema["properties"].items()}
+    d = schema.get("default")
+    return type(d)(d) if isinstance(d, (list, dict)) else d
+
+
+def describe(schema: dict = SCHEMA, prefix: str = ""):
+    """(path, description) for every leaf key: the operator's reference."""
+    for key, sub in schema.get("properties", {}).items():
+        path = f"{prefix}{key}"
+        if sub.get("type") == "object" and "properties" in sub:
+            yield from describe(sub, path + ".")
+        else:
+            yield path, sub.get("description", ""), sub.get("default")

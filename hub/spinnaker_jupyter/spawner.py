@@ -1,0 +1,132 @@
+"""The embedded default's spawner: one local process per user, with a private home under the data folder.
+
+As root, each hub user's server runs as a system account of their own (`jupyter-<name>`), created on first start,
+home mode 0700. Otherwise every server runs as the hub's own account (said plainly at start-up).
+Start-up is reported in words on the spawn-pending page, and the spawner itself waits for the server to listen
+(polling every 50 ms) so the hub's own readiness check succeeds at its first try instead of backing off for seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from jupyterhub.spawner import LocalProcessSpawner, set_user_setuid
+from traitlets import Bool, Unicode, default
+
+from .progress import ProgressMixin
+
+
+class SpiNNakerLocalSpawner(ProgressMixin, LocalProcessSpawner):
+    homes_dir = Unicode(help="Folder holding each user's home (one sub-folder per hub user).").tag(config=True)
+    logs_dir = Unicode(help="Folder for each server's log (read by the hub when a start fails).").tag(config=True)
+    system_users = Bool(help="Run each server as the user's own system account (requires root).").tag(config=True)
+    system_user_prefix = Unicode("jupyter-", help="Prefix of the system account names.").tag(config=True)
+
+    @default("system_users")
+    def _system_users_default(self):
+        return os.geteuid() == 0
+
+    @property
+    def system_username(self) -> str:
+        return self.system_user_prefix + self.user.name
+
+    @property
+    def home(self) -> Path:
+        return Path(self.homes_dir) / self.user.name
+
+    @default("notebook_dir")
+    def _notebook_dir_default(self):
+        return str(self.home)
+
+    def _ensure_account(self) -> None:
+        """Create the system account and the private home (idempotent)."""
+        home = self.home
+        home.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(home.parent, 0o711)  # users may reach their own home, not list the others
+        if self.system_users:
+            try:
+                pwd.getpwnam(self.system_username)
+            except KeyError:
+                subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--shell", "/bin/bash",
+                                "--home-dir", str(home), "--comment", f"Jupyter user {self.user.name}",
+                                self.system_username], check=True, capture_output=True, text=True)
+                self.log.info("Created system account %s for %s", self.system_username, self.user.name)
+            pw = pwd.getpwnam(self.system_username)
+            home.mkdir(mode=0o700, exist_ok=True)
+            st = home.stat()
+            if (st.st_uid, st.st_gid) != (pw.pw_uid, pw.pw_gid):
+                os.chown(home, pw.pw_uid, pw.pw_gid)
+            os.chmod(home, 0o700)
+        else:
+            home.mkdir(mode=0o700, exist_ok=True)
+
+    def make_preexec_fn(self, name):
+        home = str(self.home)
+        setuid = set_user_setuid(self.system_username, chdir=False) if self.system_users else None
+
+        def preexec():
+            if setuid:
+                setuid()
+            os.chdir(home)
+
+        return preexec
+
+    def user_env(self, env):
+        env["USER"] = self.system_username if self.system_users else pwd.getpwuid(os.getuid()).pw_name
+        env["HOME"] = str(self.home)
+        env["SHELL"] = "/bin/bash"
+        return env
+
+    def _log_path(self) -> Path:
+        return Path(self.logs_dir) / f"{self.user.name}{'-' + self.name if self.name else ''}.log"
+
+    async def start(self):
+        t0 = time.monotonic()
+        self.progress_reset()
+        if self.system_users:
+            self.progress_say(10, f"Preparing your private home folder and account {self.system_username}")
+        else:
+            self.progress_say(10, "Preparing your home folder")
+        await asyncio.get_running_loop().run_in_executor(None, self._ensure_account)
+        log_path = self._log_path()
+        log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        log = open(log_path, "ab", buffering=0)
+        os.chmod(log_path, 0o600)
+        log.write(f"\n--- start {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode())
+        self.popen_kwargs = {**self.popen_kwargs, "stdout": log, "stderr": subprocess.STDOUT}
+        self.progress_say(30, "Starting your Jupyter server (JupyterLab, terminals and the sPyNNaker kernel)")
+        try:
+            ip, port = await super().start()
+        finally:
+            log.close()
+        self.progress_say(60, "Waiting for your Jupyter server to answer")
+        await self._wait_listening(ip, port, log_path)
+        self.progress_say(90, f"Your server is up after {time.monotonic() - t0:.1f} s; opening it")
+        return ip, port
+
+    async def _wait_listening(self, ip: str, port: int, log_path: Path) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"Your server stopped during start-up (exit code {self.proc.returncode}). "
+                                   f"Last lines of its log:\n{_tail(log_path)}")
+            try:
+                with socket.create_connection((ip, port), timeout=0.2):
+                    return
+            except OSError:
+                await asyncio.sleep(0.05)
+        raise TimeoutError(f"Your server did not answer within {self.start_timeout} s. Last lines of its log:\n"
+                           f"{_tail(log_path)}")
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
