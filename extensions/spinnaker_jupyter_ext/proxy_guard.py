@@ -71,15 +71,25 @@ class RefusedProxyTarget(PathMatches):
         m = super().match(request)
         if m is None:
             return None
-        refused = verdict(m["path_args"][0].decode() if isinstance(m["path_args"][0], bytes) else m["path_args"][0],
-                          **self.settings)
-        return None if refused is None else {"path_args": [], "path_kwargs": {"refused": refused}}
+        target = m["path_args"][0]
+        return None if verdict(target.decode(), **self.settings) is None else m
 
 
 class RefusedProxyHandler(JupyterHandler):
-    @web.authenticated
-    def prepare(self):
-        status, body = self.path_kwargs["refused"]
+    def initialize(self, **settings):
+        self.settings_for_verdict = settings
+
+    async def prepare(self):
+        await super().prepare()  # jupyter_server authenticates here (and may redirect to the login)
+        if self._finished:
+            return
+        if not self.current_user:
+            raise web.HTTPError(403, "Log in to reach this server's proxy.")
+        refused = verdict(self.path_args[0], **self.settings_for_verdict)
+        if refused is None:  # started listening since the route was chosen: ask again
+            self.redirect(self.request.uri)
+            return
+        status, body = refused
         if body.startswith("<!doctype"):
             self.set_status(status)
             self.finish(body)
@@ -92,5 +102,5 @@ def install_proxy_guard(web_app, allowed_ports: set[int], nrp_port: int, nrp_ins
     matcher = RefusedProxyTarget(url_path_join(base, r"/proxy/(?:absolute/)?([^/]+)(?:/.*)?$"),
                                  allowed_ports=allowed_ports, nrp_port=nrp_port, nrp_installed=nrp_installed)
     # First rule of the application: checked before jupyter-server-proxy's own routes.
-    rule = Rule(HostMatches(".*"), _ApplicationRouter(web_app, [Rule(matcher, RefusedProxyHandler)]))
+    rule = Rule(HostMatches(".*"), _ApplicationRouter(web_app, [Rule(matcher, RefusedProxyHandler, matcher.settings)]))
     web_app.default_router.rules.insert(0, rule)

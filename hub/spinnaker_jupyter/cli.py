@@ -75,7 +75,7 @@ def prepare(d: Deployment, build: bool = True) -> None:
             if os.geteuid() != 0:
                 raise ConfigError("spawner.local.system_users: true needs the hub to run as root")
             _check_reachable_by_all([Path(sys.executable), Path(kernels.base_python(d)), d.envs_dir,
-                                     d.tutorials_dir])
+                                     d.tutorials_dir, d.homes_dir])
             say("Each user's server runs as their own system account (jupyter-<name>), home folders private.")
         else:
             say("NOTE: the hub is not running as root, so all users' servers run as this one account "
@@ -84,10 +84,7 @@ def prepare(d: Deployment, build: bool = True) -> None:
     if not shutil.which(chp_command(d)[0]):
         raise ConfigError(f"configurable-http-proxy not found at {chp_command(d)[0]}: run `npm ci` in {PROJECT_ROOT} "
                           "(make up does) or set proxy.command")
-    if build:
-        kernels.build_all(d, say)
-    else:
-        kernels.write_spynnaker_cfg(d)
+    kernels.build_all(d, say, build=build)
 
 
 def first_admin(d: Deployment) -> None:

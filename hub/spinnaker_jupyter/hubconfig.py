@@ -19,11 +19,29 @@ def chp_command(d: Deployment) -> list[str]:
     return d["proxy"]["command"] or [str(PROJECT_ROOT / "node_modules" / ".bin" / "configurable-http-proxy")]
 
 
+def write_server_config(d: Deployment) -> Path:
+    """Jupyter server settings every user server loads (JUPYTER_CONFIG_PATH): the project's extension, and no
+    proxying to other hosts (the extension also limits local ports)."""
+    conf_dir = d.data_dir / "etc" / "jupyter"
+    conf_dir.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "ServerApp": {"jpserver_extensions": {"spinnaker_jupyter_ext": True, "jupyter_server_proxy": True}},
+        "ServerProxy": {"host_allowlist": ["localhost", "127.0.0.1"]},
+    }
+    path = conf_dir / "jupyter_server_config.json"
+    path.write_text(json.dumps(settings, indent=1))
+    for p in (d.data_dir / "etc", conf_dir):
+        os.chmod(p, 0o755)
+    os.chmod(path, 0o644)
+    return conf_dir
+
+
 def user_server_env(d: Deployment) -> dict[str, str]:
     """What every user server (and so every kernel and terminal) is told about the deployment."""
     nrp = d["nrp"]
     env = {
         "JUPYTER_PATH": str(d.share_dir),
+        "JUPYTER_CONFIG_PATH": str(write_server_config(d)),
         "SPINNAKER_CFG_DIR": str(d.spynnaker_cfg_dir),
         "SPINNAKER_TUTORIALS_DIR": str(d.tutorials_dir),
         "SPINNAKER_PROXY_PORTS": ",".join(str(p) for p in d["proxy_ports"]),

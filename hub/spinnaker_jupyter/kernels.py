@@ -132,7 +132,13 @@ def write_spynnaker_cfg(deployment: Deployment) -> Path:
     return path
 
 
-def build_all(deployment: Deployment, say=print, force: bool = False) -> None:
-    env = build_spynnaker_env(deployment, say, force)
+def build_all(deployment: Deployment, say=print, force: bool = False, build: bool = True) -> None:
+    """Build (unless `build` is false), then publish the kernelspec and the sPyNNaker cfg of this deployment."""
+    if build:
+        env = build_spynnaker_env(deployment, say, force)
+    else:
+        env = deployment.envs_dir / "spynnaker"
+        if not (env / STAMP).exists():
+            raise ConfigError(f"the sPyNNaker kernel environment {env} is not built: run `spinnaker-jupyter build`")
     write_kernelspec(deployment, env)
     write_spynnaker_cfg(deployment)

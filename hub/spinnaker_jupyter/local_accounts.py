@@ -15,7 +15,7 @@ import secrets
 from pathlib import Path
 
 from jupyterhub.auth import Authenticator
-from traitlets import Unicode
+from traitlets import Unicode, default
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,23}$")  # fits a system account with the default prefix
 ITERATIONS = 600_000
@@ -104,6 +104,10 @@ class LocalAccountsAuthenticator(Authenticator):
 
     accounts_file = Unicode(help="JSON file of local accounts (managed with `spinnaker-jupyter user`).").tag(
         config=True)
+
+    @default("any_allow_config")
+    def _any_allow_config_default(self):
+        return True  # the account file is the allow list
 
     def _store(self) -> AccountStore:
         return AccountStore(Path(self.accounts_file))
