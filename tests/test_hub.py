@@ -169,6 +169,10 @@ def test_tutorials_seeded_and_user_edits_survive_restart(alice, tutorials):
         "cells": [{"cell_type": "markdown", "metadata": {}, "source": "v2", "id": "v2"}], "metadata": {},
         "nbformat": 4, "nbformat_minor": 5}))
     alice.stop_server()
+    # What her kernels started (the stand-in on port 9000) ended with her session.
+    from spinnaker_jupyter_ext.proxy_guard import listener_uid
+
+    assert listener_uid(9000) is None
     alice.start_server()
     mine = alice.server("GET", "api/contents/01_intro.ipynb").json()["content"]
     assert mine["cells"][0]["source"] == "my notes"

@@ -9,8 +9,10 @@ Start-up is reported in words on the spawn-pending page, and the spawner itself 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pwd
+import signal
 import socket
 import subprocess
 import time
@@ -110,6 +112,16 @@ class SpiNNakerLocalSpawner(ProgressMixin, LocalProcessSpawner):
         self.progress_say(90, f"Your server is up after {time.monotonic() - t0:.1f} s; opening it")
         return ip, port
 
+    async def stop(self, now=False):
+        await super().stop(now=now)
+        others = [s for s in self.user.spawners.values() if s is not self and s.active]
+        if self.system_users and not others:
+            # Kernels' children (a web server on port 9000, a simulation) must not outlive the session.
+            left = await asyncio.get_running_loop().run_in_executor(None, kill_processes_of,
+                                                                    pwd.getpwnam(self.system_username).pw_uid)
+            if left:
+                self.log.info("Stopped %d leftover process(es) of %s", left, self.system_username)
+
     async def _wait_listening(self, ip: str, port: int, log_path: Path) -> None:
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
@@ -123,6 +135,35 @@ class SpiNNakerLocalSpawner(ProgressMixin, LocalProcessSpawner):
                 await asyncio.sleep(0.05)
         raise TimeoutError(f"Your server did not answer within {self.start_timeout} s. Last lines of its log:\n"
                            f"{_tail(log_path)}")
+
+
+def _pids_of(uid: int) -> list[int]:
+    pids = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if entry.stat().st_uid == uid:
+                    pids.append(int(entry.name))
+            except FileNotFoundError:
+                pass
+    return pids
+
+
+def kill_processes_of(uid: int, grace: float = 5.0) -> int:
+    """SIGTERM every process of `uid`, then SIGKILL what is left after `grace` seconds. Returns how many."""
+    if uid == 0:
+        raise ValueError("refusing to kill root's processes")
+    pids = _pids_of(uid)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while _pids_of(uid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in _pids_of(uid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return len(pids)
 
 
 def _tail(path: Path, lines: int = 15) -> str:
