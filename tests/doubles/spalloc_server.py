@@ -100,11 +100,11 @@ def parse_iso_duration(text: str) -> float:
     m = _DURATION.match(text.strip()) if isinstance(text, str) else None
     if not m or text.strip().upper().endswith("T") or not any(m.group(k) for k in "dhms"):
         raise ValueError(f"Text cannot be parsed to a Duration: {text!r}")
-    secs = int(m.group("d") or 0) * 86400 + int(m.group("h") or 0) * 3600 + int(m.group("m") or 0) * 60
+    secs = float(int(m.group("d") or 0) * 86400 + int(m.group("h") or 0) * 3600 + int(m.group("m") or 0) * 60)
     s = int(m.group("s") or 0)
     frac = float(f"0.{m.group('f')}") if m.group("f") else 0.0
     secs += s + (-frac if (m.group("s") or "").startswith("-") else frac)
-    return -secs if m.group("sign") == "-" else float(secs)
+    return -secs if m.group("sign") == "-" else secs
 
 
 def format_iso_duration(seconds: float) -> str:
@@ -171,12 +171,14 @@ class Job:
     reason: Optional[str] = None
     keepalives: int = 0
     changes: int = 0
+    waiters: int = 0
     event: asyncio.Event = field(default_factory=asyncio.Event)
 
     def snapshot(self, model: "SpallocModel") -> dict:
         return {"id": self.id, "owner": self.owner, "group": self.group, "collab": self.collab,
                 "nmpi_job_id": self.nmpi_job_id, "state": self.state, "reason": self.reason,
                 "boards": [model.boards[i].address for i in self.boards], "keepalives": self.keepalives,
+                "waiters": self.waiters,
                 "keepalive_interval": self.keepalive_interval, "keepalive_host": self.keepalive_host,
                 "request": dict(self.request), "created_by": self.created_by}
 
@@ -250,10 +252,13 @@ class SpallocModel:
     async def wait_change(self, job: Job, timeout: float) -> None:
         """Return when the job changes, or after ``timeout`` seconds."""
         event = job.event
+        job.waiters += 1
         try:
             await asyncio.wait_for(event.wait(), timeout)
         except asyncio.TimeoutError:
             pass
+        finally:
+            job.waiters -= 1
 
     def _changed(self, job: Job) -> None:
         job.changes += 1
@@ -1081,14 +1086,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ap.error(str(e))
 
     async def run() -> None:
-        await double.serve()
-        print(double.url, flush=True)
-        if double.tls and double.ca_file:
-            print(f"CA certificate: {double.ca_file}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        await double.serve()
+        print(double.url, flush=True)  # first line: the service URL (a parent process can read it)
+        if double.tls and double.ca_file:
+            print(f"CA certificate: {double.ca_file}", flush=True)
         await stop.wait()
         await double.shutdown()
 
