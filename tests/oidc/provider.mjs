@@ -11,7 +11,8 @@
 //   `offline_access` needed) and rotated on use;
 // - a minimal login form (fields `username`, `password`) and consent form (button "Allow"),
 //   plain HTML that both `requests` and a headless browser can submit;
-// - test-only admin endpoints under /_test/ (add users, (re)register clients, revoke a user's tokens).
+// - test-only admin endpoints under /_test/ (add users, (re)register clients, revoke a user's tokens),
+//   and GET /_test/callback, a redirect URI that echoes its query as JSON (for client-side tests).
 //
 // Usage: node provider.mjs [--port 0] [--host 127.0.0.1] [--client-id ID] [--client-secret S]
 //          [--redirect-uri URI]... [--users FILE] [--access-token-ttl SECONDS]
@@ -377,6 +378,12 @@ async function handleInteraction(req, res, uid, action) {
 // test-only admin API
 
 async function handleAdmin(req, res, path) {
+  if (path === '/_test/callback' && req.method === 'GET') {
+    // a redirect_uri target for tests that play the client themselves: echoes the query
+    const url = new URL(req.url, 'http://placeholder');
+    sendJson(res, 200, Object.fromEntries(url.searchParams));
+    return;
+  }
   if (ADMIN_TOKEN) {
     const given = req.headers.authorization ?? '';
     if (given !== `Bearer ${ADMIN_TOKEN}`) {
@@ -405,15 +412,16 @@ async function handleAdmin(req, res, path) {
     return;
   }
   if (path === '/_test/revoke' && req.method === 'POST') {
-    // Revoke a user's refresh tokens (default), and optionally their access tokens and
-    // provider sessions too (so the next login must show the login form again).
+    // Revoke a user's refresh tokens (unless refresh_tokens: false), and optionally their access
+    // tokens and provider sessions too (so the next login must show the login form again).
     const body = await readJson(req);
     const user = users.get(body.username ?? '');
     if (!user) {
       sendJson(res, 404, { error: `no such user ${body.username}` });
       return;
     }
-    const models = ['RefreshToken'];
+    const models = [];
+    if (body.refresh_tokens !== false) models.push('RefreshToken');
     if (body.access_tokens) models.push('AccessToken');
     if (body.sessions) models.push('Session');
     const counts = revokeForAccount(user.sub, models);

@@ -1,0 +1,199 @@
+"""Unit tests of spinnaker_jupyter.usernames (identity-provider name -> safe hub user name)."""
+
+import itertools
+import os
+import re
+
+import pytest
+from spinnaker_jupyter.usernames import (
+    HASH_LENGTH,
+    MAX_LENGTH,
+    MIN_MAX_LENGTH,
+    is_canonical,
+    is_safe_username,
+    name_hash,
+    normalize_username,
+    username_from_claims,
+)
+
+SAFE = re.compile(r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?")
+SUFFIX = re.compile(rf"--[a-z2-7]{{{HASH_LENGTH}}}$")
+
+HOSTILE = [
+    "../etc",
+    "..",
+    ".",
+    "/",
+    "/etc/passwd",
+    "a/b",
+    "a\\b",
+    "a\x00b",
+    "\x00",
+    "Alice",
+    "ALICE",
+    "aLiCe",
+    "a b",
+    " alice",
+    "alice ",
+    "a\tb",
+    "a\nb",
+    "ünïcode",
+    "unïcode",
+    "Straße",
+    "ＡＢＣ",  # full-width letters (NFKC -> ABC)
+    "ﬁle",  # ligature (NFKC -> file)
+    "日本語",
+    "😀",
+    "x" * 300,
+    "X" * 300,
+    "-rf",
+    "--help",
+    "-",
+    "...",
+    "_",
+    "a--b",
+    "alice--" + "a" * HASH_LENGTH,
+    "$(reboot)",
+    "`id`",
+    "a;rm -rf ~",
+    "name:tag",
+    "a@b.c",
+    "user%2Fname",
+    "\ud800",  # lone surrogate, as JSON can produce
+    "a" * (MAX_LENGTH + 1),
+]
+
+
+def test_canonical_names_are_kept():
+    for name in ["alice", "bob42", "a", "0", "j.doe", "j_doe", "j-doe", "a..b", "a" * MAX_LENGTH]:
+        assert normalize_username(name) == name
+        assert is_canonical(name)
+
+
+@pytest.mark.parametrize("name", HOSTILE, ids=lambda n: repr(n)[:40])
+def test_hostile_names_become_safe(name):
+    result = normalize_username(name)
+    assert isinstance(result, str)
+    assert 0 < len(result) <= MAX_LENGTH
+    assert SAFE.fullmatch(result), result
+    assert result.isascii()
+    assert result not in (".", "..")
+    assert "/" not in result and "\x00" not in result and "\\" not in result
+    assert is_safe_username(result)
+    # every one of these had to change, so it carries the hash of the original
+    assert SUFFIX.search(result), result
+    assert result.endswith(name_hash(name))
+    assert not is_canonical(result)
+
+
+@pytest.mark.parametrize("name", HOSTILE + ["alice", "bob"], ids=lambda n: repr(n)[:40])
+def test_stable(name):
+    assert normalize_username(name) == normalize_username(name)
+
+
+def test_no_collisions_between_different_names():
+    names = HOSTILE + [
+        "alice",
+        "bob",
+        "a-b",
+        "a_b",
+        "a.b",
+        "ab",
+        "unicode",
+        "etc",
+        "rf",
+        "x" * MAX_LENGTH,
+        "x" * 299,
+        "x" * 301,
+        "abc",
+        "file",
+        "strasse",
+        "u",
+    ]
+    names += [normalize_username(n) for n in list(names)]  # results fed back in are names too
+    names = list(dict.fromkeys(names))
+    results = {}
+    for name in names:
+        result = normalize_username(name)
+        assert result not in results, f"{name!r} and {results[result]!r} both -> {result}"
+        results[result] = name
+
+
+def test_alike_names_differ():
+    alike = ["Alice", "ALICE", "aLiCe", "alice ", " alice", "alicé"]
+    results = [normalize_username(n) for n in alike]
+    assert len(set(results)) == len(alike)
+    assert normalize_username("alice") == "alice"
+    assert all(r.startswith("alice--") for r in results)
+
+
+def test_readable_part():
+    assert normalize_username("Alice").startswith("alice--")
+    assert normalize_username("a b").startswith("a-b--")
+    assert normalize_username("../etc").startswith("etc--")
+    assert normalize_username("ünïcode").startswith("unicode--")
+    assert normalize_username("-rf").startswith("rf--")
+    assert normalize_username("a/b").startswith("a-b--")
+    assert normalize_username("a\x00b").startswith("a-b--")
+    assert normalize_username("ＡＢＣ").startswith("abc--")
+    assert normalize_username("Straße").startswith("strasse--")
+    assert normalize_username("...").startswith("u--")
+    assert normalize_username("日本語").startswith("u--")
+    long = normalize_username("x" * 300)
+    assert len(long) == MAX_LENGTH
+    assert long.startswith("x" * (MAX_LENGTH - 2 - HASH_LENGTH) + "--")
+
+
+def test_empty_and_wrong_types():
+    with pytest.raises(ValueError):
+        normalize_username("")
+    for bad in (None, b"alice", 42, ["alice"]):
+        with pytest.raises(TypeError):
+            normalize_username(bad)
+
+
+def test_max_length():
+    assert len(normalize_username("Alice" * 20, max_length=MIN_MAX_LENGTH)) <= MIN_MAX_LENGTH
+    assert normalize_username("a" * 40, max_length=64) == "a" * 40
+    assert normalize_username("a" * 40) != "a" * 40
+    with pytest.raises(ValueError):
+        normalize_username("alice", max_length=MIN_MAX_LENGTH - 1)
+
+
+def test_results_are_usable_as_path_and_container_names(tmp_path):
+    container = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+")  # Docker / podman container and volume names
+    for name in HOSTILE:
+        result = normalize_username(name)
+        path = tmp_path / result
+        path.mkdir()
+        assert path.resolve().parent == tmp_path.resolve()
+        assert container.fullmatch("jupyter-" + result)
+        assert os.sep not in result
+
+
+def test_is_safe_username():
+    assert is_safe_username("alice")
+    assert is_safe_username(normalize_username("Alice"))
+    for bad in ["", ".", "..", "-a", "a-", "A", "a b", "a/b", "é", "a" * (MAX_LENGTH + 1), None]:
+        assert not is_safe_username(bad)
+
+
+def test_username_from_claims():
+    assert username_from_claims({"preferred_username": "jdoe", "sub": "x"}) == "jdoe"
+    assert username_from_claims({"preferred_username": "J Doe"}).startswith("j-doe--")
+    assert username_from_claims({"email": "a@b"}, claim="email").startswith("a-b--")
+    for info in ({}, {"preferred_username": ""}, {"preferred_username": None}, {"preferred_username": 3}):
+        with pytest.raises(ValueError):
+            username_from_claims(info)
+
+
+def test_exhaustive_short_names_are_injective():
+    # every string of length <= 2 over a small hostile alphabet: no two share a result
+    alphabet = ["a", "A", "-", ".", "_", "/", " ", "\x00", "é", "1"]
+    seen = {}
+    for n in range(1, 3):
+        for chars in itertools.product(alphabet, repeat=n):
+            name = "".join(chars)
+            result = normalize_username(name)
+            assert is_safe_username(result)
+            assert seen.setdefault(result, name) == name
