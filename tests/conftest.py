@@ -72,8 +72,9 @@ def spynnaker_kernel(envs_dir, tmp_path_factory):
 class RunningHub:
     """`spinnaker-jupyter up` in a subprocess with a config of the test's own."""
 
-    def __init__(self, base: Path, overrides: dict, envs_dir: Path):
+    def __init__(self, base: Path, overrides: dict, envs_dir: Path, env: dict | None = None):
         self.base = base
+        self.env = {**os.environ, **(env or {})}
         self.port = free_port()
         cfg = {
             "data_dir": str(base / "data"),
@@ -92,12 +93,12 @@ class RunningHub:
 
     def cli(self, *args, input=None) -> subprocess.CompletedProcess:
         return subprocess.run([BIN / "spinnaker-jupyter", *args, "-c", self.config_file], capture_output=True,
-                              text=True, input=input, timeout=120)
+                              text=True, input=input, timeout=120, env=self.env)
 
     def start(self, timeout: float = 60) -> "RunningHub":
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen([BIN / "spinnaker-jupyter", "up", "--no-build", "-c", self.config_file],
-                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env)
         import requests
 
         def up():
@@ -145,8 +146,8 @@ def traversable_tmpdir(prefix: str) -> Path:
 def hub_factory(envs_dir, chp_command):
     hubs = []
 
-    def make(overrides: dict | None = None, start: bool = True) -> RunningHub:
-        hub = RunningHub(traversable_tmpdir("hub-"), overrides or {}, envs_dir)
+    def make(overrides: dict | None = None, start: bool = True, env: dict | None = None) -> RunningHub:
+        hub = RunningHub(traversable_tmpdir("hub-"), overrides or {}, envs_dir, env)
         hubs.append(hub)
         return hub.start() if start else hub
 

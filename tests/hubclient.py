@@ -24,10 +24,17 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.1):
 
 
 class HubClient:
-    def __init__(self, url: str, name: str, password: str):
+    def __init__(self, url: str, name: str | None, password: str | None = None, session: requests.Session | None = None):
+        """Log in through the hub's login form with `password`, or take a `session` already logged in (OAuth)."""
         self.url, self.name = url, name
-        self.session = requests.Session()
-        self.login_response = self._login(password)
+        self.session = session or requests.Session()
+        if session is None:
+            self.login_response = self._login(password)
+        else:
+            self.login_response = None
+            if name is None:  # whatever name the hub gave this login
+                self.name = self.session.get(f"{url}/hub/api/user", timeout=30,
+                                             headers={"X-XSRFToken": self._xsrf()}).json()["name"]
         self.token = self._create_token()
 
     def _login(self, password: str) -> requests.Response:
@@ -38,13 +45,19 @@ class HubClient:
 
     @property
     def logged_in(self) -> bool:
+        if self.login_response is None:
+            return self.session.get(f"{self.url}/hub/api/user", timeout=30,
+                                    headers={"X-XSRFToken": self._xsrf()}).status_code == 200
         return self.login_response.status_code == 302 and "/hub/login" not in self.login_response.headers["location"]
+
+    def _xsrf(self) -> str:
+        return self.session.cookies.get("_xsrf", path="/hub/") or ""
 
     def _create_token(self) -> str | None:
         if not self.logged_in:
             return None
         r = self.session.post(f"{self.url}/hub/api/users/{self.name}/tokens", json={"note": "tests"},
-                              headers={"X-XSRFToken": self.session.cookies.get("_xsrf", path="/hub/")})
+                              headers={"X-XSRFToken": self._xsrf()})
         r.raise_for_status()
         return r.json()["token"]
 

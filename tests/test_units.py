@@ -54,6 +54,16 @@ def test_account_errors_are_actionable(tmp_path):
         store.remove("eve")
 
 
+def test_system_account_names_are_valid_and_distinct():
+    from spinnaker_jupyter.spawner import system_account_name
+
+    assert system_account_name("jupyter-", "alice") == "jupyter-alice"
+    odd = [system_account_name("jupyter-", n) for n in
+           ("neuro.scientist--q4xug6lpy5", "neuro_scientist--q4xug6lpy5", "a" * 40, "a" * 41)]
+    assert len(set(odd)) == 4
+    assert all(len(n) <= 32 and all(c.isalnum() or c in "_-" for c in n) for n in odd), odd
+
+
 # --- tutorials --------------------------------------------------------------------------------------------------
 def test_tutorials_copy_update_and_keep_user_changes(tmp_path):
     src, home = tmp_path / "src", tmp_path / "home"

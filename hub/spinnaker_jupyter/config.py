@@ -107,6 +107,21 @@ class Deployment:
         raise ConfigError("auth.ebrains.client_secret: missing. Set the environment variable EBRAINS_CLIENT_SECRET "
                           "or auth.ebrains.client_secret_file (a file readable only by the hub).")
 
+    def spalloc_token(self) -> str:
+        """The hub's bearer token for the spalloc service (mode `session`); read again at each session renewal."""
+        if os.environ.get("SPALLOC_TOKEN"):
+            return os.environ["SPALLOC_TOKEN"].strip()
+        token_file = self.values["spinnaker"]["spalloc"]["token_file"]
+        if token_file:
+            try:
+                token = self.path(token_file, Path()).read_text().strip()
+            except OSError as e:
+                raise ConfigError(f"spinnaker.spalloc.token_file: cannot read {token_file}: {e.strerror}") from None
+            if token:
+                return token
+        raise ConfigError("spinnaker.spalloc.token: missing. Set the environment variable SPALLOC_TOKEN or "
+                          "spinnaker.spalloc.token_file (a file readable only by the hub).")
+
 
 def merge(base: dict, over: dict) -> dict:
     """Deep-merge `over` into a copy of `base`; lists and scalars replace."""
@@ -153,7 +168,7 @@ def validate(values: dict, source: str = "") -> None:
         raise ConfigError("\n".join(_format_error(e, source) for e in errors))
 
 
-SECRET_KEYS = {"client_secret", "password", "api_token", "crypt_key", "auth_token", "cookie_secret"}
+SECRET_KEYS = {"client_secret", "password", "api_token", "crypt_key", "auth_token", "cookie_secret", "token"}
 
 
 def _reject_inline_secrets(values, path=""):
@@ -204,6 +219,7 @@ def _check_consistency(d: Deployment) -> None:
     if v["spinnaker"]["mode"] == "machine" and not v["spinnaker"]["machine_name"]:
         raise ConfigError("spinnaker.machine_name: required when spinnaker.mode is 'machine' (the board's host name "
                           "or IP address)")
+    _check_spinnaker(d)
     if v["auth"]["type"] == "ebrains":
         eb = v["auth"]["ebrains"]
         if not eb["client_id"]:
@@ -212,8 +228,33 @@ def _check_consistency(d: Deployment) -> None:
         if not (eb["allow_all"] or eb["allowed_groups"] or eb["allowed_users"]):
             raise ConfigError("auth.ebrains: nobody would be admitted. Set allowed_groups, allowed_users or "
                               "allow_all: true")
-    ports = {v["hub"]["port"], v["proxy"]["api_port"], v["proxy"]["hub_port"]}
-    if len(ports) < 3:
-        raise ConfigError("hub.port, proxy.api_port and proxy.hub_port must be three different ports")
+        if eb["auth_refresh_age"] >= eb["refresh_margin"]:
+            raise ConfigError("auth.ebrains.auth_refresh_age must be smaller than auth.ebrains.refresh_margin, or "
+                              "notebooks could be handed an access token about to expire")
+    ports = [v["hub"]["port"], v["proxy"]["api_port"], v["proxy"]["hub_port"]]
+    if v["auth"]["type"] == "ebrains":
+        ports.append(v["auth"]["ebrains"]["token_service_port"])
+    if len(set(ports)) < len(ports):
+        raise ConfigError("hub.port, proxy.api_port, proxy.hub_port (and auth.ebrains.token_service_port) must all "
+                          "be different ports")
     if v["nrp"]["port"] not in v["proxy_ports"]:
         raise ConfigError(f"proxy_ports: must include nrp.port ({v['nrp']['port']}) or the NRP route cannot work")
+
+
+def _check_spinnaker(d: Deployment) -> None:
+    """The `spinnaker:` section's rules across keys (board modes; see boards.py)."""
+    sp = d.values["spinnaker"]
+    spalloc = sp["spalloc"]
+    if sp["mode"] in ("session", "per-run"):
+        url = spalloc["url"] or ""
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"spinnaker.spalloc.url: required when spinnaker.mode is '{sp['mode']}': the "
+                              f"allocation service's http(s) URL, e.g. https://spinnaker.cs.man.ac.uk/spalloc/"
+                              f"{f' (got {url!r})' if url else ''}")
+        if spalloc["ca_certs"] and not d.path(spalloc["ca_certs"], Path()).is_file():
+            raise ConfigError(f"spinnaker.spalloc.ca_certs: no such file {spalloc['ca_certs']}")
+    if sp["mode"] == "session":
+        d.spalloc_token()
+        if sp["claim_timeout"] < 1:
+            raise ConfigError("spinnaker.claim_timeout: must be at least 1 s in mode 'session' (boards take time to "
+                              "be switched on)")

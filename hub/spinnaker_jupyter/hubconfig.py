@@ -82,18 +82,68 @@ def apply(c, d: Deployment) -> None:
         c.JupyterHub.tornado_settings = {"headers": {"Content-Security-Policy": csp}}
         args.append("--ServerApp.tornado_settings=" + json.dumps({"headers": {"Content-Security-Policy": csp}}))
 
-    _apply_auth(c, d)
+    services, roles = _culler(d)
+    env = user_server_env(d)
+    token_service = _apply_auth(c, d)
+    if token_service:
+        # The user's fresh access token reaches notebooks (spinnman, ebrains-drive, nmpi) through this service.
+        services.append(token_service["service"])
+        roles += token_service["roles"] + [{"name": "user", "scopes": ["self", *token_service["extra_user_scopes"]]}]
+        c.Spawner.server_token_scopes = token_service["server_token_scopes"]
+        env.update(token_service["spawner_environment"])
     _apply_spawner(c, d, args)
-    _apply_services(c, d)
+    c.Spawner.environment = env
+    c.JupyterHub.services = services
+    c.JupyterHub.load_roles = roles
 
 
-def _apply_auth(c, d: Deployment) -> None:
+def _apply_auth(c, d: Deployment) -> dict | None:
+    """Configure the authenticator; returns the access-token-service's hub definition where there is one."""
     auth = d["auth"]
     c.Authenticator.admin_users = set(d["hub"]["admin_users"])
     if auth["type"] == "local":
         c.JupyterHub.authenticator_class = "spinnaker_jupyter.local_accounts.LocalAccountsAuthenticator"
         c.LocalAccountsAuthenticator.accounts_file = str(d.accounts_file)
         c.Authenticator.admin_users |= {auth["local"]["admin"]}
+        return None
+    return _apply_ebrains(c, d)
+
+
+def public_url(d: Deployment) -> str:
+    hub = d["hub"]
+    return (hub["public_url"] or f"http://{hub['ip']}:{hub['port']}").rstrip("/") + hub["base_url"]
+
+
+def _apply_ebrains(c, d: Deployment) -> dict:
+    from . import access_token_service, usernames
+
+    eb = d["auth"]["ebrains"]
+    keycloak = eb["issuer"].rstrip("/") + "/protocol/openid-connect"
+    a = c.EBRAINSAuthenticator
+    c.JupyterHub.authenticator_class = "spinnaker_jupyter.ebrains.EBRAINSAuthenticator"
+    a.client_id = eb["client_id"]
+    a.client_secret = d.ebrains_client_secret()
+    a.authorize_url = eb["authorize_url"] or f"{keycloak}/auth"
+    a.token_url = eb["token_url"] or f"{keycloak}/token"
+    a.userdata_url = eb["userinfo_url"] or f"{keycloak}/userinfo"
+    a.oauth_callback_url = public_url(d) + "hub/oauth_callback"
+    a.scope = eb["scopes"]
+    a.login_service = "EBRAINS"
+    a.username_claim = usernames.username_from_claims
+    a.allow_all = eb["allow_all"]
+    a.allowed_users = set(eb["allowed_users"])
+    if eb["allowed_groups"] or eb["admin_groups"]:
+        a.manage_groups = True
+        a.auth_state_groups_key = "oauth_user." + eb["groups_claim"]
+        a.allowed_groups = set(eb["allowed_groups"])
+        a.admin_groups = set(eb["admin_groups"])
+    a.custom_403_message = (f"Your EBRAINS account is not in the groups allowed to use this SpiNNaker service. "
+                            f"To get access, ask {eb['contact']}.")
+    for key, value in access_token_service.authenticator_settings(
+            refresh_margin=eb["refresh_margin"], auth_refresh_age=eb["auth_refresh_age"]).items():
+        setattr(a, key, value)
+    c.CryptKeeper.keys = [bytes.fromhex(d.secret("crypt_key"))]
+    return access_token_service.service_definition(f"http://127.0.0.1:{eb['token_service_port']}")
 
 
 def _apply_spawner(c, d: Deployment, args: list[str]) -> None:
@@ -101,7 +151,6 @@ def _apply_spawner(c, d: Deployment, args: list[str]) -> None:
     c.Spawner.default_url = sp["default_url"]
     c.Spawner.start_timeout = d["hub"]["start_timeout"]
     c.Spawner.http_timeout = 60
-    c.Spawner.environment = user_server_env(d)
     if sp["type"] == "local":
         c.JupyterHub.spawner_class = "spinnaker_jupyter.spawner.SpiNNakerLocalSpawner"
         c.SpiNNakerLocalSpawner.homes_dir = str(d.homes_dir)
@@ -115,16 +164,14 @@ def _apply_spawner(c, d: Deployment, args: list[str]) -> None:
     c.Spawner.args = args
 
 
-def _apply_services(c, d: Deployment) -> None:
-    services, roles = [], []
+def _culler(d: Deployment) -> tuple[list, list]:
     cull = d["culler"]
-    if cull["enabled"]:
-        cmd = [sys.executable, "-m", "jupyterhub_idle_culler", f"--timeout={cull['timeout']}",
-               f"--cull-every={cull['every']}"]
-        if cull["max_age"]:
-            cmd.append(f"--max-age={cull['max_age']}")
-        services.append({"name": "idle-culler", "command": cmd})
-        roles.append({"name": "idle-culler", "services": ["idle-culler"],
-                      "scopes": ["list:users", "read:users:activity", "read:servers", "delete:servers"]})
-    c.JupyterHub.services = services
-    c.JupyterHub.load_roles = roles
+    if not cull["enabled"]:
+        return [], []
+    cmd = [sys.executable, "-m", "jupyterhub_idle_culler", f"--timeout={cull['timeout']}",
+           f"--cull-every={cull['every']}"]
+    if cull["max_age"]:
+        cmd.append(f"--max-age={cull['max_age']}")
+    return ([{"name": "idle-culler", "command": cmd}],
+            [{"name": "idle-culler", "services": ["idle-culler"],
+              "scopes": ["list:users", "read:users:activity", "read:servers", "delete:servers"]}])

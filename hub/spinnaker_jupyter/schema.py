@@ -41,6 +41,8 @@ SCHEMA: dict = _obj({
         "ip": _str("127.0.0.1", "Address the public proxy listens on."),
         "port": _int(8000, "Port the public proxy listens on.", minimum=1, maximum=65535),
         "base_url": _str("/", "URL prefix of the whole service.", pattern=r"^/(.*/)?$"),
+        "public_url": _str(None, "The URL users type, e.g. https://spinnaker.example.org (needed for EBRAINS "
+                           "login behind a reverse proxy; default http://ip:port)."),
         "db_url": _str(None, "SQLAlchemy database URL (default: SQLite in data_dir/hub). A URL holding a "
                        "password belongs in the environment variable SPINNAKER_JUPYTER_DB_URL instead."),
         "admin_users": _list(USERNAME, desc="Hub user names with admin rights."),
@@ -68,10 +70,15 @@ SCHEMA: dict = _obj({
             "min_password_length": _int(10, "Shortest password `user passwd` accepts.", minimum=8),
         }),
         "ebrains": _obj({
-            "issuer": _str("https://iam.ebrains.eu/auth/realms/hbp", "OpenID Connect issuer (Keycloak realm URL)."),
+            "issuer": _str("https://iam.ebrains.eu/auth/realms/hbp", "OpenID Connect issuer (Keycloak realm URL); "
+                           "the Keycloak endpoints are derived from it."),
+            "authorize_url": _str(None, "Override the authorization endpoint (non-Keycloak providers)."),
+            "token_url": _str(None, "Override the token endpoint."),
+            "userinfo_url": _str(None, "Override the userinfo endpoint."),
             "client_id": _str(None, "OAuth client id registered with the issuer."),
             "client_secret_file": _str(None, "File holding the client secret (else env EBRAINS_CLIENT_SECRET)."),
-            "scopes": _list({"type": "string"}, ["openid", "profile", "email"], "Scopes to request."),
+            "scopes": _list({"type": "string"}, ["openid", "profile", "email", "roles", "team", "group"],
+                            "Scopes to request (add collab.drive for EBRAINS Drive access from notebooks)."),
             "allowed_groups": _list({"type": "string"}, desc="Groups/teams admitted (empty: anyone listed in "
                                     "allowed_users, or everyone when allow_all is true)."),
             "allowed_users": _list({"type": "string"}, desc="Users admitted regardless of groups."),
@@ -79,6 +86,12 @@ SCHEMA: dict = _obj({
             "admin_groups": _list({"type": "string"}, desc="Groups whose members are hub admins."),
             "groups_claim": _str("roles.group", "Dotted path of the claim listing a user's groups."),
             "contact": _str("the service's operators", "Whom refused users should ask for access."),
+            "refresh_margin": _int(60, "Refresh the user's access token when it expires within this many seconds.",
+                                   minimum=2),
+            "auth_refresh_age": _int(30, "Seconds between the hub's checks of a user's tokens (< refresh_margin).",
+                                     minimum=1),
+            "token_service_port": _int(8091, "Port of the access-token-service on 127.0.0.1.", minimum=1,
+                                       maximum=65535),
         }),
     }),
     "spawner": _obj({
@@ -94,6 +107,8 @@ SCHEMA: dict = _obj({
                       "description": "CPU cores per user server (containers)."},
         "mem_limit": _str(None, "Memory per user server, e.g. 4G (containers).", pattern=r"^[0-9]+[KMGT]?$"),
         "default_url": _str("/lab", "Page a user lands on."),
+        "poll_interval": _int(30, "Seconds between the hub's checks that each user server still runs (a "
+                              "server found gone gives its SpiNNaker boards back).", minimum=1),
     }),
     "culler": _obj({
         "enabled": _bool(True, "Stop servers idle for longer than `timeout`."),
@@ -112,10 +127,44 @@ SCHEMA: dict = _obj({
         }),
     }),
     "spinnaker": _obj({
-        "mode": _str("virtual", "`virtual`: no board, sPyNNaker maps and loads but returns no data; `machine`: a "
-                     "board at a fixed address.", enum=["virtual", "machine"]),
+        "mode": _str("virtual", "`virtual`: no board, sPyNNaker maps and loads but returns no data; `machine`: the "
+                     "lab's own board at `machine_name`, one user server at a time (the next start waits for it); "
+                     "`session`: the hub claims boards from the spalloc service for each user server, from start "
+                     "to stop; `per-run`: sPyNNaker claims boards itself at each setup(), with the user's EBRAINS "
+                     "token (see README, SpiNNaker boards).", enum=["virtual", "machine", "session", "per-run"]),
         "version": _int(5, "SpiNNaker board version (3 = 4-chip, 5 = 48-chip).", enum=[3, 5, 201, 248]),
         "machine_name": _str(None, "Host name or IP address of the board (mode `machine`)."),
+        "claim_timeout": _int(600, "Seconds a server start waits for its board: in the spalloc queue (`session`), "
+                              "or for the session holding the lab's board to stop (`machine`; 0: do not wait).",
+                              minimum=0),
+        "on_timeout": _str("virtual", "When no board comes within claim_timeout, or the spalloc service cannot be "
+                           "used: `virtual`: start in virtual mode and tell the user why; `fail`: fail the start "
+                           "with the reason.", enum=["virtual", "fail"]),
+        "spalloc": _obj({
+            "url": _str(None, "The SpiNNaker allocation service, as sPyNNaker's spalloc_server, e.g. "
+                        "https://spinnaker.cs.man.ac.uk/spalloc/ (modes `session` and `per-run`)."),
+            "token_file": _str(None, "File holding the hub's bearer token for the service (mode `session`; else "
+                               "env SPALLOC_TOKEN). A service admin account, so that jobs carry users' names."),
+            "boards": _int(1, "Boards claimed per user server (mode `session`).", minimum=1),
+            "boards_per_group": {"type": "object", "default": {}, "additionalProperties": {"type": "integer",
+                                 "minimum": 1}, "description": "Boards per server for members of these hub "
+                                 "groups (the largest applies), e.g. {course-a: 3}."},
+            "boards_per_user": {"type": "object", "default": {}, "additionalProperties": {"type": "integer",
+                                "minimum": 1}, "description": "Boards per server for these users (wins over "
+                                "groups)."},
+            "keepalive_interval": _int(60, "Seconds the service keeps a job without a keepalive (the hub sends "
+                                       "one every third of it); a hub down for longer loses its jobs.",
+                                       minimum=30, maximum=300),
+            "group": _str(None, "spalloc group jobs are accounted to (`session`: the hub's claims; `per-run`: "
+                          "spinnman's spalloc_group)."),
+            "collab": _str(None, "EBRAINS collab the hub's claims are accounted to (`session`). In `per-run`, "
+                           "spinnman takes it from the notebook's folder."),
+            "machine_name": _str(None, "Allocate on this spalloc machine (else on a machine with `tags`)."),
+            "tags": _list({"type": "string"}, ["default"], "Machine tags to allocate on."),
+            "use_proxy": _bool(True, "`per-run`: reach the boards through the service's websocket proxy (needed "
+                               "unless kernels are on the boards' network)."),
+            "ca_certs": _str(None, "CA bundle to trust when the service's certificate comes from a private CA."),
+        }),
         "extra_cfg": {"type": "object", "default": {}, "description": "Extra sPyNNaker cfg sections, e.g. "
                       "{Reports: {write_energy_report: 'False'}}.",
                       "additionalProperties": {"type": "object",

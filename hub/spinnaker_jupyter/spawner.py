@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import pwd
+import re
 import signal
 import socket
 import subprocess
@@ -36,7 +38,7 @@ class SpiNNakerLocalSpawner(ProgressMixin, LocalProcessSpawner):
 
     @property
     def system_username(self) -> str:
-        return self.system_user_prefix + self.user.name
+        return system_account_name(self.system_user_prefix, self.user.name)
 
     @property
     def home(self) -> Path:
@@ -55,9 +57,13 @@ class SpiNNakerLocalSpawner(ProgressMixin, LocalProcessSpawner):
             try:
                 pwd.getpwnam(self.system_username)
             except KeyError:
-                subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--shell", "/bin/bash",
-                                "--home-dir", str(home), "--comment", f"Jupyter user {self.user.name}",
-                                self.system_username], check=True, capture_output=True, text=True)
+                made = subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--shell",
+                                       "/bin/bash", "--home-dir", str(home), "--comment",
+                                       f"Jupyter user {self.user.name}", self.system_username],
+                                      capture_output=True, text=True)
+                if made.returncode != 0:
+                    raise RuntimeError(f"Could not create the system account {self.system_username} for "
+                                       f"{self.user.name}: {made.stderr.strip()}")
                 self.log.info("Created system account %s for %s", self.system_username, self.user.name)
             pw = pwd.getpwnam(self.system_username)
             home.mkdir(mode=0o700, exist_ok=True)
@@ -73,6 +79,8 @@ class SpiNNakerLocalSpawner(ProgressMixin, LocalProcessSpawner):
         setuid = set_user_setuid(self.system_username, chdir=False) if self.system_users else None
 
         def preexec():
+            # A hub started in the background inherits an ignored SIGINT; the hub stops servers with SIGINT.
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             if setuid:
                 setuid()
             os.chdir(home)
@@ -135,6 +143,16 @@ class SpiNNakerLocalSpawner(ProgressMixin, LocalProcessSpawner):
                 await asyncio.sleep(0.05)
         raise TimeoutError(f"Your server did not answer within {self.start_timeout} s. Last lines of its log:\n"
                            f"{_tail(log_path)}")
+
+
+def system_account_name(prefix: str, name: str) -> str:
+    """A valid, stable, collision-free Linux account name (at most 32 characters of [a-z0-9_-]) for a hub user."""
+    wanted = prefix + name
+    safe = re.sub(r"[^a-z0-9_-]", "_", wanted.lower())
+    if safe == wanted and len(safe) <= 32:
+        return safe
+    digest = hashlib.sha256(name.encode()).hexdigest()[:6]
+    return f"{safe[:25]}-{digest}"
 
 
 def _pids_of(uid: int) -> list[int]:
