@@ -92,6 +92,8 @@ LOCK_FILE = ".setup.lock"
 PARTIAL_PREFIX = ".partial-"
 LAYER_PTH = "zz_spynnaker_base_env.pth"
 SUPPORT_SCRIPTS = ("gitupdate.sh", "automatic_make.sh")
+#: the git_kernel section as JSON, in the user's server environment (set by the spawner)
+CONFIG_ENV = "SPINNAKER_GIT_KERNEL_CONFIG"
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
 
@@ -203,12 +205,15 @@ class GitKernelConfig:
     make_order: tuple[MakeStep, ...] = tuple(MakeStep(d, i) for d, i in DEFAULT_MAKE_ORDER)
     #: build the C code at creation: "auto" (when $GP-gcc is on PATH), "always", "never"
     build_c: str = "auto"
-    #: environment of the kernel (kernel.json "env"), e.g. XDG_CONFIG_DIRS
+    #: environment of the kernel (kernel.json "env"), e.g. SPINNAKER_CFG_DIR
     kernel_env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: the kernel's module: "auto" = spinnaker_kernel (the pinned kernel's launcher) when the
+    #: base env has it, else ipykernel_launcher
+    launcher: str = "auto"
 
     KEYS = ("enabled", "base_url", "branch", "repos", "directory", "kernel_name",
             "display_name", "base_env", "wheelhouse", "pip_cache_dir", "offline",
-            "clone_args", "extra_packages", "make_order", "build_c", "kernel_env")
+            "clone_args", "extra_packages", "make_order", "build_c", "kernel_env", "launcher")
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None) -> "GitKernelConfig":
@@ -247,6 +252,8 @@ class GitKernelConfig:
             raise ValueError("git_kernel.repos is empty")
         if not _NAME_RE.match(self.directory) or "/" in self.directory:
             raise ValueError("git_kernel.directory must be a plain directory name")
+        if not re.match(r"^(auto|[A-Za-z_][A-Za-z0-9_.]*)$", self.launcher):
+            raise ValueError("git_kernel.launcher: 'auto' or a module name")
         if not re.match(r"^[a-z0-9._-]+$", self.kernel_name):
             raise ValueError("git_kernel.kernel_name: lower-case letters, digits, . _ - only")
 
@@ -261,6 +268,7 @@ class GitKernelConfig:
             "extra_packages": list(self.extra_packages),
             "make_order": [{"dir": s.directory, "install": s.install} for s in self.make_order],
             "build_c": self.build_c, "kernel_env": dict(self.kernel_env),
+            "launcher": self.launcher,
         }
 
     def ensure_kwargs(self) -> dict[str, Any]:
@@ -274,7 +282,8 @@ class GitKernelConfig:
                     wheelhouse=self.wheelhouse, pip_cache_dir=self.pip_cache_dir,
                     offline=self.offline, clone_args=self.clone_args,
                     extra_packages=self.extra_packages, make_order=self.make_order,
-                    build_c=self.build_c, kernel_env=self.kernel_env)
+                    build_c=self.build_c, kernel_env=self.kernel_env,
+                    launcher=self.launcher)
 
 
 # --------------------------------------------------------------------------- results
@@ -367,7 +376,10 @@ class _Status:
         self.log.write(f"[{_now()}] {message}\n")
         self.write()
         if self.progress is not None:
-            self.progress(message)
+            try:
+                self.progress(message)
+            except Exception:  # a broken progress display must not stop the set-up
+                self.progress = None
 
     def warn(self, message: str) -> None:
         self.data["warnings"].append(message)
@@ -513,12 +525,13 @@ _DEPS_CHECK = textwrap.dedent(r"""
             if req.specifier and not req.specifier.contains(have, prereleases=True):
                 warnings.append("%s wants %s but the clone has %s" % (by, text, have))
             return
+        req.marker = None  # evaluated above
         try:
             have = md.version(req.name)
         except md.PackageNotFoundError:
-            missing.append(text); return
+            missing.append(str(req)); return
         if req.specifier and not req.specifier.contains(have, prereleases=True):
-            missing.append(text)
+            missing.append(str(req))
     for name, d in sorted(editable.items()):
         for text in d.requires or []:
             check(text, d.metadata["Name"])
@@ -548,15 +561,23 @@ _BUILD_CHECK = textwrap.dedent(r"""
 
 def needs_setup(home: str | os.PathLike[str], repos: Iterable[Any] | None = None, *,
                 dirname: str = DIRNAME, kernel_name: str = KERNEL_NAME,
-                kernels_dir: str | os.PathLike[str] | None = None) -> bool:
-    """Cheap check (no subprocess): False when a finished set-up is in place."""
+                kernels_dir: str | os.PathLike[str] | None = None,
+                display_name: str | None = None,
+                kernel_env: Mapping[str, str] | None = None) -> bool:
+    """Cheap check (no subprocess): False when a finished set-up is in place (and, when
+    given, the kernelspec has this display name and environment)."""
     home = Path(home)
     root = home / dirname
     specs = [RepoSpec.coerce(r) for r in (repos if repos is not None else DEFAULT_REPOS)]
     kdir = Path(kernels_dir) if kernels_dir else home / ".local/share/jupyter/kernels"
     if read_status(home, dirname).get("state") != "done":
         return True
-    if not (root / "bin" / "python").exists() or not (kdir / kernel_name / "kernel.json").is_file():
+    spec = _read_json(kdir / kernel_name / "kernel.json")
+    if not (root / "bin" / "python").exists() or not spec:
+        return True
+    if display_name is not None and spec.get("display_name") != display_name:
+        return True
+    if kernel_env is not None and spec.get("env", {}) != dict(kernel_env):
         return True
     return not all((root / r.name).is_dir() for r in specs)
 
@@ -577,6 +598,7 @@ def ensure_git_kernel(
     make_order: Iterable[Any] | None = None,
     build_c: str = "auto",
     kernel_env: Mapping[str, str] | None = None,
+    launcher: str = "auto",
     dirname: str = DIRNAME,
     kernel_name: str = KERNEL_NAME,
     display_name: str = DISPLAY_NAME,
@@ -607,7 +629,8 @@ def ensure_git_kernel(
 
     with _lock(root / LOCK_FILE, lock_timeout):
         if not needs_setup(home, specs, dirname=dirname, kernel_name=kernel_name,
-                           kernels_dir=kdir.parent):
+                           kernels_dir=kdir.parent, display_name=display_name,
+                           kernel_env=kernel_env or {}):
             old = read_status(home, dirname)
             return SetupResult("done", root, kdir, dict(old.get("commits", {})),
                                list(old.get("warnings", [])), time.monotonic() - t0, False)
@@ -641,7 +664,8 @@ def ensure_git_kernel(
                               save_state)
             _ensure_dependencies(root, python, extra_packages, pip, runner, status)
             _install_support(root, specs, steps, status, state, save_state)
-            _register_kernel(kdir, root, display_name, kernel_env or {}, status)
+            _register_kernel(kdir, root, display_name, kernel_env or {}, launcher, runner,
+                             status)
             if build_c != "never":
                 _build_c(root, build_c, sub_env, runner, status)
         except SetupError as exc:
@@ -836,11 +860,25 @@ def _install_support(root: Path, specs: list[RepoSpec], steps: list[MakeStep],
                "support", advance=True)
 
 
+_KERNEL_PROBE = textwrap.dedent(r"""
+    import importlib.util, json, os
+    ipk = importlib.util.find_spec("ipykernel")
+    print(json.dumps({
+        "spinnaker_kernel": importlib.util.find_spec("spinnaker_kernel") is not None,
+        "resources": os.path.join(os.path.dirname(ipk.origin), "resources") if ipk else None}))
+""")
+
+
 def _register_kernel(kdir: Path, root: Path, display_name: str, kernel_env: Mapping[str, str],
-                     status: _Status) -> None:
+                     launcher: str, runner: _Runner, status: _Status) -> None:
+    probe = json.loads(runner.run([root / "bin" / "python", "-c", _KERNEL_PROBE],
+                                  what="checking the kernel launcher").stdout.strip().splitlines()[-1])
+    if launcher == "auto":
+        # the pinned kernel's launcher (one sPyNNaker cfg, the machine notice) when the
+        # layered env has it, else plain ipykernel
+        launcher = "spinnaker_kernel" if probe["spinnaker_kernel"] else "ipykernel_launcher"
     spec: dict[str, Any] = {
-        "argv": [str(root / "bin" / "python"), "-m", "ipykernel_launcher",
-                 "-f", "{connection_file}"],
+        "argv": [str(root / "bin" / "python"), "-m", launcher, "-f", "{connection_file}"],
         "display_name": display_name,
         "language": "python",
         "metadata": {"debugger": True, "spinnaker_jupyter": {"kind": "git", "root": str(root)}},
@@ -848,6 +886,9 @@ def _register_kernel(kdir: Path, root: Path, display_name: str, kernel_env: Mapp
     if kernel_env:
         spec["env"] = dict(kernel_env)
     _atomic_write(kdir / "kernel.json", json.dumps(spec, indent=1) + "\n")
+    for logo in ("logo-32x32.png", "logo-64x64.png"):
+        if probe["resources"] and os.path.isfile(os.path.join(probe["resources"], logo)):
+            shutil.copyfile(os.path.join(probe["resources"], logo), kdir / logo)
     status.say(f"kernel {display_name!r} registered in {kdir}", "kernel", advance=True)
 
 
@@ -880,13 +921,22 @@ def start_background(home: str | os.PathLike[str],
                      config: GitKernelConfig | Mapping[str, Any] | None = None, *,
                      python: str | os.PathLike[str] | None = None,
                      env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes] | None:
-    """Start the set-up in a detached process unless it is already complete (or the
-    section is disabled); returns at once. Output goes to ``~/sPyNNakerGit/setup.log``;
-    follow it with :func:`read_status`. For the server extension, at server start."""
+    """Start the set-up in a detached process unless it is already complete (or not
+    configured / disabled); returns at once. Output goes to ``~/sPyNNakerGit/setup.log``;
+    follow it with :func:`read_status`. For the server extension, at server start.
+
+    ``config``: the ``git_kernel`` section; None reads it (JSON) from the environment
+    variable ``SPINNAKER_GIT_KERNEL_CONFIG`` (set by the spawner); absent there: None."""
+    if config is None:
+        text = (os.environ if env is None else env).get(CONFIG_ENV)
+        if not text:
+            return None
+        config = json.loads(text)
     cfg = config if isinstance(config, GitKernelConfig) else GitKernelConfig.from_mapping(config)
     if not cfg.enabled:
         return None
-    if not needs_setup(home, cfg.repos, dirname=cfg.directory, kernel_name=cfg.kernel_name):
+    if not needs_setup(home, cfg.repos, dirname=cfg.directory, kernel_name=cfg.kernel_name,
+                       display_name=cfg.display_name, kernel_env=cfg.kernel_env):
         return None
     root = Path(home) / cfg.directory
     root.mkdir(parents=True, exist_ok=True)
@@ -937,6 +987,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     data: dict[str, Any] = {}
     try:
+        if os.environ.get(CONFIG_ENV):
+            data.update(GitKernelConfig.from_mapping(json.loads(os.environ[CONFIG_ENV])).to_json())
         if args.config:
             data.update(GitKernelConfig.from_mapping(_load_config_file(args.config)).to_json())
         if args.config_json:

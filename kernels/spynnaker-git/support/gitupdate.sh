@@ -8,8 +8,8 @@
 # origin. One line is printed per repository.
 #
 # Your own work is never overwritten: a repository with uncommitted changes to
-# tracked files, a detached HEAD, or local commits not on origin is fetched but
-# left as it is and reported as NOT UPDATED. Exit status: 0 when every
+# tracked files, a detached HEAD, or local commits that diverge from origin is
+# fetched but left as it is and reported as NOT UPDATED. Exit status: 0 when every
 # repository was updated or already up to date, 1 when any was not updated.
 #
 # After an update, rebuild the C code with support/automatic_make.sh.
@@ -148,6 +148,9 @@ update_repo() {
         printf '%s\n' "$out" | first_lines; n_skipped=$((n_skipped + 1)); return
     fi
     after=$(short HEAD)
+    if ! git diff --quiet "$before" "$after" -- setup.py setup.cfg pyproject.toml 2>/dev/null; then
+        note="$note; its packaging changed: reinstall with 'pip install -e $dir'"
+    fi
     report "$name" "${switched}$target $before -> $after ($behind new commit(s))$note"
     n_updated=$((n_updated + 1))
 }
