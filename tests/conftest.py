@@ -81,6 +81,7 @@ class RunningHub:
             "hub": {"port": self.port, "stop_servers_on_exit": True},
             "proxy": {"api_port": free_port(), "hub_port": free_port()},
             "kernels": {"envs_dir": str(envs_dir)},
+            "git_kernel": {"enabled": False},  # GitHub is not reachable here; tests that want it set it up
         }
         from spinnaker_jupyter.config import merge
 

@@ -772,3 +772,41 @@ def test_config_section_is_validated():
                 {"make_order": ["/abs"]}, {"repos": ["A", "A"]}):
         with pytest.raises(ValueError):
             gitkernel.GitKernelConfig.from_mapping(bad)
+
+
+def test_first_login_through_the_hub_brings_the_git_kernel(hub_factory, pristine_upstream, wheelhouse):
+    """The deployment's `git_kernel` section reaches a user's first server start: ~/sPyNNakerGit is set up in the
+    background (the server is ready long before), the kernel appears, and it runs PyNN from the clones."""
+    from conftest import traversable_tmpdir
+
+    mirror = traversable_tmpdir("mirror-")
+    shutil.copytree(pristine_upstream, mirror, symlinks=True, dirs_exist_ok=True)
+    subprocess.run(["chmod", "-R", "a+rX", str(mirror), str(wheelhouse)], check=True)
+    hub = hub_factory({"git_kernel": {"enabled": True, "base_url": f"file://{mirror}", "repos": ALL_REPOS,
+                                      "offline": True, "wheelhouse": str(wheelhouse), "build_c": "never"}})
+    user = hub.client("gitfan", hub.add_user("gitfan"))
+    user.start_server()
+
+    def kernel_listed():
+        status = user.server("GET", "api/contents/sPyNNakerGit/setup-status.json")
+        if status.status_code == 200 and '"failed"' in status.json()["content"]:
+            raise AssertionError(f"set-up failed: {status.json()['content']}")
+        specs = user.server("GET", "api/kernelspecs").json()["kernelspecs"]
+        return specs.get("spynnakergit")
+
+    try:
+        spec = wait_for(kernel_listed, 240, "the sPyNNakerGit kernel to be set up", interval=1)
+    except BaseException:
+        log = user.server("GET", "api/contents/sPyNNakerGit/setup.log")
+        print("setup.log:", log.json().get("content", log.text)[-3000:] if log.status_code == 200 else log.text)
+        raise
+    assert spec["spec"]["display_name"] == "sPyNNakerGit"
+    log = user.server("GET", "api/contents/sPyNNakerGit/setup.log").json()["content"]
+    assert "sPyNNaker" in log
+    kernel = user.start_kernel("spynnakergit")
+    out = user.execute(kernel, "import spynnaker, pyNN.spiNNaker as p\nprint('FROM', spynnaker.__file__)\n"
+                               "p.setup(1.0); p.Population(5, p.IF_curr_exp()); p.run(10); p.end(); print('RAN')")
+    assert out["error"] is None and "RAN" in out["stdout"], out
+    assert "/sPyNNakerGit/sPyNNaker/spynnaker/" in out["stdout"], out
+    listing = user.server("GET", "api/contents/sPyNNakerGit/support").json()["content"]
+    assert {"gitupdate.sh", "automatic_make.sh"} <= {f["name"] for f in listing}

@@ -25,9 +25,24 @@ def _load_jupyter_server_extension(server_app):
                 log.info("tutorials: %s", line)
         except OSError as e:  # a full disk must not stop the server: the user keeps their files
             log.error("tutorials: could not copy the tutorials into %s: %s", Path.home(), e)
+    if os.environ.get("SPINNAKER_GIT_KERNEL_CONFIG"):
+        _start_git_kernel(log)
     install_proxy_guard(server_app.web_app, allowed_ports=_ports(os.environ.get("SPINNAKER_PROXY_PORTS", "")),
                         nrp_port=int(os.environ.get("SPINNAKER_NRP_PORT", "9000")),
                         nrp_installed=bool(os.environ.get("SPINNAKER_NRP_COMMAND")))
+
+
+def _start_git_kernel(log) -> None:
+    """First start: create ~/sPyNNakerGit in the background (never delays the server; resumes if interrupted)."""
+    from . import gitkernel
+
+    try:
+        proc = gitkernel.start_background(Path.home())
+    except Exception as e:  # a broken set-up must not stop the server: the log says what happened
+        log.error("sPyNNakerGit: could not start its set-up: %s", e)
+        return
+    if proc is not None:
+        log.info("sPyNNakerGit: setting up in the background (pid %s); progress in ~/sPyNNakerGit/setup.log", proc.pid)
 
 
 def _ports(text: str) -> set[int]:

@@ -725,6 +725,21 @@ def _ensure_venv(root: Path, base_python: str | os.PathLike[str] | None, runner:
     return python
 
 
+def _trust_local_mirror(url: str, runner: _Runner) -> None:
+    """A mirror on this machine belongs to another account (the operator's): git refuses it ("dubious ownership")
+    unless the user's own git config trusts it. Trust exactly that repository, for clones and later fetches."""
+    path = url[len("file://"):] if url.startswith("file://") else url
+    if "://" in path or not os.path.isabs(path):
+        return
+    candidates = [path, path + ".git"] if not path.endswith(".git") else [path]
+    known = runner.run(["git", "config", "--global", "--get-all", "safe.directory"], check=False,
+                       what="reading git's trusted folders").stdout.split()
+    for repo in candidates:
+        if os.path.isdir(repo) and repo not in known:
+            runner.run(["git", "config", "--global", "--add", "safe.directory", repo],
+                       what=f"trusting the local mirror {repo}")
+
+
 def _ensure_clone(root: Path, spec: RepoSpec, base_url: str, branch: str,
                   clone_args: Sequence[str], runner: _Runner, status: _Status,
                   i: int, n: int) -> None:
@@ -742,6 +757,7 @@ def _ensure_clone(root: Path, spec: RepoSpec, base_url: str, branch: str,
         status.say(f"[{i}/{n}] {spec.name}: removing an interrupted clone", "clone")
         shutil.rmtree(partial)
     status.say(f"[{i}/{n}] {spec.name}: cloning {url} ({want})", "clone")
+    _trust_local_mirror(url, runner)
     git = ["git", "-c", "http.lowSpeedLimit=1000", "-c", "http.lowSpeedTime=60", "clone",
            "--quiet", *clone_args]
     proc = runner.run([*git, "--branch", want, url, partial], check=False,

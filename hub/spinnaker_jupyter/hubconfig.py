@@ -50,6 +50,12 @@ def user_server_env(d: Deployment) -> dict[str, str]:
     }
     if nrp["command"]:
         env["SPINNAKER_NRP_COMMAND"] = json.dumps(nrp["command"])
+    git = d["git_kernel"]
+    if git["enabled"]:
+        settings = {k: v for k, v in git.items() if k != "enabled" and v is not None}
+        settings["base_env"] = str(d.envs_dir / "spynnaker")
+        env["SPINNAKER_GIT_KERNEL_CONFIG"] = json.dumps(settings)
+        env["SPINNAKER_GIT_SUPPORT_DIR"] = str(PROJECT_ROOT / "kernels" / "spynnaker-git" / "support")
     return env
 
 
@@ -95,6 +101,9 @@ def apply(c, d: Deployment) -> None:
     c.Spawner.environment = env
     c.JupyterHub.services = services
     c.JupyterHub.load_roles = roles
+    from .boards import configure_hub as apply_boards  # spinnaker.mode: boards per server, their status API
+
+    apply_boards(c, d)
 
 
 def _apply_auth(c, d: Deployment) -> dict | None:

@@ -178,6 +178,23 @@ SCHEMA: dict = _obj({
     }),
     "proxy_ports": _list({"type": "integer", "minimum": 1024, "maximum": 65535}, [9000],
                          "Local ports users may reach through /user/<name>/proxy/<port>/ (nothing else is reachable)."),
+    "git_kernel": _obj({
+        "enabled": _bool(True, "Give every user ~/sPyNNakerGit (SpiNNakerManchester repositories at master, kernel "
+                               "\"sPyNNakerGit\"), created in the background at their first start."),
+        "base_url": _str("https://github.com/SpiNNakerManchester", "Where the repositories are cloned from (a "
+                         "local mirror path or URL works)."),
+        "branch": _str("master", "Branch cloned at first login."),
+        "repos": {"type": ["array", "null"], "default": None, "description": "Repositories (default: the SpiNNaker stack); "
+                  "each a name, `name:c` for C-only, or {name, python, url, branch}.",
+                  "items": {"type": ["string", "object"]}},
+        "display_name": _str("sPyNNakerGit", "Kernel name users see."),
+        "wheelhouse": _str(None, "Shared read-only folder of wheels, so users do not each download them."),
+        "pip_cache_dir": _str(None, "Shared pip cache (writable by all users)."),
+        "offline": _bool(False, "Install only from the pinned environment and the wheelhouse."),
+        "clone_args": _list({"type": "string"}, desc="Extra `git clone` arguments, e.g. [--filter=blob:none]."),
+        "build_c": _str("auto", "Build the C code at creation: auto (when the ARM toolchain is installed), always, "
+                        "never.", enum=["auto", "always", "never"]),
+    }),
     "tutorials": _obj({
         "source": _str(None, "Folder of tutorial notebooks copied into new homes (default: the project's "
                        "notebooks/)."),
