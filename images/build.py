@@ -44,7 +44,7 @@ CONTAINERFILES = {
     "hub": "images/hub/Containerfile",
     "nrp": "images/nrp/Containerfile",
 }
-MILESTONE = re.compile(r"^(Collecting |Successfully installed|Setting up |Get:\d+ |Fetched |Building wheel|"
+MILESTONE = re.compile(r"^(Collecting |Successfully installed|\d+ upgraded, \d+ newly installed|Fetched |Building wheel|"
                        r"Successfully built|Created wheel|added \d+ packages|Python \d|arm-none-eabi-gcc|"
                        r"Available kernels|\s+spynnaker\s|\s+spinnaker_jupyter_ext)")
 STEP = re.compile(r"^(?:\[(?P<stage>\d+)/(?P<stages>\d+)\] )?STEP (?P<n>\d+)/(?P<m>\d+): (?P<text>.*)$"
@@ -221,18 +221,25 @@ def main(argv=None) -> int:
     ap.add_argument("targets", nargs="*", default=["singleuser"], help="singleuser, hub, nrp or all")
     ap.add_argument("--engine-socket", help="Docker API URL (default: $DOCKER_HOST, or the project's podman "
                                             "with --podman, or unix:///var/run/docker.sock)")
-    ap.add_argument("--podman", nargs="?", const="", default=None, metavar="DIR",
-                    help="use the project's podman environment (images/podman/podman_env.py; DIR default "
-                         "~/.cache/spinnaker-jupyter/podman): starts its API service and builds the debootstrap base")
+    ap.add_argument("--podman", action="store_true",
+                    help="use the project's podman environment (images/podman/podman_env.py): starts its API "
+                         "service if needed and builds the debootstrap base if missing")
+    ap.add_argument("--podman-dir", metavar="DIR", help="its directory (default: $SPINNAKER_PODMAN_DIR or "
+                                                        "~/.cache/spinnaker-jupyter/podman)")
     ap.add_argument("--base", help="BASE_IMAGE of singleuser and hub (default: python:3.11-slim-bookworm; with "
                                    f"--podman: {podman_env.BASE_IMAGE})")
     ap.add_argument("--nrp-image", help="the NRP's published image the nrp variant starts from (required for nrp)")
+    ap.add_argument("--nrp-user", default="jovyan",
+                    help="NB_USER of the nrp variant: keep the NRP image's own uid-1000 account name if its "
+                         "installation lives in that home (e.g. bbpnrsoa); default jovyan (renames it)")
     ap.add_argument("--prefix", default="spinnaker-jupyter", help="image name prefix (default spinnaker-jupyter)")
     ap.add_argument("--tag", default="latest")
     ap.add_argument("--arm-toolchain", choices=("0", "1"), default="1",
                     help="WITH_ARM_TOOLCHAIN of the single-user image (default 1; tests use 0)")
     ap.add_argument("--ca-bundle", help="CA bundle for pip inside the build ('none': no bundle; default: pip's "
                                         "configured cert on this machine, if any)")
+    ap.add_argument("--keep-service", action="store_true",
+                    help="with --podman: leave the API service running (default: stop it if this command started it)")
     ap.add_argument("--network", help="build network mode (default: host with --podman, else the engine's default)")
     ap.add_argument("--no-cache", action="store_true")
     ap.add_argument("-v", "--verbose", action="store_true", help="print all build output")
@@ -252,9 +259,12 @@ def main(argv=None) -> int:
     base = args.base
     network = args.network
     url = args.engine_socket
-    if args.podman is not None:
-        env = podman_env.PodmanEnv(args.podman or None)
+    env = None
+    started_service = False
+    if args.podman or args.podman_dir:
+        env = podman_env.PodmanEnv(args.podman_dir)
         say(f"==> podman environment {env.dir}")
+        started_service = not env.is_running()
         url = url or env.start_service()
         t = time.monotonic()
         base = base or env.build_base_image()
@@ -277,6 +287,14 @@ def main(argv=None) -> int:
         say(f"error: CA bundle {ca} not found")
         return 2
 
+    try:
+        return _build_all(args, api, targets, base, network, ca, t_all)
+    finally:
+        if started_service and not args.keep_service:
+            env.stop_service()
+
+
+def _build_all(args, api, targets, base, network, ca, t_all) -> int:
     common = dict(ca_bundle=ca, network_mode=network, nocache=args.no_cache, verbose=args.verbose)
     name = lambda what: f"{args.prefix}/{what}:{args.tag}"  # noqa: E731
     base_args = {"BASE_IMAGE": base} if base else {}
@@ -295,7 +313,8 @@ def main(argv=None) -> int:
                     continue
                 layer = name("nrp-singleuser")
                 results.append(build(api, layer, CONTAINERFILES["singleuser"],
-                                     {"BASE_IMAGE": args.nrp_image, "WITH_ARM_TOOLCHAIN": args.arm_toolchain},
+                                     {"BASE_IMAGE": args.nrp_image, "WITH_ARM_TOOLCHAIN": args.arm_toolchain,
+                                      "NB_USER": args.nrp_user},
                                      **common))
                 results.append(build(api, name("nrp"), CONTAINERFILES["nrp"], {"SINGLEUSER_IMAGE": layer},
                                      **common))

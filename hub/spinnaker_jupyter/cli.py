@@ -4,7 +4,9 @@
   check    validate config files without starting anything
   build    build or refresh the kernel environments
   user     add | passwd | remove | list local accounts
+  volumes  list | remove users' home volumes (spawner: docker)
   config   print the effective config, or the reference of every key
+  boards   the SpiNNaker boards user servers hold (hub database; --live asks the allocation service)
 """
 
 from __future__ import annotations
@@ -84,7 +86,16 @@ def prepare(d: Deployment, build: bool = True) -> None:
     if not shutil.which(chp_command(d)[0]):
         raise ConfigError(f"configurable-http-proxy not found at {chp_command(d)[0]}: run `npm ci` in {PROJECT_ROOT} "
                           "(make up does) or set proxy.command")
-    kernels.build_all(d, say, build=build)
+    if d["spawner"]["type"] == "docker":
+        from .docker import check_engine
+
+        try:
+            version = check_engine(d["spawner"]["docker"])
+        except RuntimeError as e:
+            raise ConfigError(str(e)) from None
+        say(f"Each user's server runs in a container of their own (engine {version}); kernels come from the image.")
+    else:
+        kernels.build_all(d, say, build=build)
 
 
 def first_admin(d: Deployment) -> None:
@@ -147,6 +158,41 @@ def cmd_user(args) -> int:
     return 0
 
 
+def cmd_boards(args) -> int:
+    from .boards import cli_boards
+
+    return cli_boards(_load(args), live=args.live, as_json=args.json)
+
+
+def cmd_volumes(args) -> int:
+    """Home volumes of the docker spawner: kept when servers stop; removed only here, deliberately."""
+    d = _load(args)
+    if d["spawner"]["type"] != "docker":
+        raise ConfigError("home volumes exist only with spawner.type: docker (local homes are in data_dir/homes)")
+    from . import docker as dockermod
+
+    dk = d["spawner"]["docker"]
+    if args.action == "list":
+        for name in dockermod.home_volumes(dk):
+            print(name)
+        return 0
+    if not args.name:
+        raise ConfigError("`volumes remove` needs the user's NAME")
+    import docker
+
+    from dockerspawner import DockerSpawner
+
+    escaped = DockerSpawner._escape(args.name)  # DockerSpawner's own escaping: the name of the mounted volume
+    try:
+        print(f"Removed {dockermod.remove_home_volume(dk, escaped)}: {args.name}'s files are gone.")
+    except docker.errors.NotFound:
+        raise ConfigError(f"no home volume for {args.name} ({dk['volume_prefix']}{escaped})") from None
+    except docker.errors.APIError as e:
+        raise ConfigError(f"could not remove {args.name}'s volume: {e.explanation} (stop their server first)") \
+            from None
+    return 0
+
+
 def cmd_config(args) -> int:
     if args.reference:
         for path, desc, default in describe():
@@ -179,6 +225,12 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("name", nargs="?")
     u.add_argument("--admin", action="store_true", help="(add) give admin rights")
     u.add_argument("--stdin", action="store_true", help="(passwd) read the new password from standard input")
+    bd = add("boards", cmd_boards, "list the SpiNNaker boards held by user servers")
+    bd.add_argument("--live", action="store_true", help="also ask the allocation service for each job's state")
+    bd.add_argument("--json", action="store_true", help="print JSON")
+    v = add("volumes", cmd_volumes, "list or remove users' home volumes (spawner: docker)")
+    v.add_argument("action", choices=["list", "remove"])
+    v.add_argument("name", nargs="?")
     cf = add("config", cmd_config, "print the effective config")
     cf.add_argument("--reference", action="store_true", help="list every key with its default and meaning")
     return p

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 from .config import PROJECT_ROOT, Deployment
+from .docker import IMAGE_ENV_ROOT
+from .kernels import spynnaker_cfg_text
 
 
 def system_users_enabled(d: Deployment) -> bool:
@@ -36,26 +38,33 @@ def write_server_config(d: Deployment) -> Path:
     return conf_dir
 
 
-def user_server_env(d: Deployment) -> dict[str, str]:
-    """What every user server (and so every kernel and terminal) is told about the deployment."""
-    nrp = d["nrp"]
+def user_server_env(d: Deployment, in_container: bool = False) -> dict[str, str]:
+    """What every user server (and so every kernel and terminal) is told about the deployment. A container gets
+    only what is portable: the image has its own paths, and the machine cfg travels as text."""
+    nrp, git = d["nrp"], d["git_kernel"]
     env = {
-        "JUPYTER_PATH": str(d.share_dir),
-        "JUPYTER_CONFIG_PATH": str(write_server_config(d)),
-        "SPINNAKER_CFG_DIR": str(d.spynnaker_cfg_dir),
-        "SPINNAKER_TUTORIALS_DIR": str(d.tutorials_dir),
         "SPINNAKER_PROXY_PORTS": ",".join(str(p) for p in d["proxy_ports"]),
         "SPINNAKER_NRP_PORT": str(nrp["port"]),
         "SPINNAKER_NRP_START_TIMEOUT": str(nrp["start_timeout"]),
     }
     if nrp["command"]:
         env["SPINNAKER_NRP_COMMAND"] = json.dumps(nrp["command"])
-    git = d["git_kernel"]
+    if in_container:
+        env["SPINNAKER_MACHINE_CFG"] = spynnaker_cfg_text(d["spinnaker"])
+        envs_dir = Path(IMAGE_ENV_ROOT)
+    else:
+        env.update({
+            "JUPYTER_PATH": str(d.share_dir),
+            "JUPYTER_CONFIG_PATH": str(write_server_config(d)),
+            "SPINNAKER_CFG_DIR": str(d.spynnaker_cfg_dir),
+            "SPINNAKER_TUTORIALS_DIR": str(d.tutorials_dir),
+            "SPINNAKER_GIT_SUPPORT_DIR": str(PROJECT_ROOT / "kernels" / "spynnaker-git" / "support"),
+        })
+        envs_dir = d.envs_dir
     if git["enabled"]:
         settings = {k: v for k, v in git.items() if k != "enabled" and v is not None}
-        settings["base_env"] = str(d.envs_dir / "spynnaker")
+        settings["base_env"] = str(envs_dir / "spynnaker")
         env["SPINNAKER_GIT_KERNEL_CONFIG"] = json.dumps(settings)
-        env["SPINNAKER_GIT_SUPPORT_DIR"] = str(PROJECT_ROOT / "kernels" / "spynnaker-git" / "support")
     return env
 
 
@@ -89,7 +98,7 @@ def apply(c, d: Deployment) -> None:
         args.append("--ServerApp.tornado_settings=" + json.dumps({"headers": {"Content-Security-Policy": csp}}))
 
     services, roles = _culler(d)
-    env = user_server_env(d)
+    env = user_server_env(d, in_container=d["spawner"]["type"] == "docker")
     token_service = _apply_auth(c, d)
     if token_service:
         # The user's fresh access token reaches notebooks (spinnman, ebrains-drive, nmpi) through this service.
@@ -170,7 +179,41 @@ def _apply_spawner(c, d: Deployment, args: list[str]) -> None:
         c.Spawner.cmd = [str(Path(sys.executable).parent / "jupyterhub-singleuser")]
         if not system_users_enabled(d) and os.geteuid() == 0:
             args.append("--allow-root")
+    else:
+        _apply_docker(c, d)
     c.Spawner.args = args
+    if sp["mem_limit"]:
+        c.Spawner.mem_limit = sp["mem_limit"]
+    if sp["cpu_limit"]:
+        c.Spawner.cpu_limit = sp["cpu_limit"]
+
+
+def _apply_docker(c, d: Deployment) -> None:
+    dk = d["spawner"]["docker"]
+    host = dk["network"] == "host"
+    c.JupyterHub.spawner_class = "spinnaker_jupyter.docker.SpiNNakerDockerSpawner"
+    s = c.SpiNNakerDockerSpawner
+    s.image = dk["image"]
+    if dk["images"]:
+        s.allowed_images = dict(dk["images"])
+    s.pull_policy = dk["pull_policy"]
+    if dk["engine_url"]:
+        s.client_kwargs = {"base_url": dk["engine_url"]}
+    s.prefix = "spinnaker-jupyter"
+    s.remove = True  # the container goes at stop; the home volume stays
+    s.volumes = {dk["volume_prefix"] + "{username}": "/home/jovyan"}
+    s.notebook_dir = "/home/jovyan"
+    s.cmd = ["jupyterhub-singleuser"]
+    s.extra_create_kwargs = {"labels": dict(dk["labels"])}
+    s.network_name = dk["network"]
+    s.use_internal_ip = True
+    s.host_network = host
+    if host:
+        c.JupyterHub.hub_connect_ip = "127.0.0.1"
+    else:
+        # The hub listens where containers on its network can reach it.
+        c.JupyterHub.hub_ip = "0.0.0.0"
+        c.JupyterHub.hub_connect_ip = dk["hub_connect_host"] or "hub"
 
 
 def _culler(d: Deployment) -> tuple[list, list]:

@@ -103,6 +103,23 @@ SCHEMA: dict = _obj({
                                             "`auto` = when the hub runs as root)."},
             "system_user_prefix": _str("jupyter-", "Prefix of the system accounts created for hub users."),
         }),
+        "docker": _obj({
+            "engine_url": _str(None, "Docker API endpoint: unix:///var/run/docker.sock (Docker Engine, default from "
+                               "DOCKER_HOST) or a podman socket, unix:///run/podman/podman.sock."),
+            "image": _str("spinnaker-jupyter/singleuser:latest", "The single-user image (images/singleuser)."),
+            "images": {"type": "object", "default": {}, "additionalProperties": {"type": "string"},
+                       "description": "Offer a choice of images: display name -> image (e.g. an NRP-enabled one)."},
+            "pull_policy": _str("ifnotpresent", "When to pull the image.",
+                                enum=["ifnotpresent", "always", "never", "skip"]),
+            "network": _str("spinnaker-jupyter", "Docker network shared with the hub container; `host` for a "
+                            "single host without a bridge (tests)."),
+            "hub_connect_host": _str(None, "How containers reach the hub, e.g. the hub container's name (default: "
+                                     "127.0.0.1 on the host network, else the hub's container name `hub`)."),
+            "volume_prefix": _str("spinnaker-jupyter-home-", "Home volumes are named <prefix><user>; kept when the "
+                                  "server stops, removed only by `spinnaker-jupyter volumes remove`."),
+            "labels": {"type": "object", "default": {}, "additionalProperties": {"type": "string"},
+                       "description": "Labels put on every user container."},
+        }),
         "cpu_limit": {"type": ["number", "null"], "default": None, "exclusiveMinimum": 0,
                       "description": "CPU cores per user server (containers)."},
         "mem_limit": _str(None, "Memory per user server, e.g. 4G (containers).", pattern=r"^[0-9]+[KMGT]?$"),

@@ -190,6 +190,8 @@ class PodmanEnv:
                 shutil.rmtree(d, ignore_errors=True)
                 d.mkdir(parents=True)
             self.socket_path.unlink(missing_ok=True)
+            if self.logfile.exists() and self.logfile.stat().st_size > 20 * 1024 * 1024:
+                self.logfile.write_bytes(b"")
         started = time.monotonic()
         with open(self.logfile, "ab") as logf:
             proc = subprocess.Popen(

@@ -1,0 +1,81 @@
+"""Production spawner: one container per user from the project's single-user image (upstream DockerSpawner,
+configured), with a named home volume kept across stops, resource limits, and spawn progress in words.
+
+Works against Docker Engine (production) and podman's Docker-compatible API (tests here). With host networking
+(one host, no bridge: the tests) each server gets a free port on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from dockerspawner import DockerSpawner
+from traitlets import Bool
+
+from .progress import ProgressMixin
+
+IMAGE_ENV_ROOT = "/opt/envs"  # where the single-user image keeps its environments
+
+
+class SpiNNakerDockerSpawner(ProgressMixin, DockerSpawner):
+    host_network = Bool(False, help="Containers share the host's network (single host, tests): each server gets "
+                                    "a free port on 127.0.0.1.").tag(config=True)
+
+    async def start(self):
+        self.progress_reset()
+        if self.host_network:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                self.port = s.getsockname()[1]
+        self.progress_say(20, f"Starting your container from {self.image}, with your home volume "
+                              f"{self.volume_name_template.format(username=self.escaped_name, servername='')}")
+        ip, port = await super().start()
+        self.progress_say(60, "Your container is running; waiting for Jupyter inside it to answer")
+        return ip, port
+
+    async def get_ip_and_port(self):
+        if self.host_network:
+            return "127.0.0.1", self.port
+        return await super().get_ip_and_port()
+
+    @property
+    def volume_name_template(self) -> str:
+        return next(iter(self.volumes))  # the home volume, first in config
+
+
+def engine(dk: dict):
+    import docker
+
+    return docker.DockerClient(base_url=dk["engine_url"]) if dk["engine_url"] else docker.from_env()
+
+
+def check_engine(dk: dict) -> str:
+    """Fail early, with what to do, when the container engine or the image is not there."""
+    import docker
+
+    where = dk["engine_url"] or "DOCKER_HOST / the default socket"
+    try:
+        client = engine(dk)
+        version = client.version().get("Version", "?")
+    except docker.errors.DockerException as e:
+        raise RuntimeError(f"spawner.docker: cannot reach the container engine at {where} ({e}). Start Docker "
+                           "Engine (or `podman system service`) or set spawner.docker.engine_url.") from None
+    for image in {dk["image"], *dk["images"].values()}:
+        try:
+            client.images.get(image)
+        except docker.errors.ImageNotFound:
+            if dk["pull_policy"] in ("never", "skip"):
+                raise RuntimeError(f"spawner.docker.image: {image} is not on the engine and pull_policy is "
+                                   f"{dk['pull_policy']}: build it with `python images/build.py` first") from None
+    return version
+
+
+def home_volumes(dk: dict) -> list[str]:
+    return sorted(v.name for v in engine(dk).volumes.list() if v.name.startswith(dk["volume_prefix"]))
+
+
+def remove_home_volume(dk: dict, escaped_username: str) -> str:
+    """Admin action: delete a user's home volume (refused while a container uses it)."""
+    name = dk["volume_prefix"] + escaped_username
+    engine(dk).volumes.get(name).remove()
+    return name
