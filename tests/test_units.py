@@ -137,6 +137,80 @@ def test_generated_cfg_names_the_machine():
     assert "virtual_board" not in board and "write_energy_report = False" in board
 
 
+def _cfgs_spynnaker_finds(env, home):
+    """sPyNNaker's own search (spinn_utilities.config_holder._user_cfg): the first XDG_CONFIG_DIRS entry, ~/.config, ~."""
+    places = [os.path.join(env["XDG_CONFIG_DIRS"].split(os.pathsep)[0], ".spynnaker.cfg"),
+              os.path.join(home, ".config", ".spynnaker.cfg"), os.path.join(home, ".spynnaker.cfg")]
+    return [p for p in places if os.path.isfile(p)]
+
+
+def test_launcher_materialises_the_servers_own_cfg(tmp_path, monkeypatch):
+    """A server's cfg comes in its environment (a claimed board; containers too): written into a private file, the
+    only one offered, the deployment's folder not at all."""
+    launcher = load_launcher()
+    home = tmp_path / "home"
+    home.mkdir()
+    deployment = tmp_path / "etc"
+    deployment.mkdir()
+    (deployment / ".spynnaker.cfg").write_text("[Machine]\nvirtual_board = True\n")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    text = "[Machine]\nmachine_name = 10.11.192.1\nversion = 5\n"
+    env = {"SPINNAKER_CFG_DIR": str(deployment), "SPINNAKER_MACHINE_CFG": text}
+    cfg = Path(launcher.choose_cfg(env))
+    assert cfg.read_text() == text and cfg.name == ".spynnaker.cfg"
+    assert str(cfg).startswith(str(home / ".cache" / "spinnaker-jupyter"))
+    assert env["XDG_CONFIG_DIRS"] == str(cfg.parent) and os.listdir(cfg.parent) == [".spynnaker.cfg"]
+    assert cfg.stat().st_mode & 0o777 == 0o600 and cfg.parent.stat().st_mode & 0o777 == 0o700
+    assert _cfgs_spynnaker_finds(env, str(home)) == [str(cfg)]
+    assert launcher.notices(env) == []  # a board: nothing to warn about
+    # Kernels of the same session share the file; another session's cfg never mixes with it.
+    assert launcher.choose_cfg(dict(env)) == str(cfg)
+    other = launcher.choose_cfg({**env, "SPINNAKER_MACHINE_CFG": text.replace("192.1", "192.9")})
+    assert other != str(cfg) and cfg.read_text() == text
+
+
+def test_launcher_keeps_a_users_own_cfg_over_the_servers(tmp_path, monkeypatch):
+    launcher = load_launcher()
+    home = tmp_path / "home"
+    (home / ".config").mkdir(parents=True)
+    (home / ".config" / ".spynnaker.cfg").write_text("[Machine]\nmachine_name = 10.0.0.1\n")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    env = {"SPINNAKER_MACHINE_CFG": "[Machine]\nmachine_name = 10.11.192.1\n"}
+    assert launcher.choose_cfg(env) == str(home / ".config" / ".spynnaker.cfg")
+    assert _cfgs_spynnaker_finds(env, str(home)) == [str(home / ".config" / ".spynnaker.cfg")]
+    said = launcher.notices(env)
+    assert len(said) == 1 and "your own configuration" in said[0]
+
+
+def test_launcher_says_why_a_session_has_no_board(tmp_path, monkeypatch):
+    launcher = load_launcher()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    env = {"SPINNAKER_MACHINE_CFG": "[Machine]\nvirtual_board = True\nversion = 5\n",
+           "SPINNAKER_BOARD_NOTICE": "No SpiNNaker board for this session (all boards busy), so it runs in virtual "
+                                     "mode."}
+    launcher.choose_cfg(env)
+    said = launcher.notices(env)
+    assert said == ["SpiNNaker: No SpiNNaker board for this session (all boards busy), so it runs in virtual mode."]
+
+
+def test_generated_cfg_per_mode():
+    base = {"version": 5, "machine_name": None, "extra_cfg": {"Reports": {"write_energy_report": False}},
+            "spalloc": {"url": "https://spalloc.example.org/spalloc/", "group": "course-a", "machine_name": None,
+                        "use_proxy": True}}
+    # session: without a claim (no board came) a kernel sees a virtual board; with one, that board.
+    assert "virtual_board = True" in spynnaker_cfg_text({**base, "mode": "session"})
+    claimed = spynnaker_cfg_text({**base, "mode": "session"},
+                                 "[Machine]\nvirtual_board = False\nmachine_name = 10.11.192.1\nversion = 5\n")
+    assert "machine_name = 10.11.192.1" in claimed and "write_energy_report = False" in claimed
+    per_run = spynnaker_cfg_text({**base, "mode": "per-run"})
+    assert "spalloc_server = https://spalloc.example.org/spalloc/" in per_run
+    assert "spalloc_group = course-a" in per_run and "spalloc_use_proxy = True" in per_run
+    assert "virtual_board = False" in per_run
+
+
 # --- proxy guard ---------------------------------------------------------------------------------------------------
 def test_proxy_guard_decisions():
     with socket.socket() as s:

@@ -105,12 +105,22 @@ def write_kernelspec(deployment: Deployment, env: Path) -> Path:
     return spec_dir
 
 
-def spynnaker_cfg_text(spinnaker: dict) -> str:
-    """The one sPyNNaker cfg a kernel sees, from the `spinnaker:` config section."""
+def spynnaker_cfg_text(spinnaker: dict, machine_section: str | None = None) -> str:
+    """The one sPyNNaker cfg a kernel sees, from the `spinnaker:` config section. `machine_section` (a rendered
+    [Machine] section, e.g. of boards claimed for one session) replaces the mode's own."""
     cfg = configparser.ConfigParser()
     cfg.optionxform = str  # keep sPyNNaker's key spelling
     machine = {"version": str(spinnaker["version"])}
-    if spinnaker["mode"] == "virtual":
+    if machine_section is None and spinnaker["mode"] == "per-run":
+        from .spalloc import render_per_run_cfg
+
+        sp = spinnaker["spalloc"]
+        machine_section = render_per_run_cfg(sp["url"], group=sp["group"], machine_name=sp["machine_name"],
+                                             use_proxy=sp["use_proxy"], version=spinnaker["version"])
+    if machine_section is not None:
+        cfg.read_string(machine_section)
+        machine = dict(cfg["Machine"])
+    elif spinnaker["mode"] in ("virtual", "session"):  # session: a server's claimed board comes with its environment
         machine["virtual_board"] = "True"
     else:
         machine["machine_name"] = spinnaker["machine_name"]

@@ -23,10 +23,11 @@ from pathlib import Path
 from jupyterhub.spawner import LocalProcessSpawner, set_user_setuid
 from traitlets import Bool, Unicode, default
 
+from .boards import BoardsMixin
 from .progress import ProgressMixin
 
 
-class SpiNNakerLocalSpawner(ProgressMixin, LocalProcessSpawner):
+class PrivateHomeSpawner(ProgressMixin, LocalProcessSpawner):
     homes_dir = Unicode(help="Folder holding each user's home (one sub-folder per hub user).").tag(config=True)
     logs_dir = Unicode(help="Folder for each server's log (read by the hub when a start fails).").tag(config=True)
     system_users = Bool(help="Run each server as the user's own system account (requires root).").tag(config=True)
@@ -153,6 +154,10 @@ def system_account_name(prefix: str, name: str) -> str:
         return safe
     digest = hashlib.sha256(name.encode()).hexdigest()[:6]
     return f"{safe[:25]}-{digest}"
+
+
+class SpiNNakerLocalSpawner(BoardsMixin, PrivateHomeSpawner):
+    """The local spawner with SpiNNaker boards: the claim (boards.py) comes before any other start-up step."""
 
 
 def _pids_of(uid: int) -> list[int]:

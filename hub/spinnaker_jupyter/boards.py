@@ -1,0 +1,717 @@
+"""SpiNNaker boards for user servers: the `spinnaker.mode` of a deployment, carried out by the spawner.
+
+`BoardsMixin` goes first in the bases of a Spawner class, ahead of every class whose start() does work, so that the
+claim (and its wait in a queue) comes before anything else; it says its steps with `ProgressMixin.progress_say`::
+
+    class SpiNNakerLocalSpawner(BoardsMixin, PrivateHomeSpawner): ...      # PrivateHomeSpawner(ProgressMixin, ...)
+    class SpiNNakerDockerSpawner(BoardsMixin, ProgressMixin, DockerSpawner): ...
+
+What it does, per mode:
+
+* ``session``: before the server starts, claim ``spalloc.boards`` boards (per user / per hub group) for the user
+  from the spalloc service (``SpallocAllocator``, with the hub's token and the user's name as owner), waiting in
+  its queue up to ``claim_timeout`` seconds with the queue position said on the spawn page; keep the job alive while
+  the server runs; destroy it when the server stops or is found gone by the hub's poll.
+* ``machine``: the lab's own board, one user server at a time. A second start waits (up to ``claim_timeout``; the
+  spawn page says whose server holds the board) and gets the board when that server stops.
+* ``virtual`` / ``per-run``: nothing to claim (per-run: sPyNNaker claims at each setup() with the user's token).
+
+When no board comes in time (or the service cannot be used), ``on_timeout`` decides: ``virtual`` starts the server
+in virtual mode and says why (spawn page, first sPyNNaker cell, ``spinnaker-status``); ``fail`` fails the start
+with the reason.
+
+The one sPyNNaker cfg of the server goes into its environment as ``SPINNAKER_MACHINE_CFG`` (text), so it reaches a
+container as well as a local process; the kernel launcher writes it into a private file and offers only that one.
+``SPINNAKER_MODE``, ``SPINNAKER_BOARD``, ``SPINNAKER_BOARD_JOB`` and ``SPINNAKER_BOARD_NOTICE`` describe it for
+people (``spinnaker-status``).
+
+Persistence: the claim lives in the spawner's state (``get_state()["spinnaker"]``: job URL and id, board address,
+claimed-at, or the lost/fallback reason), which the hub stores in its database and shows admins (admin API, scope
+``admin:server_state``). After a hub restart the first poll of a live server resumes its keepalive (the same job:
+no second claim); a job that ended meanwhile (the hub was down longer than the keepalive interval) is recorded as
+lost, and the next start claims a fresh one. A server found gone gives its job back through the post-stop hook,
+which the hub runs for every stop, whether or not the server process was still there.
+
+Live status: ``GET /hub/api/spinnaker/boards/<user>[/<server>]`` (scope ``read:servers`` or ``access:servers`` on
+that server: the user, admins, and the server's own token) reads the job's state from the service now, through the
+hub's session; ``GET /hub/api/spinnaker/boards`` lists every server's boards (scope ``admin:server_state``).
+These are registered with ``JupyterHub.extra_handlers`` (deprecated since JupyterHub 3.1 in favour of services, still
+working in 6.1, and logged as deprecated at start-up): they run in the hub because only the hub holds the live
+keepalives; a separate service would see only the database's copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from jupyterhub.spawner import SpawnException
+from traitlets import Dict, List, Unicode
+from traitlets.config import LoggingConfigurable
+
+from .spalloc import (ClaimProgress, JobState, SpallocAllocator, SpallocError, SpallocJobDestroyedError,
+                      SpallocRequestError, SpallocTimeoutError, render_machine_cfg)
+
+STATE_KEY = "spinnaker"
+#: Seconds between "still waiting" messages on the spawn page (machine mode; spalloc says its own).
+SAY_EVERY = 30.0
+
+
+class NoBoardError(SpawnException):
+    """A start refused because no board came (spinnaker.on_timeout: fail); the message says why."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="spinnaker_no_board", status_code=503)
+        self.jupyterhub_message = message  # what the spawn page says
+
+
+def _now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _words(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s} s" if s < 90 else f"{s // 60} min" if s < 5400 else f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+# --------------------------------------------------------------------------------------------------- machine mode
+class BoardLock:
+    """One lab board, one holder (a user server) at a time, in the hub process. Holders are re-registered from
+    spawner state after a hub restart (`load_state`)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.holder: Optional[tuple[str, str]] = None  # (user, server name)
+        self.since: Optional[float] = None
+
+    def try_take(self, who: tuple[str, str]) -> bool:
+        if self.holder is None or self.holder == who:
+            if self.holder is None:
+                self.since = time.time()
+            self.holder = who
+            return True
+        return False
+
+    def release(self, who: tuple[str, str]) -> None:
+        if self.holder == who:
+            self.holder = self.since = None
+
+    def holder_words(self, me: str) -> str:
+        if self.holder is None:
+            return "nobody"
+        user, server = self.holder
+        named = f" '{server}'" if server else ""
+        return f"your other server{named}" if user == me else f"{user}'s server{named}"
+
+    async def take(self, who: tuple[str, str], timeout: float, say) -> bool:
+        """Wait up to `timeout` seconds for the board; `say(message)` while waiting. True when taken."""
+        start = time.monotonic()
+        said_at, said_holder = -SAY_EVERY, None
+        while not self.try_take(who):
+            waited = time.monotonic() - start
+            if waited >= timeout:
+                return False
+            if self.holder != said_holder or waited - said_at >= SAY_EVERY:
+                holder = self.holder_words(who[0])
+                owner = "they stop it" if not holder.startswith("your") else "you stop it"
+                say(f"The lab's SpiNNaker board {self.name} is in use by {holder}; you get it when {owner} "
+                    f"(waiting up to {_words(timeout)}{f', {_words(waited)} so far' if waited >= 1 else ''}).")
+                said_at, said_holder = waited, self.holder
+            await asyncio.sleep(min(0.25, max(timeout - waited, 0.01)))
+        return True
+
+
+_LOCKS: dict[str, BoardLock] = {}
+
+
+def board_lock(name: str) -> BoardLock:
+    return _LOCKS.setdefault(name, BoardLock(name))
+
+
+# --------------------------------------------------------------------------------------------------- the mixin
+class BoardsMixin(LoggingConfigurable):
+    """SpiNNaker boards for a Spawner: claim before start, release after stop, state persisted (see module doc).
+    Configure with ``c.BoardsMixin.spinnaker_config`` (the deployment's validated `spinnaker:` section) and
+    ``c.SpallocAllocator.*``; `configure_hub()` does both from the deployment config."""
+
+    spinnaker_config = Dict(
+        help="The deployment's `spinnaker:` config section (mode, version, machine_name, claim_timeout, "
+             "on_timeout, spalloc, extra_cfg).").tag(config=True)
+    service_env = Dict(
+        help="Environment defaults for `per-run` servers: how spinnman reaches the hub's access-token-service "
+             "(JUPYTERHUB_SERVICE_HOST/PORT). Values already in the environment win.").tag(config=True)
+    path_append = List(Unicode(), help="Folders appended to the servers' PATH (the `spinnaker-status` "
+                                       "command).").tag(config=True)
+
+    _allocator: Optional[SpallocAllocator] = None  # one per hub process, shared by all spawners
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._board: dict[str, Any] = {}
+        self._board_cfg: Optional[str] = None
+        self._allocation = None
+        self._claim_task: Optional[asyncio.Future] = None
+        self._unreleased: Optional[tuple[dict, Any]] = None  # held when the state was cleared, until released
+        self._resume_task: Optional[asyncio.Future] = None
+        self._boards_in_start = False
+        self._boards_stopping = False
+        self._stop_called = False
+
+    # -- configuration ---------------------------------------------------------------------------------------
+    @property
+    def spinnaker(self) -> dict:
+        from .schema import SCHEMA, defaults
+
+        base = defaults(SCHEMA["properties"]["spinnaker"])
+        from .config import merge
+
+        return merge(base, self.spinnaker_config or {})
+
+    @property
+    def board_mode(self) -> str:
+        return self.spinnaker["mode"]
+
+    def allocator(self) -> SpallocAllocator:
+        cls = BoardsMixin
+        if cls._allocator is None:
+            cls._allocator = SpallocAllocator(config=self.config, log=self.log)
+        return cls._allocator
+
+    def boards_wanted(self) -> int:
+        sp = self.spinnaker["spalloc"]
+        if self.user.name in sp["boards_per_user"]:
+            return int(sp["boards_per_user"][self.user.name])
+        groups = [g.name for g in getattr(self.user, "groups", []) or []]
+        per_group = [int(sp["boards_per_group"][g]) for g in groups if g in sp["boards_per_group"]]
+        return max(per_group) if per_group else int(sp["boards"])
+
+    @property
+    def _who(self) -> tuple[str, str]:
+        return (self.user.name, self.name or "")
+
+    def _deployment_cfg(self, mode: Optional[str] = None) -> str:
+        from .kernels import spynnaker_cfg_text
+
+        return spynnaker_cfg_text({**self.spinnaker, "mode": mode or self.board_mode})
+
+    # -- progress ----------------------------------------------------------------------------------------------
+    def progress_reset(self) -> None:
+        # The spawner's own start() resets its progress; keep the board messages said before it on the page.
+        if self._boards_in_start:
+            return
+        parent = getattr(super(), "progress_reset", None)
+        if parent:
+            parent()
+
+    def _say(self, percent: Optional[int], message: str) -> None:
+        say = getattr(self, "progress_say", None)
+        if say:
+            say(percent, message)
+        else:
+            self.log.info("[%s] %s", self.user.name, message)
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+    async def start(self):
+        if self._unreleased is not None:  # (the hub never ran the post-stop hook of the last server)
+            (board, allocation), self._unreleased = self._unreleased, None
+            await self._release_record(board, allocation, "user server no longer running")
+        self.progress_reset()
+        self._board, self._board_cfg, self._allocation = {}, None, None
+        self._boards_stopping = self._stop_called = False
+        mode = self.board_mode
+        if mode == "session":
+            await self._claim_session()
+        elif mode == "machine":
+            await self._claim_machine()
+        else:
+            self._board = {"mode": mode}
+        self._boards_in_start = True
+        try:
+            return await super().start()
+        except BaseException:
+            await asyncio.shield(self._release_boards("the server failed to start"))
+            raise
+        finally:
+            self._boards_in_start = False
+
+    async def stop(self, now: bool = False):
+        self._stop_called = True
+        return await super().stop(now=now)
+
+    def run_post_stop_hook(self):
+        # Called by the hub after every stop: also when its poll found the server gone (then stop() is not).
+        return self._post_stop(super().run_post_stop_hook())
+
+    async def _post_stop(self, upstream) -> None:
+        reason = ("user server stopped" if self._stop_called
+                  else "user server ended unexpectedly (noticed by the hub)")
+        await self._release_boards(reason)
+        if asyncio.iscoroutine(upstream) or isinstance(upstream, asyncio.Future):
+            await upstream
+
+    async def poll(self):
+        status = await super().poll()
+        if status is None and self._needs_resume():
+            self._resume_task = asyncio.ensure_future(self._resume())
+        return status
+
+    # -- state -------------------------------------------------------------------------------------------------
+    def get_state(self):
+        state = super().get_state()
+        if self._board:
+            state[STATE_KEY] = copy.deepcopy(self._board)
+        return state
+
+    def load_state(self, state):
+        super().load_state(state)
+        board = dict((state or {}).get(STATE_KEY) or {})
+        self._board = board
+        if not board:
+            return
+        orm_spawner = getattr(self, "orm_spawner", None)
+        server = orm_spawner.server if orm_spawner is not None else None
+        if server is None:
+            # State of a server that is not running (e.g. the hub died while it started): give back what it held.
+            self._board = {}
+            if self._holds(board):
+                self.log.warning("%s: SpiNNaker state of a server that is not running: releasing it",
+                                 self._log_name)
+                try:
+                    asyncio.get_running_loop()
+                    asyncio.ensure_future(self._release_record(board, None, "user server no longer running"))
+                except RuntimeError:
+                    self._unreleased = (board, None)  # released at the next start
+        elif board.get("mode") == "machine" and board.get("held"):
+            if not board_lock(board["board"]).try_take(self._who):
+                self.log.error("%s: the lab board %s is recorded as held by two servers", self._log_name,
+                               board["board"])
+
+    def clear_state(self):
+        super().clear_state()
+        # LocalProcessSpawner.poll() clears the state as soon as it finds the process gone, before the hub runs the
+        # post-stop hook: keep what is still held for that hook to give back.
+        if self._holds(self._board) or self._claim_task is not None:
+            self._unreleased = (self._board, self._allocation)
+        self._board, self._board_cfg, self._allocation = {}, None, None
+
+    @staticmethod
+    def _holds(board: dict) -> bool:
+        return bool((board.get("job_url") and not board.get("released") and not board.get("lost"))
+                    or (board.get("mode") == "machine" and board.get("held")))
+
+    def _save_state(self) -> None:
+        """Write the state to the hub's database now (e.g. a job lost while the server runs)."""
+        try:
+            orm_spawner = self.orm_spawner
+            if orm_spawner is None or orm_spawner.server is None:
+                return
+            from sqlalchemy import inspect as sa_inspect
+
+            orm_spawner.state = self.get_state()
+            sa_inspect(orm_spawner).session.commit()
+        except Exception:  # noqa: BLE001 - the state is saved again at the next stop
+            self.log.exception("%s: could not save the SpiNNaker state", self._log_name)
+
+    # -- environment -------------------------------------------------------------------------------------------
+    def get_env(self):
+        env = super().get_env()
+        mode = self.board_mode
+        board = self._board
+        env["SPINNAKER_MODE"] = board.get("mode", mode)
+        env["SPINNAKER_MACHINE_CFG"] = self._board_cfg or self._deployment_cfg()
+        if board.get("board") and not board.get("fallback"):
+            env["SPINNAKER_BOARD"] = str(board["board"])
+        if board.get("job_id") is not None:
+            env["SPINNAKER_BOARD_JOB"] = str(board["job_id"])
+            env["SPINNAKER_BOARD_JOB_URL"] = str(board["job_url"])
+        if board.get("notice"):
+            env["SPINNAKER_BOARD_NOTICE"] = board["notice"]
+        if mode == "per-run":
+            for key, value in self.service_env.items():
+                env.setdefault(key, str(value))
+        if self.path_append:
+            env["PATH"] = os.pathsep.join([env.get("PATH") or os.defpath, *self.path_append])
+        return env
+
+    # -- session mode: spalloc -------------------------------------------------------------------------------
+    async def _claim_session(self) -> None:
+        sp = self.spinnaker
+        n = self.boards_wanted()
+        boards = "a SpiNNaker board" if n == 1 else f"{n} SpiNNaker boards"
+        self._say(5, f"Claiming {boards} for your session from the SpiNNaker allocation service")
+        self._board = {"mode": "session", "boards": n, "state": "REQUESTED"}
+        last: dict[str, Any] = {}
+
+        def progress(p: ClaimProgress) -> None:
+            last.update(state=p.state, job=p.job_id)
+            self._board.update(job_url=p.job_url, job_id=p.job_id, state=p.state.value)
+            self._say(None, p.message)
+
+        failed = None
+        try:
+            self._claim_task = asyncio.ensure_future(self.allocator().claim(
+                self.user.name, n_boards=n, collab=sp["spalloc"]["collab"], progress=progress,
+                on_lost=self._on_lost, timeout=float(sp["claim_timeout"])))
+            allocation = await self._claim_task
+        except SpallocTimeoutError:
+            job = f"job {last['job']} was still {last['state'].value.lower()}" if last else "no answer yet"
+            failed = f"no SpiNNaker board became free within {_words(sp['claim_timeout'])} ({job})"
+        except SpallocError as e:
+            self.log.error("%s: claiming boards failed: %s", self._log_name, e)
+            failed = str(e).rstrip(".")
+        finally:
+            self._claim_task = None
+        if failed is not None:
+            self._board["released"] = True  # a claim that fails destroys its own job
+            return self._no_board(failed)
+        if self._boards_stopping:  # stopped while waiting (e.g. start timeout): the claim came too late
+            await allocation.release("user server stopped before its boards were ready")
+            raise asyncio.CancelledError()
+        self._allocation = allocation
+        self._board = {"mode": "session", "boards": allocation.machine.n_boards, "board": allocation.root_host,
+                       "version": allocation.version, "job_id": allocation.job_id, "job_url": allocation.job_url,
+                       "state": JobState.READY.value, "claimed_at": _now_iso()}
+        header = (f"# SpiNNaker board{'s' if n > 1 else ''} claimed by the hub for {self.user.name}'s server: "
+                  f"{allocation.job_url}\n")
+        self._board_cfg = header + self._cfg_for(render_machine_cfg(allocation))
+
+    def _cfg_for(self, machine_section: str) -> str:
+        from .kernels import spynnaker_cfg_text
+
+        return spynnaker_cfg_text(self.spinnaker, machine_section)
+
+    def _no_board(self, reason: str) -> None:
+        sp = self.spinnaker
+        if sp["on_timeout"] == "fail":
+            raise NoBoardError(f"No SpiNNaker board for your server: {reason}. This service starts servers only "
+                               f"with a board; try again later.")
+        notice = (f"No SpiNNaker board for this session: {reason}. It runs in virtual mode: run() maps and loads "
+                  f"your network but recorded data come back empty. Restart your server later to try again for a "
+                  f"board.")
+        self._say(None, notice)
+        self._board = {"mode": self.board_mode, "fallback": "virtual", "notice": notice, "since": _now_iso()}
+        self._board_cfg = self._deployment_cfg("virtual")
+
+    async def _on_lost(self, reason: str) -> None:
+        if self._boards_stopping or not self._board.get("job_url"):
+            return
+        self._board.update(lost=reason, lost_at=_now_iso(), state=JobState.DESTROYED.value)
+        self._allocation = None
+        self.log.warning("%s: the SpiNNaker allocation service ended job %s: %s. The server keeps running "
+                         "without its board until it is restarted.", self._log_name, self._board.get("job_id"),
+                         reason)
+        self._save_state()
+
+    def _needs_resume(self) -> bool:
+        b = self._board
+        return bool(b.get("mode") == "session" and b.get("job_url") and not b.get("lost") and not b.get("released")
+                    and self._allocation is None and not self._boards_stopping and not self._boards_in_start
+                    and not getattr(self, "_spawn_pending", False) and not getattr(self, "_stop_pending", False)
+                    and (self._resume_task is None or self._resume_task.done()))
+
+    async def _resume(self) -> None:
+        """Take over the keepalive of the job of a server that outlived a hub restart."""
+        url = self._board["job_url"]
+        try:
+            allocation = await self.allocator().resume(url, on_lost=self._on_lost, timeout=60)
+        except SpallocJobDestroyedError as e:
+            await self._on_lost(f"{e.reason or 'ended'} (while the hub was not keeping it alive)")
+            return
+        except SpallocRequestError as e:
+            if e.status in (404, 410):
+                await self._on_lost("the allocation service no longer knows this job")
+            else:
+                self.log.warning("%s: cannot resume %s yet (%s); trying again at the next poll",
+                                 self._log_name, url, e)
+            return
+        except SpallocError as e:
+            self.log.warning("%s: cannot resume %s yet (%s); trying again at the next poll", self._log_name, url, e)
+            return
+        if self._boards_stopping or self._board.get("job_url") != url:
+            await allocation.job.stop_keepalive()
+            return
+        self._allocation = allocation
+        self.log.info("%s: resumed the keepalive of SpiNNaker job %s (board %s)", self._log_name,
+                      allocation.job_id, allocation.root_host)
+
+    # -- machine mode: the lab's board ---------------------------------------------------------------------------
+    async def _claim_machine(self) -> None:
+        sp = self.spinnaker
+        name = sp["machine_name"]
+        lock = board_lock(name)
+        if not lock.try_take(self._who):
+            if not await lock.take(self._who, float(sp["claim_timeout"]), lambda m: self._say(None, m)):
+                holder = lock.holder_words(self.user.name)
+                waited = f" within {_words(sp['claim_timeout'])}" if sp["claim_timeout"] else ""
+                return self._no_board(f"the lab's board {name} did not become free{waited}: it is in use by "
+                                      f"{holder}, and is free again when that server stops")
+        if self._boards_stopping:
+            lock.release(self._who)
+            raise asyncio.CancelledError()
+        self._say(5, f"The lab's SpiNNaker board {name} is yours until your server stops")
+        self._board = {"mode": "machine", "board": name, "version": sp["version"], "held": True,
+                       "claimed_at": _now_iso()}
+        self._board_cfg = self._deployment_cfg("machine")
+
+    # -- release -----------------------------------------------------------------------------------------------
+    async def _release_boards(self, reason: str) -> None:
+        """Give back whatever this server holds (idempotent): a claim in progress, a spalloc job, the lab board."""
+        self._boards_stopping = True
+        board, allocation = self._board, self._allocation
+        if not self._holds(board) and self._unreleased is not None:
+            board, allocation = self._unreleased
+        self._unreleased = None
+        claim = self._claim_task
+        for task in (claim, self._resume_task):
+            if task is not None and not task.done():
+                task.cancel()
+                try:
+                    await task
+                except BaseException:  # noqa: BLE001 - cancelled on purpose
+                    pass
+                if task is claim:
+                    board["released"] = True  # a cancelled claim destroys its own job
+        await self._release_record(board, allocation, reason)
+        self._allocation = None
+
+    async def _release_record(self, board: dict, allocation, reason: str) -> None:
+        """Give back what one state record holds: the lab board, a spalloc job (marks the record released)."""
+        if board.get("mode") == "machine" and board.get("held"):
+            board_lock(board["board"]).release(self._who)
+            board["held"] = False
+            self.log.info("%s: released the lab board %s (%s)", self._log_name, board["board"], reason)
+        url = board.get("job_url")
+        if url and not board.get("released") and not board.get("lost"):
+            board["released"] = True  # (before the request: a second release meanwhile sends nothing)
+            try:
+                if allocation is not None:
+                    await allocation.release(reason)
+                else:
+                    await self.allocator().release(url, reason)
+                self.log.info("%s: released SpiNNaker job %s (%s)", self._log_name, board.get("job_id"), reason)
+            except SpallocError as e:
+                self.log.warning("%s: could not release SpiNNaker job %s (%s); the service ends it after its "
+                                 "keepalive interval", self._log_name, url, e)
+
+    # -- status --------------------------------------------------------------------------------------------------
+    async def board_status(self, live: bool = True) -> dict:
+        """What this server holds, for the user and admins; `live`: ask the service for the job's state now."""
+        b = copy.deepcopy(self._board)
+        out: dict[str, Any] = {"user": self.user.name, "server": self.name or "", "configured_mode": self.board_mode,
+                               "running": bool(self.active and not self.pending), "pending": self.pending}
+        out.update(b)
+        out.setdefault("mode", self.board_mode)
+        if b.get("job_url"):
+            out["keepalive"] = ("running" if self._allocation is not None and self._allocation.job.keepalive_running
+                                else "resuming" if self._resume_task is not None and not self._resume_task.done()
+                                else "stopped")
+        if live and b.get("job_url") and not b.get("released"):
+            try:
+                status = await asyncio.wait_for(self.allocator().client().job(b["job_url"]).status(), 10)
+                out["live"] = {"state": status.state.value, "reason": status.reason, "owner": status.owner,
+                               "keepalive_host": status.keepalive_host, "checked_at": _now_iso()}
+            except Exception as e:  # noqa: BLE001 - said to the asker, never raised
+                out["live_error"] = str(e) or type(e).__name__
+        if b.get("mode") == "machine":
+            lock = board_lock(b.get("board") or self.spinnaker["machine_name"])
+            out["holder"] = "/".join(lock.holder) if lock.holder else None
+        return out
+
+
+# --------------------------------------------------------------------------------------------------- hub API
+def _handlers() -> list:
+    from jupyterhub import orm
+    from jupyterhub.apihandlers.base import APIHandler
+    from jupyterhub.scopes import needs_scope
+    from tornado import web
+
+    class ServerBoardsHandler(APIHandler):
+        """One server's boards: for the user, admins and the server itself (its JUPYTERHUB_API_TOKEN)."""
+
+        @needs_scope("read:servers", "access:servers")
+        async def get(self, user_name: str, server_name: str = "") -> None:
+            user = self.find_user(user_name)
+            if user is None or server_name not in user.orm_user.orm_spawners:
+                raise web.HTTPError(404, f"No server {user_name}/{server_name}")
+            spawner = user.spawners[server_name]
+            if not hasattr(spawner, "board_status"):
+                self.write(json.dumps({"user": user_name, "server": server_name, "mode": None,
+                                       "message": "this server's spawner does not manage SpiNNaker boards"}))
+                return
+            live = self.get_argument("live", "1") not in ("0", "false", "no")
+            self.write(json.dumps(await spawner.board_status(live=live)))
+
+    class AllBoardsHandler(APIHandler):
+        """Every running server's boards (admins)."""
+
+        @needs_scope("admin:server_state")
+        async def get(self) -> None:
+            live = self.get_argument("live", "0") not in ("0", "false", "no")
+            out = []
+            for orm_spawner in self.db.query(orm.Spawner).filter(orm.Spawner.server != None):  # noqa: E711
+                user = self.users[orm_spawner.user]
+                spawner = user.spawners[orm_spawner.name]
+                if hasattr(spawner, "board_status"):
+                    out.append(await spawner.board_status(live=live))
+            self.write(json.dumps(out))
+
+    return [(r"/api/spinnaker/boards/?", AllBoardsHandler),
+            (r"/api/spinnaker/boards/([^/]+)/?([^/]*)", ServerBoardsHandler)]
+
+
+# --------------------------------------------------------------------------------------------------- hub config
+def status_command_dir(d) -> Optional[Path]:
+    """A folder holding only `spinnaker-status` (linked from the hub environment), for local servers' PATH."""
+    script = Path(sys.executable).parent / "spinnaker-status"
+    if not script.exists():
+        return None
+    folder = d.data_dir / "bin"
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o755)
+    link = folder / "spinnaker-status"
+    if not (link.is_symlink() and os.readlink(link) == str(script)):
+        tmp = folder / ".spinnaker-status.tmp"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(script)
+        os.replace(tmp, link)
+    return folder
+
+
+def configure_hub(c, d) -> None:
+    """Apply `spinnaker:` (and `spawner.poll_interval`) to JupyterHub's config `c`."""
+    sp = d["spinnaker"]
+    c.BoardsMixin.spinnaker_config = copy.deepcopy(sp)
+    c.Spawner.poll_interval = d["spawner"]["poll_interval"]
+    if sp["mode"] in ("machine", "session"):
+        # The wait for a board comes on top of the server's own start-up time.
+        c.Spawner.start_timeout = d["hub"]["start_timeout"] + sp["claim_timeout"]
+    spalloc = sp["spalloc"]
+    if spalloc["url"]:
+        a = c.SpallocAllocator
+        a.url = spalloc["url"]
+        a.keepalive_interval = float(spalloc["keepalive_interval"])
+        a.claim_timeout = float(sp["claim_timeout"])
+        a.boards = spalloc["boards"]
+        a.machine_name = spalloc["machine_name"]
+        a.tags = spalloc["tags"]
+        a.group = spalloc["group"]
+        if spalloc["ca_certs"]:
+            a.ca_certs = str(d.path(spalloc["ca_certs"], Path()))
+        if sp["mode"] == "session":
+            a.token_provider = d.spalloc_token  # read again at each session renewal (a rotated token file works)
+    if sp["mode"] == "per-run":
+        hub = d["hub"]
+        host = hub["ip"] if hub["ip"] not in ("", "0.0.0.0", "::") else "127.0.0.1"
+        c.BoardsMixin.service_env = {"JUPYTERHUB_SERVICE_HOST": host, "JUPYTERHUB_SERVICE_PORT": str(hub["port"])}
+    if d["spawner"]["type"] == "local":
+        folder = status_command_dir(d)
+        if folder:
+            c.BoardsMixin.path_append = [str(folder)]
+    c.JupyterHub.extra_handlers.extend(_handlers())
+
+
+# --------------------------------------------------------------------------------------------------- operator CLI
+def held_boards(d) -> list[dict]:
+    """Every server's SpiNNaker state, from the hub's database (works while the hub is down)."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(d.db_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text(
+                "SELECT users.name, spawners.name, spawners.state, spawners.server_id, spawners.started "
+                "FROM spawners JOIN users ON spawners.user_id = users.id ORDER BY users.name, spawners.name"))
+            out = []
+            for user, server, state, server_id, started in rows:
+                if isinstance(state, (bytes, str)):
+                    try:
+                        state = json.loads(state or "{}")
+                    except ValueError:
+                        state = {}
+                board = (state or {}).get(STATE_KEY)
+                if board:
+                    out.append({"user": user, "server": server or "", "running": server_id is not None,
+                                "started": str(started) if started else None, **board})
+            return out
+    except sa.exc.OperationalError as e:
+        from .config import ConfigError
+
+        raise ConfigError(f"cannot read the hub's database {d.db_url}: {e.orig}") from None
+    finally:
+        engine.dispose()
+
+
+async def _live(d, held: list[dict]) -> tuple[dict, list[dict], Optional[str]]:
+    from .spalloc import SpallocClient
+
+    sp = d["spinnaker"]["spalloc"]
+    client = SpallocClient(sp["url"], d.spalloc_token, retries=1,
+                           ca_certs=str(d.path(sp["ca_certs"], Path())) if sp["ca_certs"] else None)
+    states: dict[str, Any] = {}
+    others: list[dict] = []
+    try:
+        for b in held:
+            if b.get("job_url"):
+                try:
+                    st = await client.job(b["job_url"]).status()
+                    states[b["job_url"]] = f"{st.state.value}{f' ({st.reason})' if st.reason else ''}"
+                except SpallocError as e:
+                    states[b["job_url"]] = f"? ({e})"
+        service = await client.connect()
+        listing = await client._json("GET", service.jobs_url, what="list the jobs")
+        ours = {b.get("job_url") for b in held}
+        for url in listing.get("jobs", []):
+            url = client._follow(url).rstrip("/")
+            if url not in ours:
+                st = await client.job(url).status()
+                others.append({"job_url": url, "owner": st.owner, "state": st.state.value})
+        return states, others, None
+    except SpallocError as e:
+        return states, others, str(e)
+    finally:
+        await client.close()
+
+
+def cli_boards(d, live: bool = False, as_json: bool = False) -> int:
+    """`spinnaker-jupyter boards`: what each user server holds (hub database), and with --live the service's view."""
+    held = held_boards(d)
+    states, others, error = {}, [], None
+    if live:
+        if not d["spinnaker"]["spalloc"]["url"]:
+            error = "no spinnaker.spalloc.url configured"
+        else:
+            states, others, error = asyncio.run(_live(d, held))
+    if as_json:
+        print(json.dumps({"servers": [{**b, "live": states.get(b.get("job_url"))} for b in held],
+                          "other_jobs": others, "live_error": error}, indent=1))
+        return 0
+    print(f"SpiNNaker mode: {d['spinnaker']['mode']}; servers holding or recorded with boards: {len(held)}")
+    for b in held:
+        who = f"{b['user']}{'/' + b['server'] if b['server'] else ''}"
+        running = "running" if b["running"] else "stopped"
+        if b.get("fallback"):
+            what = f"no board ({b['fallback']} mode): {b.get('notice', '')}"
+        elif b.get("job_url"):
+            what = (f"board {b.get('board', '?')} ({b.get('boards', 1)} board(s)), job {b.get('job_id')}, "
+                    f"claimed {b.get('claimed_at', '?')}")
+            if b.get("lost"):
+                what += f"; LOST at {b.get('lost_at')}: {b['lost']}"
+            if live:
+                what += f"; at the service now: {states.get(b['job_url'], '?')}"
+        elif b.get("mode") == "machine":
+            what = f"lab board {b.get('board')}{' (held)' if b.get('held') else ''}"
+        else:
+            what = f"mode {b.get('mode')}"
+        print(f"  {who:<24} {running:<8} {what}")
+    if live:
+        if error:
+            print(f"  (the allocation service: {error})")
+        for o in others:
+            print(f"  service job {o['job_url']} of {o['owner']}: {o['state']} (not held by a server of this hub)")
+    return 0
