@@ -89,16 +89,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--users", type=int, default=10)
     ap.add_argument("--fresh", action="store_true", help="also time the first set-up on a clean clone")
+    ap.add_argument("--no-stock", action="store_true", help="skip the comparison with stock readiness polling")
     args = ap.parse_args()
     results = {}
     if args.fresh:
         results.update(bench_fresh_setup())
-    hub = RunningHub(traversable_tmpdir("bench-"), {}, ENVS).start()
+    hub = RunningHub(traversable_tmpdir("bench-"), {"git_kernel": {"enabled": False}}, ENVS).start()
     try:
         results.update(bench_login_to_lab(hub, args.users))
         results.update(bench_kernel(hub))
     finally:
         hub.stop()
+    if not args.no_stock:
+        # The same hub with JupyterHub's own readiness polling only (exponential back-off, up to 5 s).
+        base = traversable_tmpdir("bench-stock-")
+        (base / "jupyterhub_config.d").mkdir()
+        (base / "jupyterhub_config.d" / "stock.py").write_text("c.PrivateHomeSpawner.fast_ready_check = False\n")
+        stock = RunningHub(base, {"git_kernel": {"enabled": False}}, ENVS).start()
+        try:
+            results["stock_readiness_polling"] = bench_login_to_lab(stock, args.users)
+        finally:
+            stock.stop()
     print(json.dumps(results, indent=1))
     (ROOT / "benchmarks" / "results.json").write_text(json.dumps(results, indent=1) + "\n")
 

@@ -4,7 +4,6 @@ and PyNN in the sPyNNaker kernel inside the container."""
 
 from __future__ import annotations
 
-import subprocess
 
 import pytest
 

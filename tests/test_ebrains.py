@@ -3,7 +3,6 @@ names, the token reaching notebooks (spinnman's own lookup), clear pages when th
 
 from __future__ import annotations
 
-import json
 import textwrap
 
 import pytest

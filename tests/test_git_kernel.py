@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from hubclient import wait_for
+
 REPO = Path(__file__).resolve().parents[1]
 try:
     from spinnaker_jupyter_ext import gitkernel
@@ -53,18 +55,6 @@ pytestmark = pytest.mark.skipif(GIT is None, reason="git is not installed")
 
 
 # --------------------------------------------------------------------------- helpers
-
-def wait_for(condition, timeout: float, what: str, interval: float = 0.1):
-    """Poll ``condition`` until it returns a true value; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-
 
 def git(*args, cwd=None, check=True) -> str:
     proc = subprocess.run([GIT, "-c", "user.name=Upstream Dev", "-c", "user.email=dev@example.org",

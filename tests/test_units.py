@@ -4,7 +4,6 @@ the proxy guard's decisions, and the generated sPyNNaker cfg."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import socket
 from pathlib import Path

@@ -12,12 +12,15 @@ import socket
 from dockerspawner import DockerSpawner
 from traitlets import Bool
 
-from .progress import ProgressMixin
+from .boards import BoardsMixin
+from .progress import ProgressMixin, wait_until_listening
 
 IMAGE_ENV_ROOT = "/opt/envs"  # where the single-user image keeps its environments
 
 
-class SpiNNakerDockerSpawner(ProgressMixin, DockerSpawner):
+class ContainerSpawner(ProgressMixin, DockerSpawner):
+    """DockerSpawner with spawn progress in words, the fast readiness wait, and optional host networking."""
+
     host_network = Bool(False, help="Containers share the host's network (single host, tests): each server gets "
                                     "a free port on 127.0.0.1.").tag(config=True)
 
@@ -31,6 +34,12 @@ class SpiNNakerDockerSpawner(ProgressMixin, DockerSpawner):
                               f"{self.volume_name_template.format(username=self.escaped_name, servername='')}")
         ip, port = await super().start()
         self.progress_say(60, "Your container is running; waiting for Jupyter inside it to answer")
+
+        async def ended():
+            status = await self.poll()
+            return None if status is None else f"Your container stopped during start-up ({status})."
+
+        await wait_until_listening(ip, port, self.start_timeout, ended)
         return ip, port
 
     async def get_ip_and_port(self):
@@ -41,6 +50,11 @@ class SpiNNakerDockerSpawner(ProgressMixin, DockerSpawner):
     @property
     def volume_name_template(self) -> str:
         return next(iter(self.volumes))  # the home volume, first in config
+
+
+class SpiNNakerDockerSpawner(BoardsMixin, ContainerSpawner):
+    """The board claim (boards.py) comes before the container starts; its cfg reaches the container as
+    SPINNAKER_MACHINE_CFG."""
 
 
 def engine(dk: dict):

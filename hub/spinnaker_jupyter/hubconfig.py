@@ -9,7 +9,6 @@ from pathlib import Path
 
 from .config import PROJECT_ROOT, Deployment
 from .docker import IMAGE_ENV_ROOT
-from .kernels import spynnaker_cfg_text
 
 
 def system_users_enabled(d: Deployment) -> bool:
@@ -49,8 +48,7 @@ def user_server_env(d: Deployment, in_container: bool = False) -> dict[str, str]
     }
     if nrp["command"]:
         env["SPINNAKER_NRP_COMMAND"] = json.dumps(nrp["command"])
-    if in_container:
-        env["SPINNAKER_MACHINE_CFG"] = spynnaker_cfg_text(d["spinnaker"])
+    if in_container:  # the machine cfg travels as text (boards.BoardsMixin.get_env)
         envs_dir = Path(IMAGE_ENV_ROOT)
     else:
         env.update({

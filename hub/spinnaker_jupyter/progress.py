@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 
 
 class ProgressMixin:
@@ -39,3 +41,23 @@ class ProgressMixin:
                 await asyncio.wait_for(self._progress_changed.wait(), timeout=1)
             except asyncio.TimeoutError:
                 pass
+
+
+async def wait_until_listening(ip: str, port: int, timeout: float, ended) -> None:
+    """Return once ip:port accepts connections (polled every 50 ms), so the hub's own readiness check, which backs
+    off exponentially up to 5 s, succeeds at its first try. `ended()` (async) returns why the server is gone, or
+    None while it runs; it is asked about once a second."""
+    deadline = time.monotonic() + timeout
+    next_check = 0.0
+    while time.monotonic() < deadline:
+        if time.monotonic() >= next_check:
+            why = await ended()
+            if why:
+                raise RuntimeError(why)
+            next_check = time.monotonic() + 1
+        try:
+            with socket.create_connection((ip, port), timeout=0.2):
+                return
+        except OSError:
+            await asyncio.sleep(0.05)
+    raise TimeoutError(f"Your server did not answer within {timeout:.0f} s.")

@@ -104,7 +104,7 @@ class PodmanEnv:
         """Why podman cannot run here (None when it can, as far as can be told without trying)."""
         missing = self.missing_tools()
         if missing:
-            return (f"missing {', '.join(missing)}: run images/podman/install-deps.sh "
+            return (f"missing {', '.join(missing)}: run scripts/system-deps.sh --test "
                     "(apt-get install podman runc debootstrap)")
         if os.geteuid() != 0:
             return "rootful podman needs root (these tests use rootful podman with overlay storage)"
