@@ -101,3 +101,19 @@ def test_reference_lists_every_key():
     out = subprocess.run([BIN / "spinnaker-jupyter", "config", "--reference"], capture_output=True, text=True).stdout
     for key in ("hub.port", "auth.type", "culler.timeout", "spinnaker.mode", "nrp.command", "proxy_ports"):
         assert f"\n{key} (default" in "\n" + out, key
+
+
+def test_shared_account_mode_is_said_plainly(tmp_path, capsys, envs_dir):
+    from spinnaker_jupyter import cli
+
+    d = config.load([write(tmp_path, {"spawner": {"local": {"system_users": False}},
+                                      "kernels": {"envs_dir": str(envs_dir)}})])
+    cli.prepare(d, build=False)
+    out = capsys.readouterr().out
+    assert "all users' servers run as this one account" in out and "can read each other's files" in out
+
+
+def test_docker_mode_names_an_unreachable_engine(tmp_path):
+    cfg = write(tmp_path, {"spawner": {"type": "docker", "docker": {"engine_url": f"unix://{tmp_path}/none.sock"}}})
+    r = subprocess.run([BIN / "spinnaker-jupyter", "up", "-c", cfg], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "cannot reach the container engine" in r.stderr and "engine_url" in r.stderr
