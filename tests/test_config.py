@@ -117,3 +117,15 @@ def test_docker_mode_names_an_unreachable_engine(tmp_path):
     cfg = write(tmp_path, {"spawner": {"type": "docker", "docker": {"engine_url": f"unix://{tmp_path}/none.sock"}}})
     r = subprocess.run([BIN / "spinnaker-jupyter", "up", "-c", cfg], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "cannot reach the container engine" in r.stderr and "engine_url" in r.stderr
+
+
+def test_without_a_config_file_the_hub_finds_the_same_data(tmp_path, monkeypatch):
+    """`up` starts the hub in data_dir/hub: relative paths must still resolve where `up` resolved them."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(config.BASE_DIR_ENV, raising=False)
+    monkeypatch.delenv(config.CONFIG_ENV, raising=False)
+    outside = config.load([])
+    monkeypatch.setenv(config.BASE_DIR_ENV, str(outside.base_dir))
+    (tmp_path / "data" / "hub").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "data" / "hub")  # where the hub runs
+    assert config.load([]).data_dir == outside.data_dir == (tmp_path / "data").resolve()

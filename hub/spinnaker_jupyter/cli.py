@@ -120,6 +120,7 @@ def cmd_up(args) -> int:
     first_admin(d)
     env = dict(os.environ)
     env[configmod.CONFIG_ENV] = os.pathsep.join(str(f) for f in d.files)
+    env[configmod.BASE_DIR_ENV] = str(d.base_dir)  # the hub runs in data_dir/hub: relative paths must not move
     hub = d["hub"]
     say(f"ready to start after {time.monotonic() - t0:.1f} s; the hub will answer at "
         f"http://{hub['ip']}:{hub['port']}{hub['base_url']}")

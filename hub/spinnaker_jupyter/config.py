@@ -17,6 +17,7 @@ from .schema import SCHEMA, defaults
 
 PROJECT_ROOT = Path(os.environ.get("SPINNAKER_JUPYTER_ROOT", Path(__file__).resolve().parents[2]))
 CONFIG_ENV = "SPINNAKER_JUPYTER_CONFIG"  # os.pathsep-separated config files, for jupyterhub_config.py
+BASE_DIR_ENV = "SPINNAKER_JUPYTER_BASE_DIR"  # where relative paths start without a config file (set by `up`)
 
 
 class ConfigError(Exception):
@@ -35,7 +36,9 @@ class Deployment:
 
     @property
     def base_dir(self) -> Path:
-        return self.files[-1].parent if self.files else Path.cwd()
+        if self.files:
+            return self.files[-1].parent
+        return Path(os.environ.get(BASE_DIR_ENV) or Path.cwd()).resolve()
 
     def path(self, value: str | None, default: Path) -> Path:
         if not value:
