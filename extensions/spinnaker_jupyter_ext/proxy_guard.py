@@ -8,6 +8,7 @@ listener belongs to another account (on a shared host, port 9000 of one user is 
 from __future__ import annotations
 
 import os
+import time
 from jupyter_server.base.handlers import JupyterHandler
 from jupyter_server.utils import url_path_join
 from tornado import web
@@ -44,13 +45,25 @@ def listener_uid(port: int) -> int | None:
     return None
 
 
+_RECENT: dict[int, tuple[float, int | None]] = {}
+RECHECK_AFTER = 1.0  # seconds: a page of the NRP loads dozens of assets; /proc/net/tcp is read once for them
+
+
+def _listener_uid_recent(port: int) -> int | None:
+    now = time.monotonic()
+    seen = _RECENT.get(port)
+    if seen is None or now - seen[0] > RECHECK_AFTER:
+        seen = _RECENT[port] = (now, listener_uid(port))
+    return seen[1]
+
+
 def verdict(target: str, allowed_ports: set[int], nrp_port: int, nrp_installed: bool) -> tuple[int, str] | None:
     """None if jupyter-server-proxy may serve /proxy/<target>/; else (status, message or page)."""
     if not target.isdigit() or int(target) not in allowed_ports:
         allowed = ", ".join(str(p) for p in sorted(allowed_ports)) or "none"
         return 403, f"/proxy/{target}/ is not reachable on this service. Local ports that are: {allowed}."
     port = int(target)
-    uid = listener_uid(port)
+    uid = _listener_uid_recent(port)
     if uid is None:
         if port == nrp_port:
             return (503, NOT_RUNNING) if nrp_installed else (404, NOT_INSTALLED.format(port=port))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .config import PROJECT_ROOT, Deployment
 from .docker import IMAGE_ENV_ROOT
+from .kernels import make_world_readable
 
 
 def system_users_enabled(d: Deployment) -> bool:
@@ -31,9 +32,7 @@ def write_server_config(d: Deployment) -> Path:
     }
     path = conf_dir / "jupyter_server_config.json"
     path.write_text(json.dumps(settings, indent=1))
-    for p in (d.data_dir / "etc", conf_dir):
-        os.chmod(p, 0o755)
-    os.chmod(path, 0o644)
+    make_world_readable(d.data_dir / "etc")  # every user account's server reads it
     return conf_dir
 
 

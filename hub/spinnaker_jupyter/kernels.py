@@ -70,13 +70,13 @@ def build_spynnaker_env(deployment: Deployment, say=print, force: bool = False) 
     site = subprocess.run([str(env / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           check=True, capture_output=True, text=True).stdout.strip()
     shutil.copy2(launcher, Path(site) / "spinnaker_kernel.py")
-    _make_world_readable(env)
+    make_world_readable(env)
     (env / STAMP).write_text(stamp)
     say(f"sPyNNaker kernel environment ready in {time.monotonic() - t0:.0f} s")
     return env
 
 
-def _make_world_readable(root: Path) -> None:
+def make_world_readable(root: Path) -> None:
     """Every user account runs these environments: no file may be private to the builder."""
     for path in [root, *root.rglob("*")]:
         if path.is_symlink():
@@ -101,7 +101,7 @@ def write_kernelspec(deployment: Deployment, env: Path) -> Path:
         found = list(env.glob(f"share/jupyter/kernels/python3/{logo}"))
         if found:
             shutil.copy2(found[0], spec_dir / logo)
-    _make_world_readable(deployment.share_dir)
+    make_world_readable(deployment.share_dir)
     return spec_dir
 
 
@@ -138,7 +138,7 @@ def write_spynnaker_cfg(deployment: Deployment) -> Path:
     cfg_dir.mkdir(parents=True, exist_ok=True)
     path = cfg_dir / ".spynnaker.cfg"
     path.write_text(spynnaker_cfg_text(deployment["spinnaker"]))
-    _make_world_readable(cfg_dir.parent)
+    make_world_readable(cfg_dir.parent)
     return path
 
 
