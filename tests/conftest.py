@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,8 +23,56 @@ ENVS = ROOT / "data" / "envs"
 sys.path.insert(0, str(Path(__file__).parent))
 
 from hubclient import HubClient, wait_for  # noqa: E402
+import processes  # noqa: E402
 
 pytest_plugins = [p for p in ("oidc_fixtures", "podman_fixtures") if (Path(__file__).parent / f"{p}.py").exists()]
+
+# --- every test ends what it starts ----------------------------------------------------------------------------
+# The run's processes (tests/processes.py) are checked after each test module and at the end of the session: one
+# still running fails the run, named with its command line and the module that left it (and is then ended).
+WATCH = processes.Watch(os.getpid())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    """What a session-scoped fixture starts (the OIDC provider, podman's service) may live until the session ends."""
+    before = set(WATCH.ours()) if fixturedef.scope == "session" else None
+    yield
+    if before is not None:
+        for key in set(WATCH.ours()) - before:
+            WATCH.exempt[key] = f"session fixture {fixturedef.argname} (set up in {request.node.nodeid})"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ends_what_it_starts(request, tmp_path_factory):
+    basetemp = str(tmp_path_factory.getbasetemp())
+    if basetemp not in WATCH.roots:
+        WATCH.roots.append(basetemp)
+    before = set(WATCH.ours())
+    yield
+    left = WATCH.leftovers(before)
+    if left:
+        processes.end(left)
+        pytest.fail(f"{request.node.nodeid} left {len(left)} process(es) running after its tests and fixtures ended "
+                    "(now ended):\n  " + "\n  ".join(p.describe() for p in left), pytrace=False)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """After every fixture has ended: nothing the run started may still run (podman's service only when
+    SPINNAKER_PODMAN_KEEP asks to keep it)."""
+    procs = processes.table()
+    kept = {p.pid for p in procs.values() if os.environ.get("SPINNAKER_PODMAN_KEEP")
+            and p.cmdline.startswith("podman") and " system service " in p.cmdline}
+    left = [p for p in WATCH.leftovers(WATCH.baseline, include_exempt=True, settle=5)
+            if not processes.has_ancestor(p, kept, procs)]
+    if left:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        lines = [f"the test run left {len(left)} process(es) running (now ended):"]
+        lines += [f"  {p.describe()}  <- {WATCH.exempt.get(p.key, 'a test or fixture')}" for p in left]
+        for line in lines:
+            reporter.write_line(line, red=True) if reporter else print(line, file=sys.stderr)
+        processes.end(left)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def free_port() -> int:
@@ -124,14 +175,39 @@ class RunningHub:
     def client(self, name: str, password: str) -> HubClient:
         return HubClient(self.url, name, password)
 
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
-                self.proc.wait()
+    def own_processes(self) -> list[processes.Proc]:
+        """This hub's processes: its descendants, and whatever runs in its folder (the proxy, services, user servers
+        and kernels, including those an earlier run of the hub left, or a killed hub's proxy)."""
+        procs = processes.table()
+        running = self.proc is not None and self.proc.poll() is None
+        tree = {p.pid for p in processes.descendants(self.proc.pid, procs)} if running else set()
+        return [p for p in procs.values() if p.alive and p.pid != os.getpid()
+                and (p.pid in tree or processes.under(p.cwd, [str(self.base)]))]
+
+    def stop(self, final: bool = False, timeout: float = 30):
+        """Stop the hub as an operator does (SIGTERM, then wait), then end what it leaves behind. User servers (and
+        what runs under them) live on when the hub keeps them through restarts (hub.stop_servers_on_exit: false),
+        unless `final` (the fixture's end): then nothing of this hub is left running."""
+        mine = self.own_processes()
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.terminate()
+                deadline = time.monotonic() + timeout
+                # Wait without reaping, so that the hub's process group can still be named below.
+                while os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.05)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)  # the hub's own group (start_new_session)
+            self.proc.wait()
+        procs = processes.table()
+        left = [p for p in {q.key: q for q in mine + self.own_processes()}.values()
+                if processes.alive([p.key])]
+        keep = not final and self.config["hub"].get("stop_servers_on_exit") is False
+        if keep:
+            left = [p for p in left if not processes.in_user_server(p, procs)]
+        processes.end(left)
 
 
 def traversable_tmpdir(prefix: str) -> Path:
@@ -140,6 +216,7 @@ def traversable_tmpdir(prefix: str) -> Path:
     parent.mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     os.chmod(path, 0o755)
+    WATCH.roots.append(str(path))  # what runs in it is this run's (tests/processes.py)
     return path
 
 
@@ -154,9 +231,10 @@ def hub_factory(envs_dir, chp_command):
 
     yield make
     for hub in hubs:
-        hub.stop()
+        hub.stop(final=True)
         keep = ROOT / "tests" / "artifacts" / hub.base.name  # logs outlive the run, for failures
         keep.mkdir(parents=True, exist_ok=True)
         for log in [hub.log_path, *(hub.base / "data" / "logs").glob("*.log")]:
-            shutil.copy(log, keep / log.name)
+            if log.exists():  # a hub made with start=False may never have run
+                shutil.copy(log, keep / log.name)
         shutil.rmtree(hub.base, ignore_errors=True)

@@ -7,6 +7,8 @@
   volumes  list | remove users' home volumes (spawner: docker)
   config   print the effective config, or the reference of every key
   boards   the SpiNNaker boards user servers hold (hub database; --live asks the allocation service)
+  backup   save everything but the home folders (hub database, accounts, secrets, generated config) into DIR
+  restore  put a backup into a fresh data_dir (the hub stopped)
 """
 
 from __future__ import annotations
@@ -234,6 +236,9 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("name", nargs="?")
     cf = add("config", cmd_config, "print the effective config")
     cf.add_argument("--reference", action="store_true", help="list every key with its default and meaning")
+    from .backup import register as add_backup_commands  # backup / restore: everything but the homes
+
+    add_backup_commands(add)
     return p
 
 

@@ -1,0 +1,59 @@
+"""The suite's own guard (conftest.py, tests/processes.py): a test module that leaves a process running fails the run,
+naming the process, its command line and the module, and the process is ended; a hub fixture leaves nothing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import processes
+
+TESTS = Path(__file__).resolve().parent
+
+PROBE = textwrap.dedent("""
+    import subprocess
+
+    def test_starts_a_process_and_forgets_it(tmp_path):
+        # start_new_session, as JupyterHub starts its proxy, services and servers: out of the test's process group
+        subprocess.Popen(["sleep", "{marker}"], start_new_session=True, cwd=tmp_path)
+""")
+
+
+def run_probe(tmp_path: Path, marker: str) -> subprocess.CompletedProcess:
+    (tmp_path / "test_probe.py").write_text(PROBE.format(marker=marker))
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "conftest", "-q", "-p", "no:cacheprovider",
+                           "--rootdir", str(tmp_path), str(tmp_path / "test_probe.py")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(TESTS)})
+
+
+def test_a_module_that_leaves_a_process_fails_the_run_and_names_it(tmp_path):
+    marker = "3217"  # an unusual sleep, so that the process is recognised below
+    r = run_probe(tmp_path, marker)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out
+    assert "test_probe.py left 1 process(es) running" in out and f"sleep {marker}" in out, out
+    left = [p for p in processes.table().values() if p.alive and p.cmdline == f"sleep {marker}"]
+    assert left == [], "the guard ends what it reports"
+
+
+def test_a_hub_fixture_leaves_nothing_behind(hub_factory):
+    """A hub with a user server, kept through restarts (stop_servers_on_exit: false), stopped twice: the servers
+    survive the restart, and the final stop ends every process of the hub."""
+    hub = hub_factory({"hub": {"stop_servers_on_exit": False}, "culler": {"enabled": True}})
+    user = hub.client("lena", hub.add_user("lena"))
+    user.start_server()
+    server = [p for p in hub.own_processes() if processes.SINGLEUSER in p.cmdline]
+    assert len(server) == 1, hub.own_processes()
+    hub.stop()
+    assert processes.alive([server[0].key]), "the user's server lives on through a restart"
+    hub.start()
+    assert user.server("GET", "api/status").status_code == 200
+    before = hub.own_processes()
+    assert any("configurable-http-proxy" in p.cmdline for p in before)
+    assert any("jupyterhub_idle_culler" in p.cmdline for p in before)
+    hub.stop(final=True)
+    assert hub.own_processes() == [] and processes.alive(p.key for p in before) == []
