@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from . import config as configmod
-from . import kernels
+from . import kernels, preflight
 from .config import PROJECT_ROOT, ConfigError, Deployment
 from .hubconfig import chp_command, system_users_enabled
 from .local_accounts import AccountError, AccountStore
@@ -52,6 +52,7 @@ def _load(args) -> Deployment:
 
 def cmd_check(args) -> int:
     d = _load(args)
+    preflight.trusted_config(d)
     files = ", ".join(str(f) for f in d.files) or "built-in defaults only"
     say(f"config OK ({files})")
     say(f"auth: {d['auth']['type']}, spawner: {d['spawner']['type']}, SpiNNaker: {d['spinnaker']['mode']}, "
@@ -70,10 +71,30 @@ def _check_reachable_by_all(paths: list[Path]) -> None:
                                   "/srv, or set kernels.python to an interpreter outside it.")
 
 
+def _make_dir(path: Path, mode: int) -> None:
+    """Create a folder of the project's with `mode`; one that exists keeps its mode (it may not be ours to change)."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"data_dir: {path} is a file, not a folder. Set data_dir to a folder (it is created when "
+                          "missing) or move the file away")
+    try:
+        path.mkdir(parents=True, mode=mode)
+        os.chmod(path, mode)  # whatever the umask
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise ConfigError(f"data_dir: cannot create {path}: {e.strerror}. Set data_dir to a folder this account "
+                          "can write") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"data_dir: {path} is not writable by this account ({os.environ.get('USER') or os.geteuid()}"
+                          "). Set data_dir to a folder it can write, or give it this one")
+
+
 def prepare(d: Deployment, build: bool = True) -> None:
-    for p, mode in ((d.data_dir, 0o755), (d.hub_dir, 0o700), (d.homes_dir, 0o711), (d.logs_dir, 0o700)):
-        p.mkdir(parents=True, exist_ok=True)
-        os.chmod(p, mode)
+    _make_dir(d.data_dir, 0o755)
+    preflight.check_data_dir(d)  # before anything is written into what another account may have placed
+    d.private_hub_dir()
+    _make_dir(d.homes_dir, 0o711)
+    _make_dir(d.logs_dir, 0o700)
     if d["spawner"]["type"] == "local":
         if system_users_enabled(d):
             if os.geteuid() != 0:
@@ -117,9 +138,13 @@ def first_admin(d: Deployment) -> None:
 def cmd_up(args) -> int:
     t0 = time.monotonic()
     d = _load(args)
+    preflight.trusted_config(d)
+    preflight.check_ports(preflight.deployment_ports(d))
     say(f"config OK ({', '.join(map(str, d.files)) or 'built-in defaults'})")
     prepare(d, build=not args.no_build)
+    preflight.check_accounts(d)
     first_admin(d)
+    preflight.check_ports(preflight.deployment_ports(d))  # again: the build may have taken a minute
     env = dict(os.environ)
     env[configmod.CONFIG_ENV] = os.pathsep.join(str(f) for f in d.files)
     env[configmod.BASE_DIR_ENV] = str(d.base_dir)  # the hub runs in data_dir/hub: relative paths must not move
@@ -202,7 +227,7 @@ def cmd_config(args) -> int:
             print(f"{path} (default {default!r})\n    {desc}")
         return 0
     d = _load(args)
-    print(yaml.safe_dump(d.values, sort_keys=False), end="")
+    print(yaml.safe_dump(configmod.redacted(d.values), sort_keys=False), end="")  # never a password
     return 0
 
 

@@ -6,9 +6,12 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import re
 import secrets
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import jsonschema
 import yaml
@@ -87,14 +90,37 @@ class Deployment:
         """A secret the hub generates and keeps (0600) when the operator gives none."""
         env = {"proxy_auth_token": "CONFIGPROXY_AUTH_TOKEN", "crypt_key": "JUPYTERHUB_CRYPT_KEY"}[name]
         if os.environ.get(env):
-            return os.environ[env]
+            return _long_enough(os.environ[env].strip(), env, f"set {env} to a longer one, e.g. `openssl rand -hex "
+                                                              f"32`, or unset it to have one generated")
         path = self.hub_dir / name
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_hex(32))
-        return path.read_text().strip()
+            self.private_hub_dir()
+            write_secret(path, secrets.token_hex(32))
+        from .preflight import trusted
+
+        trusted(path, "secret file", private=True)
+        return _long_enough(_read_text(path, name).strip(), str(path), f"remove {path} and start again to generate "
+                            f"a new one (or set {env})")
+
+    def private_hub_dir(self) -> Path:
+        """data_dir/hub, made private (0700) when this creates it; one made by another account is refused."""
+        from .preflight import trusted
+
+        for path in (self.data_dir, self.hub_dir):
+            if path.exists() and not path.is_dir():
+                raise ConfigError(f"data_dir: {path} is a file, not a folder. Set data_dir to a folder (it is "
+                                  "created when missing) or move the file away")
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self.hub_dir.mkdir(mode=0o700)
+            os.chmod(self.hub_dir, 0o700)  # whatever the umask; only a folder made here
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise ConfigError(f"data_dir: cannot create {self.hub_dir}: {e.strerror}. Set data_dir to a folder this "
+                              f"account can write") from None
+        trusted(self.hub_dir, "data_dir/hub", private=True)
+        return self.hub_dir
 
     @property
     def db_url(self) -> str:
@@ -106,7 +132,8 @@ class Deployment:
         if os.environ.get("EBRAINS_CLIENT_SECRET"):
             return os.environ["EBRAINS_CLIENT_SECRET"]
         if eb["client_secret_file"]:
-            return self.path(eb["client_secret_file"], Path()).read_text().strip()
+            return read_secret_file(self.path(eb["client_secret_file"], Path()), "auth.ebrains.client_secret_file",
+                                    "EBRAINS_CLIENT_SECRET")
         raise ConfigError("auth.ebrains.client_secret: missing. Set the environment variable EBRAINS_CLIENT_SECRET "
                           "or auth.ebrains.client_secret_file (a file readable only by the hub).")
 
@@ -116,14 +143,76 @@ class Deployment:
             return os.environ["SPALLOC_TOKEN"].strip()
         token_file = self.values["spinnaker"]["spalloc"]["token_file"]
         if token_file:
-            try:
-                token = self.path(token_file, Path()).read_text().strip()
-            except OSError as e:
-                raise ConfigError(f"spinnaker.spalloc.token_file: cannot read {token_file}: {e.strerror}") from None
-            if token:
-                return token
+            return read_secret_file(self.path(token_file, Path()), "spinnaker.spalloc.token_file", "SPALLOC_TOKEN")
         raise ConfigError("spinnaker.spalloc.token: missing. Set the environment variable SPALLOC_TOKEN or "
                           "spinnaker.spalloc.token_file (a file readable only by the hub).")
+
+
+MIN_SECRET_CHARS = 32  # the generated ones have 64 (32 random bytes, hex)
+
+
+def _long_enough(value: str, where: str, fix: str) -> str:
+    if len(value) < MIN_SECRET_CHARS:
+        raise ConfigError(f"{where}: holds {len(value)} characters, too few for a secret (at least "
+                          f"{MIN_SECRET_CHARS}; an interrupted write leaves an empty file). Fix: {fix}.")
+    return value
+
+
+def _read_text(path: Path, key: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except IsADirectoryError:
+        raise ConfigError(f"{key}: {path} is a folder; point it at the file holding the secret") from None
+    except FileNotFoundError:
+        raise ConfigError(f"{key}: no such file {path}") from None
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{key}: {path} is not UTF-8 text; write the secret into it as plain text") from None
+
+
+def read_secret_file(path: Path, key: str, env: str) -> str:
+    """An operator's secret file (`*_file` keys): readable, not open to others, not empty."""
+    try:
+        text = _read_text(path, key).strip()
+    except ConfigError as e:
+        raise ConfigError(f"{e}. Fix the path, or give the secret in the environment variable {env}.") from None
+    from .preflight import trusted
+
+    try:
+        trusted(path, key + ":", private=False)
+    except ConfigError as e:
+        raise ConfigError(f"{e} It holds a secret.") from None
+    if stat.S_IMODE(path.stat().st_mode) & 0o007:
+        raise ConfigError(f"{key}: {path} holds a secret and other accounts can read it. `chmod 600 {path}` (or "
+                          f"640 for a group of the hub's)")
+    if not text:
+        raise ConfigError(f"{key}: {path} is empty; write the secret into it, or use the environment variable {env}")
+    return text
+
+
+def write_secret(path: Path, text: str) -> None:
+    """Write a secret so that a failure (a full disk) never leaves an empty or partial file behind: into a private
+    temporary file first, then linked into place, which also fails if a concurrent start got there first."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # a concurrent start wrote it: use theirs
+    except OSError as e:
+        raise ConfigError(f"cannot write the secret {path}: {e.strerror}. Free space or fix permissions in "
+                          f"{path.parent}, then start again") from None
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -172,24 +261,95 @@ def validate(values: dict, source: str = "") -> None:
 
 
 SECRET_KEYS = {"client_secret", "password", "api_token", "crypt_key", "auth_token", "cookie_secret", "token"}
+SECRET_LIKE = re.compile(r"pass(word|wd)?|secret|token|credential|api_?key|private_?key", re.I)
+WHERE_SECRETS_GO = {
+    "hub.db_url": "put the whole URL in the environment variable SPINNAKER_JUPYTER_DB_URL instead",
+    "spinnaker.spalloc.url": "give the URL without them; the hub's token goes in the environment variable "
+                             "SPALLOC_TOKEN or spinnaker.spalloc.token_file (per-run: each user's own EBRAINS token "
+                             "reaches sPyNNaker through the access-token-service)",
+    "spinnaker.extra_cfg": "the generated sPyNNaker cfg is readable by every user. The hub's spalloc token goes in "
+                           "the environment variable SPALLOC_TOKEN or spinnaker.spalloc.token_file; a user's own "
+                           "credentials go in their ~/.spynnaker.cfg",
+}
+
+
+def _url_credentials(value: str) -> str | None:
+    """What in a URL is a credential (a password, or a secret-like query parameter), in words; None if nothing."""
+    if "://" not in value:
+        return None
+    try:
+        u = urlsplit(value.strip())
+        if u.password:
+            return "a password (user:password@)"
+        for name, _ in parse_qsl(u.query):
+            if SECRET_LIKE.search(name):
+                return f"a secret in its query ({name}=)"
+    except ValueError:
+        return None
+    return None
+
+
+def _refuse(path: str, what: str) -> None:
+    fix = next((fix for key, fix in WHERE_SECRETS_GO.items() if path == key or path.startswith(key + ".")),
+               "use the environment, or a `*_file` setting where one exists")
+    raise ConfigError(f"{path}: holds {what}; secrets do not belong in the config file: {fix}.")
 
 
 def _reject_inline_secrets(values, path=""):
-    for key, value in (values.items() if isinstance(values, dict) else []):
-        full = f"{path}.{key}" if path else key
+    """Secrets by key name anywhere, credentials inside URLs anywhere, secret-like keys in the sPyNNaker cfg.
+    Messages never repeat the value."""
+    items = values.items() if isinstance(values, dict) else enumerate(values) if isinstance(values, list) else []
+    for key, value in items:
+        full = f"{path}.{key}" if path else str(key)
         if key in SECRET_KEYS:
             raise ConfigError(f"{full}: secrets do not belong in the config file. Use the environment or a "
                               f"`{key}_file` setting where one exists.")
+        if path.startswith("spinnaker.extra_cfg.") and isinstance(key, str) and SECRET_LIKE.search(key):
+            _refuse(full, "what looks like a secret")
+        if isinstance(value, str) and (what := _url_credentials(value)):
+            _refuse(full, f"a URL with {what}")
         _reject_inline_secrets(value, full)
+
+
+def redacted(values):
+    """`values` with every URL password and secret-like value masked: what may be printed."""
+    if isinstance(values, dict):
+        return {k: "****" if isinstance(k, str) and k in SECRET_KEYS and v else redacted(v) for k, v in values.items()}
+    if isinstance(values, list):
+        return [redacted(v) for v in values]
+    if isinstance(values, str) and _url_credentials(values):
+        u = urlsplit(values)
+        netloc = u.netloc.rsplit("@", 1)[-1]
+        return urlunsplit((u.scheme, f"****@{netloc}" if "@" in u.netloc else netloc, u.path, "****" if u.query
+                           else "", u.fragment))
+    return values
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without aliases (`*name`): a few hundred bytes of nested aliases expand to billions of nodes."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in the config file; "
+                                              "write the value out", self.peek_event().start_mark)
+        return super().compose_node(parent, index)
 
 
 def read_file(path: Path) -> dict:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save it "
+                          "as UTF-8") from None
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_NoAliasLoader)
+    except yaml.MarkedYAMLError as e:  # one line: where, and what is wrong there
+        mark = e.problem_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}{where} is not valid YAML: {'; '.join(filter(None, (e.context, e.problem)))}") \
+            from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if data is None:

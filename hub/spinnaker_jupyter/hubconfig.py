@@ -66,9 +66,11 @@ def user_server_env(d: Deployment, in_container: bool = False) -> dict[str, str]
 
 
 def apply(c, d: Deployment) -> None:
+    from .preflight import check_data_dir
+
     hub = d["hub"]
-    d.hub_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(d.hub_dir, 0o700)
+    d.private_hub_dir()
+    check_data_dir(d)  # secrets, accounts and the database: nothing another account could have written
 
     c.JupyterHub.bind_url = f"http://{hub['ip']}:{hub['port']}{hub['base_url']}"
     c.JupyterHub.hub_ip = "127.0.0.1"
@@ -82,6 +84,7 @@ def apply(c, d: Deployment) -> None:
     c.JupyterHub.cleanup_servers = hub["stop_servers_on_exit"]
     c.JupyterHub.template_paths = [str(Path(__file__).parent / "templates")]
 
+    c.JupyterHub.proxy_class = "spinnaker_jupyter.proxy.CheckedProxy"  # its token reaches only the proxy started
     c.ConfigurableHTTPProxy.command = chp_command(d)
     c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{d['proxy']['api_port']}"
     c.ConfigurableHTTPProxy.auth_token = d.secret("proxy_auth_token")

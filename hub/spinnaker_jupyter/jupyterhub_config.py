@@ -2,14 +2,22 @@
 config file(s) named in $SPINNAKER_JUPYTER_CONFIG; operators' own additions go in jupyterhub_config.d/*.py beside
 the first config file (loaded last, so they win)."""
 
+import signal
 from pathlib import Path
 
-from spinnaker_jupyter import config, hubconfig
+from spinnaker_jupyter import config, hubconfig, preflight
 
 c = get_config()  # noqa: F821 - provided by JupyterHub
 
+# A hub started in the background (`make up &`, a script) inherits an ignored SIGINT, and so would the services it
+# starts before it installs its own handlers; it stops them with SIGINT and waits 30 s for each (the idle culler)
+# before SIGTERM. The hub answers SIGINT itself anyway (JupyterHub.init_signal): restore it before anything starts.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 deployment = config.load()
+extras = preflight.trusted_config(deployment)  # they run inside the hub: refused if another account could write them
 hubconfig.apply(c, deployment)
 
-for extra in sorted((deployment.base_dir / "jupyterhub_config.d").glob("*.py")):
+for extra in extras:
     exec(compile(Path(extra).read_text(), str(extra), "exec"), {"c": c, "get_config": lambda: c})

@@ -137,7 +137,14 @@ def write_spynnaker_cfg(deployment: Deployment) -> Path:
     cfg_dir = deployment.spynnaker_cfg_dir
     cfg_dir.mkdir(parents=True, exist_ok=True)
     path = cfg_dir / ".spynnaker.cfg"
-    path.write_text(spynnaker_cfg_text(deployment["spinnaker"]))
+    # Every user's kernel reads it (0644), so it holds no secret: config.load refuses credentials in
+    # spinnaker.spalloc.url and spinnaker.extra_cfg. Replaced whole, so a kernel never reads half a file.
+    tmp = cfg_dir / f".spynnaker.cfg.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(spynnaker_cfg_text(deployment["spinnaker"]))
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
     make_world_readable(cfg_dir.parent)
     return path
 

@@ -1,0 +1,71 @@
+"""configurable-http-proxy, started so that its auth token only ever reaches the proxy the hub started.
+
+Upstream (JupyterHub 6.1.1 `ConfigurableHTTPProxy.start`) launches the proxy, waits until *something* answers on
+the public and API ports, and the hub then sends the auth token to the API port: a program already listening
+there gets the token, and one on the public port gets users' passwords ("JupyterHub is now running" meanwhile).
+Here the ports must be free before the proxy starts, and the listeners must be the proxy's own process before the
+hub talks to it. A start that fails for any reason leaves no proxy behind (the proxy runs in a session of its own
+and would otherwise outlive the hub on the public port)."""
+
+from __future__ import annotations
+
+import atexit
+from urllib.parse import urlparse
+
+from jupyterhub.proxy import ConfigurableHTTPProxy
+
+from . import preflight
+from .config import ConfigError
+
+
+def _host_port(url: str) -> tuple[str, int] | None:
+    u = urlparse(url)
+    return (u.hostname or "", u.port) if u.scheme in ("http", "https") and u.port else None
+
+
+class CheckedProxy(ConfigurableHTTPProxy):
+    _running_hub = False  # set once the hub is up: until then an exit of the hub takes the proxy with it
+
+    def _ports(self) -> list[tuple[str, str, int]]:
+        named = [("hub.port (the public port)", self.public_url), ("proxy.api_port", self.api_url),
+                 ("proxy.hub_port", self.app.hub.bind_url)]
+        named += [(f"the port of service {s['name']}", s["url"]) for s in self.app.services
+                  if s.get("command") and s.get("url")]  # the hub-managed ones (e.g. access-token-service)
+        return [(key, *hp) for key, url in named if (hp := _host_port(url))]
+
+    async def start(self):
+        try:
+            preflight.check_ports(self._ports())
+        except ConfigError as e:
+            raise RuntimeError(str(e)) from None
+        atexit.register(self._stop_unless_kept)
+        try:
+            await super().start()
+            pid = self.proxy_process.pid
+            for key, url in (("hub.port", self.public_url), ("proxy.api_port", self.api_url)):
+                preflight.check_listener_is(pid, _host_port(url)[1], key)
+        except BaseException as e:
+            self._stop_process()
+            if isinstance(e, ConfigError):
+                raise RuntimeError(str(e)) from None
+            raise
+
+    async def check_routes(self, *args, **kwargs):
+        # The last step of JupyterHub.start before "JupyterHub is now running".
+        self._running_hub = True
+        return await super().check_routes(*args, **kwargs)
+
+    def _stop_process(self):
+        process = getattr(self, "proxy_process", None)
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(10)
+            except Exception:
+                process.kill()
+        self._remove_process_files()
+
+    def _stop_unless_kept(self):
+        """At the hub's exit: a hub that never came up takes its proxy along; a running one does as configured."""
+        if not self._running_hub or self.app.cleanup_proxy:
+            self._stop_process()
