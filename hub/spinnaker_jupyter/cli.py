@@ -173,16 +173,19 @@ def cmd_user(args) -> int:
         return 0
     if not args.name:
         raise ConfigError(f"`user {args.action}` needs a NAME")
+    given = sys.stdin.readline().rstrip("\n") if args.stdin else None
+    min_length = d["auth"]["local"]["min_password_length"]
     if args.action == "add":
-        password = store.add(args.name, admin=args.admin)
-        print(f"Created account {args.name}{' (admin)' if args.admin else ''}. Password (shown once): {password}")
+        password = store.add(args.name, admin=args.admin, password=given, min_length=min_length)
+        print(f"Created account {args.name}{' (admin)' if args.admin else ''}. " +
+              ("Password set from standard input." if args.stdin else f"Password (shown once): {password}"))
     elif args.action == "passwd":
-        password = sys.stdin.readline().rstrip("\n") if args.stdin else None
-        password = store.set_password(args.name, password, d["auth"]["local"]["min_password_length"])
+        password = store.set_password(args.name, given, min_length)
         print(f"New password for {args.name}: {password}" if not args.stdin else f"Password of {args.name} changed.")
     elif args.action == "remove":
-        store.remove(args.name)
-        print(f"Removed account {args.name}; their home folder {d.homes_dir / args.name} is kept.")
+        from .account_removal import remove_account
+
+        print(remove_account(d, store, args.name, purge=args.purge))
     return 0
 
 
@@ -252,7 +255,8 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("action", choices=["add", "passwd", "remove", "list"])
     u.add_argument("name", nargs="?")
     u.add_argument("--admin", action="store_true", help="(add) give admin rights")
-    u.add_argument("--stdin", action="store_true", help="(passwd) read the new password from standard input")
+    u.add_argument("--stdin", action="store_true", help="(add, passwd) read the password from standard input")
+    u.add_argument("--purge", action="store_true", help="(remove) delete the home folder instead of archiving it")
     bd = add("boards", cmd_boards, "list the SpiNNaker boards held by user servers")
     bd.add_argument("--live", action="store_true", help="also ask the allocation service for each job's state")
     bd.add_argument("--json", action="store_true", help="print JSON")

@@ -98,6 +98,12 @@ def apply(c, d: Deployment) -> None:
         args.append("--ServerApp.tornado_settings=" + json.dumps({"headers": {"Content-Security-Policy": csp}}))
 
     services, roles = _culler(d)
+    if d["auth"]["type"] == "local":  # `user remove` stops servers and revokes tokens through the hub's API
+        from .account_removal import hub_service
+
+        service, role = hub_service(d)
+        services.append(service)
+        roles.append(role)
     env = user_server_env(d, in_container=d["spawner"]["type"] == "docker")
     token_service = _apply_auth(c, d)
     if token_service:

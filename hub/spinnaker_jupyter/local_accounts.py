@@ -2,19 +2,29 @@
 
 Accounts live in one JSON file (0600) beside the hub database, with salted PBKDF2 hashes. Operators manage them
 with `spinnaker-jupyter user ...`; the first start creates the admin with a generated password printed once.
+Every change takes an exclusive lock on a lock file beside it and replaces the file through a temporary file of its
+own, so concurrent `user add` / `user remove` never lose each other's work; the hub only reads it.
+Logins cost the same whether the name exists or not, and failures back off per name and per address.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import hashlib
 import hmac
 import json
 import os
 import re
 import secrets
+import tempfile
+import threading
+import time
 from pathlib import Path
 
 from jupyterhub.auth import Authenticator
+from tornado import web
 from traitlets import Unicode, default
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,23}$")  # fits a system account with the default prefix
@@ -34,8 +44,34 @@ def _verify(password: str, stored: str) -> bool:
         return False
 
 
+@functools.cache
+def _dummy_hash() -> str:
+    """Verified against when the name is unknown, so that an unknown name costs as long as a wrong password."""
+    return _hash(secrets.token_urlsafe(16), secrets.token_bytes(16))
+
+
 def generate_password() -> str:
     return secrets.token_urlsafe(12)
+
+
+def password_problem(name: str, password: str, min_length: int = 10) -> str | None:
+    """Why `password` must not be used, or None. The common-password list is zxcvbn's (PyPI `zxcvbn`, MIT): the
+    30,000 most frequent passwords of a leaked-password corpus; zxcvbn's estimate also catches their variants."""
+    if len(password) < min_length:
+        return f"password too short: at least {min_length} characters"
+    if name and name.lower() in password.lower():
+        return "the password contains the account name: choose one that does not"
+    from zxcvbn import zxcvbn
+    from zxcvbn.frequency_lists import FREQUENCY_LISTS
+
+    if password.lower() in FREQUENCY_LISTS["passwords"]:
+        return "that password is on the list of the 30,000 most common passwords: choose another"
+    verdict = zxcvbn(password[:100], user_inputs=[name])
+    if verdict["score"] < 3:
+        hint = verdict["feedback"].get("warning") or "it is easy to guess"
+        return (f"that password is too easy to guess ({hint.rstrip('.')}): use four or more uncommon words or a "
+                "generated password (leave the password out to get one)")
+    return None
 
 
 class AccountError(Exception):
@@ -52,51 +88,120 @@ class AccountStore:
         except FileNotFoundError:
             return {}
 
-    def _save(self, accounts: dict) -> None:
+    @contextlib.contextmanager
+    def _locked(self):
+        """The accounts for a read-modify-write: exclusive against every other writer until the block ends."""
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(accounts, f, indent=1, sort_keys=True)
-        os.replace(tmp, self.path)  # atomic: a crash never leaves half a file
+        fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield self._load()
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _save(self, accounts: dict) -> None:
+        # A temporary name of its own per writer, in the same folder: the rename is atomic, a crash leaves no half
+        # file and two writers never write into one temporary file.
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(accounts, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
     def names(self) -> dict[str, bool]:
         return {name: a.get("admin", False) for name, a in sorted(self._load().items())}
 
-    def add(self, name: str, admin: bool = False, password: str | None = None) -> str:
+    def add(self, name: str, admin: bool = False, password: str | None = None, min_length: int = 10) -> str:
         if not NAME_RE.match(name):
             raise AccountError(f"'{name}' is not a valid account name: use 1-24 lower-case letters, digits, '-' or "
                                "'_', starting with a letter")
-        accounts = self._load()
-        if name in accounts:
-            raise AccountError(f"account '{name}' already exists (use `user passwd {name}` to reset its password)")
-        password = password or generate_password()
-        accounts[name] = {"hash": _hash(password, secrets.token_bytes(16)), "admin": admin}
-        self._save(accounts)
+        if password is not None and (problem := password_problem(name, password, min_length)):
+            raise AccountError(problem)
+        with self._locked() as accounts:
+            if name in accounts:
+                raise AccountError(f"account '{name}' already exists (use `user passwd {name}` to reset its "
+                                   "password)")
+            password = password or generate_password()
+            accounts[name] = {"hash": _hash(password, secrets.token_bytes(16)), "admin": admin}
+            self._save(accounts)
         return password
 
     def set_password(self, name: str, password: str | None = None, min_length: int = 10) -> str:
-        accounts = self._load()
-        if name not in accounts:
+        if name not in self._load():
             raise AccountError(f"no account '{name}' (see `user list`)")
-        if password is not None and len(password) < min_length:
-            raise AccountError(f"password too short: at least {min_length} characters")
+        if password is not None and (problem := password_problem(name, password, min_length)):
+            raise AccountError(problem)
         password = password or generate_password()
-        accounts[name]["hash"] = _hash(password, secrets.token_bytes(16))
-        self._save(accounts)
+        new_hash = _hash(password, secrets.token_bytes(16))
+        with self._locked() as accounts:
+            if name not in accounts:
+                raise AccountError(f"no account '{name}' (see `user list`)")
+            accounts[name]["hash"] = new_hash
+            self._save(accounts)
         return password
 
     def remove(self, name: str) -> None:
-        accounts = self._load()
-        if accounts.pop(name, None) is None:
-            raise AccountError(f"no account '{name}' (see `user list`)")
-        self._save(accounts)
+        with self._locked() as accounts:
+            if accounts.pop(name, None) is None:
+                raise AccountError(f"no account '{name}' (see `user list`)")
+            self._save(accounts)
 
     def check(self, name: str, password: str) -> dict | None:
+        """The account if `password` is right; the same work (one PBKDF2) whether or not `name` exists."""
         account = self._load().get(name)
-        if account and _verify(password, account["hash"]):
-            return account
-        return None
+        ok = _verify(password, account["hash"] if account else _dummy_hash())
+        return account if ok and account else None
+
+
+class LoginThrottle:
+    """Back-off after failed logins, per name and per client address: after `free` failures in a row, each further
+    attempt waits 2, 4, 8 ... (at most `cap`) seconds after the last failure, answered at once and without checking
+    the password, so guessing costs the hub nothing and real users' logins stay fast. A success clears the name."""
+
+    def __init__(self, free_per_name: int = 5, free_per_address: int = 20, cap: float = 300.0,
+                 max_entries: int = 100_000):
+        self.free = {"name": free_per_name, "address": free_per_address}
+        self.cap, self.max_entries = cap, max_entries
+        self._fails: dict[tuple[str, str], tuple[int, float]] = {}
+        self._lock = threading.Lock()
+
+    def _wait(self, key: tuple[str, str], now: float) -> float:
+        count, last = self._fails.get(key, (0, 0.0))
+        over = count - self.free[key[0]]
+        if over < 0:
+            return 0.0
+        return max(0.0, last + min(self.cap, 2.0 ** (over + 1)) - now)
+
+    def retry_after(self, name: str, address: str) -> float:
+        now = time.monotonic()
+        with self._lock:
+            return max(self._wait(("name", name), now), self._wait(("address", address), now))
+
+    def failed(self, name: str, address: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if len(self._fails) >= self.max_entries:  # forget the oldest half rather than grow without bound
+                for key, _ in sorted(self._fails.items(), key=lambda kv: kv[1][1])[: self.max_entries // 2]:
+                    del self._fails[key]
+            for key in (("name", name), ("address", address)):
+                self._fails[key] = (self._fails.get(key, (0, 0.0))[0] + 1, now)
+
+    def succeeded(self, name: str) -> None:
+        with self._lock:
+            self._fails.pop(("name", name), None)
+
+
+def client_address(handler) -> str:
+    """The address that connected to the public proxy: the last X-Forwarded-For entry (configurable-http-proxy
+    appends it), not an X-Real-Ip a client may set itself."""
+    forwarded = handler.request.headers.get("X-Forwarded-For", "")
+    return forwarded.split(",")[-1].strip() or handler.request.remote_ip or "?"
 
 
 class LocalAccountsAuthenticator(Authenticator):
@@ -112,12 +217,26 @@ class LocalAccountsAuthenticator(Authenticator):
     def _store(self) -> AccountStore:
         return AccountStore(Path(self.accounts_file))
 
+    @property
+    def throttle(self) -> LoginThrottle:
+        if not hasattr(self, "_throttle"):
+            self._throttle = LoginThrottle()
+        return self._throttle
+
     async def authenticate(self, handler, data):
         name = self.normalize_username(data.get("username", ""))
+        address = client_address(handler)
+        wait = self.throttle.retry_after(name, address)
+        if wait > 0:
+            self.log.warning("Login for %r from %s refused: back-off after failed logins (%.0f s left)", name,
+                             address, wait)
+            raise web.HTTPError(429, f"Too many failed logins. Try again in {wait:.0f} seconds.")
         account = await _in_thread(self._store().check, name, data.get("password", ""))
         if account is None:
-            self.log.warning("Failed login for %r", name)
+            self.throttle.failed(name, address)
+            self.log.warning("Failed login for %r from %s", name, address)
             return None
+        self.throttle.succeeded(name)
         return {"name": name, "admin": bool(account.get("admin"))}
 
     def check_allowed(self, username, authentication=None):

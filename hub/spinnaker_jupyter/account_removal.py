@@ -1,0 +1,185 @@
+"""What `spinnaker-jupyter user remove NAME` does beyond the accounts file: the person loses every way in.
+
+Their servers stop, their API tokens and login cookies stop working (the hub user is deleted: tokens go with it, and
+a cookie names a user that no longer exists), and their home is either archived where a later account of the same
+name cannot see it, or removed (`--purge`). While the hub runs this goes through its REST API with the token of the
+`account-manager` service (scopes: only what removal needs; kept 0600 in data_dir/hub); while it is down, straight
+in its database, and leftover processes of the account are ended.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .config import ConfigError, Deployment
+
+SERVICE = "account-manager"
+SCOPES = ["read:users:name", "read:servers", "delete:servers", "delete:users"]
+ARCHIVE = ".removed"  # inside homes_dir; no account name starts with a dot
+
+
+def token_path(d: Deployment) -> Path:
+    return d.hub_dir / f"{SERVICE}-token"
+
+
+def hub_service(d: Deployment) -> tuple[dict, dict]:
+    """The service and role the hub loads at start-up (its token is generated here, once, 0600)."""
+    path = token_path(d)
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    token = path.read_text().strip()
+    if len(token) < 32:
+        raise ConfigError(f"{path} holds no usable token (empty or short): delete it and start the hub again")
+    return ({"name": SERVICE, "api_token": token, "display": False},
+            {"name": SERVICE, "services": [SERVICE], "scopes": list(SCOPES)})
+
+
+def _hub_pid(d: Deployment) -> int | None:
+    """The pid of this deployment's running hub, from its pid file, if that process is a jupyterhub of ours."""
+    try:
+        pid = int((d.hub_dir / "jupyterhub.pid").read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        owner = Path(f"/proc/{pid}").stat().st_uid
+    except (OSError, ValueError):
+        return None
+    return pid if b"jupyterhub" in cmdline and owner == os.geteuid() else None
+
+
+class HubAPI:
+    def __init__(self, d: Deployment, timeout: float = 60):
+        self.base = f"http://127.0.0.1:{d['proxy']['hub_port']}{d['hub']['base_url']}hub/api"
+        path = token_path(d)
+        if not path.exists():
+            raise ConfigError(f"the hub is running but {path} does not exist (the hub was started by an older "
+                              "version): restart the hub, then run `user remove` again")
+        self.token_file, self.token = path, path.read_text().strip()
+        self.timeout = timeout
+
+    def call(self, method: str, path: str) -> tuple[int, dict | None]:
+        req = urllib.request.Request(self.base + path, method=method,
+                                     headers={"Authorization": f"token {self.token}"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                body = r.read()
+                return r.status, json.loads(body) if body else None
+        except urllib.error.HTTPError as e:
+            if e.code == 403:
+                raise ConfigError(f"the running hub refused the token in {self.token_file} (the hub was "
+                                  "started before it existed): restart the hub, then run `user remove` again") \
+                    from None
+            return e.code, None
+
+    def wait(self, condition, timeout: float, what: str):
+        deadline = time.monotonic() + timeout
+        while not (result := condition()):
+            if time.monotonic() > deadline:
+                raise ConfigError(f"timed out after {timeout:.0f} s waiting for {what}; run `user remove` again")
+            time.sleep(0.25)
+        return result
+
+
+def _remove_in_hub(d: Deployment, name: str, timeout: float) -> str:
+    api = HubAPI(d)
+    status, model = api.call("GET", f"/users/{name}")
+    if status == 404:
+        return "they had no hub user (never logged in)"
+    if status != 200:
+        raise ConfigError(f"the hub answered {status} when asked about {name}: see its log")
+    servers = list((model or {}).get("servers") or {})
+    for server in servers:
+        path = f"/users/{name}/servers/{server}" if server else f"/users/{name}/server"
+        api.call("DELETE", path)
+
+    def stopped():
+        code, m = api.call("GET", f"/users/{name}")
+        return code == 404 or not (m or {}).get("servers")
+
+    api.wait(stopped, timeout, f"{name}'s servers to stop")
+    status, _ = api.call("DELETE", f"/users/{name}")
+    if status not in (204, 404):
+        raise ConfigError(f"the hub answered {status} when deleting {name}: see its log")
+    stopped_what = f"{len(servers)} server(s) stopped, " if servers else ""
+    return f"{stopped_what}their tokens and login cookies revoked (hub user deleted)"
+
+
+def _remove_in_db(d: Deployment, name: str) -> str:
+    from jupyterhub import orm
+
+    if d.db_url.startswith("sqlite:///") and not Path(d.db_url[len("sqlite:///"):]).exists():
+        return "they had no hub user (the hub has never run)"
+    db = orm.new_session_factory(d.db_url)()
+    try:
+        user = db.query(orm.User).filter_by(name=name).first()
+        if user is None:
+            return "they had no hub user (never logged in)"
+        pids = [s.state.get("pid") for s in user._orm_spawners if s.state and s.state.get("pid")]
+        db.delete(user)  # tokens, OAuth codes and spawners go with the user (database cascades)
+        db.commit()
+    finally:
+        db.close()
+    for pid in pids:  # servers left running by a hub stopped with stop_servers_on_exit: false
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+    return "their tokens and login cookies revoked (hub user deleted; the hub is not running)"
+
+
+def _end_processes(d: Deployment, name: str) -> int:
+    from .hubconfig import system_users_enabled
+    from .spawner import kill_processes_of, system_account_name
+
+    if d["spawner"]["type"] != "local" or not system_users_enabled(d):
+        return 0
+    try:
+        uid = pwd.getpwnam(system_account_name(d["spawner"]["local"]["system_user_prefix"], name)).pw_uid
+    except KeyError:
+        return 0
+    return kill_processes_of(uid) if uid != 0 else 0
+
+
+def _dispose_home(d: Deployment, name: str, purge: bool) -> str:
+    if d["spawner"]["type"] == "docker":
+        return (f"their home volume is kept: `spinnaker-jupyter volumes remove {name}` deletes it")
+    home = d.homes_dir / name
+    if not home.exists():
+        return "they had no home folder"
+    if purge:
+        shutil.rmtree(home)
+        return f"their home folder {home} is deleted"
+    archive = d.homes_dir / ARCHIVE
+    archive.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(archive, 0o700)  # only the operator: a later account of the same name must not see the old files
+    target = archive / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.rename(home, target)
+    return f"their home folder is archived as {target} (readable by the operator only; `--purge` deletes instead)"
+
+
+def remove_account(d: Deployment, store, name: str, purge: bool = False, timeout: float = 120) -> str:
+    """Remove `name` everywhere; returns what happened, in words. The account goes first (no new login), then the
+    hub user (servers, tokens, cookies), leftover processes, and the home."""
+    from .local_accounts import AccountError
+
+    try:
+        store.remove(name)
+    except AccountError:
+        if not (d.homes_dir / name).exists():
+            raise
+        # A previous `user remove` got only part way: finish it.
+    said = [f"Removed account {name}"]
+    said.append(_remove_in_hub(d, name, timeout) if _hub_pid(d) else _remove_in_db(d, name))
+    left = _end_processes(d, name)
+    if left:
+        said.append(f"{left} leftover process(es) ended")
+    said.append(_dispose_home(d, name, purge))
+    return "; ".join(said) + "."

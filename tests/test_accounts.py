@@ -1,0 +1,182 @@
+"""Local accounts under attack and under concurrency (issue 10, finding 5): the accounts file keeps every change,
+a removed account loses every way in, logins back off and do not reveal which names exist, and common passwords
+are refused."""
+
+from __future__ import annotations
+
+import multiprocessing
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from conftest import BIN
+from hubclient import wait_for
+from spinnaker_jupyter.local_accounts import AccountStore, password_problem
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data")}))
+
+    def cli(*args, input=None):
+        return subprocess.run([BIN / "spinnaker-jupyter", *args, "-c", cfg], capture_output=True, text=True,
+                              input=input, timeout=300)
+
+    cli.store = AccountStore(tmp_path / "data" / "hub" / "accounts.json")
+    return cli
+
+
+def _in_processes(calls) -> list:
+    """Run (function, args) pairs at the same time, each in a process of its own, like concurrent CLI commands."""
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(len(calls)) as pool:
+        return [r.get(120) for r in [pool.apply_async(_call, c) for c in calls]]
+
+
+def _call(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - reported to the test as a value
+        return e
+
+
+def test_concurrent_adds_keep_every_account(tmp_path):
+    store = AccountStore(tmp_path / "accounts.json")
+    names = [f"user{i}" for i in range(10)]
+    passwords = _in_processes([(store.add, n) for n in names])
+    assert sorted(store.names()) == names
+    for name, password in zip(names, passwords):  # every password printed is one that works
+        assert store.check(name, password), name
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_add_concurrent_with_remove_loses_neither(tmp_path):
+    store = AccountStore(tmp_path / "accounts.json")
+    for round in range(4):
+        store.add(f"x{round}")
+        results = _in_processes([(store.remove, f"x{round}"), (store.add, f"y{round}")])
+        assert not [r for r in results if isinstance(r, Exception)], results
+        names = store.names()
+        assert f"x{round}" not in names and f"y{round}" in names, (round, names)
+
+
+@pytest.mark.parametrize("password, why", [
+    ("qwertyuiop", "most common passwords"),
+    ("1qaz2wsx3edc", "most common passwords"),
+    ("Password12345", "too easy to guess"),
+    ("davidsmith2024", "account name"),
+    ("short", "too short"),
+])
+def test_common_passwords_are_refused(password, why):
+    assert why in password_problem("david", password, 10)
+
+
+def test_user_add_and_passwd_refuse_a_common_password(deployment):
+    assert deployment("user", "add", "david").returncode == 0
+    for args in (("user", "passwd", "david", "--stdin"), ("user", "add", "erin", "--stdin")):
+        r = deployment(*args, input="1qaz2wsx3edc\n")
+        assert r.returncode == 2 and "most common passwords" in r.stderr, (args, r.stderr)
+    assert "erin" not in deployment.store.names()
+    r = deployment("user", "add", "frank", "--stdin", input="violet tractor mandible oyster\n")
+    assert r.returncode == 0, r.stderr
+    assert "violet" not in r.stdout  # a given password is not echoed
+    assert deployment.store.check("frank", "violet tractor mandible oyster")
+
+
+def test_unknown_name_costs_as_much_as_a_wrong_password(tmp_path):
+    store = AccountStore(tmp_path / "a.json")
+    store.add("grace")
+    store.check("nobody", "warm-up")  # the dummy hash is made once
+
+    def median_time(name):
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            assert store.check(name, "wrong password") is None
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    known, unknown = median_time("grace"), median_time("nobody")
+    assert unknown > 0.5 * known and unknown < 2 * known, (known, unknown)
+
+
+# --- through a real hub ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def hub(hub_factory):
+    return hub_factory({"culler": {"enabled": False}})
+
+
+def _login(hub, name, password) -> requests.Response:
+    s = requests.Session()
+    s.get(f"{hub.url}/hub/login", timeout=30)
+    return s.post(f"{hub.url}/hub/login", data={"username": name, "password": password,
+                                                "_xsrf": s.cookies.get("_xsrf", path="/hub/")},
+                  allow_redirects=False, timeout=60)
+
+
+def _login_status(hub, name, password) -> int:
+    return _login(hub, name, password).status_code
+
+
+def test_removed_account_loses_servers_tokens_cookies_and_files(hub):
+    password = hub.add_user("carl")
+    carl = hub.client("carl", password)
+    carl.start_server()
+    assert carl.server("PUT", "api/contents/secret.txt",
+                       json={"type": "file", "format": "text", "content": "old carl"}).status_code == 201
+    assert carl.browse("lab").status_code == 200  # the browser session reaches the server
+
+    r = hub.cli("user", "remove", "carl")
+    assert r.returncode == 0, r.stderr
+    assert "1 server(s) stopped" in r.stdout and "tokens and login cookies revoked" in r.stdout, r.stdout
+    assert "archived as" in r.stdout, r.stdout
+
+    # The old token, the old browser session and the old server are all gone.
+    assert carl.api("GET", "/user").status_code in (403, 404)
+    assert carl.session.get(f"{hub.url}/hub/api/user", timeout=30,
+                            headers={"X-XSRFToken": carl._xsrf()}).status_code in (403, 404)
+    assert carl.server("GET", "api/contents").status_code != 200
+    assert "/hub/login" in carl.browse("lab").url  # the old browser session is sent to the login page
+    assert carl.session.post(f"{hub.url}/hub/api/users/carl/tokens", json={}, timeout=30,
+                             headers={"X-XSRFToken": carl._xsrf()}).status_code in (403, 404)
+    assert _login_status(hub, "carl", password) == 403  # the login form again, with the error
+
+    # A new carl starts with an empty home; the old files are archived out of their reach.
+    new = hub.client("carl", hub.add_user("carl"))
+    new.start_server()
+    listing = new.server("GET", "api/contents").json()
+    assert "secret.txt" not in [f["name"] for f in listing["content"]]
+    kernel = new.start_kernel("spynnaker")
+    archive = Path(hub.config["data_dir"]) / "homes" / ".removed"
+    out = new.execute(kernel, f"import os\ntry:\n    print(os.listdir({str(archive)!r}))\n"
+                              "except PermissionError:\n    print('DENIED')")
+    assert "DENIED" in out["stdout"], out
+    assert any((p / "secret.txt").read_text() == "old carl" for p in archive.iterdir())
+    new.stop_server()
+
+    r = hub.cli("user", "remove", "carl", "--purge")
+    assert r.returncode == 0 and "deleted" in r.stdout, (r.stdout, r.stderr)
+    assert not (Path(hub.config["data_dir"]) / "homes" / "carl").exists()
+
+
+def test_login_backs_off_per_name_and_per_address(hub):
+    good = hub.add_user("dora")
+    hub.add_user("emil")
+    for _ in range(5):
+        assert _login_status(hub, "dora", "wrong password") == 403  # the form again, with the error
+    t0 = time.monotonic()
+    assert _login_status(hub, "dora", good) == 429  # even the right password waits out the back-off
+    assert time.monotonic() - t0 < 1  # answered without hashing anything
+    wait_for(lambda: _login_status(hub, "dora", good) == 302, 10, "dora's back-off to end")
+
+    # Spraying many names from one address stops that address, whichever name comes next.
+    for i in range(20):
+        _login_status(hub, f"nobody{i}", "wrong password")
+    refused = _login(hub, "emil", "any")
+    assert refused.status_code == 429 and "Too many failed logins" in refused.text, refused.status_code
