@@ -1,10 +1,13 @@
-"""Runs inside each user's Jupyter server: seeds the tutorials, locks the proxy down, serves the NRP route."""
+"""Runs inside each user's Jupyter server: seeds the tutorials, locks the proxy down, serves the NRP route, keeps
+kernels off TCP."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from . import kernel_ipc, nrp
+from .activity import watch_busy_kernels
 from .proxy_guard import install_proxy_guard
 from .tutorials import seed_tutorials
 
@@ -17,6 +20,7 @@ def _jupyter_server_extension_points():
 
 def _load_jupyter_server_extension(server_app):
     log = server_app.log
+    watch_busy_kernels(server_app)  # a kernel running code keeps its server from being culled
     source = os.environ.get("SPINNAKER_TUTORIALS_DIR")
     if source and Path(source).is_dir():
         try:
@@ -27,9 +31,16 @@ def _load_jupyter_server_extension(server_app):
             log.error("tutorials: could not copy the tutorials into %s: %s", Path.home(), e)
     if os.environ.get("SPINNAKER_GIT_KERNEL_CONFIG"):
         _start_git_kernel(log)
-    install_proxy_guard(server_app.web_app, allowed_ports=_ports(os.environ.get("SPINNAKER_PROXY_PORTS", "")),
-                        nrp_port=int(os.environ.get("SPINNAKER_NRP_PORT", "9000")),
-                        nrp_installed=bool(os.environ.get("SPINNAKER_NRP_COMMAND")))
+    closed = install_proxy_guard(server_app.web_app,
+                                 allowed_ports=_ports(os.environ.get("SPINNAKER_PROXY_PORTS", "")),
+                                 nrp_port=int(os.environ.get("SPINNAKER_NRP_PORT", "9000")),
+                                 nrp_installed=bool(os.environ.get("SPINNAKER_NRP_COMMAND")),
+                                 nrp_tcp=nrp.uses_tcp_port())
+    if closed:
+        log.error("proxy: every proxy route (/proxy/, /nrp/) is closed: %s", closed)
+    ipc_dir = kernel_ipc.configure(server_app)
+    if ipc_dir:
+        log.info("kernels: unix sockets in %s (private to this account), no TCP ports", ipc_dir)
 
 
 def _start_git_kernel(log) -> None:

@@ -1,8 +1,11 @@
-"""The jupyter-server-proxy entry `nrp`: the Neurorobotics Platform frontend on its port, behind Jupyter's login.
+"""The jupyter-server-proxy entry `nrp`: the Neurorobotics Platform frontend, behind Jupyter's login.
 
-With an NRP installed (the deployment sets SPINNAKER_NRP_COMMAND), /user/<name>/nrp/ starts it on port 9000 and
-/user/<name>/proxy/9000/ reaches it, as the user guide describes. Without one, the route answers with a page saying
-so, served over a private unix socket so that no TCP port is taken.
+With an NRP installed (the deployment sets SPINNAKER_NRP_COMMAND), /user/<name>/nrp/ starts it on demand. A command
+that names `{unix_socket}` serves on a private unix socket (in a folder only this account may enter): no TCP port,
+so no other account on the machine can stand in for it. Otherwise it listens on port 9000, which
+/user/<name>/proxy/9000/ reaches as the user guide describes; the proxy guard then lets the route reach that port
+only while this account's own process listens there. Without an NRP, the route answers with a page saying so, over
+a private unix socket.
 """
 
 from __future__ import annotations
@@ -12,13 +15,26 @@ import os
 import sys
 
 
+def nrp_command(environ=os.environ) -> list[str]:
+    return json.loads(environ.get("SPINNAKER_NRP_COMMAND") or "[]")
+
+
+def uses_tcp_port(environ=os.environ) -> bool:
+    """Whether the `nrp` entry reaches its NRP on a TCP port (SPINNAKER_NRP_PORT) rather than a unix socket."""
+    command = nrp_command(environ)
+    return bool(command) and not any("{unix_socket}" in arg for arg in command)
+
+
 def setup_nrp():
     port = int(os.environ.get("SPINNAKER_NRP_PORT", "9000"))
     timeout = int(os.environ.get("SPINNAKER_NRP_START_TIMEOUT", "120"))
     launcher = {"title": "Neurorobotics Platform", "enabled": True}
-    command = json.loads(os.environ.get("SPINNAKER_NRP_COMMAND") or "[]")
-    if command:
+    command = nrp_command()
+    if command and uses_tcp_port():
         return {"command": command, "port": port, "timeout": timeout, "launcher_entry": launcher,
+                "new_browser_tab": True}
+    if command:
+        return {"command": command, "unix_socket": True, "timeout": timeout, "launcher_entry": launcher,
                 "new_browser_tab": True}
     return {"command": [sys.executable, "-m", "spinnaker_jupyter_ext.nrp_missing", "{unix_socket}"],
             "unix_socket": True, "timeout": 20, "launcher_entry": {**launcher, "enabled": False}}

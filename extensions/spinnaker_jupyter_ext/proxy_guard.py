@@ -1,19 +1,22 @@
-"""Lock jupyter-server-proxy down to the ports the deployment names.
+"""Lock jupyter-server-proxy down to the ports the deployment names, with a clear page for what is refused.
 
 Upstream, /proxy/<port>/ reaches ANY local port and /proxy/<host>:<port>/ other hosts. A handler placed ahead of
 jupyter-server-proxy's refuses every /proxy/ target except the allowed local ports, and refuses a local port whose
-listener belongs to another account (on a shared host, port 9000 of one user is not another user's NRP).
+listener belongs to another account (on a shared host, port 9000 of one user is not another user's NRP); the same
+for the `nrp` entry's port, before the entry starts anything. The guard that no route can pass, whatever its name,
+sits where jupyter-server-proxy connects (proxy_upstream.py); without it every proxy route stays closed.
 """
 
 from __future__ import annotations
 
-import os
-import time
 from jupyter_server.base.handlers import JupyterHandler
 from jupyter_server.utils import url_path_join
 from tornado import web
 from tornado.routing import HostMatches, PathMatches, Rule
 from tornado.web import _ApplicationRouter
+
+from . import proxy_upstream
+from .listeners import listener_uid, recent_owner  # noqa: F401 - listener_uid: tests/test_hub.py
 
 NOT_INSTALLED = """<!doctype html><html><head><meta charset="utf-8"><title>NRP not installed</title></head>
 <body style="font-family: sans-serif; max-width: 40em; margin: 3em auto">
@@ -29,68 +32,58 @@ NOT_RUNNING = """<!doctype html><html><head><meta charset="utf-8"><title>NRP not
 When it has started, reload this page.</p></body></html>"""
 
 
-def listener_uid(port: int) -> int | None:
-    """The uid owning a socket listening on 127.0.0.1/0.0.0.0:<port> (from /proc/net/tcp), or None."""
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                next(f)
-                for line in f:
-                    fields = line.split()
-                    local, state, uid = fields[1], fields[3], fields[7]
-                    if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:  # 0A = LISTEN
-                        return int(uid)
-        except OSError:
-            continue
-    return None
-
-
-_RECENT: dict[int, tuple[float, int | None]] = {}
-RECHECK_AFTER = 1.0  # seconds: a page of the NRP loads dozens of assets; /proc/net/tcp is read once for them
-
-
-def _listener_uid_recent(port: int) -> int | None:
-    now = time.monotonic()
-    seen = _RECENT.get(port)
-    if seen is None or now - seen[0] > RECHECK_AFTER:
-        seen = _RECENT[port] = (now, listener_uid(port))
-    return seen[1]
-
-
 def verdict(target: str, allowed_ports: set[int], nrp_port: int, nrp_installed: bool) -> tuple[int, str] | None:
     """None if jupyter-server-proxy may serve /proxy/<target>/; else (status, message or page)."""
     if not target.isdigit() or int(target) not in allowed_ports:
         allowed = ", ".join(str(p) for p in sorted(allowed_ports)) or "none"
         return 403, f"/proxy/{target}/ is not reachable on this service. Local ports that are: {allowed}."
     port = int(target)
-    uid = _listener_uid_recent(port)
-    if uid is None:
+    owner = recent_owner(port)
+    if owner is None:
         if port == nrp_port:
             return (503, NOT_RUNNING) if nrp_installed else (404, NOT_INSTALLED.format(port=port))
         return 502, f"Nothing is listening on port {port} in your server."
-    if uid != os.getuid():
-        return 403, f"Port {port} is in use by another account on this machine, not by your server."
+    if owner != "ours":
+        return 403, (f"Port {port} is in use by another account on this machine, not by your server: "
+                     "nothing was sent to it.")
+    return closed()
+
+
+def nrp_verdict(nrp_port: int | None) -> tuple[int, str] | None:
+    """None if the `nrp` entry may serve (and start what serves) /nrp/; else (status, message). <nrp_port> is None
+    when the entry listens on a private unix socket rather than a TCP port."""
+    if nrp_port is not None and recent_owner(nrp_port) == "other":
+        return 403, (f"The Neurorobotics Platform's port {nrp_port} is in use by another account on this machine, "
+                     "not by your server: nothing was sent to it, and your NRP was not started. Ask the "
+                     "service's operators.")
+    return closed()
+
+
+def closed() -> tuple[int, str] | None:
+    """Every proxy route stays closed when the guard where jupyter-server-proxy connects could not be installed."""
+    problem = proxy_upstream.install()
+    if problem:
+        return 503, f"Proxy routes are switched off on this server: {problem}. Ask the service's operators."
     return None
 
 
-class RefusedProxyTarget(PathMatches):
-    """Matches only the /proxy/ requests that must not reach jupyter-server-proxy; the rest fall through."""
+class RefusedRoute(PathMatches):
+    """Matches only the requests of a proxy route that must not reach jupyter-server-proxy; the rest fall through."""
 
-    def __init__(self, pattern, **settings):
+    def __init__(self, pattern, decide):
         super().__init__(pattern)
-        self.settings = settings
+        self.decide = decide  # (path_args as str) -> None, or (status, message or page)
 
     def match(self, request):
         m = super().match(request)
         if m is None:
             return None
-        target = m["path_args"][0]
-        return None if verdict(target.decode(), **self.settings) is None else m
+        return None if self.decide(*(a.decode() for a in m.get("path_args", []))) is None else m
 
 
 class RefusedProxyHandler(JupyterHandler):
-    def initialize(self, **settings):
-        self.settings_for_verdict = settings
+    def initialize(self, decide):
+        self.decide = decide
 
     async def prepare(self):
         await super().prepare()  # jupyter_server authenticates here (and may redirect to the login)
@@ -98,8 +91,8 @@ class RefusedProxyHandler(JupyterHandler):
             return
         if not self.current_user:
             raise web.HTTPError(403, "Log in to reach this server's proxy.")
-        refused = verdict(self.path_args[0], **self.settings_for_verdict)
-        if refused is None:  # started listening since the route was chosen: ask again
+        refused = self.decide(*self.path_args)
+        if refused is None:  # the listener changed since the route was chosen: ask again
             self.redirect(self.request.uri)
             return
         status, body = refused
@@ -110,10 +103,17 @@ class RefusedProxyHandler(JupyterHandler):
             raise web.HTTPError(status, body)
 
 
-def install_proxy_guard(web_app, allowed_ports: set[int], nrp_port: int, nrp_installed: bool) -> None:
+def install_proxy_guard(web_app, allowed_ports: set[int], nrp_port: int, nrp_installed: bool,
+                        nrp_tcp: bool = True) -> str | None:
+    """<nrp_tcp>: the `nrp` entry reaches its NRP on TCP port <nrp_port> (else on a private unix socket).
+    Returns why every proxy route stays closed, or None."""
     base = web_app.settings["base_url"]
-    matcher = RefusedProxyTarget(url_path_join(base, r"/proxy/(?:absolute/)?([^/]+)(?:/.*)?$"),
-                                 allowed_ports=allowed_ports, nrp_port=nrp_port, nrp_installed=nrp_installed)
+    routes = [
+        (url_path_join(base, r"/proxy/(?:absolute/)?([^/]+)(?:/.*)?$"),
+         lambda target: verdict(target, allowed_ports, nrp_port, nrp_installed)),
+        (url_path_join(base, r"/nrp(?:/.*)?$"), lambda: nrp_verdict(nrp_port if nrp_tcp else None)),
+    ]
+    rules = [Rule(RefusedRoute(pattern, decide), RefusedProxyHandler, {"decide": decide}) for pattern, decide in routes]
     # First rule of the application: checked before jupyter-server-proxy's own routes.
-    rule = Rule(HostMatches(".*"), _ApplicationRouter(web_app, [Rule(matcher, RefusedProxyHandler, matcher.settings)]))
-    web_app.default_router.rules.insert(0, rule)
+    web_app.default_router.rules.insert(0, Rule(HostMatches(".*"), _ApplicationRouter(web_app, rules)))
+    return proxy_upstream.install()
