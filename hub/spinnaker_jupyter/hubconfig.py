@@ -29,6 +29,9 @@ def write_server_config(d: Deployment) -> Path:
     settings = {
         "ServerApp": {"jpserver_extensions": {"spinnaker_jupyter_ext": True, "jupyter_server_proxy": True}},
         "ServerProxy": {"host_allowlist": ["localhost", "127.0.0.1"]},
+        # Kernels on unix sockets in a private folder (the extension picks it), never on TCP ports that any local
+        # account could subscribe to. images/singleuser/jupyter_server_config.json says the same for containers.
+        "KernelManager": {"transport": "ipc"},
     }
     path = conf_dir / "jupyter_server_config.json"
     path.write_text(json.dumps(settings, indent=1))
