@@ -142,14 +142,15 @@ class RunningHub:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = base / "hub.log"
         self.proc = None
+        self.command = [BIN / "spinnaker-jupyter"]  # the operator's command (another release's: test_upgrade.py)
 
     def cli(self, *args, input=None) -> subprocess.CompletedProcess:
-        return subprocess.run([BIN / "spinnaker-jupyter", *args, "-c", self.config_file], capture_output=True,
+        return subprocess.run([*self.command, *args, "-c", self.config_file], capture_output=True,
                               text=True, input=input, timeout=120, env=self.env)
 
     def start(self, timeout: float = 60) -> "RunningHub":
         log = open(self.log_path, "a")
-        self.proc = subprocess.Popen([BIN / "spinnaker-jupyter", "up", "--no-build", "-c", self.config_file],
+        self.proc = subprocess.Popen([*self.command, "up", "--no-build", "-c", self.config_file],
                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env)
         import requests
 

@@ -1,14 +1,14 @@
 """`spinnaker-jupyter backup DIR` and `restore DIR`: everything of a deployment that is not a user's home folder.
 
-What is saved is a list of parts, each a folder under data_dir: the hub's own folder (database, accounts, secrets)
-and the generated config. A later part (the job store) is one more entry in PARTS. SQLite databases are copied with
-SQLite's online backup API, so a backup taken while the hub runs is a consistent snapshot; every other file is read
-once (the hub replaces its files atomically). Modes are kept (secrets stay 0600) and the backup folder is 0700.
-A manifest lists every file with its checksum: a restore checks them all before it writes anything.
+What is saved is a list of parts (PARTS), each a folder under data_dir: the hub's own folder (database, accounts,
+secrets), the generated config and kernelspecs, and the job store (data_dir/jobs: its database and keys). SQLite
+databases are copied with SQLite's online backup API, so a backup taken while the hub runs is a consistent snapshot;
+every other file is read once (the hub replaces its files atomically). Modes are kept (secrets stay 0600) and the
+backup folder is 0700. A manifest lists every file with its checksum: a restore checks them all before it writes.
 
-Not saved: homes (data_dir/homes, or the containers' home volumes) and logs, which operators back up as user data,
-and the kernel environments, which `spinnaker-jupyter build` makes again. A database that is not SQLite
-(hub.db_url) is backed up with its own tools; the manifest says so.
+Not saved: homes (data_dir/homes, or the containers' home volumes), logs and job outputs, which operators back up
+as user data, and the kernel environments, which `spinnaker-jupyter build` makes again. A database that is not
+SQLite (hub.db_url, jobs.db_url) is backed up with its own tools; the manifest says so for the hub's.
 """
 
 from __future__ import annotations
@@ -34,12 +34,14 @@ class Part:
     folder: str  # under data_dir
     what: str
     state: bool  # True: a restore never replaces it without --force. False: generated again at each start anyway
+    skip: tuple[str, ...] = ()  # sub-folders that are user data (backed up like homes), not the service's state
 
 
 PARTS = [
     Part("hub", "hub", "hub database, local accounts, secrets", state=True),
     Part("generated-config", "etc", "generated Jupyter server and sPyNNaker config", state=False),
     Part("kernelspecs", "share", "generated kernelspecs", state=False),
+    Part("jobs", "jobs", "batch job store and its keys", state=True, skip=("logs", "outputs", "work")),
 ]
 # Runtime files of a running hub, not state: never saved, never restored.
 RUNTIME_SUFFIXES = (".pid", ".lock", ".tmp", "-journal", "-wal", "-shm")
@@ -78,9 +80,10 @@ def _copy_sqlite(src: Path, dst: Path) -> None:
         source.close()
 
 
-def _files(root: Path):
+def _files(root: Path, skip: tuple[str, ...] = ()):
     for path in sorted(root.rglob("*")):
-        if path.is_file() and not path.is_symlink() and not _is_runtime(path):
+        if path.is_file() and not path.is_symlink() and not _is_runtime(path) \
+                and path.relative_to(root).parts[0] not in skip:
             yield path
 
 
@@ -104,7 +107,7 @@ def backup(d: Deployment, dest: Path) -> dict:
         if not root.is_dir():
             continue
         manifest["parts"][part.name] = {"folder": part.folder, "what": part.what}
-        for src in _files(root):
+        for src in _files(root, part.skip):
             rel = src.relative_to(d.data_dir)
             dst = dest / "data" / rel
             _private_dir(dst.parent)
@@ -170,7 +173,8 @@ def restore(d: Deployment, src: Path, force: bool = False) -> dict:
     # A deployment's state already there (a hub folder with a database, accounts or secrets) is never replaced
     # silently; generated files are simply written again.
     state = [path for part in PARTS if part.state and (d.data_dir / part.folder).is_dir()
-             for path in sorted((d.data_dir / part.folder).iterdir()) if not _is_runtime(path)]
+             for path in sorted((d.data_dir / part.folder).iterdir())
+             if not _is_runtime(path) and path.name not in part.skip]
     if state and not force:
         shown = ", ".join(str(p.relative_to(d.data_dir)) for p in state[:5]) + (", ..." if len(state) > 5 else "")
         raise BackupError(f"restore: {d.data_dir} already holds a deployment ({shown}); restore onto a fresh "
@@ -206,8 +210,8 @@ def cmd_backup(args) -> int:
     manifest = backup(d, Path(args.dir))
     parts = ", ".join(f"{p['what']}" for p in manifest["parts"].values())
     say(f"backed up {len(manifest['files'])} files ({parts}) into {Path(args.dir).resolve()} (mode 0700)")
-    say("not included: home folders and logs (back them up as user data), kernel environments (`build` remakes "
-        "them)" + "".join(f"; {n}" for n in manifest["not_included"]))
+    say("not included: home folders, logs and job outputs (back them up as user data), kernel environments "
+        "(`build` remakes them)" + "".join(f"; {n}" for n in manifest["not_included"]))
     return 0
 
 

@@ -17,6 +17,13 @@ def system_users_enabled(d: Deployment) -> bool:
     return os.geteuid() == 0 if setting == "auto" else bool(setting)
 
 
+def stop_servers_on_exit(d: Deployment) -> bool:
+    """Containers outlive the hub on their own: keep them through restarts. Local processes are the hub's children:
+    stopping the hub stops them, unless the operator says otherwise."""
+    setting = d["hub"]["stop_servers_on_exit"]
+    return d["spawner"]["type"] == "local" if setting == "auto" else bool(setting)
+
+
 def chp_command(d: Deployment) -> list[str]:
     return d["proxy"]["command"] or [str(PROJECT_ROOT / "node_modules" / ".bin" / "configurable-http-proxy")]
 
@@ -84,7 +91,7 @@ def apply(c, d: Deployment) -> None:
     c.JupyterHub.log_level = hub["log_level"]
     c.JupyterHub.allow_named_servers = hub["allow_named_servers"]
     c.JupyterHub.named_server_limit_per_user = hub["named_server_limit"]
-    c.JupyterHub.cleanup_servers = hub["stop_servers_on_exit"]
+    c.JupyterHub.cleanup_servers = stop_servers_on_exit(d)
     c.JupyterHub.template_paths = [str(Path(__file__).parent / "templates")]
 
     c.JupyterHub.proxy_class = "spinnaker_jupyter.proxy.CheckedProxy"  # its token reaches only the proxy started

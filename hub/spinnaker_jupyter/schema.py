@@ -49,8 +49,13 @@ SCHEMA: dict = _obj({
         "allow_named_servers": _bool(True, "Let users run several named servers."),
         "named_server_limit": _int(3, "Named servers per user (0 = unlimited).", minimum=0),
         "start_timeout": _int(300, "Seconds a user's server may take to start.", minimum=10),
-        "stop_servers_on_exit": _bool(True, "Stop user servers when the hub stops (false keeps sessions "
-                                            "through hub restarts and upgrades)."),
+        "stop_servers_on_exit": {"enum": ["auto", True, False], "default": "auto",
+                                 "description": "Stop user servers when the hub stops. false: sessions (servers, "
+                                 "kernels, SpiNNaker boards) live on through hub restarts and upgrades and the "
+                                 "restarted hub takes them over. `auto`: false with spawner.type docker (as "
+                                 "zero-to-jupyterhub); true with local processes, where stopping the hub (Ctrl-C on "
+                                 "`make up`) should leave nothing running (a systemd unit that keeps them needs "
+                                 "KillMode=process, as the Ansible role sets)."},
         "frame_ancestors": _list({"type": "string"}, desc="Origins allowed to embed the hub in an iframe "
                                  "(Content-Security-Policy frame-ancestors), e.g. https://wiki.ebrains.eu."),
         "log_level": _str("INFO", "Hub log level.", enum=["DEBUG", "INFO", "WARNING", "ERROR"]),
