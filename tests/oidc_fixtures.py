@@ -351,8 +351,31 @@ class OIDCProvider:
         except OSError:
             return ""
 
+    # -- a hanging provider --
+
+    def pause(self) -> None:
+        """Freeze the provider (SIGSTOP): connections are still accepted by the kernel and requests
+        queue up unanswered, like an identity provider that hangs."""
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let a paused provider go on (SIGCONT): it then answers the requests that queued up."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """``with provider.paused(): ...`` - the provider hangs inside the block, and always goes on
+        after it (other tests share the session's provider)."""
+        self.pause()
+        try:
+            yield
+        finally:
+            self.resume()
+
     def stop(self, timeout: float = 10) -> None:
         if self.process.poll() is None:
+            self.resume()  # a stopped process would not act on SIGTERM
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout)

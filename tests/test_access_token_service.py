@@ -40,6 +40,8 @@ SERVICE = ats.SERVICE_NAME
 REFRESH_MARGIN = 3
 #: Authenticator.auth_refresh_age in these tests (must be < REFRESH_MARGIN).
 AUTH_REFRESH_AGE = 1
+#: Seconds the hub waits for the provider in these tests (auth.ebrains.provider_timeout).
+PROVIDER_TIMEOUT = 3
 
 
 # ================================================================================================
@@ -118,57 +120,56 @@ def test_authenticator_settings():
     assert s["auth_refresh_age"] == 30
     assert s["refresh_user_hook"].margin == 60
     assert s["reconcile_auth_state_hook"] is ats.reconcile_auth_state_hook
+    # every call to the provider is bounded (tornado's default would be 20 s, per request)
+    assert s["http_request_kwargs"] == {"connect_timeout": ats.DEFAULT_PROVIDER_TIMEOUT,
+                                        "request_timeout": ats.DEFAULT_PROVIDER_TIMEOUT}
+    s = ats.authenticator_settings(provider_timeout=4)
+    assert s["http_request_kwargs"] == {"connect_timeout": 4, "request_timeout": 4}
+    assert s["refresh_user_hook"].provider_timeout == 4
     for age in (0, 60, 90):
         with pytest.raises(ValueError):
             ats.authenticator_settings(refresh_margin=60, auth_refresh_age=age)
+    with pytest.raises(ValueError):
+        ats.authenticator_settings(provider_timeout=0)
 
 
-class _FakeAuthenticator:
-    """Just the oauthenticator methods the refresh hook uses."""
+def test_provider_timeout_comes_from_the_deployment_config(tmp_path, monkeypatch):
+    from traitlets.config import Config
 
-    def __init__(self, fail=False):
-        self.fail = fail
-        self.calls = []
-        self.log = SimpleNamespace(info=lambda *a: None, warning=lambda *a: None, error=lambda *a: None)
+    from spinnaker_jupyter import config, hubconfig
 
-    def build_refresh_token_request_params(self, refresh_token):
-        return {"grant_type": "refresh_token", "refresh_token": refresh_token}
+    monkeypatch.setenv("EBRAINS_CLIENT_SECRET", "test-secret")
+    monkeypatch.setenv("JUPYTERHUB_CRYPT_KEY", secrets.token_hex(32))
+    timeouts = {}
+    for given in (None, 7):
+        ebrains = {"client_id": "spinnaker-jupyter", "allow_all": True}
+        if given is not None:
+            ebrains["provider_timeout"] = given
+        path = tmp_path / f"c{given}.yaml"
+        path.write_text(json.dumps({"data_dir": str(tmp_path / "data"), "auth": {"type": "ebrains", "ebrains": ebrains}}))
+        c = Config()
+        definition = hubconfig._apply_ebrains(c, config.load([path]))
+        a = c.EBRAINSAuthenticator
+        timeouts[given] = a.refresh_user_hook.provider_timeout
+        assert a.http_request_kwargs == {"connect_timeout": timeouts[given], "request_timeout": timeouts[given]}
+        # the service waits for the hub longer than the hub may wait for the provider
+        assert float(definition["service"]["environment"][ats.HUB_TIMEOUT_ENV]) > timeouts[given]
+    assert timeouts == {None: 10, 7: 7}
+    path.write_text(json.dumps({"auth": {"type": "ebrains", "ebrains": {"client_id": "x", "allow_all": True, "provider_timeout": 0}}}))
+    with pytest.raises(config.ConfigError, match="provider_timeout"):
+        config.load([path])
 
-    async def get_token_info(self, handler, params):
-        self.calls.append(params)
-        if self.fail:
-            raise RuntimeError("invalid_grant")
-        return {"access_token": "new", "expires_in": 300}
 
-    async def _token_to_auth_model(self, token_info):
-        return {"name": "alice", "auth_state": {"access_token": token_info["access_token"],
-                                                "refresh_token": token_info["refresh_token"]}}
+def test_oauthenticator_private_api_is_as_checked():
+    """The one private oauthenticator API used (access_token_service._auth_model), as checked
+    against oauthenticator 17.4.0."""
+    import inspect
 
+    from oauthenticator.oauth2 import OAuthenticator
 
-def test_refresh_hook():
-    hook = ats.make_refresh_user_hook(margin=60)
-    user = SimpleNamespace(name="alice")
-    now = time.time()
-
-    def run(auth, state):
-        return asyncio.run(hook(auth, user, state))
-
-    auth = _FakeAuthenticator()
-    # far from expiry, unknown expiry, no state: oauthenticator's default behaviour
-    assert run(auth, {"access_token": "a", "refresh_token": "r", ats.EXPIRES_AT_KEY: now + 600}) is None
-    assert run(auth, {"access_token": "a", "refresh_token": "r"}) is None
-    assert run(auth, None) is None
-    # near expiry but no refresh token: default behaviour too
-    assert run(auth, {"access_token": "a", ats.EXPIRES_AT_KEY: now + 10}) is None
-    assert auth.calls == []
-    # near expiry, or expired: refreshed now, refresh token kept when the provider sends none
-    for expires_at in (now + 10, now - 10):
-        model = run(auth, {"access_token": "a", "refresh_token": "r", ats.EXPIRES_AT_KEY: expires_at})
-        assert model["auth_state"] == {"access_token": "new", "refresh_token": "r"}
-    assert auth.calls[-1] == {"grant_type": "refresh_token", "refresh_token": "r"}
-    # refresh refused: the user must log in again
-    assert run(_FakeAuthenticator(fail=True), {"access_token": "a", "refresh_token": "r",
-                                               ats.EXPIRES_AT_KEY: now + 10}) is False
+    method = OAuthenticator._token_to_auth_model
+    assert inspect.iscoroutinefunction(method)
+    assert list(inspect.signature(method).parameters) == ["self", "token_info"]
 
 
 # ================================================================================================
@@ -439,11 +440,12 @@ def hub(tmp_path_factory, oidc_provider, chp_command):
         c.GenericOAuthenticator.oauth_callback_url = "{url}/hub/oauth_callback"
         c.GenericOAuthenticator.allow_all = True
         for key, value in authenticator_settings(
-            refresh_margin={REFRESH_MARGIN}, auth_refresh_age={AUTH_REFRESH_AGE}
+            refresh_margin={REFRESH_MARGIN}, auth_refresh_age={AUTH_REFRESH_AGE}, provider_timeout={PROVIDER_TIMEOUT}
         ).items():
             setattr(c.GenericOAuthenticator, key, value)
 
-        d = service_definition("http://127.0.0.1:{service_port}", user_host="127.0.0.1", user_port={port})
+        d = service_definition("http://127.0.0.1:{service_port}", user_host="127.0.0.1", user_port={port},
+                               provider_timeout={PROVIDER_TIMEOUT})
         c.JupyterHub.services = [
             d["service"],
             {{"name": "test-helper", "api_token": "{helper_token}"}},
@@ -672,3 +674,83 @@ def test_spinnman_finds_the_token_from_a_user_server(hub, oidc_provider, spynnak
     found = result.stdout.strip().splitlines()[-1]
     _assert_token_of(oidc_provider, found, name)
     assert found == hub.access_token(env["JUPYTERHUB_API_TOKEN"])["access_token"]
+
+
+# ------------------------------------------------------------------------------------------------
+# a hanging identity provider (SIGSTOP): nobody waits for anybody else, nobody is logged out
+
+
+def _ask_concurrently(hub: Hub, tokens: list[str]) -> list[tuple[requests.Response, float]]:
+    """Ask the service with every token at once; each answer with its time (seconds from the start)."""
+    started = time.monotonic()
+
+    def ask(token: str) -> tuple[requests.Response, float]:
+        response = hub.get_token(token)
+        return response, time.monotonic() - started
+
+    with ThreadPoolExecutor(len(tokens)) as pool:
+        return list(pool.map(ask, tokens))
+
+
+def test_a_hanging_provider_delays_nobody_and_logs_nobody_out(hub, oidc_provider):
+    users = [_user(oidc_provider, name) for name in ("hana", "ivan")]
+    tokens, first = {}, {}
+    for name, password in users:
+        session = hub.login(name, password)
+        tokens[name] = [hub.create_token(session, name) for _ in range(2)]
+        first[name] = hub.access_token(tokens[name][0])
+    with oidc_provider.paused():
+        # both users' access tokens expire while the provider cannot renew them ...
+        wait_for(lambda: time.time() > max(a["expires_at"] for a in first.values()) + 0.2,
+                 oidc_provider.access_token_ttl + 5, what="the access tokens to expire")
+        # ... and two requests per user come in at once
+        answers = _ask_concurrently(hub, [t for name in tokens for t in tokens[name]])
+        times = sorted(round(elapsed, 1) for _, elapsed in answers)
+        print(f"answer times of 4 concurrent requests (2 users) with the provider stopped: {times} s")
+        for response, _ in answers:
+            assert response.status_code == 503, response.text
+            body = response.json()
+            assert body["error"] == "provider_unavailable", body
+            assert "not answering" in body["message"] and "try again in a minute" in body["message"]
+            assert "expired" not in body["message"] and "access_token" not in body
+        # all answered together within the provider timeout: nobody waited for another user
+        assert times[-1] < PROVIDER_TIMEOUT + 1.5, times
+        # asked again meanwhile: the same clear answer, at once
+        response = hub.get_token(tokens["hana"][1])
+        assert response.status_code == 503 and response.json()["error"] == "provider_unavailable"
+    # the provider goes on and answers the refresh requests that waited for it: nobody has to log
+    # in again (a refresh token redeemed twice would have revoked the user's whole grant)
+    for name, _ in users:
+        def renewed(name=name):
+            response = hub.get_token(tokens[name][0])
+            assert response.json().get("error") != "login_required", f"{name}: {response.text}\n{hub.log_tail()}"
+            return response.json() if response.status_code == 200 else None
+
+        second = wait_for(renewed, 10, interval=0.25, what=f"{name}'s renewed access token", on_timeout=hub.log_tail)
+        assert second["access_token"] != first[name]["access_token"]
+        _assert_token_of(oidc_provider, second["access_token"], name)
+        # the refresh token the hub kept is the one the provider issued last: it renews again
+        third = wait_for(lambda: (lambda a: a if a["access_token"] != second["access_token"] else None)(
+            hub.access_token(tokens[name][1])), oidc_provider.access_token_ttl + 10, interval=0.25,
+            what=f"{name}'s next access token", on_timeout=hub.log_tail)
+        _assert_token_of(oidc_provider, third["access_token"], name)
+
+
+def test_a_still_valid_token_is_served_while_the_provider_hangs(hub, oidc_provider):
+    name, password = _user(oidc_provider, "jack")
+    token = hub.create_token(hub.login(name, password), name)
+    first = hub.access_token(token)
+    # in the refresh window the hub renews the token; the provider hangs just then
+    wait_for(lambda: time.time() >= first["expires_at"] - REFRESH_MARGIN + 0.3, oidc_provider.access_token_ttl,
+             what="the refresh window")
+    with oidc_provider.paused():
+        answers = _ask_concurrently(hub, [token, token])
+        for response, elapsed in answers:
+            assert response.status_code == 200, response.text
+            assert response.json()["access_token"] == first["access_token"]
+            assert elapsed < ats.PENDING_REFRESH_WAIT + 1, f"answered after {elapsed:.1f} s"
+        assert time.time() < first["expires_at"], "served while still valid"
+    # the refresh that was pending lands once the provider answers
+    second = wait_for(lambda: (lambda a: a if a["access_token"] != first["access_token"] else None)(
+        hub.access_token(token)), 10, interval=0.25, what="the renewed token", on_timeout=hub.log_tail)
+    _assert_token_of(oidc_provider, second["access_token"], name)

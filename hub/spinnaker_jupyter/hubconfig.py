@@ -174,10 +174,12 @@ def _apply_ebrains(c, d: Deployment) -> dict:
     a.custom_403_message = (f"Your EBRAINS account is not in the groups allowed to use this SpiNNaker service. "
                             f"To get access, ask {eb['contact']}.")
     for key, value in access_token_service.authenticator_settings(
-            refresh_margin=eb["refresh_margin"], auth_refresh_age=eb["auth_refresh_age"]).items():
+            refresh_margin=eb["refresh_margin"], auth_refresh_age=eb["auth_refresh_age"],
+            provider_timeout=eb["provider_timeout"]).items():
         setattr(a, key, value)
     c.CryptKeeper.keys = [bytes.fromhex(d.secret("crypt_key"))]
-    return access_token_service.service_definition(f"http://127.0.0.1:{eb['token_service_port']}")
+    return access_token_service.service_definition(f"http://127.0.0.1:{eb['token_service_port']}",
+                                                   provider_timeout=eb["provider_timeout"])
 
 
 def _apply_spawner(c, d: Deployment, args: list[str]) -> None:

@@ -95,6 +95,13 @@ SCHEMA: dict = _obj({
                                    minimum=2),
             "auth_refresh_age": _int(30, "Seconds between the hub's checks of a user's tokens (< refresh_margin).",
                                      minimum=1),
+            "provider_timeout": _int(10, "Seconds anyone waits for the identity provider (logins, token checks, "
+                                     "refreshes). When it hangs, a notebook asking for its access token gets the "
+                                     "stored one while it is still valid, and once it has expired is told within "
+                                     "this time that the login service is not answering (and to try again), "
+                                     "not that its login expired. A refresh-token request already sent stays "
+                                     "open up to 10 minutes, so that the provider's late answer, which holds the "
+                                     "only valid refresh token, is not lost.", minimum=1, maximum=120),
             "token_service_port": _int(8091, "Port of the access-token-service on 127.0.0.1.", minimum=1,
                                        maximum=65535),
         }),
