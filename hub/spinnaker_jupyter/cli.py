@@ -143,6 +143,8 @@ def cmd_up(args) -> int:
     say(f"config OK ({', '.join(map(str, d.files)) or 'built-in defaults'})")
     prepare(d, build=not args.no_build)
     preflight.check_accounts(d)
+    for name in ("proxy_auth_token", "crypt_key") if d["auth"]["type"] == "ebrains" else ("proxy_auth_token",):
+        d.secret(name)  # generated now if missing; an empty or short one is refused here, not in the hub's log
     first_admin(d)
     preflight.check_ports(preflight.deployment_ports(d))  # again: the build may have taken a minute
     env = dict(os.environ)

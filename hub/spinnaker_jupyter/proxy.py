@@ -4,8 +4,8 @@ Upstream (JupyterHub 6.1.1 `ConfigurableHTTPProxy.start`) launches the proxy, wa
 the public and API ports, and the hub then sends the auth token to the API port: a program already listening
 there gets the token, and one on the public port gets users' passwords ("JupyterHub is now running" meanwhile).
 Here the ports must be free before the proxy starts, and the listeners must be the proxy's own process before the
-hub talks to it. A start that fails for any reason leaves no proxy behind (the proxy runs in a session of its own
-and would otherwise outlive the hub on the public port)."""
+hub talks to it. A start that fails for any reason leaves no proxy (nor hub-managed service) behind: they run in
+sessions of their own and would otherwise outlive the hub, the proxy on the public port."""
 
 from __future__ import annotations
 
@@ -66,6 +66,14 @@ class CheckedProxy(ConfigurableHTTPProxy):
         self._remove_process_files()
 
     def _stop_unless_kept(self):
-        """At the hub's exit: a hub that never came up takes its proxy along; a running one does as configured."""
+        """At the hub's exit: a hub that never came up takes its proxy and managed services along (they run in
+        sessions of their own); a running one does as configured (JupyterHub.cleanup_proxy)."""
+        if not self._running_hub:
+            # JupyterHub 6.1.1, private: app._service_map (name -> Service; Service.proc is the managed process).
+            # tests/test_startup_safety.py fails on a service left running if this changes.
+            for service in getattr(self.app, "_service_map", {}).values():
+                proc = getattr(service, "proc", None) if service.managed else None
+                if proc is not None and proc.poll() is None:
+                    proc.terminate()
         if not self._running_hub or self.app.cleanup_proxy:
             self._stop_process()
