@@ -37,7 +37,7 @@ from spinnaker_jupyter import access_token_service as ats
 
 SERVICE = ats.SERVICE_NAME
 #: Refresh the access token when it expires within this many seconds (hub setting in these tests).
-REFRESH_MARGIN = 3
+REFRESH_MARGIN = 4
 #: Authenticator.auth_refresh_age in these tests (must be < REFRESH_MARGIN).
 AUTH_REFRESH_AGE = 1
 #: Seconds the hub waits for the provider in these tests (auth.ebrains.provider_timeout).
@@ -713,8 +713,9 @@ def test_a_hanging_provider_delays_nobody_and_logs_nobody_out(hub, oidc_provider
             assert body["error"] == "provider_unavailable", body
             assert "not answering" in body["message"] and "try again in a minute" in body["message"]
             assert "expired" not in body["message"] and "access_token" not in body
-        # all answered together within the provider timeout: nobody waited for another user
-        assert times[-1] < PROVIDER_TIMEOUT + 1.5, times
+        # answered together after the provider timeout: had one user's requests waited for the
+        # other's, the last answer would have come after twice that
+        assert times[-1] < 2 * PROVIDER_TIMEOUT, times
         # asked again meanwhile: the same clear answer, at once
         response = hub.get_token(tokens["hana"][1])
         assert response.status_code == 503 and response.json()["error"] == "provider_unavailable"
@@ -745,10 +746,12 @@ def test_a_still_valid_token_is_served_while_the_provider_hangs(hub, oidc_provid
              what="the refresh window")
     with oidc_provider.paused():
         answers = _ask_concurrently(hub, [token, token])
+        print(f"answer times with a still-valid token, the provider stopped: "
+              f"{sorted(round(elapsed, 1) for _, elapsed in answers)} s")
         for response, elapsed in answers:
             assert response.status_code == 200, response.text
             assert response.json()["access_token"] == first["access_token"]
-            assert elapsed < ats.PENDING_REFRESH_WAIT + 1, f"answered after {elapsed:.1f} s"
+            assert elapsed < PROVIDER_TIMEOUT, f"waited {elapsed:.1f} s for the provider instead of serving the token"
         assert time.time() < first["expires_at"], "served while still valid"
     # the refresh that was pending lands once the provider answers
     second = wait_for(lambda: (lambda a: a if a["access_token"] != first["access_token"] else None)(
