@@ -129,6 +129,9 @@ def apply(c, d: Deployment) -> None:
     from .boards import configure_hub as apply_boards  # spinnaker.mode: boards per server, their status API
 
     apply_boards(c, d)
+    from .jobs.hubconfig import update_jobs  # jobs: the batch job service (nmpi API) and its runner
+
+    update_jobs(c, d)
 
 
 def _apply_auth(c, d: Deployment) -> dict | None:

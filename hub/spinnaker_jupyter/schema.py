@@ -228,6 +228,52 @@ SCHEMA: dict = _obj({
         "source": _str(None, "Folder of tutorial notebooks copied into new homes (default: the project's "
                        "notebooks/)."),
     }),
+    "jobs": _obj({
+        "enabled": _bool(False, "Run the batch job service: the EBRAINS Neuromorphic Platform job API (v3, as the "
+                                "nmpi client speaks it) at jobs.ip:jobs.port, and a runner for its jobs."),
+        "ip": _str("127.0.0.1", "Address the job service listens on (the nmpi API sits at the root of its own "
+                   "address; in production give it its own https name through a reverse proxy)."),
+        "port": _int(8092, "Port the job service listens on.", minimum=1, maximum=65535),
+        "public_url": _str(None, "The URL users give nmpi as job_service, and download links start with (default "
+                           "http://ip:port)."),
+        "db_url": _str(None, "SQLAlchemy database URL of the job store, e.g. postgresql://host/jobs (default: "
+                       "SQLite in data_dir/jobs). A URL holding a password belongs in the environment variable "
+                       "SPINNAKER_JUPYTER_JOBS_DB_URL instead."),
+        "executor": _str("local", "Where jobs run. `local`: as the user's own system account on this machine (as "
+                         "their server), in a scratch folder, with the limits below.", enum=["local"]),
+        "concurrency": _int(2, "Jobs run at the same time; the rest wait in the queue.", minimum=1),
+        "token_cache_seconds": _int(60, "Seconds a checked token (hub or EBRAINS) is trusted before it is checked "
+                                    "again.", minimum=0),
+        "download_url_ttl": _int(604800, "Seconds a download link of an output file stays valid; reading the job "
+                                 "again gives fresh links.", minimum=1),
+        "retention_days": _int(30, "Days output files are kept after a job ends (the job and its log stay).",
+                               minimum=1),
+        "collabs": {"type": "object", "default": {}, "additionalProperties": {"type": "array",
+                    "items": {"type": "string"}}, "description": "Collabs jobs may be submitted to besides each "
+                    "user's own private-<name>: collab -> the hub (or EBRAINS) groups whose members may use it, "
+                    "e.g. {course-a: [course-a-students]}."},
+        "hardware_config_keys": _list({"enum": ["spynnaker_version", "spinnaker_tools_version",
+                                                "extra_pip_installs", "boards", "time_limit"]},
+                                      ["spynnaker_version", "spinnaker_tools_version", "extra_pip_installs", "boards",
+                                       "time_limit"],
+                                      "hardware_config keys a job may set; any other key is refused at submission."),
+        "pip_packages": _list({"type": "string"}, desc="Packages a job may install with hardware_config."
+                              "extra_pip_installs (PyPI names); empty: none."),
+        "limits": _obj({
+            "wall_time": _int(3600, "Seconds a job may run (a job's hardware_config.time_limit may ask for less).",
+                              minimum=1),
+            "cpu_time": _int(3600, "CPU seconds a job's processes may use.", minimum=1),
+            "memory_mb": _int(4096, "Address space per job process, in MiB.", minimum=256),
+            "processes": _int(256, "Processes of the job's account at once while it runs.", minimum=8),
+            "output_mb": _int(1024, "MiB a job may write (its scratch folder, and any one file).", minimum=1),
+            "output_files": _int(10000, "Output files collected per job.", minimum=1),
+            "code_mb": _int(100, "MiB of code a job may bring (download, clone, or unpacked archive).", minimum=1),
+            "code_files": _int(10000, "Files an archive or repository may hold.", minimum=1),
+            "inline_code_kb": _int(1024, "KiB of script a job may carry inline.", minimum=1),
+            "log_mb": _int(10, "MiB of a job's log kept; the rest is dropped with a note.", minimum=1),
+            "fetch_timeout": _int(120, "Seconds a code download or clone may take.", minimum=5),
+        }),
+    }),
 })
 
 

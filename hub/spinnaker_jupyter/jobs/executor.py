@@ -1,0 +1,136 @@
+"""Where a job's command runs. `Executor` is what the runner needs; `LocalExecutor` (the embedded default) runs it
+as the user's own system account, the same account their Jupyter server runs as (spawner.system_account_name),
+in a scratch folder of its own, with CPU, memory, process and file-size limits (setrlimit) and in a process group
+of its own so that everything it started can be stopped together.
+
+When the service does not run as root there are no per-user accounts (as for user servers): jobs run as the
+service's own account, and the log says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import resource
+import signal
+import subprocess
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+from jupyterhub.spawner import set_user_setuid
+
+from ..spawner import system_account_name
+
+
+@dataclass
+class Account:
+    name: str
+    uid: int
+    gid: int
+    switched: bool  # False: the service's own account (not root, or system users off)
+
+
+@dataclass
+class RunLimits:
+    cpu_seconds: int
+    memory_bytes: int
+    processes: int
+    file_bytes: int
+
+
+class Executor(ABC):
+    @abstractmethod
+    def account(self, user: str) -> Account:
+        """The account a user's jobs run as (created when missing)."""
+
+    @abstractmethod
+    async def start(self, argv: list[str], cwd: Path, env: dict, limits: RunLimits,
+                    account: Account) -> asyncio.subprocess.Process:
+        """Start the job's command with stdout and stderr on one pipe, in a process group of its own."""
+
+    @abstractmethod
+    def kill(self, pgid: int, uid: int | None) -> None:
+        """Stop a job's whole process group (also one left by a previous run of the service)."""
+
+    @abstractmethod
+    def tar_files(self, root: Path, paths: list[str], account: Account) -> subprocess.Popen:
+        """A tar stream of `paths` (relative to `root`), read with the job account's rights."""
+
+
+class LocalExecutor(Executor):
+    def __init__(self, homes_dir: Path, system_users: bool, prefix: str, log=None):
+        self.homes_dir, self.system_users, self.prefix, self.log = homes_dir, system_users, prefix, log
+
+    def account(self, user: str) -> Account:
+        if not self.system_users:
+            pw = pwd.getpwuid(os.getuid())
+            return Account(pw.pw_name, pw.pw_uid, pw.pw_gid, switched=False)
+        name = system_account_name(self.prefix, user)
+        try:
+            pw = pwd.getpwnam(name)
+        except KeyError:
+            # The same account, made the same way, as the spawner makes for the user's server (spawner.py).
+            made = subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--shell", "/bin/bash",
+                                   "--home-dir", str(self.homes_dir / user), "--comment", f"Jupyter user {user}",
+                                   name], capture_output=True, text=True)
+            if made.returncode != 0:
+                raise RuntimeError(f"Could not create the system account {name} for {user}: {made.stderr.strip()}")
+            pw = pwd.getpwnam(name)
+        return Account(name, pw.pw_uid, pw.pw_gid, switched=True)
+
+    def _preexec(self, limits: RunLimits | None, account: Account):
+        setuid = set_user_setuid(account.name, chdir=False) if account.switched else None
+
+        def preexec():
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+            if limits:
+                resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 5))
+                resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
+                resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_bytes, limits.file_bytes))
+                resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+                if account.switched:  # counts every process of the account, so only for an account of its own
+                    resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes, limits.processes))
+            if setuid:
+                setuid()
+
+        return preexec
+
+    async def start(self, argv, cwd, env, limits, account):
+        return await asyncio.create_subprocess_exec(
+            *argv, cwd=str(cwd), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=self._preexec(limits, account))
+
+    def kill(self, pgid: int, uid: int | None) -> None:
+        if not pgid or pgid <= 1:
+            return
+        try:  # only a group still led by the job's account: never someone else's after a pid was reused
+            if uid is not None and os.stat(f"/proc/{pgid}").st_uid != uid:
+                return
+        except FileNotFoundError:
+            pass
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def tar_files(self, root, paths, account):
+        proc = subprocess.Popen(["tar", "--create", "--file=-", "--directory", str(root), "--no-recursion", "--null",
+                                 "--files-from=-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+                                preexec_fn=self._preexec(None, account), cwd="/")
+        names = b"".join(p.encode() + b"\0" for p in paths)
+
+        def feed():  # in a thread: tar writes its output while it still reads names, and the pipes are small
+            try:
+                proc.stdin.write(names)
+            except BrokenPipeError:
+                pass
+            finally:
+                proc.stdin.close()
+
+        threading.Thread(target=feed, daemon=True).start()
+        return proc

@@ -1,0 +1,33 @@
+"""How the `jobs:` config section becomes hub settings: the job service as a hub-managed service, and the scope
+that lets users' tokens use it."""
+
+from __future__ import annotations
+
+import os
+
+from ..config import BASE_DIR_ENV, CONFIG_ENV, Deployment
+from .settings import DB_URL_ENV, SERVICE_NAME, service_command
+
+ACCESS_SCOPE = f"access:services!service={SERVICE_NAME}"
+
+
+def update_jobs(c, d: Deployment) -> None:
+    if not d["jobs"]["enabled"]:
+        return
+    env = {CONFIG_ENV: os.pathsep.join(str(f) for f in d.files) or os.environ.get(CONFIG_ENV, ""),
+           BASE_DIR_ENV: str(d.base_dir)}
+    if os.environ.get(DB_URL_ENV):  # a secret: from the hub's environment, never from the config file
+        env[DB_URL_ENV] = os.environ[DB_URL_ENV]
+    # No `url`: the API must sit at the root of its own address (jobs.ip:port), not under /services/jobs/.
+    c.JupyterHub.services = [*c.JupyterHub.services, {"name": SERVICE_NAME, "command": service_command(),
+                                                      "environment": env}]
+    roles = [dict(r) for r in c.JupyterHub.load_roles]
+    user = next((r for r in roles if r["name"] == "user"), None)
+    if user is None:
+        roles.append({"name": "user", "scopes": ["self", ACCESS_SCOPE]})
+    else:
+        user["scopes"] = [*user.get("scopes", []), ACCESS_SCOPE]
+    c.JupyterHub.load_roles = roles
+    # Tokens of users' servers (notebooks) may use the service where the server token scopes are set explicitly.
+    if "server_token_scopes" in c.Spawner:
+        c.Spawner.server_token_scopes = [*c.Spawner.server_token_scopes, ACCESS_SCOPE]

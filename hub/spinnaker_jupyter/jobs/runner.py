@@ -1,0 +1,447 @@
+"""The runner: claims submitted jobs (at most `jobs.concurrency` at a time) and takes each through
+fetch code -> check hardware config -> run the command as the user -> collect new files -> finished / error.
+
+Every step writes to the job's log, which the API serves while the job runs. A job that was running when the
+service stopped is put back in the queue with a note in its log saying so, at the stop when the stop is clean and
+at the next start otherwise; its old processes are stopped first. So a job may run again, but never silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import mimetypes
+import os
+import shlex
+import shutil
+import signal
+import time
+import uuid
+import zipfile
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from ..kernels import spynnaker_cfg_text
+from . import archives, fetch, hardware_config
+from .executor import Account, Executor
+from .settings import Settings, spynnaker_versions
+from .store import Job, Store
+
+log = logging.getLogger("spinnaker_jupyter.jobs")
+SYSTEM = "spiNNaker"  # what {system} in a job's command becomes (the PyNN backend name, as on EBRAINS)
+INTERNAL = ".job"  # the runner's own files in a scratch folder (never collected as outputs)
+
+
+class JobFailed(Exception):
+    """Ends a job with status error and this one-line reason."""
+
+
+def _stamp() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+class JobLog:
+    """The job's log file, capped: past the cap one line says so and the rest is dropped."""
+
+    def __init__(self, path: Path, cap: int):
+        self.path, self.cap = path, cap
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.size = path.stat().st_size if path.exists() else 0
+        self.capped = False
+
+    def write(self, text: str) -> None:
+        data = text.encode(errors="replace")
+        if self.size + len(data) > self.cap:
+            if self.capped:
+                return
+            self.capped = True
+            data = data[: max(0, self.cap - self.size)] + (
+                f"\n[spinnaker-jupyter] The log reached {self.cap // 2**20} MiB (jobs.limits.log_mb); the rest "
+                "of the job's output is not kept here.\n").encode()
+        with open(self.path, "ab") as f:
+            f.write(data)
+        self.size += len(data)
+
+    def note(self, text: str) -> None:
+        self.write(f"[spinnaker-jupyter] {text}\n")
+
+    @staticmethod
+    def append(path: Path, text: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with open(path, "a") as f:
+            f.write(f"[spinnaker-jupyter] {text}\n")
+
+
+class Runner:
+    def __init__(self, store: Store, executor: Executor, settings: Settings):
+        self.store, self.executor, self.s = store, executor, settings
+        self.id = uuid.uuid4().hex[:12]
+        self.versions = spynnaker_versions(settings.spynnaker_env)
+        self.running: dict[int, asyncio.Task] = {}
+        self._wake = asyncio.Event()
+        self._stopping = False
+        for path in (settings.data, settings.logs, settings.outputs):
+            path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(path, 0o700)
+        # The job accounts must reach their own scratch folder (0700 each) and the sPyNNaker cfg, nothing else.
+        for path in (settings.work, settings.cfg_dir):
+            path.mkdir(parents=True, exist_ok=True)
+        os.chmod(settings.data, 0o711)
+        os.chmod(settings.work, 0o711)
+        (settings.cfg_dir / ".spynnaker.cfg").write_text(self.cfg_text())
+        os.chmod(settings.cfg_dir, 0o755)
+        os.chmod(settings.cfg_dir / ".spynnaker.cfg", 0o644)
+
+    def cfg_text(self) -> str:
+        # This release runs every job on a virtual board, whatever spinnaker.mode the sessions use.
+        return spynnaker_cfg_text({**self.s.spinnaker, "mode": "virtual"})
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # --- recovery and stop -------------------------------------------------------------------------------------
+    def recover(self) -> list[int]:
+        """At start-up: jobs left `running` by a service that died are stopped and put back in the queue."""
+        back = []
+        for job in self.store.interrupted():
+            if job.pgid:
+                self.executor.kill(job.pgid, job.run_uid)
+            JobLog.append(self.s.logs / f"{job.id}.log",
+                          f"{_stamp()}: the job service stopped while this job was running (attempt "
+                          f"{job.attempts}) and did not finish it. It was put back in the queue and will run again "
+                          "from the start; outputs of the interrupted attempt are discarded.")
+            shutil.rmtree(self.s.work / str(job.id), ignore_errors=True)
+            self.store.requeue(job.id)
+            back.append(job.id)
+            log.warning("Job %s was interrupted by a service stop; put back in the queue", job.id)
+        return back
+
+    async def stop(self) -> None:
+        """A clean stop: running jobs are stopped, noted and put back in the queue."""
+        self._stopping = True
+        self._wake.set()
+        for job_id, task in list(self.running.items()):
+            task.cancel()
+        for job_id, task in list(self.running.items()):
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        for job in self.store.interrupted(self.id):
+            if job.pgid:
+                self.executor.kill(job.pgid, job.run_uid)
+            JobLog.append(self.s.logs / f"{job.id}.log",
+                          f"{_stamp()}: the job service was stopped while this job was running (attempt "
+                          f"{job.attempts}). It was put back in the queue and will run again from the start when "
+                          "the service is back; outputs of the interrupted attempt are discarded.")
+            shutil.rmtree(self.s.work / str(job.id), ignore_errors=True)
+            self.store.requeue(job.id)
+
+    # --- the queue -----------------------------------------------------------------------------------------------
+    async def loop(self) -> None:
+        last_purge = 0.0
+        while not self._stopping:
+            if time.monotonic() - last_purge > 3600:
+                last_purge = time.monotonic()
+                await asyncio.get_running_loop().run_in_executor(None, self.purge)
+            while len(self.running) < self.s.concurrency and not self._stopping:
+                job = self.store.claim_next(self.id)
+                if job is None:
+                    break
+                task = asyncio.create_task(self.run(job))
+                self.running[job.id] = task
+                task.add_done_callback(lambda _t, i=job.id: (self.running.pop(i, None), self._wake.set()))
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=2)
+            except asyncio.TimeoutError:
+                pass
+
+    def purge(self) -> None:
+        """Outputs older than jobs.retention_days go; the job record and its log stay."""
+        before = datetime.now(timezone.utc) - timedelta(days=self.s.retention_days)
+        for job in self.store.expired(before):
+            out = self.s.outputs / str(job.id)
+            if out.exists():
+                shutil.rmtree(out, ignore_errors=True)
+                self.store._update(job.id, output_files="[]")
+                JobLog.append(self.s.logs / f"{job.id}.log", f"{_stamp()}: output files removed after "
+                              f"{self.s.retention_days} days (jobs.retention_days).")
+
+    # --- one job -------------------------------------------------------------------------------------------------
+    async def run(self, job: Job) -> None:
+        jlog = JobLog(self.s.logs / f"{job.id}.log", self.s.log_bytes)
+        t0 = time.monotonic()
+        provenance = {"platform": "SpiNNaker", "spinnaker_mode": "virtual", "virtual_board": True,
+                      "attempt": job.attempts, "runner": self.id, "started": _stamp()}
+        status, files = "error", []
+        scratch = self.s.work / str(job.id)
+        try:
+            jlog.note(f"{_stamp()}: job {job.id} started (attempt {job.attempts}).")
+            jlog.note("This job runs on a VIRTUAL SpiNNaker board (this service does not give jobs boards yet): "
+                      "run() maps and loads the network, but recorded data come back empty.")
+            config = self._hardware_config(job)
+            provenance["hardware_config"] = config
+            loop = asyncio.get_running_loop()
+            account = await loop.run_in_executor(None, self.executor.account, job.user_id)
+            provenance["account"] = account.name
+            if not account.switched:
+                jlog.note(f"The service has no per-user accounts (not root): the job runs as {account.name}.")
+            provenance["code"] = await loop.run_in_executor(None, self._prepare, job, scratch, account, jlog)
+            env = self._env(job, scratch, account)
+            if config.get("extra_pip_installs"):
+                await self._pip(config["extra_pip_installs"], scratch, env, account, jlog)
+            argv = self._argv(job, scratch)
+            provenance["command"] = argv[1:]
+            provenance["sPyNNaker"] = self.versions[0] if self.versions else None
+            before = await loop.run_in_executor(None, _snapshot, scratch)
+            wall = config.get("time_limit") or self.s.wall_time
+            jlog.note(f"Running: {shlex.join(['python', *argv[1:]])} (time limit {wall} s)")
+            code, why = await self._execute(job, argv, scratch, env, account, wall, jlog)
+            provenance["exit_code"] = code
+            files, skipped = await loop.run_in_executor(None, self._collect, job, scratch, before, account)
+            for entry in skipped:
+                jlog.note(f"Not collected: {entry}")
+            if why:
+                raise JobFailed(why)
+            if code != 0:
+                raise JobFailed(f"The command exited with code {code}" if code > 0 else
+                                f"The command was stopped by signal {-code} ({_signal_name(-code)})")
+            status = "finished"
+            jlog.note(f"{_stamp()}: finished; {len(files)} output file(s).")
+        except JobFailed as e:
+            jlog.note(f"{_stamp()}: error: {e}")
+            provenance["error"] = str(e)
+        except asyncio.CancelledError:
+            raise  # a service stop: stop() notes it and puts the job back in the queue
+        except Exception as e:  # the service's own fault: say so, keep the service running
+            log.exception("Job %s failed in the runner", job.id)
+            jlog.note(f"{_stamp()}: error in the job service (not in your job): {e}")
+            provenance["error"] = f"job service error: {e}"
+        if self.store.cancel_requested(job.id):
+            status, files = "removed", []
+            shutil.rmtree(self.s.outputs / str(job.id), ignore_errors=True)
+            jlog.note(f"{_stamp()}: the job was cancelled by its owner; its outputs were discarded.")
+        provenance["wall_seconds"] = round(time.monotonic() - t0, 3)
+        provenance["finished"] = _stamp()
+        shutil.rmtree(scratch, ignore_errors=True)
+        # A virtual board uses no SpiNNaker cores: 0 core-hours.
+        self.store.finish(job.id, status, provenance, files, 0.0)
+
+    def _hardware_config(self, job: Job) -> dict:
+        try:
+            return hardware_config.parse(job.hardware_config, self.s.allowed_keys, self.versions,
+                                         self.s.pip_packages, self.s.wall_time)
+        except hardware_config.HardwareConfigError as e:
+            raise JobFailed(str(e)) from None
+
+    def _prepare(self, job: Job, scratch: Path, account: Account, jlog: JobLog) -> dict:
+        """Fetch the code into a staging folder of the service's, then hand it to the job's account."""
+        staging = self.s.data / f"staging-{job.id}"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+        staging.mkdir(mode=0o700)
+        code = staging / "code"
+        code.mkdir(mode=0o700)
+        try:
+            kind = fetch.kind_of(job.code)
+            jlog.note({"inline": "Code: the script given with the job (saved as run.py).",
+                       "git": f"Code: cloning {job.code.strip()} (shallow, no submodules).",
+                       "archive": f"Code: downloading and unpacking {job.code.strip()}."}[kind])
+            try:
+                info = fetch.fetch(job.code, code, self.s.fetch_limits)
+            except fetch.FetchError as e:
+                raise JobFailed(str(e)) from None
+            (code / INTERNAL).mkdir(exist_ok=True)
+            for dirpath, dirs, names in os.walk(code):
+                for name in [*dirs, *names]:
+                    os.lchown(os.path.join(dirpath, name), account.uid, account.gid)
+            os.chown(code, account.uid, account.gid)
+            os.chmod(code, 0o700)
+            code.rename(scratch)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return info
+
+    def _env(self, job: Job, scratch: Path, account: Account) -> dict:
+        # HOME is the scratch folder: a user's own ~/.spynnaker.cfg would make a second cfg (sPyNNaker refuses two).
+        return {"PATH": f"{self.s.spynnaker_env / 'bin'}:/usr/local/bin:/usr/bin:/bin", "HOME": str(scratch),
+                "USER": account.name, "LOGNAME": account.name, "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1",
+                "MPLBACKEND": "Agg", "XDG_CONFIG_DIRS": str(self.s.cfg_dir), "TMPDIR": str(scratch / INTERNAL),
+                "PYTHONPATH": str(scratch / INTERNAL / "packages"), "SPINNAKER_JOB_ID": str(job.id)}
+
+    def _argv(self, job: Job, scratch: Path) -> list[str]:
+        command = (job.command or "run.py {system}").replace("{system}", SYSTEM)
+        try:
+            words = shlex.split(command)
+        except ValueError as e:
+            raise JobFailed(f"command: cannot be read ({e}); give e.g. 'run.py {{system}}'") from None
+        script = words[0] if words else ""
+        rel = archives.safe_relpath(script)
+        if not script.endswith(".py") or rel is None:
+            raise JobFailed(f"command: {command!r} must start with a Python script inside the job's code (a "
+                            "relative path ending in .py), e.g. 'run.py {system}'")
+        if not (scratch / rel).is_file():
+            found = sorted(p.name for p in scratch.glob("*.py"))[:10]
+            raise JobFailed(f"command: the script {rel} is not in the job's code (Python files at its top: "
+                            f"{', '.join(found) or 'none'})")
+        return [str(self.s.python), rel, *words[1:]]
+
+    async def _pip(self, reqs: list[str], scratch: Path, env: dict, account: Account, jlog: JobLog) -> None:
+        jlog.note(f"Installing {', '.join(reqs)} for this job (hardware_config.extra_pip_installs).")
+        argv = [str(self.s.python), "-m", "pip", "install", "--no-input", "--disable-pip-version-check",
+                "--progress-bar", "off", "--target", str(scratch / INTERNAL / "packages"), *reqs]
+        proc = await self.executor.start(argv, scratch, env, self.s.run_limits, account)
+        while chunk := await proc.stdout.read(1 << 16):
+            jlog.write(chunk.decode(errors="replace"))
+        if await proc.wait() != 0:
+            raise JobFailed(f"hardware_config.extra_pip_installs: pip could not install {', '.join(reqs)} (see the "
+                            "log above)")
+
+    async def _execute(self, job: Job, argv, scratch: Path, env: dict, account: Account, wall: int,
+                       jlog: JobLog) -> tuple[int, str | None]:
+        proc = await self.executor.start(argv, scratch, env, self.s.run_limits, account)
+        self.store.set_process(job.id, proc.pid, account.uid)
+        why: list[str] = []
+
+        async def pump():  # chunks, not lines: a job may print a megabyte without a newline
+            while chunk := await proc.stdout.read(1 << 16):
+                jlog.write(chunk.decode(errors="replace"))
+
+        async def watch():
+            t_end = time.monotonic() + wall
+            while proc.returncode is None:
+                reason = None
+                if time.monotonic() > t_end:
+                    reason = f"The job ran for longer than its time limit of {wall} s and was stopped"
+                elif _tree_size(scratch, skip=INTERNAL) > self.s.output_bytes:
+                    reason = (f"The job wrote more than {self.s.output_bytes // 2**20} MiB "
+                              "(jobs.limits.output_mb) and was stopped")
+                elif self.store.cancel_requested(job.id):
+                    reason = "The job was cancelled by its owner"
+                if reason:
+                    why.append(reason)
+                    self.executor.kill(proc.pid, None)
+                    return
+                await asyncio.sleep(0.5)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await pump()
+            code = await proc.wait()
+        except asyncio.CancelledError:
+            self.executor.kill(proc.pid, None)
+            raise
+        finally:
+            watcher.cancel()
+            self.executor.kill(proc.pid, None)  # whatever it left running in the background
+            self.store.set_process(job.id, None, None)
+        if not why and code != 0 and (code == -signal.SIGXFSZ or _largest_file(scratch) >= self.s.output_bytes
+                                      or _tree_size(scratch, skip=INTERNAL) > self.s.output_bytes):
+            # Python ignores SIGXFSZ: past the file-size limit its write fails (EFBIG) and the script ends with 1.
+            why.append(f"The job wrote more than {self.s.output_bytes // 2**20} MiB (jobs.limits.output_mb) and was "
+                       "stopped")
+        if not why and code in (-signal.SIGXCPU, -signal.SIGKILL) and _cpu_exhausted(code):
+            why.append(f"The job used more than {self.s.run_limits.cpu_seconds} s of CPU time (jobs.limits.cpu_time)")
+        return code, (why[0] if why else None)
+
+    def _collect(self, job: Job, scratch: Path, before: dict, account: Account) -> tuple[list[dict], list[str]]:
+        """New or changed files, copied out with the job account's rights, listed with size and sha256; what
+        sPyNNaker writes under reports/ goes into one reports.zip."""
+        after = _snapshot(scratch)
+        new = sorted(p for p, sig in after.items() if before.get(p) != sig)
+        out = self.s.outputs / str(job.id)
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True, mode=0o700)
+        if not new:
+            return [], []
+        proc = self.executor.tar_files(scratch, new, account)
+        try:
+            files, skipped = archives.receive_outputs(proc.stdout, out, self.s.output_bytes, self.s.output_files)
+        except archives.ArchiveError as e:
+            proc.kill()
+            proc.wait()
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True, mode=0o700)
+            return [], [str(e)]
+        finally:
+            proc.wait()
+        reports = [f for f in files if f["path"].startswith("reports/")]
+        if reports:
+            files = [f for f in files if not f["path"].startswith("reports/")]
+            with zipfile.ZipFile(out / "reports.zip", "w", zipfile.ZIP_DEFLATED) as z:
+                for f in reports:
+                    z.write(out / f["path"], f["path"])
+            shutil.rmtree(out / "reports", ignore_errors=True)
+            files.append(_describe(out, "reports.zip"))
+        for f in files:
+            f["content_type"] = mimetypes.guess_type(f["path"])[0] or "application/octet-stream"
+        return files, skipped
+
+
+def _describe(root: Path, rel: str) -> dict:
+    import hashlib
+
+    h = hashlib.sha256((root / rel).read_bytes()).hexdigest()
+    return {"path": rel, "size": (root / rel).stat().st_size, "hash": h}
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """{relative path: (size, mtime_ns)} of the regular files (no link followed; the runner's own files left out)."""
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        if rel_dir == INTERNAL or rel_dir.startswith(INTERNAL + os.sep) or rel_dir == ".git" or \
+                rel_dir.startswith(".git" + os.sep):
+            dirs[:] = []
+            continue
+        for name in files:
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if not os.path.islink(path) and (st.st_mode & 0o170000) == 0o100000:
+                out[os.path.normpath(os.path.join(rel_dir, name))] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def _tree_size(root: Path, skip: str = "") -> int:
+    total = 0
+    for dirpath, dirs, files in os.walk(root):
+        if skip and os.path.relpath(dirpath, root) == skip:
+            dirs[:] = []
+            continue
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _largest_file(root: Path) -> int:
+    largest = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            try:
+                largest = max(largest, os.lstat(os.path.join(dirpath, name)).st_size)
+            except OSError:
+                pass
+    return largest
+
+
+def _signal_name(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return "unknown"
+
+
+def _cpu_exhausted(code: int) -> bool:
+    return code == -signal.SIGXCPU
+
+
+def describe_files(job: Job) -> list[dict]:
+    return json.loads(job.output_files or "[]")

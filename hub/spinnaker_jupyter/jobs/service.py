@@ -1,0 +1,76 @@
+"""The job service process (hub-managed: `python -m spinnaker_jupyter.jobs.service`): the nmpi API at the root of
+its own address and the runner, in one process. It reads the same deployment config as the hub
+(SPINNAKER_JUPYTER_CONFIG) and talks to the hub with its service token (JUPYTERHUB_API_URL / _TOKEN).
+
+At start-up, jobs a previous run left `running` are stopped and put back in the queue with a note; at a clean stop
+(SIGTERM / SIGINT, as the hub sends) running jobs are stopped, noted and put back in the queue the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+from .. import config
+from . import api, identity, signing
+from .executor import LocalExecutor
+from .runner import Runner
+from .settings import SERVICE_NAME, Settings, db_url, spynnaker_versions
+from .store import Store
+
+log = logging.getLogger("spinnaker_jupyter.jobs")
+
+
+def ebrains_settings(d: config.Deployment) -> dict | None:
+    if d["auth"]["type"] != "ebrains":
+        return None
+    eb = dict(d["auth"]["ebrains"])
+    keycloak = eb["issuer"].rstrip("/") + "/protocol/openid-connect"
+    eb["userinfo_url"] = eb["userinfo_url"] or f"{keycloak}/userinfo"
+    return eb
+
+
+async def serve() -> None:
+    os.umask(0o077)  # the store, logs, outputs and key are the service's alone; what users need is chmod-ed
+    d = config.load()
+    s = Settings.from_deployment(d)
+    s.data.mkdir(parents=True, exist_ok=True, mode=0o700)
+    store = Store(db_url(d))
+    sp = d["spawner"]
+    # As hubconfig.system_users_enabled decides for servers (not imported: it pulls in the docker client, seconds).
+    setting = sp["local"]["system_users"]
+    system_users = (os.geteuid() == 0 if setting == "auto" else bool(setting)) and sp["type"] == "local"
+    executor = LocalExecutor(d.homes_dir, system_users, sp["local"]["system_user_prefix"])
+    runner = Runner(store, executor, s)
+    back = runner.recover()
+    if back:
+        log.warning("Put %d interrupted job(s) back in the queue: %s", len(back), back)
+    checker = identity.TokenChecker(os.environ["JUPYTERHUB_API_URL"], os.environ.get("JUPYTERHUB_SERVICE_NAME",
+                                                                                      SERVICE_NAME),
+                                    ebrains_settings(d), d["jobs"]["token_cache_seconds"])
+    app = api.make_app(store=store, jobs=s, checker=checker, runner=runner, versions=spynnaker_versions(
+        s.spynnaker_env), signing_key=signing.load_key(s.data / "signing_key"))
+    server = app.listen(d["jobs"]["port"], d["jobs"]["ip"], xheaders=True)
+    log.info("Job service listening on %s:%s (public URL %s); runner %s, concurrency %d", d["jobs"]["ip"],
+             d["jobs"]["port"], s.base_url, runner.id, s.concurrency)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    queue = asyncio.create_task(runner.loop())
+    await stop.wait()
+    log.info("Stopping: running jobs go back in the queue")
+    server.stop()
+    await runner.stop()
+    queue.cancel()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="[%(levelname)s %(asctime)s jobs] %(message)s")
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()

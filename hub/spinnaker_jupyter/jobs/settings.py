@@ -1,0 +1,94 @@
+"""What the job service takes from the deployment config (the `jobs:` section and the parts of others it needs)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import Deployment
+from . import fetch
+from .executor import RunLimits
+
+SERVICE_NAME = "jobs"
+DB_URL_ENV = "SPINNAKER_JUPYTER_JOBS_DB_URL"
+
+
+def public_url(d: Deployment) -> str:
+    j = d["jobs"]
+    return (j["public_url"] or f"http://{j['ip']}:{j['port']}").rstrip("/")
+
+
+def db_url(d: Deployment) -> str:
+    return os.environ.get(DB_URL_ENV) or d["jobs"]["db_url"] or f"sqlite:///{jobs_dir(d) / 'jobs.sqlite'}"
+
+
+def jobs_dir(d: Deployment) -> Path:
+    return d.data_dir / "jobs"
+
+
+def spynnaker_versions(env: Path) -> list[str]:
+    """The sPyNNaker release(s) this deployment has built (from the kernel environment's installed metadata)."""
+    found = sorted(env.glob("lib/python*/site-packages/[sS][pP]y[nN][nN][aA]ker-*.dist-info"))
+    return [p.name.split("-", 1)[1].removesuffix(".dist-info") for p in found]
+
+
+@dataclass
+class Settings:
+    base_url: str
+    data: Path  # data_dir/jobs: the store (SQLite), logs, outputs, scratch folders, the signing key
+    spynnaker_env: Path
+    spinnaker: dict  # the `spinnaker:` section (jobs run virtual in this release)
+    concurrency: int
+    wall_time: int
+    run_limits: RunLimits
+    output_bytes: int
+    output_files: int
+    log_bytes: int
+    fetch_limits: fetch.Limits
+    url_ttl: int
+    retention_days: int
+    allowed_keys: list[str]
+    pip_packages: list[str]
+    collabs: dict[str, list[str]]
+
+    @property
+    def logs(self) -> Path:
+        return self.data / "logs"
+
+    @property
+    def outputs(self) -> Path:
+        return self.data / "outputs"
+
+    @property
+    def work(self) -> Path:
+        return self.data / "work"
+
+    @property
+    def cfg_dir(self) -> Path:
+        return self.data / "etc"
+
+    @property
+    def python(self) -> Path:
+        return self.spynnaker_env / "bin" / "python"
+
+    @classmethod
+    def from_deployment(cls, d: Deployment) -> "Settings":
+        j, lim = d["jobs"], d["jobs"]["limits"]
+        mib = 2**20
+        return cls(
+            base_url=public_url(d), data=jobs_dir(d), spynnaker_env=d.envs_dir / "spynnaker",
+            spinnaker=d["spinnaker"], concurrency=j["concurrency"], wall_time=lim["wall_time"],
+            run_limits=RunLimits(cpu_seconds=lim["cpu_time"], memory_bytes=lim["memory_mb"] * mib,
+                                 processes=lim["processes"], file_bytes=lim["output_mb"] * mib),
+            output_bytes=lim["output_mb"] * mib, output_files=lim["output_files"], log_bytes=lim["log_mb"] * mib,
+            fetch_limits=fetch.Limits(code_bytes=lim["code_mb"] * mib, code_files=lim["code_files"],
+                                      inline_bytes=lim["inline_code_kb"] * 1024, timeout=lim["fetch_timeout"]),
+            url_ttl=j["download_url_ttl"], retention_days=j["retention_days"],
+            allowed_keys=list(j["hardware_config_keys"]), pip_packages=list(j["pip_packages"]),
+            collabs={k: list(v) for k, v in j["collabs"].items()})
+
+
+def service_command() -> list[str]:
+    return [sys.executable, "-m", "spinnaker_jupyter.jobs.service"]

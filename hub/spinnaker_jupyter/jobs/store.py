@@ -1,0 +1,152 @@
+"""The job store: one SQLAlchemy table of jobs (SQLite in data_dir by default, any SQLAlchemy URL, e.g. PostgreSQL).
+
+Fields follow the EBRAINS job queue API v3 (code, command, collab, input_data, hardware_platform, hardware_config,
+tags, user_id, status, timestamps, provenance, resource_usage, output files). Logs live in files beside the outputs
+(they are appended while a job runs); the store keeps what the API answers and what the runner needs to recover.
+
+Claiming is a compare-and-set (`UPDATE ... WHERE id = ? AND status = 'submitted'`), so two runners, or two
+threads of one, never take the same job, on SQLite as on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any, Iterable
+
+from sqlalchemy import (Boolean, DateTime, Float, Integer, String, Text, create_engine, event, select, update)
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+STATUSES = ("submitted", "running", "finished", "error", "removed")
+ACTIVE = ("submitted", "running")
+DONE = ("finished", "error")
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user_id: Mapped[str] = mapped_column(String(255), index=True)
+    collab: Mapped[str] = mapped_column(String(255), index=True)
+    code: Mapped[str] = mapped_column(Text)
+    command: Mapped[str] = mapped_column(Text)
+    hardware_platform: Mapped[str] = mapped_column(String(64))
+    hardware_config: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON
+    input_data: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON list
+    tags: Mapped[str] = mapped_column(Text, default="[]")  # JSON list
+    status: Mapped[str] = mapped_column(String(16), index=True, default="submitted")
+    timestamp_submission: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    timestamp_started: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    timestamp_completion: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    provenance: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON
+    resource_usage: Mapped[float | None] = mapped_column(Float, nullable=True)  # core-hours
+    output_files: Mapped[str] = mapped_column(Text, default="[]")  # JSON [{path, size, hash, content_type}]
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # how many times a runner has started it
+    runner_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    pgid: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the job's process group while it runs
+    run_uid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Store:
+    def __init__(self, url: str):
+        kwargs: dict[str, Any] = {"future": True}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        self.engine = create_engine(url, **kwargs)
+        if url.startswith("sqlite"):
+            @event.listens_for(self.engine, "connect")
+            def _wal(dbapi_conn, _record):  # readers do not wait for the runner's writes
+                dbapi_conn.execute("PRAGMA journal_mode=WAL")
+        Base.metadata.create_all(self.engine)
+        self.session = sessionmaker(self.engine, expire_on_commit=False)
+
+    # --- users' side -------------------------------------------------------------------------------------------
+    def create(self, user_id: str, fields: dict) -> Job:
+        with self.session() as s, s.begin():
+            job = Job(user_id=user_id, status="submitted", timestamp_submission=now(), **fields)
+            s.add(job)
+        return job
+
+    def get(self, job_id: int) -> Job | None:
+        with self.session() as s:
+            return s.get(Job, job_id)
+
+    def query(self, user_id: str, statuses: Iterable[str] = (), collabs: Iterable[str] = (), tags: Iterable[str] = (),
+              size: int = 10, from_index: int = 0) -> list[Job]:
+        q = select(Job).where(Job.user_id == user_id)
+        statuses, collabs = list(statuses), list(collabs)
+        q = q.where(Job.status.in_(statuses)) if statuses else q.where(Job.status != "removed")
+        if collabs:
+            q = q.where(Job.collab.in_(collabs))
+        q = q.order_by(Job.id.desc()).offset(from_index).limit(size)
+        with self.session() as s:
+            jobs = list(s.scalars(q))
+        tags = set(tags)
+        return [j for j in jobs if tags <= set(json.loads(j.tags or "[]"))] if tags else jobs
+
+    def request_removal(self, job_id: int) -> str:
+        """Mark a job removed; a running one is only flagged (its runner stops it). Returns the status before."""
+        with self.session() as s, s.begin():
+            job = s.get(Job, job_id, with_for_update=True)
+            before = job.status
+            if before == "running":
+                job.cancel_requested = True
+            elif before != "removed":
+                job.status = "removed"
+                job.timestamp_completion = job.timestamp_completion or now()
+        return before
+
+    # --- the runner's side -------------------------------------------------------------------------------------
+    def claim_next(self, runner_id: str) -> Job | None:
+        """Take the oldest submitted job, or None. Compare-and-set, so a job is claimed exactly once."""
+        while True:
+            with self.session() as s:
+                candidate = s.scalars(select(Job.id).where(Job.status == "submitted").order_by(Job.id).limit(1)).first()
+            if candidate is None:
+                return None
+            with self.session() as s, s.begin():
+                done = s.execute(update(Job).where(Job.id == candidate, Job.status == "submitted").values(
+                    status="running", runner_id=runner_id, timestamp_started=now(), attempts=Job.attempts + 1,
+                    cancel_requested=False))
+            if done.rowcount == 1:
+                return self.get(candidate)
+
+    def set_process(self, job_id: int, pgid: int | None, uid: int | None) -> None:
+        self._update(job_id, pgid=pgid, run_uid=uid)
+
+    def finish(self, job_id: int, status: str, provenance: dict, files: list[dict], usage: float | None) -> None:
+        self._update(job_id, status=status, provenance=json.dumps(provenance), output_files=json.dumps(files),
+                     resource_usage=usage, timestamp_completion=now(), pgid=None, runner_id=None)
+
+    def requeue(self, job_id: int) -> None:
+        self._update(job_id, status="submitted", pgid=None, runner_id=None, timestamp_started=None)
+
+    def interrupted(self, runner_id: str | None = None) -> list[Job]:
+        """Jobs left `running` by a runner that is gone (all of them at start-up), or by `runner_id`."""
+        q = select(Job).where(Job.status == "running")
+        if runner_id:
+            q = q.where(Job.runner_id == runner_id)
+        with self.session() as s:
+            return list(s.scalars(q))
+
+    def cancel_requested(self, job_id: int) -> bool:
+        with self.session() as s:
+            return bool(s.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+    def expired(self, before: datetime) -> list[Job]:
+        with self.session() as s:
+            return list(s.scalars(select(Job).where(Job.status.in_(DONE + ("removed",)),
+                                                    Job.timestamp_completion < before)))
+
+    def _update(self, job_id: int, **values) -> None:
+        with self.session() as s, s.begin():
+            s.execute(update(Job).where(Job.id == job_id).values(**values))

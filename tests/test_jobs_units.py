@@ -1,0 +1,128 @@
+"""The job service's building blocks without a hub: archive safety, hardware config checks, signed URLs, the
+store's claim, and the runner's output collection as a real system account."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from spinnaker_jupyter.jobs import archives, hardware_config, signing
+from spinnaker_jupyter.jobs.store import Store
+
+KEYS = list(hardware_config.SUPPORTED)
+
+
+@pytest.mark.parametrize("name, ok", [
+    ("run.py", "run.py"), ("a/./b.py", "a/b.py"), ("../x", None), ("a/../../x", None), ("/etc/passwd", None),
+    ("C:/x", None), ("", None), ("a\0b", None), ("..", None),
+])
+def test_safe_relpath(name, ok):
+    assert archives.safe_relpath(name) == ok
+
+
+def _tar(tmp_path: Path, *members) -> Path:
+    path = tmp_path / "a.tar.gz"
+    with tarfile.open(path, "w:gz") as t:
+        for info, data in members:
+            t.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def test_tar_link_and_traversal_refused(tmp_path):
+    link = tarfile.TarInfo("data")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc"
+    dest = tmp_path / "out"
+    dest.mkdir()
+    with pytest.raises(archives.ArchiveError, match="link or special file: 'data'"):
+        archives.extract_tar(_tar(tmp_path, (link, None)), dest, 2**20, 10)
+    evil = tarfile.TarInfo("../evil.py")
+    evil.size = 1
+    with pytest.raises(archives.ArchiveError, match=r"outside its folder: '../evil.py'"):
+        archives.extract_tar(_tar(tmp_path, (evil, b"x")), dest, 2**20, 10)
+    assert not (tmp_path / "evil.py").exists()
+
+
+def test_bomb_stops_at_the_limit_counting_real_bytes(tmp_path):
+    path = tmp_path / "bomb.tar.gz"
+    with tarfile.open(path, "w:gz") as t:
+        info = tarfile.TarInfo("zeros")
+        info.size = 8 * 2**20
+        t.addfile(info, io.BytesIO(b"\0" * info.size))
+    dest = tmp_path / "out"
+    dest.mkdir()
+    with pytest.raises(archives.ArchiveError, match="unpacks to more than 1 MiB"):
+        archives.extract_tar(path, dest, 2**20, 10)
+    assert (dest / "zeros").stat().st_size <= 2**20 + archives.CHUNK
+
+
+def test_zip_symlink_and_file_count(tmp_path):
+    path = tmp_path / "a.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        info = zipfile.ZipInfo("link")
+        info.external_attr = (0o120777 << 16)
+        z.writestr(info, "/etc/shadow")
+    dest = tmp_path / "out"
+    dest.mkdir()
+    with pytest.raises(archives.ArchiveError, match="link or special file: 'link'"):
+        archives.extract_zip(path, dest, 2**20, 10)
+    with zipfile.ZipFile(path, "w") as z:
+        for i in range(5):
+            z.writestr(f"f{i}.py", "x")
+    with pytest.raises(archives.ArchiveError, match="more than 3 files"):
+        archives.extract_zip(path, tmp_path / "out2", 2**20, 3)
+
+
+def test_hardware_config_checks():
+    parse = lambda v, **kw: hardware_config.parse(v, kw.get("keys", KEYS), ["1!7.4.1"], ["neo"], 600)  # noqa: E731
+    assert parse({"spynnaker_version": "7.4.1", "extra_pip_installs": ["neo==0.14.6"], "time_limit": 60}) == {
+        "spynnaker_version": "7.4.1", "extra_pip_installs": ["neo==0.14.6"], "time_limit": 60}
+    assert parse('{"spynnaker_version": "1!7.4.1"}') == {"spynnaker_version": "1!7.4.1"}
+    assert parse(None) == {}
+    for bad, message in [
+        ("[1]", "must be a JSON object"),
+        ({"time_limit": 601}, "between 1 and 600 seconds"),
+        ({"time_limit": True}, "expected a whole number"),
+        ({"extra_pip_installs": ["neo; rm -rf /"]}, "is not a package requirement"),
+        ({"extra_pip_installs": "neo"}, "expected a list of strings"),
+        ({"boards": 1}, "hardware_config.boards (SpiNNaker boards for this job) is not available"),
+    ]:
+        with pytest.raises(hardware_config.HardwareConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            parse(bad, keys=[k for k in KEYS if k != "boards"])
+
+
+def test_signed_urls(tmp_path):
+    key = signing.load_key(tmp_path / "k")
+    assert (tmp_path / "k").stat().st_mode & 0o777 == 0o600
+    assert signing.load_key(tmp_path / "k") == key
+    url = signing.sign(key, "http://x", 3, "out/a b.txt", 60)
+    query = dict(p.split("=") for p in url.split("?")[1].split("&"))
+    assert signing.check(key, 3, "out/a b.txt", query["expires"], query["signature"]) is None
+    assert "not valid" in signing.check(key, 4, "out/a b.txt", query["expires"], query["signature"])
+    assert "not valid" in signing.check(key, 3, "other", query["expires"], query["signature"])
+    assert "not valid" in signing.check(os.urandom(32), 3, "out/a b.txt", query["expires"], query["signature"])
+    old = str(int(time.time()) - 1)
+    sig = signing._mac(key, 3, "p", int(old))
+    assert "expired" in signing.check(key, 3, "p", old, sig)
+
+
+def test_claim_is_exclusive(tmp_path):
+    """Two runners on one store: every job is claimed exactly once."""
+    url = f"sqlite:///{tmp_path / 'jobs.sqlite'}"
+    a, b = Store(url), Store(url)
+    for i in range(20):
+        a.create("alice", {"collab": "private-alice", "code": f"print({i})", "command": "run.py",
+                           "hardware_platform": "SpiNNaker"})
+    got = []
+    while True:
+        ja, jb = a.claim_next("a"), b.claim_next("b")
+        got += [j.id for j in (ja, jb) if j]
+        if not ja and not jb:
+            break
+    assert sorted(got) == list(range(1, 21))
+    assert {j.status for j in a.interrupted()} == {"running"} and len(a.interrupted("a")) == 10
