@@ -114,6 +114,19 @@ if scenario == "basic":
          machine=conns(job))
     client.close()
 
+elif scenario == "list":
+    spinnman_setup()
+    from spinnman.spalloc import SpallocClient
+    client = SpallocClient(url, bearer_token=token)
+    jobs = [client.create_job() for _ in range(3)]
+    emit("listed", created=[j._url for j in jobs], listed=[j._url for j in client.list_jobs()])
+    expect("destroy")
+    for j in jobs:
+        j.destroy("spinnman list test done")
+    emit("destroyed", listed=[j._url for j in client.list_jobs()],
+         deleted=[j._url for j in client.list_jobs(deleted=True)])
+    client.close()
+
 elif scenario == "queue":
     spinnman_setup()
     from spinnman.spalloc import SpallocClient, SpallocState
@@ -676,3 +689,144 @@ def test_double_speaks_the_services_http_rules(spalloc_double):
     assert s.get(srv + "jobs", params={"deleted": "true"}, timeout=5).json() == {"jobs": [srv + "jobs/1"]}
     with pytest.raises(ValueError, match="test-only"):
         SpallocDouble(keepalive_min=1)
+
+
+# =========================================================================================================
+# job listing, leases and start-up reconciliation (issue 11: orphaned jobs after a hub crash)
+# =========================================================================================================
+def test_job_listing_pages_for_spinnman_and_the_hub_alike(spalloc_double, spinnman):
+    double = spalloc_double(boards=1, tls=True, power_delay=0, list_limit=2)  # 3 jobs: two pages
+    drv = spinnman("list", double)
+    listed = drv.expect("listed")
+    created = sorted(u.rstrip("/") for u in listed["created"])  # (spinnman's job URLs end with a slash)
+    assert sorted(u.rstrip("/") for u in listed["listed"]) == created and len(created) == 3
+    pages = [r for r in double.request_log() if r["method"] == "GET" and r["path"].endswith("/jobs")]
+    assert any("start=2" in r["query"] for r in pages), pages  # spinnman followed `next`
+
+    async def hub_view() -> list:
+        a = allocator(double)
+        try:
+            return await a.client().list_jobs()
+        finally:
+            await a.close()
+
+    assert sorted(run(hub_view())) == created  # the hub's client reads the same pages
+    drv.send("destroy")
+    done = drv.expect("destroyed")
+    assert done["listed"] == [] and sorted(u.rstrip("/") for u in done["deleted"]) == created
+    assert run(hub_view()) == []
+    drv.finish()
+
+
+def test_a_claim_records_its_job_before_using_it_and_gives_it_back_if_it_cannot(spalloc_double):
+    double = spalloc_double(boards=1, power_delay=0)
+    seen: list = []
+
+    async def scenario():
+        a = allocator(double)
+
+        def record(job):  # runs before the claim does anything with the job: no keepalive, no state read yet
+            seen.append((job.url, [r["method"] for r in double.request_log() if "/jobs/" in r["path"]]))
+
+        alloc = await a.claim("alice", on_created=record)
+        assert seen == [(alloc.job_url, [])]
+        await alloc.release("done")
+
+        def broken(job):
+            raise OSError("disk full")
+
+        with pytest.raises(OSError, match="disk full"):
+            await a.claim("bob", on_created=broken)
+        [bob] = [j for j in double.jobs() if j["owner"] == "bob"]
+        assert (bob["state"], bob["reason"]) == ("DESTROYED", "claim failed: the hub could not record the job")
+        await a.close()
+
+    run(scenario())
+
+
+def _lease_store(tmp_path, name="leases.sqlite"):
+    from spinnaker_jupyter.leases import LeaseStore
+
+    return LeaseStore(tmp_path / name)
+
+
+def test_reconcile_destroys_only_the_jobs_no_live_holder_has(spalloc_double, tmp_path):
+    """Rows of a dead hub process: a queued claim, a server gone, a server still running; plus a job the dead
+    process asked for but never recorded (the crash window), and jobs that are not the hub's at all."""
+    from spinnaker_jupyter import leases
+
+    double = spalloc_double(boards=1, power_delay=0)
+    logs: list[str] = []
+
+    class Log:
+        def __getattr__(self, level):
+            return lambda msg, *args: logs.append(f"{level}: {msg % args}")
+
+    async def scenario():
+        a = allocator(double)
+        client = a.client()
+        dead = _lease_store(tmp_path)  # the hub process that will be "killed"
+        service = client.service_url
+        # alice's server runs on after the restart; bob's server is gone; carol's claim was queued.
+        running = await a.claim("alice")
+        dead.begin("alice/", "alice", service)  # (a row per claim; marked held when the server started)
+        dead.created(dead.leases()[-1].id, running.job_url)
+        dead.held(running.job_url)
+        await running.job.stop_keepalive()  # the process dies: nobody keeps anything alive
+        bob_job = await client.create_job(owner="bob", keepalive_interval=30)
+        lid = dead.begin("bob/", "bob", service)
+        dead.created(lid, bob_job.url)
+        dead.held(bob_job.url)
+        carol_job = await client.create_job(owner="carol", keepalive_interval=30)
+        dead.created(dead.begin("carol/", "carol", service), carol_job.url)
+        # dave: the service made his job, the hub died before it could write the URL.
+        dead.begin("dave/", "dave", service, boards=1, keepalive=30.0)
+        dave_job = await client.create_job(owner="dave", keepalive_interval=30)
+        # Not the hub's: dave's own job from his laptop (kept alive since), and erin's job under her own token.
+        double.advance_clock(3)
+        own = await client.create_job(owner="dave", keepalive_interval=30)
+        double.advance_clock(3)
+        await own.keepalive()
+        erin = await a.client(token=ALICE_TOKEN).create_job(keepalive_interval=30)
+        dead.close()
+
+        restarted = leases.LeaseStore(tmp_path / "leases.sqlite")  # a new incarnation
+        report = await leases.reconcile(restarted, client, is_held=lambda lease: lease.job_url == running.job_url,
+                                        log=Log())
+        states = {j["id"]: (j["state"], j["reason"]) for j in double.jobs()}
+        assert states[running.job_id][0] == "READY" and report.kept == [running.job_url]
+        for job in (bob_job, carol_job, dave_job):
+            assert states[job.id][0] == "DESTROYED", (job, states)
+            assert "the hub restarted and no server of it holds this job" in states[job.id][1]
+        assert "stopped before it could record the job" in states[dave_job.id][1]
+        assert "its claim was still waiting" in states[carol_job.id][1]
+        assert states[own.id][0] != "DESTROYED" and states[erin.id][0] != "DESTROYED"
+        assert sorted(report.destroyed) == sorted([bob_job.url, carol_job.url, dave_job.url])
+        destroyed_lines = [line for line in logs if "SpiNNaker jobs: destroyed" in line]
+        assert len(destroyed_lines) == 3 and any("of carol" in line for line in destroyed_lines), logs
+        assert [lease.job_url for lease in restarted.leases()] == [running.job_url]  # only what is still held
+        # A second start finds nothing more to do.
+        again = await leases.reconcile(leases.LeaseStore(tmp_path / "leases.sqlite"), client,
+                                       is_held=lambda lease: True, log=Log())
+        assert again.destroyed == [] and again.kept == [running.job_url]
+        await a.close()
+
+    run(scenario())
+
+
+def test_the_lease_store_refuses_a_file_it_cannot_trust(tmp_path):
+    from spinnaker_jupyter.leases import LeaseStoreError
+
+    target = tmp_path / "elsewhere.sqlite"
+    target.write_bytes(b"")
+    (tmp_path / "leases.sqlite").symlink_to(target)
+    with pytest.raises(LeaseStoreError, match="not a regular file; remove it"):
+        _lease_store(tmp_path)
+    loose = tmp_path / "loose.sqlite"
+    loose.write_bytes(b"")
+    os.chmod(loose, 0o666)
+    with pytest.raises(LeaseStoreError, match="writable by others; remove it"):
+        _lease_store(tmp_path, "loose.sqlite")
+    store = _lease_store(tmp_path, "fresh.sqlite")
+    assert (os.stat(tmp_path / "fresh.sqlite").st_mode & 0o777) == 0o600
+    store.close()

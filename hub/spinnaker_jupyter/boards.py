@@ -25,6 +25,12 @@ container as well as a local process; the kernel launcher writes it into a priva
 ``SPINNAKER_MODE``, ``SPINNAKER_BOARD``, ``SPINNAKER_BOARD_JOB`` and ``SPINNAKER_BOARD_NOTICE`` describe it for
 people (``spinnaker-status``).
 
+Leases: every spalloc job is recorded durably the moment the service makes it (`leases.LeaseStore`, a file in the
+hub's private folder), before the claim waits in the queue, and the row goes when the job is given back. At hub
+start `leases.reconcile` checks the rows of the dead hub process against the service's job list and destroys each
+job no server of this hub holds any more (a claim that was waiting when the hub was killed, a job whose server is
+gone), with a log line per job.
+
 Persistence: the claim lives in the spawner's state (``get_state()["spinnaker"]``: job URL and id, board address,
 claimed-at, or the lost/fallback reason), which the hub stores in its database and shows admins (admin API, scope
 ``admin:server_state``). After a hub restart the first poll of a live server resumes its keepalive (the same job:
@@ -55,6 +61,7 @@ from jupyterhub.spawner import SpawnException
 from traitlets import Dict, List, Unicode
 from traitlets.config import LoggingConfigurable
 
+from . import leases
 from .spalloc import (ClaimProgress, JobState, SpallocAllocator, SpallocError, SpallocJobDestroyedError,
                       SpallocRequestError, SpallocTimeoutError, render_machine_cfg)
 
@@ -148,6 +155,9 @@ class BoardsMixin(LoggingConfigurable):
              "(JUPYTERHUB_SERVICE_HOST/PORT). Values already in the environment win.").tag(config=True)
     path_append = List(Unicode(), help="Folders appended to the servers' PATH (the `spinnaker-status` "
                                        "command).").tag(config=True)
+    lease_store = Unicode(
+        "", help="SQLite file recording every spalloc job the hub creates (`leases.LeaseStore`), so a restarted "
+                 "hub can give back the jobs of claims and servers it lost. Empty: not recorded.").tag(config=True)
 
     _allocator: Optional[SpallocAllocator] = None  # one per hub process, shared by all spawners
 
@@ -182,6 +192,13 @@ class BoardsMixin(LoggingConfigurable):
         if cls._allocator is None:
             cls._allocator = SpallocAllocator(config=self.config, log=self.log)
         return cls._allocator
+
+    def leases(self) -> Optional[leases.LeaseStore]:
+        return leases.open_store(self.lease_store) if self.lease_store else None
+
+    @property
+    def _holder(self) -> str:
+        return f"{self.user.name}/{self.name or ''}"
 
     def boards_wanted(self) -> int:
         sp = self.spinnaker["spalloc"]
@@ -233,7 +250,12 @@ class BoardsMixin(LoggingConfigurable):
             self._board = {"mode": mode}
         self._boards_in_start = True
         try:
-            return await super().start()
+            started = await super().start()
+            url = self._board.get("job_url")
+            store = self.leases()
+            if store is not None and url and not self._board.get("released"):
+                store.held(url)
+            return started
         except BaseException:
             await asyncio.shield(self._release_boards("the server failed to start"))
             raise
@@ -354,10 +376,24 @@ class BoardsMixin(LoggingConfigurable):
             self._say(None, p.message)
 
         failed = None
+        allocator = self.allocator()
+        store = self.leases()
+        lease_id = None
+        if store is not None:
+            # Recorded before the service is asked, so a hub that dies before the answer is recorded can still
+            # find the job (leases.reconcile: by owner, time and size).
+            lease_id = store.begin(self._holder, self.user.name, allocator.client().service_url, boards=n,
+                                   keepalive=allocator.keepalive_interval)
+
+        def created(job) -> None:
+            if store is not None:
+                store.created(lease_id, job.url)  # durable before the claim does anything else with the job
+
+        allocation = None
         try:
-            self._claim_task = asyncio.ensure_future(self.allocator().claim(
+            self._claim_task = asyncio.ensure_future(allocator.claim(
                 self.user.name, n_boards=n, collab=sp["spalloc"]["collab"], progress=progress,
-                on_lost=self._on_lost, timeout=float(sp["claim_timeout"])))
+                on_lost=self._on_lost, timeout=float(sp["claim_timeout"]), on_created=created))
             allocation = await self._claim_task
         except SpallocTimeoutError:
             job = f"job {last['job']} was still {last['state'].value.lower()}" if last else "no answer yet"
@@ -365,13 +401,19 @@ class BoardsMixin(LoggingConfigurable):
         except SpallocError as e:
             self.log.error("%s: claiming boards failed: %s", self._log_name, e)
             failed = str(e).rstrip(".")
+        except leases.LeaseStoreError as e:
+            self.log.error("%s: %s", self._log_name, e)
+            failed = f"the hub could not record its SpiNNaker job ({e})"
         finally:
             self._claim_task = None
+            if allocation is None and store is not None:
+                store.forget(lease_id=lease_id)  # the claim destroyed its job (or never made one)
         if failed is not None:
             self._board["released"] = True  # a claim that fails destroys its own job
             return self._no_board(failed)
         if self._boards_stopping:  # stopped while waiting (e.g. start timeout): the claim came too late
             await allocation.release("user server stopped before its boards were ready")
+            self._forget_lease(allocation.job_url)
             raise asyncio.CancelledError()
         self._allocation = allocation
         self._board = {"mode": "session", "boards": allocation.machine.n_boards, "board": allocation.root_host,
@@ -398,9 +440,18 @@ class BoardsMixin(LoggingConfigurable):
         self._board = {"mode": self.board_mode, "fallback": "virtual", "notice": notice, "since": _now_iso()}
         self._board_cfg = self._deployment_cfg("virtual")
 
+    def _forget_lease(self, url: Optional[str]) -> None:
+        store = self.leases()
+        if store is not None and url:
+            try:
+                store.forget(job_url=url)
+            except Exception:  # noqa: BLE001 - the next hub start finds the job ended and drops the row
+                self.log.exception("%s: could not update the board lease store", self._log_name)
+
     async def _on_lost(self, reason: str) -> None:
         if self._boards_stopping or not self._board.get("job_url"):
             return
+        self._forget_lease(self._board.get("job_url"))
         self._board.update(lost=reason, lost_at=_now_iso(), state=JobState.DESTROYED.value)
         self._allocation = None
         self.log.warning("%s: the SpiNNaker allocation service ended job %s: %s. The server keeps running "
@@ -437,6 +488,9 @@ class BoardsMixin(LoggingConfigurable):
             await allocation.job.stop_keepalive()
             return
         self._allocation = allocation
+        store = self.leases()
+        if store is not None:
+            store.adopt(url, self._holder, self.user.name, allocation.job.client.service_url)
         self.log.info("%s: resumed the keepalive of SpiNNaker job %s (board %s)", self._log_name,
                       allocation.job_id, allocation.root_host)
 
@@ -495,6 +549,7 @@ class BoardsMixin(LoggingConfigurable):
                 else:
                     await self.allocator().release(url, reason)
                 self.log.info("%s: released SpiNNaker job %s (%s)", self._log_name, board.get("job_id"), reason)
+                self._forget_lease(url)  # (kept when the release failed: the next hub start retries it)
             except SpallocError as e:
                 self.log.warning("%s: could not release SpiNNaker job %s (%s); the service ends it after its "
                                  "keepalive interval", self._log_name, url, e)
@@ -583,6 +638,41 @@ def status_command_dir(d) -> Optional[Path]:
     return folder
 
 
+LEASE_FILE = "spinnaker-leases.sqlite"
+_RECONCILE: Optional[asyncio.Task] = None  # (referenced so the task is not collected while it runs)
+
+
+def _running_server_jobs(d) -> set[str]:
+    """Job URLs held by servers the hub database records as running (their spawners resume or release them)."""
+    return {b["job_url"] for b in held_boards(d)
+            if b["running"] and b.get("job_url") and not b.get("released") and not b.get("lost")}
+
+
+async def reconcile_at_start(c, d) -> Optional[leases.ReconcileReport]:
+    """At hub start: give back the spalloc jobs the last hub process recorded and no server holds now."""
+    from traitlets.log import get_logger
+
+    log = get_logger()
+    allocator = SpallocAllocator(config=c, log=log)
+    try:
+        store = leases.open_store(d.hub_dir / LEASE_FILE)
+        loop = asyncio.get_running_loop()
+        running: Optional[set[str]] = None
+
+        async def is_held(lease: leases.Lease) -> bool:
+            nonlocal running
+            if running is None:  # read once: the dead process's last word on which servers run with which job
+                running = await loop.run_in_executor(None, _running_server_jobs, d)
+            return lease.job_url in running
+
+        return await leases.reconcile(store, allocator.client(), is_held=is_held, log=log)
+    except Exception:  # noqa: BLE001 - never stop the hub for this; the service's keepalive expiry still applies
+        log.exception("SpiNNaker jobs: reconciliation with the allocation service failed")
+        return None
+    finally:
+        await allocator.close()
+
+
 def configure_hub(c, d) -> None:
     """Apply `spinnaker:` (and `spawner.poll_interval`) to JupyterHub's config `c`."""
     sp = d["spinnaker"]
@@ -605,6 +695,14 @@ def configure_hub(c, d) -> None:
             a.ca_certs = str(d.path(spalloc["ca_certs"], Path()))
         if sp["mode"] == "session":
             a.token_provider = d.spalloc_token  # read again at each session renewal (a rotated token file works)
+            c.BoardsMixin.lease_store = str(d.hub_dir / LEASE_FILE)
+            try:
+                loop = asyncio.get_running_loop()  # (the hub loads its config on its running loop)
+            except RuntimeError:
+                loop = None  # (a config check, or a test applying the config: nothing to reconcile)
+            if loop is not None:
+                global _RECONCILE
+                _RECONCILE = loop.create_task(reconcile_at_start(c, d))
     if sp["mode"] == "per-run":
         hub = d["hub"]
         host = hub["ip"] if hub["ip"] not in ("", "0.0.0.0", "::") else "127.0.0.1"
@@ -663,11 +761,8 @@ async def _live(d, held: list[dict]) -> tuple[dict, list[dict], Optional[str]]:
                     states[b["job_url"]] = f"{st.state.value}{f' ({st.reason})' if st.reason else ''}"
                 except SpallocError as e:
                     states[b["job_url"]] = f"? ({e})"
-        service = await client.connect()
-        listing = await client._json("GET", service.jobs_url, what="list the jobs")
         ours = {b.get("job_url") for b in held}
-        for url in listing.get("jobs", []):
-            url = client._follow(url).rstrip("/")
+        for url in await client.list_jobs():
             if url not in ours:
                 st = await client.job(url).status()
                 others.append({"job_url": url, "owner": st.owner, "state": st.state.value})

@@ -56,7 +56,7 @@ __all__ = [
     "Allocation", "ClaimProgress", "JobState", "JobStatus", "MachineInfo", "ServiceInfo", "SpallocAllocator",
     "SpallocAuthError", "SpallocClient", "SpallocError", "SpallocJob", "SpallocJobDestroyedError",
     "SpallocProtocolError", "SpallocRequestError", "SpallocTimeoutError", "SpallocUnreachableError",
-    "TokenSource", "render_machine_cfg", "render_per_run_cfg",
+    "TokenSource", "parse_instant", "render_machine_cfg", "render_per_run_cfg",
 ]
 
 log = logging.getLogger(__name__)
@@ -156,21 +156,33 @@ class JobStatus:
     keepalive_url: Optional[str] = None
     machine_url: Optional[str] = None
     keepalive_interval: Optional[float] = None
+    #: When the service created the job / last had a keepalive (Unix time, the service's clock), if it says.
+    start_time: Optional[float] = None
+    keepalive_time: Optional[float] = None
+    #: The create request as the service recorded it (``original-request``), if it says.
+    original_request: Mapping[str, Any] = field(default_factory=dict, repr=False)
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_json(cls, url: str, obj: Mapping[str, Any]) -> "JobStatus":
         interval = None
         orig = obj.get("original-request")
-        if isinstance(orig, Mapping) and isinstance(orig.get("keepalive-interval"), str):
+        if not isinstance(orig, Mapping):
+            orig = {}
+        ka = orig.get("keepalive-interval")
+        if isinstance(ka, str):
             try:
-                interval = parse_iso_duration(orig["keepalive-interval"])
+                interval = parse_iso_duration(ka)
             except ValueError:
                 interval = None
+        elif isinstance(ka, (int, float)) and not isinstance(ka, bool):
+            interval = float(ka)  # (Jackson writes a Duration as seconds unless told otherwise)
         return cls(url=url, state=JobState.parse(obj.get("state")), owner=obj.get("owner"),
                    reason=obj.get("reason"), keepalive_host=obj.get("keepalive-host"),
                    keepalive_url=obj.get("keepalive-ref"), machine_url=obj.get("machine-ref"),
-                   keepalive_interval=interval, raw=dict(obj))
+                   keepalive_interval=interval, start_time=parse_instant(obj.get("start-time")),
+                   keepalive_time=parse_instant(obj.get("keep-alive-time")), original_request=dict(orig),
+                   raw=dict(obj))
 
 
 @dataclass(frozen=True)
@@ -233,6 +245,29 @@ def parse_iso_duration(text: str) -> float:
     d, h, mi, s = m.groups()
     return (int(d or 0) * 86400 + int(h or 0) * 3600 + int(mi or 0) * 60
             + float((s or "0").replace(",", ".")))
+
+
+def parse_instant(value: Any) -> Optional[float]:
+    """Unix time of an instant as the service writes it (ISO-8601 ``2026-12-02T04:58:00.123Z``, or epoch seconds,
+    Jackson's default); ``None`` when absent or unreadable."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, str) or not value.strip():
+        return None
+    import datetime as dt
+
+    text = value.strip().replace("Z", "+00:00").replace("z", "+00:00")
+    m = re.fullmatch(r"(.*T\d\d:\d\d:\d\d)(?:[.,](\d+))?(.*)", text)
+    frac = 0.0
+    if m:  # Python before 3.11 reads at most 6 fraction digits; Java writes up to 9
+        text, frac = m.group(1) + m.group(3), float("0." + m.group(2)) if m.group(2) else 0.0
+    try:
+        t = dt.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.timezone.utc)
+    return t.timestamp() + frac
 
 
 def format_iso_duration(seconds: float) -> str:
@@ -401,6 +436,33 @@ class SpallocClient:
         job = SpallocJob(self, self._follow(location), keepalive_interval=keepalive_interval)
         self.log.info("spalloc: created %s for %s (%s)", job.url, owner or "(token user)", body)
         return job
+
+    async def list_jobs(self, *, deleted: bool = False, limit: Optional[int] = None,
+                        max_pages: int = 1000) -> list[str]:
+        """Every job the service lists (``GET jobs``, following its ``next`` pages), as job URLs, newest first.
+
+        The service lists every live job (with ``deleted``: ended ones too) to anyone logged in; reading a job's
+        state is what needs its owner's (or an admin's) credentials.
+        """
+        service = await self.connect()
+        params = {"deleted": "true" if deleted else "false"}
+        if limit is not None:
+            params["limit"] = str(int(limit))
+        url: Optional[str] = f"{service.jobs_url}?{urlencode(params)}"
+        out: list[str] = []
+        seen: set[str] = set()
+        for _ in range(max_pages):
+            if url is None or url in seen:
+                break
+            seen.add(url)
+            obj = await self._json("GET", url, what="list the jobs")
+            if not isinstance(obj, Mapping) or not isinstance(obj.get("jobs", []), list):
+                raise SpallocProtocolError(f"Unexpected job list from {service.jobs_url}: {str(obj)[:200]}")
+            page = [self._follow(str(u)).rstrip("/") for u in obj.get("jobs") or []]
+            out += [u for u in page if u not in out]
+            nxt = obj.get("next")
+            url = self._follow(str(nxt)) if nxt and page else None
+        return out
 
     def job(self, job_url: str, *, keepalive_interval: Optional[float] = None) -> "SpallocJob":
         """A handle on an existing job (e.g. a URL persisted before a hub restart).
@@ -960,9 +1022,13 @@ class SpallocAllocator(LoggingConfigurable):
     async def claim(self, owner: str, *, n_boards: Optional[int] = None, group: Optional[str] = None,
                     collab: Optional[str] = None, token: TokenSource = None,
                     progress: Optional[ProgressCallback] = None, on_lost: Optional[LostCallback] = None,
-                    timeout: Optional[float] = None) -> Allocation:
+                    timeout: Optional[float] = None,
+                    on_created: Optional[Callable[["SpallocJob"], Any]] = None) -> Allocation:
         """Claim boards for ``owner`` and wait until they are ready, keeping the job alive from the start.
 
+        ``on_created(job)`` (may be a coroutine function) runs as soon as the service has created the job, before
+        anything else is done with it: the place to record the job durably (``leases.LeaseStore``). If it raises,
+        the job is destroyed and the error propagates: no job lives that nobody recorded.
         If waiting fails (timeout, destruction, cancellation of the calling task, lost contact), the job is
         released before the error propagates. On success the keepalive runs until ``Allocation.release()``;
         ``on_lost(reason)`` is called if the service ends the job meanwhile.
@@ -974,6 +1040,14 @@ class SpallocAllocator(LoggingConfigurable):
         job = await client.create_job(owner=owner, n_boards=n, group=group or self.group, collab=collab,
                                       machine_name=self.machine_name, tags=self.tags,
                                       keepalive_interval=self.keepalive_interval)
+        if on_created is not None:
+            try:
+                result = on_created(job)
+                if inspect.isawaitable(result):
+                    await result
+            except BaseException:
+                await asyncio.shield(self._release_quietly(job, "claim failed: the hub could not record the job"))
+                raise
         job.start_keepalive(self.keepalive_interval, on_lost=on_lost)
         await _call_maybe_async(progress, ClaimProgress(
             state=JobState.QUEUED, job_url=job.url, job_id=job.id, elapsed=time.monotonic() - start,

@@ -547,7 +547,7 @@ class JobsHandler(_Handler):
         self.authenticate()
         deleted = self.bool_arg("deleted")
         try:
-            limit = int(self.get_query_argument("limit", "100"))
+            limit = int(self.get_query_argument("limit", str(self.double.list_limit)))
             start = int(self.get_query_argument("start", "0"))
         except ValueError:
             raise _HTTPError(400, "limit and start must be integers")
@@ -562,13 +562,20 @@ class JobsHandler(_Handler):
         page = jobs[start:start + limit]
         here = f"{self.base()}{self.request.path.rstrip('/')}"
         body: dict[str, Any] = {"jobs": [f"{here}/{j.id}" for j in page]}
-        if len(page) == limit:
-            body["next"] = f"{here}?deleted={str(deleted).lower()}&start={start + limit}&limit={limit}"
+        links = []
+        # Like the service (SpallocServiceImpl.wrapPaging): prev/next in the body and in a Link header, the request
+        # URI with `start` replaced and `wait` turned off.
         if start > 0:
             body["prev"] = f"{here}?deleted={str(deleted).lower()}&start={max(start - limit, 0)}&limit={limit}"
+            links.append(f'<{body["prev"]}>; rel="prev"')
+        if len(page) == limit:
+            body["next"] = f"{here}?deleted={str(deleted).lower()}&start={start + limit}&limit={limit}"
+            links.append(f'<{body["next"]}>; rel="next"')
+        if links:
+            self.set_header("Link", ", ".join(links))
         self.send_json(body)
 
-    def post(self) -> None:
+    async def post(self) -> None:
         self.authenticate()
         self.check_csrf()
         ctype = self.request.headers.get("Content-Type", "").split(";")[0].strip().lower()
@@ -581,6 +588,9 @@ class JobsHandler(_Handler):
         if not isinstance(req, dict):
             raise _HTTPError(400, "request must be supplied")
         job = self._create(req)
+        gate = self.double._create_gate
+        if gate is not None:  # test knob: the job exists, its creator has no answer yet (a crash window)
+            await gate.wait()
         url = self.job_url(job)
         self.set_header("Location", url)
         self.send_json({"job-id": job.id, "job-ref": url}, status=201)
@@ -812,6 +822,8 @@ class SpallocDouble:
     :param power_delay: seconds a job spends in ``POWER`` before ``READY`` (0: straight to ``READY``).
     :param tls: serve HTTPS with a throw-away CA (``ca_file``) unless ``certfile``/``keyfile`` are given.
     :param prefix: the service's context path (real: ``/spalloc``).
+    :param list_limit: page size of ``GET jobs`` when the request gives no ``limit`` (small values make clients
+        follow ``next``).
     """
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, boards: int = 1,
@@ -822,7 +834,7 @@ class SpallocDouble:
                  power_delay: float = 0.5, tick: float = 0.05, tls: bool = False,
                  certfile: Optional[str] = None, keyfile: Optional[str] = None, testing: bool = False,
                  prefix: str = "/spalloc", version: tuple[int, int, int] = SERVICE_VERSION,
-                 first_ip: str = "10.11.192.1") -> None:
+                 first_ip: str = "10.11.192.1", list_limit: int = 100) -> None:
         if boards < 1:
             raise ValueError("boards must be at least 1")
         if keepalive_min < REAL_KEEPALIVE_MIN and not testing:
@@ -839,6 +851,7 @@ class SpallocDouble:
         self.keepalive_max = keepalive_max
         self.wait_timeout = wait_timeout
         self.tick_interval = tick
+        self.list_limit = list_limit
         self.prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
         self.version = version
         self.clock = _Clock()
@@ -854,6 +867,7 @@ class SpallocDouble:
         self._thread: Optional[threading.Thread] = None
         self._server: Optional[tornado.httpserver.HTTPServer] = None
         self._ticker: Optional[asyncio.Task] = None
+        self._create_gate: Optional[asyncio.Event] = None
 
     # -- addresses ----------------------------------------------------------------------------------------------
     @property
@@ -917,6 +931,8 @@ class SpallocDouble:
             self._server.stop()
             for job in self.model.jobs.values():  # release long-polls
                 job.event.set()
+            if self._create_gate is not None:
+                self._create_gate.set()
             await self._server.close_all_connections()
 
     async def _tick_loop(self) -> None:
@@ -1001,6 +1017,20 @@ class SpallocDouble:
 
     def destroy_job(self, job_id: int, reason: str = "destroyed by operator") -> None:
         self.call(lambda: self.model.destroy(self.model.jobs[job_id], reason))
+
+    def hold_create_answers(self) -> None:
+        """From now on create jobs but hold the answers to ``POST jobs`` until ``release_create_answers()``: the
+        window in which a client has asked for a job, the service has made it, and the client does not know it."""
+        def go() -> None:
+            self._create_gate = asyncio.Event()
+        self.call(go)
+
+    def release_create_answers(self) -> None:
+        def go() -> None:
+            gate, self._create_gate = self._create_gate, None
+            if gate is not None:
+                gate.set()
+        self.call(go)
 
     def drop_sessions(self) -> None:
         """Forget every session, as after a server restart or session timeout."""
