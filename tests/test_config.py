@@ -264,3 +264,13 @@ def test_yaml_aliases_are_refused_quickly(tmp_path):
         config.load([bomb])
     assert time.monotonic() - t0 < 1  # it used to run for over a minute
     refused(check(bomb), "aliases (*name) are not allowed")
+
+
+def test_a_crypt_key_that_is_not_32_hex_bytes_is_one_line(tmp_path, monkeypatch):
+    d = config.load([write(tmp_path, {})])
+    monkeypatch.setenv("JUPYTERHUB_CRYPT_KEY", "not-hex-but-long-enough-" * 3)
+    with pytest.raises(ConfigError, match="JUPYTERHUB_CRYPT_KEY: the key that encrypts users' tokens must be 64 "
+                                          "hexadecimal characters .* `openssl rand -hex 32`"):
+        d.secret("crypt_key")
+    monkeypatch.delenv("JUPYTERHUB_CRYPT_KEY")
+    assert bytes.fromhex(d.secret("crypt_key")) and len(d.secret("crypt_key")) == 64  # the generated one

@@ -314,3 +314,24 @@ def test_data_dir_this_account_cannot_write_is_one_line(hub_factory):
                        capture_output=True, text=True, timeout=120, env={**hub.env, "HOME": "/tmp"})
     one_line_refusal(r, f"data_dir: cannot create {hub.config['data_dir']}: Permission denied",
                      "Set data_dir to a folder this account can write")
+
+
+def test_a_proxy_that_dies_is_restarted_by_the_running_hub(hub_factory):
+    """The hub restarts a proxy that died (JupyterHub's check_running): the checks then expect the hub and its
+    services on their ports, and the new proxy's listeners to be its own."""
+    import requests
+
+    hub = hub_factory()
+    pid_file = Path(hub.config["data_dir"]) / "hub" / "proxy.pid"
+    old = int(pid_file.read_text())
+    os.kill(old, signal.SIGKILL)
+
+    def answers_again():
+        try:
+            new = int(pid_file.read_text())
+            return new != old and requests.get(hub.url + "/hub/api/", timeout=2).status_code == 200
+        except (OSError, ValueError, requests.RequestException):
+            return False
+
+    wait_for(answers_again, 60, "the hub to restart its proxy")
+    assert "Proxy stopped with exit code" in hub.log() and "is already in use" not in hub.log()

@@ -90,17 +90,23 @@ class Deployment:
         """A secret the hub generates and keeps (0600) when the operator gives none."""
         env = {"proxy_auth_token": "CONFIGPROXY_AUTH_TOKEN", "crypt_key": "JUPYTERHUB_CRYPT_KEY"}[name]
         if os.environ.get(env):
-            return _long_enough(os.environ[env].strip(), env, f"set {env} to a longer one, e.g. `openssl rand -hex "
-                                                              f"32`, or unset it to have one generated")
-        path = self.hub_dir / name
-        if not path.exists():
-            self.private_hub_dir()
-            write_secret(path, secrets.token_hex(32))
-        from .preflight import trusted
+            value, where = os.environ[env].strip(), env
+            fix = f"set {env} to the output of `openssl rand -hex 32`, or unset it to have one generated"
+        else:
+            path = self.hub_dir / name
+            if not path.exists():
+                self.private_hub_dir()
+                write_secret(path, secrets.token_hex(32))
+            from .preflight import trusted
 
-        trusted(path, "secret file", private=True)
-        return _long_enough(_read_text(path, name).strip(), str(path), f"remove {path} and start again to generate "
-                            f"a new one (or set {env})")
+            trusted(path, "secret file", private=True)
+            value, where = _read_text(path, name).strip(), str(path)
+            fix = f"remove {path} and start again to generate a new one (or set {env})"
+        _long_enough(value, where, fix)
+        if name == "crypt_key" and not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+            raise ConfigError(f"{where}: the key that encrypts users' tokens must be 64 hexadecimal characters (32 "
+                              f"bytes). Fix: {fix}.")
+        return value
 
     def private_hub_dir(self) -> Path:
         """data_dir/hub, made private (0700) when this creates it; one made by another account is refused."""

@@ -27,10 +27,11 @@ class CheckedProxy(ConfigurableHTTPProxy):
     _running_hub = False  # set once the hub is up: until then an exit of the hub takes the proxy with it
 
     def _ports(self) -> list[tuple[str, str, int]]:
-        named = [("hub.port (the public port)", self.public_url), ("proxy.api_port", self.api_url),
-                 ("proxy.hub_port", self.app.hub.bind_url)]
-        named += [(f"the port of service {s['name']}", s["url"]) for s in self.app.services
-                  if s.get("command") and s.get("url")]  # the hub-managed ones (e.g. access-token-service)
+        named = [("hub.port", self.public_url), ("proxy.api_port", self.api_url)]
+        if not self._running_hub:  # at the first start; a restarted proxy finds the hub and services listening
+            named.append(("proxy.hub_port", self.app.hub.bind_url))
+            named += [(f"the port of service {s['name']}", s["url"]) for s in self.app.services
+                      if s.get("command") and s.get("url")]  # the hub-managed ones (e.g. access-token-service)
         return [(key, *hp) for key, url in named if (hp := _host_port(url))]
 
     async def start(self):
@@ -38,7 +39,8 @@ class CheckedProxy(ConfigurableHTTPProxy):
             preflight.check_ports(self._ports())
         except ConfigError as e:
             raise RuntimeError(str(e)) from None
-        atexit.register(self._stop_unless_kept)
+        if not self._running_hub:
+            atexit.register(self._stop_unless_kept)
         try:
             await super().start()
             pid = self.proxy_process.pid
