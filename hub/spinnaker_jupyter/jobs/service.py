@@ -13,17 +13,16 @@ import logging
 import os
 import signal
 
-from .. import config
 from . import api, identity, signing
 from .executor import LocalExecutor
 from .runner import Runner
-from .settings import SERVICE_NAME, Settings, db_url, spynnaker_versions
+from .settings import SERVICE_NAME, Settings, db_url, load_deployment, spynnaker_versions
 from .store import Store
 
 log = logging.getLogger("spinnaker_jupyter.jobs")
 
 
-def ebrains_settings(d: config.Deployment) -> dict | None:
+def ebrains_settings(d) -> dict | None:
     if d["auth"]["type"] != "ebrains":
         return None
     eb = dict(d["auth"]["ebrains"])
@@ -34,7 +33,7 @@ def ebrains_settings(d: config.Deployment) -> dict | None:
 
 async def serve() -> None:
     os.umask(0o077)  # the store, logs, outputs and key are the service's alone; what users need is chmod-ed
-    d = config.load()
+    d = load_deployment()
     s = Settings.from_deployment(d)
     s.data.mkdir(parents=True, exist_ok=True, mode=0o700)
     store = Store(db_url(d))

@@ -7,12 +7,25 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import Deployment
+from ..config import CONFIG_ENV, Deployment, merge, read_file, validate
+from ..schema import defaults
 from . import fetch
 from .executor import RunLimits
 
 SERVICE_NAME = "jobs"
 DB_URL_ENV = "SPINNAKER_JUPYTER_JOBS_DB_URL"
+
+
+def load_deployment() -> Deployment:
+    """The hub's deployment config, as config.load() reads it but without its cross-key checks: those ask for the
+    hub's own secrets (EBRAINS client secret, spalloc token), which the job service neither needs nor gets. The hub
+    has checked them already."""
+    files = [Path(f).expanduser().resolve() for f in os.environ.get(CONFIG_ENV, "").split(os.pathsep) if f]
+    values = defaults()
+    for path in files:
+        values = merge(values, read_file(path))
+    validate(values)
+    return Deployment(values, files)
 
 
 def public_url(d: Deployment) -> str:
