@@ -180,3 +180,19 @@ def test_login_backs_off_per_name_and_per_address(hub):
         _login_status(hub, f"nobody{i}", "wrong password")
     refused = _login(hub, "emil", "any")
     assert refused.status_code == 429 and "Too many failed logins" in refused.text, refused.status_code
+
+
+# --- two deployments on one machine (finding 9) ------------------------------------------------------------------
+def test_second_deployment_does_not_run_as_the_firsts_account(hub_factory):
+    first, second = hub_factory({"culler": {"enabled": False}}), hub_factory({"culler": {"enabled": False}})
+    theirs = first.client("twin", first.add_user("twin"))
+    theirs.start_server()
+    ours = second.client("twin", second.add_user("twin"))
+    page = ours.session.get(f"{second.url}/hub/spawn/twin", timeout=120)  # as the browser starts it
+    assert "spawner.local.system_user_prefix" in page.text and "another deployment" in page.text, page.text[-2000:]
+    assert ours.server_model() is None or not ours.server_model().get("ready")
+    # The first deployment's own account keeps working, across a restart of its server.
+    theirs.stop_server()
+    theirs.start_server()
+    assert theirs.server("GET", "api/contents").status_code == 200
+    theirs.stop_server()

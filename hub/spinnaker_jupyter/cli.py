@@ -57,6 +57,10 @@ def cmd_check(args) -> int:
     say(f"config OK ({files})")
     say(f"auth: {d['auth']['type']}, spawner: {d['spawner']['type']}, SpiNNaker: {d['spinnaker']['mode']}, "
         f"data in {d.data_dir}")
+    if d["spawner"]["type"] == "local":
+        from .limits import describe_deployment
+
+        say(describe_deployment(d))
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import os
 import pwd
@@ -19,9 +20,10 @@ import subprocess
 import time
 from pathlib import Path
 
-from jupyterhub.spawner import LocalProcessSpawner, set_user_setuid
-from traitlets import Bool, Unicode, default
+from jupyterhub.spawner import LocalProcessSpawner, SpawnException, set_user_setuid
+from traitlets import Bool, Integer, Unicode, default
 
+from . import limits as limitsmod
 from .boards import BoardsMixin
 from .progress import ProgressMixin, wait_until_listening
 
@@ -35,6 +37,12 @@ class PrivateHomeSpawner(ProgressMixin, LocalProcessSpawner):
                                        "the hub's own readiness check, which backs off exponentially up to 5 s, "
                                        "succeeds at its first try. False: stock behaviour (for benchmarks).").tag(
         config=True)
+    process_limit = Integer(None, allow_none=True, help="Processes and threads per server (None: no limit).").tag(
+        config=True)
+    limits_mode = Unicode("auto", help="How mem_limit, cpu_limit and process_limit are enforced: `auto` (a cgroup "
+                                       "per server where possible, else rlimits), `cgroup` or `rlimits`.").tag(
+        config=True)
+    _cgroup_dirs: list = []
 
     @default("system_users")
     def _system_users_default(self):
@@ -69,7 +77,7 @@ class PrivateHomeSpawner(ProgressMixin, LocalProcessSpawner):
                     raise RuntimeError(f"Could not create the system account {self.system_username} for "
                                        f"{self.user.name}: {made.stderr.strip()}")
                 self.log.info("Created system account %s for %s", self.system_username, self.user.name)
-            pw = pwd.getpwnam(self.system_username)
+            pw = self._own_account(pwd.getpwnam(self.system_username))
             home.mkdir(mode=0o700, exist_ok=True)
             st = home.stat()
             if (st.st_uid, st.st_gid) != (pw.pw_uid, pw.pw_gid):
@@ -78,13 +86,49 @@ class PrivateHomeSpawner(ProgressMixin, LocalProcessSpawner):
         else:
             home.mkdir(mode=0o700, exist_ok=True)
 
+    def _own_account(self, pw: pwd.struct_passwd) -> pwd.struct_passwd:
+        """The existing system account, if it is this deployment's: its home is this deployment's home for the user.
+        Another deployment's account is refused (its user would become ours), unless that deployment is gone (its
+        home no longer exists and nothing runs as the account): then it is taken over."""
+        home = self.home
+        if os.path.realpath(pw.pw_dir) == os.path.realpath(home):
+            return pw
+        if not os.path.exists(pw.pw_dir) and not _pids_of(pw.pw_uid):
+            moved = subprocess.run(["usermod", "--home", str(home), self.system_username], capture_output=True,
+                                   text=True)
+            if moved.returncode == 0:
+                self.log.warning("Took over the system account %s left by a removed deployment (home was %s)",
+                                 self.system_username, pw.pw_dir)
+                return pwd.getpwnam(self.system_username)
+        message = (f"The system account {self.system_username} belongs to another deployment on this machine (its "
+                   f"home is {pw.pw_dir}, not {home}), so {self.user.name}'s server will not run as it. The operator "
+                   "gives this deployment its own spawner.local.system_user_prefix (e.g. 'jupyter2-'), or, if this "
+                   f"deployment was moved from {pw.pw_dir}, runs `usermod --home {home} {self.system_username}`.")
+        refused = SpawnException(message, reason="account_of_another_deployment", status_code=409)
+        refused.jupyterhub_message = message  # what the spawn page says
+        raise refused
+
+    @property
+    def limits(self) -> limitsmod.Limits:
+        return limitsmod.Limits(mem=self.mem_limit or None, cpu=self.cpu_limit or None, tasks=self.process_limit)
+
+    def _cgroup_name(self) -> str:
+        name = self.user.name + (f".{self.name}" if self.name else "")
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+    def _make_cgroup(self) -> list:
+        tree, _ = _cgroup_tree(self.limits_mode, self.homes_dir)
+        return tree.create(self._cgroup_name(), self.limits) if tree else []
+
     def make_preexec_fn(self, name):
         home = str(self.home)
         setuid = set_user_setuid(self.system_username, chdir=False) if self.system_users else None
+        limit = limitsmod.preexec(self._cgroup_dirs, self.limits)
 
         def preexec():
             # A hub started in the background inherits an ignored SIGINT; the hub stops servers with SIGINT.
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            limit()  # the server's own cgroup (or rlimits), while still root
             if setuid:
                 setuid()
             os.chdir(home)
@@ -108,6 +152,7 @@ class PrivateHomeSpawner(ProgressMixin, LocalProcessSpawner):
         else:
             self.progress_say(10, "Preparing your home folder")
         await asyncio.get_running_loop().run_in_executor(None, self._ensure_account)
+        self._cgroup_dirs = await asyncio.get_running_loop().run_in_executor(None, self._make_cgroup)
         log_path = self._log_path()
         log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         log = open(log_path, "ab", buffering=0)
@@ -134,6 +179,9 @@ class PrivateHomeSpawner(ProgressMixin, LocalProcessSpawner):
                                                                     pwd.getpwnam(self.system_username).pw_uid)
             if left:
                 self.log.info("Stopped %d leftover process(es) of %s", left, self.system_username)
+        tree, _ = _cgroup_tree(self.limits_mode, self.homes_dir)
+        if tree:  # what is left in the server's cgroup goes with it
+            await asyncio.get_running_loop().run_in_executor(None, tree.remove, self._cgroup_name())
 
     async def _wait_listening(self, ip: str, port: int, log_path: Path) -> None:
         async def ended():
@@ -146,6 +194,12 @@ class PrivateHomeSpawner(ProgressMixin, LocalProcessSpawner):
             await wait_until_listening(ip, port, self.start_timeout, ended)
         except TimeoutError as e:
             raise TimeoutError(f"{e} Last lines of its log:\n{_tail(log_path)}") from None
+
+
+@functools.cache
+def _cgroup_tree(mode: str, homes_dir: str):
+    """Decided once per hub: the deployment's cgroup tree (None: rlimits), and why."""
+    return limitsmod.choose(mode, homes_dir)
 
 
 def system_account_name(prefix: str, name: str) -> str:
