@@ -107,7 +107,7 @@ def apply(c, d: Deployment) -> None:
         c.JupyterHub.tornado_settings = {"headers": {"Content-Security-Policy": csp}}
         args.append("--ServerApp.tornado_settings=" + json.dumps({"headers": {"Content-Security-Policy": csp}}))
 
-    services, roles = _culler(d)
+    services, roles = _culler(c, d, args)
     if d["auth"]["type"] == "local":  # `user remove` stops servers and revokes tokens through the hub's API
         from .account_removal import hub_service
 
@@ -196,11 +196,6 @@ def _apply_spawner(c, d: Deployment, args: list[str]) -> None:
         c.SpiNNakerLocalSpawner.logs_dir = str(d.logs_dir)
         c.SpiNNakerLocalSpawner.system_users = system_users_enabled(d)
         c.SpiNNakerLocalSpawner.system_user_prefix = sp["local"]["system_user_prefix"]
-        c.SpiNNakerLocalSpawner.process_limit = sp["process_limit"]
-        c.SpiNNakerLocalSpawner.limits_mode = sp["local"]["limits"]
-        from .limits import describe_deployment
-
-        print(f"[spinnaker-jupyter] {describe_deployment(d)}", flush=True)  # which limits are in force, and how
         # The user servers run from the hub's own environment; as root they need --allow-root only if not switched.
         c.Spawner.cmd = [str(Path(sys.executable).parent / "jupyterhub-singleuser")]
         if not system_users_enabled(d) and os.geteuid() == 0:
@@ -242,10 +237,21 @@ def _apply_docker(c, d: Deployment) -> None:
         c.JupyterHub.hub_connect_ip = dk["hub_connect_host"] or "hub"
 
 
-def _culler(d: Deployment) -> tuple[list, list]:
-    cull = d["culler"]
+def _culler(c, d: Deployment, server_args: list[str]) -> tuple[list, list]:
+    """The hub's idle culler (a service), and what every user server (local or container) needs for it: idle-kernel
+    culling, and activity reported often enough for the timeout (a busy kernel is activity: the extension's
+    activity.py)."""
+    cull, kernels = d["culler"], d["culler"]["kernels"]
+    if kernels["timeout"]:  # jupyter_server's own culler; cull_busy False: a kernel running code is never touched
+        server_args += [f"--MappingKernelManager.{k}={v}" for k, v in {
+            "cull_idle_timeout": kernels["timeout"], "cull_interval": kernels["every"], "cull_busy": False,
+            "cull_connected": kernels["connected"]}.items()]
     if not cull["enabled"]:
         return [], []
+    # The hub's record of a server's activity lags by up to its resolution plus the server's report interval
+    # (JupyterHub's defaults: 30 s and 300 s, longer than a short timeout): keep the lag within a sixth of it.
+    c.JupyterHub.activity_resolution = min(30, cull["timeout"] // 6)
+    server_args.append(f"--JupyterHubSingleUser.hub_activity_interval={min(300, cull['timeout'] // 6)}")
     cmd = [sys.executable, "-m", "jupyterhub_idle_culler", f"--timeout={cull['timeout']}",
            f"--cull-every={cull['every']}"]
     if cull["max_age"]:

@@ -113,15 +113,7 @@ SCHEMA: dict = _obj({
             "system_users": {"enum": ["auto", True, False], "default": "auto",
                              "description": "Run each user's server as their own system account (needs root; "
                                             "`auto` = when the hub runs as root)."},
-            "system_user_prefix": _str("jupyter-", "Prefix of the system accounts created for hub users. Two "
-                                       "deployments on one machine need different prefixes: an account made by "
-                                       "another deployment (its home is elsewhere) is refused."),
-            "limits": _str("auto", "How mem_limit, cpu_limit and process_limit are enforced on local servers. "
-                           "`auto`: a cgroup per server when the hub can make one (root, cgroup v2 or the v1 "
-                           "pids/memory/cpu controllers), else rlimits; `cgroup`: refuse to start servers without "
-                           "one; `rlimits`: per-process memory (RLIMIT_DATA), processes per account (RLIMIT_NPROC) "
-                           "and a lower CPU priority instead of a CPU cap. `spinnaker-jupyter check` says which "
-                           "applies.", enum=["auto", "cgroup", "rlimits"]),
+            "system_user_prefix": _str("jupyter-", "Prefix of the system accounts created for hub users."),
         }),
         "docker": _obj({
             "engine_url": _str(None, "Docker API endpoint: unix:///var/run/docker.sock (Docker Engine, default from "
@@ -141,22 +133,34 @@ SCHEMA: dict = _obj({
                        "description": "Labels put on every user container."},
         }),
         "cpu_limit": {"type": ["number", "null"], "default": None, "exclusiveMinimum": 0,
-                      "description": "CPU cores per user server (containers; local servers in a cgroup)."},
-        "mem_limit": _str(None, "Memory per user server, e.g. 4G: containers, and local servers (the whole server "
-                          "in a cgroup, else each process).", pattern=r"^[0-9]+[KMGT]?$"),
-        "process_limit": {"type": ["integer", "null"], "default": 1024, "minimum": 16,
-                          "description": "Processes and threads per local user server (per account with rlimits), "
-                                         "so that a fork bomb cannot take the PIDs the hub needs; null: no limit."},
+                      "description": "CPU cores per user server (containers)."},
+        "mem_limit": _str(None, "Memory per user server, e.g. 4G (containers).", pattern=r"^[0-9]+[KMGT]?$"),
         "default_url": _str("/lab", "Page a user lands on."),
         "poll_interval": _int(30, "Seconds between the hub's checks that each user server still runs (a "
                               "server found gone gives its SpiNNaker boards back).", minimum=1),
     }),
     "culler": _obj({
         "enabled": _bool(True, "Stop servers idle for longer than `timeout`."),
-        "timeout": _int(3600, "Seconds of inactivity before a server is stopped.", minimum=60),
+        "timeout": _int(3600, "Seconds of inactivity before a server is stopped. A server counts as active while "
+                        "any of its kernels is running code, even a silent cell with the browser closed: a long run "
+                        "is never stopped, and the server is stopped `timeout` seconds after its last run ended "
+                        "and nobody used it.", minimum=60),
         "every": _int(300, "Seconds between culler passes.", minimum=10),
-        "max_age": _int(0, "Stop servers older than this many seconds regardless of activity (0 = never).",
-                        minimum=0),
+        "max_age": _int(0, "Stop servers older than this many seconds regardless of activity, running kernels "
+                        "included (0 = never): the bound for a run that never ends.", minimum=0),
+        "kernels": _obj({
+            "timeout": _int(0, "Seconds a kernel may sit idle (not running code) before it is shut down to free "
+                            "its memory; 0 = never (the default). A kernel running code is never shut down, however "
+                            "long the run. Off by default because shutting a kernel down loses what it holds in "
+                            "memory (the data of a finished run not yet saved), while the server culler above "
+                            "already frees everything of an unused server; turn it on (e.g. 600) where many idle "
+                            "kernels crowd the memory. Applies to every user server, whether `enabled` is on or "
+                            "not.", minimum=0),
+            "every": _int(60, "Seconds between kernel-culling passes inside each server.", minimum=1),
+            "connected": _bool(False, "Also shut down idle kernels a browser tab is still connected to. Off: an open "
+                               "notebook keeps its kernel (and its variables) until the tab is closed or the server "
+                               "is stopped."),
+        }),
     }),
     "kernels": _obj({
         "envs_dir": _str(None, "Where kernel environments are built (default: data_dir/envs)."),
