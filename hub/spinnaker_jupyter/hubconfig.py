@@ -196,6 +196,11 @@ def _apply_spawner(c, d: Deployment, args: list[str]) -> None:
         c.SpiNNakerLocalSpawner.logs_dir = str(d.logs_dir)
         c.SpiNNakerLocalSpawner.system_users = system_users_enabled(d)
         c.SpiNNakerLocalSpawner.system_user_prefix = sp["local"]["system_user_prefix"]
+        c.SpiNNakerLocalSpawner.process_limit = sp["process_limit"]
+        c.SpiNNakerLocalSpawner.limits_mode = sp["local"]["limits"]
+        from .limits import describe_deployment
+
+        print(f"[spinnaker-jupyter] {describe_deployment(d)}", flush=True)  # which limits are in force, and how
         # The user servers run from the hub's own environment; as root they need --allow-root only if not switched.
         c.Spawner.cmd = [str(Path(sys.executable).parent / "jupyterhub-singleuser")]
         if not system_users_enabled(d) and os.geteuid() == 0:

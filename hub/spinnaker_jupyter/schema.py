@@ -113,7 +113,15 @@ SCHEMA: dict = _obj({
             "system_users": {"enum": ["auto", True, False], "default": "auto",
                              "description": "Run each user's server as their own system account (needs root; "
                                             "`auto` = when the hub runs as root)."},
-            "system_user_prefix": _str("jupyter-", "Prefix of the system accounts created for hub users."),
+            "system_user_prefix": _str("jupyter-", "Prefix of the system accounts created for hub users. Two "
+                                       "deployments on one machine need different prefixes: an account made by "
+                                       "another deployment (its home is elsewhere) is refused."),
+            "limits": _str("auto", "How mem_limit, cpu_limit and process_limit are enforced on local servers. "
+                           "`auto`: a cgroup per server when the hub can make one (root, cgroup v2 or the v1 "
+                           "pids/memory/cpu controllers), else rlimits; `cgroup`: refuse to start servers without "
+                           "one; `rlimits`: per-process memory (RLIMIT_DATA), processes per account (RLIMIT_NPROC) "
+                           "and a lower CPU priority instead of a CPU cap. `spinnaker-jupyter check` says which "
+                           "applies.", enum=["auto", "cgroup", "rlimits"]),
         }),
         "docker": _obj({
             "engine_url": _str(None, "Docker API endpoint: unix:///var/run/docker.sock (Docker Engine, default from "
@@ -133,8 +141,12 @@ SCHEMA: dict = _obj({
                        "description": "Labels put on every user container."},
         }),
         "cpu_limit": {"type": ["number", "null"], "default": None, "exclusiveMinimum": 0,
-                      "description": "CPU cores per user server (containers)."},
-        "mem_limit": _str(None, "Memory per user server, e.g. 4G (containers).", pattern=r"^[0-9]+[KMGT]?$"),
+                      "description": "CPU cores per user server (containers; local servers in a cgroup)."},
+        "mem_limit": _str(None, "Memory per user server, e.g. 4G: containers, and local servers (the whole server "
+                          "in a cgroup, else each process).", pattern=r"^[0-9]+[KMGT]?$"),
+        "process_limit": {"type": ["integer", "null"], "default": 1024, "minimum": 16,
+                          "description": "Processes and threads per local user server (per account with rlimits), "
+                                         "so that a fork bomb cannot take the PIDs the hub needs; null: no limit."},
         "default_url": _str("/lab", "Page a user lands on."),
         "poll_interval": _int(30, "Seconds between the hub's checks that each user server still runs (a "
                               "server found gone gives its SpiNNaker boards back).", minimum=1),
