@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: one syste
 STAND_IN = textwrap.dedent("""
     import http.server, json, os, socketserver, sys
 
-    port, record = int(sys.argv[1]), sys.argv[2]
+    record = sys.argv[2]
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -52,7 +53,17 @@ STAND_IN = textwrap.dedent("""
     class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
         daemon_threads = True
 
-    Server(("127.0.0.1", port), Handler).serve_forever()
+    if sys.argv[1].isdigit():
+        Server(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+    else:  # a unix socket (the `nrp` entry's {unix_socket})
+        class UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+            daemon_threads = True
+
+            def get_request(self):
+                conn, _ = super().get_request()
+                return conn, ("local", 0)
+
+        UnixServer(sys.argv[1], Handler).serve_forever()
 """)
 
 RECORD = "nrp-stand-in.jsonl"  # in the home of the user whose NRP stand-in it is
@@ -64,7 +75,8 @@ def stand_in():
     script = folder / "stand_in.py"
     script.write_text(STAND_IN)
     os.chmod(script, 0o644)
-    return script
+    yield script
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +102,12 @@ def _user(hub, name):
 
 @pytest.fixture(scope="module")
 def alice(hub):
-    return _user(hub, "alice")
+    return _user(hub, "isolalice")  # names of this module's own: system accounts are per machine
 
 
 @pytest.fixture(scope="module")
 def bob(hub):
-    return _user(hub, "bob")
+    return _user(hub, "isolbob")
 
 
 def as_account(user, argv, **kw) -> subprocess.Popen:
@@ -131,7 +143,7 @@ def test_route_to_another_accounts_listener_is_refused_and_sends_nothing(hub, al
         assert listener.poll() is None, listener.stderr.read()
         browser = logged_in_browser(alice)
         for path in ("nrp/", "nrp/index.html", f"proxy/{nrp_port}/", f"proxy/absolute/{nrp_port}/x"):
-            r = browser.get(f"{hub.url}/user/alice/{path}?token={alice.token}", timeout=60,
+            r = browser.get(f"{hub.url}/user/{alice.name}/{path}?token={alice.token}", timeout=60,
                             headers={"Authorization": f"token {alice.token}"})
             assert r.status_code == 403, (path, r.status_code, r.text[:300])
             assert "in use by another account" in r.text and "nothing was sent" in r.text, (path, r.text[:500])
@@ -145,10 +157,10 @@ def test_route_to_another_accounts_listener_is_refused_and_sends_nothing(hub, al
 def test_own_listener_gets_the_request_without_the_users_credentials(hub, alice, nrp_port):
     wait_for(lambda: not listening(nrp_port), 30, "the NRP port to be free")
     browser = logged_in_browser(alice)
-    browser.cookies.set("nrp-session", "its-own-cookie", path="/user/alice/")
+    browser.cookies.set("nrp-session", "its-own-cookie", path=f"/user/{alice.name}/")
     secrets = credentials_of(alice)
     for path in ("nrp/scene?token={t}&keep=1", f"proxy/{nrp_port}/page?keep=1&token={{t}}"):
-        r = browser.get(f"{hub.url}/user/alice/{path.format(t=alice.token)}", timeout=90,
+        r = browser.get(f"{hub.url}/user/{alice.name}/{path.format(t=alice.token)}", timeout=90,
                         headers={"Authorization": f"token {alice.token}", "X-XSRFToken": "x" * 20})
         assert r.status_code == 200 and r.text == f"stand-in of uid {alice.uid}", (path, r.status_code, r.text[:300])
     record = alice.server("GET", f"api/contents/{RECORD}")
@@ -163,6 +175,26 @@ def test_own_listener_gets_the_request_without_the_users_credentials(hub, alice,
         assert "token" not in q["path"] and q["path"].endswith("?keep=1"), q
         leaked = [s for s in secrets if s in json.dumps(q)]
         assert not leaked, f"alice's credentials reached the listener: {q}"
+
+
+def test_nrp_on_a_unix_socket_takes_no_port(hub_factory, stand_in):
+    """An NRP command that names {unix_socket} is served on a socket in a folder only the user may enter."""
+    hub = hub_factory({"nrp": {"command": [sys.executable, str(stand_in), "{unix_socket}", f"~/{RECORD}"],
+                               "start_timeout": 30}})
+    carol = hub.client("isolcarol", hub.add_user("isolcarol"))
+    carol.start_server()
+    before = tcp_listeners()
+    browser = logged_in_browser(carol)
+    r = browser.get(f"{hub.url}/user/{carol.name}/nrp/scene?token={carol.token}&keep=1", timeout=90,
+                    headers={"Authorization": f"token {carol.token}"})
+    assert r.status_code == 200 and r.text.startswith("stand-in of uid"), (r.status_code, r.text[:300])
+    uid = int(r.text.rsplit(" ", 1)[1])
+    assert tcp_listeners(uid=uid) - before == set(), "the NRP took a TCP port"
+    seen = [json.loads(line) for line in carol.server("GET", f"api/contents/{RECORD}").json()["content"].splitlines()]
+    proxied = [q for q in seen if q["path"].startswith("/scene")]
+    assert proxied and proxied[0]["path"] == "/scene?keep=1", seen
+    assert not [s for s in credentials_of(carol) if s in json.dumps(proxied)], proxied
+    carol.stop_server()
 
 
 def test_proxy_hooks_are_the_checked_upstream_version():
@@ -198,8 +230,9 @@ def test_choke_point_refuses_another_accounts_port_for_any_route():
     from types import SimpleNamespace
 
     from jupyter_server_proxy.handlers import ProxyHandler
+    from jupyter_server_proxy.rawsocket import RawSocketHandler
     from spinnaker_jupyter_ext import proxy_upstream
-    from tornado.httputil import HTTPHeaders, HTTPServerRequest
+    from tornado.httputil import HTTPHeaders, HTTPServerRequest, RequestStartLine
     from tornado.web import HTTPError
 
     assert proxy_upstream.install() is None
@@ -209,18 +242,28 @@ def test_choke_point_refuses_another_accounts_port_for_any_route():
                              stdout=subprocess.PIPE, text=True)
     try:
         assert other.stdout.readline().strip() == "up"
+        line = RequestStartLine("GET", "/user/a/nrp/x?token=abc&y=1", "HTTP/1.1")
         fake = SimpleNamespace(unix_socket=None, absolute_url=False, proxy_base="nrp", base_url="/user/a/",
                                log=SimpleNamespace(warning=lambda *a: None),
-                               request=HTTPServerRequest(method="GET", uri="/user/a/nrp/x?token=abc&y=1",
-                                                         headers=HTTPHeaders()))
+                               request=HTTPServerRequest(start_line=line, headers=HTTPHeaders({"Host": "h"})),
+                               identity_provider=SimpleNamespace(get_cookie_name=lambda handler: "login-cookie"))
         with pytest.raises(HTTPError) as refused:
             ProxyHandler.get_client_uri(fake, "http", "localhost", port, "/x")
         assert refused.value.status_code == 403 and "another account" in refused.value.log_message
+        # Raw-socket entries (websocket to a plain TCP stream) connect on their own: refused the same way.
+        with pytest.raises(OSError, match="another account"):
+            RawSocketHandler._create_ws_connection(SimpleNamespace(port=port, unix_socket=None), None)
     finally:
         other.kill()
         other.communicate()
     free = free_port()
     assert ProxyHandler.get_client_uri(fake, "http", "localhost", free, "/x") == f"http://localhost:{free}/x?y=1"
+    # The headers of every upstream request, HTTP or websocket (both ask proxy_request_headers).
+    fake.request.headers = HTTPHeaders({"Host": "h", "Authorization": "token abc", "X-XSRFToken": "2|abc",
+                                        "Cookie": "jupyterhub-user-a=s3cret; _xsrf=2|abc; app=1", "Accept": "*/*"})
+    fake.get_request_headers_override = dict
+    forwarded = dict(ProxyHandler.proxy_request_headers(fake).get_all())
+    assert forwarded == {"Host": "h", "Cookie": "app=1", "Accept": "*/*"}
 
 
 # --- finding 2: kernels on TCP ---------------------------------------------------------------------------------------
@@ -253,9 +296,9 @@ SUBSCRIBER = textwrap.dedent("""
 """)
 
 
-def kernel_connection(user) -> dict:
+def kernel_connection(user, kernel: str | None = None) -> dict:
     """The connection file of <user>'s kernel (read as root): transport, address, the five ports or socket numbers."""
-    out = user.execute(user.kernel, "from ipykernel.connect import get_connection_file; print(get_connection_file())")
+    out = user.execute(kernel or user.kernel, "from ipykernel.connect import get_connection_file; print(get_connection_file())")
     path = out["stdout"].strip()
     with open(path) as f:
         info = json.load(f)
@@ -348,11 +391,22 @@ def test_containers_run_kernels_on_ipc_too(tmp_path):
     assert local["ServerProxy"] == image["ServerProxy"]
 
 
-def test_kernels_still_run_and_restart_over_ipc(alice):
-    out = alice.execute(alice.kernel, "import pyNN.spiNNaker as p; print('PYNN', p.__name__)")
-    assert "PYNN pyNN.spiNNaker" in out["stdout"], out
-    r = alice.server("POST", f"api/kernels/{alice.kernel}/restart")
+def test_notebooks_still_run_and_restart_over_ipc(alice):
+    """What JupyterLab does when a notebook is opened: a session for the notebook starts its kernel; cells run over
+    the kernel websocket; a restart brings the kernel back on its sockets."""
+    notebook = {"cells": [], "metadata": {"kernelspec": {"name": "spynnaker", "display_name": "sPyNNaker"}},
+                "nbformat": 4, "nbformat_minor": 5}
+    assert alice.server("PUT", "api/contents/ipc.ipynb", json={"type": "notebook", "content": notebook}).ok
+    session = alice.server("POST", "api/sessions", json={"path": "ipc.ipynb", "type": "notebook", "name": "",
+                                                         "kernel": {"name": "spynnaker"}})
+    assert session.status_code == 201, session.text
+    kernel = session.json()["kernel"]["id"]
+    out = alice.execute(kernel, "import pyNN.spiNNaker as p\np.setup(1.0); p.Population(3, p.IF_curr_exp())\n"
+                                "p.run(5); p.end(); print('RAN')")
+    assert out["error"] is None and "RAN" in out["stdout"], out
+    r = alice.server("POST", f"api/kernels/{kernel}/restart")
     assert r.status_code == 200, r.text
-    out = alice.execute(alice.kernel, "print('after restart')", timeout=120)
+    out = alice.execute(kernel, "print('after restart')", timeout=120)
     assert "after restart" in out["stdout"], out
-    assert kernel_connection(alice)["transport"] == "ipc"
+    assert kernel_connection(alice, kernel)["transport"] == "ipc"
+    assert alice.server("DELETE", f"api/sessions/{session.json()['id']}").status_code == 204
