@@ -229,7 +229,9 @@ SCHEMA: dict = _obj({
     }),
     "nrp": _obj({
         "command": _list({"type": "string"}, desc="Command that serves the NRP frontend on `port` (`{port}` is "
-                         "substituted). Empty: the NRP is not installed here and its route says so."),
+                         "substituted), or on a private unix socket when it names `{unix_socket}` (preferred on a "
+                         "shared host: no port another account could take). Empty: the NRP is not installed here "
+                         "and its route says so."),
         "port": _int(9000, "Port the NRP frontend listens on inside a user's server.", minimum=1024, maximum=65535),
         "start_timeout": _int(120, "Seconds the NRP may take to answer after it is started.", minimum=5),
     }),
