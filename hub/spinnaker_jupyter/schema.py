@@ -81,7 +81,9 @@ SCHEMA: dict = _obj({
             "token_url": _str(None, "Override the token endpoint."),
             "userinfo_url": _str(None, "Override the userinfo endpoint."),
             "client_id": _str(None, "OAuth client id registered with the issuer."),
-            "client_secret_file": _str(None, "File holding the client secret (else env EBRAINS_CLIENT_SECRET)."),
+            "client_secret_file": _str(None, "File holding the client secret (else env EBRAINS_CLIENT_SECRET); owned "
+                                       "by the hub's account or root, writable by no one else, unreadable by "
+                                       "others (0600 or 0640)."),
             "scopes": _list({"type": "string"}, ["openid", "profile", "email", "roles", "team", "group"],
                             "Scopes to request (add collab.drive for EBRAINS Drive access from notebooks)."),
             "allowed_groups": _list({"type": "string"}, desc="Groups/teams admitted (empty: anyone listed in "
@@ -199,9 +201,11 @@ SCHEMA: dict = _obj({
                            "with the reason.", enum=["virtual", "fail"]),
         "spalloc": _obj({
             "url": _str(None, "The SpiNNaker allocation service, as sPyNNaker's spalloc_server, e.g. "
-                        "https://spinnaker.cs.man.ac.uk/spalloc/ (modes `session` and `per-run`)."),
+                        "https://spinnaker.cs.man.ac.uk/spalloc/ (modes `session` and `per-run`). Without "
+                        "credentials: every user's kernel sees it."),
             "token_file": _str(None, "File holding the hub's bearer token for the service (mode `session`; else "
-                               "env SPALLOC_TOKEN). A service admin account, so that jobs carry users' names."),
+                               "env SPALLOC_TOKEN). A service admin account, so that jobs carry users' names. "
+                               "Owned by the hub's account or root, unreadable by others (0600 or 0640)."),
             "boards": _int(1, "Boards claimed per user server (mode `session`).", minimum=1),
             "boards_per_group": {"type": "object", "default": {}, "additionalProperties": {"type": "integer",
                                  "minimum": 1}, "description": "Boards per server for members of these hub "
@@ -223,7 +227,7 @@ SCHEMA: dict = _obj({
             "ca_certs": _str(None, "CA bundle to trust when the service's certificate comes from a private CA."),
         }),
         "extra_cfg": {"type": "object", "default": {}, "description": "Extra sPyNNaker cfg sections, e.g. "
-                      "{Reports: {write_energy_report: 'False'}}.",
+                      "{Reports: {write_energy_report: 'False'}}. No secrets: every user's kernel reads the cfg.",
                       "additionalProperties": {"type": "object",
                                                "additionalProperties": {"type": ["string", "number", "boolean"]}}},
     }),
