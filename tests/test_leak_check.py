@@ -57,3 +57,17 @@ def test_a_hub_fixture_leaves_nothing_behind(hub_factory):
     assert any("jupyterhub_idle_culler" in p.cmdline for p in before)
     hub.stop(final=True)
     assert hub.own_processes() == [] and processes.alive(p.key for p in before) == []
+
+
+def test_a_killed_hub_leaves_no_proxy_or_service_behind(hub_factory):
+    """The leak CI saw: a hub killed (or stopped with SIGKILL after a slow shutdown) cannot stop its proxy and
+    services, which JupyterHub starts in sessions of their own; they were re-parented to init and ran on."""
+    hub = hub_factory({"culler": {"enabled": True}})
+    os.kill(hub.proc.pid, 9)
+    hub.proc.wait()
+    orphans = hub.own_processes()
+    assert any("configurable-http-proxy" in p.cmdline for p in orphans), orphans
+    assert any("jupyterhub_idle_culler" in p.cmdline for p in orphans), orphans
+    assert all(p.ppid != hub.proc.pid for p in orphans)
+    hub.stop(final=True)
+    assert processes.alive(p.key for p in orphans) == []

@@ -75,7 +75,7 @@ def test_stop_servers_on_exit_defaults_keep_container_sessions(tmp_path):
     assert c.JupyterHub.cleanup_servers is False
 
 
-def test_upgrade_from_the_previous_release_keeps_everything(hub_factory, release, double, tmp_path):
+def test_upgrade_from_the_previous_release_keeps_everything(release, double, hub_factory, tmp_path):
     token_file = tmp_path / "spalloc-token"
     token_file.write_text(HUB_TOKEN + "\n")
     os.chmod(token_file, 0o600)
