@@ -4,7 +4,10 @@ are refused."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import pwd
+import shutil
 import statistics
 import subprocess
 import time
@@ -196,3 +199,37 @@ def test_second_deployment_does_not_run_as_the_firsts_account(hub_factory):
     theirs.start_server()
     assert theirs.server("GET", "api/contents").status_code == 200
     theirs.stop_server()
+    # Once the first deployment is gone (its data deleted), the second one takes the account over.
+    first.stop()
+    shutil.rmtree(Path(first.config["data_dir"]) / "homes")
+    ours.start_server()
+    assert ours.server("GET", "api/contents").status_code == 200
+    assert "Took over the system account jupyter-twin" in second.log()
+    ours.stop_server()
+
+
+def test_remove_while_the_hub_is_down(hub_factory):
+    hub = hub_factory({"culler": {"enabled": False}, "hub": {"stop_servers_on_exit": False}})
+    hana = hub.client("hana", hub.add_user("hana"))
+    hana.start_server()
+    uid = pwd.getpwnam("jupyter-hana").pw_uid
+    hub.stop()  # hana's server runs on without the hub
+    assert _processes_of(uid)
+
+    r = hub.cli("user", "remove", "hana")
+    assert r.returncode == 0, r.stderr
+    assert "the hub is not running" in r.stdout and "leftover process(es) ended" in r.stdout, r.stdout
+    assert not _processes_of(uid)
+    hub.start()
+    assert hana.api("GET", "/user").status_code == 403  # the token died with the hub user
+    assert hana.session.get(f"{hub.url}/hub/api/user", timeout=30,
+                            headers={"X-XSRFToken": hana._xsrf()}).status_code == 403
+
+
+def _processes_of(uid: int) -> list[int]:
+    found = []
+    for p in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if p.name.isdigit() and p.stat().st_uid == uid:
+                found.append(int(p.name))
+    return found
