@@ -242,14 +242,16 @@ def describe(mode: str, homes_dir: str, limits: Limits, system_users: bool) -> s
         return f"Each user server is limited to {limits.words()}: {why}."
     caveats = ["cpu_limit is not enforced (servers run at a lower priority instead)"] if limits.cpu else []
     if limits.tasks and not system_users:
-        caveats.append("the process limit counts every process of the hub's own account")
+        caveats.append("process_limit is not enforced, since every server runs as the hub's own account (an "
+                       "RLIMIT_NPROC would count all of that account's processes)")
     return (f"Each user server is limited to {limits.words()} by {why} (memory per process)"
             + (f"; {'; '.join(caveats)}" if caveats else "") + ".")
 
 
-def preexec(cgroup_dirs: list[Path], limits: Limits):
+def preexec(cgroup_dirs: list[Path], limits: Limits, own_account: bool = True):
     """What the forked server process does before it drops to the user's account: join its cgroup(s), or take the
-    rlimits. Runs between fork and exec: no allocation-heavy work, no locks."""
+    rlimits (RLIMIT_NPROC only where the server has an account of its own). Runs between fork and exec: no
+    allocation-heavy work, no locks."""
     procs = [str(d / "cgroup.procs") for d in cgroup_dirs]
 
     def apply():
@@ -261,7 +263,7 @@ def preexec(cgroup_dirs: list[Path], limits: Limits):
                 finally:
                     os.close(fd)
             return
-        if limits.tasks:
+        if limits.tasks and own_account:
             resource.setrlimit(resource.RLIMIT_NPROC, (limits.tasks, limits.tasks))
         if limits.mem:
             resource.setrlimit(resource.RLIMIT_DATA, (limits.mem, limits.mem))

@@ -123,7 +123,7 @@ class PrivateHomeSpawner(ProgressMixin, LocalProcessSpawner):
     def make_preexec_fn(self, name):
         home = str(self.home)
         setuid = set_user_setuid(self.system_username, chdir=False) if self.system_users else None
-        limit = limitsmod.preexec(self._cgroup_dirs, self.limits)
+        limit = limitsmod.preexec(self._cgroup_dirs, self.limits, own_account=self.system_users)
 
         def preexec():
             # A hub started in the background inherits an ignored SIGINT; the hub stops servers with SIGINT.
