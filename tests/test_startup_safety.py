@@ -6,6 +6,7 @@ The other account is `nobody`, so these tests run as root (as the hub does here)
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import signal
@@ -258,6 +259,17 @@ def test_files_others_can_write_are_refused(hub_factory, what):
     assert not marker.exists()
 
 
+def test_group_write_counts_only_when_others_are_in_the_group(tmp_path):
+    """Debian gives users their own group and umask 002: a file writable by that group is still only theirs."""
+    f = tmp_path / "c.yaml"
+    f.write_text("{}")
+    f.chmod(0o664)
+    preflight.trusted(f, "config file")  # root:root, nobody else in group root
+    os.chown(f, 0, grp.getgrnam("nogroup").gr_gid)  # nobody's group
+    with pytest.raises(ConfigError, match=f"config file {f} is writable by other accounts \\(mode 0664\\)"):
+        preflight.trusted(f, "config file")
+
+
 def test_a_hub_folder_made_by_another_account_is_refused(hub_factory):
     """data_dir/hub created beforehand by another account, with its own proxy token and an extra admin."""
     hub = hub_factory(start=False)
@@ -288,7 +300,8 @@ def test_a_sticky_shared_data_dir_keeps_its_mode(tmp_path, envs_dir, capsys):
 @pytest.mark.parametrize("name, mode, content, words", [
     ("proxy_auth_token", 0o644, "x" * 64, ["secret file", "is open to other accounts (mode 0644)", "chmod 600"]),
     ("proxy_auth_token", 0o600, "", ["proxy_auth_token: holds 0 characters, too few for a secret", "remove "]),
-    ("accounts.json", 0o660, "{}", ["secret file", "is writable by other accounts (mode 0660)"]),
+    ("accounts.json", 0o606, "{}", ["secret file", "is writable by other accounts (mode 0606)"]),
+    ("accounts.json", 0o640, "{}", ["secret file", "is open to other accounts (mode 0640)", "chmod 600"]),
     ("accounts.json", 0o600, '{"admin": {"hash": ', ["is not readable JSON", "move it aside"]),
     ("accounts.json", 0o600, '{"admin": "pw"}', ["the entry of 'admin' is not an account", "Restore it"]),
 ])

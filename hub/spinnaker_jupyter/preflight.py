@@ -7,6 +7,7 @@ hub.port, proxy.hub_port and the access-token-service), so a port another progra
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import pwd
@@ -150,7 +151,10 @@ def trusted(path: Path, what: str, *, private: bool = False, sticky_ok: bool = F
     """Refuse `path` if another account could have written it: it must belong to this account (or root, unless
     `private`) and not be writable by group or others. `private` also refuses any access by others (secrets);
     `sticky_ok` accepts a sticky world-writable folder such as /tmp (others cannot replace what is in it)."""
-    st = path.stat()
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: cannot check who may write it: {e.strerror}") from None
     me = os.geteuid()
     kind = "folder" if stat.S_ISDIR(st.st_mode) else "file"
     mode = stat.S_IMODE(st.st_mode)
@@ -158,12 +162,24 @@ def trusted(path: Path, what: str, *, private: bool = False, sticky_ok: bool = F
         raise ConfigError(f"{what} {path} belongs to {_account(st.st_uid)}, another account, which could have "
                           f"written it. Check what it holds, then `chown {_account(me).split()[0]} {path}`, or "
                           f"remove it{' (a new one is made at start)' if private else ''}.")
-    if mode & 0o022 and not (sticky_ok and kind == "folder" and mode & stat.S_ISVTX):
+    writable_by_others = mode & 0o002 or (mode & 0o020 and not _private_group(st))
+    if writable_by_others and not (sticky_ok and kind == "folder" and mode & stat.S_ISVTX):
         raise ConfigError(f"{what} {path} is writable by other accounts (mode {mode:04o}), which could change what "
                           f"the hub runs or trusts. Check what it holds, then `chmod go-w {path}`.")
     if private and mode & 0o077:
         raise ConfigError(f"{what} {path} is open to other accounts (mode {mode:04o}). `chmod "
                           f"{'700' if kind == 'folder' else '600'} {path}`.")
+
+
+def _private_group(st: os.stat_result) -> bool:
+    """The file's group is its owner's own (Debian's user private groups, with umask 002): nobody else is in it."""
+    try:
+        owner = pwd.getpwuid(st.st_uid)
+        members = grp.getgrgid(st.st_gid).gr_mem
+    except KeyError:
+        return False
+    return (owner.pw_gid == st.st_gid and all(m == owner.pw_name for m in members)
+            and not any(u.pw_gid == st.st_gid and u.pw_uid != st.st_uid for u in pwd.getpwall()))
 
 
 def config_d(d: Deployment) -> Path:
