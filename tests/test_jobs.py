@@ -286,10 +286,17 @@ def test_output_limit_stops_the_job(jobs_hub, nmpi_module):
     assert "(jobs.limits.output_mb) and was stopped" in job["log"], job["log"]
 
 
-def test_expired_download_url(hub_factory, nmpi_module, tmp_path):
-    hub = start_jobs_hub(hub_factory, {"download_url_ttl": 1})
+@pytest.fixture(scope="module")
+def tight_hub(hub_factory):
+    """Short download links and small CPU / process limits."""
+    hub = start_jobs_hub(hub_factory, {"download_url_ttl": 1,
+                                       "limits": {"cpu_time": 2, "processes": 8, "memory_mb": 512}})
     hub.users = {"carol": hub.client("carol", hub.add_user("carol"))}
-    client = client_for(nmpi_module, hub, "carol")
+    return hub
+
+
+def test_expired_download_url(tight_hub, nmpi_module, tmp_path):
+    client = client_for(nmpi_module, tight_hub, "carol")
     job = wait_done(client, client.submit_job(source="open('a.txt', 'w').write('hello')", platform="SpiNNaker",
                                               collab_id="private-carol"))
     url = job["output_data"]["files"][0]["url"]
@@ -301,6 +308,19 @@ def test_expired_download_url(hub_factory, nmpi_module, tmp_path):
     fresh = client.get_job(job["id"])  # reading the job again gives a fresh link
     client.download_data(fresh, local_dir=str(tmp_path))
     assert (tmp_path / "a.txt").read_text() == "hello"
+
+
+@pytest.mark.parametrize("script, message", [
+    ("while True:\n    pass\n", "The job used more than 2 s of CPU time (jobs.limits.cpu_time) and was stopped"),
+    ("x = bytearray(1024 * 2**20)\n", "each of its processes may use at most 512 MiB (jobs.limits.memory_mb)"),
+    ("import subprocess\nps = [subprocess.Popen(['sleep', '5']) for _ in range(20)]\n",
+     "The job started too many processes: at most 8 at once (jobs.limits.processes)"),
+])
+def test_resource_limits_are_named(tight_hub, nmpi_module, script, message):
+    client = client_for(nmpi_module, tight_hub, "carol")
+    job = wait_done(client, client.submit_job(source=script, platform="SpiNNaker", collab_id="private-carol"))
+    assert job["status"] == "error"
+    assert message in job["log"], job["log"]
 
 
 def _service_pid(hub) -> int | None:

@@ -126,3 +126,30 @@ def test_claim_is_exclusive(tmp_path):
             break
     assert sorted(got) == list(range(1, 21))
     assert {j.status for j in a.interrupted()} == {"running"} and len(a.interrupted("a")) == 10
+
+
+def test_outputs_go_after_the_retention_time(tmp_path, envs_dir):
+    from datetime import datetime, timedelta, timezone
+
+    from spinnaker_jupyter.config import load
+    from spinnaker_jupyter.jobs.executor import LocalExecutor
+    from spinnaker_jupyter.jobs.runner import Runner
+    from spinnaker_jupyter.jobs.settings import Settings
+
+    (tmp_path / "c.yaml").write_text(f"data_dir: {tmp_path / 'data'}\nkernels: {{envs_dir: {envs_dir}}}\n"
+                                     "jobs: {enabled: true, retention_days: 3}\n")
+    s = Settings.from_deployment(load([tmp_path / "c.yaml"]))
+    s.data.mkdir(parents=True)
+    store = Store(f"sqlite:///{s.data / 'jobs.sqlite'}")
+    runner = Runner(store, LocalExecutor(tmp_path / "homes", False, "jupyter-"), s)
+    old, new = (store.create("alice", {"collab": "private-alice", "code": "print(1)", "command": "run.py",
+                                       "hardware_platform": "SpiNNaker"}) for _ in range(2))
+    for job, days in ((old, 4), (new, 2)):
+        (s.outputs / str(job.id)).mkdir(parents=True)
+        (s.outputs / str(job.id) / "out.txt").write_text("x")
+        store.finish(job.id, "finished", {}, [{"path": "out.txt", "size": 1, "hash": "h"}], 0.0)
+        store._update(job.id, timestamp_completion=datetime.now(timezone.utc) - timedelta(days=days))
+    runner.purge()
+    assert not (s.outputs / str(old.id)).exists() and store.get(old.id).output_files == "[]"
+    assert (s.outputs / str(new.id) / "out.txt").exists() and store.get(new.id).output_files != "[]"
+    assert "output files removed after 3 days" in (s.logs / f"{old.id}.log").read_text()

@@ -56,6 +56,10 @@ class Executor(ABC):
         """Stop a job's whole process group (also one left by a previous run of the service)."""
 
     @abstractmethod
+    def as_account(self, account: Account):
+        """A preexec function that makes a child process run as `account` (None: no switch)."""
+
+    @abstractmethod
     def tar_files(self, root: Path, paths: list[str], account: Account) -> subprocess.Popen:
         """A tar stream of `paths` (relative to `root`), read with the job account's rights."""
 
@@ -98,6 +102,9 @@ class LocalExecutor(Executor):
                 setuid()
 
         return preexec
+
+    def as_account(self, account):
+        return self._preexec(None, account) if account.switched else None
 
     async def start(self, argv, cwd, env, limits, account):
         return await asyncio.create_subprocess_exec(

@@ -3,7 +3,9 @@
 The API's `code` field is either the script itself (saved as run.py, the EBRAINS convention) or an http(s) URL:
 an archive when it ends in .zip / .tar.gz / .tgz / .tar, otherwise a git repository. Everything has a size limit;
 clones are shallow, single-branch, without submodules, over http(s) only, and never prompt.
-The staging folder belongs to the service (0700); the runner hands it to the job's account only when complete.
+Every network access (download, clone) and every git command runs as the job's own account (`as_user`, a
+preexec function), never as the service: a URL reaches only what the user could reach themselves. Archives are
+unpacked by the service into its own staging folder, from the bytes the user's download process hands over.
 """
 
 from __future__ import annotations
@@ -11,9 +13,8 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,8 +55,9 @@ def check_inline(code: str, limits: Limits) -> None:
                          "repository or an archive and give its URL")
 
 
-def fetch(code: str, dest: Path, limits: Limits) -> dict:
-    """Put the job's code into `dest` (empty, private). Returns provenance: {source, url, sha256 | commit}."""
+def fetch(code: str, dest: Path, limits: Limits, as_user=None) -> dict:
+    """Put the job's code into `dest` (empty; for a clone it must belong to the job's account). Returns
+    provenance: {source, url, sha256 | commit}."""
     kind = kind_of(code)
     if kind == "inline":
         check_inline(code, limits)
@@ -63,40 +65,72 @@ def fetch(code: str, dest: Path, limits: Limits) -> dict:
         return {"source": "inline", "sha256": hashlib.sha256(code.encode()).hexdigest()}
     url = code.strip()
     if kind == "archive":
-        return _fetch_archive(url, dest, limits)
-    return _clone(url, dest, limits)
+        return _fetch_archive(url, dest, limits, as_user)
+    return _clone(url, dest, limits, as_user)
 
 
-def _fetch_archive(url: str, dest: Path, limits: Limits) -> dict:
+# Run as the job's account: stream the URL's body to stdout, at most N bytes (exit 3 past that), errors on stderr.
+_DOWNLOAD = """
+import sys, urllib.error, urllib.request
+url, limit, timeout = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+try:
+    with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "spinnaker-jupyter-jobs"}),
+                                timeout=timeout) as r:
+        n = 0
+        while chunk := r.read(65536):
+            n += len(chunk)
+            if n > limit:
+                sys.exit(3)
+            sys.stdout.buffer.write(chunk)
+except urllib.error.HTTPError as e:
+    sys.exit(f"the server answered {e.code} {e.reason}")
+except (urllib.error.URLError, OSError, ValueError) as e:
+    sys.exit(str(getattr(e, "reason", e)))
+"""
+
+
+def _fetch_archive(url: str, dest: Path, limits: Limits, as_user) -> dict:
     download = dest.parent / (dest.name + ".download")
     h = hashlib.sha256()
     size = 0
+    proc = subprocess.Popen([sys.executable, "-I", "-c", _DOWNLOAD, url, str(limits.code_bytes), str(limits.timeout)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, cwd="/", preexec_fn=as_user,
+                            start_new_session=True)
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "spinnaker-jupyter-jobs"}),
-                                    timeout=limits.timeout) as resp, open(download, "wb") as out:
-            while True:
-                chunk = resp.read(archives.CHUNK)
-                if not chunk:
-                    break
+        with open(download, "wb") as out:
+            while chunk := proc.stdout.read(archives.CHUNK):
                 size += len(chunk)
                 if size > limits.code_bytes:
-                    raise FetchError(f"The archive at {url} is larger than {limits.code_bytes // 2**20} MiB "
-                                     "(jobs.limits.code_mb)")
+                    break
                 h.update(chunk)
                 out.write(chunk)
-    except urllib.error.HTTPError as e:
-        raise FetchError(f"Could not download the code archive {url}: the server answered {e.code} {e.reason}") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise FetchError(f"Could not download the code archive {url}: {getattr(e, 'reason', e)}") from None
-    try:
+        try:
+            proc.wait(timeout=limits.timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            raise FetchError(f"Downloading {url} took longer than {limits.timeout} s") from None
+        err = proc.stderr.read().decode(errors="replace").strip()
+        if proc.returncode == 3 or size > limits.code_bytes:
+            raise FetchError(f"The archive at {url} is larger than {limits.code_bytes // 2**20} MiB "
+                             "(jobs.limits.code_mb)")
+        if proc.returncode != 0:
+            raise FetchError(f"Could not download the code archive {url}: {err.splitlines()[-1] if err else 'failed'}")
         path = url.split("?", 1)[0].lower()
-        if path.endswith(".zip"):
-            archives.extract_zip(download, dest, limits.code_bytes, limits.code_files)
-        else:
-            archives.extract_tar(download, dest, limits.code_bytes, limits.code_files)
-    except archives.ArchiveError as e:
-        raise FetchError(str(e)) from None
+        try:
+            if path.endswith(".zip"):
+                archives.extract_zip(download, dest, limits.code_bytes, limits.code_files)
+            else:
+                archives.extract_tar(download, dest, limits.code_bytes, limits.code_files)
+        except archives.ArchiveError as e:
+            raise FetchError(str(e)) from None
     finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
         download.unlink(missing_ok=True)
     archives.flatten_single_folder(dest)
     return {"source": "archive", "url": url, "sha256": h.hexdigest(), "size": size}
@@ -113,13 +147,14 @@ def _tree_size(root: Path) -> int:
     return total
 
 
-def _clone(url: str, dest: Path, limits: Limits) -> dict:
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(dest.parent), "GIT_TERMINAL_PROMPT": "0", "GIT_CONFIG_NOSYSTEM": "1",
-           "GIT_ASKPASS": "/bin/false", "LANG": "C.UTF-8"}
+def _clone(url: str, dest: Path, limits: Limits, as_user) -> dict:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(dest), "GIT_TERMINAL_PROMPT": "0", "GIT_CONFIG_NOSYSTEM": "1",
+           "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_ASKPASS": "/bin/false", "LANG": "C.UTF-8"}
     cmd = ["git", "-c", "protocol.allow=never", "-c", "protocol.http.allow=always", "-c", "protocol.https.allow=always",
            "-c", "core.hooksPath=/dev/null", "clone", "--quiet", "--depth", "1", "--single-branch",
            "--no-recurse-submodules", "--", url, str(dest)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True, preexec_fn=as_user)
     deadline = time.monotonic() + limits.timeout
     why = None
     while proc.poll() is None:
@@ -139,6 +174,6 @@ def _clone(url: str, dest: Path, limits: Limits) -> dict:
                          "repository reachable from this service")
     if _tree_size(dest) > limits.code_bytes:
         raise FetchError(f"The repository {url} is larger than {limits.code_bytes // 2**20} MiB (jobs.limits.code_mb)")
-    commit = subprocess.run(["git", "-C", str(dest), "rev-parse", "HEAD"], env=env, capture_output=True,
-                            text=True).stdout.strip()
+    commit = subprocess.run(["git", "-C", str(dest), "rev-parse", "HEAD"], env=env, cwd="/", capture_output=True,
+                            text=True, preexec_fn=as_user).stdout.strip()
     return {"source": "git", "url": url, "commit": commit}

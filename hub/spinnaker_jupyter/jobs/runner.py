@@ -16,6 +16,7 @@ import os
 import shlex
 import shutil
 import signal
+import subprocess
 import time
 import uuid
 import zipfile
@@ -142,16 +143,19 @@ class Runner:
     async def loop(self) -> None:
         last_purge = 0.0
         while not self._stopping:
-            if time.monotonic() - last_purge > 3600:
-                last_purge = time.monotonic()
-                await asyncio.get_running_loop().run_in_executor(None, self.purge)
-            while len(self.running) < self.s.concurrency and not self._stopping:
-                job = self.store.claim_next(self.id)
-                if job is None:
-                    break
-                task = asyncio.create_task(self.run(job))
-                self.running[job.id] = task
-                task.add_done_callback(lambda _t, i=job.id: (self.running.pop(i, None), self._wake.set()))
+            try:
+                if time.monotonic() - last_purge > 3600:
+                    last_purge = time.monotonic()
+                    await asyncio.get_running_loop().run_in_executor(None, self.purge)
+                while len(self.running) < self.s.concurrency and not self._stopping:
+                    job = self.store.claim_next(self.id)
+                    if job is None:
+                        break
+                    task = asyncio.create_task(self.run(job))
+                    self.running[job.id] = task
+                    task.add_done_callback(lambda _t, i=job.id: (self.running.pop(i, None), self._wake.set()))
+            except Exception:  # e.g. the database away for a moment: keep the queue going, try again shortly
+                log.exception("The runner could not take the next job; trying again")
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=2)
@@ -165,7 +169,7 @@ class Runner:
             out = self.s.outputs / str(job.id)
             if out.exists():
                 shutil.rmtree(out, ignore_errors=True)
-                self.store._update(job.id, output_files="[]")
+                self.store.clear_outputs(job.id)
                 JobLog.append(self.s.logs / f"{job.id}.log", f"{_stamp()}: output files removed after "
                               f"{self.s.retention_days} days (jobs.retention_days).")
 
@@ -174,7 +178,7 @@ class Runner:
         jlog = JobLog(self.s.logs / f"{job.id}.log", self.s.log_bytes)
         t0 = time.monotonic()
         provenance = {"platform": "SpiNNaker", "spinnaker_mode": "virtual", "virtual_board": True,
-                      "attempt": job.attempts, "runner": self.id, "started": _stamp()}
+                      "attempt": job.attempts, "runner": self.id, "started": _stamp(), "started_at": time.time()}
         status, files = "error", []
         scratch = self.s.work / str(job.id)
         try:
@@ -224,7 +228,7 @@ class Runner:
             shutil.rmtree(self.s.outputs / str(job.id), ignore_errors=True)
             jlog.note(f"{_stamp()}: the job was cancelled by its owner; its outputs were discarded.")
         provenance["wall_seconds"] = round(time.monotonic() - t0, 3)
-        provenance["finished"] = _stamp()
+        provenance["finished"], provenance["finished_at"] = _stamp(), time.time()
         shutil.rmtree(scratch, ignore_errors=True)
         # A virtual board uses no SpiNNaker cores: 0 core-hours.
         self.store.finish(job.id, status, provenance, files, 0.0)
@@ -237,31 +241,42 @@ class Runner:
             raise JobFailed(str(e)) from None
 
     def _prepare(self, job: Job, scratch: Path, account: Account, jlog: JobLog) -> dict:
-        """Fetch the code into a staging folder of the service's, then hand it to the job's account."""
+        """Fetch the code into a staging folder, then hand it to the job's account as its scratch folder. A clone
+        is made by the account itself; an archive or inline script is written by the service into a folder of its
+        own (so that nothing the user's other processes do can redirect its writes) and then given away."""
         staging = self.s.data / f"staging-{job.id}"
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)
-        staging.mkdir(mode=0o700)
+        staging.mkdir(mode=0o711)
+        os.chmod(staging, 0o711)  # the account reaches its own folder inside, nothing else
         code = staging / "code"
         code.mkdir(mode=0o700)
+        kind = fetch.kind_of(job.code)
+        by_user = kind == "git"
+        if by_user:
+            os.chown(code, account.uid, account.gid)
         try:
-            kind = fetch.kind_of(job.code)
             jlog.note({"inline": "Code: the script given with the job (saved as run.py).",
                        "git": f"Code: cloning {job.code.strip()} (shallow, no submodules).",
                        "archive": f"Code: downloading and unpacking {job.code.strip()}."}[kind])
             try:
-                info = fetch.fetch(job.code, code, self.s.fetch_limits)
+                info = fetch.fetch(job.code, code, self.s.fetch_limits, self.executor.as_account(account))
             except fetch.FetchError as e:
                 raise JobFailed(str(e)) from None
-            (code / INTERNAL).mkdir(exist_ok=True)
-            for dirpath, dirs, names in os.walk(code):
-                for name in [*dirs, *names]:
-                    os.lchown(os.path.join(dirpath, name), account.uid, account.gid)
-            os.chown(code, account.uid, account.gid)
+            if not by_user:
+                for dirpath, dirs, names in os.walk(code):
+                    for name in [*dirs, *names]:
+                        os.lchown(os.path.join(dirpath, name), account.uid, account.gid)
+                os.chown(code, account.uid, account.gid)
             os.chmod(code, 0o700)
             code.rename(scratch)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        internal = scratch / INTERNAL  # made by the account, as the job's first process would
+        made = subprocess.run(["mkdir", "-p", "--", str(internal)], preexec_fn=self.executor.as_account(account),
+                              capture_output=True, text=True, cwd="/")
+        if made.returncode != 0:
+            raise JobFailed(f"Could not prepare the job's folder: {made.stderr.strip()}")
         return info
 
     def _env(self, job: Job, scratch: Path, account: Account) -> dict:
@@ -305,9 +320,13 @@ class Runner:
         self.store.set_process(job.id, proc.pid, account.uid)
         why: list[str] = []
 
+        tail = bytearray()
+
         async def pump():  # chunks, not lines: a job may print a megabyte without a newline
             while chunk := await proc.stdout.read(1 << 16):
                 jlog.write(chunk.decode(errors="replace"))
+                tail.extend(chunk)
+                del tail[:-4096]
 
         async def watch():
             t_end = time.monotonic() + wall
@@ -342,8 +361,17 @@ class Runner:
             # Python ignores SIGXFSZ: past the file-size limit its write fails (EFBIG) and the script ends with 1.
             why.append(f"The job wrote more than {self.s.output_bytes // 2**20} MiB (jobs.limits.output_mb) and was "
                        "stopped")
-        if not why and code in (-signal.SIGXCPU, -signal.SIGKILL) and _cpu_exhausted(code):
-            why.append(f"The job used more than {self.s.run_limits.cpu_seconds} s of CPU time (jobs.limits.cpu_time)")
+        if not why and code == -signal.SIGXCPU:
+            why.append(f"The job used more than {self.s.run_limits.cpu_seconds} s of CPU time (jobs.limits.cpu_time) "
+                       "and was stopped")
+        if not why and code != 0:  # the limits a program meets as errors of its own: say which limit it was
+            said = tail.decode(errors="replace")
+            if "MemoryError" in said or "Cannot allocate memory" in said:
+                why.append(f"The job ran out of memory: each of its processes may use at most "
+                           f"{self.s.run_limits.memory_bytes // 2**20} MiB (jobs.limits.memory_mb)")
+            elif "Resource temporarily unavailable" in said and ("fork" in said or "BlockingIOError" in said):
+                why.append(f"The job started too many processes: at most {self.s.run_limits.processes} at once "
+                           "(jobs.limits.processes)")
         return code, (why[0] if why else None)
 
     def _collect(self, job: Job, scratch: Path, before: dict, account: Account) -> tuple[list[dict], list[str]]:
@@ -437,10 +465,6 @@ def _signal_name(sig: int) -> str:
         return signal.Signals(sig).name
     except ValueError:
         return "unknown"
-
-
-def _cpu_exhausted(code: int) -> bool:
-    return code == -signal.SIGXCPU
 
 
 def describe_files(job: Job) -> list[dict]:

@@ -147,6 +147,9 @@ class Store:
             return list(s.scalars(select(Job).where(Job.status.in_(DONE + ("removed",)),
                                                     Job.timestamp_completion < before)))
 
+    def clear_outputs(self, job_id: int) -> None:
+        self._update(job_id, output_files="[]")
+
     def _update(self, job_id: int, **values) -> None:
         with self.session() as s, s.begin():
             s.execute(update(Job).where(Job.id == job_id).values(**values))
