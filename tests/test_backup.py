@@ -8,6 +8,7 @@ import json
 import os
 import stat
 
+import processes
 import requests
 
 
@@ -20,9 +21,10 @@ def test_backup_of_a_running_hub_restores_onto_a_fresh_data_folder(hub_factory, 
     password = hub.add_user("rosa")
     rosa = hub.client("rosa", password)
     assert rosa.logged_in and rosa.token
-    home_file = hub.base / "data" / "homes" / "rosa" / "notes.txt"
-    home_file.parent.mkdir(parents=True, exist_ok=True)
-    home_file.write_text("user data: not in a backup")
+    rosa.start_server()  # a running server: its process id and port are this machine's, not the restored hub's
+    assert rosa.server("PUT", "api/contents/notes.txt", json={"type": "file", "format": "text",
+                                                              "content": "user data: not in a backup"}).ok
+    [server] = [p for p in hub.own_processes() if processes.SINGLEUSER in p.cmdline]
 
     backup_dir = tmp_path / "backup"
     r = hub.cli("backup", str(backup_dir))  # the hub is running
@@ -42,6 +44,7 @@ def test_backup_of_a_running_hub_restores_onto_a_fresh_data_folder(hub_factory, 
     r = fresh.cli("restore", str(backup_dir))
     assert r.returncode == 0, r.stderr
     assert f"restored {len(files)} files" in r.stdout, r.stdout
+    assert "1 server(s) running when the backup was taken are recorded as stopped (rosa/)" in r.stdout, r.stdout
     for secret in ("accounts.json", "jupyterhub_cookie_secret", "proxy_auth_token"):
         assert mode(fresh.base / "data" / "hub" / secret) == 0o600, secret
     assert mode(fresh.base / "data" / "hub") == 0o700
@@ -51,6 +54,9 @@ def test_backup_of_a_running_hub_restores_onto_a_fresh_data_folder(hub_factory, 
     assert again.logged_in, "an account of the backed-up hub logs in on the restored one"
     r = requests.get(f"{fresh.url}/hub/api/user", headers={"Authorization": f"token {rosa.token}"}, timeout=30)
     assert r.status_code == 200 and r.json()["name"] == "rosa", (r.status_code, r.text)
+    # The restored hub does not take the first machine's server for its own; that one runs on, untouched.
+    assert r.json()["servers"] == {}, r.json()["servers"]
+    assert processes.alive([server.key]) and rosa.server("GET", "api/status").status_code == 200
 
     # Never over a running hub, even with --force; nothing there changes.
     db = fresh.base / "data" / "hub" / "jupyterhub.sqlite"

@@ -199,7 +199,31 @@ def restore(d: Deployment, src: Path, force: bool = False) -> dict:
         os.chmod(tmp, int(meta["mode"], 8))
         os.replace(tmp, dst)
     os.chmod(d.hub_dir, 0o700)
-    return {"restored": len(manifest["files"]), "moved_aside": aside, "manifest": manifest}
+    db = d.hub_dir / "jupyterhub.sqlite"
+    stopped = servers_recorded_as_stopped(db) if "hub/jupyterhub.sqlite" in manifest["files"] else []
+    return {"restored": len(manifest["files"]), "moved_aside": aside, "manifest": manifest, "stopped": stopped}
+
+
+def servers_recorded_as_stopped(db: Path) -> list[str]:
+    """The servers that ran when the backup was taken are not running here: record them as stopped, or the restored
+    hub would take a process id, port or SpiNNaker job from the backup for its own and poll, signal or release it.
+
+    JupyterHub's own tables (checked against JupyterHub 6.1.1; test_backup.py fails if they change): a spawner's
+    `server_id` names its running server, NULL when stopped; `state` is the spawner's (pid, container, boards)."""
+    con = sqlite3.connect(db)
+    try:
+        with con:
+            running = con.execute(
+                "SELECT users.name, spawners.name, spawners.server_id FROM spawners JOIN users ON users.id = "
+                "spawners.user_id WHERE spawners.server_id IS NOT NULL ORDER BY users.name").fetchall()
+            for _, _, server_id in running:
+                con.execute("UPDATE spawners SET server_id = NULL, state = '{}', started = NULL WHERE server_id = ?",
+                            (server_id,))
+                con.execute("DELETE FROM servers WHERE id = ?", (server_id,))
+            names = [f"{user}/{name or ''}" for user, name, _ in running]
+    finally:
+        con.close()
+    return names
 
 
 # --- the operator's command (registered in cli.py) --------------------------------------------------------------
@@ -224,6 +248,9 @@ def cmd_restore(args) -> int:
         f"{result['manifest']['created']}")
     if result["moved_aside"]:
         say(f"what was there before is in {result['moved_aside']}")
+    if result["stopped"]:
+        say(f"{len(result['stopped'])} server(s) running when the backup was taken are recorded as stopped "
+            f"({', '.join(result['stopped'])}): their users start them again")
     for note in result["manifest"]["not_included"]:
         say(f"not in this backup: {note}")
     return 0
