@@ -22,8 +22,23 @@ PROBE = textwrap.dedent("""
 """)
 
 
-def run_probe(tmp_path: Path, marker: str) -> subprocess.CompletedProcess:
-    (tmp_path / "test_probe.py").write_text(PROBE.format(marker=marker))
+SESSION_PROBE = textwrap.dedent("""
+    import subprocess
+    import pytest
+
+    @pytest.fixture(scope="session")
+    def service():
+        proc = subprocess.Popen(["sleep", "{marker}"], start_new_session=True)
+        yield proc
+        {teardown}
+
+    def test_uses_a_session_service(service):
+        assert service.poll() is None
+""")
+
+
+def run_probe(tmp_path: Path, marker: str, probe: str = PROBE, **fmt) -> subprocess.CompletedProcess:
+    (tmp_path / "test_probe.py").write_text(probe.format(marker=marker, **fmt))
     return subprocess.run([sys.executable, "-m", "pytest", "-p", "conftest", "-q", "-p", "no:cacheprovider",
                            "--rootdir", str(tmp_path), str(tmp_path / "test_probe.py")],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120,
@@ -38,6 +53,17 @@ def test_a_module_that_leaves_a_process_fails_the_run_and_names_it(tmp_path):
     assert "test_probe.py left 1 process(es) running" in out and f"sleep {marker}" in out, out
     left = [p for p in processes.table().values() if p.alive and p.cmdline == f"sleep {marker}"]
     assert left == [], "the guard ends what it reports"
+
+
+def test_a_session_fixture_may_keep_a_process_until_the_session_ends_but_not_beyond(tmp_path):
+    kept = run_probe(tmp_path, "3218", SESSION_PROBE, teardown="proc.terminate(); proc.wait()")
+    assert kept.returncode == 0, kept.stdout + kept.stderr
+    forgotten = run_probe(tmp_path, "3219", SESSION_PROBE, teardown="pass")
+    out = forgotten.stdout + forgotten.stderr
+    assert forgotten.returncode != 0, out
+    assert "the test run left 1 process(es) running" in out and "sleep 3219" in out, out
+    assert "session fixture service" in out, out
+    assert [p for p in processes.table().values() if p.alive and p.cmdline == "sleep 3219"] == []
 
 
 def test_a_hub_fixture_leaves_nothing_behind(hub_factory):
