@@ -94,12 +94,12 @@ def code_server():
     shutil.rmtree(root, ignore_errors=True)
 
 
-def start_jobs_hub(hub_factory, jobs: dict | None = None):
+def start_jobs_hub(hub_factory, jobs: dict | None = None, extra: dict | None = None):
     port = free_port()
-    settings = {"enabled": True, "port": port, "concurrency": 2,
+    settings = {"enabled": True, "port": port, "concurrency": 2, "pip_packages": ["six"],
                 "limits": {"wall_time": 120, "output_mb": 2, "code_mb": 4}}
     settings.update(jobs or {})
-    hub = hub_factory({"jobs": settings})
+    hub = hub_factory({"jobs": settings, **(extra or {})})
     hub.jobs_url = f"http://127.0.0.1:{port}"
 
     def up():
@@ -231,6 +231,16 @@ def test_bad_hardware_config_refused_at_submission(jobs_hub, nmpi_module, config
     assert client.queued_jobs() == before  # nothing was queued
 
 
+def test_allowed_pip_package_is_installed_for_the_job(jobs_hub, nmpi_module):
+    client = client_for(nmpi_module, jobs_hub, "alice")
+    script = "import os, six\nprint('six from', os.path.relpath(six.__file__))\n"
+    job = wait_done(client, client.submit_job(source=script, platform="SpiNNaker", collab_id="private-alice",
+                                              config={"extra_pip_installs": ["six"]}), timeout=180)
+    assert job["status"] == "finished", job["log"]
+    assert "six from .job/packages/six.py" in job["log"]
+    assert job["output_data"]["files"] == []  # the installed package is not an output
+
+
 @pytest.mark.parametrize("source, message", [
     ("evil.zip", "The zip archive has an entry outside its folder: '../../escaped.txt'"),
     ("bomb.zip", "The zip archive unpacks to more than 4 MiB"),
@@ -288,9 +298,10 @@ def test_output_limit_stops_the_job(jobs_hub, nmpi_module):
 
 @pytest.fixture(scope="module")
 def tight_hub(hub_factory):
-    """Short download links and small CPU / process limits."""
+    """Short download links and small CPU / process limits; user servers run as root (no per-user accounts)."""
     hub = start_jobs_hub(hub_factory, {"download_url_ttl": 1,
-                                       "limits": {"cpu_time": 2, "processes": 8, "memory_mb": 512}})
+                                       "limits": {"cpu_time": 2, "processes": 8, "memory_mb": 512}},
+                         {"spawner": {"local": {"system_users": False}}})
     hub.users = {"carol": hub.client("carol", hub.add_user("carol"))}
     return hub
 
@@ -308,6 +319,15 @@ def test_expired_download_url(tight_hub, nmpi_module, tmp_path):
     fresh = client.get_job(job["id"])  # reading the job again gives a fresh link
     client.download_data(fresh, local_dir=str(tmp_path))
     assert (tmp_path / "a.txt").read_text() == "hello"
+
+
+def test_jobs_never_run_as_root(tight_hub, nmpi_module):
+    """Even where the operator lets servers run as root, a job runs as the user's own account."""
+    client = client_for(nmpi_module, tight_hub, "carol")
+    job = wait_done(client, client.submit_job(source="import os, pwd\nprint('uid', pwd.getpwuid(os.getuid())[0])",
+                                              platform="SpiNNaker", collab_id="private-carol"))
+    assert "uid jupyter-carol" in job["log"], job["log"]
+    assert job["provenance"]["account"] == "jupyter-carol"
 
 
 @pytest.mark.parametrize("script, message", [

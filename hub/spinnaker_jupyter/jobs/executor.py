@@ -3,8 +3,9 @@ as the user's own system account, the same account their Jupyter server runs as 
 in a scratch folder of its own, with CPU, memory, process and file-size limits (setrlimit) and in a process group
 of its own so that everything it started can be stopped together.
 
-When the service does not run as root there are no per-user accounts (as for user servers): jobs run as the
-service's own account, and the log says so.
+A service running as root always switches to the user's account (a job never runs as root, even where the
+servers run in containers or as root); one not running as root has no per-user accounts (as for user servers):
+jobs run as the service's own account, and the log says so.
 """
 
 from __future__ import annotations

@@ -38,10 +38,9 @@ async def serve() -> None:
     s.data.mkdir(parents=True, exist_ok=True, mode=0o700)
     store = Store(db_url(d))
     sp = d["spawner"]
-    # As hubconfig.system_users_enabled decides for servers (not imported: it pulls in the docker client, seconds).
-    setting = sp["local"]["system_users"]
-    system_users = (os.geteuid() == 0 if setting == "auto" else bool(setting)) and sp["type"] == "local"
-    executor = LocalExecutor(d.homes_dir, system_users, sp["local"]["system_user_prefix"])
+    # Jobs never run as root: as root, each user's jobs run as their own account, whatever the spawner does with
+    # servers (a container spawner, or spawner.local.system_users: false); otherwise as the service's account.
+    executor = LocalExecutor(d.homes_dir, os.geteuid() == 0, sp["local"]["system_user_prefix"])
     runner = Runner(store, executor, s)
     back = runner.recover()
     if back:
