@@ -10,8 +10,8 @@ RawSocketHandler._create_ws_connection(). Those three are wrapped here, once, fo
 - the target must be a listener of this server's own account (listeners.py), else 403 and nothing is sent;
 - the headers and the query lose the user's credentials (forwarding.py).
 
-Any other version of jupyter-server-proxy is not hooked: then the proxy guard refuses every proxy route
-(fail closed) and says why. tests/test_isolation.py fails when the installed version or these methods change.
+Any other version of jupyter-server-proxy is not hooked: then the proxy guard refuses the routes this service
+defines, /proxy/ and /nrp/ (fail closed), says why, and the server's log names the cause. tests/test_isolation.py fails when the installed version or these methods change.
 """
 
 from __future__ import annotations
