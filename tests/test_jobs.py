@@ -55,10 +55,13 @@ def code_server():
     root = traversable_tmpdir("jobs-code-")
     src = root / "src"
     src.mkdir()
-    (src / "run.py").write_text(RUN_PY.replace("results/spikes.dat", "results/from_git.dat"))
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org", "-C", str(src)]
-    for cmd in (["init", "-q", "-b", "main"], ["add", "run.py"], ["commit", "-q", "-m", "job"]):
-        subprocess.run(git + cmd, check=True)
+    subprocess.run(git + ["init", "-q", "-b", "main"], check=True)
+    for text in ("print('old history')\n", RUN_PY.replace("results/spikes.dat", "results/from_git.dat") +
+                 "print('shallow clone:', pathlib.Path('.git/shallow').exists())\n"):
+        (src / "run.py").write_text(text)
+        subprocess.run(git + ["add", "run.py"], check=True)
+        subprocess.run(git + ["commit", "-q", "-m", "job"], check=True)
     subprocess.run(["git", "clone", "-q", "--bare", str(src), str(root / "repo.git")], check=True)
 
     with zipfile.ZipFile(root / "code.zip", "w") as z:  # one top folder, as GitHub's archives have
@@ -193,6 +196,7 @@ def test_code_from_url(jobs_hub, nmpi_module, code_server, tmp_path, source):
     assert (tmp_path / out).read_bytes() == PAYLOAD
     if source == "repo.git":
         assert len(job["provenance"]["code"]["commit"]) == 40
+        assert "shallow clone: True" in job["log"]
 
 
 def test_another_users_token_gets_404(jobs_hub, nmpi_module):

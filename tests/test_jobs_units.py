@@ -153,3 +153,29 @@ def test_outputs_go_after_the_retention_time(tmp_path, envs_dir):
     assert not (s.outputs / str(old.id)).exists() and store.get(old.id).output_files == "[]"
     assert (s.outputs / str(new.id) / "out.txt").exists() and store.get(new.id).output_files != "[]"
     assert "output files removed after 3 days" in (s.logs / f"{old.id}.log").read_text()
+
+
+def test_hub_wiring(tmp_path):
+    """Disabled: nothing added. Enabled: the service with the deployment's config files, and users' tokens may use
+    it (the user role keeps what others gave it)."""
+    from traitlets.config import Config
+
+    from spinnaker_jupyter.config import load
+    from spinnaker_jupyter.jobs.hubconfig import ACCESS_SCOPE, update_jobs
+
+    (tmp_path / "off.yaml").write_text(f"data_dir: {tmp_path}\n")
+    c = Config()
+    c.JupyterHub.services, c.JupyterHub.load_roles = [], [{"name": "user", "scopes": ["self", "x"]}]
+    update_jobs(c, load([tmp_path / "off.yaml"]))
+    assert c.JupyterHub.services == [] and c.JupyterHub.load_roles == [{"name": "user", "scopes": ["self", "x"]}]
+    (tmp_path / "on.yaml").write_text(f"data_dir: {tmp_path}\njobs: {{enabled: true}}\n")
+    update_jobs(c, load([tmp_path / "on.yaml"]))
+    [service] = c.JupyterHub.services
+    assert service["name"] == "jobs" and service["command"][-1] == "spinnaker_jupyter.jobs.service"
+    assert service["environment"]["SPINNAKER_JUPYTER_CONFIG"] == str(tmp_path / "on.yaml")
+    assert "url" not in service  # its own address, not /services/jobs/ behind the hub's proxy
+    assert c.JupyterHub.load_roles == [{"name": "user", "scopes": ["self", "x", ACCESS_SCOPE]}]
+    c2 = Config()
+    c2.JupyterHub.services, c2.JupyterHub.load_roles = [], []
+    update_jobs(c2, load([tmp_path / "on.yaml"]))
+    assert c2.JupyterHub.load_roles == [{"name": "user", "scopes": ["self", ACCESS_SCOPE]}]
