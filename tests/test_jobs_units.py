@@ -179,3 +179,16 @@ def test_hub_wiring(tmp_path):
     c2.JupyterHub.services, c2.JupyterHub.load_roles = [], []
     update_jobs(c2, load([tmp_path / "on.yaml"]))
     assert c2.JupyterHub.load_roles == [{"name": "user", "scopes": ["self", ACCESS_SCOPE]}]
+
+
+def test_removal_flags_a_running_job_and_removes_the_others(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'jobs.sqlite'}")
+    ids = [store.create("alice", {"collab": "private-alice", "code": "print(1)", "command": "run.py",
+                                  "hardware_platform": "SpiNNaker"}).id for _ in range(3)]
+    store.claim_next("r")  # ids[0] runs
+    store.finish(ids[1], "finished", {}, [], 0.0)
+    assert [store.request_removal(i) for i in ids] == ["running", "finished", "submitted"]
+    assert [store.get(i).status for i in ids] == ["running", "removed", "removed"]
+    assert store.cancel_requested(ids[0]) and store.get(ids[2]).timestamp_completion is not None
+    assert store.claim_next("r") is None  # a removed job is never claimed
+    assert store.request_removal(ids[1]) == "removed"

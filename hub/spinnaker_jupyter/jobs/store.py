@@ -14,7 +14,8 @@ import json
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
-from sqlalchemy import (Boolean, DateTime, Float, Integer, String, Text, create_engine, event, select, update)
+from sqlalchemy import (Boolean, DateTime, Float, Integer, String, Text, create_engine, event, func, select,
+                        update)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 STATUSES = ("submitted", "running", "finished", "error", "removed")
@@ -94,16 +95,21 @@ class Store:
         return [j for j in jobs if tags <= set(json.loads(j.tags or "[]"))] if tags else jobs
 
     def request_removal(self, job_id: int) -> str:
-        """Mark a job removed; a running one is only flagged (its runner stops it). Returns the status before."""
-        with self.session() as s, s.begin():
-            job = s.get(Job, job_id, with_for_update=True)
-            before = job.status
-            if before == "running":
-                job.cancel_requested = True
-            elif before != "removed":
-                job.status = "removed"
-                job.timestamp_completion = job.timestamp_completion or now()
-        return before
+        """Mark a job removed; a running one is only flagged (its runner stops it). Returns the status before.
+        Compare-and-set like the claim, so a job the runner takes at the same moment is flagged, not overwritten."""
+        while True:
+            before = self.get(job_id).status
+            with self.session() as s, s.begin():
+                if before == "running":
+                    done = s.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(
+                        cancel_requested=True))
+                elif before == "removed":
+                    return before
+                else:
+                    done = s.execute(update(Job).where(Job.id == job_id, Job.status == before).values(
+                        status="removed", timestamp_completion=func.coalesce(Job.timestamp_completion, now())))
+            if done.rowcount == 1:
+                return before
 
     # --- the runner's side -------------------------------------------------------------------------------------
     def claim_next(self, runner_id: str) -> Job | None:
