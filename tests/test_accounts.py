@@ -109,6 +109,22 @@ def test_unknown_name_costs_as_much_as_a_wrong_password(tmp_path):
     assert unknown > 0.5 * known and unknown < 2 * known, (known, unknown)
 
 
+@pytest.mark.parametrize("forwarded, client", [
+    (None, "127.0.0.1"),                                  # straight to the hub
+    ("127.0.0.1", "127.0.0.1"),                           # through the public proxy on this machine
+    ("203.0.113.9", "203.0.113.9"),                       # through the public proxy from elsewhere
+    ("198.51.100.1, 203.0.113.9", "203.0.113.9"),         # a client's own X-Forwarded-For is not believed
+    ("198.51.100.1, 203.0.113.9, 127.0.0.1", "203.0.113.9"),  # nginx on this machine in front of the proxy
+])
+def test_back_off_counts_the_address_that_connected(forwarded, client):
+    from types import SimpleNamespace
+
+    from spinnaker_jupyter.local_accounts import client_address
+
+    request = SimpleNamespace(headers={"X-Forwarded-For": forwarded} if forwarded else {}, remote_ip="127.0.0.1")
+    assert client_address(SimpleNamespace(request=request)) == client
+
+
 # --- through a real hub ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def hub(hub_factory):

@@ -47,14 +47,22 @@ def hub_service(d: Deployment) -> tuple[dict, dict]:
 
 
 def _hub_pid(d: Deployment) -> int | None:
-    """The pid of this deployment's running hub, from its pid file, if that process is a jupyterhub of ours."""
+    """The pid of this deployment's running hub, from its pid file, if that process is a jupyterhub of ours running
+    in this deployment's hub folder (a stale pid file may name someone else's process by now)."""
     try:
         pid = int((d.hub_dir / "jupyterhub.pid").read_text().strip())
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         owner = Path(f"/proc/{pid}").stat().st_uid
+        cwd = os.readlink(f"/proc/{pid}/cwd")
     except (OSError, ValueError):
         return None
-    return pid if b"jupyterhub" in cmdline and owner == os.geteuid() else None
+    if b"jupyterhub" not in cmdline:
+        return None  # a stale pid file
+    if owner != os.geteuid() or cwd != os.path.realpath(d.hub_dir):
+        raise ConfigError(f"{d.hub_dir / 'jupyterhub.pid'} names a running jupyterhub (pid {pid}) that `spinnaker-"
+                          "jupyter up` did not start for this deployment: stop it, or delete the pid file if it is "
+                          "another deployment's hub, then run `user remove` again")
+    return pid
 
 
 class HubAPI:
@@ -74,7 +82,10 @@ class HubAPI:
             with urllib.request.urlopen(req, timeout=self.timeout) as r:
                 body = r.read()
                 return r.status, json.loads(body) if body else None
-        except urllib.error.HTTPError as e:
+        except urllib.error.URLError as e:
+            if not isinstance(e, urllib.error.HTTPError):
+                raise ConfigError(f"the hub is running but does not answer at {self.base} ({e.reason}): see its log, "
+                                  "then run `user remove` again") from None
             if e.code == 403:
                 raise ConfigError(f"the running hub refused the token in {self.token_file} (the hub was "
                                   "started before it existed): restart the hub, then run `user remove` again") \

@@ -14,6 +14,7 @@ import fcntl
 import functools
 import hashlib
 import hmac
+import ipaddress
 import json
 import os
 import re
@@ -199,9 +200,14 @@ class LoginThrottle:
 
 def client_address(handler) -> str:
     """The address that connected to the public proxy: the last X-Forwarded-For entry (configurable-http-proxy
-    appends it), not an X-Real-Ip a client may set itself."""
-    forwarded = handler.request.headers.get("X-Forwarded-For", "")
-    return forwarded.split(",")[-1].strip() or handler.request.remote_ip or "?"
+    appends it), not an X-Real-Ip a client may set itself. Loopback entries at the end are a reverse proxy on this
+    machine (nginx in front of the public proxy): the entry it appended before them is the client's."""
+    entries = [e.strip() for e in handler.request.headers.get("X-Forwarded-For", "").split(",") if e.strip()]
+    for entry in reversed(entries):
+        with contextlib.suppress(ValueError):
+            if not ipaddress.ip_address(entry).is_loopback:
+                return entry
+    return (entries[-1] if entries else handler.request.remote_ip) or "?"
 
 
 class LocalAccountsAuthenticator(Authenticator):
