@@ -218,6 +218,26 @@ def test_another_users_token_gets_404(jobs_hub, nmpi_module):
     assert r.status_code == 401 and "not valid" in r.json()["detail"]
 
 
+@pytest.mark.parametrize("body, status, message", [
+    (b"{not json", 400, "The request body is not valid JSON"),
+    (b"[1]", 400, "must be a JSON object"),
+    ({"code": "print(1)", "collab": "private-alice", "hardware_platform": "BrainScaleS"}, 422,
+     "hardware_platform: 'BrainScaleS' is not run here; this service runs SpiNNaker jobs"),
+    ({"code": "print(1)", "collab": "private-alice", "hardware_platform": "SpiNNaker", "priority": 1}, 422,
+     "priority: unknown field"),
+    ({"code": "print(1)", "collab": "private-alice", "hardware_platform": "SpiNNaker",
+      "input_data": [{"url": "http://x/y"}]}, 422, "input_data: not supported by this service yet"),
+    ({"collab": "private-alice", "hardware_platform": "SpiNNaker"}, 422, "code: required"),
+    ({"code": "x" * (1024 * 1024 + 1), "collab": "private-alice", "hardware_platform": "SpiNNaker"}, 422,
+     "over the limit of 1024 KiB (jobs.limits.inline_code_kb)"),
+])
+def test_bad_request_bodies(jobs_hub, body, status, message):
+    headers = {"Authorization": f"Bearer {jobs_hub.users['alice'].token}"}
+    kwargs = {"data": body} if isinstance(body, bytes) else {"json": body}
+    r = requests.post(jobs_hub.jobs_url + "/jobs/", headers=headers, timeout=30, **kwargs)
+    assert r.status_code == status and message in r.json()["detail"], (r.status_code, r.text[:300])
+
+
 @pytest.mark.parametrize("config, message", [
     ("{not json", "hardware_config is not valid JSON"),
     ({"spynaker_version": "7.4.1"}, "hardware_config.spynaker_version: unknown key"),
