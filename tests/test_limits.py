@@ -77,3 +77,20 @@ def test_memory_hog_is_refused(limited):
     assert "HOG" in out["stdout"] and "False" in out["stdout"] and "HOG 0 " not in out["stdout"], out
     assert requests.get(f"{hub.url}/hub/api/", timeout=10).status_code == 200
     assert user.execute(kernel, "print('still here')")["stdout"].strip() == "still here"
+
+
+def test_cgroup_v2_files_written(tmp_path):
+    """This machine offers only v1 controllers, so the v2 layout is checked on a folder shaped like one: the limits
+    land in the files and units the kernel reads (Documentation/admin-guide/cgroup-v2.rst)."""
+    from spinnaker_jupyter.limits import CgroupTree, Limits, parse_bytes
+
+    tree = tmp_path / "spinnaker-jupyter-x"
+    tree.mkdir()
+    (tree / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    joined = CgroupTree("cgroup2", {"": tree}).create("ann.lab", Limits(mem=parse_bytes("512M"), cpu=0.5, tasks=64))
+    assert joined == [tree / "ann.lab"]
+    assert (tree / "cgroup.subtree_control").read_text().split() == ["+pids", "+memory", "+cpu"]
+    files = {f: (tree / "ann.lab" / f).read_text().strip() for f in ("pids.max", "memory.max", "memory.swap.max",
+                                                                      "cpu.max")}
+    assert files == {"pids.max": "64", "memory.max": str(512 * 2**20), "memory.swap.max": "0",
+                     "cpu.max": "50000 100000"}

@@ -85,7 +85,7 @@ class CgroupTree:
         for base in self.bases.values():  # made again after the last server of the deployment removed it
             base.mkdir(exist_ok=True)
         if self.kind == "cgroup2":
-            _write(self.bases[""] / "cgroup.subtree_control", _wanted(self.bases[""].parent))
+            _write(self.bases[""] / "cgroup.subtree_control", _wanted(self.bases[""]))
         for d in self.dirs(name):
             d.mkdir(exist_ok=True)
         if self.kind == "cgroup2":
