@@ -89,11 +89,13 @@ class PrivateHomeSpawner(ProgressMixin, LocalProcessSpawner):
     def _own_account(self, pw: pwd.struct_passwd) -> pwd.struct_passwd:
         """The existing system account, if it is this deployment's: its home is this deployment's home for the user.
         Another deployment's account is refused (its user would become ours), unless that deployment is gone (its
-        home no longer exists and nothing runs as the account): then it is taken over."""
+        home no longer exists and nothing runs as the account): then it is taken over. An account some other
+        software made is never taken over."""
         home = self.home
         if os.path.realpath(pw.pw_dir) == os.path.realpath(home):
             return pw
-        if not os.path.exists(pw.pw_dir) and not _pids_of(pw.pw_uid):
+        made_by_a_deployment = pw.pw_gecos == f"Jupyter user {self.user.name}"  # as _ensure_account makes them
+        if made_by_a_deployment and not os.path.exists(pw.pw_dir) and not _pids_of(pw.pw_uid):
             moved = subprocess.run(["usermod", "--home", str(home), self.system_username], capture_output=True,
                                    text=True)
             if moved.returncode == 0:
