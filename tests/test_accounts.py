@@ -61,12 +61,15 @@ def test_concurrent_adds_keep_every_account(tmp_path):
 
 def test_add_concurrent_with_remove_loses_neither(tmp_path):
     store = AccountStore(tmp_path / "accounts.json")
-    for round in range(4):
-        store.add(f"x{round}")
-        results = _in_processes([(store.remove, f"x{round}"), (store.add, f"y{round}")])
+    for round in range(2):
+        for i in range(5):
+            store.add(f"x{round}{i}")
+        results = _in_processes([(store.remove, f"x{round}{i}") for i in range(5)] +
+                                [(store.add, f"y{round}{i}") for i in range(5)])
         assert not [r for r in results if isinstance(r, Exception)], results
         names = store.names()
-        assert f"x{round}" not in names and f"y{round}" in names, (round, names)
+        assert not [n for n in names if n.startswith("x")], names  # every removal stays removed
+        assert len([n for n in names if n.startswith(f"y{round}")]) == 5, names  # every addition stays
 
 
 @pytest.mark.parametrize("password, why", [
