@@ -70,14 +70,6 @@ def stop_and_time(hub, services: list[str]) -> float:
     return took
 
 
-def test_hub_with_the_culler_stops_within_seconds(hub_factory):
-    hub = hub_factory({"culler": {"timeout": 60, "every": 10}}, start=False)
-    with started_in_background():
-        hub.start()
-    stop_and_time(hub, ["jupyterhub_idle_culler"])
-    assert "...done" in hub.log()  # a clean exit, not the fixture's SIGKILL
-
-
 def test_ebrains_hub_stops_within_seconds(hub_factory, oidc_provider):
     hub = hub_factory({"culler": {"timeout": 60, "every": 10},
                        "auth": {"type": "ebrains", "ebrains": {
@@ -89,3 +81,11 @@ def test_ebrains_hub_stops_within_seconds(hub_factory, oidc_provider):
         hub.start()
     stop_and_time(hub, ["jupyterhub_idle_culler", "spinnaker_jupyter.access_token_service"])
     assert "...done" in hub.log()
+
+
+def test_hub_with_the_culler_stops_within_seconds(hub_factory):
+    hub = hub_factory({"culler": {"timeout": 60, "every": 10}}, start=False)
+    with started_in_background():
+        hub.start()
+    stop_and_time(hub, ["jupyterhub_idle_culler"])
+    assert "...done" in hub.log()  # a clean exit, not the fixture's SIGKILL
