@@ -33,14 +33,22 @@ pytest_plugins = [p for p in ("oidc_fixtures", "podman_fixtures") if (Path(__fil
 WATCH = processes.Watch(os.getpid())
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_fixture_setup(fixturedef, request):
-    """What a session-scoped fixture starts (the OIDC provider, podman's service) may live until the session ends."""
-    before = set(WATCH.ours()) if fixturedef.scope == "session" else None
-    yield
-    if before is not None:
-        for key in set(WATCH.ours()) - before:
-            WATCH.exempt[key] = f"session fixture {fixturedef.argname} (set up in {request.node.nodeid})"
+class _SessionFixtureWatch:
+    """What a session-scoped fixture starts (the OIDC provider, podman's service) may live until the session ends.
+    A plugin of its own, not a conftest hook: pytest sets session fixtures up through the Session node, which does not
+    see the hooks of tests/conftest.py."""
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_fixture_setup(self, fixturedef, request):
+        before = set(WATCH.ours()) if fixturedef.scope == "session" else None
+        yield
+        if before is not None:
+            for key in set(WATCH.ours()) - before:
+                WATCH.exempt[key] = f"session fixture {fixturedef.argname} (set up in {request.node.nodeid})"
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(_SessionFixtureWatch(), "spinnaker-session-fixture-watch")
 
 
 @pytest.fixture(scope="module", autouse=True)
