@@ -427,3 +427,31 @@ def test_service_stop_puts_a_running_job_back_in_the_queue(jobs_hub, nmpi_module
         assert _ended(first), "the interrupted attempt's process is still running"
     finally:
         marker.unlink(missing_ok=True)
+
+
+def test_a_notebook_submits_with_its_server_token(jobs_hub):
+    """From the sPyNNaker kernel of the user's own server: the server's JUPYTERHUB_API_TOKEN and SPINNAKER_JOBS_URL
+    are all it needs."""
+    alice = jobs_hub.users["alice"]
+    alice.start_server()
+    try:
+        kernel = alice.start_kernel("spynnaker")
+        code = (
+            "import os, requests\n"
+            "url, h = os.environ['SPINNAKER_JOBS_URL'], {'Authorization': 'Bearer ' + os.environ['JUPYTERHUB_API_TOKEN']}\n"
+            "print('me', requests.get(url + '/userinfo', headers=h).json()['preferred_username'])\n"
+            "r = requests.post(url + '/jobs/', headers=h, json={'code': 'print(6 * 7)', 'collab': 'private-alice',\n"
+            "                                                   'hardware_platform': 'SpiNNaker'})\n"
+            "print('job', r.status_code, r.json()['resource_uri'])\n")
+        out = alice.execute(kernel, code)
+        assert out["error"] is None, out
+        assert "me alice" in out["stdout"], out
+        uri = out["stdout"].split("job 201 ")[1].split()[0]
+        headers = {"Authorization": f"Bearer {alice.token}"}
+        # waited for before the server stops: its stop ends every process of the account, jobs included (spawner)
+        wait_for(lambda: requests.get(jobs_hub.jobs_url + uri, headers=headers, timeout=30).json()["status"]
+                 in ("finished", "error"), 60, "the notebook's job")
+        job = requests.get(jobs_hub.jobs_url + uri + "?with_log=true", headers=headers, timeout=30).json()
+        assert job["status"] == "finished" and "42" in job["log"], job["log"]
+    finally:
+        alice.stop_server()

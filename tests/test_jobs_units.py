@@ -166,6 +166,7 @@ def test_hub_wiring(tmp_path):
     (tmp_path / "off.yaml").write_text(f"data_dir: {tmp_path}\n")
     c = Config()
     c.JupyterHub.services, c.JupyterHub.load_roles = [], [{"name": "user", "scopes": ["self", "x"]}]
+    c.Spawner.environment = {"A": "1"}
     update_jobs(c, load([tmp_path / "off.yaml"]))
     assert c.JupyterHub.services == [] and c.JupyterHub.load_roles == [{"name": "user", "scopes": ["self", "x"]}]
     (tmp_path / "on.yaml").write_text(f"data_dir: {tmp_path}\njobs: {{enabled: true}}\n")
@@ -175,10 +176,14 @@ def test_hub_wiring(tmp_path):
     assert service["environment"]["SPINNAKER_JUPYTER_CONFIG"] == str(tmp_path / "on.yaml")
     assert "url" not in service  # its own address, not /services/jobs/ behind the hub's proxy
     assert c.JupyterHub.load_roles == [{"name": "user", "scopes": ["self", "x", ACCESS_SCOPE]}]
+    assert c.Spawner.server_token_scopes == ["users:activity!user", "access:servers!server", ACCESS_SCOPE]
+    assert c.Spawner.environment == {"A": "1", "SPINNAKER_JOBS_URL": "http://127.0.0.1:8092"}
     c2 = Config()
-    c2.JupyterHub.services, c2.JupyterHub.load_roles = [], []
+    c2.JupyterHub.services, c2.JupyterHub.load_roles, c2.Spawner.environment = [], [], {}
+    c2.Spawner.server_token_scopes = ["x!server"]
     update_jobs(c2, load([tmp_path / "on.yaml"]))
     assert c2.JupyterHub.load_roles == [{"name": "user", "scopes": ["self", ACCESS_SCOPE]}]
+    assert c2.Spawner.server_token_scopes == ["x!server", ACCESS_SCOPE]
 
 
 def test_removal_flags_a_running_job_and_removes_the_others(tmp_path):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from ..config import BASE_DIR_ENV, CONFIG_ENV, Deployment
-from .settings import DB_URL_ENV, SERVICE_NAME, service_command
+from .settings import DB_URL_ENV, SERVICE_NAME, public_url, service_command
 
 ACCESS_SCOPE = f"access:services!service={SERVICE_NAME}"
 
@@ -28,6 +28,9 @@ def update_jobs(c, d: Deployment) -> None:
     else:
         user["scopes"] = [*user.get("scopes", []), ACCESS_SCOPE]
     c.JupyterHub.load_roles = roles
-    # Tokens of users' servers (notebooks) may use the service where the server token scopes are set explicitly.
-    if "server_token_scopes" in c.Spawner:
-        c.Spawner.server_token_scopes = [*c.Spawner.server_token_scopes, ACCESS_SCOPE]
+    # Notebooks submit jobs with their server's JUPYTERHUB_API_TOKEN: JupyterHub's `server` role scopes plus this.
+    base = list(c.Spawner.server_token_scopes) if "server_token_scopes" in c.Spawner else [
+        "users:activity!user", "access:servers!server"]
+    c.Spawner.server_token_scopes = [*base, ACCESS_SCOPE]
+    # ... and find the service here (what they give nmpi as job_service and, with local accounts, userinfo)
+    c.Spawner.environment = {**c.Spawner.environment, "SPINNAKER_JOBS_URL": public_url(d)}
