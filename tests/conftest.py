@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from hubclient import HubClient, wait_for  # noqa: E402
 import processes  # noqa: E402
 
-pytest_plugins = [p for p in ("oidc_fixtures", "podman_fixtures") if (Path(__file__).parent / f"{p}.py").exists()]
+pytest_plugins = [p for p in ("oidc_fixtures", "podman_fixtures", "slurm_fixtures") if (Path(__file__).parent / f"{p}.py").exists()]
 
 # --- every test ends what it starts ----------------------------------------------------------------------------
 # The run's processes (tests/processes.py) are checked after each test module and at the end of the session: one
