@@ -243,6 +243,11 @@ def test_remove_while_the_hub_is_down(hub_factory):
     assert hana.api("GET", "/user").status_code == 403  # the token died with the hub user
     assert hana.session.get(f"{hub.url}/hub/api/user", timeout=30,
                             headers={"X-XSRFToken": hana._xsrf()}).status_code == 403
+    # The restarted hub removed the cgroup of the server that ended while it was down.
+    from spinnaker_jupyter.limits import deployment_tree_name
+
+    tree = deployment_tree_name(str(Path(hub.config["data_dir"]) / "homes"))
+    assert not [p for depth in ("", "*/", "*/*/") for p in Path("/sys/fs/cgroup").glob(f"*/{depth}{tree}/hana")]
 
 
 def _processes_of(uid: int) -> list[int]:

@@ -200,7 +200,7 @@ def _apply_spawner(c, d: Deployment, args: list[str]) -> None:
         c.SpiNNakerLocalSpawner.limits_mode = sp["local"]["limits"]
         from .limits import describe_deployment
 
-        print(f"[spinnaker-jupyter] {describe_deployment(d)}", flush=True)  # which limits are in force, and how
+        print(f"[spinnaker-jupyter] {describe_deployment(d, prune=True)}", flush=True)  # which limits, and how
         # The user servers run from the hub's own environment; as root they need --allow-root only if not switched.
         c.Spawner.cmd = [str(Path(sys.executable).parent / "jupyterhub-singleuser")]
         if not system_users_enabled(d) and os.geteuid() == 0:

@@ -119,6 +119,21 @@ class CgroupTree:
                 found |= {int(p) for p in (d / "cgroup.procs").read_text().split()}
         return found
 
+    def prune(self) -> int:
+        """Remove the cgroups of servers that no longer run (left by a hub that was killed, or whose servers ended
+        while it was down). Only at hub start-up, before any spawn: a server's cgroup is empty until it joins."""
+        pruned = 0
+        for base in self.bases.values():
+            with contextlib.suppress(OSError):
+                for child in base.iterdir():
+                    if child.is_dir() and not (child / "cgroup.procs").read_text().split():
+                        with contextlib.suppress(OSError):
+                            child.rmdir()
+                            pruned += 1
+            with contextlib.suppress(OSError):
+                base.rmdir()
+        return pruned
+
     def remove(self, name: str, timeout: float = 10) -> None:
         """Kill whatever still runs in the server's cgroup, then remove it."""
         deadline = time.monotonic() + timeout
@@ -273,9 +288,16 @@ def preexec(cgroup_dirs: list[Path], limits: Limits, own_account: bool = True):
     return apply
 
 
-def describe_deployment(d) -> str:
+def describe_deployment(d, prune: bool = False) -> str:
+    """`prune`: the hub at start-up also removes cgroups of servers that no longer run."""
     sp = d["spawner"]
     from .hubconfig import system_users_enabled
+
+    if prune:
+        with contextlib.suppress(RuntimeError):
+            tree, _ = choose(sp["local"]["limits"], str(d.homes_dir))
+            if tree:
+                tree.prune()
 
     return describe(sp["local"]["limits"], str(d.homes_dir),
                     Limits(mem=parse_bytes(sp["mem_limit"]), cpu=sp["cpu_limit"], tasks=sp["process_limit"]),
