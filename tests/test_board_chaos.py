@@ -253,18 +253,19 @@ def test_seeded_chaos_leaves_no_job_without_a_server(hub, people, double):
     t0 = time.monotonic()
     try:
         for step in range(n_ops):
-            kind = rng.choices(["start", "stop", "kill-server", "sigterm-hub", "kill9-hub"],
-                               weights=[40, 25, 15, 10, 10])[0]
-            name = rng.choice(USERS)
             models = servers(admin)
+            have = [u for u in USERS if u in models]
+            free = [u for u in USERS if u not in models]
+            kind = rng.choices(["start", "stop", "kill-server", "sigterm-hub", "kill9-hub"],
+                               weights=[40, 20, 15, 12, 13])[0]
+            if kind == "start" and not free or kind in ("stop", "kill-server") and not have:
+                kind = "stop" if kind == "start" else "start"  # (the op that applies to someone)
+            name = rng.choice(free if kind == "start" else have) if kind in ("start", "stop", "kill-server") \
+                else ""
             if kind == "start":
-                if name in models:
-                    kind = "stop"  # (one server per user: a start of a running one is a no-op)
-                else:
-                    post_start(people[name])
-            if kind == "stop":
-                if name in models:
-                    admin.api("DELETE", f"/users/{name}/server")
+                post_start(people[name])
+            elif kind == "stop":
+                admin.api("DELETE", f"/users/{name}/server")
             elif kind == "kill-server":
                 pid = ((models.get(name) or {}).get("state") or {}).get("pid")
                 if pid:
@@ -272,10 +273,10 @@ def test_seeded_chaos_leaves_no_job_without_a_server(hub, people, double):
                         os.kill(pid, signal.SIGKILL)
                     except ProcessLookupError:
                         pass
-            elif kind == "sigterm-hub":
-                restart(hub, "sigterm")
-            elif kind == "kill9-hub":
-                restart(hub, "kill9")
+            else:
+                waiting = [j for j in live_jobs(double) if j["state"] in ("QUEUED", "POWER")]
+                ops[f"{kind} while a claim waited"] += bool(waiting)
+                restart(hub, "sigterm" if kind == "sigterm-hub" else "kill9")
             ops[kind] += 1
             for k, found in settle(admin, double).items():
                 violations[k].append({"step": step, "op": kind, "user": name, "found": found})
@@ -284,6 +285,8 @@ def test_seeded_chaos_leaves_no_job_without_a_server(hub, people, double):
             violations[k].append({"step": "end", "found": found})
         if live_jobs(double):
             violations["job_left_after_all_servers_stopped"].append(live_jobs(double))
+        if RECONCILE_FAILED in hub.log():
+            violations["reconciliation_failed"].append(hub.log().count(RECONCILE_FAILED))
     finally:
         for owner, ids in watch.finish():
             violations["user_ever_held_two_jobs"].append({"owner": owner, "jobs": ids})

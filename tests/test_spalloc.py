@@ -735,10 +735,18 @@ def test_a_claim_records_its_job_before_using_it_and_gives_it_back_if_it_cannot(
         def broken(job):
             raise OSError("disk full")
 
+        released: list = []
         with pytest.raises(OSError, match="disk full"):
-            await a.claim("bob", on_created=broken)
+            await a.claim("bob", on_created=broken, on_released=released.append)
         [bob] = [j for j in double.jobs() if j["owner"] == "bob"]
         assert (bob["state"], bob["reason"]) == ("DESTROYED", "claim failed: the hub could not record the job")
+        assert [j.url for j in released] == [f"{double.srv_url}jobs/{bob['id']}"]  # confirmed: the row may go
+        # A claim that times out: released (and said so) only once the service confirmed the end.
+        with pytest.raises(SpallocTimeoutError):
+            blocker = await a.claim("carol")
+            await a.claim("dave", timeout=0.5, on_released=released.append)
+        assert len(released) == 2
+        await blocker.release("done")
         await a.close()
 
     run(scenario())
@@ -830,3 +838,27 @@ def test_the_lease_store_refuses_a_file_it_cannot_trust(tmp_path):
     store = _lease_store(tmp_path, "fresh.sqlite")
     assert (os.stat(tmp_path / "fresh.sqlite").st_mode & 0o777) == 0o600
     store.close()
+
+
+def test_double_job_list_long_polls_until_a_job_changes(spalloc_double):
+    """`GET jobs?wait=true` is held until a job is made or changes (the service's jobs epoch), then lists anew."""
+    double = spalloc_double(boards=1, power_delay=0, wait_timeout=5.0)
+    auth = {"Authorization": f"Bearer {HUB_TOKEN}"}
+    got: dict = {}
+
+    def long_poll():
+        t0 = time.monotonic()
+        r = requests.get(double.srv_url + "jobs?wait=true", headers=auth, timeout=10)
+        got.update(seconds=time.monotonic() - t0, status=r.status_code, jobs=r.json()["jobs"])
+
+    t = threading.Thread(target=long_poll)
+    t.start()
+    double.wait_for(lambda d: d.call(lambda: d.model.list_waiters), timeout=5, what="the list poll to be held")
+    assert not got
+    r = requests.post(double.srv_url + "jobs", headers=auth, timeout=10,
+                      json={"num-boards": 1, "keepalive-interval": "PT60S", "tags": ["default"]})
+    t.join(10)
+    assert got["status"] == 200 and got["jobs"] == [r.headers["Location"]] and got["seconds"] < 4, got
+    t0 = time.monotonic()
+    quiet = requests.get(double.srv_url + "jobs?wait=true", headers=auth, timeout=10)
+    assert quiet.json()["jobs"] == [r.headers["Location"]] and 4.5 < time.monotonic() - t0 < 8

@@ -272,6 +272,9 @@ async def reconcile(store: LeaseStore, client: SpallocClient, *, is_held: IsHeld
                 if e.status in (403, 404, 410):
                     continue  # not visible to the hub's account: not one of its jobs
                 raise
+            except SpallocError as e:  # e.g. a URL of another host: never sent the hub's credentials
+                log.debug("SpiNNaker jobs: skipping %s (%s)", url, e)
+                continue
             match = next((lease for lease in creating if _matches(lease, st)), None)
             if match is not None:
                 await destroy(url, st.owner or match.owner,

@@ -450,6 +450,7 @@ class SpallocClient:
             params["limit"] = str(int(limit))
         url: Optional[str] = f"{service.jobs_url}?{urlencode(params)}"
         out: list[str] = []
+        listed: set[str] = set()
         seen: set[str] = set()
         for _ in range(max_pages):
             if url is None or url in seen:
@@ -459,7 +460,8 @@ class SpallocClient:
             if not isinstance(obj, Mapping) or not isinstance(obj.get("jobs", []), list):
                 raise SpallocProtocolError(f"Unexpected job list from {service.jobs_url}: {str(obj)[:200]}")
             page = [self._follow(str(u)).rstrip("/") for u in obj.get("jobs") or []]
-            out += [u for u in page if u not in out]
+            out += [u for u in page if u not in listed]  # (a job that moved pages while reading: once)
+            listed.update(page)
             nxt = obj.get("next")
             url = self._follow(str(nxt)) if nxt and page else None
         return out
@@ -1023,14 +1025,16 @@ class SpallocAllocator(LoggingConfigurable):
                     collab: Optional[str] = None, token: TokenSource = None,
                     progress: Optional[ProgressCallback] = None, on_lost: Optional[LostCallback] = None,
                     timeout: Optional[float] = None,
-                    on_created: Optional[Callable[["SpallocJob"], Any]] = None) -> Allocation:
+                    on_created: Optional[Callable[["SpallocJob"], Any]] = None,
+                    on_released: Optional[Callable[["SpallocJob"], Any]] = None) -> Allocation:
         """Claim boards for ``owner`` and wait until they are ready, keeping the job alive from the start.
 
         ``on_created(job)`` (may be a coroutine function) runs as soon as the service has created the job, before
         anything else is done with it: the place to record the job durably (``leases.LeaseStore``). If it raises,
         the job is destroyed and the error propagates: no job lives that nobody recorded.
         If waiting fails (timeout, destruction, cancellation of the calling task, lost contact), the job is
-        released before the error propagates. On success the keepalive runs until ``Allocation.release()``;
+        released before the error propagates; ``on_released(job)`` runs once the service has confirmed that (not
+        when the release could not be sent, e.g. the process is shutting down: the record must then stay). On success the keepalive runs until ``Allocation.release()``;
         ``on_lost(reason)`` is called if the service ends the job meanwhile.
         """
         n = n_boards or self.boards
@@ -1046,7 +1050,8 @@ class SpallocAllocator(LoggingConfigurable):
                 if inspect.isawaitable(result):
                     await result
             except BaseException:
-                await asyncio.shield(self._release_quietly(job, "claim failed: the hub could not record the job"))
+                if await asyncio.shield(self._release_quietly(job, "claim failed: the hub could not record the job")):
+                    await _call_maybe_async(on_released, job)
                 raise
         job.start_keepalive(self.keepalive_interval, on_lost=on_lost)
         await _call_maybe_async(progress, ClaimProgress(
@@ -1060,7 +1065,8 @@ class SpallocAllocator(LoggingConfigurable):
             reason = ("claim cancelled" if isinstance(e, asyncio.CancelledError)
                       else "claim timed out" if isinstance(e, SpallocTimeoutError)
                       else f"claim failed: {type(e).__name__}")
-            await asyncio.shield(self._release_quietly(job, reason))
+            if await asyncio.shield(self._release_quietly(job, reason)):
+                await _call_maybe_async(on_released, job)
             raise
         self.log.info("spalloc: %s has %s (%s)", owner, machine.root_host, job.url)
         return Allocation(job=job, machine=machine, owner=owner)
@@ -1091,12 +1097,15 @@ class SpallocAllocator(LoggingConfigurable):
         """Destroy a job known only by its URL (e.g. persisted state of a server that is gone)."""
         await self.client(token).job(job_url).destroy(reason)
 
-    async def _release_quietly(self, job: SpallocJob, reason: str) -> None:
+    async def _release_quietly(self, job: SpallocJob, reason: str) -> bool:
+        """Destroy `job`; True when the service confirmed it."""
         try:
             await job.destroy(reason)
+            return True
         except Exception as e:  # noqa: BLE001 - the original error matters more; the job will expire anyway
             self.log.warning("spalloc: could not release %s (%s); it will expire after its keepalive interval",
                              job.url, e)
+            return False
 
     async def close(self) -> None:
         for c in self._clients.values():

@@ -9,7 +9,8 @@ It speaks the service's real HTTP API, as spinnman 1!7.4.1's ``SpallocClient`` a
 * ``GET  {base}/srv/spalloc/``: ``version`` (``major-version``, ``minor-version``, ``revision``), ``jobs-ref``,
   ``machines-ref``, ``csrf-header`` and ``csrf-token`` (the session's CSRF token).
 * ``GET  .../machines`` and ``.../machines/{name}``.
-* ``GET  .../jobs`` (list, ``deleted``/``start``/``limit``/``wait``), ``POST .../jobs`` (kebab-case JSON) -> ``201``
+* ``GET  .../jobs`` (list, ``deleted``/``start``/``limit``/``wait``; every job to anyone logged in, newest first,
+  pages linked by ``next``/``prev`` in the body and a ``Link`` header), ``POST .../jobs`` (kebab-case JSON) -> ``201``
   with a ``Location`` header and ``{"job-id", "job-ref"}``.
 * ``GET  .../jobs/{id}`` (``?wait=true`` long-polls for a change, up to ``wait_timeout`` seconds), ``DELETE
   .../jobs/{id}?reason=`` -> ``204``, ``PUT .../jobs/{id}/keepalive`` (``text/plain``) -> ``ok``,
@@ -194,6 +195,8 @@ class SpallocModel:
         self.clock = clock
         self.jobs: dict[int, Job] = {}
         self.next_id = 1
+        self.list_event = asyncio.Event()  # set (and replaced) whenever any job is made or changes state
+        self.list_waiters = 0
         ip0 = ipaddress.IPv4Address(first_ip)
         n_triads = max(1, math.ceil(boards / 3))
         self.width_triads = n_triads
@@ -213,6 +216,7 @@ class SpallocModel:
                   start_wall=self.clock.wall(), last_keepalive=now, keepalive_wall=self.clock.wall())
         self.next_id += 1
         self.jobs[job.id] = job
+        self._list_changed()
         self.allocate()
         return job
 
@@ -264,6 +268,21 @@ class SpallocModel:
         job.changes += 1
         old, job.event = job.event, asyncio.Event()
         old.set()
+        self._list_changed()
+
+    def _list_changed(self) -> None:
+        old, self.list_event = self.list_event, asyncio.Event()
+        old.set()
+
+    async def wait_list_change(self, timeout: float) -> None:
+        """Return when any job is made or changes, or after ``timeout`` seconds (the service's jobs epoch)."""
+        self.list_waiters += 1
+        try:
+            await asyncio.wait_for(self.list_event.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            self.list_waiters -= 1
 
     # -- allocation -------------------------------------------------------------------------------------------
     def allocate(self) -> None:
@@ -556,7 +575,7 @@ class JobsHandler(_Handler):
         if start < 0:
             raise _HTTPError(400, "start must not be less than 0")
         if self.bool_arg("wait"):
-            await asyncio.sleep(0)  # (list long-polling: answered at once; the double has no list epochs)
+            await self.model.wait_list_change(self.double.wait_timeout)
         jobs = [j for j in sorted(self.model.jobs.values(), key=lambda j: -j.id)
                 if deleted or j.state != DESTROYED]
         page = jobs[start:start + limit]
@@ -933,6 +952,7 @@ class SpallocDouble:
                 job.event.set()
             if self._create_gate is not None:
                 self._create_gate.set()
+            self.model.list_event.set()
             await self._server.close_all_connections()
 
     async def _tick_loop(self) -> None:
