@@ -394,9 +394,14 @@ def _check_consistency(d: Deployment) -> None:
         if not eb["client_id"]:
             raise ConfigError("auth.ebrains.client_id: required when auth.type is 'ebrains'")
         d.ebrains_client_secret()
-        if not (eb["allow_all"] or eb["allowed_groups"] or eb["allowed_users"]):
-            raise ConfigError("auth.ebrains: nobody would be admitted. Set allowed_groups, allowed_users or "
-                              "allow_all: true")
+        if not (eb["allow_all"] or eb["allowed_groups"] or eb["allowed_users"] or eb["allowed_collabs"]
+                or eb["admin_collabs"]):
+            raise ConfigError("auth.ebrains: nobody would be admitted. Set allowed_groups, allowed_collabs, "
+                              "allowed_users or allow_all: true")
+        from .collabs import config_problem
+
+        if problem := config_problem(eb):
+            raise ConfigError(problem)
         if eb["auth_refresh_age"] >= eb["refresh_margin"]:
             raise ConfigError("auth.ebrains.auth_refresh_age must be smaller than auth.ebrains.refresh_margin, or "
                               "notebooks could be handed an access token about to expire")

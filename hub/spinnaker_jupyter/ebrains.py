@@ -1,7 +1,8 @@
 """EBRAINS login: oauthenticator's GenericOAuthenticator, configured for EBRAINS IAM (Keycloak, realm hbp).
 
-The subclass only turns an unreachable identity provider into a clear page; everything else is upstream config
-(see hubconfig._apply_ebrains).
+The subclass turns an unreachable identity provider into a clear page, and adds collab memberships (the
+`roles.team` claim, see collabs.py) to the user's groups through oauthenticator's public `get_user_groups` hook;
+admission and admin rights stay upstream's `allowed_groups` / `admin_groups` (see hubconfig._apply_ebrains).
 """
 
 from __future__ import annotations
@@ -9,11 +10,28 @@ from __future__ import annotations
 from oauthenticator.generic import GenericOAuthenticator
 from tornado import web
 from tornado.httpclient import HTTPClientError
-from traitlets import Unicode
+from traitlets import Dict, Unicode
+
+from . import collabs
 
 
 class EBRAINSAuthenticator(GenericOAuthenticator):
     provider_name = Unicode("EBRAINS", help="Name of the identity provider in messages.").tag(config=True)
+    allowed_collabs = Dict(help="collab -> the least role (viewer, editor, administrator) admitted. Members become "
+                                "hub groups collab-<collab>-<role>; list those in allowed_groups.").tag(config=True)
+    admin_collabs = Dict(help="collab -> the least role that makes hub admins (as allowed_collabs).").tag(config=True)
+    team_claim = Unicode("roles.team", help="Dotted path of the userinfo claim listing collab memberships.").tag(
+        config=True)
+
+    async def get_user_groups(self, auth_state: dict):
+        groups = await super().get_user_groups(auth_state)
+        wanted = set(self.allowed_collabs) | set(self.admin_collabs)
+        if wanted:
+            team = auth_state.get(self.user_auth_state_key) or {}
+            for key in self.team_claim.split("."):
+                team = team.get(key) if isinstance(team, dict) else None
+            groups |= collabs.groups_for(team, wanted)
+        return groups
 
     async def fetch(self, req, label="fetching", parse_json=True, **kwargs):
         try:

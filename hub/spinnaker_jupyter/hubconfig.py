@@ -169,13 +169,18 @@ def _apply_ebrains(c, d: Deployment) -> dict:
     a.username_claim = usernames.username_from_claims
     a.allow_all = eb["allow_all"]
     a.allowed_users = set(eb["allowed_users"])
-    if eb["allowed_groups"] or eb["admin_groups"]:
+    if eb["allowed_groups"] or eb["admin_groups"] or eb["allowed_collabs"] or eb["admin_collabs"]:
+        from .collabs import required_groups  # collab members become hub groups (EBRAINSAuthenticator)
+
         a.manage_groups = True
         a.auth_state_groups_key = "oauth_user." + eb["groups_claim"]
-        a.allowed_groups = set(eb["allowed_groups"])
-        a.admin_groups = set(eb["admin_groups"])
-    a.custom_403_message = (f"Your EBRAINS account is not in the groups allowed to use this SpiNNaker service. "
-                            f"To get access, ask {eb['contact']}.")
+        a.allowed_collabs, a.admin_collabs = eb["allowed_collabs"], eb["admin_collabs"]
+        a.team_claim = eb["team_claim"]
+        a.allowed_groups = set(eb["allowed_groups"]) | required_groups(eb["allowed_collabs"])
+        a.admin_groups = set(eb["admin_groups"]) | required_groups(eb["admin_collabs"])
+    collab_note = " (nor in a collab admitted, with the role it needs)" if eb["allowed_collabs"] else ""
+    a.custom_403_message = (f"Your EBRAINS account is not in the groups allowed to use this SpiNNaker "
+                            f"service{collab_note}. To get access, ask {eb['contact']}.")
     for key, value in access_token_service.authenticator_settings(
             refresh_margin=eb["refresh_margin"], auth_refresh_age=eb["auth_refresh_age"],
             provider_timeout=eb["provider_timeout"]).items():

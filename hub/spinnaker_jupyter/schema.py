@@ -92,6 +92,21 @@ SCHEMA: dict = _obj({
             "allow_all": _bool(False, "Admit every EBRAINS account."),
             "admin_groups": _list({"type": "string"}, desc="Groups whose members are hub admins."),
             "groups_claim": _str("roles.group", "Dotted path of the claim listing a user's groups."),
+            "allowed_collabs": {"type": "object", "default": {},
+                                "additionalProperties": {"enum": ["viewer", "editor", "administrator"]},
+                                "description": "EBRAINS collabs whose members are admitted, each with the least "
+                                "role it takes, e.g. {spinnaker-course: viewer, spinnaker-dev: editor}. Read from "
+                                "the `roles.team` claim (entries collab-<collab>-<role>) as the EBRAINS job queue "
+                                "reads it; a higher role satisfies a lower one (administrator > editor > viewer). "
+                                "Members also join the hub group collab-<collab>-<role> for each role they hold "
+                                "(usable in spinnaker.spalloc.boards_per_group and jobs.collabs)."},
+            "admin_collabs": {"type": "object", "default": {},
+                              "additionalProperties": {"enum": ["viewer", "editor", "administrator"]},
+                              "description": "EBRAINS collabs whose members are hub admins, each with the least "
+                              "role it takes, e.g. {spinnaker-ops: administrator}. Checked at every login: "
+                              "someone who lost the role loses admin rights at their next login."},
+            "team_claim": _str("roles.team", "Dotted path of the claim listing collab memberships "
+                               "(collab-<collab>-<role> entries)."),
             "contact": _str("the service's operators", "Whom refused users should ask for access."),
             "refresh_margin": _int(60, "Refresh the user's access token when it expires within this many seconds.",
                                    minimum=2),
