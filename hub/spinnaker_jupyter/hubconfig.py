@@ -210,6 +210,10 @@ def _apply_spawner(c, d: Deployment, args: list[str]) -> None:
         c.Spawner.cmd = [str(Path(sys.executable).parent / "jupyterhub-singleuser")]
         if not system_users_enabled(d) and os.geteuid() == 0:
             args.append("--allow-root")
+    elif sp["type"] == "slurm":
+        from .slurm import configure as apply_slurm  # a Slurm job per user server (batchspawner, configured)
+
+        apply_slurm(c, d, args)
     else:
         _apply_docker(c, d)
     c.Spawner.args = args

@@ -124,8 +124,9 @@ SCHEMA: dict = _obj({
         }),
     }),
     "spawner": _obj({
-        "type": _str("local", "`local`: a process per user on this machine; `docker`: a container per user.",
-                     enum=["local", "docker"]),
+        "type": _str("local", "`local`: a process per user on this machine; `docker`: a container per user; "
+                     "`slurm`: a Slurm job per user (as their own account; see spawner.slurm).",
+                     enum=["local", "docker", "slurm"]),
         "local": _obj({
             "system_users": {"enum": ["auto", True, False], "default": "auto",
                              "description": "Run each user's server as their own system account (needs root; "
@@ -156,6 +157,29 @@ SCHEMA: dict = _obj({
                                   "server stops, removed only by `spinnaker-jupyter volumes remove`."),
             "labels": {"type": "object", "default": {}, "additionalProperties": {"type": "string"},
                        "description": "Labels put on every user container."},
+        }),
+        "slurm": _obj({
+            "conf": _str(None, "slurm.conf the hub's Slurm commands use (SLURM_CONF); null: the system's "
+                         "(/etc/slurm/slurm.conf)."),
+            "partition": _str(None, "Partition user servers run in (sbatch --partition); null: the cluster's "
+                              "default partition."),
+            "account": _str(None, "Slurm account the servers are charged to (sbatch --account); null: each "
+                            "user's default account."),
+            "qos": _str(None, "Quality of service of the servers' jobs (sbatch --qos); null: the default."),
+            "time": _str(None, "Longest a user server may run (sbatch --time, e.g. 8:00:00 or 1-00:00:00); Slurm "
+                         "ends it then. null: the partition's limit.", pattern=r"^[0-9:-]+$"),
+            "cpus": {"type": ["integer", "null"], "default": None, "minimum": 1,
+                     "description": "CPU cores per user server (sbatch --cpus-per-task); null: spawner.cpu_limit "
+                                    "rounded up, else one."},
+            "memory": _str(None, "Memory per user server (sbatch --mem, e.g. 4G); null: spawner.mem_limit, else "
+                           "the cluster's default.", pattern=r"^[0-9]+[KMGT]?$"),
+            "extra_sbatch_options": _list({"type": "string", "pattern": r"^[^{}]*$"},
+                                          desc="More sbatch options, one argument each (e.g. --constraint=lab)."),
+            "board_license": _str("spinnaker_board", "Slurm licence taken per SpiNNaker board in session and "
+                                  "machine mode (slurm.conf `Licenses=spinnaker_board:<boards>`), so that Slurm "
+                                  "never starts more servers than there are boards; null: boards not counted."),
+            "hub_connect_ip": _str(None, "Address of the hub that the Slurm nodes reach (the hub then listens on "
+                                   "every interface); null: 127.0.0.1, the hub's own machine being the only node."),
         }),
         "cpu_limit": {"type": ["number", "null"], "default": None, "exclusiveMinimum": 0,
                       "description": "CPU cores per user server (containers; local servers in a cgroup)."},

@@ -1,0 +1,290 @@
+"""User servers as Slurm jobs (`spawner.type: slurm`): batchspawner's SlurmSpawner (pinned, 1.3.0), configured, with
+the project's accounts, spawn progress in words, the fast readiness wait and SpiNNaker boards on top.
+
+* Each server runs as the user's own system account (the local spawner's naming, `spinnaker_jupyter.spawner`); as
+  root the hub submits with `sbatch` as that account (`runuser`), so Slurm's accounting, limits and fair share see
+  the user. Homes live on `homes_dir`, which every node must mount at the same path.
+* Boards are a cluster resource: in `session`/`machine` mode each job asks for one Slurm licence
+  (`spawner.slurm.board_license`) per board, so Slurm never starts more servers than there are boards, and a queued
+  server shows why it waits.
+* While the job waits, the spawn page says "waiting in the Slurm queue: position N, reason R". The server reports
+  its port to the hub (batchspawner-singleuser and batchspawner's API handler); the hub routes to the node Slurm
+  ran it on. The hub's poll (`squeue`) notices a job that ended (scancel, node failure, time limit); the boards
+  are then given back by the post-stop hook (boards.py).
+
+batchspawner 1.3.0 was checked against JupyterHub 6.1.1: its module, its API handler (`/hub/api/batchspawner`,
+registered through `jupyterhub.apihandlers.default_handlers` at import) and `batchspawner-singleuser` work unchanged.
+What differs from its defaults here is configuration: JupyterHub 6 keeps no PATH in a server's environment
+(`Spawner.env_keep`), and batchspawner assumes that the hub user's name is a system account (`user_env`,
+`req_username`, `req_homedir`) and that `sudo` exists (`exec_prefix`); this module sets all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shlex
+import shutil
+import time
+from pathlib import Path
+
+from batchspawner import JobStatus, SlurmSpawner
+from jupyterhub.spawner import SpawnException
+from traitlets import Bool, List, Unicode, default
+
+from .boards import BoardsMixin
+from .progress import ProgressMixin, wait_until_listening
+from .spawner import PrivateHomeSpawner
+
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+#: Seconds between queue-position checks while a job waits (one extra squeue call each).
+QUEUE_CHECK_EVERY = 2.0
+
+
+class SlurmStartError(SpawnException):
+    """A start Slurm refused or lost; the message (shown on the spawn page) says why and what to change."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="slurm", status_code=503)
+        self.jupyterhub_message = message
+
+
+class SlurmUserSpawner(ProgressMixin, SlurmSpawner):
+    """SlurmSpawner with the local spawner's accounts and homes, progress in words and the fast readiness wait."""
+
+    homes_dir = Unicode(help="Folder holding each user's home; every Slurm node mounts it at this path.").tag(
+        config=True)
+    system_users = Bool(help="Run each server as the user's own system account (requires root).").tag(config=True)
+    system_user_prefix = Unicode("jupyter-", help="Prefix of the system account names.").tag(config=True)
+    slurm_conf = Unicode("", help="slurm.conf the Slurm commands use (SLURM_CONF); empty: the system's.").tag(
+        config=True)
+    board_license = Unicode("", help="Slurm licence taken per SpiNNaker board (empty: boards are not counted by "
+                                     "Slurm).").tag(config=True)
+    extra_sbatch_options = List(Unicode(), help="More sbatch options, each one argument.").tag(config=True)
+
+    # The local spawner's account and home handling, reused as it is (one naming, one refusal of foreign accounts).
+    system_username = PrivateHomeSpawner.system_username
+    home = PrivateHomeSpawner.home
+    _ensure_account = PrivateHomeSpawner._ensure_account
+    _own_account = PrivateHomeSpawner._own_account
+
+    @default("system_users")
+    def _system_users_default(self):
+        return os.geteuid() == 0
+
+    @default("exec_prefix")
+    def _exec_prefix_default(self):
+        return f"{shutil.which('runuser') or '/usr/sbin/runuser'} -u {{username}} --" if self.system_users else ""
+
+    @default("req_username")
+    def _req_username_default(self):
+        return self.system_username if self.system_users else ""
+
+    @default("req_homedir")
+    def _req_homedir_default(self):
+        return str(self.home)
+
+    @default("notebook_dir")
+    def _notebook_dir_default(self):
+        return str(self.home)
+
+    def user_env(self, env):
+        env["USER"] = self.system_username if self.system_users else os.environ.get("USER", "")
+        env["HOME"] = str(self.home)
+        env["SHELL"] = "/bin/bash"
+        return env
+
+    def get_env(self):
+        env = super().get_env()
+        env.setdefault("PATH", DEFAULT_PATH)  # (JupyterHub 6 passes none on; sbatch, runuser and the job need one)
+        if self.slurm_conf:
+            env["SLURM_CONF"] = self.slurm_conf
+        return env
+
+    async def run_command(self, cmd, input=None, env=None):
+        # batchspawner runs squeue and scancel with the hub's own environment (env=None), through exec_prefix as the
+        # user: the hub's secrets (proxy token, crypt key) would be readable in that process's environ by the user.
+        # They get only what the Slurm commands need.
+        if env is None:
+            env = {"PATH": DEFAULT_PATH, "LANG": os.environ.get("LANG", "C.UTF-8"),
+                   **({"SLURM_CONF": self.slurm_conf} if self.slurm_conf else {})}
+        return await super().run_command(cmd, input=input, env=env)
+
+    # -- what sbatch is asked for ----------------------------------------------------------------------------
+    def boards_for_slurm(self) -> int:
+        """Licences to ask for: the boards this server holds (BoardsMixin), none without board handling."""
+        mode = getattr(self, "board_mode", "virtual")
+        if mode == "session":
+            return self.boards_wanted()
+        return 1 if mode == "machine" else 0
+
+    def sbatch_command(self) -> str:
+        args = ["sbatch", "--parsable", f"--job-name=jupyter-{self.user.name}"[:64]]
+        boards = self.boards_for_slurm()
+        if self.board_license and boards:
+            args.append(f"--licenses={self.board_license}:{boards}")
+        if self.req_qos:
+            args.append(f"--qos={self.req_qos}")
+        if self.req_account:
+            args.append(f"--account={self.req_account}")
+        args += list(self.extra_sbatch_options)
+        # (formatted once more by batchspawner: no braces may reach it; the schema refuses them in options)
+        return " ".join(shlex.quote(a) for a in args)
+
+    # -- start -----------------------------------------------------------------------------------------------
+    async def start(self):
+        t0 = time.monotonic()
+        self.progress_reset()
+        if self.system_users:
+            self.progress_say(10, f"Preparing your private home folder and account {self.system_username}")
+        else:
+            self.progress_say(10, "Preparing your home folder")
+        await asyncio.get_running_loop().run_in_executor(None, self._ensure_account)
+        self.batch_submit_cmd = self.sbatch_command()
+        self.req_keepvars = ",".join(self.get_env())  # this start's variables (board cfg, token), by name only
+        where = f" (partition {self.req_partition})" if self.req_partition else ""
+        self.progress_say(20, f"Submitting your server to the Slurm cluster{where}")
+        self._queue_said, self._queue_checked = None, 0.0
+        self._in_start = True
+        self._started_job = ""
+        try:
+            ip, port = await super().start()
+        except RuntimeError as e:
+            raise self._start_error(str(e)) from None
+        finally:
+            self._in_start = False
+        self.progress_say(60, f"Your Slurm job {self.job_id} runs on {ip}; waiting for Jupyter there to answer")
+
+        async def ended():
+            status = await self.query_job_status()
+            if status in (JobStatus.RUNNING, JobStatus.UNKNOWN):
+                return None
+            return f"Your Slurm job {self.job_id} ended during start-up. {self._job_log_tail()}"
+
+        await wait_until_listening(ip, port, self.start_timeout, ended)
+        self.progress_say(90, f"Your server is up after {time.monotonic() - t0:.1f} s; opening it")
+        return ip, port
+
+    async def submit_batch_script(self):
+        job_id = await super().submit_batch_script()
+        if job_id:
+            self._started_job = job_id  # (batchspawner clears job_id when the job is lost during start)
+            self.progress_say(30, f"Slurm accepted your server as job {job_id}")
+        return job_id
+
+    async def query_job_status(self):
+        status = await super().query_job_status()
+        if getattr(self, "_in_start", False) and status == JobStatus.PENDING:
+            await self._say_queue()
+        return status
+
+    async def _say_queue(self) -> None:
+        if time.monotonic() - self._queue_checked < QUEUE_CHECK_EVERY and self._queue_said is not None:
+            return
+        self._queue_checked = time.monotonic()
+        reason = self.job_status.split()[1] if len(self.job_status.split()) > 1 else "?"
+        position = "?"
+        try:
+            # The queue in Slurm's own order of priority: this job's place among the pending jobs of its partition.
+            part = ["-p", self.req_partition] if self.req_partition else []
+            out = await self.run_command(" ".join(["squeue", "-h", "-t", "PD", "--sort=-p,i", "-o", "%i",
+                                                   *map(shlex.quote, part)]), env=self.get_env())
+            ids = out.split()
+            if self.job_id in ids:
+                position = str(ids.index(self.job_id) + 1)
+        except RuntimeError:
+            pass
+        said = (position, reason)
+        if said != self._queue_said:
+            self._queue_said = said
+            self.progress_say(40, f"Your server is waiting in the Slurm queue: position {position}, reason "
+                                  f"{reason}{_REASONS.get(reason, '')}")
+
+    def _start_error(self, stderr: str) -> SlurmStartError:
+        text = " ".join(stderr.split())
+        if re.search(r"invalid partition", text, re.I):
+            return SlurmStartError(
+                f"Slurm refused your server: the partition '{self.req_partition}' does not exist ({text}). The "
+                "operator sets spawner.slurm.partition to one that `sinfo` lists.")
+        if re.search(r"invalid account", text, re.I):
+            return SlurmStartError(
+                f"Slurm refused your server: the account '{self.req_account}' is not valid here ({text}). The "
+                "operator sets spawner.slurm.account to one `sacctmgr show assoc` lists for this user.")
+        if re.search(r"invalid qos", text, re.I):
+            return SlurmStartError(f"Slurm refused your server: the QoS '{self.req_qos}' is not valid ({text}). The "
+                                   "operator fixes spawner.slurm.qos.")
+        if re.search(r"invalid license", text, re.I):
+            return SlurmStartError(
+                f"Slurm refused your server: the cluster has no licence '{self.board_license}' for SpiNNaker boards "
+                f"({text}). The operator adds `Licenses={self.board_license}:<boards>` to slurm.conf or sets "
+                "spawner.slurm.board_license.")
+        if re.search(r"Unable to contact slurm controller|Connection refused|connect failure|Socket timed out",
+                     text, re.I):
+            return SlurmStartError(
+                "The Slurm cluster is not answering (its controller cannot be reached), so your server cannot "
+                f"start now; try again in a few minutes. The operator checks slurmctld. ({text})")
+        if "disappeared" in text:
+            return SlurmStartError(f"Your Slurm job {self._started_job} ended before your server started. "
+                                   f"{self._job_log_tail()}")
+        return SlurmStartError(f"Slurm did not start your server: {text}")
+
+    def _job_log_tail(self, lines: int = 10) -> str:
+        job = self.job_id or getattr(self, "_started_job", "")
+        if not job:
+            return ""
+        path = Path(self.req_homedir) / f"jupyterhub_slurmspawner_{job}.log"
+        try:
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return ""
+        return "Last lines of its log:\n" + "\n".join(tail)
+
+
+#: What Slurm's pending reasons mean for someone waiting (the others are said as Slurm says them).
+_REASONS = {
+    "Resources": " (the cluster's nodes are busy; you start when a server or job ends)",
+    "Licenses": " (all SpiNNaker boards are in use; you start when one is given back)",
+    "Priority": " (jobs with higher priority are ahead of you)",
+    "QOSMaxJobsPerUserLimit": " (you already have as many jobs as your QoS allows)",
+}
+
+
+class SpiNNakerSlurmSpawner(BoardsMixin, SlurmUserSpawner):
+    """Boards first (boards.py): the claim comes before the job is submitted, and its licences go with the job."""
+
+
+def configure(c, d, args: list[str]) -> None:
+    """Apply `spawner.slurm` (and the accounts of `spawner.local`) to JupyterHub's config `c`."""
+    import sys
+
+    from .hubconfig import system_users_enabled
+
+    sp, sl = d["spawner"], d["spawner"]["slurm"]
+    c.JupyterHub.spawner_class = "spinnaker_jupyter.slurm.SpiNNakerSlurmSpawner"
+    s = c.SpiNNakerSlurmSpawner
+    s.homes_dir = str(d.homes_dir)
+    s.system_users = system_users_enabled(d)
+    s.system_user_prefix = sp["local"]["system_user_prefix"]
+    if sl["conf"]:
+        s.slurm_conf = str(d.path(sl["conf"], Path()))
+    s.req_partition = sl["partition"] or ""
+    s.req_account = sl["account"] or ""
+    s.req_qos = sl["qos"] or ""
+    s.req_runtime = sl["time"] or ""
+    cpus = sl["cpus"] or (int(-(-sp["cpu_limit"] // 1)) if sp["cpu_limit"] else None)
+    s.req_nprocs = str(cpus) if cpus else ""
+    s.req_memory = sl["memory"] or sp["mem_limit"] or ""
+    s.board_license = sl["board_license"] or ""
+    s.extra_sbatch_options = list(sl["extra_sbatch_options"])
+    s.startup_poll_interval = 0.25
+    s.batch_query_cmd = "squeue -h -j {job_id} -o '%T %r %B'"  # state, pending reason, node (last: the host)
+    bin_dir = Path(sys.executable).parent
+    s.batchspawner_singleuser_cmd = str(bin_dir / "batchspawner-singleuser")
+    c.Spawner.cmd = [str(bin_dir / "jupyterhub-singleuser")]
+    # The hub listens where the nodes reach it; on one machine that is 127.0.0.1.
+    if sl["hub_connect_ip"]:
+        c.JupyterHub.hub_ip = "0.0.0.0"
+        c.JupyterHub.hub_connect_ip = sl["hub_connect_ip"]
+    if not system_users_enabled(d) and os.geteuid() == 0:
+        args.append("--allow-root")
