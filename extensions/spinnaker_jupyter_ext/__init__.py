@@ -41,6 +41,7 @@ def _load_jupyter_server_extension(server_app):
     ipc_dir = kernel_ipc.configure(server_app)
     if ipc_dir:
         log.info("kernels: unix sockets in %s (private to this account), no TCP ports", ipc_dir)
+    __import__(f"{__name__}.drive", fromlist=["drive"]).start_drive(server_app)  # EBRAINS Drive at ~/drive
 
 
 def _start_git_kernel(log) -> None:

@@ -135,6 +135,23 @@ def describe(info: dict, hub: dict | None, hub_error: str | None) -> tuple[list[
     return lines, status
 
 
+def drive_line(lines: list[str]) -> dict | None:
+    """The EBRAINS Drive mount's state as this server's drive keeper last wrote it (drive.py), added to ``lines``."""
+    if not os.environ.get("SPINNAKER_DRIVE"):
+        return None
+    from spinnaker_jupyter_ext.drive import read_state
+
+    state = read_state()
+    if state is None:
+        lines.append("  drive:    EBRAINS Drive: not checked yet (the server is starting)")
+    elif state.get("state") == "mounted":
+        lines.append(f"  drive:    EBRAINS Drive mounted at {state.get('mount_point')} (since {state.get('since')})")
+    else:
+        lines.append(f"  drive:    EBRAINS Drive NOT AVAILABLE at {state.get('mount_point')}: {state.get('reason')} "
+                     f"(since {state.get('since')}; retried by itself)")
+    return state
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="spinnaker-status", description="Show the SpiNNaker machine this server's "
                                  "sPyNNaker kernels use, and its state now (asked through the hub).")
@@ -144,10 +161,12 @@ def main(argv=None) -> int:
     info = local_info()
     hub, error = (None, "not asked (--no-live)") if args.no_live else ask_hub()
     lines, status = describe(info, hub, error)
+    drive = drive_line(lines)
     if args.no_live and status == 2:
         status = 0
     if args.json:
-        print(json.dumps({"server": info, "hub": hub, "hub_error": error, "status": status}, indent=1))
+        print(json.dumps({"server": info, "hub": hub, "hub_error": error, "status": status, "drive": drive},
+                         indent=1))
     else:
         print("\n".join(lines))
     return status

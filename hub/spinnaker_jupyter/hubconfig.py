@@ -72,6 +72,13 @@ def user_server_env(d: Deployment, in_container: bool = False) -> dict[str, str]
         settings = {k: v for k, v in git.items() if k != "enabled" and v is not None}
         settings["base_env"] = str(envs_dir / "spynnaker")
         env["SPINNAKER_GIT_KERNEL_CONFIG"] = json.dumps(settings)
+    if d["drive"]["enabled"]:  # the server mounts the user's EBRAINS Drive itself (spinnaker_jupyter_ext/drive.py)
+        if d["auth"]["type"] != "ebrains":
+            from .config import ConfigError
+
+            raise ConfigError("drive.enabled: the Drive is reached with each user's EBRAINS login; set auth.type: "
+                              "ebrains, or drive.enabled: false")
+        env["SPINNAKER_DRIVE"] = json.dumps({k: v for k, v in d["drive"].items() if k != "enabled"})
     return env
 
 

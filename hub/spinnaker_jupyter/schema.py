@@ -301,6 +301,26 @@ SCHEMA: dict = _obj({
         "source": _str(None, "Folder of tutorial notebooks copied into new homes (default: the project's "
                        "notebooks/)."),
     }),
+    "drive": _obj({
+        "enabled": _bool(False, "Mount each user's EBRAINS Drive in their home (`~/drive/My Libraries/My Library/`, "
+                                "`~/drive/Shared with groups/<library>/`), readable and writable from the file "
+                                "browser, terminals and kernels. Needs auth.type ebrains, and rclone and fuse3 on the "
+                                "host (/dev/fuse usable by users: mode 0666, Debian's default). Each user's server "
+                                "mounts it as that user with the user's own token, refreshed by itself; while Drive "
+                                "is down or refuses the token, ~/drive holds a file naming the reason."),
+        "url": _str("https://drive.ebrains.eu", "EBRAINS Drive (Seahub) URL; its api2/account/token/ exchanges the "
+                    "user's EBRAINS access token for a Drive token."),
+        "mount_point": _str("drive", "Folder in each user's home where the Drive is mounted (relative to the home).",
+                            pattern=r"^[A-Za-z0-9._-][A-Za-z0-9._ -]*$"),
+        "check_interval": _int(60, "Seconds between health checks (api2/auth/ping/): a refused token is exchanged "
+                               "again and the Drive remounted; a dead mount is mounted again.", minimum=1),
+        "max_backoff": _int(300, "Longest wait, in seconds, between retries while Drive is down (the wait doubles "
+                            "from check_interval).", minimum=1),
+        "timeout": _int(10, "Seconds each request to Drive or the hub's token service may take.", minimum=1),
+        "rclone": _str("rclone", "The rclone command (1.60 or later, with the seafile backend)."),
+        "cache_max_size": _str("1G", "Most disk space rclone's write cache may use in each home "
+                               "(~/.cache/spinnaker-drive), e.g. 500M, 2G."),
+    }),
     "jobs": _obj({
         "enabled": _bool(False, "Run the batch job service: the EBRAINS Neuromorphic Platform job API (v3, as the "
                                 "nmpi client speaks it) at jobs.ip:jobs.port, and a runner for its jobs."),

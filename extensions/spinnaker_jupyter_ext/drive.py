@@ -1,0 +1,367 @@
+"""The user's EBRAINS Drive at ~/drive, mounted by the user's own server, as the user's own account.
+
+How it works (``SPINNAKER_DRIVE``, JSON from the hub's ``drive:`` section, turns it on):
+
+1. The user's EBRAINS access token comes from the hub's access-token-service (``JUPYTERHUB_SERVICE_HOST/PORT`` +
+   this server's ``JUPYTERHUB_API_TOKEN``), the same contract sPyNNaker and ebrains-drive use.
+2. It is exchanged at ``{drive.url}/api2/account/token/`` (EBRAINS' Seahub) for a Drive (Seafile) token.
+3. ``rclone mount`` serves the EBRAINS layout (``My Libraries/My Library/``, ``Shared with groups/<library>/``)
+   from nested ``combine`` remotes over one ``seafile`` remote. The Drive token reaches rclone only through its
+   environment (``RCLONE_CONFIG_<NAME>_AUTH_TOKEN``; /proc/<pid>/environ is readable by this account alone): never
+   in argv, a URL, a file, or rclone's remote control (not started). The VFS cache lives in the private home;
+   no ``allow_other``, so the kernel refuses every other account (root included) at the mount.
+4. A health check asks ``api2/auth/ping/`` every ``check_interval`` seconds: 401 -> exchange a fresh token and
+   remount; Drive down (5xx, no answer) -> back off (doubling up to ``max_backoff``) and say so; a dead rclone or a
+   lost mount -> mount again.
+
+What the user sees while the Drive is not mounted: a placeholder file in ~/drive naming the reason (also in the
+JupyterLab file browser), the same line in ``spinnaker-status`` (read from ``~/.cache/spinnaker-drive/state.json``)
+and in the server log. Everything recovers by itself when Drive answers again.
+
+Libraries are mounted by name (rclone's Seafile backend looks them up by name): of two same-named libraries only
+one is reachable; a group library named like one of the user's own is listed under its own name only once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger("spinnaker_jupyter_ext.drive")
+
+ENV = "SPINNAKER_DRIVE"
+PLACEHOLDER = "EBRAINS-DRIVE-NOT-AVAILABLE.txt"
+SERVICE_PATH = "/services/access-token-service/access-token"
+MY_LIBRARIES = "My Libraries"
+SHARED_WITH_GROUPS = "Shared with groups"
+
+
+def state_dir(home: Path) -> Path:
+    return home / ".cache" / "spinnaker-drive"
+
+
+def read_state(home: Optional[Path] = None) -> Optional[dict]:
+    """The mount's last state (for spinnaker-status), or None when the Drive is not configured here."""
+    try:
+        return json.loads((state_dir(home or Path.home()) / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class DriveUnavailable(Exception):
+    """Drive (or the token service) cannot be used now; ``reason`` is said to the user."""
+
+    def __init__(self, reason: str, *, refused: bool = False):
+        super().__init__(reason)
+        self.reason = reason
+        self.refused = refused  # the token was refused (401), as opposed to Drive being down
+
+
+def _http(url: str, headers: dict, timeout: float) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _set_pdeathsig() -> None:
+    """rclone ends (and unmounts) when the server that started it dies, even by SIGKILL."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _quote(upstream: str) -> str:
+    return '"' + upstream + '"'
+
+
+def _usable_name(name: str) -> bool:
+    return bool(name) and '"' not in name and "/" not in name and not name.startswith(".")
+
+
+def rclone_environment(url: str, drive_token: str, libraries: list[dict], private: Path) -> dict[str, str]:
+    """rclone's whole configuration, as environment variables (the token among them, nowhere else)."""
+    mine = [lib["name"] for lib in libraries if lib.get("type") == "repo" and _usable_name(lib.get("name", ""))]
+    groups = [lib["name"] for lib in libraries if lib.get("type") == "grepo" and _usable_name(lib.get("name", ""))]
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(Path.home()),
+        "RCLONE_CONFIG": str(private / "rclone.conf"),  # empty: everything is below
+        "RCLONE_CONFIG_EBRAINSDRIVE_TYPE": "seafile",
+        "RCLONE_CONFIG_EBRAINSDRIVE_URL": url,
+        "RCLONE_CONFIG_EBRAINSDRIVE_AUTH_TOKEN": drive_token,
+        "RCLONE_CONFIG_EMPTY_TYPE": "memory",
+        "RCLONE_CONFIG_DRIVEROOT_TYPE": "combine",
+        "RCLONE_CONFIG_DRIVEROOT_UPSTREAMS": " ".join(
+            [_quote(f"{MY_LIBRARIES}=mylibraries:"), _quote(f"{SHARED_WITH_GROUPS}=sharedgroups:")]),
+    }
+    for remote, names in (("MYLIBRARIES", mine), ("SHAREDGROUPS", groups)):
+        unique = list(dict.fromkeys(names))
+        env[f"RCLONE_CONFIG_{remote}_TYPE"] = "combine"
+        env[f"RCLONE_CONFIG_{remote}_UPSTREAMS"] = (" ".join(_quote(f"{n}=ebrainsdrive:{n}") for n in unique)
+                                                   or _quote("=empty:"))
+        if not unique:  # a combine remote needs an upstream: an empty, read-only one
+            env[f"RCLONE_CONFIG_{remote}_TYPE"] = "alias"
+            env[f"RCLONE_CONFIG_{remote}_REMOTE"] = "empty:"
+            del env[f"RCLONE_CONFIG_{remote}_UPSTREAMS"]
+    return env
+
+
+class DriveMount:
+    """Keeps ~/drive mounted; one per user server."""
+
+    def __init__(self, settings: dict, env=os.environ, home: Optional[Path] = None):
+        self.url = settings["url"].rstrip("/")
+        self.home = home or Path.home()
+        self.mount_point = self.home / settings.get("mount_point", "drive")
+        self.check_interval = float(settings.get("check_interval", 60))
+        self.max_backoff = float(settings.get("max_backoff", 300))
+        self.timeout = float(settings.get("timeout", 10))
+        self.mount_timeout = float(settings.get("mount_timeout", 30))
+        self.rclone = settings.get("rclone") or shutil.which("rclone") or "rclone"
+        self.cache_max_size = settings.get("cache_max_size", "1G")
+        self.dir_cache_time = str(settings.get("dir_cache_time", 10))
+        self.env = env
+        self.private = state_dir(self.home)
+        self.proc: Optional[subprocess.Popen] = None
+        self.token: Optional[str] = None
+        self.state: dict = {}
+        self.remounts = 0
+        self._task: Optional[asyncio.Task] = None
+
+    # -- what the user sees ----------------------------------------------------------------------------------------
+    def _set_state(self, state: str, reason: str = "") -> None:
+        new = {"state": state, "reason": reason, "mount_point": str(self.mount_point), "url": self.url,
+               "remounts": self.remounts}
+        if {k: v for k, v in new.items()} == {k: self.state.get(k) for k in new}:
+            return
+        new["since"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        self.state = new
+        (log.info if state == "mounted" else log.warning)("EBRAINS Drive: %s%s", state, f": {reason}" if reason else "")
+        tmp = self.private / "state.json.tmp"
+        with contextlib.suppress(OSError):
+            tmp.write_text(json.dumps(new))
+            tmp.replace(self.private / "state.json")
+        if state != "mounted":
+            self._placeholder(reason)
+
+    def _placeholder(self, reason: str) -> None:
+        if os.path.ismount(self.mount_point):
+            return
+        with contextlib.suppress(OSError):
+            self.mount_point.mkdir(mode=0o700, exist_ok=True)
+            (self.mount_point / PLACEHOLDER).write_text(
+                "Your EBRAINS Drive is not available here right now.\n\n"
+                f"Reason: {reason}\n\n"
+                "This server retries by itself and mounts the Drive here as soon as it can; nothing to do.\n"
+                "`spinnaker-status` in a terminal shows the current state.\n")
+
+    # -- tokens -----------------------------------------------------------------------------------------------------
+    def access_token(self) -> str:
+        host, port, api = (self.env.get("JUPYTERHUB_SERVICE_HOST"), self.env.get("JUPYTERHUB_SERVICE_PORT"),
+                           self.env.get("JUPYTERHUB_API_TOKEN"))
+        if not (host and port and api):
+            raise DriveUnavailable("this server cannot ask the hub for your EBRAINS token (no access-token-service)")
+        try:
+            status, body = _http(f"http://{host}:{port}{SERVICE_PATH}", {"Authorization": f"Token {api}"},
+                                 self.timeout)
+        except OSError as e:
+            raise DriveUnavailable(f"the hub's access-token-service did not answer ({e})")
+        if status != 200:
+            try:
+                message = json.loads(body).get("message") or body.decode(errors="replace")[:200]
+            except ValueError:
+                message = body.decode(errors="replace")[:200]
+            raise DriveUnavailable(f"no EBRAINS token from the hub: {message}")
+        return json.loads(body)["access_token"]
+
+    def exchange(self) -> str:
+        """A fresh Drive token for the user's current EBRAINS access token."""
+        oidc = self.access_token()
+        try:
+            status, body = _http(f"{self.url}/api2/account/token/", {"Authorization": f"Bearer {oidc}"}, self.timeout)
+        except OSError as e:
+            raise DriveUnavailable(f"EBRAINS Drive ({self.url}) is not answering ({getattr(e, 'reason', e)})")
+        if status == 401:
+            raise DriveUnavailable("EBRAINS Drive refused your login (HTTP 401)", refused=True)
+        if status != 200:
+            raise DriveUnavailable(f"EBRAINS Drive ({self.url}) answered HTTP {status}")
+        token = body.decode().strip().strip('"')
+        if not token:
+            raise DriveUnavailable("EBRAINS Drive gave an empty token")
+        return token
+
+    def ping(self) -> int:
+        """HTTP status of ``api2/auth/ping/`` with the Drive token (0: no answer)."""
+        try:
+            status, _ = _http(f"{self.url}/api2/auth/ping/", {"Authorization": f"Token {self.token}"}, self.timeout)
+            return status
+        except OSError:
+            return 0
+
+    def libraries(self) -> list[dict]:
+        try:
+            status, body = _http(f"{self.url}/api2/repos/", {"Authorization": f"Token {self.token}"}, self.timeout)
+        except OSError as e:
+            raise DriveUnavailable(f"EBRAINS Drive ({self.url}) is not answering ({getattr(e, 'reason', e)})")
+        if status != 200:
+            raise DriveUnavailable(f"EBRAINS Drive ({self.url}) answered HTTP {status} to the library list",
+                                   refused=status == 401)
+        return json.loads(body)
+
+    # -- the mount ----------------------------------------------------------------------------------------------------
+    def _prepare_dirs(self) -> None:
+        self.private.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.private, 0o700)
+        (self.private / "rclone.conf").touch(mode=0o600)
+
+    def unmount(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # rclone unmounts on SIGTERM
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+        if os.path.ismount(self.mount_point) or self._stale():
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mount_point)], capture_output=True, timeout=30)
+
+    def _stale(self) -> bool:
+        try:
+            os.stat(self.mount_point)
+            return False
+        except OSError as e:
+            return e.errno == 107  # ENOTCONN: a FUSE mount whose process died
+
+    def mount(self) -> None:
+        """Exchange, list the libraries, and mount; raises DriveUnavailable with the reason."""
+        self.unmount()
+        self.token = self.exchange()
+        env = rclone_environment(self.url, self.token, self.libraries(), self.private)
+        self.mount_point.mkdir(mode=0o700, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            (self.mount_point / PLACEHOLDER).unlink()
+        leftovers = [p.name for p in self.mount_point.iterdir()]
+        if leftovers:
+            raise DriveUnavailable(f"{self.mount_point} is not empty ({', '.join(leftovers[:3])}): move those files "
+                                   f"elsewhere and the Drive is mounted there")
+        logf = open(self.private / "rclone.log", "ab")
+        try:
+            self.proc = subprocess.Popen(
+                [self.rclone, "mount", "driveroot:", str(self.mount_point),
+                 "--cache-dir", str(self.private / "vfs"), "--vfs-cache-mode", "writes",
+                 "--vfs-cache-max-size", str(self.cache_max_size), "--dir-cache-time", f"{self.dir_cache_time}s",
+                 "--attr-timeout", "1s", "--umask", "077", "--retries", "3", "--low-level-retries", "3",
+                 "--log-level", "NOTICE"],
+                env=env, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, preexec_fn=_set_pdeathsig,
+                start_new_session=True)
+        except OSError as e:
+            raise DriveUnavailable(f"rclone could not be started ({e}); ask the operator to install rclone and fuse3")
+        finally:
+            logf.close()
+        deadline = time.monotonic() + self.mount_timeout
+        while not os.path.ismount(self.mount_point):
+            if self.proc.poll() is not None:
+                raise DriveUnavailable(f"the mount failed: {self._log_tail()}")
+            if time.monotonic() > deadline:
+                self.unmount()
+                raise DriveUnavailable(f"the mount did not come up within {self.mount_timeout:.0f} s")
+            time.sleep(0.1)
+
+    def _log_tail(self) -> str:
+        try:
+            lines = (self.private / "rclone.log").read_text(errors="replace").strip().splitlines()
+            return lines[-1][-300:] if lines else "no message"
+        except OSError:
+            return "no message"
+
+    # -- the loop -----------------------------------------------------------------------------------------------------
+    def step(self) -> float:
+        """One health check (and the repair it calls for); returns seconds until the next one."""
+        mounted = self.proc is not None and self.proc.poll() is None and os.path.ismount(self.mount_point)
+        try:
+            if not mounted:
+                if self.state.get("state") == "mounted":
+                    self.remounts += 1
+                self.mount()
+                self._set_state("mounted")
+                return self.check_interval
+            status = self.ping()
+            if status == 200:
+                self._set_state("mounted")
+                return self.check_interval
+            if status in (401, 403):
+                log.warning("EBRAINS Drive: the Drive token was refused (HTTP %s): exchanging and remounting", status)
+                self.remounts += 1
+                self.mount()
+                self._set_state("mounted")
+                return self.check_interval
+            raise DriveUnavailable(f"EBRAINS Drive ({self.url}) is not answering"
+                                   f"{f' (HTTP {status})' if status else ''}; files under ~/drive give I/O errors "
+                                   f"until it is back")
+        except DriveUnavailable as e:
+            self._set_state("refused" if e.refused else "unavailable", e.reason)
+            return -1.0
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        # One thread of its own for the blocking work: rclone's PR_SET_PDEATHSIG follows the thread that started it.
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drive")
+        self._prepare_dirs()
+        backoff = self.check_interval
+        while True:
+            try:
+                wait = await loop.run_in_executor(executor, self.step)
+            except Exception as e:  # noqa: BLE001 - never let the loop die: say why and retry
+                log.exception("EBRAINS Drive: check failed")
+                self._set_state("unavailable", f"internal error: {e}")
+                wait = -1.0
+            if wait < 0:
+                wait, backoff = backoff, min(backoff * 2, self.max_backoff)
+            else:
+                backoff = self.check_interval
+            await asyncio.sleep(wait)
+
+    def start(self, io_loop) -> None:
+        def begin() -> None:
+            self._task = asyncio.ensure_future(self.run())
+        io_loop.add_callback(begin)  # on the server's loop, once it runs
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self.unmount()
+
+
+def start_drive(server_app) -> Optional[DriveMount]:
+    """Start the mount keeper when the hub configured the Drive for this server."""
+    text = os.environ.get(ENV)
+    if not text:
+        return None
+    try:
+        settings = json.loads(text)
+    except ValueError:
+        server_app.log.error("EBRAINS Drive: %s is not JSON; the Drive is not mounted", ENV)
+        return None
+    mount = DriveMount(settings)
+    mount.start(server_app.io_loop)
+    import atexit
+
+    atexit.register(mount.unmount)
+    server_app.log.info("EBRAINS Drive: keeping %s mounted from %s", mount.mount_point, mount.url)
+    return mount

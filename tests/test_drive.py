@@ -1,0 +1,182 @@
+"""The user's EBRAINS Drive at ~/drive, through the real hub with EBRAINS login (tests/oidc) and the Drive double
+(tests/doubles/drive_server.py): what a user sees in the file browser and in a kernel, what another user cannot
+reach, and recovery from a refused token and from a Drive that is down."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import free_port
+from doubles.drive_server import DriveDouble
+from hubclient import HubClient, wait_for
+
+pytestmark = pytest.mark.skipif(not (shutil.which("rclone") and shutil.which("fusermount3")),
+                                reason="rclone and fuse3 are needed (scripts/system-deps.sh --test)")
+
+GROUP = "spinnaker-users"
+LIB = "drive/My Libraries/My Library"
+
+
+@pytest.fixture(scope="module")
+def fuse_for_users():
+    """Debian's default /dev/fuse mode (0666: FUSE for unprivileged users) for these tests; restored after."""
+    mode = os.stat("/dev/fuse").st_mode & 0o777
+    if mode != 0o666:
+        if os.geteuid() != 0:
+            pytest.skip("/dev/fuse is not usable by users here and these tests are not root")
+        os.chmod("/dev/fuse", 0o666)
+    yield
+    if mode != 0o666:
+        os.chmod("/dev/fuse", mode)
+
+
+@pytest.fixture(scope="module")
+def drive(oidc_provider):
+    with DriveDouble(userinfo_url=oidc_provider.userinfo_url) as d:
+        yield d
+
+
+@pytest.fixture(scope="module")
+def drive_hub(hub_factory, oidc_provider, drive, fuse_for_users):
+    hub = hub_factory({
+        "auth": {"type": "ebrains", "ebrains": {
+            "client_id": oidc_provider.client_id,
+            "authorize_url": oidc_provider.authorize_url, "token_url": oidc_provider.token_url,
+            "userinfo_url": oidc_provider.userinfo_url, "allowed_groups": [GROUP],
+            "refresh_margin": 3, "auth_refresh_age": 1, "token_service_port": free_port()}},
+        "drive": {"enabled": True, "url": drive.url, "check_interval": 1, "max_backoff": 2, "timeout": 5},
+    }, start=False, env={"EBRAINS_CLIENT_SECRET": oidc_provider.client_secret})
+    oidc_provider.add_redirect_uri(f"{hub.url}/hub/oauth_callback")
+    return hub.start()
+
+
+def login(hub, provider, username: str, teams=()) -> HubClient:
+    provider.add_user(username, f"pw-{username}-1", roles={"group": [GROUP], "team": list(teams)})
+    session = requests.Session()
+    final = provider.login_with_requests(session, f"{hub.url}/hub/oauth_login?next=/hub/home", username,
+                                         f"pw-{username}-1")
+    assert final.status_code == 200, (final.status_code, final.url)
+    return HubClient(hub.url, None, session=session)
+
+
+def home(hub, user: HubClient) -> Path:
+    return Path(hub.config["data_dir"]) / "homes" / user.name
+
+
+def listing(user: HubClient, path: str) -> list[str] | None:
+    """What the file browser shows at ``path`` (the Jupyter contents API), or None."""
+    r = user.server("GET", f"api/contents/{path}")
+    return sorted(e["name"] for e in r.json()["content"]) if r.status_code == 200 else None
+
+
+def state(hub, user: HubClient) -> dict:
+    try:
+        return json.loads((home(hub, user) / ".cache" / "spinnaker-drive" / "state.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def run(user: HubClient, kernel: str, code: str) -> str:
+    out = user.execute(kernel, textwrap.dedent(code))
+    assert not out.get("error"), out
+    return out["stdout"]
+
+
+@pytest.fixture(scope="module")
+def alice(drive_hub, oidc_provider, drive):
+    lib = drive.my_library("drivealice")
+    drive.write(lib, "/input.txt", b"spikes 1 2 3\n")
+    drive.add_library("Brain Sim", collab="brainsim", files={"/shared.txt": b"from the collab"})
+    user = login(drive_hub, oidc_provider, "drivealice", teams=["collab-brainsim-editor"])
+    user.start_server()
+    yield user
+    user.stop_server()
+
+
+def test_my_library_is_listed_in_the_file_browser(drive_hub, alice, drive):
+    assert wait_for(lambda: listing(alice, LIB) == ["input.txt"], 60, "~/drive/My Libraries/My Library/",
+                    interval=0.5)
+    assert listing(alice, "drive") == ["My Libraries", "Shared with groups"]
+    assert listing(alice, "drive/Shared with groups/Brain Sim") == ["shared.txt"]
+    assert state(drive_hub, alice)["state"] == "mounted"
+
+
+def test_a_notebook_reads_and_writes_drive_files_with_open(drive_hub, alice, drive):
+    wait_for(lambda: listing(alice, LIB), 60, "the mount", interval=0.5)
+    kernel = alice.start_kernel("spynnaker")
+    out = run(alice, kernel, """
+        import os
+        base = os.path.expanduser("~/drive/My Libraries/My Library")
+        print(open(os.path.join(base, "input.txt")).read().strip())
+        with open(os.path.join(base, "result.txt"), "w") as f:
+            f.write("rate 42 Hz\\n")
+    """)
+    assert out.strip() == "spikes 1 2 3"
+    lib = drive.my_library("drivealice")
+    assert wait_for(lambda: drive.read(lib, "/result.txt") == b"rate 42 Hz\n", 30, "the result at Drive")
+
+
+def test_another_user_cannot_enter_the_mount(drive_hub, alice, oidc_provider, drive):
+    wait_for(lambda: listing(alice, LIB), 60, "the mount", interval=0.5)
+    bob = login(drive_hub, oidc_provider, "drivebob")
+    bob.start_server()
+    try:
+        kernel = bob.start_kernel("spynnaker")
+        target = home(drive_hub, alice) / "drive" / "My Libraries"
+        out = run(bob, kernel, f"""
+            try:
+                print("LISTED", __import__("os").listdir({str(target)!r}))
+            except OSError as e:
+                print("REFUSED", type(e).__name__)
+        """)
+        assert out.strip() == "REFUSED PermissionError", out
+    finally:
+        bob.stop_server()
+
+
+def test_a_refused_token_is_exchanged_again_and_remounted(drive_hub, alice, drive):
+    wait_for(lambda: listing(alice, LIB), 60, "the mount", interval=0.5)
+    before = state(drive_hub, alice).get("remounts", 0)
+    exchanges = drive.exchanges
+    assert drive.revoke_tokens("drivealice") >= 1  # Drive now answers 401 to the mount's token
+    wait_for(lambda: state(drive_hub, alice).get("remounts", 0) > before
+             and state(drive_hub, alice).get("state") == "mounted", 30, "the remount")
+    assert drive.exchanges > exchanges
+    assert wait_for(lambda: "input.txt" in (listing(alice, LIB) or []), 30, "the listing after the remount")
+
+
+def test_drive_down_at_start_shows_why_then_recovers(drive_hub, oidc_provider, drive):
+    drive.down = True
+    try:
+        carol = login(drive_hub, oidc_provider, "drivecarol")
+        carol.start_server()
+        placeholder = home(drive_hub, carol) / "drive" / "EBRAINS-DRIVE-NOT-AVAILABLE.txt"
+        wait_for(placeholder.exists, 30, "the placeholder in ~/drive")
+        assert "HTTP 502" in placeholder.read_text() or "not answering" in placeholder.read_text()
+        assert listing(carol, "drive") == ["EBRAINS-DRIVE-NOT-AVAILABLE.txt"]  # the file browser shows it
+        kernel = carol.start_kernel("spynnaker")
+        status = run(carol, kernel, """
+            import subprocess
+            print(subprocess.run(["spinnaker-status", "--no-live"], capture_output=True, text=True).stdout)
+        """)
+        assert "EBRAINS Drive NOT AVAILABLE" in status, status
+    finally:
+        drive.down = False
+    try:
+        assert wait_for(lambda: listing(carol, "drive") == ["My Libraries", "Shared with groups"], 30,
+                        "the mount once Drive is back", interval=0.5)
+        assert listing(carol, "drive/My Libraries") == ["My Library"]
+        status = run(carol, kernel, """
+            import subprocess
+            print(subprocess.run(["spinnaker-status", "--no-live"], capture_output=True, text=True).stdout)
+        """)
+        assert "EBRAINS Drive mounted at" in status, status
+    finally:
+        carol.stop_server()
