@@ -180,3 +180,62 @@ def test_drive_down_at_start_shows_why_then_recovers(drive_hub, oidc_provider, d
         assert "EBRAINS Drive mounted at" in status, status
     finally:
         carol.stop_server()
+
+
+def _rclone_processes(uid: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if entry.stat().st_uid == uid and b"rclone\0mount" in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_the_drive_token_is_only_in_rclones_environment(drive_hub, alice, drive):
+    wait_for(lambda: listing(alice, LIB), 60, "the mount", interval=0.5)
+    uid = home(drive_hub, alice).stat().st_uid
+    (pid,) = wait_for(lambda: _rclone_processes(uid), 10, "alice's rclone")
+    with drive.lock:
+        tokens = [t for t, u in drive.tokens.items() if u == "drivealice"]
+    assert tokens
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    environ = Path(f"/proc/{pid}/environ").read_bytes()
+    assert any(t.encode() in environ for t in tokens)  # handed over here, and only here
+    assert not any(t.encode() in cmdline for t in tokens)
+    assert b"--rc" not in cmdline and b"allow-other" not in cmdline and b"allow_other" not in cmdline
+    assert os.stat(f"/proc/{pid}/environ").st_uid == uid  # the kernel lets only that account (and root) read it
+    private = home(drive_hub, alice) / ".cache" / "spinnaker-drive"
+    assert private.stat().st_mode & 0o777 == 0o700
+    for path in private.rglob("*"):
+        if path.is_file():
+            assert not any(t.encode() in path.read_bytes() for t in tokens), path
+
+
+def test_layout_and_rclone_environment_units(tmp_path):
+    from spinnaker_jupyter_ext.drive import rclone_environment
+
+    env = rclone_environment("http://d", "TOKEN", [
+        {"name": "My Library", "type": "repo"}, {"name": "Brain Sim", "type": "grepo"},
+        {"name": 'bad"name', "type": "grepo"}, {"name": "Brain Sim", "type": "grepo"}], tmp_path)
+    assert env["RCLONE_CONFIG_EBRAINSDRIVE_AUTH_TOKEN"] == "TOKEN"
+    assert env["RCLONE_CONFIG_DRIVEROOT_UPSTREAMS"] == '"My Libraries=mylibraries:" "Shared with groups=sharedgroups:"'
+    assert env["RCLONE_CONFIG_MYLIBRARIES_UPSTREAMS"] == '"My Library=ebrainsdrive:My Library"'
+    assert env["RCLONE_CONFIG_SHAREDGROUPS_UPSTREAMS"] == '"Brain Sim=ebrainsdrive:Brain Sim"'
+    alone = rclone_environment("http://d", "T", [{"name": "My Library", "type": "repo"}], tmp_path)
+    assert alone["RCLONE_CONFIG_SHAREDGROUPS_TYPE"] == "alias"  # an empty folder, not an error
+    assert "TOKEN" not in json.dumps({k: v for k, v in env.items() if "AUTH_TOKEN" not in k})
+
+
+def test_drive_needs_ebrains_login(tmp_path):
+    from spinnaker_jupyter import config, hubconfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps({"data_dir": str(tmp_path / "data"), "drive": {"enabled": True}}))
+    with pytest.raises(config.ConfigError, match=r"drive\.enabled: .*auth\.type: ebrains"):
+        hubconfig.user_server_env(config.load([path]))
+    path.write_text(json.dumps({"data_dir": str(tmp_path / "data"), "drive": {"enabled": True, "bogus": 1}}))
+    with pytest.raises(config.ConfigError, match="drive"):
+        config.load([path])
