@@ -1,6 +1,6 @@
 """JupyterHub config for a SpiNNaker Jupyter deployment. Thin on purpose: everything comes from the deployment
 config file(s) named in $SPINNAKER_JUPYTER_CONFIG; operators' own additions go in jupyterhub_config.d/*.py beside
-the first config file (loaded last, so they win)."""
+the last config file (loaded last, so they win; refused when another account could have written them)."""
 
 import signal
 from pathlib import Path
