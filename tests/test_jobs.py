@@ -118,7 +118,7 @@ def start_jobs_hub(hub_factory, jobs: dict | None = None, extra: dict | None = N
 @pytest.fixture(scope="module")
 def jobs_hub(hub_factory):
     hub = start_jobs_hub(hub_factory)
-    hub.users = {name: hub.client(name, hub.add_user(name)) for name in ("alice", "bob")}
+    hub.users = {name: hub.client(name, hub.add_user(name)) for name in ("jalice", "jbob")}
     return hub
 
 
@@ -133,10 +133,10 @@ def wait_done(client, job_id, timeout=120) -> dict:
 
 
 def test_inline_script_through_nmpi(jobs_hub, nmpi_module, tmp_path):
-    client = client_for(nmpi_module, jobs_hub, "alice")
-    assert client.username == "alice"
-    assert client.my_collabs() == ["private-alice"]
-    uri = client.submit_job(source=RUN_PY, platform="SpiNNaker", collab_id="private-alice", tags=["inline"])
+    client = client_for(nmpi_module, jobs_hub, "jalice")
+    assert client.username == "jalice"
+    assert client.my_collabs() == ["private-jalice"]
+    uri = client.submit_job(source=RUN_PY, platform="SpiNNaker", collab_id="private-jalice", tags=["inline"])
     seen = [client.job_status(uri)]
     assert seen[0] in ("submitted", "running")
     assert uri in client.queued_jobs()
@@ -154,13 +154,13 @@ def test_inline_script_through_nmpi(jobs_hub, nmpi_module, tmp_path):
     assert "VIRTUAL SpiNNaker board" in job["log"]
     assert job["provenance"]["spinnaker_mode"] == "virtual"
     assert job["resource_usage"] == {"value": 0.0, "units": "core-hours"}
-    assert job["user_id"] == "alice" and job["tags"] == ["inline"] and job["timestamp_completion"]
+    assert job["user_id"] == "jalice" and job["tags"] == ["inline"] and job["timestamp_completion"]
     [item] = job["output_data"]["files"]
     assert item["path"] == "results/spikes.dat"
     assert item["size"] == len(PAYLOAD) and item["hash"] == hashlib.sha256(PAYLOAD).hexdigest()
     files = client.download_data(job, local_dir=str(tmp_path))
     assert Path(files[0]).read_bytes() == PAYLOAD
-    assert uri in client.completed_jobs("private-alice")
+    assert uri in client.completed_jobs("private-jalice")
     assert uri not in client.queued_jobs()
 
 
@@ -174,8 +174,8 @@ def test_pynn_script_runs_virtual(jobs_hub, nmpi_module, tmp_path):
         "n = len(pop.get_data('spikes').segments[0].spiketrains)\n"
         "p.end()\n"
         "open('summary.txt', 'w').write(f'spiketrains={n}\\n')\n")
-    client = client_for(nmpi_module, jobs_hub, "alice")
-    job = wait_done(client, client.submit_job(source=script, platform="SpiNNaker", collab_id="private-alice",
+    client = client_for(nmpi_module, jobs_hub, "jalice")
+    job = wait_done(client, client.submit_job(source=script, platform="SpiNNaker", collab_id="private-jalice",
                                               config={"spynnaker_version": "7.4.1"}), timeout=240)
     assert job["status"] == "finished", job["log"][-3000:]
     paths = {f["path"] for f in job["output_data"]["files"]}
@@ -186,9 +186,9 @@ def test_pynn_script_runs_virtual(jobs_hub, nmpi_module, tmp_path):
 
 @pytest.mark.parametrize("source", ["repo.git", "code.zip", "code.tar.gz"])
 def test_code_from_url(jobs_hub, nmpi_module, code_server, tmp_path, source):
-    client = client_for(nmpi_module, jobs_hub, "alice")
+    client = client_for(nmpi_module, jobs_hub, "jalice")
     job = wait_done(client, client.submit_job(source=f"{code_server['url']}/{source}", platform="SpiNNaker",
-                                              collab_id="private-alice"))
+                                              collab_id="private-jalice"))
     assert job["status"] == "finished", job["log"][-3000:]
     out = "results/from_git.dat" if source == "repo.git" else "results/spikes.dat"
     assert [f["path"] for f in job["output_data"]["files"]] == [out]
@@ -200,20 +200,20 @@ def test_code_from_url(jobs_hub, nmpi_module, code_server, tmp_path, source):
 
 
 def test_another_users_token_gets_404(jobs_hub, nmpi_module):
-    alice = client_for(nmpi_module, jobs_hub, "alice")
-    uri = alice.submit_job(source="print('mine')", platform="SpiNNaker", collab_id="private-alice")
-    bob = client_for(nmpi_module, jobs_hub, "bob")
+    jalice = client_for(nmpi_module, jobs_hub, "jalice")
+    uri = jalice.submit_job(source="print('mine')", platform="SpiNNaker", collab_id="private-jalice")
+    jbob = client_for(nmpi_module, jobs_hub, "jbob")
     with pytest.raises(Exception, match="No such job"):
-        bob.get_job(uri)
-    r = requests.get(jobs_hub.jobs_url + uri, headers={"Authorization": f"Bearer {jobs_hub.users['bob'].token}"})
+        jbob.get_job(uri)
+    r = requests.get(jobs_hub.jobs_url + uri, headers={"Authorization": f"Bearer {jobs_hub.users['jbob'].token}"})
     assert r.status_code == 404 and "no job with id" in r.json()["detail"]
-    assert uri not in bob.queued_jobs()
-    with pytest.raises(Exception, match="Error 404: You do not have access to the collab 'private-alice'"):
-        bob.submit_job(source="print(1)", platform="SpiNNaker", collab_id="private-alice")
-    r = requests.delete(jobs_hub.jobs_url + uri, headers={"Authorization": f"Bearer {jobs_hub.users['bob'].token}"})
+    assert uri not in jbob.queued_jobs()
+    with pytest.raises(Exception, match="Error 404: You do not have access to the collab 'private-jalice'"):
+        jbob.submit_job(source="print(1)", platform="SpiNNaker", collab_id="private-jalice")
+    r = requests.delete(jobs_hub.jobs_url + uri, headers={"Authorization": f"Bearer {jobs_hub.users['jbob'].token}"})
     assert r.status_code == 404
-    wait_done(alice, uri)
-    assert alice.get_job(uri)["status"] == "finished"
+    wait_done(jalice, uri)
+    assert jalice.get_job(uri)["status"] == "finished"
     r = requests.get(jobs_hub.jobs_url + "/jobs/", headers={"Authorization": "Bearer not-a-token"})
     assert r.status_code == 401 and "not valid" in r.json()["detail"]
 
@@ -221,18 +221,18 @@ def test_another_users_token_gets_404(jobs_hub, nmpi_module):
 @pytest.mark.parametrize("body, status, message", [
     (b"{not json", 400, "The request body is not valid JSON"),
     (b"[1]", 400, "must be a JSON object"),
-    ({"code": "print(1)", "collab": "private-alice", "hardware_platform": "BrainScaleS"}, 422,
+    ({"code": "print(1)", "collab": "private-jalice", "hardware_platform": "BrainScaleS"}, 422,
      "hardware_platform: 'BrainScaleS' is not run here; this service runs SpiNNaker jobs"),
-    ({"code": "print(1)", "collab": "private-alice", "hardware_platform": "SpiNNaker", "priority": 1}, 422,
+    ({"code": "print(1)", "collab": "private-jalice", "hardware_platform": "SpiNNaker", "priority": 1}, 422,
      "priority: unknown field"),
-    ({"code": "print(1)", "collab": "private-alice", "hardware_platform": "SpiNNaker",
+    ({"code": "print(1)", "collab": "private-jalice", "hardware_platform": "SpiNNaker",
       "input_data": [{"url": "http://x/y"}]}, 422, "input_data: not supported by this service yet"),
-    ({"collab": "private-alice", "hardware_platform": "SpiNNaker"}, 422, "code: required"),
-    ({"code": "x" * (1024 * 1024 + 1), "collab": "private-alice", "hardware_platform": "SpiNNaker"}, 422,
+    ({"collab": "private-jalice", "hardware_platform": "SpiNNaker"}, 422, "code: required"),
+    ({"code": "x" * (1024 * 1024 + 1), "collab": "private-jalice", "hardware_platform": "SpiNNaker"}, 422,
      "over the limit of 1024 KiB (jobs.limits.inline_code_kb)"),
 ])
 def test_bad_request_bodies(jobs_hub, body, status, message):
-    headers = {"Authorization": f"Bearer {jobs_hub.users['alice'].token}"}
+    headers = {"Authorization": f"Bearer {jobs_hub.users['jalice'].token}"}
     kwargs = {"data": body} if isinstance(body, bytes) else {"json": body}
     r = requests.post(jobs_hub.jobs_url + "/jobs/", headers=headers, timeout=30, **kwargs)
     assert r.status_code == status and message in r.json()["detail"], (r.status_code, r.text[:300])
@@ -247,18 +247,18 @@ def test_bad_request_bodies(jobs_hub, body, status, message):
     ({"extra_makes": ["all"]}, "hardware_config.extra_makes (C code built for this job) is not available"),
 ])
 def test_bad_hardware_config_refused_at_submission(jobs_hub, nmpi_module, config, message):
-    client = client_for(nmpi_module, jobs_hub, "alice")
+    client = client_for(nmpi_module, jobs_hub, "jalice")
     before = client.queued_jobs()
     with pytest.raises(Exception) as err:
-        client.submit_job(source=RUN_PY, platform="SpiNNaker", collab_id="private-alice", config=config)
+        client.submit_job(source=RUN_PY, platform="SpiNNaker", collab_id="private-jalice", config=config)
     assert str(err.value).startswith("Error 422: ") and message in str(err.value), str(err.value)
     assert client.queued_jobs() == before  # nothing was queued
 
 
 def test_allowed_pip_package_is_installed_for_the_job(jobs_hub, nmpi_module):
-    client = client_for(nmpi_module, jobs_hub, "alice")
+    client = client_for(nmpi_module, jobs_hub, "jalice")
     script = "import os, six\nprint('six from', os.path.relpath(six.__file__))\n"
-    job = wait_done(client, client.submit_job(source=script, platform="SpiNNaker", collab_id="private-alice",
+    job = wait_done(client, client.submit_job(source=script, platform="SpiNNaker", collab_id="private-jalice",
                                               config={"extra_pip_installs": ["six"]}), timeout=180)
     assert job["status"] == "finished", job["log"]
     assert "six from .job/packages/six.py" in job["log"]
@@ -271,9 +271,9 @@ def test_allowed_pip_package_is_installed_for_the_job(jobs_hub, nmpi_module):
     ("missing.git", "Could not clone"),
 ])
 def test_bad_code_is_a_clear_error(jobs_hub, nmpi_module, code_server, source, message):
-    client = client_for(nmpi_module, jobs_hub, "alice")
+    client = client_for(nmpi_module, jobs_hub, "jalice")
     job = wait_done(client, client.submit_job(source=f"{code_server['url']}/{source}", platform="SpiNNaker",
-                                              collab_id="private-alice"))
+                                              collab_id="private-jalice"))
     assert job["status"] == "error"
     assert message in job["log"], job["log"]
     assert job["output_data"]["files"] == []
@@ -282,9 +282,9 @@ def test_bad_code_is_a_clear_error(jobs_hub, nmpi_module, code_server, source, m
 
 
 def test_time_limit_stops_the_job(jobs_hub, nmpi_module):
-    client = client_for(nmpi_module, jobs_hub, "alice")
+    client = client_for(nmpi_module, jobs_hub, "jalice")
     script = "import time\nprint('starting', flush=True)\nwhile True:\n    time.sleep(0.2)\n"
-    job = wait_done(client, client.submit_job(source=script, platform="SpiNNaker", collab_id="private-alice",
+    job = wait_done(client, client.submit_job(source=script, platform="SpiNNaker", collab_id="private-jalice",
                                               config={"time_limit": 2}))
     assert job["status"] == "error"
     assert "The job ran for longer than its time limit of 2 s and was stopped" in job["log"], job["log"]
@@ -292,11 +292,11 @@ def test_time_limit_stops_the_job(jobs_hub, nmpi_module):
 
 
 def test_delete_stops_a_running_job(jobs_hub, nmpi_module):
-    client = client_for(nmpi_module, jobs_hub, "alice")
+    client = client_for(nmpi_module, jobs_hub, "jalice")
     script = "import time\nopen('partial.txt', 'w').write('x')\nprint('working', flush=True)\ntime.sleep(600)\n"
-    uri = client.submit_job(source=script, platform="SpiNNaker", collab_id="private-alice")
+    uri = client.submit_job(source=script, platform="SpiNNaker", collab_id="private-jalice")
     wait_for(lambda: "working" in client.get_job(uri, with_log=True)["log"], 60, "the job to start working")
-    headers = {"Authorization": f"Bearer {jobs_hub.users['alice'].token}"}
+    headers = {"Authorization": f"Bearer {jobs_hub.users['jalice'].token}"}
     r = requests.delete(jobs_hub.jobs_url + uri, headers=headers, timeout=30)
     assert r.status_code == 200 and r.json()["detail"] == "The job is being stopped."
     wait_for(lambda: client.job_status(uri) == "removed", 30, "the job to be stopped")
@@ -313,9 +313,9 @@ def test_service_files_are_private(jobs_hub):
 
 
 def test_output_limit_stops_the_job(jobs_hub, nmpi_module):
-    client = client_for(nmpi_module, jobs_hub, "alice")
+    client = client_for(nmpi_module, jobs_hub, "jalice")
     script = "with open('big.bin', 'wb') as f:\n    for _ in range(40):\n        f.write(b'x' * 2**17)\n"
-    job = wait_done(client, client.submit_job(source=script, platform="SpiNNaker", collab_id="private-alice"))
+    job = wait_done(client, client.submit_job(source=script, platform="SpiNNaker", collab_id="private-jalice"))
     assert job["status"] == "error"
     assert "(jobs.limits.output_mb) and was stopped" in job["log"], job["log"]
 
@@ -326,14 +326,14 @@ def tight_hub(hub_factory):
     hub = start_jobs_hub(hub_factory, {"download_url_ttl": 1,
                                        "limits": {"cpu_time": 2, "processes": 8, "memory_mb": 512}},
                          {"spawner": {"local": {"system_users": False}}})
-    hub.users = {"carol": hub.client("carol", hub.add_user("carol"))}
+    hub.users = {"jcarol": hub.client("jcarol", hub.add_user("jcarol"))}
     return hub
 
 
 def test_expired_download_url(tight_hub, nmpi_module, tmp_path):
-    client = client_for(nmpi_module, tight_hub, "carol")
+    client = client_for(nmpi_module, tight_hub, "jcarol")
     job = wait_done(client, client.submit_job(source="open('a.txt', 'w').write('hello')", platform="SpiNNaker",
-                                              collab_id="private-carol"))
+                                              collab_id="private-jcarol"))
     url = job["output_data"]["files"][0]["url"]
     wait_for(lambda: requests.get(url, timeout=10).status_code == 403, 10, "the download link to expire")
     r = requests.get(url, timeout=10)
@@ -347,11 +347,11 @@ def test_expired_download_url(tight_hub, nmpi_module, tmp_path):
 
 def test_jobs_never_run_as_root(tight_hub, nmpi_module):
     """Even where the operator lets servers run as root, a job runs as the user's own account."""
-    client = client_for(nmpi_module, tight_hub, "carol")
+    client = client_for(nmpi_module, tight_hub, "jcarol")
     job = wait_done(client, client.submit_job(source="import os, pwd\nprint('uid', pwd.getpwuid(os.getuid())[0])",
-                                              platform="SpiNNaker", collab_id="private-carol"))
-    assert "uid jupyter-carol" in job["log"], job["log"]
-    assert job["provenance"]["account"] == "jupyter-carol"
+                                              platform="SpiNNaker", collab_id="private-jcarol"))
+    assert "uid jupyter-jcarol" in job["log"], job["log"]
+    assert job["provenance"]["account"] == "jupyter-jcarol"
 
 
 @pytest.mark.parametrize("script, message", [
@@ -361,8 +361,8 @@ def test_jobs_never_run_as_root(tight_hub, nmpi_module):
      "The job started too many processes: at most 8 at once (jobs.limits.processes)"),
 ])
 def test_resource_limits_are_named(tight_hub, nmpi_module, script, message):
-    client = client_for(nmpi_module, tight_hub, "carol")
-    job = wait_done(client, client.submit_job(source=script, platform="SpiNNaker", collab_id="private-carol"))
+    client = client_for(nmpi_module, tight_hub, "jcarol")
+    job = wait_done(client, client.submit_job(source=script, platform="SpiNNaker", collab_id="private-jcarol"))
     assert job["status"] == "error"
     assert message in job["log"], job["log"]
 
@@ -400,8 +400,8 @@ def test_service_stop_puts_a_running_job_back_in_the_queue(jobs_hub, nmpi_module
               "if m.exists():\n    print('second attempt')\nelse:\n"
               "    m.write_text(str(os.getpid()))\n    print('first attempt', flush=True)\n"
               "    while True:\n        time.sleep(0.2)\n")
-    client = client_for(nmpi_module, jobs_hub, "alice")
-    uri = client.submit_job(source=script, platform="SpiNNaker", collab_id="private-alice")
+    client = client_for(nmpi_module, jobs_hub, "jalice")
+    uri = client.submit_job(source=script, platform="SpiNNaker", collab_id="private-jalice")
     try:
         wait_for(marker.exists, 60, "the first attempt to start")
         first = int(wait_for(lambda: marker.read_text(), 10, "the first attempt's pid"))
@@ -432,26 +432,51 @@ def test_service_stop_puts_a_running_job_back_in_the_queue(jobs_hub, nmpi_module
 def test_a_notebook_submits_with_its_server_token(jobs_hub):
     """From the sPyNNaker kernel of the user's own server: the server's JUPYTERHUB_API_TOKEN and SPINNAKER_JOBS_URL
     are all it needs."""
-    alice = jobs_hub.users["alice"]
-    alice.start_server()
+    jalice = jobs_hub.users["jalice"]
+    jalice.start_server()
     try:
-        kernel = alice.start_kernel("spynnaker")
+        kernel = jalice.start_kernel("spynnaker")
         code = (
+            "JOB = \"print(6 * 7)\\nopen('answer.txt', 'w').write(str(6 * 7))\\n\"\n"
             "import os, requests\n"
             "url, h = os.environ['SPINNAKER_JOBS_URL'], {'Authorization': 'Bearer ' + os.environ['JUPYTERHUB_API_TOKEN']}\n"
             "print('me', requests.get(url + '/userinfo', headers=h).json()['preferred_username'])\n"
-            "r = requests.post(url + '/jobs/', headers=h, json={'code': 'print(6 * 7)', 'collab': 'private-alice',\n"
+            "r = requests.post(url + '/jobs/', headers=h, json={'code': JOB, 'collab': 'private-jalice',\n"
             "                                                   'hardware_platform': 'SpiNNaker'})\n"
             "print('job', r.status_code, r.json()['resource_uri'])\n")
-        out = alice.execute(kernel, code)
+        out = jalice.execute(kernel, code)
         assert out["error"] is None, out
-        assert "me alice" in out["stdout"], out
+        assert "me jalice" in out["stdout"], out
         uri = out["stdout"].split("job 201 ")[1].split()[0]
-        headers = {"Authorization": f"Bearer {alice.token}"}
+        headers = {"Authorization": f"Bearer {jalice.token}"}
         # waited for before the server stops: its stop ends every process of the account, jobs included (spawner)
         wait_for(lambda: requests.get(jobs_hub.jobs_url + uri, headers=headers, timeout=30).json()["status"]
                  in ("finished", "error"), 60, "the notebook's job")
         job = requests.get(jobs_hub.jobs_url + uri + "?with_log=true", headers=headers, timeout=30).json()
         assert job["status"] == "finished" and "42" in job["log"], job["log"]
+        assert f"Output files copied to ~/jobs/{job['id']}/." in job["log"]
+        # ... where the notebook finds them
+        out = jalice.execute(kernel, f"print(open(os.path.expanduser('~/jobs/{job['id']}/answer.txt')).read())")
+        assert out["stdout"].strip() == "42", out
     finally:
-        alice.stop_server()
+        jalice.stop_server()
+
+
+def test_an_account_of_another_deployment_is_not_used(jobs_hub, nmpi_module, tmp_path):
+    """`jupyter-jdave` made by another deployment on this machine (its home elsewhere, still there) is another
+    person: jdave's jobs here do not run as it."""
+    other_home = traversable_tmpdir("other-deployment-")
+    subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", str(other_home),
+                    "--comment", "Jupyter user jdave", "jupyter-jdave"], check=True)
+    try:
+        jobs_hub.users["jdave"] = jobs_hub.client("jdave", jobs_hub.add_user("jdave"))
+        client = client_for(nmpi_module, jobs_hub, "jdave")
+        job = wait_done(client, client.submit_job(source="print('ran')", platform="SpiNNaker",
+                                                  collab_id="private-jdave"))
+        assert job["status"] == "error" and "\nran\n" not in job["log"]
+        assert "The system account jupyter-jdave belongs to another deployment on this machine" in job["log"]
+    finally:
+        subprocess.run(["userdel", "jupyter-jdave"], check=False)
+        import shutil
+
+        shutil.rmtree(other_home, ignore_errors=True)

@@ -26,6 +26,10 @@ from jupyterhub.spawner import set_user_setuid
 from ..spawner import system_account_name
 
 
+class AccountError(RuntimeError):
+    """The user's account cannot be used for their jobs; the message says why and what the operator does."""
+
+
 @dataclass
 class Account:
     name: str
@@ -57,6 +61,10 @@ class Executor(ABC):
         """Stop a job's whole process group (also one left by a previous run of the service)."""
 
     @abstractmethod
+    def home(self, user: str) -> Path:
+        """The user's home folder as their server sees it (it may not exist yet)."""
+
+    @abstractmethod
     def as_account(self, account: Account):
         """A preexec function that makes a child process run as `account` (None: no switch)."""
 
@@ -84,7 +92,25 @@ class LocalExecutor(Executor):
             if made.returncode != 0:
                 raise RuntimeError(f"Could not create the system account {name} for {user}: {made.stderr.strip()}")
             pw = pwd.getpwnam(name)
+        self._own(pw, user)
         return Account(name, pw.pw_uid, pw.pw_gid, switched=True)
+
+    def _own(self, pw: pwd.struct_passwd, user: str) -> None:
+        """The account must be this deployment's (its home is this deployment's home for the user), by the rule
+        the spawner applies to servers (PrivateHomeSpawner._own_account): another deployment's `jupyter-alice` is
+        another person. One left by a removed deployment (made by one, home gone, nothing running as it) is taken
+        over, as the spawner does."""
+        home = self.home(user)
+        if os.path.realpath(pw.pw_dir) == os.path.realpath(home):
+            return
+        if pw.pw_gecos == f"Jupyter user {user}" and not os.path.exists(pw.pw_dir) and not _runs_as(pw.pw_uid):
+            moved = subprocess.run(["usermod", "--home", str(home), pw.pw_name], capture_output=True, text=True)
+            if moved.returncode == 0:
+                return
+        raise AccountError(f"The system account {pw.pw_name} belongs to another deployment on this machine (its "
+                           f"home is {pw.pw_dir}, not {home}), so {user}'s jobs will not run as it. The operator "
+                           "gives this deployment its own spawner.local.system_user_prefix, or, if this deployment "
+                           f"was moved, runs `usermod --home {home} {pw.pw_name}`.")
 
     def _preexec(self, limits: RunLimits | None, account: Account):
         setuid = set_user_setuid(account.name, chdir=False) if account.switched else None
@@ -103,6 +129,9 @@ class LocalExecutor(Executor):
                 setuid()
 
         return preexec
+
+    def home(self, user):
+        return self.homes_dir / user
 
     def as_account(self, account):
         return self._preexec(None, account) if account.switched else None
@@ -142,3 +171,14 @@ class LocalExecutor(Executor):
 
         threading.Thread(target=feed, daemon=True).start()
         return proc
+
+
+def _runs_as(uid: int) -> bool:
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if entry.stat().st_uid == uid:
+                    return True
+            except FileNotFoundError:
+                pass
+    return False

@@ -17,6 +17,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import tarfile
 import time
 import uuid
 import zipfile
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from ..kernels import spynnaker_cfg_text
 from . import archives, fetch, hardware_config
-from .executor import Account, Executor
+from .executor import Account, AccountError, Executor
 from .settings import Settings, spynnaker_versions
 from .store import Job, Store
 
@@ -188,7 +189,10 @@ class Runner:
             config = self._hardware_config(job)
             provenance["hardware_config"] = config
             loop = asyncio.get_running_loop()
-            account = await loop.run_in_executor(None, self.executor.account, job.user_id)
+            try:
+                account = await loop.run_in_executor(None, self.executor.account, job.user_id)
+            except AccountError as e:
+                raise JobFailed(str(e)) from None
             provenance["account"] = account.name
             if not account.switched:
                 jlog.note(f"The service has no per-user accounts (not root): the job runs as {account.name}.")
@@ -227,11 +231,45 @@ class Runner:
             status, files = "removed", []
             shutil.rmtree(self.s.outputs / str(job.id), ignore_errors=True)
             jlog.note(f"{_stamp()}: the job was cancelled by its owner; its outputs were discarded.")
+        if files and status != "removed":
+            await asyncio.get_running_loop().run_in_executor(None, self._copy_home, job, files, jlog)
         provenance["wall_seconds"] = round(time.monotonic() - t0, 3)
         provenance["finished"], provenance["finished_at"] = _stamp(), time.time()
         shutil.rmtree(scratch, ignore_errors=True)
         # A virtual board uses no SpiNNaker cores: 0 core-hours.
         self.store.finish(job.id, status, provenance, files, 0.0)
+
+    def _copy_home(self, job: Job, files: list[dict], jlog: JobLog) -> None:
+        """The outputs also land in ~/jobs/<id>/ when the user has a home here, so notebooks can analyse them.
+        Written by the user's own account (a tar stream from the service's copy), so a home is never written as
+        root."""
+        home = self.executor.home(job.user_id)
+        if not home.is_dir():
+            return
+        try:
+            account = self.executor.account(job.user_id)
+        except AccountError:
+            return
+        target = home / "jobs" / str(job.id)
+        proc = subprocess.Popen(["sh", "-c", 'mkdir -p -- "$1" && exec tar --extract --file=- --directory "$1"', "sh",
+                                 str(target)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, cwd="/",
+                                preexec_fn=self.executor.as_account(account))
+        out = self.s.outputs / str(job.id)
+        try:
+            with tarfile.open(fileobj=proc.stdin, mode="w|") as tf:
+                for f in files:
+                    tf.add(out / f["path"], arcname=f["path"], recursive=False)
+        except (BrokenPipeError, OSError):
+            pass
+        finally:
+            proc.stdin.close()
+        err = proc.stderr.read().decode(errors="replace").strip()
+        if proc.wait() == 0:
+            jlog.note(f"Output files copied to ~/jobs/{job.id}/.")
+        else:
+            why = err.splitlines()[-1] if err else f"tar exited with {proc.returncode}"
+            jlog.note(f"Output files could not be copied to ~/jobs/{job.id}/ ({why}); download them instead.")
 
     def _hardware_config(self, job: Job) -> dict:
         try:
