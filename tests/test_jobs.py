@@ -466,6 +466,7 @@ def test_an_account_of_another_deployment_is_not_used(jobs_hub, nmpi_module, tmp
     """`jupyter-jdave` made by another deployment on this machine (its home elsewhere, still there) is another
     person: jdave's jobs here do not run as it."""
     other_home = traversable_tmpdir("other-deployment-")
+    subprocess.run(["userdel", "jupyter-jdave"], capture_output=True)  # left by an interrupted run
     subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", str(other_home),
                     "--comment", "Jupyter user jdave", "jupyter-jdave"], check=True)
     try:
