@@ -141,15 +141,32 @@ def test_another_user_cannot_enter_the_mount(drive_hub, alice, oidc_provider, dr
         bob.stop_server()
 
 
-def test_a_refused_token_is_exchanged_again_and_remounted(drive_hub, alice, drive):
+def test_a_refused_token_is_exchanged_again_and_remounted(drive_hub, alice, drive, oidc_provider):
     wait_for(lambda: listing(alice, LIB), 60, "the mount", interval=0.5)
+    first = [t for u, t in drive.exchanged if u == "drivealice"][-1]
+    # past the lifetime of the EBRAINS token the mount was made with: the mount goes on working
+    wait_for(lambda: not oidc_provider.token_is_valid(first), 3 * oidc_provider.access_token_ttl,
+             "the first access token to expire", interval=0.5)
+    assert "input.txt" in (listing(alice, LIB) or [])
     before = state(drive_hub, alice).get("remounts", 0)
-    exchanges = drive.exchanges
     assert drive.revoke_tokens("drivealice") >= 1  # Drive now answers 401 to the mount's token
     wait_for(lambda: state(drive_hub, alice).get("remounts", 0) > before
              and state(drive_hub, alice).get("state") == "mounted", 30, "the remount")
-    assert drive.exchanges > exchanges
+    again = [t for u, t in drive.exchanged if u == "drivealice"][-1]
+    assert again != first  # exchanged with the user's refreshed token, from the access-token-service
     assert wait_for(lambda: "input.txt" in (listing(alice, LIB) or []), 30, "the listing after the remount")
+
+
+def test_drive_down_while_mounted_is_said_then_recovers(drive_hub, alice, drive):
+    wait_for(lambda: listing(alice, LIB), 60, "the mount", interval=0.5)
+    drive.down = True
+    try:
+        wait_for(lambda: state(drive_hub, alice).get("state") == "unavailable", 30, "the state to say Drive is down")
+        assert "HTTP 502" in state(drive_hub, alice)["reason"]
+    finally:
+        drive.down = False
+    wait_for(lambda: state(drive_hub, alice).get("state") == "mounted", 30, "the state to say mounted again")
+    assert wait_for(lambda: "input.txt" in (listing(alice, LIB) or []), 30, "the listing once Drive is back")
 
 
 def test_drive_down_at_start_shows_why_then_recovers(drive_hub, oidc_provider, drive):

@@ -136,6 +136,7 @@ class DriveDouble:
         self.status_override: Optional[int] = None
         self.requests: list[tuple[str, str]] = []
         self.exchanges = 0
+        self.exchanged: list[tuple[str, str]] = []  # (user, OIDC access token) of each successful exchange
         self.lock = threading.RLock()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
@@ -493,6 +494,7 @@ class TokenExchangeHandler(BaseHandler):
             d.teams[user], d.write_teams[user] = collabs, writable
             d.tokens[token] = user
             d.exchanges += 1
+            d.exchanged.append((user, oidc_token.strip()))
             d.my_library(user)
         self.set_header("Content-Type", "text/plain")
         self.finish(token)
