@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import io
-import json
 import os
 import subprocess
 import sys

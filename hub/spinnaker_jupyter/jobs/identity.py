@@ -20,9 +20,8 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from urllib.parse import quote
 
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 log = logging.getLogger("spinnaker_jupyter.jobs")
 
@@ -174,7 +173,3 @@ def userinfo(who: Identity, collab_map: dict[str, list[str]]) -> dict:
     preferred_username, and roles.team for `my_collabs()`)."""
     return {"sub": who.name, "preferred_username": who.name,
             "roles": {"team": [f"collab-{c}-editor" for c in who.collabs(collab_map)], "group": who.groups}}
-
-
-def user_path(name: str) -> str:
-    return quote(name, safe="")

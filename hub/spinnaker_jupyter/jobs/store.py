@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 from sqlalchemy import (Boolean, DateTime, Float, Integer, String, Text, create_engine, event, func, select,
                         update)
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 STATUSES = ("submitted", "running", "finished", "error", "removed")
 ACTIVE = ("submitted", "running")
