@@ -14,6 +14,7 @@ from traitlets import Bool
 
 from .boards import BoardsMixin
 from .progress import ProgressMixin, wait_until_listening
+from .spawn_queue import start_slot
 
 IMAGE_ENV_ROOT = "/opt/envs"  # where the single-user image keeps its environments
 
@@ -26,6 +27,10 @@ class ContainerSpawner(ProgressMixin, DockerSpawner):
 
     async def start(self):
         self.progress_reset()
+        async with start_slot(self):  # a few starts at a time, first come first served (spawn_queue.py)
+            return await self._start()
+
+    async def _start(self):
         if self.host_network:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))

@@ -223,6 +223,10 @@ def _apply_spawner(c, d: Deployment, args: list[str]) -> None:
         apply_slurm(c, d, args)
     else:
         _apply_docker(c, d)
+    if sp["type"] in ("local", "docker"):  # (Slurm queues its own jobs)
+        from .spawn_queue import configure as apply_start_queue  # a few starts at a time, the rest in line
+
+        apply_start_queue(c, sp["start_queue"])
     c.Spawner.args = args
     if sp["mem_limit"]:
         c.Spawner.mem_limit = sp["mem_limit"]

@@ -191,6 +191,22 @@ SCHEMA: dict = _obj({
         "default_url": _str("/lab", "Page a user lands on."),
         "poll_interval": _int(30, "Seconds between the hub's checks that each user server still runs (a "
                               "server found gone gives its SpiNNaker boards back).", minimum=1),
+        "start_queue": _obj({
+            "concurrency": {"type": ["integer", "null"], "default": None, "minimum": 1,
+                            "description": "User servers (local processes or containers) started at the same "
+                                           "time; further starts wait in line, first come first served, and their "
+                                           "spawn page says their place and about how long (from the measured "
+                                           "recent starts). A start is CPU-bound: about one per core gets the "
+                                           "first user in within seconds and the last no later than all at "
+                                           "once. null: the cores the hub may use (its CPU affinity); set it to "
+                                           "the container host's cores when containers run elsewhere. A server "
+                                           "waiting for its SpiNNaker board holds no place; Slurm queues its own "
+                                           "jobs (spawner.type slurm ignores this)."},
+            "limit": _int(200, "Starts that may wait in line. One more is refused at once with a page saying so "
+                          "(HTTP 429: 'try again in about N minutes'). The time in line counts towards "
+                          "hub.start_timeout, so keep limit × one start's seconds / concurrency below it.",
+                          minimum=0),
+        }),
     }),
     "culler": _obj({
         "enabled": _bool(True, "Stop servers idle for longer than `timeout`."),

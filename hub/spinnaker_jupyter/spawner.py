@@ -26,6 +26,7 @@ from traitlets import Bool, Integer, Unicode, default
 from . import limits as limitsmod
 from .boards import BoardsMixin
 from .progress import ProgressMixin, wait_until_listening
+from .spawn_queue import start_slot
 
 
 class PrivateHomeSpawner(ProgressMixin, LocalProcessSpawner):
@@ -147,8 +148,12 @@ class PrivateHomeSpawner(ProgressMixin, LocalProcessSpawner):
         return Path(self.logs_dir) / f"{self.user.name}{'-' + self.name if self.name else ''}.log"
 
     async def start(self):
-        t0 = time.monotonic()
         self.progress_reset()
+        async with start_slot(self):  # a few starts at a time, first come first served (spawn_queue.py)
+            return await self._start()
+
+    async def _start(self):
+        t0 = time.monotonic()
         if self.system_users:
             self.progress_say(10, f"Preparing your private home folder and account {self.system_username}")
         else:
@@ -175,15 +180,21 @@ class PrivateHomeSpawner(ProgressMixin, LocalProcessSpawner):
     async def stop(self, now=False):
         await super().stop(now=now)
         others = [s for s in self.user.spawners.values() if s is not self and s.active]
-        if self.system_users and not others:
+        if self.system_users and not others and self._account_uid() is not None:
             # Kernels' children (a web server on port 9000, a simulation) must not outlive the session.
-            left = await asyncio.get_running_loop().run_in_executor(None, kill_processes_of,
-                                                                    pwd.getpwnam(self.system_username).pw_uid)
+            left = await asyncio.get_running_loop().run_in_executor(None, kill_processes_of, self._account_uid())
             if left:
                 self.log.info("Stopped %d leftover process(es) of %s", left, self.system_username)
         tree, _ = _cgroup_tree(self.limits_mode, self.homes_dir)
         if tree:  # what is left in the server's cgroup goes with it
             await asyncio.get_running_loop().run_in_executor(None, tree.remove, self._cgroup_name())
+
+    def _account_uid(self) -> int | None:
+        """None when the account was never made (a start refused before it, e.g. by a full start queue)."""
+        try:
+            return pwd.getpwnam(self.system_username).pw_uid
+        except KeyError:
+            return None
 
     async def _wait_listening(self, ip: str, port: int, log_path: Path) -> None:
         async def ended():

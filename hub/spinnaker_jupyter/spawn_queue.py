@@ -1,0 +1,201 @@
+"""Server starts, first come first served, a few at a time (`spawner.start_queue`).
+
+A server start is CPU-bound (Python imports, the server's set-up). Thirty started at once on two cores share the CPU
+and all finish together, after the whole batch's CPU time; started a few at a time (about one per core), the first
+is ready after one start's time and the rest follow at the machine's pace, the last no later than before. Stock
+JupyterHub's `concurrent_spawn_limit` refuses the surplus (HTTP 429, "try again"); here it waits in line, and its
+spawn page says its place and a rough estimate from the measured durations of recent starts. Past
+`start_queue.limit` waiting starts the hub refuses with a page saying so.
+
+One queue per hub process, shared by every server it starts (local processes and containers). A spawner takes a
+place with ``async with start_slot(spawner): ...`` around what costs CPU (not around a wait for a SpiNNaker board:
+boards.BoardsMixin claims the board before the spawner's own start(), so a server waiting for a board holds no
+place). Slurm queues its own jobs: the Slurm spawner does not use this queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import heapq
+import os
+import statistics
+import time
+from typing import Callable, Optional
+
+from jupyterhub.spawner import SpawnException
+from traitlets import Integer, default
+from traitlets.config import LoggingConfigurable
+
+#: How many recent start durations the estimate is taken from.
+RECENT = 20
+
+
+def usable_cpus() -> int:
+    """Cores this process may run on (its CPU affinity: a container's or a taskset's share, not the machine's)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+class QueueFull(SpawnException):
+    """The queue already holds `limit` waiting starts: refused at once, with a page saying so."""
+
+    def __init__(self, waiting: int, estimate: Optional[float]):
+        later = f" in about {_minutes(estimate)}" if estimate else " in a few minutes"
+        message = (f"Too many servers are starting right now ({waiting} are already waiting for their turn), so "
+                   f"yours was not started. Please try again{later}.")
+        super().__init__(message, reason="start_queue_full", status_code=429)
+        self.jupyterhub_message = message
+
+
+class SpawnQueue(LoggingConfigurable):
+    concurrency = Integer(help="Servers started at the same time; the others wait in line, first come first served. "
+                               "Default: the cores this hub may use.").tag(config=True)
+    limit = Integer(200, help="Starts that may wait in line; one more is refused (HTTP 429, with a page saying "
+                              "so). 0: none wait (starts beyond `concurrency` are refused).").tag(config=True)
+
+    @default("concurrency")
+    def _concurrency_default(self):
+        return usable_cpus()
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._running: dict[int, float] = {}  # place -> when it started (monotonic)
+        self._waiting: collections.deque = collections.deque()  # futures, first come first
+        self._durations: collections.deque = collections.deque(maxlen=RECENT)
+        self._changed: Optional[asyncio.Future] = None  # set at each change of the line (made in the hub's loop)
+        self._next_id = 0
+
+    # -- what a waiting start is told --------------------------------------------------------------------------
+    def typical_start(self) -> Optional[float]:
+        """Median duration of recent starts (None before the first one finished)."""
+        return statistics.median(self._durations) if self._durations else None
+
+    def estimate(self, ahead_waiting: int) -> Optional[float]:
+        """Seconds until a start with `ahead_waiting` starts queued before it is ready: the running starts finish
+        at the typical duration, then the queued ones take the first free place each."""
+        t = self.typical_start()
+        if t is None:
+            return None
+        now = time.monotonic()
+        free_at = [max(t - (now - began), 0.0) for began in self._running.values()]
+        free_at += [0.0] * max(0, self.concurrency - len(free_at))
+        heapq.heapify(free_at)
+        for _ in range(ahead_waiting):
+            heapq.heappush(free_at, heapq.heappop(free_at) + t)
+        return heapq.heappop(free_at) + t
+
+    def describe(self, ahead_waiting: int) -> str:
+        ahead = len(self._running) + ahead_waiting
+        words = (f"{ahead} servers are starting before yours" if ahead != 1
+                 else "1 server is starting before yours")
+        eta = self.estimate(ahead_waiting)
+        return words + (f", about {_seconds(eta)} until yours is ready" if eta is not None else "")
+
+    # -- taking and giving back a place -----------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def place(self, who: str, say: Callable[[str], None]):
+        """Wait for a place (telling `say` the position whenever it changes), hold it for the block."""
+        if self._changed is None:
+            self._changed = asyncio.get_running_loop().create_future()
+        if self._waiting or len(self._running) >= self.concurrency:
+            if len(self._waiting) >= self.limit:
+                self.log.warning("Start queue full (%d waiting, %d starting): refused %s", len(self._waiting),
+                                 len(self._running), who)
+                raise QueueFull(len(self._waiting), self.estimate(len(self._waiting)))
+            place = await self._wait_turn(who, say)
+        else:
+            place = self._take()
+        began = self._running[place]
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            del self._running[place]
+            if ok:
+                self._durations.append(time.monotonic() - began)
+            self._hand_on()
+
+    async def _wait_turn(self, who: str, say: Callable[[str], None]) -> int:
+        turn = asyncio.get_running_loop().create_future()
+        self._waiting.append(turn)
+        self.log.info("%s waits to start: %d starting, %d waiting", who, len(self._running), len(self._waiting))
+        said = None
+        try:
+            while not turn.done():
+                position = self._waiting.index(turn)
+                if (position, len(self._running)) != said:  # on each move in the line, not at every new estimate
+                    said = (position, len(self._running))
+                    say(self.describe(position))
+                await asyncio.wait([turn, self._changed], return_when=asyncio.FIRST_COMPLETED)
+            return turn.result()
+        except BaseException:  # cancelled (the user cancelled, or the start timed out): leave the line
+            if turn.done() and not turn.cancelled():
+                self._running.pop(turn.result(), None)  # (the place was handed over just now: give it on)
+                self._hand_on()
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiting.remove(turn)
+                self._notify()
+            raise
+
+    def _take(self) -> int:
+        place = self._next_id
+        self._next_id += 1
+        self._running[place] = time.monotonic()
+        return place
+
+    def _hand_on(self) -> None:
+        while self._waiting and len(self._running) < self.concurrency:
+            turn = self._waiting.popleft()
+            if not turn.done():
+                turn.set_result(self._take())
+        self._notify()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.get_running_loop().create_future()
+        if changed is not None and not changed.done():
+            changed.set_result(None)
+
+
+_queue: Optional[SpawnQueue] = None
+
+
+def queue_for(spawner) -> SpawnQueue:
+    """The hub's one queue, configured from the spawners' config (`c.SpawnQueue.*`)."""
+    global _queue
+    if _queue is None:
+        _queue = SpawnQueue(config=spawner.config, log=spawner.log)
+        spawner.log.info("Server starts: %d at a time, up to %d waiting", _queue.concurrency, _queue.limit)
+    return _queue
+
+
+def start_slot(spawner):
+    """``async with start_slot(self):`` in a spawner's start(): waits for the spawner's turn, saying its place on
+    the spawn page (through ``progress_say`` where the spawner has it)."""
+    say = getattr(spawner, "progress_say", None)
+    name = spawner.user.name + (f"/{spawner.name}" if spawner.name else "")
+    return queue_for(spawner).place(name, (lambda words: say(None, words)) if say else spawner.log.info)
+
+
+def configure(c, queue_config: dict) -> None:
+    """The deployment's `spawner.start_queue` section -> the queue, and no stock throttle before it."""
+    if queue_config.get("concurrency"):
+        c.SpawnQueue.concurrency = queue_config["concurrency"]
+    c.SpawnQueue.limit = queue_config["limit"]
+    # Stock JupyterHub refuses starts past concurrent_spawn_limit (default 100, counting starts that wait for a
+    # board or in this queue): the queue decides instead.
+    c.JupyterHub.concurrent_spawn_limit = 0
+
+
+def _seconds(s: float) -> str:
+    return f"{max(1, round(s))} s" if s < 90 else _minutes(s)
+
+
+def _minutes(s: float) -> str:
+    m = max(1, round(s / 60))
+    return f"{m} minute{'s' if m != 1 else ''}"
