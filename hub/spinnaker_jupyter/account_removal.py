@@ -21,7 +21,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .config import ConfigError, Deployment
+from .config import ConfigError, Deployment, write_secret
 
 SERVICE = "account-manager"
 SCOPES = ["read:users:name", "read:servers", "delete:servers", "delete:users"]
@@ -36,9 +36,7 @@ def hub_service(d: Deployment) -> tuple[dict, dict]:
     """The service and role the hub loads at start-up (its token is generated here, once, 0600)."""
     path = token_path(d)
     if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32))
+        write_secret(path, secrets.token_hex(32))  # whole or not at all: a full disk leaves no empty token
     token = path.read_text().strip()
     if len(token) < 32:
         raise ConfigError(f"{path} holds no usable token (empty or short): delete it and start the hub again")
