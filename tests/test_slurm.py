@@ -32,6 +32,18 @@ def alice(hub):
     return hub.client("alice", hub.add_user("alice"))
 
 
+def spawn_outcome(user, timeout: float = 90) -> str:
+    """What the browser shows when the user starts their server: the error page when the start fails at once, else
+    the spawn page's progress messages (the last one says how it ended)."""
+    import html
+
+    r = user.session.get(f"{user.url}/hub/spawn/{user.name}", allow_redirects=False, timeout=timeout)
+    if r.status_code == 302 and "spawn-pending" in r.headers["location"]:
+        with user.api("GET", f"/users/{user.name}/server/progress", stream=True, timeout=timeout) as events:
+            return "\n".join(line for line in events.iter_lines(decode_unicode=True) if line.startswith("data:"))
+    return html.unescape(r.text)
+
+
 def job_of(slurm, account: str) -> list[str]:
     """The user's Slurm jobs: 'id state user reason' lines."""
     return [j for j in slurm.jobs() if j.split()[2] == account]
@@ -56,3 +68,73 @@ def test_spynnaker_kernel_runs_a_pynn_network_in_the_job(alice):
     out = alice.execute(kernel, PYNN_NETWORK)
     assert out["error"] is None, out
     assert "PYNN-DONE" in out["stdout"] and "segments 1 spiketrains 20" in out["stdout"], out
+
+
+def test_spawn_page_shows_the_slurm_queue_when_the_cluster_is_full(hub, slurm):
+    import concurrent.futures
+
+    bob = hub.client("bob", hub.add_user("bob"))
+    # Every idle CPU of the one node taken by another job: bob's server has to wait in the queue.
+    idle = slurm.run("sinfo", "-h", "-o", "%C").stdout.strip().split("/")[1]  # allocated/idle/other/total
+    blocker = slurm.run("sbatch", "--parsable", f"--cpus-per-task={idle}", "--mem=100", "--wrap", "sleep 600")
+    assert blocker.returncode == 0, blocker.stderr
+    wait_for(lambda: any(j.split()[:2] == [blocker.stdout.strip(), "RUNNING"] for j in slurm.jobs()), 30,
+             "the job taking the whole node to run")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        progress = pool.submit(bob.progress_messages, timeout=120)
+        wait_for(lambda: "waiting in the Slurm queue: position 1, reason Resources" in hub.log(), 60,
+                 "the spawn page to name the Slurm queue and why bob waits")
+        assert not (bob.server_model() or {}).get("ready")
+        slurm.run("scancel", blocker.stdout.strip())
+        messages = progress.result(timeout=120)
+    assert ["Your server is waiting in the Slurm queue: position 1, reason Resources (the cluster's nodes "
+                      "are busy; you start when a server or job ends)"] == [m for m in messages if "reason Resources" in m], messages
+    assert any("Your server is up after" in m for m in messages), messages
+    bob.stop_server()
+    wait_for(lambda: not job_of(slurm, "slurmtest-bob"), 30, "bob's job to end when his server stops")
+
+
+def test_a_cancelled_job_is_noticed_by_the_hubs_poll(hub, slurm, alice):
+    if not (alice.server_model() or {}).get("ready"):
+        alice.start_server()
+    job = job_of(slurm, "slurmtest-alice")[0].split()[0]
+    assert alice.browse("lab").status_code == 200
+    assert slurm.run("scancel", job).returncode == 0
+    # spawner.poll_interval is 2 s: the hub finds the job gone and takes the server off its list and the proxy.
+    wait_for(lambda: alice.server_model() is None, 30, "the hub to notice that alice's Slurm job was cancelled")
+    page = alice.browse("lab")  # no route to the node any more: the hub answers that the server is not running
+    assert "/hub/" in page.url and "JupyterLab" not in page.text, (page.status_code, page.url)
+    assert not job_of(slurm, "slurmtest-alice")
+
+
+@pytest.fixture(scope="module")
+def bad_hubs(hub_factory, slurm):
+    """A hub naming a partition Slurm does not have, and a hub whose Slurm controller is down."""
+    from conftest import free_port, traversable_tmpdir
+
+    down = traversable_tmpdir("slurm-down-") / "slurm.conf"  # (the users' own sbatch reads it)
+
+    down.write_text("\n".join(f"SlurmctldPort={free_port()}" if line.startswith("SlurmctldPort=") else line
+                              for line in slurm.conf.read_text().splitlines()) + "\n")
+    down.chmod(0o644)
+    return {"partition": hub_factory(slurm_config(slurm, partition="nope")),
+            "down": hub_factory({**slurm_config(slurm), "spawner": {**slurm_config(slurm)["spawner"], "slurm": {
+                **slurm_config(slurm)["spawner"]["slurm"], "conf": str(down)}}})}
+
+
+def test_an_unknown_partition_is_one_clear_spawn_error_naming_the_key(bad_hubs):
+    hub = bad_hubs["partition"]
+    carol = hub.client("carol", hub.add_user("carol"))
+    shown = spawn_outcome(carol)
+    assert "spawner.slurm.partition" in shown and "the partition 'nope' does not exist" in shown, shown
+    assert carol.server_model() is None
+
+
+def test_slurm_down_is_a_clear_error_not_a_hang(bad_hubs):
+    hub = bad_hubs["down"]
+    dave = hub.client("dave", hub.add_user("dave"))
+    t0 = time.monotonic()
+    shown = spawn_outcome(dave)
+    assert "The Slurm cluster is not answering" in shown and "try again in a few minutes" in shown, shown
+    assert time.monotonic() - t0 < 60
+    assert dave.server_model() is None

@@ -198,8 +198,9 @@ class SlurmUserSpawner(ProgressMixin, SlurmSpawner):
         said = (position, reason)
         if said != self._queue_said:
             self._queue_said = said
-            self.progress_say(40, f"Your server is waiting in the Slurm queue: position {position}, reason "
-                                  f"{reason}{_REASONS.get(reason, '')}")
+            why = ("not yet looked at by the scheduler" if reason == "None"  # (just submitted)
+                   else f"reason {reason}{_REASONS.get(reason, '')}")
+            self.progress_say(40, f"Your server is waiting in the Slurm queue: position {position}, {why}")
 
     def _start_error(self, stderr: str) -> SlurmStartError:
         text = " ".join(stderr.split())
@@ -214,6 +215,11 @@ class SlurmUserSpawner(ProgressMixin, SlurmSpawner):
         if re.search(r"invalid qos", text, re.I):
             return SlurmStartError(f"Slurm refused your server: the QoS '{self.req_qos}' is not valid ({text}). The "
                                    "operator fixes spawner.slurm.qos.")
+        if re.search(r"Unable to process configuration file|s_p_parse_file", text, re.I):
+            return SlurmStartError(
+                f"The Slurm commands cannot read their configuration ({text}). The operator sets "
+                "spawner.slurm.conf to a slurm.conf every user's account can read (or leaves it null for the "
+                "system's).")
         if re.search(r"invalid license", text, re.I):
             return SlurmStartError(
                 f"Slurm refused your server: the cluster has no licence '{self.board_license}' for SpiNNaker boards "
