@@ -141,6 +141,20 @@ def test_another_user_cannot_enter_the_mount(drive_hub, alice, oidc_provider, dr
         bob.stop_server()
 
 
+def test_a_second_server_of_the_user_leaves_the_mount_alone(drive_hub, alice, drive):
+    wait_for(lambda: listing(alice, LIB), 60, "the mount", interval=0.5)
+    before = dict(state(drive_hub, alice))
+    alice.start_server("second")
+    try:
+        r = alice.server("GET", f"api/contents/{LIB}", server="second")
+        assert r.status_code == 200 and "input.txt" in [e["name"] for e in r.json()["content"]]
+    finally:
+        alice.stop_server("second")
+    assert "input.txt" in (listing(alice, LIB) or [])  # the second server's stop did not unmount it
+    assert state(drive_hub, alice).get("remounts") == before.get("remounts")
+    assert state(drive_hub, alice).get("since") == before.get("since")
+
+
 def test_a_refused_token_is_exchanged_again_and_remounted(drive_hub, alice, drive, oidc_provider):
     wait_for(lambda: listing(alice, LIB), 60, "the mount", interval=0.5)
     first = [t for u, t in drive.exchanged if u == "drivealice"][-1]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import fcntl
 import json
 import logging
 import os
@@ -142,6 +143,7 @@ class DriveMount:
         self.state: dict = {}
         self.remounts = 0
         self._task: Optional[asyncio.Task] = None
+        self._lock_fd: Optional[int] = None
 
     # -- what the user sees ----------------------------------------------------------------------------------------
     def _set_state(self, state: str, reason: str = "") -> None:
@@ -229,7 +231,22 @@ class DriveMount:
         os.chmod(self.private, 0o700)
         (self.private / "rclone.conf").touch(mode=0o600)
 
+    def keeper(self) -> bool:
+        """Whether this server keeps the mount: one keeper per home (a user's named servers share ~/drive).
+        The lock goes with the process, so another server of the user takes over when the keeper dies."""
+        if self._lock_fd is None:
+            fd = os.open(self.private / "keeper.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                return False
+            self._lock_fd = fd
+        return True
+
     def unmount(self) -> None:
+        if self._lock_fd is None:
+            return  # another server of this user keeps the mount
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()  # rclone unmounts on SIGTERM
             try:
@@ -293,6 +310,8 @@ class DriveMount:
     # -- the loop -----------------------------------------------------------------------------------------------------
     def step(self) -> float:
         """One health check (and the repair it calls for); returns seconds until the next one."""
+        if not self.keeper():
+            return self.check_interval
         mounted = self.proc is not None and self.proc.poll() is None and os.path.ismount(self.mount_point)
         try:
             if not mounted:
