@@ -10,7 +10,6 @@ import os
 import secrets
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from urllib.parse import urlencode
 
