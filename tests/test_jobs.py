@@ -448,7 +448,6 @@ def test_a_notebook_submits_with_its_server_token(jobs_hub):
         assert "me jalice" in out["stdout"], out
         uri = out["stdout"].split("job 201 ")[1].split()[0]
         headers = {"Authorization": f"Bearer {jalice.token}"}
-        # waited for before the server stops: its stop ends every process of the account, jobs included (spawner)
         wait_for(lambda: requests.get(jobs_hub.jobs_url + uri, headers=headers, timeout=30).json()["status"]
                  in ("finished", "error"), 60, "the notebook's job")
         job = requests.get(jobs_hub.jobs_url + uri + "?with_log=true", headers=headers, timeout=30).json()

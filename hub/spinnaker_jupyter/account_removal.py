@@ -157,6 +157,26 @@ def _end_processes(d: Deployment, name: str) -> int:
     return kill_processes_of(uid) if uid != 0 else 0
 
 
+def _cancel_jobs(d: Deployment, name: str) -> str | None:
+    """Their queued batch jobs are removed and running ones stopped (through the job store, hub up or down; the
+    job service stops a flagged job within a second, or at its next start if it is down)."""
+    from .jobs.runner import JobLog, _stamp
+    from .jobs.settings import db_url, jobs_dir
+    from .jobs.store import Store
+
+    url = db_url(d)
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
+        return None  # the job service has never run
+    done = Store(url).cancel_all_of(name)
+    for job_id in [i for ids in done.values() for i in ids]:
+        JobLog.append(jobs_dir(d) / "logs" / f"{job_id}.log",
+                      f"{_stamp()}: cancelled because the account {name} was removed.")
+    queued, running = len(done.get("submitted", [])), len(done.get("running", []))
+    if not queued and not running:
+        return None
+    return f"{queued} queued and {running} running batch job(s) cancelled"
+
+
 def _dispose_home(d: Deployment, name: str, purge: bool) -> str:
     if d["spawner"]["type"] == "docker":
         return (f"their home volume is kept: `spinnaker-jupyter volumes remove {name}` deletes it")
@@ -176,7 +196,7 @@ def _dispose_home(d: Deployment, name: str, purge: bool) -> str:
 
 def remove_account(d: Deployment, store, name: str, purge: bool = False, timeout: float = 120) -> str:
     """Remove `name` everywhere; returns what happened, in words. The account goes first (no new login), then the
-    hub user (servers, tokens, cookies), leftover processes, and the home."""
+    hub user (servers, tokens, cookies), their batch jobs, leftover processes, and the home."""
     from .local_accounts import AccountError
 
     try:
@@ -187,6 +207,9 @@ def remove_account(d: Deployment, store, name: str, purge: bool = False, timeout
         # A previous `user remove` got only part way: finish it.
     said = [f"Removed account {name}"]
     said.append(_remove_in_hub(d, name, timeout) if _hub_pid(d) else _remove_in_db(d, name))
+    jobs = _cancel_jobs(d, name)
+    if jobs:
+        said.append(jobs)
     left = _end_processes(d, name)
     if left:
         said.append(f"{left} leftover process(es) ended")

@@ -25,6 +25,7 @@ from traitlets import Bool, Integer, Unicode, default
 
 from . import limits as limitsmod
 from .boards import BoardsMixin
+from .jobs import sessions as job_sessions
 from .progress import ProgressMixin, wait_until_listening
 from .spawn_queue import start_slot
 
@@ -43,6 +44,9 @@ class PrivateHomeSpawner(ProgressMixin, LocalProcessSpawner):
     limits_mode = Unicode("auto", help="How mem_limit, cpu_limit and process_limit are enforced: `auto` (a cgroup "
                                        "per server where possible, else rlimits), `cgroup` or `rlimits`.").tag(
         config=True)
+    job_sessions_dir = Unicode("", help="Folder where the job service records the process sessions of running batch "
+                                        "jobs (jobs/sessions.py): a server's stop spares them. '' = no job service."
+                               ).tag(config=True)
     _cgroup_dirs: list = []
 
     @default("system_users")
@@ -179,15 +183,20 @@ class PrivateHomeSpawner(ProgressMixin, LocalProcessSpawner):
 
     async def stop(self, now=False):
         await super().stop(now=now)
+        # Kernels' children (a web server on port 9000, a simulation) must not outlive the session; the user's
+        # batch jobs, which run as the same account but do not belong to the server, must.
+        loop = asyncio.get_running_loop()
+        tree, _ = _cgroup_tree(self.limits_mode, self.homes_dir)
+        if tree:  # everything the server started is in its cgroup, and nothing else is
+            await loop.run_in_executor(None, tree.remove, self._cgroup_name())
+            return
         others = [s for s in self.user.spawners.values() if s is not self and s.active]
-        if self.system_users and not others and self._account_uid() is not None:
-            # Kernels' children (a web server on port 9000, a simulation) must not outlive the session.
-            left = await asyncio.get_running_loop().run_in_executor(None, kill_processes_of, self._account_uid())
+        uid = self._account_uid()
+        if self.system_users and not others and uid is not None:
+            jobs = functools.partial(job_sessions.recorded, self.job_sessions_dir)
+            left = await loop.run_in_executor(None, kill_processes_of, uid, 5.0, jobs)
             if left:
                 self.log.info("Stopped %d leftover process(es) of %s", left, self.system_username)
-        tree, _ = _cgroup_tree(self.limits_mode, self.homes_dir)
-        if tree:  # what is left in the server's cgroup goes with it
-            await asyncio.get_running_loop().run_in_executor(None, tree.remove, self._cgroup_name())
 
     def _account_uid(self) -> int | None:
         """None when the account was never made (a start refused before it, e.g. by a full start queue)."""
@@ -241,18 +250,25 @@ def _pids_of(uid: int) -> list[int]:
     return pids
 
 
-def kill_processes_of(uid: int, grace: float = 5.0) -> int:
-    """SIGTERM every process of `uid`, then SIGKILL what is left after `grace` seconds. Returns how many."""
+def kill_processes_of(uid: int, grace: float = 5.0, spared=None) -> int:
+    """SIGTERM every process of `uid`, then SIGKILL what is left after `grace` seconds. Returns how many.
+    `spared()`: {session id: uid} of running batch jobs (jobs/sessions.py), asked again at each pass so that a job
+    that starts meanwhile is spared too; their processes are left alone."""
     if uid == 0:
         raise ValueError("refusing to kill root's processes")
-    pids = _pids_of(uid)
+
+    def targets():
+        jobs = spared() if spared else {}
+        return [p for p in _pids_of(uid) if not (jobs and job_sessions.spared_pid(p, uid, jobs))]
+
+    pids = targets()
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while _pids_of(uid) and time.monotonic() < deadline:
+    while targets() and time.monotonic() < deadline:
         time.sleep(0.1)
-    for pid in _pids_of(uid):
+    for pid in targets():
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     return len(pids)

@@ -1,7 +1,8 @@
 """Where a job's command runs. `Executor` is what the runner needs; `LocalExecutor` (the embedded default) runs it
 as the user's own system account, the same account their Jupyter server runs as (spawner.system_account_name),
 in a scratch folder of its own, with CPU, memory, process and file-size limits (setrlimit) and in a process group
-of its own so that everything it started can be stopped together.
+of its own so that everything it started can be stopped together; that session is recorded (sessions.py) so that
+stopping the user's Jupyter server spares it.
 
 A service running as root always switches to the user's account (a job never runs as root, even where the
 servers run in containers or as root); one not running as root has no per-user accounts (as for user servers):
@@ -24,6 +25,7 @@ from pathlib import Path
 from jupyterhub.spawner import set_user_setuid
 
 from ..spawner import system_account_name
+from . import sessions
 
 
 class AccountError(RuntimeError):
@@ -60,6 +62,9 @@ class Executor(ABC):
     def kill(self, pgid: int, uid: int | None) -> None:
         """Stop a job's whole process group (also one left by a previous run of the service)."""
 
+    def ended(self, pid: int) -> None:
+        """The command started with `pid` has ended: what is left of its session is stopped and no longer spared."""
+
     @abstractmethod
     def home(self, user: str) -> Path:
         """The user's home folder as their server sees it (it may not exist yet)."""
@@ -74,8 +79,9 @@ class Executor(ABC):
 
 
 class LocalExecutor(Executor):
-    def __init__(self, homes_dir: Path, system_users: bool, prefix: str, log=None):
+    def __init__(self, homes_dir: Path, system_users: bool, prefix: str, log=None, sessions_dir: Path | None = None):
         self.homes_dir, self.system_users, self.prefix, self.log = homes_dir, system_users, prefix, log
+        self.sessions_dir = sessions_dir
 
     def account(self, user: str) -> Account:
         if not self.system_users:
@@ -112,12 +118,15 @@ class LocalExecutor(Executor):
                            "gives this deployment its own spawner.local.system_user_prefix, or, if this deployment "
                            f"was moved, runs `usermod --home {home} {pw.pw_name}`.")
 
-    def _preexec(self, limits: RunLimits | None, account: Account):
+    def _preexec(self, limits: RunLimits | None, account: Account, record: bool = False):
         setuid = set_user_setuid(account.name, chdir=False) if account.switched else None
+        where = self.sessions_dir if record else None
 
         def preexec():
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+            if where is not None:  # before anything of the job runs: a server stop from now on spares it
+                sessions.record_self(where, account.uid)
             if limits:
                 resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 5))
                 resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
@@ -139,7 +148,18 @@ class LocalExecutor(Executor):
     async def start(self, argv, cwd, env, limits, account):
         return await asyncio.create_subprocess_exec(
             *argv, cwd=str(cwd), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=self._preexec(limits, account))
+            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=self._preexec(limits, account, record=True))
+
+    def ended(self, pid: int) -> None:
+        """The command started with `pid` has ended and its process group was stopped: its session is no longer
+        spared."""
+        for other in _pids_in_session(pid):  # also what moved to a process group of its own (killpg missed it)
+            try:
+                os.kill(other, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if self.sessions_dir is not None:
+            sessions.forget(self.sessions_dir, pid)
 
     def kill(self, pgid: int, uid: int | None) -> None:
         if not pgid or pgid <= 1:
@@ -182,3 +202,15 @@ def _runs_as(uid: int) -> bool:
             except FileNotFoundError:
                 pass
     return False
+
+
+def _pids_in_session(sid: int) -> list[int]:
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == sid:
+                    found.append(int(entry.name))
+            except (ProcessLookupError, PermissionError):
+                pass
+    return found

@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 
 from ..config import BASE_DIR_ENV, CONFIG_ENV, Deployment
-from .settings import DB_URL_ENV, SERVICE_NAME, public_url, service_command
+from . import sessions
+from .settings import DB_URL_ENV, SERVICE_NAME, jobs_dir, public_url, service_command
 
 ACCESS_SCOPE = f"access:services!service={SERVICE_NAME}"
 
@@ -34,3 +35,5 @@ def update_jobs(c, d: Deployment) -> None:
     c.Spawner.server_token_scopes = [*base, ACCESS_SCOPE]
     # ... and find the service here (what they give nmpi as job_service and, with local accounts, userinfo)
     c.Spawner.environment = {**c.Spawner.environment, "SPINNAKER_JOBS_URL": public_url(d)}
+    # A server's stop spares the user's running jobs (their process sessions, recorded by the runner)
+    c.PrivateHomeSpawner.job_sessions_dir = str(sessions.folder(jobs_dir(d)))

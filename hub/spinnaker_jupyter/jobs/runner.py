@@ -25,7 +25,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from ..kernels import spynnaker_cfg_text
-from . import archives, fetch, hardware_config
+from . import archives, fetch, hardware_config, sessions
 from .executor import Account, AccountError, Executor
 from .settings import Settings, spynnaker_versions
 from .store import Job, Store
@@ -94,6 +94,7 @@ class Runner:
         (settings.cfg_dir / ".spynnaker.cfg").write_text(self.cfg_text())
         os.chmod(settings.cfg_dir, 0o755)
         os.chmod(settings.cfg_dir / ".spynnaker.cfg", 0o644)
+        sessions.prepare(settings.sessions)
 
     def cfg_text(self) -> str:
         # This release runs every job on a virtual board, whatever spinnaker.mode the sessions use.
@@ -109,6 +110,12 @@ class Runner:
         for job in self.store.interrupted():
             if job.pgid:
                 self.executor.kill(job.pgid, job.run_uid)
+            if job.cancel_requested:  # cancelled while the service was down (e.g. its user removed): not re-run
+                JobLog.append(self.s.logs / f"{job.id}.log", f"{_stamp()}: the job was cancelled while the job "
+                              "service was stopped; it does not run again.")
+                shutil.rmtree(self.s.work / str(job.id), ignore_errors=True)
+                self.store.finish(job.id, "removed", json.loads(job.provenance or "{}"), [], None)
+                continue
             JobLog.append(self.s.logs / f"{job.id}.log",
                           f"{_stamp()}: the job service stopped while this job was running (attempt "
                           f"{job.attempts}) and did not finish it. It was put back in the queue and will run again "
@@ -117,6 +124,9 @@ class Runner:
             self.store.requeue(job.id)
             back.append(job.id)
             log.warning("Job %s was interrupted by a service stop; put back in the queue", job.id)
+        for sid, uid in sessions.recorded(self.s.sessions).items():  # e.g. a pip install of an interrupted job
+            self.executor.kill(sid, uid)
+            self.executor.ended(sid)
         return back
 
     async def stop(self) -> None:
@@ -346,9 +356,14 @@ class Runner:
         argv = [str(self.s.python), "-m", "pip", "install", "--no-input", "--disable-pip-version-check",
                 "--progress-bar", "off", "--target", str(scratch / INTERNAL / "packages"), *reqs]
         proc = await self.executor.start(argv, scratch, env, self.s.run_limits, account)
-        while chunk := await proc.stdout.read(1 << 16):
-            jlog.write(chunk.decode(errors="replace"))
-        if await proc.wait() != 0:
+        try:
+            while chunk := await proc.stdout.read(1 << 16):
+                jlog.write(chunk.decode(errors="replace"))
+            code = await proc.wait()
+        finally:
+            self.executor.kill(proc.pid, None)
+            self.executor.ended(proc.pid)
+        if code != 0:
             raise JobFailed(f"hardware_config.extra_pip_installs: pip could not install {', '.join(reqs)} (see the "
                             "log above)")
 
@@ -393,6 +408,7 @@ class Runner:
         finally:
             watcher.cancel()
             self.executor.kill(proc.pid, None)  # whatever it left running in the background
+            self.executor.ended(proc.pid)
             self.store.set_process(job.id, None, None)
         if not why and code != 0 and (code == -signal.SIGXFSZ or _largest_file(scratch) >= self.s.output_bytes
                                       or _tree_size(scratch, skip=INTERNAL) > self.s.output_bytes):

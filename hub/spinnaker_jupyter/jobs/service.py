@@ -40,7 +40,8 @@ async def serve() -> None:
     sp = d["spawner"]
     # Jobs never run as root: as root, each user's jobs run as their own account, whatever the spawner does with
     # servers (a container spawner, or spawner.local.system_users: false); otherwise as the service's account.
-    executor = LocalExecutor(d.homes_dir, os.geteuid() == 0, sp["local"]["system_user_prefix"])
+    executor = LocalExecutor(d.homes_dir, os.geteuid() == 0, sp["local"]["system_user_prefix"],
+                             sessions_dir=s.sessions)
     runner = Runner(store, executor, s)
     back = runner.recover()
     if back:

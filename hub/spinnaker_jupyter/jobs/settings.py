@@ -79,6 +79,10 @@ class Settings:
         return self.data / "work"
 
     @property
+    def sessions(self) -> Path:  # the process sessions of running jobs, spared by a server's stop (sessions.py)
+        return self.data / "sessions"
+
+    @property
     def cfg_dir(self) -> Path:
         return self.data / "etc"
 

@@ -111,6 +111,16 @@ class Store:
             if done.rowcount == 1:
                 return before
 
+    def cancel_all_of(self, user_id: str) -> dict[str, list[int]]:
+        """Cancel every queued or running job of a user (their account is being removed): {status before: ids}.
+        Queued ones are removed at once; running ones are flagged and their runner stops them."""
+        with self.session() as s:
+            ids = list(s.scalars(select(Job.id).where(Job.user_id == user_id, Job.status.in_(ACTIVE))))
+        done: dict[str, list[int]] = {}
+        for job_id in ids:
+            done.setdefault(self.request_removal(job_id), []).append(job_id)
+        return done
+
     # --- the runner's side -------------------------------------------------------------------------------------
     def claim_next(self, runner_id: str) -> Job | None:
         """Take the oldest submitted job, or None. Compare-and-set, so a job is claimed exactly once."""
