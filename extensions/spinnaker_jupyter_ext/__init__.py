@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from . import kernel_ipc, nrp
+from . import framing, kernel_ipc, nrp
 from .activity import watch_busy_kernels
 from .proxy_guard import install_proxy_guard
 from .tutorials import seed_tutorials
@@ -20,6 +20,8 @@ def _jupyter_server_extension_points():
 
 def _load_jupyter_server_extension(server_app):
     log = server_app.log
+    if framing.wanted():  # the hub is embedded in another site's page (hub.frame_ancestors, over HTTPS)
+        framing.frame_cookies()
     watch_busy_kernels(server_app)  # a kernel running code keeps its server from being culled
     source = os.environ.get("SPINNAKER_TUTORIALS_DIR")
     if source and Path(source).is_dir():

@@ -389,6 +389,9 @@ def _check_consistency(d: Deployment) -> None:
         raise ConfigError("spinnaker.machine_name: required when spinnaker.mode is 'machine' (the board's host name "
                           "or IP address)")
     _check_spinnaker(d)
+    from .tls import check as check_tls  # HTTPS files: present, PEM, the key private
+
+    check_tls(d)
     if v["auth"]["type"] == "ebrains":
         eb = v["auth"]["ebrains"]
         if not eb["client_id"]:

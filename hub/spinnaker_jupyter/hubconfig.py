@@ -89,7 +89,8 @@ def apply(c, d: Deployment) -> None:
     d.private_hub_dir()
     check_data_dir(d)  # secrets, accounts and the database: nothing another account could have written
 
-    c.JupyterHub.bind_url = f"http://{hub['ip']}:{hub['port']}{hub['base_url']}"
+    scheme = "https" if hub["tls"]["cert_file"] else "http"  # the proxy serves TLS itself (tls.py)
+    c.JupyterHub.bind_url = f"{scheme}://{hub['ip']}:{hub['port']}{hub['base_url']}"
     c.JupyterHub.hub_ip = "127.0.0.1"
     c.JupyterHub.hub_port = d["proxy"]["hub_port"]
     c.JupyterHub.db_url = d.db_url
@@ -108,11 +109,20 @@ def apply(c, d: Deployment) -> None:
     c.ConfigurableHTTPProxy.pid_file = str(d.hub_dir / "proxy.pid")
 
     args = []
+    from . import tls
+
+    headers, server_settings = {}, {}
     if hub["frame_ancestors"]:
         # So that an EBRAINS collab page may embed the hub and the user servers in an iframe.
-        csp = "frame-ancestors 'self' " + " ".join(hub["frame_ancestors"])
-        c.JupyterHub.tornado_settings = {"headers": {"Content-Security-Policy": csp}}
-        args.append("--ServerApp.tornado_settings=" + json.dumps({"headers": {"Content-Security-Policy": csp}}))
+        headers["Content-Security-Policy"] = "frame-ancestors 'self' " + " ".join(hub["frame_ancestors"])
+    c.JupyterHub.tornado_settings = {}
+    tls.apply(c, d, headers, server_settings)  # HTTPS, HSTS, and the cookies a framed hub needs
+    if headers:
+        c.JupyterHub.tornado_settings["headers"] = headers
+        server_settings["headers"] = headers
+    if server_settings:
+        # A Python literal: traitlets reads a dict given on the command line with ast.literal_eval (JSON's true fails).
+        args.append("--ServerApp.tornado_settings=" + repr(server_settings))
 
     services, roles = _culler(c, d, args)
     if d["auth"]["type"] == "local":  # `user remove` stops servers and revokes tokens through the hub's API
@@ -155,7 +165,8 @@ def _apply_auth(c, d: Deployment) -> dict | None:
 
 def public_url(d: Deployment) -> str:
     hub = d["hub"]
-    return (hub["public_url"] or f"http://{hub['ip']}:{hub['port']}").rstrip("/") + hub["base_url"]
+    scheme = "https" if hub["tls"]["cert_file"] else "http"
+    return (hub["public_url"] or f"{scheme}://{hub['ip']}:{hub['port']}").rstrip("/") + hub["base_url"]
 
 
 def _apply_ebrains(c, d: Deployment) -> dict:

@@ -113,6 +113,8 @@ def deployment_ports(d: Deployment) -> list[tuple[str, str, int]]:
              ("proxy.hub_port", hub_ip, v["proxy"]["hub_port"])]
     if v["auth"]["type"] == "ebrains":
         ports.append(("auth.ebrains.token_service_port", "127.0.0.1", v["auth"]["ebrains"]["token_service_port"]))
+    if v["hub"]["tls"]["cert_file"] and v["hub"]["tls"]["http_redirect_port"]:  # the proxy's, on every address
+        ports.append(("hub.tls.http_redirect_port", "0.0.0.0", v["hub"]["tls"]["http_redirect_port"]))
     return ports
 
 

@@ -57,7 +57,23 @@ SCHEMA: dict = _obj({
                                  "`make up`) should leave nothing running (a systemd unit that keeps them needs "
                                  "KillMode=process, as the Ansible role sets)."},
         "frame_ancestors": _list({"type": "string"}, desc="Origins allowed to embed the hub in an iframe "
-                                 "(Content-Security-Policy frame-ancestors), e.g. https://wiki.ebrains.eu."),
+                                 "(Content-Security-Policy frame-ancestors), e.g. https://wiki.ebrains.eu. Logging "
+                                 "in inside such a frame needs HTTPS (hub.tls, or an https public_url): the hub and "
+                                 "user servers then set their cookies SameSite=None; Secure."),
+        "tls": _obj({
+            "cert_file": _str(None, "PEM certificate chain the proxy serves on hub.port (HTTPS), e.g. certbot's "
+                              "/etc/letsencrypt/live/<name>/fullchain.pem. Empty: plain HTTP (TLS ends at your "
+                              "reverse proxy, if any)."),
+            "key_file": _str(None, "PEM private key of cert_file, e.g. /etc/letsencrypt/live/<name>/privkey.pem. "
+                             "Owned by the hub's account or root and readable by no other account (0600, or 0640 "
+                             "with a group of the hub's): a key others can read is refused."),
+            "http_redirect_port": {"type": ["integer", "null"], "default": None, "minimum": 1, "maximum": 65535,
+                                   "description": "Port (e.g. 80) where plain HTTP is answered with a redirect to "
+                                   "HTTPS on hub.port (the proxy's own listener, on every address). Empty: none."},
+            "hsts_max_age": _int(31536000, "Seconds browsers remember to reach the service over HTTPS only "
+                                 "(Strict-Transport-Security, sent when it is served over HTTPS); 0: no header.",
+                                 minimum=0),
+        }),
         "log_level": _str("INFO", "Hub log level.", enum=["DEBUG", "INFO", "WARNING", "ERROR"]),
     }),
     "proxy": _obj({
