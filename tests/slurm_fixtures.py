@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -70,6 +71,12 @@ class Slurm:
     def log(self, name: str) -> str:
         path = self.folder / ("munge/munged.log" if name == "munged" else f"{name}.log")
         return path.read_text(errors="replace") if path.exists() else "(no log)"
+
+    def free_memory_mb(self) -> int:
+        """Memory no job holds (what a job may still ask for)."""
+        out = self.run("scontrol", "show", "node", "-o").stdout
+        real, alloc = (int(re.search(rf"\b{k}=(\d+)", out).group(1)) for k in ("RealMemory", "AllocMem"))
+        return real - alloc
 
     def jobs(self) -> list[str]:
         out = self.run("squeue", "-h", "-o", "%i %T %u %r").stdout
@@ -130,7 +137,7 @@ def slurm():
         (folder / sub).mkdir(mode=0o700)
     conf = folder / "slurm.conf"
     conf.write_text(slurm_conf.render(folder, boards=2, ctld_port=_free_port(), slurmd_port=_free_port(),
-                                      memory_mb=8000, munge_socket=socket_path))
+                                      memory_mb=8000, munge_socket=socket_path, share_cores=True))
     os.chmod(conf, 0o644)
     s = Slurm(folder, conf, "spinnaker", 2)
     try:

@@ -74,9 +74,8 @@ def test_spawn_page_shows_the_slurm_queue_when_the_cluster_is_full(hub, slurm):
     import concurrent.futures
 
     bob = hub.client("bob", hub.add_user("bob"))
-    # Every idle CPU of the one node taken by another job: bob's server has to wait in the queue.
-    idle = slurm.run("sinfo", "-h", "-o", "%C").stdout.strip().split("/")[1]  # allocated/idle/other/total
-    blocker = slurm.run("sbatch", "--parsable", f"--cpus-per-task={idle}", "--mem=100", "--wrap", "sleep 600")
+    # All the memory of the one node that no job holds taken by another job: bob's server has to wait in the queue.
+    blocker = slurm.run("sbatch", "--parsable", f"--mem={slurm.free_memory_mb()}", "--wrap", "sleep 600")
     assert blocker.returncode == 0, blocker.stderr
     wait_for(lambda: any(j.split()[:2] == [blocker.stdout.strip(), "RUNNING"] for j in slurm.jobs()), 30,
              "the job taking the whole node to run")
@@ -138,3 +137,64 @@ def test_slurm_down_is_a_clear_error_not_a_hang(bad_hubs):
     assert "The Slurm cluster is not answering" in shown and "try again in a few minutes" in shown, shown
     assert time.monotonic() - t0 < 60
     assert dave.server_model() is None
+
+
+# ------------------------------------------------------------------------------------------------ boards as licences
+@pytest.fixture(scope="module")
+def boards_hub(hub_factory, slurm, tmp_path_factory):
+    """Session mode: each server claims a board from the spalloc double (3 boards) and takes one of the cluster's 2
+    `spinnaker_board` licences, so Slurm runs at most 2 such servers at once."""
+    from doubles.spalloc_server import SpallocDouble
+
+    double = SpallocDouble(boards=3, tokens={"hub-token": "hub"}, admins=["hub"], power_delay=0.2,
+                           wait_timeout=5.0).start()
+    token = tmp_path_factory.mktemp("secrets") / "spalloc-token"
+    token.write_text("hub-token\n")
+    token.chmod(0o600)
+    hub = hub_factory({**slurm_config(slurm), "spinnaker": {
+        "mode": "session", "claim_timeout": 120, "on_timeout": "fail",
+        "spalloc": {"url": double.url, "token_file": str(token), "keepalive_interval": 30}}})
+    users = {name: hub.client(name, hub.add_user(name)) for name in ("erin", "frank", "gina")}
+    yield hub, double, users
+    for user in users.values():
+        if user.server_model() is not None:
+            user.stop_server()
+    double.stop()
+
+
+def licences_used(slurm) -> int:
+    import re
+
+    return int(re.search(r"Used=(\d+)", slurm.run("scontrol", "show", "lic", "-o").stdout).group(1))
+
+
+def test_a_third_session_waits_for_a_board_licence_and_starts_when_one_is_given_back(boards_hub, slurm):
+    import concurrent.futures
+
+    hub, double, users = boards_hub
+    users["erin"].start_server()
+    users["frank"].start_server()
+    assert licences_used(slurm) == 2
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        progress = pool.submit(users["gina"].progress_messages, timeout=180)
+        wait_for(lambda: "reason Licenses" in hub.log(), 60, "gina's server to wait for a board licence")
+        assert not (users["gina"].server_model() or {}).get("ready")
+        users["erin"].stop_server()
+        messages = progress.result(timeout=180)
+    assert "Your server is waiting in the Slurm queue: position 1, reason Licenses (all SpiNNaker boards are in use; " \
+           "you start when one is given back)" in messages, messages
+    assert users["gina"].server_model()["ready"] and licences_used(slurm) == 2
+    assert [j["state"] for j in double.jobs() if j["owner"] == "erin"] == ["DESTROYED"]
+
+
+def test_a_cancelled_jobs_board_is_given_back(boards_hub, slurm):
+    hub, double, users = boards_hub
+    frank = users["frank"]
+    if frank.server_model() is None:
+        frank.start_server()
+    [board_job] = [j for j in double.jobs() if j["owner"] == "frank" and j["state"] != "DESTROYED"]
+    [job] = job_of(slurm, "slurmtest-frank")
+    assert slurm.run("scancel", job.split()[0]).returncode == 0
+    wait_for(lambda: frank.server_model() is None, 30, "the hub to notice frank's cancelled job")
+    double.wait_for(lambda d: d.job(board_job["id"])["state"] == "DESTROYED", timeout=20,
+                    what="frank's board to be given back at the spalloc service")
