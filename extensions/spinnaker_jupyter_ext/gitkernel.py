@@ -897,7 +897,8 @@ def _register_kernel(kdir: Path, root: Path, display_name: str, kernel_env: Mapp
         "argv": [str(root / "bin" / "python"), "-m", launcher, "-f", "{connection_file}"],
         "display_name": display_name,
         "language": "python",
-        "metadata": {"debugger": True, "spinnaker_jupyter": {"kind": "git", "root": str(root)}},
+        # no debugger: its TCP port would let other accounts in (spinnaker_kernel.py, "No debugger")
+        "metadata": {"debugger": False, "spinnaker_jupyter": {"kind": "git", "root": str(root)}},
     }
     if kernel_env:
         spec["env"] = dict(kernel_env)

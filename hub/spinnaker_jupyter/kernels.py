@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import configparser
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -94,14 +95,34 @@ def write_kernelspec(deployment: Deployment, env: Path) -> Path:
         "argv": [str(env / "bin" / "python"), "-m", "spinnaker_kernel", "-f", "{connection_file}"],
         "display_name": deployment["kernels"]["spynnaker"]["display_name"],
         "language": "python",
-        "metadata": {"debugger": True},
+        "metadata": {"debugger": False},  # its port would let other accounts in (spinnaker_kernel.py: No debugger)
     }
     (spec_dir / "kernel.json").write_text(json.dumps(spec, indent=1))
     for logo in ("logo-32x32.png", "logo-64x64.png"):
         found = list(env.glob(f"share/jupyter/kernels/python3/{logo}"))
         if found:
             shutil.copy2(found[0], spec_dir / logo)
+    write_python3_kernelspec(deployment)
     make_world_readable(deployment.share_dir)
+    return spec_dir
+
+
+def write_python3_kernelspec(deployment: Deployment) -> Path:
+    """The python3 kernel of the user servers (their own interpreter, as jupyter_client's native kernel), without
+    the debugger: found first on JUPYTER_PATH, it replaces ipykernel's own spec, which would offer it."""
+    spec_dir = deployment.share_dir / "kernels" / "python3"
+    spec_dir.mkdir(parents=True, exist_ok=True)
+    spec = {
+        "argv": [sys.executable, str(KERNELS_SRC / "spynnaker" / "spinnaker_kernel.py"), "--plain",
+                 "-f", "{connection_file}"],
+        "display_name": "Python 3 (ipykernel)",
+        "language": "python",
+        "metadata": {"debugger": False},
+    }
+    (spec_dir / "kernel.json").write_text(json.dumps(spec, indent=1))
+    ipykernel = importlib.util.find_spec("ipykernel")  # the server environment's (jupyterlab needs it): its logos
+    for logo in Path(ipykernel.origin).parent.glob("resources/logo-*"):
+        shutil.copy2(logo, spec_dir / logo.name)
     return spec_dir
 
 

@@ -5,6 +5,9 @@ $XDG_CONFIG_DIRS, ~/.config or ~ (two abort setup(); none makes it write a templ
 cfg is offered through XDG_CONFIG_DIRS: the server's own when its environment carries one ($SPINNAKER_MACHINE_CFG,
 e.g. the SpiNNaker board the hub claimed for this session; written into a private file first), else the deployment's
 in $SPINNAKER_CFG_DIR. If the user keeps their own cfg in the home, theirs is the one, and the kernel says so once.
+
+Every kernel this service offers runs NoDebuggerKernel: the sPyNNaker kernel, the sPyNNakerGit kernel (this module is
+its launcher) and the python3 kernel (`python spinnaker_kernel.py --plain`, no sPyNNaker cfg). Why below.
 """
 
 import configparser
@@ -116,11 +119,83 @@ def register_hooks():
     get_ipython().events.register("post_run_cell", _post_run_cell)  # noqa: F821 - defined inside the kernel
 
 
+# --- No debugger ------------------------------------------------------------------------------------------------
+# JupyterLab's debugger makes ipykernel run debugpy.listen() on a random TCP port of 127.0.0.1, and debugpy 1.x asks
+# its clients for no token: any local account (or any container on a shared host network) could attach and run code
+# as this user. Neither offers a unix socket or a client check, so the debugger is off: JupyterLab hides its button
+# (the kernelspecs say "debugger": false), kernel_info does not list it, and a debug_request starts nothing. Users
+# lose the visual debugger, not their account; %debug and pdb, which need no port, still work.
+#
+# The fence: IPKernelApp.kernel_class is ipykernel's supported way to run a kernel subclass; what the subclass
+# overrides (the kernel_info property and the do_debug_request hook) is ipykernel's own detail, checked against
+# CHECKED_IPYKERNEL by debugger_fence_problem() (tests/test_kernel_debugger.py fails when it moves).
+CHECKED_IPYKERNEL = "7.4"
+DEBUGGER_OFF = ("The debugger is not available on this service: it would listen on a network port that other "
+                "accounts on this machine could use to run code as you. Use %debug or pdb instead.")
+
+
+def _no_debugger_kernel():
+    from ipykernel.ipkernel import IPythonKernel
+
+    class NoDebuggerKernel(IPythonKernel):
+        """An IPython kernel that neither offers nor starts the debugger (debugpy's TCP listener)."""
+
+        @property
+        def kernel_info(self):
+            info = dict(super().kernel_info)
+            info["supported_features"] = [f for f in info.get("supported_features", []) if f != "debugger"]
+            info.pop("debugger", None)  # the field of older protocol versions
+            return info
+
+        async def do_debug_request(self, msg):
+            return {"type": "response", "request_seq": msg.get("seq"), "success": False,
+                    "command": msg.get("command"), "message": DEBUGGER_OFF}
+
+    NoDebuggerKernel.__module__, NoDebuggerKernel.__qualname__ = __name__, "NoDebuggerKernel"
+    return NoDebuggerKernel
+
+
+def __getattr__(name):  # NoDebuggerKernel is built on first use: importing this module needs no ipykernel
+    if name == "NoDebuggerKernel":
+        globals()[name] = cls = _no_debugger_kernel()
+        return cls
+    raise AttributeError(name)
+
+
+def debugger_fence_problem():
+    """None while the overridden ipykernel details are where they were checked; else what moved."""
+    import inspect
+
+    import ipykernel
+    from ipykernel import ipkernel, kernelbase
+
+    if ".".join(ipykernel.__version__.split(".")[:2]) != CHECKED_IPYKERNEL:
+        return f"ipykernel {ipykernel.__version__}, checked against {CHECKED_IPYKERNEL}: check NoDebuggerKernel"
+    if not isinstance(inspect.getattr_static(kernelbase.Kernel, "kernel_info"), property):
+        return "Kernel.kernel_info is no longer a property"
+    if "self.kernel_info" not in inspect.getsource(kernelbase.Kernel.kernel_info_request):
+        return "kernel_info_request no longer answers from Kernel.kernel_info"
+    if "self.do_debug_request(" not in inspect.getsource(kernelbase.Kernel.debug_request):
+        return "debug_request no longer goes through do_debug_request"
+    src = inspect.getsource(ipkernel)
+    if src.count("self.debugger.process_request(") != 1 or "process_request" in inspect.getsource(kernelbase):
+        return "the debugger is started from somewhere else than IPythonKernel.do_debug_request"
+    return None
+
+
 def main():
-    choose_cfg(os.environ)
+    plain = "--plain" in sys.argv  # the python3 kernel: no sPyNNaker cfg, no notices
+    if plain:
+        sys.argv.remove("--plain")
+    else:
+        choose_cfg(os.environ)
+        sys.argv += ["--IPKernelApp.exec_lines=import spinnaker_kernel; spinnaker_kernel.register_hooks()"]
     from ipykernel.kernelapp import launch_new_instance
 
-    sys.argv += ["--IPKernelApp.exec_lines=import spinnaker_kernel; spinnaker_kernel.register_hooks()"]
+    problem = debugger_fence_problem()
+    if problem:  # the kernel still refuses the debugger as far as it can; the operator's log says what to check
+        print(f"spinnaker_kernel: {problem}", file=sys.stderr)
+    sys.argv += ["--IPKernelApp.kernel_class=spinnaker_kernel.NoDebuggerKernel"]
     launch_new_instance()
 
 
