@@ -183,6 +183,22 @@ def test_drive_down_while_mounted_is_said_then_recovers(drive_hub, alice, drive)
     assert wait_for(lambda: "input.txt" in (listing(alice, LIB) or []), 30, "the listing once Drive is back")
 
 
+def test_a_file_written_just_before_the_server_stops_reaches_drive(drive_hub, oidc_provider, drive):
+    erin = login(drive_hub, oidc_provider, "driveerin")
+    erin.start_server()
+    try:
+        wait_for(lambda: listing(erin, "drive/My Libraries/My Library") == [], 60, "the mount", interval=0.5)
+        kernel = erin.start_kernel("spynnaker")
+        run(erin, kernel, """
+            import os
+            with open(os.path.expanduser("~/drive/My Libraries/My Library/last.txt"), "w") as f:
+                f.write("the last result")
+        """)
+    finally:
+        erin.stop_server()  # at once: rclone itself would upload only a few seconds later
+    assert drive.read(drive.my_library("driveerin"), "/last.txt") == b"the last result"
+
+
 def test_drive_down_at_start_shows_why_then_recovers(drive_hub, oidc_provider, drive):
     drive.down = True
     try:

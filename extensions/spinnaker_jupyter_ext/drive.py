@@ -136,6 +136,7 @@ class DriveMount:
         self.rclone = settings.get("rclone") or shutil.which("rclone") or "rclone"
         self.cache_max_size = settings.get("cache_max_size", "1G")
         self.dir_cache_time = str(settings.get("dir_cache_time", 10))
+        self.flush_timeout = float(settings.get("flush_timeout", 8))  # within the spawner's stop grace time
         self.env = env
         self.private = state_dir(self.home)
         self.proc: Optional[subprocess.Popen] = None
@@ -144,6 +145,8 @@ class DriveMount:
         self.remounts = 0
         self._task: Optional[asyncio.Task] = None
         self._lock_fd: Optional[int] = None
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.log = log
 
     # -- what the user sees ----------------------------------------------------------------------------------------
     def _set_state(self, state: str, reason: str = "") -> None:
@@ -153,7 +156,7 @@ class DriveMount:
             return
         new["since"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         self.state = new
-        (log.info if state == "mounted" else log.warning)("EBRAINS Drive: %s%s", state, f": {reason}" if reason else "")
+        (self.log.info if state == "mounted" else self.log.warning)("EBRAINS Drive: %s%s", state, f": {reason}" if reason else "")
         tmp = self.private / "state.json.tmp"
         with contextlib.suppress(OSError):
             tmp.write_text(json.dumps(new))
@@ -248,7 +251,8 @@ class DriveMount:
         if self._lock_fd is None:
             return  # another server of this user keeps the mount
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()  # rclone unmounts on SIGTERM
+            self._flush()
+            self.proc.terminate()  # rclone unmounts on SIGTERM (dropping uploads not yet started: see _flush)
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
@@ -257,6 +261,23 @@ class DriveMount:
         self.proc = None
         if os.path.ismount(self.mount_point) or self._stale():
             subprocess.run(["fusermount3", "-u", "-z", str(self.mount_point)], capture_output=True, timeout=30)
+
+    def pending_uploads(self) -> int:
+        """Files closed but not yet uploaded: rclone's cache metadata is empty or ``"Dirty": true`` until then."""
+        pending = 0
+        for meta in (self.private / "vfs" / "vfsMeta").rglob("*"):
+            with contextlib.suppress(OSError):
+                if meta.is_file():
+                    text = meta.read_text(errors="replace")
+                    pending += not text.strip() or '"Dirty": true' in text
+        return pending
+
+    def _flush(self) -> None:
+        """Give rclone up to ``flush_timeout`` s to upload what was written (it does not on SIGTERM). Whatever is
+        still pending stays in the private cache and is uploaded at the next mount."""
+        deadline = time.monotonic() + self.flush_timeout
+        while self.pending_uploads() and time.monotonic() < deadline and self.proc and self.proc.poll() is None:
+            time.sleep(0.2)
 
     def _stale(self) -> bool:
         try:
@@ -277,20 +298,18 @@ class DriveMount:
         if leftovers:
             raise DriveUnavailable(f"{self.mount_point} is not empty ({', '.join(leftovers[:3])}): move those files "
                                    f"elsewhere and the Drive is mounted there")
-        logf = open(self.private / "rclone.log", "ab")
-        try:
-            self.proc = subprocess.Popen(
-                [self.rclone, "mount", "driveroot:", str(self.mount_point),
-                 "--cache-dir", str(self.private / "vfs"), "--vfs-cache-mode", "writes",
-                 "--vfs-cache-max-size", str(self.cache_max_size), "--dir-cache-time", f"{self.dir_cache_time}s",
-                 "--attr-timeout", "1s", "--umask", "077", "--retries", "3", "--low-level-retries", "3",
-                 "--log-level", "NOTICE"],
-                env=env, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, preexec_fn=_set_pdeathsig,
-                start_new_session=True)
-        except OSError as e:
-            raise DriveUnavailable(f"rclone could not be started ({e}); ask the operator to install rclone and fuse3")
-        finally:
-            logf.close()
+        argv = [self.rclone, "mount", "driveroot:", str(self.mount_point),
+                "--cache-dir", str(self.private / "vfs"), "--vfs-cache-mode", "writes",
+                "--vfs-cache-max-size", str(self.cache_max_size), "--vfs-write-back", "2s",
+                "--dir-cache-time", f"{self.dir_cache_time}s", "--attr-timeout", "1s", "--umask", "077",
+                "--retries", "3", "--low-level-retries", "3", "--log-level", "NOTICE"]
+        if self.loop is not None:
+            # Started from the server's main thread: PR_SET_PDEATHSIG fires when the *thread* that forked ends,
+            # and the worker thread ends before the atexit flush at shutdown.
+            future = asyncio.run_coroutine_threadsafe(self._spawn(argv, env), self.loop)
+            self.proc = future.result(self.timeout)
+        else:
+            self.proc = self._popen(argv, env)
         deadline = time.monotonic() + self.mount_timeout
         while not os.path.ismount(self.mount_point):
             if self.proc.poll() is not None:
@@ -299,6 +318,18 @@ class DriveMount:
                 self.unmount()
                 raise DriveUnavailable(f"the mount did not come up within {self.mount_timeout:.0f} s")
             time.sleep(0.1)
+
+    async def _spawn(self, argv: list[str], env: dict) -> subprocess.Popen:
+        return self._popen(argv, env)
+
+    def _popen(self, argv: list[str], env: dict) -> subprocess.Popen:
+        with open(self.private / "rclone.log", "ab") as logf:
+            try:
+                return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                        preexec_fn=_set_pdeathsig, start_new_session=True)
+            except OSError as e:
+                raise DriveUnavailable(f"rclone could not be started ({e}); ask the operator to install rclone and "
+                                       f"fuse3")
 
     def _log_tail(self) -> str:
         try:
@@ -325,7 +356,7 @@ class DriveMount:
                 self._set_state("mounted")
                 return self.check_interval
             if status in (401, 403):
-                log.warning("EBRAINS Drive: the Drive token was refused (HTTP %s): exchanging and remounting", status)
+                self.log.warning("EBRAINS Drive: the Drive token was refused (HTTP %s): exchanging and remounting", status)
                 self.remounts += 1
                 self.mount()
                 self._set_state("mounted")
@@ -338,7 +369,7 @@ class DriveMount:
             return -1.0
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
         # One thread of its own for the blocking work: rclone's PR_SET_PDEATHSIG follows the thread that started it.
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drive")
         self._prepare_dirs()
@@ -347,7 +378,7 @@ class DriveMount:
             try:
                 wait = await loop.run_in_executor(executor, self.step)
             except Exception as e:  # noqa: BLE001 - never let the loop die: say why and retry
-                log.exception("EBRAINS Drive: check failed")
+                self.log.exception("EBRAINS Drive: check failed")
                 self._set_state("unavailable", f"internal error: {e}")
                 wait = -1.0
             if wait < 0:
@@ -378,6 +409,7 @@ def start_drive(server_app) -> Optional[DriveMount]:
         server_app.log.error("EBRAINS Drive: %s is not JSON; the Drive is not mounted", ENV)
         return None
     mount = DriveMount(settings)
+    mount.log = server_app.log  # in the server's log, beside everything else
     mount.start(server_app.io_loop)
     import atexit
 
