@@ -33,8 +33,9 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 # --- a throw-away certificate authority ----------------------------------------------------------------------------
 
-def make_certificates(folder: Path) -> dict[str, Path | str]:
-    """A CA, and a server certificate it signed for hub.test, collab.test, localhost and 127.0.0.1."""
+def make_certificates(folder: Path, ca_pair=None) -> dict:
+    """A CA (or the one given), and a server certificate it signed for hub.test, collab.test, localhost and
+    127.0.0.1, written into `folder` (replacing the files there atomically, as certbot's renewal does)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -43,7 +44,7 @@ def make_certificates(folder: Path) -> dict[str, Path | str]:
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "spinnaker-jupyter test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+    ca = ca_pair[1] if ca_pair else (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
           .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
           .not_valid_after(now + datetime.timedelta(days=1))
           .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
@@ -51,6 +52,7 @@ def make_certificates(folder: Path) -> dict[str, Path | str]:
                                        data_encipherment=False, key_agreement=False, key_cert_sign=True,
                                        crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
           .sign(ca_key, hashes.SHA256()))
+    ca_key = ca_pair[0] if ca_pair else ca_key
     key = ec.generate_private_key(ec.SECP256R1())
     names = [x509.DNSName(HUB_HOST), x509.DNSName(COLLAB_HOST), x509.DNSName("localhost"),
              x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
@@ -63,14 +65,18 @@ def make_certificates(folder: Path) -> dict[str, Path | str]:
     folder.mkdir(parents=True, exist_ok=True)
     ca_file, cert_file, key_file = folder / "ca.pem", folder / "fullchain.pem", folder / "privkey.pem"
     ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + ca.public_bytes(serialization.Encoding.PEM))
-    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    for path, data, mode in ((key_file, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()), 0o600),
+                             (cert_file, cert_pem + ca.public_bytes(serialization.Encoding.PEM), 0o644)):
+        tmp = path.with_name(path.name + ".new")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
     spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     # Chromium trusts exactly this key (and no other bad certificate): the test's stand-in for a CA in its store.
-    return {"ca": ca_file, "cert": cert_file, "key": key_file,
+    return {"ca": ca_file, "cert": cert_file, "key": key_file, "ca_pair": (ca_key, ca), "cert_pem": cert_pem.decode(),
             "spki_sha256": base64.b64encode(hashlib.sha256(spki).digest()).decode()}
 
 
@@ -194,6 +200,30 @@ def test_login_inside_a_collab_page_on_another_site_stays_logged_in(tls_hub, cer
             page.frame_locator("#hub").locator("input[name=password]").wait_for(timeout=30_000)
         finally:
             context.close()
+
+
+def served_certificate(port: int) -> str:
+    return ssl.get_server_certificate(("127.0.0.1", port), timeout=10)
+
+
+def test_a_renewed_certificate_is_served_after_the_documented_deploy_hook(tls_hub, certs):
+    """README: certbot's --deploy-hook ends the proxy (its pid file); the hub starts it again, with the renewed
+    certificate, and puts the routes back (user servers keep running)."""
+    from hubclient import wait_for
+
+    assert served_certificate(tls_hub.port) == certs["cert_pem"]
+    renewed = make_certificates(certs["cert"].parent, certs["ca_pair"])
+    pid_file = Path(tls_hub.config["data_dir"]) / "hub" / "proxy.pid"
+    os.kill(int(pid_file.read_text()), 15)  # what the deploy hook does: kill "$(cat DATA_DIR/hub/proxy.pid)"
+
+    def new_one():
+        with contextlib.suppress(OSError):
+            return served_certificate(tls_hub.port) == renewed["cert_pem"]
+
+    wait_for(new_one, 60, "the proxy to serve the renewed certificate")
+    # ... and the hub puts its routes back (a few seconds of 404 meanwhile).
+    wait_for(lambda: requests.get(f"{tls_hub.url}/hub/api/", timeout=10, verify=str(certs["ca"])).status_code == 200,
+             30, "the hub's routes to be back on the restarted proxy")
 
 
 # --- the key file ---------------------------------------------------------------------------------------------------
