@@ -274,3 +274,10 @@ def test_a_crypt_key_that_is_not_32_hex_bytes_is_one_line(tmp_path, monkeypatch)
         d.secret("crypt_key")
     monkeypatch.delenv("JUPYTERHUB_CRYPT_KEY")
     assert bytes.fromhex(d.secret("crypt_key")) and len(d.secret("crypt_key")) == 64  # the generated one
+
+
+def test_drive_needs_ebrains_login_and_the_job_port_must_be_free_of_the_others(tmp_path):
+    with pytest.raises(ConfigError, match=r"^drive.enabled: .*set auth.type: ebrains"):
+        config.load([write(tmp_path, {"drive": {"enabled": True}})])
+    with pytest.raises(ConfigError, match=r"jobs.port must all be different ports"):
+        config.load([write(tmp_path, {"jobs": {"enabled": True, "port": 8000}, "hub": {"port": 8000}})])

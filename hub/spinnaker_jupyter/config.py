@@ -9,14 +9,21 @@ import os
 import re
 import secrets
 import stat
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
-import jsonschema
 import yaml
 
 from .schema import SCHEMA, defaults
+from .singleuser import SKIPPED_IMPORTS
+
+# jsonschema's optional "iri" format checker imports rfc3987_syntax, which compiles a lark grammar at import (seconds
+# at every command); the schema checks no format, so that module is marked absent first (singleuser.py says more).
+for _name in SKIPPED_IMPORTS:
+    sys.modules.setdefault(_name, None)
+import jsonschema  # noqa: E402
 
 PROJECT_ROOT = Path(os.environ.get("SPINNAKER_JUPYTER_ROOT", Path(__file__).resolve().parents[2]))
 CONFIG_ENV = "SPINNAKER_JUPYTER_CONFIG"  # os.pathsep-separated config files, for jupyterhub_config.py
@@ -408,12 +415,17 @@ def _check_consistency(d: Deployment) -> None:
         if eb["auth_refresh_age"] >= eb["refresh_margin"]:
             raise ConfigError("auth.ebrains.auth_refresh_age must be smaller than auth.ebrains.refresh_margin, or "
                               "notebooks could be handed an access token about to expire")
-    ports = [v["hub"]["port"], v["proxy"]["api_port"], v["proxy"]["hub_port"]]
+    if v["drive"]["enabled"] and v["auth"]["type"] != "ebrains":
+        raise ConfigError("drive.enabled: the Drive is reached with each user's EBRAINS login; set auth.type: "
+                          "ebrains, or drive.enabled: false")
+    ports = {"hub.port": v["hub"]["port"], "proxy.api_port": v["proxy"]["api_port"],
+             "proxy.hub_port": v["proxy"]["hub_port"]}
     if v["auth"]["type"] == "ebrains":
-        ports.append(v["auth"]["ebrains"]["token_service_port"])
-    if len(set(ports)) < len(ports):
-        raise ConfigError("hub.port, proxy.api_port, proxy.hub_port (and auth.ebrains.token_service_port) must all "
-                          "be different ports")
+        ports["auth.ebrains.token_service_port"] = v["auth"]["ebrains"]["token_service_port"]
+    if v["jobs"]["enabled"]:
+        ports["jobs.port"] = v["jobs"]["port"]
+    if len(set(ports.values())) < len(ports):
+        raise ConfigError(f"{', '.join(ports)} must all be different ports")
     if v["nrp"]["port"] not in v["proxy_ports"]:
         raise ConfigError(f"proxy_ports: must include nrp.port ({v['nrp']['port']}) or the NRP route cannot work")
 
