@@ -93,3 +93,58 @@ def test_first_come_first_served_with_the_place_in_line_said_and_a_full_line_ref
     dan.start_server(timeout=180)
     for user in (amy, ben, cat, dan):
         user.stop_server()
+
+
+def test_what_a_start_does_not_need_is_left_out_of_local_servers(hub, students):
+    """The settings that cut a server start's cost (benchmarks/README.md) reach local servers."""
+    import pwd
+    from pathlib import Path
+
+    user = students["qdan"]
+    if not (user.server_model() or {}).get("ready"):
+        user.start_server(timeout=180)
+    # The launcher runs the server (ps shows it as the user's account).
+    uid = pwd.getpwnam("jupyter-qdan").pw_uid
+    cmdlines = [Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                for pid in (p.name for p in Path("/proc").iterdir() if p.name.isdigit())
+                if _owner(pid) == uid]
+    assert any("-m spinnaker_jupyter.singleuser" in c for c in cmdlines), cmdlines
+    # No language-server scan (jupyter_lsp off): its status route is gone.
+    assert user.server("GET", "lsp/status").status_code == 404
+    # JupyterLab's news are not fetched from the internet when the browser asks for them.
+    news = user.server("GET", "lab/api/news")
+    assert news.status_code == 200 and news.json()["news"] == []
+    update = user.server("GET", "lab/api/update")
+    assert update.status_code == 200 and update.json()["notification"] is None
+    log = (Path(hub.config["data_dir"]) / "logs" / "qdan.log").read_text(errors="replace")
+    assert "Failed to get announcements" not in log and "Skipped non-installed server" not in log, log[-3000:]
+    user.stop_server()
+
+
+def test_the_launcher_leaves_out_the_grammar_import_and_the_node_call():
+    """spinnaker_jupyter.singleuser: what it leaves out is still left out with the installed jupyterlab and
+    jsonschema (fails when an upgrade moves either)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import subprocess, sys\n"
+        "calls = []\n"
+        "real = subprocess.check_output\n"
+        "subprocess.check_output = lambda *a, **k: calls.append(a[0]) or real(*a, **k)\n"
+        "from spinnaker_jupyter.singleuser import prepare\n"
+        "prepare()\n"
+        "import jupyterlab.labapp, jupyter_server.serverapp, jupyterhub.singleuser, jsonschema\n"
+        "print(sys.modules.get('rfc3987_syntax') is None, [c for c in calls if 'yarn' in ' '.join(map(str, c))])\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[-2] == "True []", out.stdout
+
+
+def _owner(pid: str):
+    import os
+
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except FileNotFoundError:
+        return None

@@ -24,15 +24,13 @@ def _load_jupyter_server_extension(server_app):
         framing.frame_cookies()
     watch_busy_kernels(server_app)  # a kernel running code keeps its server from being culled
     source = os.environ.get("SPINNAKER_TUTORIALS_DIR")
-    if source and Path(source).is_dir():
+    if source and Path(source).is_dir():  # (before "ready": ~3 ms, and the tutorials are there when Lab opens)
         try:
             report = seed_tutorials(Path(source), Path.home())
             for line in report:
                 log.info("tutorials: %s", line)
         except OSError as e:  # a full disk must not stop the server: the user keeps their files
             log.error("tutorials: could not copy the tutorials into %s: %s", Path.home(), e)
-    if os.environ.get("SPINNAKER_GIT_KERNEL_CONFIG"):
-        _start_git_kernel(log)
     closed = install_proxy_guard(server_app.web_app,
                                  allowed_ports=_ports(os.environ.get("SPINNAKER_PROXY_PORTS", "")),
                                  nrp_port=int(os.environ.get("SPINNAKER_NRP_PORT", "9000")),
@@ -46,12 +44,19 @@ def _load_jupyter_server_extension(server_app):
     __import__(f"{__name__}.drive", fromlist=["drive"]).start_drive(server_app)  # EBRAINS Drive at ~/drive
 
 
+async def _start_jupyter_server_extension(server_app):
+    """Once the server answers: the git kernel's first set-up (minutes of git and pip), off the path to "ready" and
+    at a lower CPU priority than the servers still starting beside this one (a room of students logging in)."""
+    if os.environ.get("SPINNAKER_GIT_KERNEL_CONFIG"):
+        _start_git_kernel(server_app.log)
+
+
 def _start_git_kernel(log) -> None:
     """First start: create ~/sPyNNakerGit in the background (never delays the server; resumes if interrupted)."""
     from . import gitkernel
 
     try:
-        proc = gitkernel.start_background(Path.home())
+        proc = gitkernel.start_background(Path.home(), nice=10)
     except Exception as e:  # a broken set-up must not stop the server: the log says what happened
         log.error("sPyNNakerGit: could not start its set-up: %s", e)
         return

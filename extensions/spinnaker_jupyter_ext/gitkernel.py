@@ -937,10 +937,12 @@ def _build_c(root: Path, mode: str, env: Mapping[str, str], runner: _Runner,
 def start_background(home: str | os.PathLike[str],
                      config: GitKernelConfig | Mapping[str, Any] | None = None, *,
                      python: str | os.PathLike[str] | None = None,
-                     env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes] | None:
+                     env: Mapping[str, str] | None = None,
+                     nice: int = 0) -> subprocess.Popen[bytes] | None:
     """Start the set-up in a detached process unless it is already complete (or not
     configured / disabled); returns at once. Output goes to ``~/sPyNNakerGit/setup.log``;
     follow it with :func:`read_status`. For the server extension, at server start.
+    ``nice``: how much lower its CPU priority (and its git and pip children's) is than the caller's.
 
     ``config``: the ``git_kernel`` section; None reads it (JSON) from the environment
     variable ``SPINNAKER_GIT_KERNEL_CONFIG`` (set by the spawner); absent there: None."""
@@ -962,12 +964,16 @@ def start_background(home: str | os.PathLike[str],
     run_env["PYTHONPATH"] = here + (os.pathsep + run_env["PYTHONPATH"]
                                     if run_env.get("PYTHONPATH") else "")
     with open(root / LOG_FILE, "ab") as log:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             [str(python or sys.executable), "-m", "spinnaker_jupyter_ext.gitkernel",
              "--home", str(home), "--config-json", json.dumps(cfg.to_json()), "--quiet",
              "--wait", "5"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=run_env,
             start_new_session=True, close_fds=True)
+    if nice:  # (set from here: a preexec_fn is unsafe in a server with threads; the child is still importing)
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, proc.pid, os.getpriority(os.PRIO_PROCESS, 0) + nice)
+    return proc
 
 
 def _load_config_file(path: str) -> dict[str, Any]:

@@ -34,8 +34,14 @@ def write_server_config(d: Deployment) -> Path:
     conf_dir = d.data_dir / "etc" / "jupyter"
     conf_dir.mkdir(parents=True, exist_ok=True)
     settings = {
-        "ServerApp": {"jpserver_extensions": {"spinnaker_jupyter_ext": True, "jupyter_server_proxy": True}},
+        # jupyter_lsp off: no language server is installed for users, and it scans for 19 of them at every start.
+        "ServerApp": {"jpserver_extensions": {"spinnaker_jupyter_ext": True, "jupyter_server_proxy": True,
+                                              "jupyter_lsp": False}},
         "ServerProxy": {"host_allowlist": ["localhost", "127.0.0.1"]},
+        # JupyterLab fetches no news and no update check from the internet (each browser asks its server, which
+        # asks jupyterlab.github.io / PyPI), and its extension manager does not query PyPI: nobody here installs.
+        "LabApp": {"news_url": None, "check_for_updates_class": "jupyterlab.NeverCheckForUpdate",
+                   "extension_manager": "readonly"},
         # Kernels on unix sockets in a private folder (the extension picks it), never on TCP ports that any local
         # account could subscribe to. images/singleuser/jupyter_server_config.json says the same for containers.
         "KernelManager": {"transport": "ipc"},
@@ -225,7 +231,8 @@ def _apply_spawner(c, d: Deployment, args: list[str]) -> None:
 
         print(f"[spinnaker-jupyter] {describe_deployment(d, prune=True)}", flush=True)  # which limits, and how
         # The user servers run from the hub's own environment; as root they need --allow-root only if not switched.
-        c.Spawner.cmd = [str(Path(sys.executable).parent / "jupyterhub-singleuser")]
+        # jupyterhub-singleuser without two start-up costs nobody here needs (spinnaker_jupyter/singleuser.py)
+        c.Spawner.cmd = [sys.executable, "-m", "spinnaker_jupyter.singleuser"]
         if not system_users_enabled(d) and os.geteuid() == 0:
             args.append("--allow-root")
     elif sp["type"] == "slurm":
