@@ -198,3 +198,32 @@ def test_a_cancelled_jobs_board_is_given_back(boards_hub, slurm):
     wait_for(lambda: frank.server_model() is None, 30, "the hub to notice frank's cancelled job")
     double.wait_for(lambda d: d.job(board_job["id"])["state"] == "DESTROYED", timeout=20,
                     what="frank's board to be given back at the spalloc service")
+
+
+# ------------------------------------------------------------------------------------------- batchspawner, fenced
+def test_slurm_commands_run_as_the_user_never_get_the_hubs_secrets(monkeypatch):
+    """batchspawner 1.3.0 runs squeue and scancel (as the user, through exec_prefix) with the hub's own environment;
+    slurm.py gives them only what Slurm needs. The second assertion fails once upstream stops passing the hub's
+    environment on: then the override in SlurmUserSpawner.run_command can go."""
+    import asyncio
+
+    from batchspawner import SlurmSpawner
+    from spinnaker_jupyter.slurm import SlurmUserSpawner
+
+    monkeypatch.setenv("CONFIGPROXY_AUTH_TOKEN", "the-hubs-proxy-secret")
+    ours = asyncio.run(SlurmUserSpawner(slurm_conf="/etc/x/slurm.conf").run_command("env"))
+    assert "the-hubs-proxy-secret" not in ours and "SLURM_CONF=/etc/x/slurm.conf" in ours.splitlines()
+    assert "the-hubs-proxy-secret" in asyncio.run(SlurmSpawner().run_command("env"))
+
+
+def test_batchspawner_still_uses_the_deprecated_spawner_db_that_jupyterhub_still_has():
+    """batchspawner 1.3.0's start() commits through Spawner.db, which JupyterHub 6.1 deprecates ("will be removed";
+    a warning at each start). Fails when either side changes: check the pin then."""
+    import inspect
+
+    import jupyterhub
+    from batchspawner import BatchSpawnerBase
+    from jupyterhub.spawner import Spawner
+
+    assert "self.db.commit()" in inspect.getsource(BatchSpawnerBase.start)
+    assert "db" in Spawner.class_traits() and jupyterhub.__version__ == "6.1.1"
