@@ -27,7 +27,6 @@ from . import config as configmod
 from . import kernels, preflight
 from .config import PROJECT_ROOT, ConfigError, Deployment
 from .hubconfig import chp_command, system_users_enabled
-from .local_accounts import AccountError, AccountStore
 from .schema import describe
 
 DEFAULT_CONFIG = PROJECT_ROOT / "spinnaker-jupyter.yaml"
@@ -128,6 +127,8 @@ def prepare(d: Deployment, build: bool = True) -> None:
 def first_admin(d: Deployment) -> None:
     if d["auth"]["type"] != "local":
         return
+    from .local_accounts import AccountStore  # here: it imports JupyterHub's handlers (seconds), few commands need it
+
     store = AccountStore(d.accounts_file)
     if store.names():
         return
@@ -172,6 +173,8 @@ def cmd_user(args) -> int:
     d = _load(args)
     if d["auth"]["type"] != "local":
         raise ConfigError("user accounts are managed here only with auth.type: local")
+    from .local_accounts import AccountStore  # here: it imports JupyterHub's handlers (seconds), few commands need it
+
     store = AccountStore(d.accounts_file)
     if args.action == "list":
         for name, admin in store.names().items():
@@ -281,7 +284,10 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.fn(args) or 0
-    except (ConfigError, AccountError) as e:
+    except Exception as e:
+        accounts = sys.modules.get(f"{__package__}.local_accounts")  # an AccountError comes only once it is imported
+        if not isinstance(e, ConfigError) and not (accounts and isinstance(e, accounts.AccountError)):
+            raise
         print(f"spinnaker-jupyter: {e}", file=sys.stderr)
         return 2
 

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 from .config import PROJECT_ROOT, Deployment
-from .docker import IMAGE_ENV_ROOT
 from .kernels import make_world_readable
 
 
@@ -64,6 +63,8 @@ def user_server_env(d: Deployment, in_container: bool = False) -> dict[str, str]
     if nrp["command"]:
         env["SPINNAKER_NRP_COMMAND"] = json.dumps(nrp["command"])
     if in_container:  # the machine cfg travels as text (boards.BoardsMixin.get_env)
+        from .docker import IMAGE_ENV_ROOT  # here, not at the top: dockerspawner's import costs seconds per command
+
         envs_dir = Path(IMAGE_ENV_ROOT)
     else:
         env.update({
