@@ -248,3 +248,38 @@ def test_the_images_kernelspecs_offer_no_debugger():
     assert "COPY kernels/spynnaker/spinnaker_kernel.py /opt/spinnaker-jupyter/kernels/spynnaker/spinnaker_kernel.py" \
         in text
     assert all(s["metadata"] == {"debugger": False} for s in specs.values()), specs
+
+
+# In the single-user image, with the server environment's Python: every kernelspec's debugger flag, and what each
+# kernel answers to kernel_info and to the debug_request JupyterLab sends first.
+IN_IMAGE = r"""
+import json
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import start_new_kernel
+report = {}
+for name, spec in KernelSpecManager().get_all_specs().items():
+    km, kc = start_new_kernel(kernel_name=name, startup_timeout=120)
+    try:
+        info = kc.kernel_info(reply=True, timeout=60)["content"]
+        kc.control_channel.send(kc.session.msg("debug_request", {"type": "request", "seq": 1,
+                                                                 "command": "initialize", "arguments": {}}))
+        reply = kc.control_channel.get_msg(timeout=60)["content"]
+        report[name] = {"spec_debugger": spec["spec"].get("metadata", {}).get("debugger"),
+                        "features": info.get("supported_features"), "debug_reply": reply}
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.containers
+def test_the_images_kernels_offer_no_debugger(podman_engine):
+    from test_images import run
+
+    out = run(podman_engine.client(), podman_engine.images["singleuser"], ["python", "-c", IN_IMAGE])
+    report = json.loads(out.strip().splitlines()[-1])
+    assert set(report) == {"spynnaker", "python3"}, report
+    for name, seen in report.items():
+        assert seen["spec_debugger"] is False and "debugger" not in seen["features"], (name, seen)
+        assert seen["debug_reply"]["success"] is False and "not available" in seen["debug_reply"]["message"], seen
