@@ -862,3 +862,30 @@ def test_double_job_list_long_polls_until_a_job_changes(spalloc_double):
     t0 = time.monotonic()
     quiet = requests.get(double.srv_url + "jobs?wait=true", headers=auth, timeout=10)
     assert quiet.json()["jobs"] == [r.headers["Location"]] and 4.5 < time.monotonic() - t0 < 8
+
+
+def test_reconcile_leaves_the_jobs_of_a_store_restored_from_another_machine(spalloc_double, tmp_path):
+    """A backup restored elsewhere holds the rows of a hub that may still run: their jobs are not this hub's."""
+    from spinnaker_jupyter import leases
+
+    double = spalloc_double(boards=1, power_delay=0)
+    logs: list[str] = []
+
+    class Log:
+        def __getattr__(self, level):
+            return lambda msg, *args: logs.append(f"{level}: {msg % args}")
+
+    async def scenario():
+        a = allocator(double)
+        client = a.client()
+        there = leases.LeaseStore(tmp_path / "leases.sqlite", host="production")
+        job = await client.create_job(owner="alice", keepalive_interval=30)
+        there.created(there.begin("alice/", "alice", client.service_url), job.url)
+        there.close()
+        here = leases.LeaseStore(tmp_path / "leases.sqlite", host="restore-test")
+        report = await leases.reconcile(here, client, is_held=lambda lease: False, log=Log())
+        assert report.destroyed == [] and double.job(job.id)["state"] != "DESTROYED"
+        assert here.leases() == [] and any("recorded on another machine (production" in line for line in logs), logs
+        await a.close()
+
+    run(scenario())

@@ -27,7 +27,8 @@ job list (``GET jobs``):
   hub restart: its spawner resumes the keepalive and adopts the row); destroyed otherwise.
 
 Each destroyed job gets one log line. Jobs at the service that no row accounts for (other clients' jobs, another
-hub's) are never touched: with an admin token the hub sees every job of the service.
+hub's) are never touched: with an admin token the hub sees every job of the service. Rows written on another machine
+(the store restored from a backup) are dropped untouched: their jobs may belong to a hub that still runs there.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import sqlite3
 import stat
 import time
@@ -63,7 +65,8 @@ CREATE TABLE IF NOT EXISTS leases (
     keepalive REAL,
     incarnation TEXT NOT NULL,
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    host TEXT
 )
 """
 
@@ -84,6 +87,7 @@ class Lease:
     incarnation: str
     created_at: float
     updated_at: float
+    host: Optional[str] = None  # the machine of the hub that wrote it (a restored backup's rows are not ours)
 
 
 class LeaseStoreError(Exception):
@@ -94,15 +98,19 @@ class LeaseStore:
     """The durable record of the hub's spalloc jobs (see the module doc). Calls are short synchronous SQLite
     transactions (a few ms, one fsync), made from the event loop's thread."""
 
-    def __init__(self, path: Union[str, Path], incarnation: Optional[str] = None) -> None:
+    def __init__(self, path: Union[str, Path], incarnation: Optional[str] = None,
+                 host: Optional[str] = None) -> None:
         self.path = Path(path)
         self.incarnation = incarnation or uuid.uuid4().hex
+        self.host = host or socket.gethostname()
         self._check_file()
         try:
             self._db = sqlite3.connect(str(self.path), timeout=10, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # with WAL: a commit is on disk when it returns
             self._db.execute(_SCHEMA)
+            if "host" not in [row[1] for row in self._db.execute("PRAGMA table_info(leases)")]:
+                self._db.execute("ALTER TABLE leases ADD COLUMN host TEXT")
         except sqlite3.Error as e:
             raise LeaseStoreError(f"cannot use the board lease store {self.path}: {e}. Check that the folder is "
                                   f"writable by the hub; remove the file if it is damaged (the next hub start "
@@ -138,8 +146,9 @@ class LeaseStore:
         lease_id = uuid.uuid4().hex
         now = time.time()
         self._write("INSERT INTO leases (id, holder, owner, service, phase, job_url, boards, keepalive, incarnation, "
-                    "created_at, updated_at) VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?)",
-                    (lease_id, holder, owner, service, CREATING, boards, keepalive, self.incarnation, now, now))
+                    "created_at, updated_at, host) VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?)",
+                    (lease_id, holder, owner, service, CREATING, boards, keepalive, self.incarnation, now, now,
+                     self.host))
         return lease_id
 
     def created(self, lease_id: str, job_url: str) -> None:
@@ -151,20 +160,22 @@ class LeaseStore:
 
     def held(self, job_url: str) -> None:
         """A started holder has the job now."""
-        self._write("UPDATE leases SET phase = ?, incarnation = ?, updated_at = ? WHERE job_url = ?",
-                    (HELD, self.incarnation, time.time(), job_url))
+        self._write("UPDATE leases SET phase = ?, incarnation = ?, host = ?, updated_at = ? WHERE job_url = ?",
+                    (HELD, self.incarnation, self.host, time.time(), job_url))
 
     def adopt(self, job_url: str, holder: str, owner: str, service: str) -> None:
         """This process keeps `job_url` alive now (a holder that outlived a hub restart); records it if it was not."""
         now = time.time()
         with self._db:
-            n = self._db.execute("UPDATE leases SET phase = ?, incarnation = ?, holder = ?, updated_at = ? "
-                                 "WHERE job_url = ?", (HELD, self.incarnation, holder, now, job_url)).rowcount
+            n = self._db.execute("UPDATE leases SET phase = ?, incarnation = ?, host = ?, holder = ?, updated_at = ? "
+                                 "WHERE job_url = ?", (HELD, self.incarnation, self.host, holder, now,
+                                                       job_url)).rowcount
             if n == 0:
                 self._db.execute(
                     "INSERT INTO leases (id, holder, owner, service, phase, job_url, boards, keepalive, incarnation, "
-                    "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?, ?)",
-                    (uuid.uuid4().hex, holder, owner, service, HELD, job_url, self.incarnation, now, now))
+                    "created_at, updated_at, host) VALUES (?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?, ?, ?)",
+                    (uuid.uuid4().hex, holder, owner, service, HELD, job_url, self.incarnation, now, now,
+                     self.host))
 
     def forget(self, *, lease_id: Optional[str] = None, job_url: Optional[str] = None) -> None:
         """The job was released or has ended (or never came): drop its row."""
@@ -176,7 +187,7 @@ class LeaseStore:
     # -- reads ----------------------------------------------------------------------------------------------------
     def leases(self) -> list[Lease]:
         rows = self._db.execute("SELECT id, holder, owner, service, phase, job_url, boards, keepalive, incarnation, "
-                                "created_at, updated_at FROM leases ORDER BY created_at").fetchall()
+                                "created_at, updated_at, host FROM leases ORDER BY created_at").fetchall()
         return [Lease(*row) for row in rows]
 
     def inherited(self) -> list[Lease]:
@@ -233,9 +244,18 @@ async def reconcile(store: LeaseStore, client: SpallocClient, *, is_held: IsHeld
     """Give back every job recorded by an earlier hub process that no live holder has (see the module doc)."""
     log = log or logging.getLogger(__name__)
     report = ReconcileReport()
-    inherited = [lease for lease in store.inherited() if lease.service == client.service_url]
+    def ours(lease: Lease) -> bool:
+        return lease.service == client.service_url and lease.host in (None, store.host)
+
+    inherited = [lease for lease in store.inherited() if ours(lease)]
     for lease in store.inherited():
-        if lease.service != client.service_url:
+        if lease.host not in (None, store.host):
+            # A backup restored onto another machine: the jobs may be those of a hub still running elsewhere.
+            log.warning("SpiNNaker jobs: lease of %s for %s was recorded on another machine (%s; a restored "
+                        "backup?): not touched here; it ends at the service when nobody keeps it alive",
+                        lease.job_url or "a job", lease.owner, lease.host)
+            store.forget(lease_id=lease.id)
+        elif lease.service != client.service_url:
             log.warning("SpiNNaker jobs: lease of %s for %s is at another allocation service (%s; the setting "
                         "changed?); it ends there when its keepalive interval passes", lease.job_url or "a job",
                         lease.owner, lease.service)
