@@ -80,6 +80,10 @@ class Base(web.RequestHandler):
     def js(self):
         return self.settings["jobs"]
 
+    def check_xsrf_cookie(self):
+        """The API is authenticated by the Authorization header only (never a cookie): no cross-site forgery to
+        guard against here. The Jobs page's forms (pages.py, cookie-authenticated) are checked."""
+
     async def prepare(self):
         token = identity.token_from_header(self.request.headers.get("Authorization"))
         try:
@@ -145,43 +149,68 @@ class JobsHandler(Base):
         except ValueError as e:
             self.fail(400, f"The request body is not valid JSON ({e}); send a JSON object with code, collab and "
                            "hardware_platform")
-        if not isinstance(body, dict):
-            self.fail(400, "The request body must be a JSON object with code, collab and hardware_platform")
-        known = {"code", "command", "collab", "input_data", "hardware_platform", "hardware_config", "tags"}
-        unknown = sorted(set(body) - known)
-        if unknown:
-            self.fail(422, f"{unknown[0]}: unknown field; a job has {', '.join(sorted(known))}")
-        for key in ("code", "collab", "hardware_platform"):
-            if not isinstance(body.get(key), str) or not body[key].strip():
-                self.fail(422, f"{key}: required (a non-empty string)")
-        if body["hardware_platform"].lower() != PLATFORM.lower():
-            self.fail(422, f"hardware_platform: {body['hardware_platform']!r} is not run here; this service runs "
-                           f"{PLATFORM} jobs")
-        collabs = self.who.collabs(self.js.collabs)
-        if body["collab"] not in collabs:
-            self.fail(404, f"You do not have access to the collab {body['collab']!r} or there is no collab with this "
-                           f"id. Yours here: {', '.join(collabs)}")
-        command = body.get("command") or "run.py {system}"
-        if not isinstance(command, str):
-            self.fail(422, "command: expected a string such as 'run.py {system}'")
-        tags = body.get("tags") or []
-        if not isinstance(tags, list) or not all(isinstance(t, str) and 2 <= len(t.strip()) <= 100 for t in tags):
-            self.fail(422, "tags: expected a list of strings of 2 to 100 characters")
-        if body.get("input_data"):
-            self.fail(422, "input_data: not supported by this service yet; download the files from your script")
         try:
-            config = hardware_config.parse(body.get("hardware_config"), self.js.allowed_keys,
-                                           self.application.settings["versions"], self.js.pip_packages,
-                                           self.js.wall_time)
-            fetch.check_inline(body["code"], self.js.fetch_limits)
-        except (hardware_config.HardwareConfigError, fetch.FetchError) as e:
-            self.fail(422, str(e))
-        job = self.store.create(self.who.name, {
-            "collab": body["collab"], "code": body["code"], "command": command, "hardware_platform": PLATFORM,
-            "hardware_config": json.dumps(config) if config else None, "input_data": None,
-            "tags": json.dumps([t.strip() for t in tags])})
-        self.settings["runner"].wake()
+            job = submit(self.application, self.who, body)
+        except Refused as e:
+            self.fail(e.status, e.detail)
         self.json(job_model(self.application, job, with_log=False), status=201)
+
+
+class Refused(Exception):
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+def submit(app, who: identity.Identity, body) -> Job:
+    """Check a new job (the API's and the Jobs page's) and queue it; Refused says what is wrong, in one line."""
+    js = app.settings["jobs"]
+    if not isinstance(body, dict):
+        raise Refused(400, "The request body must be a JSON object with code, collab and hardware_platform")
+    known = {"code", "command", "collab", "input_data", "hardware_platform", "hardware_config", "tags"}
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise Refused(422, f"{unknown[0]}: unknown field; a job has {', '.join(sorted(known))}")
+    for key in ("code", "collab", "hardware_platform"):
+        if not isinstance(body.get(key), str) or not body[key].strip():
+            raise Refused(422, f"{key}: required (a non-empty string)")
+    if body["hardware_platform"].lower() != PLATFORM.lower():
+        raise Refused(422, f"hardware_platform: {body['hardware_platform']!r} is not run here; this service runs "
+                           f"{PLATFORM} jobs")
+    collabs = who.collabs(js.collabs)
+    if body["collab"] not in collabs:
+        raise Refused(404, f"You do not have access to the collab {body['collab']!r} or there is no collab with this "
+                           f"id. Yours here: {', '.join(collabs)}")
+    command = body.get("command") or "run.py {system}"
+    if not isinstance(command, str):
+        raise Refused(422, "command: expected a string such as 'run.py {system}'")
+    tags = body.get("tags") or []
+    if not isinstance(tags, list) or not all(isinstance(t, str) and 2 <= len(t.strip()) <= 100 for t in tags):
+        raise Refused(422, "tags: expected a list of strings of 2 to 100 characters")
+    if body.get("input_data"):
+        raise Refused(422, "input_data: not supported by this service yet; download the files from your script")
+    try:
+        config = hardware_config.parse(body.get("hardware_config"), js.allowed_keys, app.settings["versions"],
+                                       js.pip_packages, js.wall_time)
+        fetch.check_inline(body["code"], js.fetch_limits)
+    except (hardware_config.HardwareConfigError, fetch.FetchError) as e:
+        raise Refused(422, str(e)) from None
+    job = app.settings["store"].create(who.name, {
+        "collab": body["collab"], "code": body["code"], "command": command, "hardware_platform": PLATFORM,
+        "hardware_config": json.dumps(config) if config else None, "input_data": None,
+        "tags": json.dumps([t.strip() for t in tags])})
+    app.settings["runner"].wake()
+    return job
+
+
+def remove(app, job: Job) -> str:
+    """Delete a job (a running one is stopped by its runner first). Returns the status it had."""
+    before = app.settings["store"].request_removal(job.id)
+    if before == "running":
+        app.settings["runner"].wake()  # its runner stops it and discards what it wrote
+    else:
+        shutil.rmtree(app.settings["jobs"].outputs / str(job.id), ignore_errors=True)
+    return before
 
 
 class JobHandler(Base):
@@ -190,11 +219,7 @@ class JobHandler(Base):
 
     def delete(self, job_id):
         job = self.own_job(job_id)
-        before = self.store.request_removal(job.id)
-        if before == "running":
-            self.settings["runner"].wake()  # its runner stops it and discards what it wrote
-        else:
-            shutil.rmtree(self.js.outputs / str(job.id), ignore_errors=True)
+        before = remove(self.application, job)
         self.json({"id": job.id, "status": "removed" if before != "running" else "running",
                    "detail": "The job is being stopped." if before == "running" else "The job was removed."})
 
@@ -240,8 +265,9 @@ class FileHandler(web.RequestHandler):
         self.finish()
 
 
-def make_app(**settings) -> web.Application:
+def make_app(pages: list | None = None, **settings) -> web.Application:
     return web.Application([
+        *(pages or []),
         (r"/", AboutHandler),
         (r"/userinfo/?", UserInfoHandler),
         (r"/jobs/?", JobsHandler),

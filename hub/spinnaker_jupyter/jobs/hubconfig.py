@@ -19,9 +19,14 @@ def update_jobs(c, d: Deployment) -> None:
            BASE_DIR_ENV: str(d.base_dir)}
     if os.environ.get(DB_URL_ENV):  # a secret: from the hub's environment, never from the config file
         env[DB_URL_ENV] = os.environ[DB_URL_ENV]
-    # No `url`: the API must sit at the root of its own address (jobs.ip:port), not under /services/jobs/.
-    c.JupyterHub.services = [*c.JupyterHub.services, {"name": SERVICE_NAME, "command": service_command(),
-                                                      "environment": env}]
+    # The nmpi API sits at the root of the service's own address (jobs.ip:port: nmpi keeps only scheme://host:port).
+    # The `url` also gives it the hub's proxy route /services/jobs/ and an OAuth client: there the Jobs page is
+    # served to browsers logged in to the hub (JupyterHub's HubOAuth), and the hub's menu lists it.
+    ip = d["jobs"]["ip"] if d["jobs"]["ip"] not in ("", "0.0.0.0", "::") else "127.0.0.1"
+    c.JupyterHub.services = [*c.JupyterHub.services, {
+        "name": SERVICE_NAME, "command": service_command(), "environment": env, "display": True,
+        "url": f"http://{ip}:{d['jobs']['port']}", "oauth_no_confirm": True}]
+    c.JupyterHub.template_vars.update({"jobs_page": f"{d['hub']['base_url']}services/{SERVICE_NAME}/"})
     roles = [dict(r) for r in c.JupyterHub.load_roles]
     user = next((r for r in roles if r["name"] == "user"), None)
     if user is None:

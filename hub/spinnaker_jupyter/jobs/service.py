@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import signal
 
-from . import api, identity, signing
+from . import api, identity, pages, signing
 from .executor import LocalExecutor
 from .runner import Runner
 from .settings import SERVICE_NAME, Settings, db_url, load_deployment, spynnaker_versions
@@ -49,7 +50,11 @@ async def serve() -> None:
     checker = identity.TokenChecker(os.environ["JUPYTERHUB_API_URL"], os.environ.get("JUPYTERHUB_SERVICE_NAME",
                                                                                       SERVICE_NAME),
                                     ebrains_settings(d), d["jobs"]["token_cache_seconds"])
-    app = api.make_app(store=store, jobs=s, checker=checker, runner=runner, versions=spynnaker_versions(
+    prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX")  # the Jobs page, behind the hub's login (pages.py)
+    web_pages = {"pages": pages.routes(prefix), "pages_prefix": prefix, "template_path": str(pages.TEMPLATES),
+                 "hub_prefix": prefix.rsplit("services/", 1)[0] + "hub/", "xsrf_cookies": True,
+                 "cookie_secret": secrets.token_bytes(32)} if prefix else {}
+    app = api.make_app(**web_pages, store=store, jobs=s, checker=checker, runner=runner, versions=spynnaker_versions(
         s.spynnaker_env), signing_key=signing.load_key(s.data / "signing_key"))
     server = app.listen(d["jobs"]["port"], d["jobs"]["ip"], xheaders=True)
     log.info("Job service listening on %s:%s (public URL %s); runner %s, concurrency %d", d["jobs"]["ip"],
