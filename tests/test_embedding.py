@@ -213,6 +213,7 @@ def test_a_renewed_certificate_is_served_after_the_documented_deploy_hook(tls_hu
 
     assert served_certificate(tls_hub.port) == certs["cert_pem"]
     renewed = make_certificates(certs["cert"].parent, certs["ca_pair"])
+    certs.update(renewed)  # (the module's later tests trust the renewed key)
     pid_file = Path(tls_hub.config["data_dir"]) / "hub" / "proxy.pid"
     os.kill(int(pid_file.read_text()), 15)  # what the deploy hook does: kill "$(cat DATA_DIR/hub/proxy.pid)"
 
@@ -224,6 +225,31 @@ def test_a_renewed_certificate_is_served_after_the_documented_deploy_hook(tls_hu
     # ... and the hub puts its routes back (a few seconds of 404 meanwhile).
     wait_for(lambda: requests.get(f"{tls_hub.url}/hub/api/", timeout=10, verify=str(certs["ca"])).status_code == 200,
              30, "the hub's routes to be back on the restarted proxy")
+
+
+@pytest.mark.browser
+def test_where_third_party_cookies_are_blocked_the_framed_login_still_works(tls_hub, certs, tmp_path):
+    """Debian's headless Chromium blocks third-party cookies by default: only Partitioned cookies are kept in the
+    frame. The login there reaches the user's server (JupyterLab itself then lacks localStorage: README)."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    if not shutil.which(CHROMIUM):
+        pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's chromium (make test-deps does)")
+    password = tls_hub.add_user("blocked")
+    with collab_page(tls_hub.page_port, certs, f"https://{HUB_HOST}:{tls_hub.port}/hub/") as page_url, \
+            playwright.sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM,
+            args=[*FLAGS, f"--ignore-certificate-errors-spki-list={certs['spki_sha256']}"])
+        try:
+            page = context.new_page()
+            page.goto(page_url)
+            frame = page.frame_locator("#hub")
+            frame.locator("input[name=username]").fill("blocked")
+            frame.locator("input[name=password]").fill(password)
+            with page.expect_event("framenavigated", lambda f: "/user/blocked/lab" in f.url, timeout=120_000):
+                frame.locator("input[type=submit], button[type=submit]").first.click()
+        finally:
+            context.close()
 
 
 # --- the key file ---------------------------------------------------------------------------------------------------

@@ -157,7 +157,7 @@ def cmd_up(args) -> int:
     env[configmod.BASE_DIR_ENV] = str(d.base_dir)  # the hub runs in data_dir/hub: relative paths must not move
     hub = d["hub"]
     say(f"ready to start after {time.monotonic() - t0:.1f} s; the hub will answer at "
-        f"http://{hub['ip']}:{hub['port']}{hub['base_url']}")
+        f"{'https' if hub['tls']['cert_file'] else 'http'}://{hub['ip']}:{hub['port']}{hub['base_url']}")
     hub_cmd = [str(Path(sys.executable).parent / "jupyterhub"), "-f", str(Path(__file__).parent / "jupyterhub_config.py")]
     os.chdir(d.hub_dir)  # jupyterhub writes its runtime files in the working folder
     os.execve(hub_cmd[0], hub_cmd, env)
