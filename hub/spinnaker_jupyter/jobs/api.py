@@ -275,5 +275,8 @@ def make_app(pages: list | None = None, **settings) -> web.Application:
         (r"/jobs/(\d+)/log/?", LogHandler),
         (r"/jobs/(\d+)/output_data/?", OutputDataHandler),
         (r"/files/(\d+)/(.+)", FileHandler),
+        *uploads.ROUTES,
     ], **settings)
 
+
+from . import uploads  # noqa: E402 (its handlers build on Base above)

@@ -25,7 +25,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from ..kernels import spynnaker_cfg_text
-from . import archives, fetch, hardware_config, sessions
+from . import archives, fetch, hardware_config, sessions, uploads
 from .executor import Account, AccountError, Executor
 from .settings import Settings, spynnaker_versions
 from .store import Job, Store
@@ -176,6 +176,7 @@ class Runner:
     def purge(self) -> None:
         """Outputs older than jobs.retention_days go; the job record and its log stay."""
         before = datetime.now(timezone.utc) - timedelta(days=self.s.retention_days)
+        uploads.purge(self.s.data, self.s.retention_days)
         for job in self.store.expired(before):
             out = self.s.outputs / str(job.id)
             if out.exists():

@@ -52,3 +52,12 @@ def check(key: bytes, job_id: int, path: str, expires: str, signature: str) -> s
         return ("This download link has expired. Read the job again (nmpi get_job, or the Jobs page) for a fresh "
                 "link.")
     return None
+
+
+UPLOAD = 0  # job ids start at 1: an upload's MAC can never pass for a job file's
+
+
+def sign_upload(key: bytes, base_url: str, name: str, ttl: int) -> str:
+    """The link the runner fetches an uploaded code archive by (command-line client `run`; uploads.py)."""
+    expires = int(time.time()) + ttl
+    return f"{base_url.rstrip('/')}/uploads/{quote(name)}?expires={expires}&signature={_mac(key, UPLOAD, name, expires)}"
