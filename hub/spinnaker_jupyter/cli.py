@@ -233,6 +233,13 @@ def cmd_volumes(args) -> int:
     return 0
 
 
+def cmd_course(args) -> int:
+    from .course import cli_course_start
+
+    users = [u for u in (args.users or "").split(",") if u]
+    return cli_course_start(_load(args), args.group, users, wait=args.wait)
+
+
 def cmd_config(args) -> int:
     if args.reference:
         for path, desc, default in describe():
@@ -272,6 +279,12 @@ def parser() -> argparse.ArgumentParser:
     v = add("volumes", cmd_volumes, "list or remove users' home volumes (spawner: docker)")
     v.add_argument("action", choices=["list", "remove"])
     v.add_argument("name", nargs="?")
+    co = add("course", cmd_course, "start the servers of a class (a hub group, or --users) before it begins")
+    co.add_argument("action", choices=["start"])
+    co.add_argument("group", nargs="?", help="hub group whose members' servers start")
+    co.add_argument("--users", help="comma-separated hub user names instead of a group")
+    co.add_argument("--wait", type=float, default=600, help="seconds to report progress until all are ready (0: "
+                                                             "start them and return)")
     cf = add("config", cmd_config, "print the effective config")
     cf.add_argument("--reference", action="store_true", help="list every key with its default and meaning")
     from .backup import register as add_backup_commands  # backup / restore: everything but the homes

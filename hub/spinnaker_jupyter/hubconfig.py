@@ -138,6 +138,11 @@ def apply(c, d: Deployment) -> None:
         service, role = hub_service(d)
         services.append(service)
         roles.append(role)
+    from .course import configure as apply_course  # `spinnaker-jupyter course start`: a class's servers, in line
+
+    service, role = apply_course(c, d)
+    services.append(service)
+    roles.append(role)
     env = user_server_env(d, in_container=d["spawner"]["type"] == "docker")
     token_service = _apply_auth(c, d)
     if token_service:
