@@ -151,7 +151,7 @@ def boards_hub(hub_factory, slurm, tmp_path_factory):
     token = tmp_path_factory.mktemp("secrets") / "spalloc-token"
     token.write_text("hub-token\n")
     token.chmod(0o600)
-    hub = hub_factory({**slurm_config(slurm), "spinnaker": {
+    hub = hub_factory({**slurm_config(slurm), "hub": {"stop_servers_on_exit": False}, "spinnaker": {
         "mode": "session", "claim_timeout": 120, "on_timeout": "fail",
         "spalloc": {"url": double.url, "token_file": str(token), "keepalive_interval": 30}}})
     users = {name: hub.client(name, hub.add_user(name)) for name in ("erin", "frank", "gina")}
@@ -185,6 +185,24 @@ def test_a_third_session_waits_for_a_board_licence_and_starts_when_one_is_given_
            "you start when one is given back)" in messages, messages
     assert users["gina"].server_model()["ready"] and licences_used(slurm) == 2
     assert [j["state"] for j in double.jobs() if j["owner"] == "erin"] == ["DESTROYED"]
+
+
+def test_a_hub_restart_keeps_slurm_servers_and_resumes_their_keepalive(boards_hub, slurm):
+    hub, double, users = boards_hub
+    gina = users["gina"]
+    if gina.server_model() is None:
+        gina.start_server()
+    [job] = job_of(slurm, "slurmtest-gina")
+    [board] = [j for j in double.jobs() if j["owner"] == "gina" and j["state"] != "DESTROYED"]
+    hub.proc.terminate()  # the hub process alone, as its systemd unit stops it (KillMode=process)
+    hub.proc.wait(60)
+    keepalives = double.job(board["id"])["keepalives"]
+    assert job_of(slurm, "slurmtest-gina") == [job]
+    hub.start()
+    double.wait_for(lambda d: d.job(board["id"])["keepalives"] > keepalives, timeout=40,
+                    what="the restarted hub to keep gina's board alive")
+    assert gina.server("GET", "api/status").status_code == 200 and job_of(slurm, "slurmtest-gina") == [job]
+    assert len([j for j in double.jobs() if j["owner"] == "gina" and j["state"] != "DESTROYED"]) == 1
 
 
 def test_a_cancelled_jobs_board_is_given_back(boards_hub, slurm):
