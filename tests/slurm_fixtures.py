@@ -53,7 +53,9 @@ class Slurm:
         return {**os.environ, "SLURM_CONF": str(self.conf)}
 
     def run(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-        return subprocess.run(list(args), env=self.env, capture_output=True, text=True, timeout=timeout)
+        # (in its own folder: a job submitted here writes its slurm-<id>.out there, not into the checkout)
+        return subprocess.run(list(args), env=self.env, capture_output=True, text=True, timeout=timeout,
+                              cwd=self.folder)
 
     def wait_idle(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout

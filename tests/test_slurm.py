@@ -5,8 +5,6 @@ Slurm that is down give one clear line."""
 
 from __future__ import annotations
 
-import pwd
-import statistics
 import time
 
 import pytest

@@ -10,13 +10,18 @@ the project's accounts, spawn progress in words, the fast readiness wait and Spi
 * While the job waits, the spawn page says "waiting in the Slurm queue: position N, reason R". The server reports
   its port to the hub (batchspawner-singleuser and batchspawner's API handler); the hub routes to the node Slurm
   ran it on. The hub's poll (`squeue`) notices a job that ended (scancel, node failure, time limit); the boards
-  are then given back by the post-stop hook (boards.py).
+  are then given back by the post-stop hook (boards.py). Jobs outlive a hub restart (`hub.stop_servers_on_exit`
+  is false for Slurm by default): the job id is in the server's state, and the restarted hub's first poll finds it
+  running and resumes its boards' keepalive.
 
 batchspawner 1.3.0 was checked against JupyterHub 6.1.1: its module, its API handler (`/hub/api/batchspawner`,
 registered through `jupyterhub.apihandlers.default_handlers` at import) and `batchspawner-singleuser` work unchanged.
 What differs from its defaults here is configuration: JupyterHub 6 keeps no PATH in a server's environment
 (`Spawner.env_keep`), and batchspawner assumes that the hub user's name is a system account (`user_env`,
 `req_username`, `req_homedir`) and that `sudo` exists (`exec_prefix`); this module sets all of them.
+Two upstream behaviours are fenced, each with a test in tests/test_slurm.py that fails when upstream changes:
+its squeue/scancel inherit the hub's environment, secrets included (`run_command` below gives them only what
+Slurm needs); its start() commits through `Spawner.db`, deprecated in JupyterHub 6.1 (a warning per start).
 """
 
 from __future__ import annotations
