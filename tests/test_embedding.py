@@ -117,23 +117,27 @@ def certs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tls_hub(hub_factory, certs):
+def trust_ca(certs):
+    """requests, in this process, trusts the throw-away CA (RunningHub.start waits on the hub with it)."""
+    saved = os.environ.get("REQUESTS_CA_BUNDLE")
+    os.environ["REQUESTS_CA_BUNDLE"] = str(certs["ca"])
+    yield
+    if saved is None:
+        os.environ.pop("REQUESTS_CA_BUNDLE", None)
+    else:
+        os.environ["REQUESTS_CA_BUNDLE"] = saved
+
+
+@pytest.fixture(scope="module")
+def tls_hub(hub_factory, certs, trust_ca):
     page_port, redirect_port = free_port(), free_port()
     hub = hub_factory({"hub": {
         "tls": {"cert_file": str(certs["cert"]), "key_file": str(certs["key"]), "http_redirect_port": redirect_port},
         "frame_ancestors": [f"https://{COLLAB_HOST}:{page_port}"]}}, start=False)
-    hub.url = f"https://localhost:{hub.port}"  # what the test's own requests use (RunningHub.start waits on it)
-    saved = os.environ.get("REQUESTS_CA_BUNDLE")
-    os.environ["REQUESTS_CA_BUNDLE"] = str(certs["ca"])  # requests, in this process, trusts the throw-away CA
-    try:
-        hub.start()
-        hub.page_port, hub.redirect_port = page_port, redirect_port
-        yield hub
-    finally:
-        if saved is None:
-            os.environ.pop("REQUESTS_CA_BUNDLE", None)
-        else:
-            os.environ["REQUESTS_CA_BUNDLE"] = saved
+    hub.url = f"https://localhost:{hub.port}"  # what the test's own requests use
+    hub.start()
+    hub.page_port, hub.redirect_port = page_port, redirect_port
+    return hub
 
 
 def test_https_is_served_with_hsts_and_plain_http_is_redirected(tls_hub, certs):
@@ -250,6 +254,33 @@ def test_where_third_party_cookies_are_blocked_the_framed_login_still_works(tls_
                 frame.locator("input[type=submit], button[type=submit]").first.click()
         finally:
             context.close()
+
+
+def test_ebrains_login_over_https(hub_factory, oidc_provider, certs, trust_ca):
+    """The OAuth callback and the access-token-service work on the HTTPS address (public_url defaults to https)."""
+    hub = hub_factory({
+        "hub": {"tls": {"cert_file": str(certs["cert"]), "key_file": str(certs["key"])},
+                "frame_ancestors": ["https://wiki.ebrains.eu"]},
+        "auth": {"type": "ebrains", "ebrains": {
+            "client_id": oidc_provider.client_id, "authorize_url": oidc_provider.authorize_url,
+            "token_url": oidc_provider.token_url, "userinfo_url": oidc_provider.userinfo_url,
+            "allowed_collabs": {"spinnaker-course": "viewer"}, "token_service_port": free_port()}},
+    }, start=False, env={"EBRAINS_CLIENT_SECRET": oidc_provider.client_secret})
+    hub.url = f"https://127.0.0.1:{hub.port}"
+    oidc_provider.add_redirect_uri(f"{hub.url}/hub/oauth_callback")
+    hub.start()
+    oidc_provider.add_user("tls-member", "pw-tls-member-1", roles={"group": [], "team": ["collab-spinnaker-course-viewer"]})
+    session = requests.Session()
+    final = oidc_provider.login_with_requests(session, f"{hub.url}/hub/oauth_login?next=/hub/home", "tls-member",
+                                              "pw-tls-member-1")
+    assert final.status_code == 200 and final.url == f"{hub.url}/hub/home", (final.status_code, final.url)
+    login = next(c for c in session.cookies if c.name == "jupyterhub-hub-login")
+    assert login.secure
+    token = session.post(f"{hub.url}/hub/api/users/tls-member/tokens", json={"expires_in": 600},
+                         headers={"X-XSRFToken": session.cookies.get("_xsrf", path="/hub/")}).json()["token"]
+    r = requests.get(f"{hub.url}/services/access-token-service/access-token",
+                     headers={"Authorization": f"token {token}"}, timeout=30)
+    assert r.status_code == 200 and oidc_provider.token_is_valid(r.json()["access_token"]), r.text[:300]
 
 
 # --- the key file ---------------------------------------------------------------------------------------------------
