@@ -108,7 +108,7 @@ def test_what_a_start_does_not_need_is_left_out_of_local_servers(hub, students):
     cmdlines = [Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
                 for pid in (p.name for p in Path("/proc").iterdir() if p.name.isdigit())
                 if _owner(pid) == uid]
-    assert any("-m spinnaker_jupyter.singleuser" in c for c in cmdlines), cmdlines
+    assert any("-m spinnaker_jupyter.singleuser" in c and "jupyterhub-singleuser" in c for c in cmdlines), cmdlines
     # No language-server scan (jupyter_lsp off): its status route is gone.
     assert user.server("GET", "lsp/status").status_code == 404
     # JupyterLab's news are not fetched from the internet when the browser asks for them.

@@ -238,7 +238,8 @@ def _apply_spawner(c, d: Deployment, args: list[str]) -> None:
         print(f"[spinnaker-jupyter] {describe_deployment(d, prune=True)}", flush=True)  # which limits, and how
         # The user servers run from the hub's own environment; as root they need --allow-root only if not switched.
         # jupyterhub-singleuser without two start-up costs nobody here needs (spinnaker_jupyter/singleuser.py)
-        c.Spawner.cmd = [sys.executable, "-m", "spinnaker_jupyter.singleuser"]
+        c.Spawner.cmd = [sys.executable, "-m", "spinnaker_jupyter.singleuser",
+                         str(Path(sys.executable).parent / "jupyterhub-singleuser")]
         if not system_users_enabled(d) and os.geteuid() == 0:
             args.append("--allow-root")
     elif sp["type"] == "slurm":

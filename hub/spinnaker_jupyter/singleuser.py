@@ -13,11 +13,13 @@ serve nobody here (measured with `python -X importtime` and CPU time per start: 
    here what it answers when Node is absent: no yarn or npm settings. Checked against JupyterLab 4.6.6;
    tests/test_spawn_queue.py fails if either comes back.
 
-Run as ``python -m spinnaker_jupyter.singleuser [jupyterhub-singleuser arguments]``.
+Run as ``python -m spinnaker_jupyter.singleuser /path/to/jupyterhub-singleuser [its arguments]``: the upstream script
+runs as it is, in this process, after the two cuts (and `ps` / `pgrep jupyterhub-singleuser` still find it).
 """
 
 from __future__ import annotations
 
+import runpy
 import sys
 
 #: Imported by jsonschema only if present; absent here on purpose (see the module's docstring).
@@ -38,13 +40,13 @@ def prepare() -> None:
     jupyterlab.commands._yarn_config = no_yarn_config
 
 
-def main() -> int:
+def main() -> None:
+    if len(sys.argv) < 2:
+        sys.exit("usage: python -m spinnaker_jupyter.singleuser /path/to/jupyterhub-singleuser [arguments]")
     prepare()
-    from jupyterhub.singleuser import main as singleuser_main
-
-    sys.argv[0] = "jupyterhub-singleuser"
-    return singleuser_main()
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
