@@ -333,7 +333,9 @@ class Runner:
         return {"PATH": f"{self.s.spynnaker_env / 'bin'}:/usr/local/bin:/usr/bin:/bin", "HOME": str(scratch),
                 "USER": account.name, "LOGNAME": account.name, "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1",
                 "MPLBACKEND": "Agg", "XDG_CONFIG_DIRS": str(self.s.cfg_dir), "TMPDIR": str(scratch / INTERNAL),
-                "PYTHONPATH": str(scratch / INTERNAL / "packages"), "SPINNAKER_JOB_ID": str(job.id)}
+                "PYTHONPATH": str(scratch / INTERNAL / "packages"), "SPINNAKER_JOB_ID": str(job.id),
+                # caches (matplotlib's font list, pip's) are not the job's outputs
+                "XDG_CACHE_HOME": str(scratch / INTERNAL / "cache"), "MPLCONFIGDIR": str(scratch / INTERNAL / "mpl")}
 
     def _argv(self, job: Job, scratch: Path) -> list[str]:
         command = (job.command or "run.py {system}").replace("{system}", SYSTEM)
