@@ -127,3 +127,20 @@ def test_the_nmpi_api_stays_at_the_root_of_its_own_address(page_hub):
     assert r.status_code == 200 and r.json()["version"] == "3"
     r = requests.post(page_hub.jobs_url + "/jobs/", json={}, timeout=10)  # no token, no cookie: refused as before
     assert r.status_code == 401
+
+
+def test_jupyterlab_has_a_launcher_tile_for_the_jobs_page(page_hub):
+    """jupyter-server-proxy's entry `batch-jobs` (the hub package's entry point): a launcher tile in JupyterLab that
+    opens the Jobs page."""
+    user = page_hub.client("jquin", page_hub.passwords["jquin"])
+    user.start_server()
+    try:
+        info = user.server("GET", "server-proxy/servers-info")
+        assert info.status_code == 200, info.text
+        entry = next(s for s in info.json()["server_processes"] if s["name"] == "batch-jobs")
+        assert entry["launcher_entry"]["enabled"] and entry["launcher_entry"]["title"] == "Batch jobs"
+        assert entry["new_browser_tab"]
+        r = user.server("GET", "batch-jobs/")
+        assert r.status_code == 200 and 'content="0; url=/services/jobs/"' in r.text, (r.status_code, r.text)
+    finally:
+        user.stop_server()
