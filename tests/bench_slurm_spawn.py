@@ -3,7 +3,8 @@
 
     .venv/bin/python -m pytest tests/bench_slurm_spawn.py -s -q [SPINNAKER_BENCH_ROUNDS=7]
 
-Each round: the API start request until the hub says the server is ready, then a stop. Prints medians and ranges.
+Each round: the API start request until the hub says the server is ready, then a stop. Prints medians and ranges
+(a measurement, not a check: nothing here asserts a time).
 """
 
 from __future__ import annotations
@@ -35,4 +36,3 @@ def test_spawn_time_slurm_against_local(hub_factory, slurm):
         figures[name] = {"median_s": round(statistics.median(times), 2), "min_s": round(min(times), 2),
                          "max_s": round(max(times), 2), "rounds": ROUNDS}
     print("\nSPAWN-TIMES " + json.dumps(figures))
-    assert figures["slurm"]["median_s"] < figures["local"]["median_s"] + 10, figures
