@@ -174,7 +174,9 @@ def test_hub_wiring(tmp_path):
     [service] = c.JupyterHub.services
     assert service["name"] == "jobs" and service["command"][-1] == "spinnaker_jupyter.jobs.service"
     assert service["environment"]["SPINNAKER_JUPYTER_CONFIG"] == str(tmp_path / "on.yaml")
-    assert "url" not in service  # its own address, not /services/jobs/ behind the hub's proxy
+    # the API at the root of its own address; the url gives the Jobs page its route /services/jobs/ and OAuth client
+    assert service["url"] == "http://127.0.0.1:8092" and service["oauth_no_confirm"]
+    assert c.PrivateHomeSpawner.job_sessions_dir == str(tmp_path / "jobs" / "sessions")  # spared by a server's stop
     assert c.JupyterHub.load_roles == [{"name": "user", "scopes": ["self", "x", ACCESS_SCOPE]}]
     assert c.Spawner.server_token_scopes == ["users:activity!user", "access:servers!server", ACCESS_SCOPE]
     assert c.Spawner.environment == {"A": "1", "SPINNAKER_JOBS_URL": "http://127.0.0.1:8092"}
@@ -197,3 +199,36 @@ def test_removal_flags_a_running_job_and_removes_the_others(tmp_path):
     assert store.cancel_requested(ids[0]) and store.get(ids[2]).timestamp_completion is not None
     assert store.claim_next("r") is None  # a removed job is never claimed
     assert store.request_removal(ids[1]) == "removed"
+
+
+def test_job_sessions_are_trusted_only_from_a_private_folder(tmp_path):
+    """What a server's stop spares (jobs/sessions.py): sessions recorded in a folder only this account could write;
+    a folder others may write spares nothing (anyone could claim a session there)."""
+    import os
+    import subprocess
+
+    from spinnaker_jupyter.jobs import sessions
+
+    where = sessions.folder(tmp_path)
+    sessions.prepare(where)
+    job = subprocess.Popen(["sleep", "30"], start_new_session=True,
+                           preexec_fn=lambda: sessions.record_self(where, os.getuid()))
+    other = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        wait_for_file = (where / str(job.pid))
+        assert wait_for_file.read_text() == str(os.getuid())
+        found = sessions.recorded(where)
+        assert found == {job.pid: os.getuid()}
+        assert sessions.spared_pid(job.pid, os.getuid(), found)
+        assert not sessions.spared_pid(other.pid, os.getuid(), found)
+        assert not sessions.spared_pid(job.pid, os.getuid() + 1, found)  # recorded for another account
+        os.chmod(where, 0o777)
+        assert sessions.recorded(where) == {}
+        os.chmod(where, 0o700)
+        sessions.forget(where, job.pid)
+        assert sessions.recorded(where) == {}
+        assert sessions.recorded("") == {}
+    finally:
+        for p in (job, other):
+            p.kill()
+            p.wait()
