@@ -1,0 +1,290 @@
+"""A room of students logging in at once: N new users (default 30) start their servers at the same moment through
+the hub's REST API, on this project's hub and on a stock JupyterHub 6.1.1 (SimpleLocalProcessSpawner, its defaults)
+in the same run.
+
+  first / median / p95 / last ready (seconds from the moment all N start requests were sent), failures;
+  the CPU floor: N x (measured CPU-seconds of one server start) / cores, and each figure as a ratio to it;
+  CPU-seconds of one server start: stock jupyterhub-singleuser with the project's extension and settings as they
+  were ("before") and through spinnaker_jupyter.singleuser with the current settings ("after"), each the median of
+  3 starts, from exec until it answers plus one second (what it does right after), children included;
+  login form -> JupyterLab answers for one user at a time (median of 10), so that it does not get worse.
+
+Run: `.venv/bin/python benchmarks/bench_course.py [--users 30] [--skip-stock] [--login-users 10]` (as root: one system
+account per user, as in production). Prints a table and writes benchmarks/results-course.json. The machine's load
+(`uptime`) is recorded before and after: other work on the machine slows every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.server
+import json
+import os
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from conftest import BIN, ENVS, RunningHub, free_port, traversable_tmpdir  # noqa: E402
+from hubclient import wait_for  # noqa: E402
+
+CORES = len(os.sched_getaffinity(0))
+#: The user-server settings as they were before the start-up cuts (hubconfig.write_server_config then).
+BEFORE_SETTINGS = {"ServerApp": {"jpserver_extensions": {"spinnaker_jupyter_ext": True, "jupyter_server_proxy": True}},
+                   "ServerProxy": {"host_allowlist": ["localhost", "127.0.0.1"]}, "KernelManager": {"transport": "ipc"}}
+
+
+def load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+# -- CPU-seconds of one server start ----------------------------------------------------------------------------
+class _StubHub(http.server.BaseHTTPRequestHandler):
+    """What jupyterhub-singleuser asks the hub at start-up (its version, activity): answered with 200."""
+
+    def _ok(self):
+        self.send_response(200)
+        self.send_header("X-JupyterHub-Version", "6.1.1")
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    do_GET = do_POST = _ok
+
+    def log_message(self, *args):
+        pass
+
+
+def cpu_per_start(command: list[str], settings: dict, runs: int = 3) -> dict:
+    base = traversable_tmpdir("bench-cpu-")
+    (base / "etc").mkdir()
+    (base / "etc" / "jupyter_server_config.json").write_text(json.dumps(settings))
+    stub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StubHub)
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    hub_api = f"http://127.0.0.1:{stub.server_address[1]}/hub/api"
+    cpu, wall = [], []
+    try:
+        for i in range(runs):
+            port, home = free_port(), base / f"home{i}"
+            home.mkdir()
+            env = {"PATH": os.environ["PATH"], "HOME": str(home), "USER": "root",
+                   "JUPYTER_CONFIG_PATH": str(base / "etc"), "SPINNAKER_TUTORIALS_DIR": str(ROOT / "notebooks"),
+                   "JUPYTERHUB_API_TOKEN": secrets.token_hex(16), "JUPYTERHUB_API_URL": hub_api,
+                   "JUPYTERHUB_CLIENT_ID": "jupyterhub-user-b", "JUPYTERHUB_USER": "b",
+                   "JUPYTERHUB_SERVER_NAME": "", "JUPYTERHUB_SERVICE_PREFIX": "/user/b/",
+                   "JUPYTERHUB_OAUTH_CALLBACK_URL": "/user/b/oauth_callback", "JUPYTERHUB_BASE_URL": "/",
+                   "JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{port}/user/b/",
+                   "JUPYTERHUB_ACTIVITY_URL": f"{hub_api}/users/b/activity"}
+            t0 = time.monotonic()
+            proc = subprocess.Popen([*command, "--allow-root"], env=env, cwd=home, stdout=subprocess.DEVNULL,
+                                    stderr=open(base / f"log{i}", "w"))
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), 0.2).close()
+                    break
+                except OSError:
+                    if proc.poll() is not None:
+                        raise RuntimeError((base / f"log{i}").read_text()[-2000:])
+                    time.sleep(0.02)
+            wall.append(time.monotonic() - t0)
+            time.sleep(1.0)
+            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            cpu.append(sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK"))  # utime stime cutime cstime
+            proc.terminate()
+            proc.wait()
+    finally:
+        stub.shutdown()
+    return {"cpu_s": statistics.median(cpu), "cpu_runs": cpu, "listening_s": statistics.median(wall)}
+
+
+# -- N servers at once -------------------------------------------------------------------------------------------
+def burst(url: str, token: str, names: list[str], timeout: float = 400) -> dict:
+    """Create the users, request all their servers at once, note when each is ready; stop them all."""
+    headers = {"Authorization": f"token {token}"}
+    api = f"{url}/hub/api"
+    r = requests.post(f"{api}/users", json={"usernames": names}, headers=headers, timeout=60)
+    assert r.status_code in (201, 409), r.text
+    codes: dict[str, int] = {}
+
+    def request(name):
+        try:
+            codes[name] = requests.post(f"{api}/users/{name}/server", headers=headers, timeout=120).status_code
+        except requests.RequestException:
+            codes[name] = -1
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=request, args=(n,), daemon=True) for n in names]
+    for t in threads:
+        t.start()
+    ready: dict[str, float] = {}
+    failed: set[str] = set()
+    deadline = t0 + timeout
+    while time.monotonic() < deadline and len(ready) + len(failed) < len(names):
+        try:
+            users = requests.get(f"{api}/users", headers=headers, timeout=30, params={"limit": 1000}).json()
+        except requests.RequestException:
+            time.sleep(0.5)
+            continue
+        now = time.monotonic() - t0
+        for u in users:
+            if u["name"] not in names or u["name"] in ready:
+                continue
+            server = u.get("servers", {}).get("")
+            if server and server.get("ready"):
+                ready[u["name"]] = now
+            elif not server and u["name"] in codes and u["name"] not in failed:
+                failed.add(u["name"])  # the request was answered and the server is gone: that start failed
+        time.sleep(0.25)
+    for t in threads:
+        t.join(5)
+    for name in names:
+        requests.delete(f"{api}/users/{name}/server", headers=headers, timeout=60)
+    times = sorted(ready.values())
+    out = {"n": len(names), "ready": len(times), "failed": len(names) - len(times),
+           "refused_429": sum(1 for c in codes.values() if c == 429)}
+    if times:
+        out.update(first=times[0], median=statistics.median(times),
+                   p95=times[min(len(times) - 1, int(round(0.95 * len(times))) - 1)], last=times[-1])
+    return out
+
+
+def our_hub(users: int) -> tuple[dict, RunningHub]:
+    hub = RunningHub(traversable_tmpdir("bench-course-"), {"git_kernel": {"enabled": False}}, ENVS).start()
+    admin = hub.client("benchadmin", hub.add_user("benchadmin", admin=True))
+    tag = secrets.token_hex(2)
+    return burst(hub.url, admin.token, [f"s{tag}{i:02d}" for i in range(users)]), hub
+
+
+def stock_hub(users: int) -> dict:
+    """JupyterHub 6.1.1 as it comes: SimpleLocalProcessSpawner (servers as the hub's account, homes in a folder),
+    its default timeouts and readiness polling, the same proxy."""
+    base = traversable_tmpdir("bench-stock-")
+    token, port = secrets.token_hex(16), free_port()
+    (base / "jupyterhub_config.py").write_text(f"""
+c.JupyterHub.bind_url = "http://127.0.0.1:{port}"
+c.JupyterHub.hub_port = {free_port()}
+c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{free_port()}"
+c.ConfigurableHTTPProxy.command = [{str(ROOT / "node_modules" / ".bin" / "configurable-http-proxy")!r}]
+c.ConfigurableHTTPProxy.auth_token = {secrets.token_hex(16)!r}
+c.JupyterHub.db_url = "sqlite:///{base}/jupyterhub.sqlite"
+c.JupyterHub.cookie_secret_file = "{base}/cookie_secret"
+c.JupyterHub.pid_file = "{base}/jupyterhub.pid"
+c.JupyterHub.authenticator_class = "dummy"
+c.JupyterHub.spawner_class = "simple"
+c.SimpleLocalProcessSpawner.home_dir_template = "{base}/homes/{{username}}"
+c.Spawner.cmd = [{str(BIN / "jupyterhub-singleuser")!r}]
+c.Spawner.args = ["--allow-root"]
+c.Spawner.default_url = "/lab"
+c.JupyterHub.services = [{{"name": "bench", "api_token": {token!r}}}]
+c.JupyterHub.load_roles = [{{"name": "bench", "services": ["bench"],
+                            "scopes": ["admin:users", "admin:servers", "list:users", "read:users", "read:servers"]}}]
+""")
+    log = open(base / "hub.log", "w")
+    proc = subprocess.Popen([str(BIN / "jupyterhub"), "-f", str(base / "jupyterhub_config.py")], cwd=base,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _answers(url), 60, "the stock hub")
+        return burst(url, token, [f"k{secrets.token_hex(2)}{i:02d}" for i in range(users)])
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+        for pid in _running_in(base):  # what the stock hub left in its own folder (its servers' working dirs)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+
+
+def _running_in(folder: Path) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.readlink(entry / "cwd").startswith(str(folder)):
+                    pids.append(int(entry.name))
+    return pids
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/hub/api/", timeout=2).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--users", type=int, default=30)
+    ap.add_argument("--login-users", type=int, default=10)
+    ap.add_argument("--skip-stock", action="store_true")
+    args = ap.parse_args()
+    results = {"cores": CORES, "load_before": load()}
+    results["cpu_before"] = cpu_per_start([str(BIN / "jupyterhub-singleuser")], BEFORE_SETTINGS)
+    after = json.loads(json.dumps(BEFORE_SETTINGS))
+    after["ServerApp"]["jpserver_extensions"]["jupyter_lsp"] = False
+    after["LabApp"] = {"news_url": None, "check_for_updates_class": "jupyterlab.NeverCheckForUpdate",
+                       "extension_manager": "readonly"}
+    results["cpu_after"] = cpu_per_start([sys.executable, "-m", "spinnaker_jupyter.singleuser",
+                                          str(BIN / "jupyterhub-singleuser")], after)
+    results["cpu_stock"] = cpu_per_start([str(BIN / "jupyterhub-singleuser")], {})
+    ours, hub = our_hub(args.users)
+    results["ours"] = ours
+    try:
+        if args.login_users:
+            from bench_hub import bench_login_to_lab
+
+            results["login_to_lab"] = bench_login_to_lab(hub, args.login_users)["login_to_lab_s"]
+    finally:
+        hub.stop(final=True)
+    if not args.skip_stock:
+        results["stock"] = stock_hub(args.users)
+    results["load_after"] = load()
+    for key, cpu in (("ours", results["cpu_after"]["cpu_s"]), ("stock", results["cpu_stock"]["cpu_s"])):
+        r = results.get(key)
+        if r and "median" in r:
+            r["floor_s"] = args.users * cpu / CORES
+            for k in ("first", "median", "p95", "last"):
+                r[f"{k}_over_floor"] = r[k] / r["floor_s"]
+    print(table(results, args.users))
+    (ROOT / "benchmarks" / "results-course.json").write_text(json.dumps(results, indent=1) + "\n")
+
+
+def table(r: dict, n: int) -> str:
+    rows = [f"{n} users at once, {r['cores']} cores; load {r['load_before']} -> {r['load_after']}",
+            "| hub | ready | failed | first | median | p95 | last | floor | first/median/p95/last over floor |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for key, name in (("ours", "this project"), ("stock", "stock JupyterHub 6.1.1")):
+        x = r.get(key)
+        if not x:
+            continue
+        if "median" not in x:
+            rows.append(f"| {name} | {x['ready']} | {x['failed']} | | | | | | |")
+            continue
+        rows.append(f"| {name} | {x['ready']} | {x['failed']} | {x['first']:.1f} s | {x['median']:.1f} s | "
+                    f"{x['p95']:.1f} s | {x['last']:.1f} s | {x['floor_s']:.1f} s | {x['first_over_floor']:.2f} / "
+                    f"{x['median_over_floor']:.2f} / {x['p95_over_floor']:.2f} / {x['last_over_floor']:.2f} |")
+    rows.append(f"CPU-s per server start: before {r['cpu_before']['cpu_s']:.2f}, after {r['cpu_after']['cpu_s']:.2f}, "
+                f"stock {r['cpu_stock']['cpu_s']:.2f}")
+    if "login_to_lab" in r:
+        lt = r["login_to_lab"]
+        rows.append(f"login -> JupyterLab: median {lt['median']:.2f} s ({lt['min']:.2f}-{lt['max']:.2f}, n={lt['n']})")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()
