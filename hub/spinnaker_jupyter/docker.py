@@ -14,7 +14,7 @@ from traitlets import Bool
 
 from .boards import BoardsMixin
 from .progress import ProgressMixin, wait_until_listening
-from .spawn_queue import start_slot
+from .spawn_queue import refuse_if_full, start_slot
 
 IMAGE_ENV_ROOT = "/opt/envs"  # where the single-user image keeps its environments
 
@@ -24,6 +24,10 @@ class ContainerSpawner(ProgressMixin, DockerSpawner):
 
     host_network = Bool(False, help="Containers share the host's network (single host, tests): each server gets "
                                     "a free port on 127.0.0.1.").tag(config=True)
+
+    def run_pre_spawn_hook(self):
+        refuse_if_full(self)  # a full start queue refuses at once, before a SpiNNaker board is claimed
+        return super().run_pre_spawn_hook()
 
     async def start(self):
         self.progress_reset()

@@ -96,16 +96,20 @@ class SpawnQueue(LoggingConfigurable):
         return words + (f", about {_seconds(eta)} until yours is ready" if eta is not None else "")
 
     # -- taking and giving back a place -----------------------------------------------------------------------
+    def refuse_if_full(self, who: str) -> None:
+        """Refuse now when a start would find the line full (checked again when it asks for its place)."""
+        if len(self._waiting) >= self.limit and (self._waiting or len(self._running) >= self.concurrency):
+            self.log.warning("Start queue full (%d waiting, %d starting): refused %s", len(self._waiting),
+                             len(self._running), who)
+            raise QueueFull(len(self._waiting), self.estimate(len(self._waiting)))
+
     @contextlib.asynccontextmanager
     async def place(self, who: str, say: Callable[[str], None]):
         """Wait for a place (telling `say` the position whenever it changes), hold it for the block."""
         if self._changed is None:
             self._changed = asyncio.get_running_loop().create_future()
         if self._waiting or len(self._running) >= self.concurrency:
-            if len(self._waiting) >= self.limit:
-                self.log.warning("Start queue full (%d waiting, %d starting): refused %s", len(self._waiting),
-                                 len(self._running), who)
-                raise QueueFull(len(self._waiting), self.estimate(len(self._waiting)))
+            self.refuse_if_full(who)
             place = await self._wait_turn(who, say)
         else:
             place = self._take()
@@ -180,6 +184,12 @@ def start_slot(spawner):
     say = getattr(spawner, "progress_say", None)
     name = spawner.user.name + (f"/{spawner.name}" if spawner.name else "")
     return queue_for(spawner).place(name, (lambda words: say(None, words)) if say else spawner.log.info)
+
+
+def refuse_if_full(spawner) -> None:
+    """For a spawner's pre-spawn hook: a full line refuses the start before anything else is done for it (before a
+    SpiNNaker board is claimed: boards.BoardsMixin claims in start())."""
+    queue_for(spawner).refuse_if_full(spawner.user.name + (f"/{spawner.name}" if spawner.name else ""))
 
 
 def configure(c, queue_config: dict) -> None:

@@ -27,7 +27,7 @@ from . import limits as limitsmod
 from .boards import BoardsMixin
 from .jobs import sessions as job_sessions
 from .progress import ProgressMixin, wait_until_listening
-from .spawn_queue import start_slot
+from .spawn_queue import refuse_if_full, start_slot
 
 
 class PrivateHomeSpawner(ProgressMixin, LocalProcessSpawner):
@@ -150,6 +150,10 @@ class PrivateHomeSpawner(ProgressMixin, LocalProcessSpawner):
 
     def _log_path(self) -> Path:
         return Path(self.logs_dir) / f"{self.user.name}{'-' + self.name if self.name else ''}.log"
+
+    def run_pre_spawn_hook(self):
+        refuse_if_full(self)  # a full start queue refuses at once, before a SpiNNaker board is claimed
+        return super().run_pre_spawn_hook()
 
     async def start(self):
         self.progress_reset()
