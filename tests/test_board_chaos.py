@@ -35,7 +35,7 @@ from hubclient import wait_for
 HUB_TOKEN = "hub-spalloc-token"
 KEEPALIVE = 120  # an orphan outlives every check below: it cannot hide behind the service's keepalive expiry
 SETTLE = 12.0
-USERS = ("ann", "ben", "cat", "dan")
+USERS = ("chann", "chben", "chcat", "chdan")  # (names no other test module uses: one system account each)
 RECONCILED = "SpiNNaker jobs reconciled with"
 RECONCILE_FAILED = "SpiNNaker jobs: reconciliation with the allocation service failed"
 
@@ -60,9 +60,11 @@ def hub(hub_factory, double, tmp_path_factory):
                       "spalloc": {"url": double.url, "token_file": str(token_file), "keepalive_interval": KEEPALIVE}},
     })
     yield h
-    if h.proc is not None and h.proc.poll() is None:
-        stop_everything(h, admin_of(h))
-    h.stop()
+    try:
+        if h.proc is not None and h.proc.poll() is None:
+            stop_everything(h, admin_of(h))
+    finally:
+        h.stop(final=True)
 
 
 def admin_of(hub):
@@ -90,8 +92,9 @@ def crash(hub) -> None:
     os.killpg(hub.proc.pid, signal.SIGKILL)
     hub.proc.wait(30)
     procs = processes.table()
+    servers_ = {q.pid for q in procs.values() if "singleuser" in q.cmdline}  # (however the server is launched)
     left = [p for p in processes.alive([q.key for q in before + hub.own_processes()])
-            if processes.SINGLEUSER not in p.cmdline and not processes.in_user_server(p, procs)]
+            if not processes.has_ancestor(p, servers_, procs)]
     for p in left:
         try:
             os.kill(p.pid, signal.SIGKILL)
@@ -188,15 +191,15 @@ class TwoJobsWatch(threading.Thread):
 
 # -------------------------------------------------------------------------------------------------- the tests
 def test_a_claim_waiting_in_the_queue_is_given_back_when_the_hub_is_killed(hub, people, double):
-    ann, ben, cat, admin = people["ann"], people["ben"], people["cat"], people["admin"]
+    ann, ben, cat, admin = people["chann"], people["chben"], people["chcat"], people["admin"]
     ann.start_server()
     ben.start_server()  # both boards taken
     held = {j["owner"]: j for j in live_jobs(double)}
-    assert set(held) == {"ann", "ben"} and all(j["state"] == "READY" for j in held.values())
+    assert set(held) == {"chann", "chben"} and all(j["state"] == "READY" for j in held.values())
     assert post_start(cat) == 202
-    double.wait_for(lambda d: [j for j in live_jobs(d) if j["owner"] == "cat" and j["state"] == "QUEUED"],
+    double.wait_for(lambda d: [j for j in live_jobs(d) if j["owner"] == "chcat" and j["state"] == "QUEUED"],
                     timeout=30, what="cat's claim to wait in the queue")
-    [queued] = [j for j in live_jobs(double) if j["owner"] == "cat"]
+    [queued] = [j for j in live_jobs(double) if j["owner"] == "chcat"]
     kept_alive = {owner: double.job(job["id"])["keepalives"] for owner, job in held.items()}
 
     restart(hub, "kill9")
@@ -205,8 +208,8 @@ def test_a_claim_waiting_in_the_queue_is_given_back_when_the_hub_is_killed(hub, 
                     what="cat's orphaned job to be given back")
     gone = double.job(queued["id"])
     assert "the hub restarted and no server of it holds this job" in gone["reason"], gone
-    assert f"jobs/{queued['id']} of cat" in hub.log()  # one log line per job, naming it and its owner
-    wait_for(lambda: "cat" not in servers(admin), 30, "cat's interrupted start to be cleared")
+    assert f"jobs/{queued['id']} of chcat" in hub.log()  # one log line per job, naming it and its owner
+    wait_for(lambda: "chcat" not in servers(admin), 30, "cat's interrupted start to be cleared")
     # The running servers keep their jobs: the restarted hub keeps them alive (no second job).
     for owner, job in held.items():
         n = kept_alive[owner]
@@ -220,11 +223,11 @@ def test_a_claim_waiting_in_the_queue_is_given_back_when_the_hub_is_killed(hub, 
 
 def test_a_job_the_hub_asked_for_but_never_heard_of_is_given_back(hub, people, double):
     """The crash window: the service made the job, the hub was killed before its answer arrived."""
-    dan, admin = people["dan"], people["admin"]
+    dan, admin = people["chdan"], people["admin"]
     double.hold_create_answers()
     try:
         assert post_start(dan) == 202
-        made = double.wait_for(lambda d: [j for j in live_jobs(d) if j["owner"] == "dan"], timeout=30,
+        made = double.wait_for(lambda d: [j for j in live_jobs(d) if j["owner"] == "chdan"], timeout=30,
                                what="the service to make dan's job")
         restart_started = time.monotonic()
         crash(hub)
@@ -237,7 +240,7 @@ def test_a_job_the_hub_asked_for_but_never_heard_of_is_given_back(hub, people, d
                     what="dan's unrecorded job to be given back")
     assert time.monotonic() - restart_started < KEEPALIVE
     assert "stopped before it could record the job" in double.job(made[0]["id"])["reason"]
-    wait_for(lambda: "dan" not in servers(admin), 30, "dan's interrupted start to be cleared")
+    wait_for(lambda: "chdan" not in servers(admin), 30, "dan's interrupted start to be cleared")
     assert not settle(admin, double)
 
 

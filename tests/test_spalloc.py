@@ -889,3 +889,29 @@ def test_reconcile_leaves_the_jobs_of_a_store_restored_from_another_machine(spal
         await a.close()
 
     run(scenario())
+
+
+def test_a_recorded_claim_keeps_its_row_exactly_as_long_as_its_job_may_live(spalloc_double, tmp_path):
+    """leases.claim_recorded, the claim every holder (user server, batch job) goes through."""
+    from spinnaker_jupyter import leases
+
+    double = spalloc_double(boards=1, power_delay=0)
+
+    async def scenario():
+        a = allocator(double)
+        store = leases.LeaseStore(tmp_path / "leases.sqlite")
+        got = await leases.claim_recorded(a, store, "alice", holder="alice/")
+        [row] = store.leases()
+        assert (row.phase, row.job_url, row.owner, row.holder, row.boards) == (
+            leases.CLAIMED, got.job_url, "alice", "alice/", 1)
+        store.held(got.job_url)
+        assert store.leases()[0].phase == leases.HELD
+        with pytest.raises(SpallocTimeoutError):  # the board is taken: bob's claim times out
+            await leases.claim_recorded(a, store, "bob", holder="batch:7", timeout=0.5)
+        assert [r.owner for r in store.leases()] == ["alice"]  # bob's job was destroyed, so its row went
+        await got.release("done")
+        store.forget(job_url=got.job_url)
+        assert store.leases() == []
+        await a.close()
+
+    run(scenario())

@@ -63,7 +63,7 @@ from traitlets.config import LoggingConfigurable
 
 from . import leases
 from .spalloc import (ClaimProgress, JobState, SpallocAllocator, SpallocError, SpallocJobDestroyedError,
-                      SpallocRequestError, SpallocTimeoutError, SpallocUnreachableError, render_machine_cfg)
+                      SpallocRequestError, SpallocTimeoutError, render_machine_cfg)
 
 STATE_KEY = "spinnaker"
 #: Seconds between "still waiting" messages on the spawn page (machine mode; spalloc says its own).
@@ -376,33 +376,13 @@ class BoardsMixin(LoggingConfigurable):
             self._say(None, p.message)
 
         failed = None
-        allocator = self.allocator()
-        store = self.leases()
-        lease_id = None
-        if store is not None:
-            # Recorded before the service is asked, so a hub that dies before the answer is recorded can still
-            # find the job (leases.reconcile: by owner, time and size).
-            lease_id = store.begin(self._holder, self.user.name, allocator.client().service_url, boards=n,
-                                   keepalive=allocator.keepalive_interval)
-
-        made: list[str] = []
-
-        def created(job) -> None:
-            made.append(job.url)
-            if store is not None:
-                store.created(lease_id, job.url)  # durable before the claim does anything else with the job
-
-        def released(job) -> None:
-            if store is not None:
-                store.forget(lease_id=lease_id)  # (only once the service confirmed it: else the next start does)
-
         allocation = None
-        unsure = False
         try:
-            self._claim_task = asyncio.ensure_future(allocator.claim(
-                self.user.name, n_boards=n, collab=sp["spalloc"]["collab"], progress=progress,
-                on_lost=self._on_lost, timeout=float(sp["claim_timeout"]), on_created=created,
-                on_released=released))
+            # Recorded durably before the service is asked, the job's URL the moment it answers (leases.py).
+            self._claim_task = asyncio.ensure_future(leases.claim_recorded(
+                self.allocator(), self.leases(), self.user.name, holder=self._holder, n_boards=n,
+                collab=sp["spalloc"]["collab"], progress=progress, on_lost=self._on_lost,
+                timeout=float(sp["claim_timeout"])))
             allocation = await self._claim_task
         except SpallocTimeoutError:
             job = f"job {last['job']} was still {last['state'].value.lower()}" if last else "no answer yet"
@@ -410,16 +390,11 @@ class BoardsMixin(LoggingConfigurable):
         except SpallocError as e:
             self.log.error("%s: claiming boards failed: %s", self._log_name, e)
             failed = str(e).rstrip(".")
-            unsure = isinstance(e, SpallocUnreachableError)  # (a POST that may have reached the service)
         except leases.LeaseStoreError as e:
             self.log.error("%s: %s", self._log_name, e)
             failed = f"the hub could not record its SpiNNaker job ({e})"
         finally:
             self._claim_task = None
-            if allocation is None and not made and not unsure and store is not None:
-                store.forget(lease_id=lease_id)  # no job was made
-            # (A job that was made is forgotten by `released` once the service confirmed its end; a row left
-            # behind, e.g. by a hub shutting down in the middle, is reconciled at the next hub start.)
         if failed is not None:
             self._board["released"] = True  # a claim that fails destroys its own job
             return self._no_board(failed)

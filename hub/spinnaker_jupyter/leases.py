@@ -6,8 +6,8 @@ Why: a claim waits in the service's queue for minutes, and its job URL used to l
 process. A hub killed meanwhile (kill -9, OOM, power) left the job queued at the service, where it could even be
 granted a board, until the service's keepalive expiry (30-300 s). Now each claim writes a row *before* it asks the
 service for a job, and the job's URL into that row the moment the service answers, before anything else is done
-with it (`SpallocAllocator.claim(on_created=...)`). Rows are SQLite with ``synchronous=FULL``: committed means on
-disk.
+with it (`SpallocAllocator.claim(on_created=...)`); `claim_recorded` does this for any holder. Rows are SQLite with
+``synchronous=FULL``: committed means on disk.
 
 A row's `phase` says how far it got:
 
@@ -45,7 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional, Union
 
-from .spalloc import JobState, JobStatus, SpallocClient, SpallocError, SpallocRequestError
+from .spalloc import (Allocation, JobState, JobStatus, SpallocAllocator, SpallocClient, SpallocError,
+                      SpallocRequestError, SpallocUnreachableError)
 
 CREATING, CLAIMED, HELD = "creating", "claimed", "held"
 #: How far the service's clock may be from the hub's, for the fingerprint window (seconds).
@@ -206,6 +207,45 @@ def open_store(path: Union[str, Path]) -> LeaseStore:
     return _STORES[key]
 
 
+# --------------------------------------------------------------------------------------------------- claims
+async def claim_recorded(allocator: SpallocAllocator, store: Optional[LeaseStore], owner: str, *, holder: str,
+                         n_boards: Optional[int] = None, **claim: Any) -> Allocation:
+    """`allocator.claim(owner, ...)` with its job recorded in `store` (any holder: a user server, a batch job).
+
+    The row is written before the service is asked and gets the job's URL the moment the service answers. When the
+    claim fails, the row goes once the service confirmed the job's end (or when no job was made); a row left behind
+    (a process shut down mid-claim, a POST that may have reached the service) is settled by the next `reconcile`.
+    On success the row stays (phase ``claimed``): the caller marks it `held` once its holder has started and
+    `forget`s it after the release. `claim` takes the other keywords of `SpallocAllocator.claim`.
+    """
+    n = n_boards or allocator.boards
+    if store is None:
+        return await allocator.claim(owner, n_boards=n, **claim)
+    lease_id = store.begin(holder, owner, allocator.client().service_url, boards=n,
+                           keepalive=allocator.keepalive_interval)
+    made: list[str] = []
+
+    def created(job: Any) -> None:
+        made.append(job.url)
+        store.created(lease_id, job.url)  # durable before the claim does anything else with the job
+
+    def released(job: Any) -> None:
+        store.forget(lease_id=lease_id)  # (only once the service confirmed the end: else the next start does)
+
+    settled = False  # no job can exist, or the outcome is known
+    try:
+        allocation = await allocator.claim(owner, n_boards=n, on_created=created, on_released=released, **claim)
+        return allocation
+    except SpallocUnreachableError:
+        raise  # (a POST that may have reached the service: the row stays for `reconcile`)
+    except BaseException:
+        settled = True
+        raise
+    finally:
+        if settled and not made:
+            store.forget(lease_id=lease_id)  # no job was made
+
+
 # --------------------------------------------------------------------------------------------------- reconcile
 @dataclass
 class ReconcileReport:
@@ -325,5 +365,5 @@ async def reconcile(store: LeaseStore, client: SpallocClient, *, is_held: IsHeld
     return report
 
 
-__all__ = ["CLAIMED", "CREATING", "HELD", "Lease", "LeaseStore", "LeaseStoreError", "ReconcileReport", "open_store",
-           "reconcile"]
+__all__ = ["CLAIMED", "CREATING", "HELD", "Lease", "LeaseStore", "LeaseStoreError", "ReconcileReport",
+           "claim_recorded", "open_store", "reconcile"]
