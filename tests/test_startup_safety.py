@@ -348,3 +348,21 @@ def test_a_proxy_that_dies_is_restarted_by_the_running_hub(hub_factory):
 
     wait_for(answers_again, 60, "the hub to restart its proxy")
     assert "Proxy stopped with exit code" in hub.log() and "is already in use" not in hub.log()
+
+
+def test_up_after_a_hub_crash_ends_what_the_dead_hub_left_and_starts(hub_factory):
+    """kill -9 of the hub leaves its proxy and services running in their own sessions, holding the hub's ports: the
+    next `up` ends them (saying so) instead of refusing the ports, and users log in as before. While the hub runs, a
+    second `up` on the same data folder is refused."""
+    hub = hub_factory()
+    password = hub.add_user("crashann")
+    proxy_pid = int((Path(hub.config["data_dir"]) / "hub" / "proxy.pid").read_text())
+    second = hub.cli("up", "--no-build")
+    assert second.returncode != 0 and "already running" in second.stderr + second.stdout
+    os.kill(hub.proc.pid, signal.SIGKILL)
+    hub.proc.wait(10)
+    assert preflight._running(proxy_pid)  # what blocked the restart before
+    hub.start()
+    assert f"ending pid {proxy_pid} left by this deployment's previous hub" in hub.log()
+    assert not preflight._running(proxy_pid)
+    hub.client("crashann", password).start_server()

@@ -144,6 +144,9 @@ def cmd_up(args) -> int:
     t0 = time.monotonic()
     d = _load(args)
     preflight.trusted_config(d)
+    if d.hub_dir.is_dir():
+        preflight.trusted(d.hub_dir, "data_dir/hub", private=True)  # before its pid file is believed
+        preflight.end_previous_hub_leftovers(d, say)  # after a crash: its proxy and services hold the ports
     preflight.check_ports(preflight.deployment_ports(d))
     say(f"config OK ({', '.join(map(str, d.files)) or 'built-in defaults'})")
     prepare(d, build=not args.no_build)

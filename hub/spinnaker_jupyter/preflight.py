@@ -244,3 +244,89 @@ def check_accounts(d: Deployment) -> None:
                 and isinstance(entry.get("admin", False), bool)):
             raise ConfigError(f"accounts file {path}: the entry of {name!r} is not an account (expected "
                               f"{{\"hash\": ..., \"admin\": true|false}}). {fix}")
+
+
+# ------------------------------------------------------------------------------------------ after a hub crash
+def _cwd(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd").removesuffix(" (deleted)")
+    except OSError:
+        return ""
+
+
+def _owner(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+
+
+def previous_hub_processes(d: Deployment) -> tuple[int | None, list[int]]:
+    """(pid of this deployment's hub if it still runs, pids of what a previous hub of it left behind).
+
+    The hub runs in data_dir/hub (private to the hub's account), and its proxy and services inherit that working
+    folder; user servers and kernels run in the users' homes. So a process of this account working in that folder is
+    this deployment's: after `kill -9` of the hub, its proxy and services keep running in their own sessions and hold
+    the hub's ports."""
+    hub_dir = str(d.hub_dir.resolve())
+    me = {os.getpid(), os.getppid()}
+    hub_pid = None
+    try:
+        pid = int((d.hub_dir / "jupyterhub.pid").read_text().strip() or 0)
+        if pid and _owner(pid) == os.getuid() and _cwd(pid) == hub_dir and "jupyterhub" in _cmdline(pid):
+            hub_pid = pid
+    except (OSError, ValueError):
+        pass
+    left = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        pid = int(name)
+        if pid in me or pid == hub_pid or _owner(pid) != os.getuid():
+            continue
+        cwd = _cwd(pid)
+        if cwd == hub_dir or cwd.startswith(hub_dir + "/"):
+            left.append(pid)
+    if hub_pid is not None:  # its own proxy and services are not leftovers while it runs
+        ours = _descendants(hub_pid)
+        left = [p for p in left if p not in ours]
+    return hub_pid, left
+
+
+def _running(pid: int) -> bool:
+    try:  # a zombie has ended; only its parent's wait is missing
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def end_previous_hub_leftovers(d: Deployment, say, grace: float = 10.0) -> None:
+    """Refuse while this deployment's hub runs; end what a crashed one left (its proxy, services), saying so."""
+    import signal
+    import time
+
+    hub_pid, left = previous_hub_processes(d)
+    if hub_pid is not None:
+        raise ConfigError(f"the hub of this deployment is already running (pid {hub_pid}, {d.hub_dir}). Stop it "
+                          "first, or use another data_dir for a second deployment.")
+    if not left:
+        return
+    for pid in left:
+        say(f"ending pid {pid} left by this deployment's previous hub: {_cmdline(pid)[:120]}")
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_running(p) for p in left):
+        time.sleep(0.1)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
