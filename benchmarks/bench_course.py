@@ -159,8 +159,11 @@ def burst(url: str, token: str, names: list[str], timeout: float = 400) -> dict:
     return out
 
 
-def our_hub(users: int) -> tuple[dict, RunningHub]:
-    hub = RunningHub(traversable_tmpdir("bench-course-"), {"git_kernel": {"enabled": False}}, ENVS).start()
+def our_hub(users: int, concurrency: int | None = None) -> tuple[dict, RunningHub]:
+    overrides = {"git_kernel": {"enabled": False}}
+    if concurrency:
+        overrides["spawner"] = {"start_queue": {"concurrency": concurrency}}
+    hub = RunningHub(traversable_tmpdir("bench-course-"), overrides, ENVS).start()
     admin = hub.client("benchadmin", hub.add_user("benchadmin", admin=True))
     tag = secrets.token_hex(2)
     return burst(hub.url, admin.token, [f"s{tag}{i:02d}" for i in range(users)]), hub
@@ -232,8 +235,9 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=30)
     ap.add_argument("--login-users", type=int, default=10)
     ap.add_argument("--skip-stock", action="store_true")
+    ap.add_argument("--concurrency", type=int, help="spawner.start_queue.concurrency (default: the hub's default)")
     args = ap.parse_args()
-    results = {"cores": CORES, "load_before": load()}
+    results = {"cores": CORES, "load_before": load(), "concurrency": args.concurrency or CORES + 1}  # (spawn_queue's default)
     results["cpu_before"] = cpu_per_start([str(BIN / "jupyterhub-singleuser")], BEFORE_SETTINGS)
     after = json.loads(json.dumps(BEFORE_SETTINGS))
     after["ServerApp"]["jpserver_extensions"]["jupyter_lsp"] = False
@@ -242,7 +246,7 @@ def main() -> None:
     results["cpu_after"] = cpu_per_start([sys.executable, "-m", "spinnaker_jupyter.singleuser",
                                           str(BIN / "jupyterhub-singleuser")], after)
     results["cpu_stock"] = cpu_per_start([str(BIN / "jupyterhub-singleuser")], {})
-    ours, hub = our_hub(args.users)
+    ours, hub = our_hub(args.users, args.concurrency)
     results["ours"] = ours
     try:
         if args.login_users:
@@ -261,7 +265,8 @@ def main() -> None:
             for k in ("first", "median", "p95", "last"):
                 r[f"{k}_over_floor"] = r[k] / r["floor_s"]
     print(table(results, args.users))
-    (ROOT / "benchmarks" / "results-course.json").write_text(json.dumps(results, indent=1) + "\n")
+    (ROOT / "benchmarks" / f"results-course{'-c%d' % args.concurrency if args.concurrency else ''}.json").write_text(
+        json.dumps(results, indent=1) + "\n")
 
 
 def table(r: dict, n: int) -> str:

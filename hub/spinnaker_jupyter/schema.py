@@ -214,8 +214,10 @@ SCHEMA: dict = _obj({
                                            "spawn page says their place and about how long (from the measured "
                                            "recent starts). A start is CPU-bound: about one per core gets the "
                                            "first user in within seconds and the last no later than all at "
-                                           "once. null: the cores the hub may use (its CPU affinity); set it to "
-                                           "the container host's cores when containers run elsewhere. A server "
+                                           "once. null: one more than the cores the hub may use (its CPU "
+                                           "affinity): a start also waits on the disk, and one more keeps the "
+                                           "cores busy; with containers on another host, base it on that host's "
+                                           "cores. A server "
                                            "waiting for its SpiNNaker board holds no place; Slurm queues its own "
                                            "jobs (spawner.type slurm ignores this)."},
             "limit": _int(200, "Starts that may wait in line. One more is refused at once with a page saying so "
