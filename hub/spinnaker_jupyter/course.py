@@ -104,12 +104,16 @@ def _handlers() -> list:
                     running.append(user.name)
                     continue
                 requests.append((user, asyncio.ensure_future(self.spawn_single_user(user, ""))))
-            for user, request in requests:  # (each returns once its server is up or is slow to start)
-                try:
-                    await request
+            if requests:  # a refusal (a full start queue) comes at once; the accepted starts go on in the hub
+                await asyncio.wait([r for _, r in requests], timeout=1)
+            for user, request in requests:
+                if request.done() and request.exception() is not None:
+                    e = request.exception()
+                    refused[user.name] = (getattr(e, "jupyterhub_message", None) or getattr(e, "log_message", None)
+                                          or str(e))
+                else:
                     started.append(user.name)
-                except web.HTTPError as e:
-                    refused[user.name] = getattr(e, "jupyterhub_message", None) or e.log_message or str(e)
+                    request.add_done_callback(lambda f: f.cancelled() or f.exception())  # (seen by server_state)
             self.log.info("Course start (%s): %d started, %d already running, %d refused, %d unknown",
                           group or "list", len(started), len(running), len(refused), len(unknown))
             self.set_status(202)
