@@ -14,7 +14,9 @@ from hubclient import wait_for
 
 @pytest.fixture(scope="module")
 def hub(hub_factory):
-    return hub_factory({"spawner": {"start_queue": {"concurrency": 1, "limit": 2}}})
+    # Each server gets a tenth of a core (its cgroup), so that a start lasts seconds on any machine: long enough for
+    # the next three to queue behind it.
+    return hub_factory({"spawner": {"start_queue": {"concurrency": 1, "limit": 2}, "cpu_limit": 0.1}})
 
 
 @pytest.fixture(scope="module")
