@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from test_browser import CHROMIUM, FLAGS, shot
+from test_browser import browser, shot  # noqa: F401 - browser: the module's Chromium fixture
 from test_jobs import start_jobs_hub
 
 pytestmark = pytest.mark.browser
@@ -20,19 +20,6 @@ time.sleep(1)
 open("result.txt", "w").write("answer 42\\n")
 print("wrote result.txt", flush=True)
 """
-
-
-@pytest.fixture(scope="module")
-def browser():
-    playwright = pytest.importorskip("playwright.sync_api")
-    import shutil
-
-    if not shutil.which(CHROMIUM):
-        pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's chromium (make test-deps does)")
-    with playwright.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")
