@@ -29,11 +29,16 @@ class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
 
 
-def main(path: str) -> None:
+def serve_unix(path: str, handler) -> None:
+    """Serve `handler` on the unix socket jupyter-server-proxy named (also used by the hub package's Jobs tile)."""
     if os.path.exists(path):
         os.unlink(path)
-    with Server(path, Page) as server:
+    with Server(path, handler) as server:
         server.serve_forever()
+
+
+def main(path: str) -> None:
+    serve_unix(path, Page)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import html
 import os
-import socketserver
 import sys
 from http.server import BaseHTTPRequestHandler
 
@@ -49,15 +48,10 @@ class Redirect(BaseHTTPRequestHandler):
         pass
 
 
-class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
-
-
 def main(path: str) -> None:
-    if os.path.exists(path):
-        os.unlink(path)
-    with Server(path, Redirect) as server:
-        server.serve_forever()
+    from spinnaker_jupyter_ext.nrp_missing import serve_unix  # runs inside a user server, beside the extension
+
+    serve_unix(path, Redirect)
 
 
 if __name__ == "__main__":
