@@ -1,4 +1,5 @@
-# Quick start: `make up` (set everything up and run the hub), `make test` (run the test suite).
+# Quick start: `make up` (set everything up and run the hub), `make test` (run the test suite),
+# `make test-unit` (the fast lane: tests/unit, no hub, kernel env, podman, browser or Slurm needed).
 # The environments are built from the system Python, which every user account can run.
 PYTHON ?= $(shell if [ -x /usr/bin/python3 ]; then echo /usr/bin/python3; else command -v python3; fi)
 VENV   := .venv
@@ -6,7 +7,7 @@ BIN    := $(VENV)/bin
 CONFIG ?=
 PYTEST_ARGS ?=
 
-.PHONY: up setup check build test test-deps bench clean
+.PHONY: up setup check build test test-unit test-deps bench clean
 
 up: setup
 	$(BIN)/spinnaker-jupyter up $(if $(CONFIG),-c $(CONFIG))
@@ -32,13 +33,21 @@ check: setup
 build: setup
 	$(BIN)/spinnaker-jupyter build $(if $(CONFIG),-c $(CONFIG))
 
-test-deps: setup requirements-test.txt
+# The unit lane needs only pytest (requirements-unit.txt), installed once; the full suite needs the rest.
+$(VENV)/.unit-installed: $(VENV)/.installed requirements-unit.txt
+	$(BIN)/pip install --progress-bar off -q -r requirements-unit.txt
+	touch $@
+
+test-deps: setup requirements-test.txt requirements-unit.txt
 	./scripts/system-deps.sh --test
 	$(BIN)/pip install --progress-bar off -q -r requirements-test.txt
 	$(BIN)/spinnaker-jupyter build -c tests/build-config.yaml
 
 test: test-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-unit: setup $(VENV)/.unit-installed
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 bench: test-deps
 	$(BIN)/python benchmarks/bench_hub.py
