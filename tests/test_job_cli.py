@@ -94,3 +94,30 @@ def test_bad_input_is_one_clear_line(cli_hub, project, args, token, message):
     r = job_cli(cli_hub, *args, cwd=project, token=token)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_operator_lists_shows_and_cancels_a_running_job(cli_hub, tmp_path):
+    """`spinnaker-jupyter jobs`: the operator sees the running job, its log, and cancels it; the user's log says who
+    stopped it."""
+    import requests
+
+    headers = {"Authorization": f"Bearer {cli_hub.users['jolga'].token}"}
+    script = "import time\nprint('working', flush=True)\nwhile True:\n    time.sleep(0.2)\n"
+    r = requests.post(cli_hub.jobs_url + "/jobs/", headers=headers, timeout=30,
+                      json={"code": script, "collab": "private-jolga", "hardware_platform": "SpiNNaker"})
+    assert r.status_code == 201, r.text
+    job_id = str(r.json()["id"])
+
+    def job():
+        return requests.get(f"{cli_hub.jobs_url}/jobs/{job_id}?with_log=true", headers=headers, timeout=30).json()
+
+    wait_for(lambda: "working" in job()["log"], 90, "the job to run")
+    listed = cli_hub.cli("jobs", "list", "--user", "jolga", "--state", "running")
+    assert listed.returncode == 0 and [line.split()[:3] for line in listed.stdout.splitlines()[1:]] == \
+        [[job_id, "jolga", "running"]], listed.stdout
+    shown = cli_hub.cli("jobs", "show", job_id)
+    assert shown.returncode == 0 and "  working" in shown.stdout, shown.stdout
+    cancelled = cli_hub.cli("jobs", "cancel", job_id)
+    assert cancelled.returncode == 0 and f"job {job_id} (jolga): running; its runner stops it" in cancelled.stdout
+    wait_for(lambda: job()["status"] == "removed", 30, "the runner to stop the cancelled job")
+    assert "The job was cancelled by an operator (spinnaker-jupyter jobs cancel)" in job()["log"], job()["log"]

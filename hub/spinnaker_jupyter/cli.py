@@ -9,6 +9,7 @@
   boards   the SpiNNaker boards user servers hold (hub database; --live asks the allocation service)
   backup   save everything but the home folders (hub database, accounts, secrets, generated config) into DIR
   restore  put a backup into a fresh data_dir (the hub stopped)
+  jobs     batch jobs: list | show | cancel | purge (from the job store, hub up or down)
 """
 
 from __future__ import annotations
@@ -293,6 +294,9 @@ def parser() -> argparse.ArgumentParser:
     from .backup import register as add_backup_commands  # backup / restore: everything but the homes
 
     add_backup_commands(add)
+    from .jobs.admin_cli import register as add_jobs_command  # jobs list | show | cancel | purge
+
+    add_jobs_command(add, _load)
     return p
 
 

@@ -241,7 +241,8 @@ class Runner:
         if self.store.cancel_requested(job.id):
             status, files = "removed", []
             shutil.rmtree(self.s.outputs / str(job.id), ignore_errors=True)
-            jlog.note(f"{_stamp()}: the job was cancelled by its owner; its outputs were discarded.")
+            jlog.note(f"{_stamp()}: the job was cancelled {self.store.cancel_words(job.id)}; its outputs were "
+                      "discarded.")
         if files and status != "removed":
             await asyncio.get_running_loop().run_in_executor(None, self._copy_home, job, files, jlog)
         provenance["wall_seconds"] = round(time.monotonic() - t0, 3)
@@ -394,7 +395,7 @@ class Runner:
                     reason = (f"The job wrote more than {self.s.output_bytes // 2**20} MiB "
                               "(jobs.limits.output_mb) and was stopped")
                 elif self.store.cancel_requested(job.id):
-                    reason = "The job was cancelled by its owner"
+                    reason = f"The job was cancelled {self.store.cancel_words(job.id)}"
                 if reason:
                     why.append(reason)
                     self.executor.kill(proc.pid, None)

@@ -14,8 +14,8 @@ import json
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
-from sqlalchemy import (Boolean, DateTime, Float, Integer, String, Text, create_engine, event, func, select,
-                        update)
+from sqlalchemy import (Boolean, DateTime, Float, Integer, String, Text, create_engine, delete, event, func, inspect,
+                        select, text, update)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 STATUSES = ("submitted", "running", "finished", "error", "removed")
@@ -55,6 +55,11 @@ class Job(Base):
     pgid: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the job's process group while it runs
     run_uid: Mapped[int | None] = mapped_column(Integer, nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    cancel_reason: Mapped[str | None] = mapped_column(Text, nullable=True)  # e.g. "by an operator"
+    detail: Mapped[str | None] = mapped_column(Text, nullable=True)  # what a running job waits for, in words
+
+#: Columns added after the first release: (name, SQL type), added to an existing table at start-up.
+ADDED_COLUMNS = (("cancel_reason", "TEXT"), ("detail", "TEXT"))
 
 
 class Store:
@@ -68,7 +73,17 @@ class Store:
             def _wal(dbapi_conn, _record):  # readers do not wait for the runner's writes
                 dbapi_conn.execute("PRAGMA journal_mode=WAL")
         Base.metadata.create_all(self.engine)
+        self._add_columns()
         self.session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def _add_columns(self) -> None:
+        """A store made by an earlier release lacks the newer columns: add them (nullable, so old rows stay valid)."""
+        have = {c["name"] for c in inspect(self.engine).get_columns("jobs")}
+        missing = [(name, kind) for name, kind in ADDED_COLUMNS if name not in have]
+        if missing:
+            with self.engine.begin() as conn:
+                for name, kind in missing:
+                    conn.execute(text(f"ALTER TABLE jobs ADD COLUMN {name} {kind}"))
 
     # --- users' side -------------------------------------------------------------------------------------------
     def create(self, user_id: str, fields: dict) -> Job:
@@ -94,15 +109,16 @@ class Store:
         tags = set(tags)
         return [j for j in jobs if tags <= set(json.loads(j.tags or "[]"))] if tags else jobs
 
-    def request_removal(self, job_id: int) -> str:
-        """Mark a job removed; a running one is only flagged (its runner stops it). Returns the status before.
-        Compare-and-set like the claim, so a job the runner takes at the same moment is flagged, not overwritten."""
+    def request_removal(self, job_id: int, reason: str | None = None) -> str:
+        """Mark a job removed; a running one is only flagged (its runner stops it, saying it was cancelled `reason`,
+        default "by its owner"). Returns the status before. Compare-and-set like the claim, so a job the runner
+        takes at the same moment is flagged, not overwritten."""
         while True:
             before = self.get(job_id).status
             with self.session() as s, s.begin():
                 if before == "running":
                     done = s.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(
-                        cancel_requested=True))
+                        cancel_requested=True, cancel_reason=reason))
                 elif before == "removed":
                     return before
                 else:
@@ -132,7 +148,7 @@ class Store:
             with self.session() as s, s.begin():
                 done = s.execute(update(Job).where(Job.id == candidate, Job.status == "submitted").values(
                     status="running", runner_id=runner_id, timestamp_started=now(), attempts=Job.attempts + 1,
-                    cancel_requested=False))
+                    cancel_requested=False, cancel_reason=None, detail=None))
             if done.rowcount == 1:
                 return self.get(candidate)
 
@@ -141,10 +157,14 @@ class Store:
 
     def finish(self, job_id: int, status: str, provenance: dict, files: list[dict], usage: float | None) -> None:
         self._update(job_id, status=status, provenance=json.dumps(provenance), output_files=json.dumps(files),
-                     resource_usage=usage, timestamp_completion=now(), pgid=None, runner_id=None)
+                     resource_usage=usage, timestamp_completion=now(), pgid=None, runner_id=None, detail=None)
 
     def requeue(self, job_id: int) -> None:
-        self._update(job_id, status="submitted", pgid=None, runner_id=None, timestamp_started=None)
+        self._update(job_id, status="submitted", pgid=None, runner_id=None, timestamp_started=None, detail=None)
+
+    def set_detail(self, job_id: int, detail: str | None) -> None:
+        """What the running job does or waits for, in words (e.g. its place in the board queue)."""
+        self._update(job_id, detail=detail)
 
     def interrupted(self, runner_id: str | None = None) -> list[Job]:
         """Jobs left `running` by a runner that is gone (all of them at start-up), or by `runner_id`."""
@@ -157,6 +177,33 @@ class Store:
     def cancel_requested(self, job_id: int) -> bool:
         with self.session() as s:
             return bool(s.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+    def cancel_words(self, job_id: int) -> str:
+        """Who cancelled a flagged job, as the log says it ("by its owner" unless another reason was given)."""
+        with self.session() as s:
+            return s.scalar(select(Job.cancel_reason).where(Job.id == job_id)) or "by its owner"
+
+    # --- the operator's side (spinnaker-jupyter jobs) -----------------------------------------------------------
+    def all_jobs(self, users: Iterable[str] = (), statuses: Iterable[str] = ()) -> list[Job]:
+        q = select(Job)
+        users, statuses = list(users), list(statuses)
+        if users:
+            q = q.where(Job.user_id.in_(users))
+        if statuses:
+            q = q.where(Job.status.in_(statuses))
+        with self.session() as s:
+            return list(s.scalars(q.order_by(Job.id)))
+
+    def ended_before(self, before: datetime) -> list[Job]:
+        """Jobs that ended (finished, error, removed) before `before`."""
+        with self.session() as s:
+            return list(s.scalars(select(Job).where(Job.status.in_(DONE + ("removed",)),
+                                                    Job.timestamp_completion < before).order_by(Job.id)))
+
+    def delete(self, job_id: int) -> None:
+        """Drop an ended job's record (only one that has ended: a running or queued job is never deleted)."""
+        with self.session() as s, s.begin():
+            s.execute(delete(Job).where(Job.id == job_id, Job.status.in_(DONE + ("removed",))))
 
     def expired(self, before: datetime) -> list[Job]:
         with self.session() as s:
