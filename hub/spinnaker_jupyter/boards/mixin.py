@@ -1,73 +1,22 @@
-"""SpiNNaker boards for user servers: the `spinnaker.mode` of a deployment, carried out by the spawner.
-
-`BoardsMixin` goes first in the bases of a Spawner class, ahead of every class whose start() does work, so that the
-claim (and its wait in a queue) comes before anything else; it says its steps with `ProgressMixin.progress_say`::
-
-    class SpiNNakerLocalSpawner(BoardsMixin, PrivateHomeSpawner): ...      # PrivateHomeSpawner(ProgressMixin, ...)
-    class SpiNNakerDockerSpawner(BoardsMixin, ProgressMixin, DockerSpawner): ...
-
-What it does, per mode:
-
-* ``session``: before the server starts, claim ``spalloc.boards`` boards (per user / per hub group) for the user
-  from the spalloc service (``SpallocAllocator``, with the hub's token and the user's name as owner), waiting in
-  its queue up to ``claim_timeout`` seconds with the queue position said on the spawn page; keep the job alive while
-  the server runs; destroy it when the server stops or is found gone by the hub's poll.
-* ``machine``: the lab's own board, one user server at a time. A second start waits (up to ``claim_timeout``; the
-  spawn page says whose server holds the board) and gets the board when that server stops.
-* ``virtual`` / ``per-run``: nothing to claim (per-run: sPyNNaker claims at each setup() with the user's token).
-
-When no board comes in time (or the service cannot be used), ``on_timeout`` decides: ``virtual`` starts the server
-in virtual mode and says why (spawn page, first sPyNNaker cell, ``spinnaker-status``); ``fail`` fails the start
-with the reason.
-
-The one sPyNNaker cfg of the server goes into its environment as ``SPINNAKER_MACHINE_CFG`` (text), so it reaches a
-container as well as a local process; the kernel launcher writes it into a private file and offers only that one.
-``SPINNAKER_MODE``, ``SPINNAKER_BOARD``, ``SPINNAKER_BOARD_JOB`` and ``SPINNAKER_BOARD_NOTICE`` describe it for
-people (``spinnaker-status``).
-
-Leases: every spalloc job is recorded durably the moment the service makes it (`leases.LeaseStore`, a file in the
-hub's private folder), before the claim waits in the queue, and the row goes when the job is given back. At hub
-start `leases.reconcile` checks the rows of the dead hub process against the service's job list and destroys each
-job no server of this hub holds any more (a claim that was waiting when the hub was killed, a job whose server is
-gone), with a log line per job.
-
-Persistence: the claim lives in the spawner's state (``get_state()["spinnaker"]``: job URL and id, board address,
-claimed-at, or the lost/fallback reason), which the hub stores in its database and shows admins (admin API, scope
-``admin:server_state``). After a hub restart the first poll of a live server resumes its keepalive (the same job:
-no second claim); a job that ended meanwhile (the hub was down longer than the keepalive interval) is recorded as
-lost, and the next start claims a fresh one. A server found gone gives its job back through the post-stop hook,
-which the hub runs for every stop, whether or not the server process was still there.
-
-Live status: ``GET /hub/api/spinnaker/boards/<user>[/<server>]`` (scope ``read:servers`` or ``access:servers`` on
-that server: the user, admins, and the server's own token) reads the job's state from the service now, through the
-hub's session; ``GET /hub/api/spinnaker/boards`` lists every server's boards (scope ``admin:server_state``).
-These are registered with ``JupyterHub.extra_handlers`` (deprecated since JupyterHub 3.1 in favour of services, still
-working in 6.1, and logged as deprecated at start-up): they run in the hub because only the hub holds the live
-keepalives; a separate service would see only the database's copy.
-"""
+"""`BoardsMixin`: the spawner side of SpiNNaker boards (the package's docstring says what each mode does)."""
 
 from __future__ import annotations
 
 import asyncio
 import copy
-import json
 import os
-import sys
-import time
-from pathlib import Path
 from typing import Any, Optional
 
 from jupyterhub.spawner import SpawnException
 from traitlets import Dict, List, Unicode
 from traitlets.config import LoggingConfigurable
 
-from . import leases
-from .spalloc import (ClaimProgress, JobState, SpallocAllocator, SpallocError, SpallocJobDestroyedError,
-                      SpallocRequestError, SpallocTimeoutError, render_machine_cfg)
+from .. import leases
+from ..spalloc import (ClaimProgress, JobState, SpallocAllocator, SpallocError, SpallocJobDestroyedError,
+                       SpallocRequestError, SpallocTimeoutError, render_machine_cfg)
+from .lock import board_lock, now_iso as _now_iso, words as _words
 
 STATE_KEY = "spinnaker"
-#: Seconds between "still waiting" messages on the spawn page (machine mode; spalloc says its own).
-SAY_EVERY = 30.0
 
 
 class NoBoardError(SpawnException):
@@ -78,70 +27,7 @@ class NoBoardError(SpawnException):
         self.jupyterhub_message = message  # what the spawn page says
 
 
-def _now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
-
-def _words(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s} s" if s < 90 else f"{s // 60} min" if s < 5400 else f"{s // 3600} h {s % 3600 // 60:02d} min"
-
-
-# --------------------------------------------------------------------------------------------------- machine mode
-class BoardLock:
-    """One lab board, one holder (a user server) at a time, in the hub process. Holders are re-registered from
-    spawner state after a hub restart (`load_state`)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.holder: Optional[tuple[str, str]] = None  # (user, server name)
-        self.since: Optional[float] = None
-
-    def try_take(self, who: tuple[str, str]) -> bool:
-        if self.holder is None or self.holder == who:
-            if self.holder is None:
-                self.since = time.time()
-            self.holder = who
-            return True
-        return False
-
-    def release(self, who: tuple[str, str]) -> None:
-        if self.holder == who:
-            self.holder = self.since = None
-
-    def holder_words(self, me: str) -> str:
-        if self.holder is None:
-            return "nobody"
-        user, server = self.holder
-        named = f" '{server}'" if server else ""
-        return f"your other server{named}" if user == me else f"{user}'s server{named}"
-
-    async def take(self, who: tuple[str, str], timeout: float, say) -> bool:
-        """Wait up to `timeout` seconds for the board; `say(message)` while waiting. True when taken."""
-        start = time.monotonic()
-        said_at, said_holder = -SAY_EVERY, None
-        while not self.try_take(who):
-            waited = time.monotonic() - start
-            if waited >= timeout:
-                return False
-            if self.holder != said_holder or waited - said_at >= SAY_EVERY:
-                holder = self.holder_words(who[0])
-                owner = "they stop it" if not holder.startswith("your") else "you stop it"
-                say(f"The lab's SpiNNaker board {self.name} is in use by {holder}; you get it when {owner} "
-                    f"(waiting up to {_words(timeout)}{f', {_words(waited)} so far' if waited >= 1 else ''}).")
-                said_at, said_holder = waited, self.holder
-            await asyncio.sleep(min(0.25, max(timeout - waited, 0.01)))
-        return True
-
-
-_LOCKS: dict[str, BoardLock] = {}
-
-
-def board_lock(name: str) -> BoardLock:
-    return _LOCKS.setdefault(name, BoardLock(name))
-
-
-# --------------------------------------------------------------------------------------------------- the mixin
 class BoardsMixin(LoggingConfigurable):
     """SpiNNaker boards for a Spawner: claim before start, release after stop, state persisted (see module doc).
     Configure with ``c.BoardsMixin.spinnaker_config`` (the deployment's validated `spinnaker:` section) and
@@ -176,10 +62,10 @@ class BoardsMixin(LoggingConfigurable):
     # -- configuration ---------------------------------------------------------------------------------------
     @property
     def spinnaker(self) -> dict:
-        from .schema import SCHEMA, defaults
+        from ..schema import SCHEMA, defaults
 
         base = defaults(SCHEMA["properties"]["spinnaker"])
-        from .config import merge
+        from ..config import merge
 
         return merge(base, self.spinnaker_config or {})
 
@@ -213,7 +99,7 @@ class BoardsMixin(LoggingConfigurable):
         return (self.user.name, self.name or "")
 
     def _deployment_cfg(self, mode: Optional[str] = None) -> str:
-        from .kernels import spynnaker_cfg_text
+        from ..kernels import spynnaker_cfg_text
 
         return spynnaker_cfg_text({**self.spinnaker, "mode": mode or self.board_mode})
 
@@ -411,7 +297,7 @@ class BoardsMixin(LoggingConfigurable):
         self._board_cfg = header + self._cfg_for(render_machine_cfg(allocation))
 
     def _cfg_for(self, machine_section: str) -> str:
-        from .kernels import spynnaker_cfg_text
+        from ..kernels import spynnaker_cfg_text
 
         return spynnaker_cfg_text(self.spinnaker, machine_section)
 
@@ -565,235 +451,3 @@ class BoardsMixin(LoggingConfigurable):
             out["holder"] = "/".join(lock.holder) if lock.holder else None
         return out
 
-
-# --------------------------------------------------------------------------------------------------- hub API
-def _handlers() -> list:
-    from jupyterhub import orm
-    from jupyterhub.apihandlers.base import APIHandler
-    from jupyterhub.scopes import needs_scope
-    from tornado import web
-
-    class ServerBoardsHandler(APIHandler):
-        """One server's boards: for the user, admins and the server itself (its JUPYTERHUB_API_TOKEN)."""
-
-        @needs_scope("read:servers", "access:servers")
-        async def get(self, user_name: str, server_name: str = "") -> None:
-            user = self.find_user(user_name)
-            if user is None or server_name not in user.orm_user.orm_spawners:
-                raise web.HTTPError(404, f"No server {user_name}/{server_name}")
-            spawner = user.spawners[server_name]
-            if not hasattr(spawner, "board_status"):
-                self.write(json.dumps({"user": user_name, "server": server_name, "mode": None,
-                                       "message": "this server's spawner does not manage SpiNNaker boards"}))
-                return
-            live = self.get_argument("live", "1") not in ("0", "false", "no")
-            self.write(json.dumps(await spawner.board_status(live=live)))
-
-    class AllBoardsHandler(APIHandler):
-        """Every running server's boards (admins)."""
-
-        @needs_scope("admin:server_state")
-        async def get(self) -> None:
-            live = self.get_argument("live", "0") not in ("0", "false", "no")
-            out = []
-            for orm_spawner in self.db.query(orm.Spawner).filter(orm.Spawner.server != None):  # noqa: E711
-                user = self.users[orm_spawner.user]
-                spawner = user.spawners[orm_spawner.name]
-                if hasattr(spawner, "board_status"):
-                    out.append(await spawner.board_status(live=live))
-            self.write(json.dumps(out))
-
-    return [(r"/api/spinnaker/boards/?", AllBoardsHandler),
-            (r"/api/spinnaker/boards/([^/]+)/?([^/]*)", ServerBoardsHandler)]
-
-
-# --------------------------------------------------------------------------------------------------- hub config
-def status_command_dir(d) -> Optional[Path]:
-    """A folder holding only `spinnaker-status` (linked from the hub environment), for local servers' PATH."""
-    script = Path(sys.executable).parent / "spinnaker-status"
-    if not script.exists():
-        return None
-    folder = d.data_dir / "bin"
-    folder.mkdir(parents=True, exist_ok=True)
-    os.chmod(folder, 0o755)
-    link = folder / "spinnaker-status"
-    if not (link.is_symlink() and os.readlink(link) == str(script)):
-        tmp = folder / ".spinnaker-status.tmp"
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(script)
-        os.replace(tmp, link)
-    return folder
-
-
-LEASE_FILE = "spinnaker-leases.sqlite"
-_RECONCILE: Optional[asyncio.Task] = None  # (referenced so the task is not collected while it runs)
-
-
-def _running_server_jobs(d) -> set[str]:
-    """Job URLs held by servers the hub database records as running (their spawners resume or release them)."""
-    return {b["job_url"] for b in held_boards(d)
-            if b["running"] and b.get("job_url") and not b.get("released") and not b.get("lost")}
-
-
-async def reconcile_at_start(c, d) -> Optional[leases.ReconcileReport]:
-    """At hub start: give back the spalloc jobs the last hub process recorded and no server holds now."""
-    from traitlets.log import get_logger
-
-    log = get_logger()
-    allocator = SpallocAllocator(config=c, log=log)
-    try:
-        store = leases.open_store(d.hub_dir / LEASE_FILE)
-        loop = asyncio.get_running_loop()
-        running: Optional[set[str]] = None
-
-        async def is_held(lease: leases.Lease) -> bool:
-            nonlocal running
-            if running is None:  # read once: the dead process's last word on which servers run with which job
-                running = await loop.run_in_executor(None, _running_server_jobs, d)
-            return lease.job_url in running
-
-        return await leases.reconcile(store, allocator.client(), is_held=is_held, log=log)
-    except Exception:  # noqa: BLE001 - never stop the hub for this; the service's keepalive expiry still applies
-        log.exception("SpiNNaker jobs: reconciliation with the allocation service failed")
-        return None
-    finally:
-        await allocator.close()
-
-
-def configure_hub(c, d) -> None:
-    """Apply `spinnaker:` (and `spawner.poll_interval`) to JupyterHub's config `c`."""
-    sp = d["spinnaker"]
-    c.BoardsMixin.spinnaker_config = copy.deepcopy(sp)
-    c.Spawner.poll_interval = d["spawner"]["poll_interval"]
-    if sp["mode"] in ("machine", "session"):
-        # The wait for a board comes on top of the server's own start-up time.
-        c.Spawner.start_timeout = d["hub"]["start_timeout"] + sp["claim_timeout"]
-    spalloc = sp["spalloc"]
-    if spalloc["url"]:
-        a = c.SpallocAllocator
-        a.url = spalloc["url"]
-        a.keepalive_interval = float(spalloc["keepalive_interval"])
-        a.claim_timeout = float(sp["claim_timeout"])
-        a.boards = spalloc["boards"]
-        a.machine_name = spalloc["machine_name"]
-        a.tags = spalloc["tags"]
-        a.group = spalloc["group"]
-        if spalloc["ca_certs"]:
-            a.ca_certs = str(d.path(spalloc["ca_certs"], Path()))
-        if sp["mode"] == "session":
-            a.token_provider = d.spalloc_token  # read again at each session renewal (a rotated token file works)
-            c.BoardsMixin.lease_store = str(d.hub_dir / LEASE_FILE)
-            try:
-                loop = asyncio.get_running_loop()  # (the hub loads its config on its running loop)
-            except RuntimeError:
-                loop = None  # (a config check, or a test applying the config: nothing to reconcile)
-            if loop is not None:
-                global _RECONCILE
-                _RECONCILE = loop.create_task(reconcile_at_start(c, d))
-    if sp["mode"] == "per-run":
-        hub = d["hub"]
-        host = hub["ip"] if hub["ip"] not in ("", "0.0.0.0", "::") else "127.0.0.1"
-        c.BoardsMixin.service_env = {"JUPYTERHUB_SERVICE_HOST": host, "JUPYTERHUB_SERVICE_PORT": str(hub["port"])}
-    if d["spawner"]["type"] == "local":
-        folder = status_command_dir(d)
-        if folder:
-            c.BoardsMixin.path_append = [str(folder)]
-    c.JupyterHub.extra_handlers.extend(_handlers())
-
-
-# --------------------------------------------------------------------------------------------------- operator CLI
-def held_boards(d) -> list[dict]:
-    """Every server's SpiNNaker state, from the hub's database (works while the hub is down)."""
-    import sqlalchemy as sa
-
-    engine = sa.create_engine(d.db_url)
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(sa.text(
-                "SELECT users.name, spawners.name, spawners.state, spawners.server_id, spawners.started "
-                "FROM spawners JOIN users ON spawners.user_id = users.id ORDER BY users.name, spawners.name"))
-            out = []
-            for user, server, state, server_id, started in rows:
-                if isinstance(state, (bytes, str)):
-                    try:
-                        state = json.loads(state or "{}")
-                    except ValueError:
-                        state = {}
-                board = (state or {}).get(STATE_KEY)
-                if board:
-                    out.append({"user": user, "server": server or "", "running": server_id is not None,
-                                "started": str(started) if started else None, **board})
-            return out
-    except sa.exc.OperationalError as e:
-        from .config import ConfigError
-
-        raise ConfigError(f"cannot read the hub's database {d.db_url}: {e.orig}") from None
-    finally:
-        engine.dispose()
-
-
-async def _live(d, held: list[dict]) -> tuple[dict, list[dict], Optional[str]]:
-    from .spalloc import SpallocClient
-
-    sp = d["spinnaker"]["spalloc"]
-    client = SpallocClient(sp["url"], d.spalloc_token, retries=1,
-                           ca_certs=str(d.path(sp["ca_certs"], Path())) if sp["ca_certs"] else None)
-    states: dict[str, Any] = {}
-    others: list[dict] = []
-    try:
-        for b in held:
-            if b.get("job_url"):
-                try:
-                    st = await client.job(b["job_url"]).status()
-                    states[b["job_url"]] = f"{st.state.value}{f' ({st.reason})' if st.reason else ''}"
-                except SpallocError as e:
-                    states[b["job_url"]] = f"? ({e})"
-        ours = {b.get("job_url") for b in held}
-        for url in await client.list_jobs():
-            if url not in ours:
-                st = await client.job(url).status()
-                others.append({"job_url": url, "owner": st.owner, "state": st.state.value})
-        return states, others, None
-    except SpallocError as e:
-        return states, others, str(e)
-    finally:
-        await client.close()
-
-
-def cli_boards(d, live: bool = False, as_json: bool = False) -> int:
-    """`spinnaker-jupyter boards`: what each user server holds (hub database), and with --live the service's view."""
-    held = held_boards(d)
-    states, others, error = {}, [], None
-    if live:
-        if not d["spinnaker"]["spalloc"]["url"]:
-            error = "no spinnaker.spalloc.url configured"
-        else:
-            states, others, error = asyncio.run(_live(d, held))
-    if as_json:
-        print(json.dumps({"servers": [{**b, "live": states.get(b.get("job_url"))} for b in held],
-                          "other_jobs": others, "live_error": error}, indent=1))
-        return 0
-    print(f"SpiNNaker mode: {d['spinnaker']['mode']}; servers holding or recorded with boards: {len(held)}")
-    for b in held:
-        who = f"{b['user']}{'/' + b['server'] if b['server'] else ''}"
-        running = "running" if b["running"] else "stopped"
-        if b.get("fallback"):
-            what = f"no board ({b['fallback']} mode): {b.get('notice', '')}"
-        elif b.get("job_url"):
-            what = (f"board {b.get('board', '?')} ({b.get('boards', 1)} board(s)), job {b.get('job_id')}, "
-                    f"claimed {b.get('claimed_at', '?')}")
-            if b.get("lost"):
-                what += f"; LOST at {b.get('lost_at')}: {b['lost']}"
-            if live:
-                what += f"; at the service now: {states.get(b['job_url'], '?')}"
-        elif b.get("mode") == "machine":
-            what = f"lab board {b.get('board')}{' (held)' if b.get('held') else ''}"
-        else:
-            what = f"mode {b.get('mode')}"
-        print(f"  {who:<24} {running:<8} {what}")
-    if live:
-        if error:
-            print(f"  (the allocation service: {error})")
-        for o in others:
-            print(f"  service job {o['job_url']} of {o['owner']}: {o['state']} (not held by a server of this hub)")
-    return 0

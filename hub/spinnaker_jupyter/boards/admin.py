@@ -1,0 +1,108 @@
+"""`spinnaker-jupyter boards`: the operator's view of what each user server holds."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from ..spalloc import SpallocError
+from .mixin import STATE_KEY
+
+
+def held_boards(d) -> list[dict]:
+    """Every server's SpiNNaker state, from the hub's database (works while the hub is down)."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(d.db_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text(
+                "SELECT users.name, spawners.name, spawners.state, spawners.server_id, spawners.started "
+                "FROM spawners JOIN users ON spawners.user_id = users.id ORDER BY users.name, spawners.name"))
+            out = []
+            for user, server, state, server_id, started in rows:
+                if isinstance(state, (bytes, str)):
+                    try:
+                        state = json.loads(state or "{}")
+                    except ValueError:
+                        state = {}
+                board = (state or {}).get(STATE_KEY)
+                if board:
+                    out.append({"user": user, "server": server or "", "running": server_id is not None,
+                                "started": str(started) if started else None, **board})
+            return out
+    except sa.exc.OperationalError as e:
+        from ..config import ConfigError
+
+        raise ConfigError(f"cannot read the hub's database {d.db_url}: {e.orig}") from None
+    finally:
+        engine.dispose()
+
+
+async def _live(d, held: list[dict]) -> tuple[dict, list[dict], Optional[str]]:
+    from ..spalloc import SpallocClient
+
+    sp = d["spinnaker"]["spalloc"]
+    client = SpallocClient(sp["url"], d.spalloc_token, retries=1,
+                           ca_certs=str(d.path(sp["ca_certs"], Path())) if sp["ca_certs"] else None)
+    states: dict[str, Any] = {}
+    others: list[dict] = []
+    try:
+        for b in held:
+            if b.get("job_url"):
+                try:
+                    st = await client.job(b["job_url"]).status()
+                    states[b["job_url"]] = f"{st.state.value}{f' ({st.reason})' if st.reason else ''}"
+                except SpallocError as e:
+                    states[b["job_url"]] = f"? ({e})"
+        ours = {b.get("job_url") for b in held}
+        for url in await client.list_jobs():
+            if url not in ours:
+                st = await client.job(url).status()
+                others.append({"job_url": url, "owner": st.owner, "state": st.state.value})
+        return states, others, None
+    except SpallocError as e:
+        return states, others, str(e)
+    finally:
+        await client.close()
+
+
+def cli_boards(d, live: bool = False, as_json: bool = False) -> int:
+    """`spinnaker-jupyter boards`: what each user server holds (hub database), and with --live the service's view."""
+    held = held_boards(d)
+    states, others, error = {}, [], None
+    if live:
+        if not d["spinnaker"]["spalloc"]["url"]:
+            error = "no spinnaker.spalloc.url configured"
+        else:
+            states, others, error = asyncio.run(_live(d, held))
+    if as_json:
+        print(json.dumps({"servers": [{**b, "live": states.get(b.get("job_url"))} for b in held],
+                          "other_jobs": others, "live_error": error}, indent=1))
+        return 0
+    print(f"SpiNNaker mode: {d['spinnaker']['mode']}; servers holding or recorded with boards: {len(held)}")
+    for b in held:
+        who = f"{b['user']}{'/' + b['server'] if b['server'] else ''}"
+        running = "running" if b["running"] else "stopped"
+        if b.get("fallback"):
+            what = f"no board ({b['fallback']} mode): {b.get('notice', '')}"
+        elif b.get("job_url"):
+            what = (f"board {b.get('board', '?')} ({b.get('boards', 1)} board(s)), job {b.get('job_id')}, "
+                    f"claimed {b.get('claimed_at', '?')}")
+            if b.get("lost"):
+                what += f"; LOST at {b.get('lost_at')}: {b['lost']}"
+            if live:
+                what += f"; at the service now: {states.get(b['job_url'], '?')}"
+        elif b.get("mode") == "machine":
+            what = f"lab board {b.get('board')}{' (held)' if b.get('held') else ''}"
+        else:
+            what = f"mode {b.get('mode')}"
+        print(f"  {who:<24} {running:<8} {what}")
+    if live:
+        if error:
+            print(f"  (the allocation service: {error})")
+        for o in others:
+            print(f"  service job {o['job_url']} of {o['owner']}: {o['state']} (not held by a server of this hub)")
+    return 0
