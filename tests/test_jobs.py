@@ -99,7 +99,7 @@ def code_server():
 def start_jobs_hub(hub_factory, jobs: dict | None = None, extra: dict | None = None):
     port = free_port()
     settings = {"enabled": True, "port": port, "concurrency": 2, "pip_packages": ["six"],
-                "limits": {"wall_time": 120, "output_mb": 2, "code_mb": 4}}
+                "limits": {"wall_time": 120, "output_mb": 2, "code_mb": 4, "input_mb": 1}}
     settings.update(jobs or {})
     hub = hub_factory({"jobs": settings, **(extra or {})})
     hub.jobs_url = f"http://127.0.0.1:{port}"
@@ -225,7 +225,9 @@ def test_another_users_token_gets_404(jobs_hub, nmpi_module):
     ({"code": "print(1)", "collab": "private-jalice", "hardware_platform": "SpiNNaker", "priority": 1}, 422,
      "priority: unknown field"),
     ({"code": "print(1)", "collab": "private-jalice", "hardware_platform": "SpiNNaker",
-      "input_data": [{"url": "http://x/y"}]}, 422, "input_data: not supported by this service yet"),
+      "input_data": [{"url": "ftp://x/y"}]}, 422, "input_data[0].url: 'ftp://x/y' is not an http(s) URL"),
+    ({"code": "print(1)", "collab": "private-jalice", "hardware_platform": "SpiNNaker",
+      "input_data": [{"url": "http://x/y", "path": "../y"}]}, 422, "input_data[0].path: '../y' must be a relative"),
     ({"collab": "private-jalice", "hardware_platform": "SpiNNaker"}, 422, "code: required"),
     ({"code": "x" * (1024 * 1024 + 1), "collab": "private-jalice", "hardware_platform": "SpiNNaker"}, 422,
      "over the limit of 1024 KiB (jobs.limits.inline_code_kb)"),
@@ -280,6 +282,44 @@ def test_bad_code_is_a_clear_error(jobs_hub, nmpi_module, code_server, source, m
     assert not list(data.rglob("escaped.txt")) and not (data.parent / "escaped.txt").exists()
 
 
+def test_input_data_is_downloaded_before_the_job_runs(jobs_hub, code_server):
+    """input_data URLs land in the job's folder (where the job reads them; they are not outputs); a missing file
+    and data past jobs.limits.input_mb end the job with a line naming the input and the limit."""
+    root, url = code_server["root"], code_server["url"]
+    (root / "data.bin").write_bytes(PAYLOAD)
+    (root / "big.bin").write_bytes(b"x" * (2**20 + 1))
+    headers = {"Authorization": f"Bearer {jobs_hub.users['jalice'].token}"}
+    script = ("import hashlib\nfor p in ('data.bin', 'inputs/copy.bin'):\n"
+              "    print(p, hashlib.sha256(open(p, 'rb').read()).hexdigest())\n")
+
+    def submit(input_data) -> dict:
+        r = requests.post(jobs_hub.jobs_url + "/jobs/", headers=headers, timeout=30, json={
+            "code": script, "collab": "private-jalice", "hardware_platform": "SpiNNaker", "input_data": input_data})
+        assert r.status_code == 201, r.text
+        uri = r.json()["resource_uri"]
+        wait_for(lambda: requests.get(jobs_hub.jobs_url + uri, headers=headers, timeout=30).json()["status"]
+                 in ("finished", "error"), 120, "the job to end")
+        return requests.get(jobs_hub.jobs_url + uri + "?with_log=true", headers=headers, timeout=30).json()
+
+    job = submit([f"{url}/data.bin", {"url": f"{url}/data.bin", "path": "inputs/copy.bin"}])
+    sha = hashlib.sha256(PAYLOAD).hexdigest()
+    assert job["status"] == "finished", job["log"]
+    assert f"data.bin {sha}" in job["log"] and f"inputs/copy.bin {sha}" in job["log"]
+    assert job["input_data"] == [{"url": f"{url}/data.bin", "path": "data.bin"},
+                                 {"url": f"{url}/data.bin", "path": "inputs/copy.bin"}]
+    assert [(i["path"], i["size"], i["sha256"]) for i in job["provenance"]["input_data"]] == [
+        ("data.bin", len(PAYLOAD), sha), ("inputs/copy.bin", len(PAYLOAD), sha)]
+    assert job["output_data"]["files"] == []  # inputs are not outputs
+    job = submit([f"{url}/data.bin", f"{url}/missing.bin"])
+    assert job["status"] == "error"
+    assert f"input_data[1]: could not download {url}/missing.bin: the server answered 404" in job["log"], job["log"]
+    job = submit([f"{url}/big.bin"])
+    assert job["status"] == "error"
+    assert "the input files are larger than 1 MiB in all (jobs.limits.input_mb)" in job["log"], job["log"]
+    job = submit([{"url": f"{url}/data.bin", "path": "run.py"}])  # never over the job's own code
+    assert job["status"] == "error" and "input_data[0].path: run.py is already in the job's code" in job["log"]
+
+
 def test_time_limit_stops_the_job(jobs_hub, nmpi_module):
     client = client_for(nmpi_module, jobs_hub, "jalice")
     script = "import time\nprint('starting', flush=True)\nwhile True:\n    time.sleep(0.2)\n"
@@ -323,7 +363,8 @@ def test_output_limit_stops_the_job(jobs_hub, nmpi_module):
 def tight_hub(hub_factory):
     """Short download links and small CPU / process limits; user servers run as root (no per-user accounts)."""
     hub = start_jobs_hub(hub_factory, {"download_url_ttl": 1,
-                                       "limits": {"cpu_time": 2, "processes": 8, "memory_mb": 512}},
+                                       "limits": {"cpu_time": 2, "processes": 8, "memory_mb": 512,
+                                                  "upload_quota_mb": 1}},
                          {"spawner": {"local": {"system_users": False}}})
     hub.users = {"jcarol": hub.client("jcarol", hub.add_user("jcarol"))}
     return hub
@@ -342,6 +383,25 @@ def test_expired_download_url(tight_hub, nmpi_module, tmp_path):
     fresh = client.get_job(job["id"])  # reading the job again gives a fresh link
     client.download_data(fresh, local_dir=str(tmp_path))
     assert (tmp_path / "a.txt").read_text() == "hello"
+
+
+def test_upload_quota_per_user(tight_hub):
+    """A user's kept uploads (spinnaker-jupyter-job run) count against jobs.limits.upload_quota_mb: one that would go
+    past it is refused with one line; another user's quota is their own."""
+    name = "jquota"
+    tight_hub.users[name] = tight_hub.client(name, tight_hub.add_user(name))
+    body = b"\x1f\x8b" + os.urandom(600 * 1024)  # (only a .tar.gz is taken; its content is checked by the runner)
+
+    def upload(user):
+        return requests.post(tight_hub.jobs_url + "/uploads", data=body, timeout=30,
+                             headers={"Authorization": f"Bearer {tight_hub.users[user].token}"})
+
+    assert upload(name).status_code == 201
+    r = upload(name)
+    assert r.status_code == 413, r.text
+    assert r.json()["detail"].startswith("Your uploads here would take 1.2 MiB, over your quota of 1 MiB "
+                                         "(jobs.limits.upload_quota_mb)"), r.json()
+    assert upload("jcarol").status_code == 201
 
 
 def test_jobs_never_run_as_root(tight_hub, nmpi_module):

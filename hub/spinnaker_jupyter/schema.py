@@ -398,7 +398,14 @@ SCHEMA: dict = _obj({
             "code_files": _int(10000, "Files an archive or repository may hold.", minimum=1),
             "inline_code_kb": _int(1024, "KiB of script a job may carry inline.", minimum=1),
             "log_mb": _int(10, "MiB of a job's log kept; the rest is dropped with a note.", minimum=1),
-            "fetch_timeout": _int(120, "Seconds a code download or clone may take.", minimum=5),
+            "fetch_timeout": _int(120, "Seconds a code download or clone may take (and each input_data file's "
+                                  "download).", minimum=5),
+            "input_mb": _int(1024, "MiB of input_data files a job may download in all, into its folder before it "
+                             "runs; a job asking for more ends with an error naming this key.", minimum=1),
+            "upload_quota_mb": _int(500, "MiB of code archives (spinnaker-jupyter-job run uploads) each user may "
+                                    "keep here at once; uploads are deleted jobs.retention_days after they were "
+                                    "made, and an upload past the quota is refused with a line saying so.",
+                                    minimum=1),
         }),
     }),
 })

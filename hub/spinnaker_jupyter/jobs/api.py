@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tornado import web
 
-from . import fetch, hardware_config, identity, signing
+from . import fetch, hardware_config, identity, inputs, signing
 from .store import STATUSES, Job
 
 PLATFORM = "SpiNNaker"
@@ -187,17 +187,17 @@ def submit(app, who: identity.Identity, body) -> Job:
     tags = body.get("tags") or []
     if not isinstance(tags, list) or not all(isinstance(t, str) and 2 <= len(t.strip()) <= 100 for t in tags):
         raise Refused(422, "tags: expected a list of strings of 2 to 100 characters")
-    if body.get("input_data"):
-        raise Refused(422, "input_data: not supported by this service yet; download the files from your script")
     try:
         config = hardware_config.parse(body.get("hardware_config"), js.allowed_keys, app.settings["versions"],
                                        js.pip_packages, js.wall_time)
         fetch.check_inline(body["code"], js.fetch_limits)
-    except (hardware_config.HardwareConfigError, fetch.FetchError) as e:
+        input_data = inputs.parse(body.get("input_data"))
+    except (hardware_config.HardwareConfigError, fetch.FetchError, inputs.InputError) as e:
         raise Refused(422, str(e)) from None
     job = app.settings["store"].create(who.name, {
         "collab": body["collab"], "code": body["code"], "command": command, "hardware_platform": PLATFORM,
-        "hardware_config": json.dumps(config) if config else None, "input_data": None,
+        "hardware_config": json.dumps(config) if config else None,
+        "input_data": json.dumps(input_data) if input_data else None,
         "tags": json.dumps([t.strip() for t in tags])})
     app.settings["runner"].wake()
     return job

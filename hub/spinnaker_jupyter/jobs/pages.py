@@ -77,7 +77,7 @@ class NewPage(Page):
     @web.authenticated
     def post(self):
         v = {k: self.get_argument(k, "", strip=False).replace("\r\n", "\n")
-             for k in ("code", "url", "command", "hardware_config", "tags", "collab")}
+             for k in ("code", "url", "command", "input_data", "hardware_config", "tags", "collab")}
         if v["code"].strip() and v["url"].strip():
             return self.form(v, "Give either a script or a URL, not both (the URL would replace the script).")
         config = None
@@ -88,7 +88,8 @@ class NewPage(Page):
                 return self.form(v, f"Hardware config: not valid JSON ({e}); e.g. {{\"time_limit\": 600}}")
         body = {"code": v["url"].strip() or v["code"], "command": v["command"].strip() or "run.py {system}",
                 "collab": v["collab"], "hardware_platform": api.PLATFORM, "hardware_config": config,
-                "tags": [t.strip() for t in v["tags"].split(",") if t.strip()]}
+                "tags": [t.strip() for t in v["tags"].split(",") if t.strip()],
+                "input_data": [u.strip() for u in v["input_data"].splitlines() if u.strip()]}
         if not body["code"].strip():
             return self.form(v, "Code: paste a script, or give the URL of a git repository or a .zip / .tar.gz "
                                 "archive.")

@@ -25,7 +25,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from ..kernels import spynnaker_cfg_text
-from . import archives, fetch, hardware_config, sessions, uploads
+from . import archives, fetch, hardware_config, inputs, sessions, uploads
 from .executor import Account, AccountError, Executor
 from .settings import Settings, spynnaker_versions
 from .store import Job, Store
@@ -208,6 +208,8 @@ class Runner:
             if not account.switched:
                 jlog.note(f"The service has no per-user accounts (not root): the job runs as {account.name}.")
             provenance["code"] = await loop.run_in_executor(None, self._prepare, job, scratch, account, jlog)
+            if job.input_data:
+                provenance["input_data"] = await loop.run_in_executor(None, self._inputs, job, scratch, account, jlog)
             env = self._env(job, scratch, account)
             if config.get("extra_pip_installs"):
                 await self._pip(config["extra_pip_installs"], scratch, env, account, jlog)
@@ -328,6 +330,16 @@ class Runner:
         if made.returncode != 0:
             raise JobFailed(f"Could not prepare the job's folder: {made.stderr.strip()}")
         return info
+
+    def _inputs(self, job: Job, scratch: Path, account: Account, jlog: JobLog) -> list[dict]:
+        items = json.loads(job.input_data)
+        jlog.note(f"Input data: downloading {len(items)} file(s) into the job's folder (at most "
+                  f"{self.s.input_bytes // 2**20} MiB in all).")
+        try:
+            return inputs.download(items, scratch, self.s.input_bytes, self.s.fetch_limits.timeout,
+                                   self.executor.as_account(account), say=jlog.note)
+        except inputs.InputError as e:
+            raise JobFailed(str(e)) from None
 
     def _env(self, job: Job, scratch: Path, account: Account) -> dict:
         # HOME is the scratch folder: a user's own ~/.spynnaker.cfg would make a second cfg (sPyNNaker refuses two).

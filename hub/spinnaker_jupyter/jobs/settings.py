@@ -65,6 +65,8 @@ class Settings:
     allowed_keys: list[str]
     pip_packages: list[str]
     collabs: dict[str, list[str]]
+    input_bytes: int = 1024 * 2**20  # all of a job's input_data files together
+    upload_quota_bytes: int = 500 * 2**20  # a user's kept uploads together
 
     @property
     def logs(self) -> Path:
@@ -104,7 +106,8 @@ class Settings:
                                       inline_bytes=lim["inline_code_kb"] * 1024, timeout=lim["fetch_timeout"]),
             url_ttl=j["download_url_ttl"], retention_days=j["retention_days"],
             allowed_keys=list(j["hardware_config_keys"]), pip_packages=list(j["pip_packages"]),
-            collabs={k: list(v) for k, v in j["collabs"].items()})
+            collabs={k: list(v) for k, v in j["collabs"].items()}, input_bytes=lim["input_mb"] * mib,
+            upload_quota_bytes=lim["upload_quota_mb"] * mib)
 
 
 def service_command() -> list[str]:
