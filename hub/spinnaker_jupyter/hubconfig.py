@@ -90,12 +90,44 @@ def user_server_env(d: Deployment, in_container: bool = False) -> dict[str, str]
 
 
 def apply(c, d: Deployment) -> None:
+    """Every section of the deployment config onto JupyterHub's `c`: one `update_<area>(c, d)` per section (as in
+    the-littlest-jupyterhub's configurer), each also usable on its own on a bare traitlets Config. Several areas add
+    to the same settings (the user servers' arguments and environment, the hub's services and roles): they start
+    empty here, and the order below is the order in which they are added to."""
     from .preflight import check_data_dir
 
-    hub = d["hub"]
     d.private_hub_dir()
     check_data_dir(d)  # secrets, accounts and the database: nothing another account could have written
+    c.JupyterHub.services, c.JupyterHub.load_roles, c.Spawner.args = [], [], []
+    update_hub(c, d)
+    update_proxy(c, d)
+    update_tls(c, d)  # after update_proxy: its HTTP redirect goes on the proxy's command
+    update_culler(c, d)
+    update_services(c, d)
+    update_user_servers(c, d)
+    update_auth(c, d)  # after update_user_servers: EBRAINS adds its token service's variables
+    update_spawner(c, d)
+    from .boards import configure_hub as update_boards  # spinnaker.mode: boards per server, their status API
 
+    update_boards(c, d)
+    from .jobs.hubconfig import update_jobs  # jobs: the batch job service (nmpi API) and its runner
+
+    update_jobs(c, d)
+
+
+def _extend(section, trait: str, items: list) -> None:
+    """Add to a list setting that another area may have begun (Spawner.args, JupyterHub.services / load_roles)."""
+    section[trait] = [*(section[trait] if trait in section else []), *items]
+
+
+def _add_service(c, service: dict, roles: list[dict]) -> None:
+    _extend(c.JupyterHub, "services", [service])
+    _extend(c.JupyterHub, "load_roles", roles)
+
+
+def update_hub(c, d: Deployment) -> None:
+    """`hub:` where the hub listens, its database, files and logging, named servers, and `proxy.hub_port`."""
+    hub = d["hub"]
     scheme = "https" if hub["tls"]["cert_file"] else "http"  # the proxy serves TLS itself (tls.py)
     c.JupyterHub.bind_url = f"{scheme}://{hub['ip']}:{hub['port']}{hub['base_url']}"
     c.JupyterHub.hub_ip = "127.0.0.1"
@@ -109,19 +141,25 @@ def apply(c, d: Deployment) -> None:
     c.JupyterHub.cleanup_servers = stop_servers_on_exit(d)
     c.JupyterHub.template_paths = [str(Path(__file__).parent / "templates")]
 
+
+def update_proxy(c, d: Deployment) -> None:
+    """`proxy:` configurable-http-proxy, started by the hub."""
     c.JupyterHub.proxy_class = "spinnaker_jupyter.proxy.CheckedProxy"  # its token reaches only the proxy started
     c.ConfigurableHTTPProxy.command = chp_command(d)
     c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{d['proxy']['api_port']}"
     c.ConfigurableHTTPProxy.auth_token = d.secret("proxy_auth_token")
     c.ConfigurableHTTPProxy.pid_file = str(d.hub_dir / "proxy.pid")
 
-    args = []
+
+def update_tls(c, d: Deployment) -> None:
+    """`hub.tls` and `hub.frame_ancestors`: HTTPS, HSTS, and the headers and cookies a framed hub needs, on the hub
+    and on every user server (given as a command-line setting)."""
     from . import tls
 
     headers, server_settings = {}, {}
-    if hub["frame_ancestors"]:
+    if d["hub"]["frame_ancestors"]:
         # So that an EBRAINS collab page may embed the hub and the user servers in an iframe.
-        headers["Content-Security-Policy"] = "frame-ancestors 'self' " + " ".join(hub["frame_ancestors"])
+        headers["Content-Security-Policy"] = "frame-ancestors 'self' " + " ".join(d["hub"]["frame_ancestors"])
     c.JupyterHub.tornado_settings = {}
     tls.apply(c, d, headers, server_settings)  # HTTPS, HSTS, and the cookies a framed hub needs
     if headers:
@@ -129,50 +167,49 @@ def apply(c, d: Deployment) -> None:
         server_settings["headers"] = headers
     if server_settings:
         # A Python literal: traitlets reads a dict given on the command line with ast.literal_eval (JSON's true fails).
-        args.append("--ServerApp.tornado_settings=" + repr(server_settings))
+        _extend(c.Spawner, "args", ["--ServerApp.tornado_settings=" + repr(server_settings)])
 
-    services, roles = _culler(c, d, args)
+
+def update_services(c, d: Deployment) -> None:
+    """The hub services the command line talks through: `user remove` (local accounts), `course start`."""
     if d["auth"]["type"] == "local":  # `user remove` stops servers and revokes tokens through the hub's API
         from .account_removal import hub_service
 
         service, role = hub_service(d)
-        services.append(service)
-        roles.append(role)
+        _add_service(c, service, [role])
     from .course import configure as apply_course  # `spinnaker-jupyter course start`: a class's servers, in line
 
     service, role = apply_course(c, d)
-    services.append(service)
-    roles.append(role)
-    env = user_server_env(d, in_container=d["spawner"]["type"] == "docker")
-    token_service = _apply_auth(c, d)
-    if token_service:
-        # The user's fresh access token reaches notebooks (spinnman, ebrains-drive, nmpi) through this service.
-        services.append(token_service["service"])
-        roles += token_service["roles"] + [{"name": "user", "scopes": ["self", *token_service["extra_user_scopes"]]}]
-        c.Spawner.server_token_scopes = token_service["server_token_scopes"]
-        env.update(token_service["spawner_environment"])
-    _apply_spawner(c, d, args)
-    c.Spawner.environment = env
-    c.JupyterHub.services = services
-    c.JupyterHub.load_roles = roles
-    from .boards import configure_hub as apply_boards  # spinnaker.mode: boards per server, their status API
-
-    apply_boards(c, d)
-    from .jobs.hubconfig import update_jobs  # jobs: the batch job service (nmpi API) and its runner
-
-    update_jobs(c, d)
+    _add_service(c, service, [role])
 
 
-def _apply_auth(c, d: Deployment) -> dict | None:
-    """Configure the authenticator; returns the access-token-service's hub definition where there is one."""
+def update_user_servers(c, d: Deployment) -> None:
+    """`nrp`, `proxy_ports`, `git_kernel`, `drive`, `tutorials`, `kernels`: what every user server is told
+    (user_server_env)."""
+    c.Spawner.environment = user_server_env(d, in_container=d["spawner"]["type"] == "docker")
+
+
+def update_auth(c, d: Deployment) -> None:
+    """`auth:` and `hub.admin_users`: local accounts, or EBRAINS (update_ebrains)."""
     auth = d["auth"]
     c.Authenticator.admin_users = set(d["hub"]["admin_users"])
     if auth["type"] == "local":
         c.JupyterHub.authenticator_class = "spinnaker_jupyter.local_accounts.LocalAccountsAuthenticator"
         c.LocalAccountsAuthenticator.accounts_file = str(d.accounts_file)
         c.Authenticator.admin_users |= {auth["local"]["admin"]}
-        return None
-    return _apply_ebrains(c, d)
+    else:
+        update_ebrains(c, d)
+
+
+def update_ebrains(c, d: Deployment) -> None:
+    """`auth.ebrains`: the authenticator, and the service through which the user's fresh access token reaches
+    notebooks (spinnman, ebrains-drive, nmpi)."""
+    token_service = _apply_ebrains(c, d)
+    _add_service(c, token_service["service"], [
+        *token_service["roles"], {"name": "user", "scopes": ["self", *token_service["extra_user_scopes"]]}])
+    c.Spawner.server_token_scopes = token_service["server_token_scopes"]
+    c.Spawner.environment = {**(c.Spawner.environment if "environment" in c.Spawner else {}),
+                             **token_service["spawner_environment"]}
 
 
 def public_url(d: Deployment) -> str:
@@ -182,6 +219,7 @@ def public_url(d: Deployment) -> str:
 
 
 def _apply_ebrains(c, d: Deployment) -> dict:
+    """The EBRAINS authenticator (oauthenticator's, configured); returns the access-token service's definition."""
     from . import access_token_service, usernames
 
     eb = d["auth"]["ebrains"]
@@ -220,46 +258,55 @@ def _apply_ebrains(c, d: Deployment) -> dict:
                                                    provider_timeout=eb["provider_timeout"])
 
 
-def _apply_spawner(c, d: Deployment, args: list[str]) -> None:
+def update_spawner(c, d: Deployment) -> None:
+    """`spawner:` the user servers' spawner (local processes, Slurm jobs or containers), its start queue and limits."""
     sp = d["spawner"]
     c.Spawner.default_url = sp["default_url"]
     c.Spawner.start_timeout = d["hub"]["start_timeout"]
     c.Spawner.http_timeout = 60
     if sp["type"] == "local":
-        c.JupyterHub.spawner_class = "spinnaker_jupyter.spawner.SpiNNakerLocalSpawner"
-        c.SpiNNakerLocalSpawner.homes_dir = str(d.homes_dir)
-        c.SpiNNakerLocalSpawner.logs_dir = str(d.logs_dir)
-        c.SpiNNakerLocalSpawner.system_users = system_users_enabled(d)
-        c.SpiNNakerLocalSpawner.system_user_prefix = sp["local"]["system_user_prefix"]
-        c.SpiNNakerLocalSpawner.process_limit = sp["process_limit"]
-        c.SpiNNakerLocalSpawner.limits_mode = sp["local"]["limits"]
-        from .limits import describe_deployment
-
-        print(f"[spinnaker-jupyter] {describe_deployment(d, prune=True)}", flush=True)  # which limits, and how
-        # The user servers run from the hub's own environment; as root they need --allow-root only if not switched.
-        # jupyterhub-singleuser without two start-up costs nobody here needs (spinnaker_jupyter/singleuser.py)
-        c.Spawner.cmd = [sys.executable, "-m", "spinnaker_jupyter.singleuser",
-                         str(Path(sys.executable).parent / "jupyterhub-singleuser")]
-        if not system_users_enabled(d) and os.geteuid() == 0:
-            args.append("--allow-root")
+        update_local_spawner(c, d)
     elif sp["type"] == "slurm":
         from .slurm import configure as apply_slurm  # a Slurm job per user server (batchspawner, configured)
 
+        args = []
         apply_slurm(c, d, args)
+        _extend(c.Spawner, "args", args)
     else:
-        _apply_docker(c, d)
+        update_docker(c, d)
     if sp["type"] in ("local", "docker"):  # (Slurm queues its own jobs)
         from .spawn_queue import configure as apply_start_queue  # a few starts at a time, the rest in line
 
         apply_start_queue(c, sp["start_queue"])
-    c.Spawner.args = args
     if sp["mem_limit"]:
         c.Spawner.mem_limit = sp["mem_limit"]
     if sp["cpu_limit"]:
         c.Spawner.cpu_limit = sp["cpu_limit"]
 
 
-def _apply_docker(c, d: Deployment) -> None:
+def update_local_spawner(c, d: Deployment) -> None:
+    """`spawner.local` (with `spawner.process_limit`): a process per user server, as the user's own account."""
+    sp = d["spawner"]
+    c.JupyterHub.spawner_class = "spinnaker_jupyter.spawner.SpiNNakerLocalSpawner"
+    c.SpiNNakerLocalSpawner.homes_dir = str(d.homes_dir)
+    c.SpiNNakerLocalSpawner.logs_dir = str(d.logs_dir)
+    c.SpiNNakerLocalSpawner.system_users = system_users_enabled(d)
+    c.SpiNNakerLocalSpawner.system_user_prefix = sp["local"]["system_user_prefix"]
+    c.SpiNNakerLocalSpawner.process_limit = sp["process_limit"]
+    c.SpiNNakerLocalSpawner.limits_mode = sp["local"]["limits"]
+    from .limits import describe_deployment
+
+    print(f"[spinnaker-jupyter] {describe_deployment(d, prune=True)}", flush=True)  # which limits, and how
+    # The user servers run from the hub's own environment; as root they need --allow-root only if not switched.
+    # jupyterhub-singleuser without two start-up costs nobody here needs (spinnaker_jupyter/singleuser.py)
+    c.Spawner.cmd = [sys.executable, "-m", "spinnaker_jupyter.singleuser",
+                     str(Path(sys.executable).parent / "jupyterhub-singleuser")]
+    if not system_users_enabled(d) and os.geteuid() == 0:
+        _extend(c.Spawner, "args", ["--allow-root"])
+
+
+def update_docker(c, d: Deployment) -> None:
+    """`spawner.docker`: a container per user server (DockerSpawner, configured)."""
     dk = d["spawner"]["docker"]
     host = dk["network"] == "host"
     c.JupyterHub.spawner_class = "spinnaker_jupyter.docker.SpiNNakerDockerSpawner"
@@ -276,6 +323,8 @@ def _apply_docker(c, d: Deployment) -> None:
     s.notebook_dir = "/home/jovyan"
     s.cmd = ["jupyterhub-singleuser"]
     s.extra_create_kwargs = {"labels": dict(dk["labels"])}
+    if d["drive"]["enabled"]:  # a Drive helper container beside each user's (drive_helper.py)
+        s.drive_image, s.drive_dir = dk["drive_image"], dk["drive_dir"]
     s.network_name = dk["network"]
     s.use_internal_ip = True
     s.host_network = host
@@ -287,25 +336,25 @@ def _apply_docker(c, d: Deployment) -> None:
         c.JupyterHub.hub_connect_ip = dk["hub_connect_host"] or "hub"
 
 
-def _culler(c, d: Deployment, server_args: list[str]) -> tuple[list, list]:
-    """The hub's idle culler (a service), and what every user server (local or container) needs for it: idle-kernel
-    culling, and activity reported often enough for the timeout (a busy kernel is activity: the extension's
-    activity.py)."""
+def update_culler(c, d: Deployment) -> None:
+    """`culler:` the hub's idle culler (a service), and what every user server (local or container) needs for it:
+    idle-kernel culling, and activity reported often enough for the timeout (a busy kernel is activity: the
+    extension's activity.py)."""
     cull, kernels = d["culler"], d["culler"]["kernels"]
     if kernels["timeout"]:  # jupyter_server's own culler; cull_busy False: a kernel running code is never touched
-        server_args += [f"--MappingKernelManager.{k}={v}" for k, v in {
+        _extend(c.Spawner, "args", [f"--MappingKernelManager.{k}={v}" for k, v in {
             "cull_idle_timeout": kernels["timeout"], "cull_interval": kernels["every"], "cull_busy": False,
-            "cull_connected": kernels["connected"]}.items()]
+            "cull_connected": kernels["connected"]}.items()])
     if not cull["enabled"]:
-        return [], []
+        return
     # The hub's record of a server's activity lags by up to its resolution plus the server's report interval
     # (JupyterHub's defaults: 30 s and 300 s, longer than a short timeout): keep the lag within a sixth of it.
     c.JupyterHub.activity_resolution = min(30, cull["timeout"] // 6)
-    server_args.append(f"--JupyterHubSingleUser.hub_activity_interval={min(300, cull['timeout'] // 6)}")
+    _extend(c.Spawner, "args", [f"--JupyterHubSingleUser.hub_activity_interval={min(300, cull['timeout'] // 6)}"])
     cmd = [sys.executable, "-m", "jupyterhub_idle_culler", f"--timeout={cull['timeout']}",
            f"--cull-every={cull['every']}"]
     if cull["max_age"]:
         cmd.append(f"--max-age={cull['max_age']}")
-    return ([{"name": "idle-culler", "command": cmd}],
-            [{"name": "idle-culler", "services": ["idle-culler"],
-              "scopes": ["list:users", "read:users:activity", "read:servers", "delete:servers"]}])
+    _add_service(c, {"name": "idle-culler", "command": cmd},
+                 [{"name": "idle-culler", "services": ["idle-culler"],
+                   "scopes": ["list:users", "read:users:activity", "read:servers", "delete:servers"]}])
