@@ -367,7 +367,17 @@ SCHEMA: dict = _obj({
                        "SQLite in data_dir/jobs). A URL holding a password belongs in the environment variable "
                        "SPINNAKER_JUPYTER_JOBS_DB_URL instead."),
         "executor": _str("local", "Where jobs run. `local`: as the user's own system account on this machine (as "
-                         "their server), in a scratch folder, with the limits below.", enum=["local"]),
+                         "their server), in a scratch folder, with the limits below. `slurm`: as a Slurm job "
+                         "submitted by that account (spawner.slurm's conf and board licence, jobs.slurm; data_dir "
+                         "on storage every node mounts).", enum=["local", "slurm"]),
+        "slurm": _obj({
+            "partition": _str(None, "Partition batch jobs run in (sbatch --partition); null: "
+                              "spawner.slurm.partition."),
+            "account": _str(None, "Slurm account batch jobs are charged to; null: spawner.slurm.account."),
+            "qos": _str(None, "Quality of service of batch jobs; null: spawner.slurm.qos."),
+            "extra_sbatch_options": _list({"type": "string"}, desc="More sbatch options for batch jobs, one "
+                                          "argument each (e.g. --constraint=lab)."),
+        }),
         "concurrency": _int(2, "Jobs run at the same time; the rest wait in the queue.", minimum=1),
         "token_cache_seconds": _int(60, "Seconds a checked token (hub or EBRAINS) is trusted before it is checked "
                                     "again.", minimum=0),

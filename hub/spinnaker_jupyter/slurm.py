@@ -40,6 +40,7 @@ from traitlets import Bool, List, Unicode, default
 
 from .boards import BoardsMixin
 from .progress import ProgressMixin, wait_until_listening
+from .slurm_queue import pending_words
 from .spawner import PrivateHomeSpawner
 
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -203,9 +204,8 @@ class SlurmUserSpawner(ProgressMixin, SlurmSpawner):
         said = (position, reason)
         if said != self._queue_said:
             self._queue_said = said
-            why = ("not yet looked at by the scheduler" if reason == "None"  # (just submitted)
-                   else f"reason {reason}{_REASONS.get(reason, '')}")
-            self.progress_say(40, f"Your server is waiting in the Slurm queue: position {position}, {why}")
+            self.progress_say(40, f"Your server is waiting in the Slurm queue: position {position}, "
+                                  f"{pending_words(reason)}")
 
     def _start_error(self, stderr: str) -> SlurmStartError:
         text = " ".join(stderr.split())
@@ -250,15 +250,6 @@ class SlurmUserSpawner(ProgressMixin, SlurmSpawner):
         except OSError:
             return ""
         return "Last lines of its log:\n" + "\n".join(tail)
-
-
-#: What Slurm's pending reasons mean for someone waiting (the others are said as Slurm says them).
-_REASONS = {
-    "Resources": " (the cluster's nodes are busy; you start when a server or job ends)",
-    "Licenses": " (all SpiNNaker boards are in use; you start when one is given back)",
-    "Priority": " (jobs with higher priority are ahead of you)",
-    "QOSMaxJobsPerUserLimit": " (you already have as many jobs as your QoS allows)",
-}
 
 
 class SpiNNakerSlurmSpawner(BoardsMixin, SlurmUserSpawner):

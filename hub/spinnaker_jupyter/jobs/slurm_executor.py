@@ -1,0 +1,324 @@
+"""`jobs.executor: slurm`: each job's command runs as a Slurm job, submitted with `sbatch` by the user's own system
+account (the local executor's accounts: the same `jupyter-<name>` as their server), so Slurm's queue, priorities,
+fair share, limits and accounting apply to it as to any of the user's jobs.
+
+* What is asked of Slurm: the job's time limit (`--time`, whole minutes, one more than the runner's own limit,
+  which stays the one users meet: Slurm's is the backstop while the service is down), its memory (`--mem`), one
+  core, `--no-requeue` (a job never runs twice in silence), and one licence per SpiNNaker board
+  (`spawner.slurm.board_license`, in session and machine mode) as for user servers, so that Slurm never runs more
+  jobs and sessions than there are boards. The runner's rlimits are set on sbatch, and Slurm gives them to the job
+  (PropagateResourceLimits, default ALL).
+* `start()` returns once Slurm runs the job: while it waits, the job's log (and its detail on the Jobs page) says
+  its place in the Slurm queue and Slurm's reason in words, and a cancel or a service stop scancels it. So the
+  runner's time limit counts from when the job runs, as on the local executor.
+* The job's output goes to `.job/slurm.out` in its scratch folder (which every node mounts at the same path:
+  data_dir on shared storage); the service reads it as the job runs, refusing a file the job's account does not
+  own or a link. The state comes from `scontrol show job` every POLL seconds (squeue's own finest refresh); the
+  exit code and the end (done, failed, cancelled, time limit, node failure, out of memory) from Slurm, said in
+  words in the log when Slurm, not the runner, ended it.
+* Cancel and kill = `scancel`. Every Slurm job id is recorded (data_dir/jobs/slurm/, root only) from its
+  submission until it is over; at start-up the service scancels the ones a previous run left (their jobs go back
+  in the queue, as on the local executor).
+* A pip install for `extra_pip_installs` runs on the service's machine (local executor), into the shared scratch
+  folder: it needs no board and should not queue twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import shutil
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+from .. import slurm_queue
+from . import sessions
+from .executor import LocalExecutor
+from .runner import INTERNAL, JobFailed, JobLog, _stamp
+
+log = logging.getLogger("spinnaker_jupyter.jobs")
+POLL = 1.0  # seconds between scontrol calls (squeue --iterate's finest step)
+READ_EVERY = 0.25  # seconds between reads of the output file (a local or NFS read, not a Slurm call)
+OUT_FILE = "slurm.out"
+
+#: Endings Slurm decides, in words (the runner says its own: time limit, output limit, cancel).
+ENDINGS = {
+    "TIMEOUT": "Slurm stopped the job at its Slurm time limit",
+    "CANCELLED": "the Slurm job was cancelled outside this service (scancel by an operator, or by the account)",
+    "NODE_FAIL": "the Slurm node running the job failed",
+    "OUT_OF_MEMORY": "the job ran out of memory (jobs.limits.memory_mb)",
+    "PREEMPTED": "Slurm preempted the job for other work",
+    "BOOT_FAIL": "the Slurm node could not be started for the job",
+    "DEADLINE": "the job missed its Slurm deadline",
+}
+
+
+class SlurmExecutor(LocalExecutor):
+    def __init__(self, homes_dir: Path, system_users: bool, prefix: str, *, store, settings, slurm: dict,
+                 board_mode: str, sessions_dir: Path | None = None, log=None):
+        super().__init__(homes_dir, system_users, prefix, log=log, sessions_dir=sessions_dir)
+        self.store, self.s, self.board_mode = store, settings, board_mode
+        self.conf = slurm.get("conf") or ""
+        self.partition = slurm.get("partition") or ""
+        self.slurm_account = slurm.get("account") or ""
+        self.qos = slurm.get("qos") or ""
+        self.license = slurm.get("board_license") or ""
+        self.extra = list(slurm.get("extra_sbatch_options") or [])
+        self.records = settings.data / "slurm"
+        self.records.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.records, 0o700)
+        self.jobs: dict[int, SlurmJob] = {}  # Slurm job id -> its job, this run of the service
+        self.local: set[int] = set()  # pids of local commands (pip) this run started
+        self.bin = {t: shutil.which(t) or f"/usr/bin/{t}" for t in ("sbatch", "scontrol", "scancel", "squeue")}
+        self._sweep()
+
+    @classmethod
+    def for_deployment(cls, d, settings, store, local: LocalExecutor) -> SlurmExecutor:
+        sl, js = dict(d["spawner"]["slurm"]), d["jobs"]["slurm"]
+        if sl["conf"]:
+            sl["conf"] = str(d.path(sl["conf"], Path()))
+        for key in ("partition", "account", "qos"):  # the jobs' own, else the servers'
+            sl[key] = js[key] or sl[key]
+        sl["extra_sbatch_options"] = js["extra_sbatch_options"]
+        return cls(local.homes_dir, local.system_users, local.prefix, store=store, settings=settings, slurm=sl,
+                   board_mode=d["spinnaker"]["mode"], sessions_dir=local.sessions_dir, log=local.log)
+
+    # --- Slurm commands (as root: the service sees and cancels every job it submitted) --------------------------
+    @property
+    def slurm_env(self) -> dict:
+        return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", **({"SLURM_CONF": self.conf}
+                                                                               if self.conf else {})}
+
+    async def _run(self, *argv: str) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(*argv, env=self.slurm_env, stdin=subprocess.DEVNULL,
+                                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/")
+        out, err = await proc.communicate()
+        return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+    async def show(self, slurm_id: int) -> dict[str, str] | None:
+        """The job as `scontrol show job` says it; None once Slurm no longer knows it."""
+        code, out, err = await self._run(self.bin["scontrol"], "-o", "show", "job", str(slurm_id))
+        if code != 0:
+            if "Invalid job id" in err:
+                return None
+            raise RuntimeError(err.strip() or f"scontrol exited with {code}")
+        return slurm_queue.parse_show(out)
+
+    async def position(self, slurm_id: int) -> str:
+        part = ["-p", self.partition] if self.partition else []
+        code, out, _ = await self._run(self.bin["squeue"], "-h", "-t", "PD", "--sort=-p,i", "-o", "%i", *part)
+        ids = out.split() if code == 0 else []
+        return str(ids.index(str(slurm_id)) + 1) if str(slurm_id) in ids else "?"
+
+    def _scancel(self, slurm_id: int) -> None:
+        subprocess.run([self.bin["scancel"], str(slurm_id)], env=self.slurm_env, capture_output=True, timeout=30,
+                       cwd="/", check=False)
+
+    def _sweep(self) -> None:
+        """Slurm jobs a previous run of the service submitted and did not see end: cancelled (their jobs go back in
+        the queue through the runner's recovery)."""
+        for entry in self.records.iterdir():
+            if entry.name.isdigit():
+                self._scancel(int(entry.name))
+                log.warning("Cancelled Slurm job %s left by a previous run of the job service", entry.name)
+            entry.unlink(missing_ok=True)
+
+    # --- the executor interface ---------------------------------------------------------------------------------
+    def sbatch_argv(self, job_id: int, cwd: Path, limits, wall: int, boards: int) -> list[str]:
+        args = [self.bin["sbatch"], "--parsable", f"--job-name=spinnaker-job-{job_id}", f"--chdir={cwd}",
+                f"--output={cwd / INTERNAL / OUT_FILE}", "--no-requeue", "--export=ALL", "--cpus-per-task=1",
+                f"--time={math.ceil(wall / 60) + 1}", f"--mem={limits.memory_bytes // 2**20}M"]
+        if self.license and boards:
+            args.append(f"--licenses={self.license}:{boards}")
+        for flag, value in (("partition", self.partition), ("account", self.slurm_account), ("qos", self.qos)):
+            if value:
+                args.append(f"--{flag}={value}")
+        return args + self.extra
+
+    def _job_settings(self, job_id: int) -> tuple[int, int]:
+        """(wall seconds, boards) of the job, as the runner reads its hardware config."""
+        job = self.store.get(job_id)
+        config = json.loads(job.hardware_config or "{}") if job else {}
+        wall = config.get("time_limit") or self.s.wall_time
+        boards = config.get("boards", 1) if self.board_mode in ("session", "machine") else 0
+        return int(wall), int(boards)
+
+    async def start(self, argv, cwd, env, limits, account):
+        if argv[1:3] == ["-m", "pip"]:
+            proc = await super().start(argv, cwd, env, limits, account)
+            self.local.add(proc.pid)
+            return proc
+        job_id = int(env["SPINNAKER_JOB_ID"])
+        wall, boards = self._job_settings(job_id)
+        # The batch script is Python itself (no shell): it replaces itself with the job's command.
+        script = f"#!{argv[0]}\nimport os\nargv = {json.dumps(argv)}\nos.execv(argv[0], argv)\n"
+        sbatch = self.sbatch_argv(job_id, cwd, limits, wall, boards)
+        proc = await asyncio.create_subprocess_exec(
+            *sbatch, env={**env, **self.slurm_env, "PATH": env.get("PATH", "/usr/bin:/bin")},
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/",
+            preexec_fn=self._preexec(limits, account))
+        out, err = await proc.communicate(script.encode())
+        if proc.returncode != 0:
+            raise JobFailed(self._refusal(err.decode(errors="replace")))
+        slurm_id = int(out.decode().strip().split(";")[0])
+        (self.records / str(slurm_id)).write_text(str(job_id))
+        job = SlurmJob(self, slurm_id, job_id, cwd, account.uid)
+        self.jobs[slurm_id] = job
+        where = ", ".join(a.removeprefix("--") for a in sbatch if a.startswith(("--partition", "--licenses")))
+        self._note(job_id, f"Submitted to Slurm as job {slurm_id}" + (f" ({where})" if where else "") +
+                   f", as {account.name}.")
+        try:
+            await job.wait_running()
+        except BaseException:  # a cancel, a service stop, or Slurm lost: the Slurm job goes too
+            self._scancel(slurm_id)
+            raise
+        return job
+
+    def _refusal(self, stderr: str) -> str:
+        keys = {"partition": "jobs.slurm.partition (or spawner.slurm.partition)",
+                "account": "jobs.slurm.account (or spawner.slurm.account)",
+                "qos": "jobs.slurm.qos (or spawner.slurm.qos)", "license": "spawner.slurm.board_license",
+                "conf": "spawner.slurm.conf", "memory": "jobs.limits.memory_mb"}
+        values = {"partition": self.partition, "account": self.slurm_account, "qos": self.qos,
+                  "license": self.license}
+        said = slurm_queue.sbatch_error(stderr, keys, values)
+        return f"Slurm refused the job: {said}" if said else f"Slurm refused the job: {' '.join(stderr.split())}"
+
+    def _note(self, job_id: int, text: str) -> None:
+        JobLog.append(self.s.logs / f"{job_id}.log", text)
+
+    def _detail(self, job_id: int, text: str | None) -> None:
+        set_detail = getattr(self.store, "set_detail", None)  # (a store with a detail column: the Jobs page shows it)
+        if set_detail:
+            set_detail(job_id, text)
+
+    def kill(self, pgid: int, uid: int | None) -> None:
+        job = self.jobs.get(pgid)
+        if job is not None:
+            job.cancelled = True
+            self._scancel(pgid)
+        elif pgid in self.local or (self.sessions_dir and pgid in sessions.recorded(self.sessions_dir)):
+            super().kill(pgid, uid)
+        # else: a Slurm job of a previous run of the service, cancelled at start-up (_sweep)
+
+    def ended(self, pid: int) -> None:
+        if self.jobs.pop(pid, None) is not None:
+            (self.records / str(pid)).unlink(missing_ok=True)
+        elif pid in self.local or (self.sessions_dir and pid in sessions.recorded(self.sessions_dir)):
+            self.local.discard(pid)
+            super().ended(pid)
+
+
+class SlurmJob:
+    """What the runner needs of a started command (pid, stdout.read, wait, returncode), for a Slurm job: `pid` is the
+    Slurm job id; stdout is the job's output file, read as it grows; the end and exit code come from Slurm."""
+
+    def __init__(self, executor: SlurmExecutor, slurm_id: int, job_id: int, cwd: Path, uid: int):
+        self.x, self.pid, self.job_id, self.cwd, self.uid = executor, slurm_id, job_id, cwd, uid
+        self.returncode: int | None = None
+        self.stdout = self
+        self.cancelled = False  # by this service (the runner says why)
+        self.state = "PENDING"
+        self._fd: int | None = None
+        self._over = asyncio.Event()
+        self._follower: asyncio.Task | None = None
+        self._ending: bytes = b""
+
+    async def wait_running(self) -> None:
+        """Until Slurm runs the job; meanwhile its place in the queue and the reason, in words."""
+        said, checked = None, 0.0
+        while True:
+            info = await self.x.show(self.pid)
+            self.state = info.get("JobState", "?") if info else "GONE"
+            if self.state != "PENDING":
+                break
+            if self.x.store.cancel_requested(self.job_id):
+                self.cancelled = True
+                self.x._scancel(self.pid)
+            reason = info.get("Reason", "")
+            if said is None or reason != said[1] or time.monotonic() - checked > 5 * POLL:
+                checked = time.monotonic()  # (the place is asked for less often: one more squeue of the queue)
+                position = await self.x.position(self.pid)
+                if said != (position, reason):
+                    said = (position, reason)
+                    words = f"waiting in the Slurm queue: position {position}, {slurm_queue.pending_words(reason)}"
+                    self.x._note(self.job_id, f"{_stamp()}: {words}")
+                    self.x._detail(self.job_id, words[0].upper() + words[1:])
+            await asyncio.sleep(POLL)
+        self.x._detail(self.job_id, None)
+        if self.state in ("RUNNING", "COMPLETING", "COMPLETED", "FAILED"):
+            node = info.get("BatchHost") or info.get("NodeList") if info else "?"
+            self.x._note(self.job_id, f"{_stamp()}: Slurm job {self.pid} runs on {node}.")
+        self._follower = asyncio.create_task(self._follow(info))
+
+    async def _follow(self, info: dict | None) -> None:
+        """Slurm's state every POLL seconds until the job is over; then its exit code."""
+        try:
+            while info is not None and info.get("JobState") not in slurm_queue.ENDED:
+                await asyncio.sleep(POLL)
+                try:
+                    info = await self.x.show(self.pid)
+                except RuntimeError as e:  # the controller away for a moment: the job may well run on
+                    log.warning("Slurm job %s: %s", self.pid, e)
+            self.state = info.get("JobState", "GONE") if info else "GONE"
+            code = slurm_queue.exit_code(info.get("ExitCode", "0:0")) if info else -9
+            if self.state not in ("COMPLETED", "FAILED") and not self.cancelled:
+                why = ENDINGS.get(self.state, f"Slurm no longer knows the job (state {self.state})")
+                self._ending = f"[spinnaker-jupyter] {_stamp()}: {why}.\n".encode()
+            if code == 0 and (self.cancelled or self._ending):
+                code = -15
+            self.returncode = code
+        finally:
+            self._over.set()
+
+    def _open(self) -> int | None:
+        """The output file, opened without following links, only if the job's account owns it (a job may put a
+        link or another file there; the service reads as root)."""
+        fds = []
+        try:
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+            fds.append(os.open(self.cwd, flags | os.O_DIRECTORY))
+            fds.append(os.open(INTERNAL, flags | os.O_DIRECTORY, dir_fd=fds[-1]))
+            fd = os.open(OUT_FILE, flags, dir_fd=fds[-1])
+        except OSError:
+            return None
+        finally:
+            for f in fds:
+                os.close(f)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != self.uid or st.st_nlink != 1:
+            os.close(fd)
+            self._ending += b"[spinnaker-jupyter] The job's output file was replaced; its output is not read.\n"
+            return -1
+        return fd
+
+    def _read(self, n: int) -> bytes:
+        if self._fd is None:
+            self._fd = self._open()
+        if self._fd is None or self._fd < 0:
+            return b""
+        return os.read(self._fd, n)
+
+    async def read(self, n: int = -1) -> bytes:
+        n = n if n > 0 else 1 << 16
+        while True:
+            over = self._over.is_set()  # (read before the file: what the job wrote before its end is all there)
+            data = self._read(n)
+            if data:
+                return data
+            if over:
+                data, self._ending = self._ending, b""
+                if self._fd is not None and self._fd >= 0:
+                    os.close(self._fd)
+                    self._fd = -1
+                return data
+            await asyncio.sleep(READ_EVERY)
+
+    async def wait(self) -> int:
+        await self._over.wait()
+        return self.returncode

@@ -1,0 +1,65 @@
+"""What the Slurm commands say, read the same way for user servers (slurm.py) and batch jobs (jobs/slurm_executor.py):
+`scontrol -o show job` parsed, a pending reason in words, and sbatch's refusals as one line naming the config key.
+No JupyterHub or batchspawner in here: the job service imports it too."""
+
+from __future__ import annotations
+
+import re
+
+#: What Slurm's pending reasons mean for someone waiting (the others are said as Slurm says them).
+REASONS = {
+    "Resources": " (the cluster's nodes are busy; you start when a server or job ends)",
+    "Licenses": " (all SpiNNaker boards are in use; you start when one is given back)",
+    "Priority": " (jobs with higher priority are ahead of you)",
+    "QOSMaxJobsPerUserLimit": " (you already have as many jobs as your QoS allows)",
+}
+
+#: Job states after which a job runs no more (not COMPLETING: its processes are still being ended, and scontrol says
+#: COMPLETING in place of how it ended, e.g. TIMEOUT).
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
+         "DEADLINE", "OUT_OF_MEMORY", "SPECIAL_EXIT", "REVOKED"}
+
+
+def pending_words(reason: str) -> str:
+    if reason in ("None", ""):  # just submitted
+        return "not yet looked at by the scheduler"
+    return f"reason {reason}{REASONS.get(reason, '')}"
+
+
+def parse_show(text: str) -> dict[str, str]:
+    """`scontrol -o show job ID` (one line of Key=Value): the values up to the next space."""
+    return dict(re.findall(r"(?:^|\s)(\w+)=(\S*)", text))
+
+
+def exit_code(value: str) -> int:
+    """Slurm's ExitCode `code:signal` as a process return code (negative: the signal that ended it)."""
+    code, _, sig = value.partition(":")
+    try:
+        return -int(sig) if sig and int(sig) else int(code)
+    except ValueError:
+        return 1
+
+
+def sbatch_error(stderr: str, keys: dict[str, str], values: dict[str, str]) -> str | None:
+    """sbatch's refusal in one line naming the deployment key to change, or None when it is none of these.
+    `keys`: what names partition / account / qos / license / conf / memory in the config; `values`: their values."""
+    text = " ".join(stderr.split())
+    checks = [
+        (r"invalid partition", "partition", "the partition '{v}' does not exist; set {k} to one `sinfo` lists"),
+        (r"invalid account", "account", ("the account '{v}' is not valid here; set {k} to one `sacctmgr show "
+                                         "assoc` lists for this user")),
+        (r"invalid qos", "qos", "the QoS '{v}' is not valid; fix {k}"),
+        (r"invalid license", "license", ("the cluster has no licence '{v}' for SpiNNaker boards; add "
+                                         "`Licenses={v}:<boards>` to slurm.conf or set {k}")),
+        (r"Requested node configuration is not available|Memory specification can not be satisfied", "memory",
+         "no node of the partition has the memory asked for; lower {k}"),
+        (r"Unable to process configuration file|s_p_parse_file|Could not establish a configuration source", "conf",
+         ("the Slurm commands cannot read their configuration; set {k} to a slurm.conf every user's account can "
+          "read")),
+        (r"Unable to contact slurm controller|Connection refused|connect failure|Socket timed out", "",
+         "the Slurm cluster is not answering (its controller cannot be reached); the operator checks slurmctld"),
+    ]
+    for pattern, what, words in checks:
+        if re.search(pattern, text, re.IGNORECASE):
+            return words.format(k=keys.get(what, what), v=values.get(what, "")) + f" ({text})"
+    return None

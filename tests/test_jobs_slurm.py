@@ -1,0 +1,131 @@
+"""Batch jobs on Slurm (`jobs.executor: slurm`), through the real hub's job service and the unmodified nmpi client, on
+the real one-node Slurm the tests start (tests/slurm_fixtures.py): a job runs as a Slurm job under the user's own
+account and its log and outputs come back; it takes a SpiNNaker board licence and, while the boards are taken, its
+log says it waits in the Slurm queue and why; the runner's time limit, a cancel and an operator's scancel end the
+Slurm job and say so; a partition Slurm does not have is one clear line naming the key."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import requests
+import test_jobs
+from hubclient import wait_for
+from test_jobs import client_for, start_jobs_hub, wait_done
+
+nmpi = test_jobs.nmpi_module  # (the fixture, under the name these tests ask for)
+
+PREFIX = "sjtest-"  # system accounts of their own: other suites' hubs on this machine have their jupyter-<name>
+
+PRINTS = '''
+import os, pathlib, pwd
+print("slurm job", os.environ.get("SLURM_JOB_ID"), "as", pwd.getpwuid(os.getuid()).pw_name, flush=True)
+pathlib.Path("out.txt").write_text("from slurm " + os.environ.get("SLURM_JOB_ID", "none"))
+'''
+FOREVER = "import time\nprint('working', flush=True)\nwhile True:\n    time.sleep(0.2)\n"
+
+
+def jobs_slurm_config(slurm, **jobs_slurm) -> dict:
+    return {"spawner": {"local": {"system_user_prefix": PREFIX},
+                        "slurm": {"conf": str(slurm.conf), "partition": slurm.partition}},
+            # machine mode: each job takes one board licence (a lab's own board; jobs run virtual in this release)
+            "spinnaker": {"mode": "machine", "machine_name": "192.0.2.1"}}, {"executor": "slurm",
+                                                                              "slurm": jobs_slurm,
+                                                                              "limits": {"wall_time": 120,
+                                                                                         "memory_mb": 512,
+                                                                                         "output_mb": 2}}
+
+
+@pytest.fixture(scope="module")
+def hub(hub_factory, slurm):
+    extra, jobs = jobs_slurm_config(slurm)
+    hub = start_jobs_hub(hub_factory, jobs, extra)
+    hub.users = {name: hub.client(name, hub.add_user(name)) for name in ("sjsam", "sjkim")}
+    return hub
+
+
+def slurm_id_of(log: str) -> str:
+    found = re.search(r"Submitted to Slurm as job (\d+)", log)
+    assert found, log
+    return found.group(1)
+
+
+def slurm_state(slurm, slurm_id: str) -> str:
+    out = slurm.run("scontrol", "-o", "show", "job", slurm_id)
+    found = re.search(r"JobState=(\S+)", out.stdout)
+    return found.group(1) if found else "GONE"
+
+
+def test_job_runs_as_a_slurm_job_under_the_users_account(hub, slurm, nmpi, tmp_path):
+    client = client_for(nmpi, hub, "sjsam")
+    job = wait_done(client, client.submit_job(source=PRINTS, platform="SpiNNaker", collab_id="private-sjsam"))
+    assert job["status"] == "finished", job["log"]
+    slurm_id = slurm_id_of(job["log"])
+    assert f"slurm job {slurm_id} as {PREFIX}sjsam" in job["log"]
+    assert "licenses=spinnaker_board:1" in job["log"] and "partition=spinnaker" in job["log"], job["log"]
+    assert f"Slurm job {slurm_id} runs on" in job["log"]
+    client.download_data(job, local_dir=str(tmp_path))
+    assert (tmp_path / "out.txt").read_text() == f"from slurm {slurm_id}"
+    assert "slurm.out" not in str(job["output_data"]["files"])  # the runner's own file is no output
+
+
+def test_a_job_waits_in_the_slurm_queue_for_a_board_and_says_why(hub, slurm, nmpi):
+    client = client_for(nmpi, hub, "sjkim")
+    blocker = slurm.run("sbatch", "--parsable", "--licenses=spinnaker_board:2", "--mem=64", "--wrap", "sleep 600")
+    assert blocker.returncode == 0, blocker.stderr
+    try:
+        wait_for(lambda: slurm_state(slurm, blocker.stdout.strip()) == "RUNNING", 30, "the job holding both boards")
+        uri = client.submit_job(source=PRINTS, platform="SpiNNaker", collab_id="private-sjkim")
+        waiting = "waiting in the Slurm queue: position 1, reason Licenses (all SpiNNaker boards are in use"
+        wait_for(lambda: waiting in client.get_job(uri, with_log=True)["log"], 60, "the job to say it waits")
+        assert client.job_status(uri) == "running"  # (nmpi has no state between claimed and running)
+    finally:
+        slurm.run("scancel", blocker.stdout.strip())
+    job = wait_done(client, uri)
+    assert job["status"] == "finished", job["log"]
+    assert job["log"].index(waiting) < job["log"].index(f"Slurm job {slurm_id_of(job['log'])} runs on"), job["log"]
+
+
+def test_time_limit_ends_the_slurm_job_as_error(hub, slurm, nmpi):
+    client = client_for(nmpi, hub, "sjsam")
+    job = wait_done(client, client.submit_job(source=FOREVER, platform="SpiNNaker", collab_id="private-sjsam",
+                                              config={"time_limit": 3}))
+    assert job["status"] == "error"
+    assert "The job ran for longer than its time limit of 3 s and was stopped" in job["log"], job["log"]
+    assert "working" in job["log"]
+    wait_for(lambda: slurm_state(slurm, slurm_id_of(job["log"])) in ("CANCELLED", "GONE"), 30,
+             "the Slurm job to end")
+
+
+def test_cancel_scancels_the_slurm_job(hub, slurm, nmpi):
+    client = client_for(nmpi, hub, "sjsam")
+    uri = client.submit_job(source=FOREVER, platform="SpiNNaker", collab_id="private-sjsam")
+    wait_for(lambda: "working" in client.get_job(uri, with_log=True)["log"], 60, "the job to work")
+    slurm_id = slurm_id_of(client.get_job(uri, with_log=True)["log"])
+    r = requests.delete(hub.jobs_url + uri, headers={"Authorization": f"Bearer {hub.users['sjsam'].token}"},
+                        timeout=30)
+    assert r.status_code == 200, r.text
+    wait_for(lambda: client.job_status(uri) == "removed", 30, "the job to be removed")
+    wait_for(lambda: slurm_state(slurm, slurm_id) in ("CANCELLED", "GONE"), 30, "the Slurm job to end")
+
+
+def test_an_operators_scancel_is_an_error_in_words(hub, slurm, nmpi):
+    client = client_for(nmpi, hub, "sjkim")
+    uri = client.submit_job(source=FOREVER, platform="SpiNNaker", collab_id="private-sjkim")
+    wait_for(lambda: "working" in client.get_job(uri, with_log=True)["log"], 60, "the job to work")
+    slurm.run("scancel", slurm_id_of(client.get_job(uri, with_log=True)["log"]))
+    job = wait_done(client, uri, timeout=60)
+    assert job["status"] == "error"
+    assert "the Slurm job was cancelled outside this service" in job["log"], job["log"]
+
+
+def test_unknown_partition_is_one_line_naming_the_key(hub_factory, slurm, nmpi):
+    extra, jobs = jobs_slurm_config(slurm, partition="nosuchpartition")
+    bad = start_jobs_hub(hub_factory, jobs, extra)
+    bad.users = {"sjsam": bad.client("sjsam", bad.add_user("sjsam"))}
+    client = client_for(nmpi, bad, "sjsam")
+    job = wait_done(client, client.submit_job(source=PRINTS, platform="SpiNNaker", collab_id="private-sjsam"))
+    assert job["status"] == "error"
+    assert ("Slurm refused the job: the partition 'nosuchpartition' does not exist; set jobs.slurm.partition"
+            in job["log"]), job["log"]
