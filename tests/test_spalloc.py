@@ -26,8 +26,18 @@ import requests
 
 from doubles.spalloc_server import SpallocDouble, parse_iso_duration
 from spinnaker_jupyter.spalloc import (
-    JobState, SpallocAllocator, SpallocAuthError, SpallocError, SpallocJobDestroyedError, SpallocProtocolError,
-    SpallocRequestError, SpallocTimeoutError, SpallocUnreachableError, render_machine_cfg, render_per_run_cfg)
+    JobState,
+    SpallocAllocator,
+    SpallocAuthError,
+    SpallocError,
+    SpallocJobDestroyedError,
+    SpallocProtocolError,
+    SpallocRequestError,
+    SpallocTimeoutError,
+    SpallocUnreachableError,
+)
+from spinnaker_jupyter.spynnaker_cfg import ClaimedBoards
+from spinnaker_jupyter.spynnaker_cfg import text as spynnaker_cfg_text
 
 HUB_TOKEN, ALICE_TOKEN, BOB_TOKEN = "hub-service-token", "alice-token", "bob-token"
 TOKENS = {HUB_TOKEN: "hub", ALICE_TOKEN: "alice", BOB_TOKEN: "bob"}
@@ -358,12 +368,24 @@ def test_per_run_cfg_drives_spinnmans_own_allocation(spalloc_double, spinnman, t
     double = spalloc_double(boards=1, tls=True, power_delay=0)
     xdg = tmp_path / "xdg"
     xdg.mkdir()
-    per_run = render_per_run_cfg(double.url, group="collab-group")
-    (xdg / ".spynnaker.cfg").write_text(per_run)
+    spinnaker = {
+        "mode": "per-run",
+        "version": 5,
+        "machine_name": None,
+        "extra_cfg": {},
+        "spalloc": {"url": double.url, "group": "collab-group", "machine_name": None, "use_proxy": True},
+    }
+    (xdg / ".spynnaker.cfg").write_text(spynnaker_cfg_text(spinnaker))
     machine_cfg = tmp_path / "machine.cfg"
-    machine_cfg.write_text(render_machine_cfg(FIRST_IP))
-    drv = spinnman("per_run", double, ALICE_TOKEN, str(xdg / ".spynnaker.cfg"), str(machine_cfg),
-                   env={"XDG_CONFIG_DIRS": str(xdg), "OIDC_BEARER_TOKEN": ALICE_TOKEN})
+    machine_cfg.write_text(spynnaker_cfg_text(spinnaker, claimed=ClaimedBoards(FIRST_IP, 5, "job", "alice")))
+    drv = spinnman(
+        "per_run",
+        double,
+        ALICE_TOKEN,
+        str(xdg / ".spynnaker.cfg"),
+        str(machine_cfg),
+        env={"XDG_CONFIG_DIRS": str(xdg), "OIDC_BEARER_TOKEN": ALICE_TOKEN},
+    )
     cfg = drv.expect("cfg", timeout=60)
     assert cfg["unknown"] == []  # every key we write is one sPyNNaker 1!7.4.1 knows
     assert cfg == {**cfg, "virtual": False, "spalloc_server": double.url, "group": "collab-group",
@@ -403,12 +425,19 @@ def test_claim_reports_progress_and_renders_cfg(spalloc_double):
         assert job["request"]["keepalive-interval"] == "PT30S" and job["request"]["num-boards"] == 1
         assert alloc.job.keepalive_running
         cfg = configparser.RawConfigParser()
-        cfg.read_string(alloc.spynnaker_cfg())
-        assert dict(cfg["Machine"]) == {"virtual_board": "False", "machine_name": FIRST_IP, "version": "5",
-                                        "spalloc_server": "None", "remote_spinnaker_url": "None",
-                                        "auto_detect_bmp": "False", "reset_machine_on_startup": "False",
-                                        "turn_off_machine": "False"}
-        assert alloc.job_url in alloc.spynnaker_cfg()
+        claimed = ClaimedBoards(alloc.root_host, alloc.version, alloc.job_url, "alice")
+        cfg.read_string(spynnaker_cfg_text({"mode": "session", "version": 5}, claimed=claimed))
+        assert dict(cfg["Machine"]) == {
+            "virtual_board": "False",
+            "machine_name": FIRST_IP,
+            "version": "5",
+            "spalloc_server": "None",
+            "remote_spinnaker_url": "None",
+            "auto_detect_bmp": "False",
+            "reset_machine_on_startup": "False",
+            "turn_off_machine": "False",
+        }
+        assert alloc.job_url in spynnaker_cfg_text({"mode": "session", "version": 5}, claimed=claimed)
         await alloc.release("session ended")
         assert double.job(job["id"])["state"] == "DESTROYED"
         assert double.job(job["id"])["reason"] == "session ended"

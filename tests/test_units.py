@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from spinnaker_jupyter.kernels import spynnaker_cfg_text
+from spinnaker_jupyter.spynnaker_cfg import ClaimedBoards
+from spinnaker_jupyter.spynnaker_cfg import text as spynnaker_cfg_text
 from spinnaker_jupyter.local_accounts import AccountError, AccountStore
 from spinnaker_jupyter_ext.proxy_guard import verdict
 from spinnaker_jupyter_ext.tutorials import seed_tutorials
@@ -201,8 +202,10 @@ def test_generated_cfg_per_mode():
                         "use_proxy": True}}
     # session: without a claim (no board came) a kernel sees a virtual board; with one, that board.
     assert "virtual_board = True" in spynnaker_cfg_text({**base, "mode": "session"})
-    claimed = spynnaker_cfg_text({**base, "mode": "session"},
-                                 "[Machine]\nvirtual_board = False\nmachine_name = 10.11.192.1\nversion = 5\n")
+    claimed = spynnaker_cfg_text(
+        {**base, "mode": "session"},
+        claimed=ClaimedBoards("10.11.192.1", 5, "https://spalloc.example.org/jobs/1", "ann"),
+    )
     assert "machine_name = 10.11.192.1" in claimed and "write_energy_report = False" in claimed
     per_run = spynnaker_cfg_text({**base, "mode": "per-run"})
     assert "spalloc_server = https://spalloc.example.org/spalloc/" in per_run

@@ -6,10 +6,8 @@ Environments are rebuilt only when their pinned requirements or launcher change 
 
 from __future__ import annotations
 
-import configparser
 import hashlib
 import importlib.util
-import io
 import json
 import os
 import shutil
@@ -18,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import spynnaker_cfg
 from .config import PROJECT_ROOT, ConfigError, Deployment
 
 KERNELS_SRC = PROJECT_ROOT / "kernels"
@@ -126,35 +125,11 @@ def write_python3_kernelspec(deployment: Deployment) -> Path:
     return spec_dir
 
 
-def spynnaker_cfg_text(spinnaker: dict, machine_section: str | None = None) -> str:
-    """The one sPyNNaker cfg a kernel sees, from the `spinnaker:` config section. `machine_section` (a rendered
-    [Machine] section, e.g. of boards claimed for one session) replaces the mode's own."""
-    cfg = configparser.ConfigParser()
-    cfg.optionxform = str  # keep sPyNNaker's key spelling
-    machine = {"version": str(spinnaker["version"])}
-    if machine_section is None and spinnaker["mode"] == "per-run":
-        from .spalloc import render_per_run_cfg
-
-        sp = spinnaker["spalloc"]
-        machine_section = render_per_run_cfg(sp["url"], group=sp["group"], machine_name=sp["machine_name"],
-                                             use_proxy=sp["use_proxy"], version=spinnaker["version"])
-    if machine_section is not None:
-        cfg.read_string(machine_section)
-        machine = dict(cfg["Machine"])
-    elif spinnaker["mode"] in ("virtual", "session"):  # session: a server's claimed board comes with its environment
-        machine["virtual_board"] = "True"
-    else:
-        machine["machine_name"] = spinnaker["machine_name"]
-    cfg["Machine"] = machine
-    for section, values in spinnaker.get("extra_cfg", {}).items():
-        cfg[section] = {**(cfg[section] if cfg.has_section(section) else {}), **{k: str(v) for k, v in values.items()}}
-    out = io.StringIO()
-    out.write("# Written by spinnaker-jupyter from the deployment config; edits here are replaced at start-up.\n")
-    cfg.write(out)
-    return out.getvalue()
-
-
 def write_spynnaker_cfg(deployment: Deployment) -> Path:
+    try:
+        text = spynnaker_cfg.text(deployment["spinnaker"])
+    except spynnaker_cfg.CfgError as e:
+        raise ConfigError(str(e)) from None
     cfg_dir = deployment.spynnaker_cfg_dir
     cfg_dir.mkdir(parents=True, exist_ok=True)
     path = cfg_dir / ".spynnaker.cfg"
@@ -163,7 +138,7 @@ def write_spynnaker_cfg(deployment: Deployment) -> Path:
     tmp = cfg_dir / f".spynnaker.cfg.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
     with os.fdopen(fd, "w") as f:
-        f.write(spynnaker_cfg_text(deployment["spinnaker"]))
+        f.write(text)
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     make_world_readable(cfg_dir.parent)

@@ -1,9 +1,7 @@
 """Client for the SpiNNaker allocation service ("new spalloc", the Java SpiNNaker-allocserv), for the hub.
 
 The hub uses it to claim boards for a user's session, keep them alive while the session lasts, tell the user in
-words where the claim stands, and release them; and to render the sPyNNaker ``[Machine]`` cfg section a kernel
-needs, either for a claimed board (``machine_name`` = the board's IP address) or for ``per-run`` allocation (the
-kernel's own spinnman asks the service at each ``setup()``).
+words where the claim stands, and release them. The sPyNNaker cfg of claimed boards is spynnaker_cfg.py's.
 
 Everything here is asyncio and non-blocking (tornado's ``AsyncHTTPClient``); nothing waits on the hub's loop.
 
@@ -24,7 +22,7 @@ Typical use::
     allocator = SpallocAllocator(config=c)            # traitlets config: url, token, timeouts...
     alloc = await allocator.claim("alice", progress=say)   # waits in the queue, keeps the job alive
     spawner.state["spalloc_job"] = alloc.job_url          # persist; after a hub restart: allocator.resume(url)
-    cfg = render_machine_cfg(alloc)                       # [Machine] machine_name = <board IP>, version = 5
+    alloc.root_host, alloc.version                        # the board for the kernel's cfg (spynnaker_cfg.py)
     ...
     await alloc.release("session ended")
 """
@@ -32,6 +30,7 @@ Typical use::
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import enum
 import http.cookies
 import inspect
@@ -52,11 +51,13 @@ from traitlets import Any as AnyTrait
 from traitlets import Bool, Float, Int, List, Unicode, validate
 from traitlets.config import LoggingConfigurable
 
+from .spynnaker_cfg import CfgError, spalloc_server
+
 __all__ = [
     "Allocation", "ClaimProgress", "JobState", "JobStatus", "MachineInfo", "ServiceInfo", "SpallocAllocator",
     "SpallocAuthError", "SpallocClient", "SpallocError", "SpallocJob", "SpallocJobDestroyedError",
     "SpallocProtocolError", "SpallocRequestError", "SpallocTimeoutError", "SpallocUnreachableError",
-    "TokenSource", "parse_instant", "render_machine_cfg", "render_per_run_cfg",
+    "TokenSource", "parse_instant",
 ]
 
 log = logging.getLogger(__name__)
@@ -254,8 +255,6 @@ def parse_instant(value: Any) -> Optional[float]:
         return float(value)
     if not isinstance(value, str) or not value.strip():
         return None
-    import datetime as dt
-
     text = value.strip().replace("Z", "+00:00").replace("z", "+00:00")
     m = re.fullmatch(r"(.*T\d\d:\d\d:\d\d)(?:[.,](\d+))?(.*)", text)
     frac = 0.0
@@ -278,18 +277,11 @@ def format_iso_duration(seconds: float) -> str:
 
 
 def normalize_service_url(url: str) -> str:
-    """The service URL as spinnman's ``spalloc_server`` takes it: ``https://host/spalloc/``.
-
-    Accepts the REST root too (``.../spalloc/srv/spalloc/``).
-    """
-    parts = urlsplit(url.strip())
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise SpallocError(f"The allocation service URL must be an http(s) URL such as "
-                           f"https://spinnaker.cs.man.ac.uk/spalloc/, not {url!r} (setting `{SETTINGS}.url`).")
-    path = parts.path if parts.path.endswith("/") else parts.path + "/"
-    if path.endswith("/srv/spalloc/"):
-        path = path[: -len("srv/spalloc/")]
-    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+    """The service URL as spinnman's ``spalloc_server`` takes it: ``https://host/spalloc/`` (one rule for both)."""
+    try:
+        return spalloc_server(url)
+    except CfgError as e:
+        raise SpallocError(str(e)) from None
 
 
 def _plural(n: int, word: str) -> str:
@@ -937,10 +929,6 @@ class Allocation:
     def lost_reason(self) -> Optional[str]:
         return self.job.lost_reason
 
-    def spynnaker_cfg(self) -> str:
-        """The ``[Machine]`` section for this allocation (see ``render_machine_cfg``)."""
-        return render_machine_cfg(self)
-
     async def release(self, reason: str = "released by the hub") -> None:
         """Stop the keepalive and destroy the job."""
         await self.job.destroy(reason)
@@ -1114,71 +1102,3 @@ class SpallocAllocator(LoggingConfigurable):
         if self._http is not None:
             self._http.close()
             self._http = None
-
-
-# --------------------------------------------------------------------------------------------------- sPyNNaker cfg
-def _cfg_value(value: Any) -> str:
-    text = "None" if value is None else str(value)
-    if "\n" in text or "\r" in text:
-        raise ValueError(f"cfg values cannot contain line breaks: {text!r}")
-    return text
-
-
-def _section(name: str, items: Sequence[tuple[str, Any]], comments: Sequence[str] = ()) -> str:
-    lines = [f"# {c}" for c in comments]
-    lines.append(f"[{name}]")
-    lines += [f"{k} = {_cfg_value(v)}" for k, v in items]
-    return "\n".join(lines) + "\n"
-
-
-def render_machine_cfg(target: Union[Allocation, MachineInfo, str], *, version: Optional[int] = None) -> str:
-    """The sPyNNaker ``[Machine]`` section for boards the hub has claimed (modes ``machine`` and ``session``).
-
-    ``machine_name`` is the root board's IP address and ``version`` 5 (48-chip boards); the spalloc keys are set to
-    ``None`` so the kernel's spinnman does not allocate again, and the BMP/power keys keep it from switching boards
-    that the allocation service controls. The kernel must reach the boards directly (UDP); for several boards
-    spinnman discovers the others from the root board.
-    """
-    job_url = None
-    if isinstance(target, Allocation):
-        job_url, machine = target.job_url, target.machine
-        host, ver = machine.root_host, machine.version
-    elif isinstance(target, MachineInfo):
-        host, ver = target.root_host, target.version
-    else:
-        host, ver = str(target), 5
-    comments = ["SpiNNaker board claimed by the hub" + (f": spalloc job {job_url}" if job_url else "")]
-    return _section("Machine", [
-        ("virtual_board", False),
-        ("machine_name", host),
-        ("version", version or ver),
-        ("spalloc_server", None),
-        ("remote_spinnaker_url", None),
-        ("auto_detect_bmp", False),
-        ("reset_machine_on_startup", False),
-        ("turn_off_machine", False),
-    ], comments)
-
-
-def render_per_run_cfg(spalloc_url: str, *, group: Optional[str] = None, machine_name: Optional[str] = None,
-                       use_proxy: bool = True, version: int = 5) -> str:
-    """The sPyNNaker ``[Machine]`` section for ``per-run`` mode: the kernel's spinnman claims boards itself at each
-    ``setup()`` from the service at ``spalloc_url`` and releases them at ``end()``.
-
-    ``spalloc_group`` and ``spalloc_machine`` are spinnman.cfg keys; ``spalloc_use_proxy`` reaches the boards
-    through the service's websocket proxy (needed unless the kernel is on the boards' network). There is no cfg
-    key for an EBRAINS collab: spinnman takes it from the notebook's folder (``.../shared/<collab>``) or
-    ``NMPI_JOB_ID``. The bearer token reaches spinnman through the hub's ``access-token-service`` or the
-    ``OIDC_BEARER_TOKEN`` environment variable.
-    """
-    url = normalize_service_url(spalloc_url)  # an http(s) URL selects the new (HTTP) spalloc in spinnman
-    return _section("Machine", [
-        ("virtual_board", False),
-        ("machine_name", None),
-        ("version", version),
-        ("spalloc_server", url),
-        ("spalloc_use_proxy", bool(use_proxy)),
-        ("spalloc_group", group or None),
-        ("spalloc_machine", machine_name or None),
-        ("remote_spinnaker_url", None),
-    ], ["Boards are allocated by sPyNNaker itself at each setup(), from the spalloc service"])

@@ -13,7 +13,9 @@ from traitlets.config import LoggingConfigurable
 
 from .. import leases
 from ..spalloc import (ClaimProgress, JobState, SpallocAllocator, SpallocError, SpallocJobDestroyedError,
-                       SpallocRequestError, SpallocTimeoutError, render_machine_cfg)
+                       SpallocRequestError, SpallocTimeoutError)
+from ..spynnaker_cfg import ClaimedBoards
+from ..spynnaker_cfg import text as spynnaker_cfg_text
 from .lock import board_lock, now_iso as _now_iso, words as _words
 
 STATE_KEY = "spinnaker"
@@ -99,9 +101,7 @@ class BoardsMixin(LoggingConfigurable):
         return (self.user.name, self.name or "")
 
     def _deployment_cfg(self, mode: Optional[str] = None) -> str:
-        from ..kernels import spynnaker_cfg_text
-
-        return spynnaker_cfg_text({**self.spinnaker, "mode": mode or self.board_mode})
+        return spynnaker_cfg_text(self.spinnaker, mode=mode or self.board_mode)
 
     # -- progress ----------------------------------------------------------------------------------------------
     def progress_reset(self) -> None:
@@ -292,14 +292,8 @@ class BoardsMixin(LoggingConfigurable):
         self._board = {"mode": "session", "boards": allocation.machine.n_boards, "board": allocation.root_host,
                        "version": allocation.version, "job_id": allocation.job_id, "job_url": allocation.job_url,
                        "state": JobState.READY.value, "claimed_at": _now_iso()}
-        header = (f"# SpiNNaker board{'s' if n > 1 else ''} claimed by the hub for {self.user.name}'s server: "
-                  f"{allocation.job_url}\n")
-        self._board_cfg = header + self._cfg_for(render_machine_cfg(allocation))
-
-    def _cfg_for(self, machine_section: str) -> str:
-        from ..kernels import spynnaker_cfg_text
-
-        return spynnaker_cfg_text(self.spinnaker, machine_section)
+        claimed = ClaimedBoards(allocation.root_host, allocation.version, allocation.job_url, self.user.name, n)
+        self._board_cfg = spynnaker_cfg_text(self.spinnaker, claimed=claimed)
 
     def _no_board(self, reason: str) -> None:
         sp = self.spinnaker

@@ -24,7 +24,7 @@ import zipfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from ..kernels import spynnaker_cfg_text
+from .. import spynnaker_cfg
 from . import archives, fetch, hardware_config, inputs, sessions, uploads
 from .executor import Account, AccountError, Executor
 from .settings import Settings, spynnaker_versions
@@ -98,7 +98,7 @@ class Runner:
 
     def cfg_text(self) -> str:
         # This release runs every job on a virtual board, whatever spinnaker.mode the sessions use.
-        return spynnaker_cfg_text({**self.s.spinnaker, "mode": "virtual"})
+        return spynnaker_cfg.text(self.s.spinnaker, mode="virtual")
 
     def wake(self) -> None:
         self._wake.set()
