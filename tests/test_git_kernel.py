@@ -31,6 +31,9 @@ except ImportError:  # not installed: the namespace package from the checkout
     sys.path.insert(0, str(REPO / "extensions"))
     from spinnaker_jupyter_ext import gitkernel
 
+from spinnaker_jupyter import config as hub_config  # noqa: E402
+from spinnaker_jupyter.schema import defaults  # noqa: E402
+
 CACHE = REPO / ".cache" / "gitkernel"
 VERSION = "1!7.4.1"
 #: GitHub repository name -> PyPI distribution, in dependency order
@@ -48,6 +51,7 @@ WHEELHOUSE_REQS = ["wheel==0.45.1"]
 C_REPO = "spinn_demo_c"
 ALL_REPOS = [{"name": C_REPO, "python": False}] + [{"name": n} for n in SDISTS]
 MAKE_ORDER = [f"{C_REPO}/lib install", f"{C_REPO}/app"]
+DIRNAME = "sPyNNakerGit"  # git_kernel.directory's default
 SPYNNAKER_CFG = "[Machine]\nvirtual_board = True\nversion = 5\n"
 GIT = shutil.which("git")
 
@@ -247,22 +251,26 @@ def cfg_dir(tmp_path_factory) -> Path:
     return d
 
 
-def ensure_kwargs(spynnaker_python, wheelhouse, upstream: Path, **over):
-    kw = dict(repos=ALL_REPOS, base_url=f"file://{upstream}", branch="master",
-              base_python=spynnaker_python, wheelhouse=wheelhouse, offline=True,
-              make_order=MAKE_ORDER, build_c="never")
-    kw.update(over)
-    return kw
-
-
 def config_section(spynnaker_python, wheelhouse, upstream: Path, **over) -> dict:
-    """The same as a deployment config ``git_kernel:`` section."""
-    section = {"base_url": f"file://{upstream}", "branch": "master", "repos": ALL_REPOS,
-               "base_env": str(Path(spynnaker_python).parent.parent),
-               "wheelhouse": str(wheelhouse), "offline": True, "make_order": MAKE_ORDER,
-               "build_c": "never"}
+    """A deployment config's ``git_kernel:`` section as the hub validates it (defaults from the schema) and sends it
+    to user servers, with the pinned env."""
+    section = {
+        "base_url": f"file://{upstream}",
+        "branch": "master",
+        "repos": ALL_REPOS,
+        "wheelhouse": str(wheelhouse),
+        "offline": True,
+        "make_order": MAKE_ORDER,
+        "build_c": "never",
+    }
     section.update(over)
-    return section
+    values = hub_config.merge(defaults(), {"git_kernel": section})
+    hub_config.validate(values)
+    return dict(values["git_kernel"], base_env=str(Path(spynnaker_python).parent.parent))
+
+
+def git_config(spynnaker_python, wheelhouse, upstream: Path, **over) -> gitkernel.GitKernelConfig:
+    return gitkernel.GitKernelConfig.from_section(config_section(spynnaker_python, wheelhouse, upstream, **over))
 
 
 @pytest.fixture(scope="module")
@@ -276,11 +284,16 @@ def created(tmp_path_factory, spynnaker_python, wheelhouse, pristine_upstream, g
     env = base_env(tmp, home, [gcc_shim])
     env["GP"] = "testarm"
     t0 = time.monotonic()
-    result = gitkernel.ensure_git_kernel(
-        home, progress=messages.append, env=env, kernel_env={"SPINNAKER_CFG_DIR": str(cfg_dir)},
-        **ensure_kwargs(spynnaker_python, wheelhouse, pristine_upstream, build_c="always"))
+    cfg = git_config(
+        spynnaker_python,
+        wheelhouse,
+        pristine_upstream,
+        build_c="always",
+        kernel_env={"SPINNAKER_CFG_DIR": str(cfg_dir)},
+    )
+    result = gitkernel.ensure_git_kernel(home, cfg, progress=messages.append, env=env)
     seconds = time.monotonic() - t0
-    root = home / gitkernel.DIRNAME
+    root = home / DIRNAME
     clones = sum(tree_size(root / r["name"]) for r in ALL_REPOS)
     total = tree_size(root)
     measure = {"setup_seconds": round(seconds, 1), "disk_total_MB": round(total / 1e6, 1),
@@ -334,7 +347,7 @@ def test_first_login_creates_venv_clones_and_kernel(created, record_property):
         [f"{C_REPO} c"] + list(SDISTS)
     assert (root / C_REPO / "app" / "app").is_file()
     # status and log
-    status = gitkernel.read_status(home)
+    status = gitkernel.read_status(home, DIRNAME)
     assert status["state"] == "done" and status["done"] == status["total"]
     assert status["commits"] == result.commits
     log = (root / "setup.log").read_text()
@@ -357,7 +370,7 @@ def test_terminal_activate_uses_the_clones(created):
                           env=created["env"], timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    for line, repo in zip(lines[:4], ["sPyNNaker", "SpiNNUtils", "spalloc", "PACMAN"]):
+    for line, repo in zip(lines[:4], ["sPyNNaker", "SpiNNUtils", "spalloc", "PACMAN"], strict=True):
         assert line.startswith(str(root / repo) + "/"), (line, repo)
     assert lines[4] == str(root / "bin" / "python")
     assert lines[5].startswith("pip ")
@@ -373,14 +386,13 @@ def test_second_start_is_a_fast_no_op_and_keeps_user_changes(created, spynnaker_
     readme = root / "SpiNNUtils" / "README.md"
     readme.write_text(readme.read_text() + "\nmy own note\n")
     t0 = time.monotonic()
-    result = gitkernel.ensure_git_kernel(
-        created["home"], progress=None, env=created["env"],
-        kernel_env=json.loads(spec_path_of(created).read_text())["env"],
-        **ensure_kwargs(spynnaker_python, wheelhouse, created["upstream"]))
+    kernel_env = json.loads(spec_path_of(created).read_text())["env"]
+    cfg = git_config(spynnaker_python, wheelhouse, created["upstream"], kernel_env=kernel_env)
+    result = gitkernel.ensure_git_kernel(created["home"], cfg, progress=None, env=created["env"])
     assert time.monotonic() - t0 < 2
     assert result.state == "done" and not result.did_work
     assert readme.read_text().endswith("my own note\n")
-    assert not gitkernel.needs_setup(created["home"], ALL_REPOS)
+    assert not gitkernel.needs_setup(created["home"], cfg)
     # a changed kernel environment in the config re-registers the kernel, nothing else
     spec_path = created["home"] / ".local/share/jupyter/kernels/spynnakergit/kernel.json"
     original = json.loads(spec_path.read_text())["env"]
@@ -388,18 +400,17 @@ def test_second_start_is_a_fast_no_op_and_keeps_user_changes(created, spynnaker_
     own_script.write_text(own_script.read_text() + "# my own tweak\n")
     for kernel_env in ({"SPINNAKER_CFG_DIR": "/elsewhere"}, original):
         again = gitkernel.ensure_git_kernel(
-            created["home"], progress=None, env=created["env"], kernel_env=kernel_env,
-            **ensure_kwargs(spynnaker_python, wheelhouse, created["upstream"]))
+            created["home"], cfg.replace(kernel_env=kernel_env), progress=None, env=created["env"]
+        )
         assert again.did_work and json.loads(spec_path.read_text())["env"] == kernel_env
         assert "clone present, left as it is" in (root / "setup.log").read_text()
         assert readme.read_text().endswith("my own note\n")
         assert own_script.read_text().endswith("# my own tweak\n")  # the user's edit stays
         assert any("support/gitupdate.sh was edited" in w for w in again.warnings)
     # the background entry point does not even start a process
-    cfg = config_section(spynnaker_python, wheelhouse, created["upstream"],
-                         kernel_env=json.loads(spec_path_of(created).read_text())["env"])
+    section = config_section(spynnaker_python, wheelhouse, created["upstream"], kernel_env=kernel_env)
     assert gitkernel.start_background(created["home"], cfg, env=created["env"]) is None
-    with_env = dict(created["env"], **{gitkernel.CONFIG_ENV: json.dumps(cfg)})
+    with_env = dict(created["env"], **{gitkernel.CONFIG_ENV: json.dumps(section)})
     assert gitkernel.start_background(created["home"], env=with_env) is None
     # not configured for this server: nothing is started
     assert gitkernel.start_background(created["home"], env={}) is None
@@ -494,15 +505,24 @@ def test_a_dependency_new_on_master_comes_from_the_wheelhouse(tmp_path, upstream
     home = tmp_path / "home"
     home.mkdir()
     messages: list[str] = []
-    gitkernel.ensure_git_kernel(home, progress=messages.append, env=base_env(tmp_path, home),
-                                **ensure_kwargs(spynnaker_python, house, upstream,
-                                                repos=[{"name": "SpiNNUtils"}]))
+    gitkernel.ensure_git_kernel(
+        home,
+        git_config(spynnaker_python, house, upstream, repos=[{"name": "SpiNNUtils"}]),
+        progress=messages.append,
+        env=base_env(tmp_path, home),
+    )
     assert any("lacks: spinnaker-test-extra>=1.1" in m for m in messages), messages
-    root = home / gitkernel.DIRNAME
-    out = subprocess.run([str(root / "bin" / "python"), "-c",
-                          "import spinnaker_test_extra as m, spinn_utilities as u; "
-                          "print(m.__file__); print(u.__file__)"],
-                         capture_output=True, text=True, env=base_env(tmp_path, home))
+    root = home / DIRNAME
+    out = subprocess.run(
+        [
+            str(root / "bin" / "python"),
+            "-c",
+            "import spinnaker_test_extra as m, spinn_utilities as u; print(m.__file__); print(u.__file__)",
+        ],
+        capture_output=True,
+        text=True,
+        env=base_env(tmp_path, home),
+    )
     site = next((root / "lib").glob("python3*/site-packages"))
     assert out.stdout.splitlines() == [str(site / "spinnaker_test_extra.py"),
                                        str(root / "SpiNNUtils" / "spinn_utilities" / "__init__.py")]
@@ -542,7 +562,7 @@ def test_interrupted_clone_is_completed_at_next_start(tmp_path, spynnaker_python
                                                        pristine_upstream):
     home = tmp_path / "home"
     home.mkdir()
-    root = home / gitkernel.DIRNAME
+    root = home / DIRNAME
     wrapper = _git_wrapper(tmp_path)
     section = config_section(spynnaker_python, wheelhouse, pristine_upstream)
     env = base_env(tmp_path, home)
@@ -553,11 +573,11 @@ def test_interrupted_clone_is_completed_at_next_start(tmp_path, spynnaker_python
 
     # 1. the server starts the set-up in the background; the server stops mid-clone
     t0 = time.monotonic()
-    proc = gitkernel.start_background(home, section, env=broken_env)
+    proc = gitkernel.start_background(home, gitkernel.GitKernelConfig.from_section(section), env=broken_env)
     assert proc is not None and time.monotonic() - t0 < 2  # never blocks the server start
     try:
         wait_for(ready.exists, 120, "the clone of SpiNNMan to start")
-        assert gitkernel.read_status(home)["state"] == "running"
+        assert gitkernel.read_status(home, DIRNAME)["state"] == "running"
         # 2. a second start meanwhile does not race: it reports the running set-up
         second = subprocess.run(
             [sys.executable, "-m", "spinnaker_jupyter_ext.gitkernel", "--home", str(home),
@@ -568,25 +588,25 @@ def test_interrupted_clone_is_completed_at_next_start(tmp_path, spynnaker_python
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the process group this test started
         proc.wait(timeout=30)
-    status = gitkernel.read_status(home)
+    status = gitkernel.read_status(home, DIRNAME)
     assert status["state"] == "interrupted" and status["step"] == "clone"
     assert (root / f"{gitkernel.PARTIAL_PREFIX}SpiNNMan").is_dir()
     assert not (root / "SpiNNMan").exists()
     assert (root / "SpiNNMachine" / ".git").is_dir()
     assert not (home / ".local/share/jupyter/kernels/spynnakergit").exists()
-    assert gitkernel.needs_setup(home, ALL_REPOS)
+    assert gitkernel.needs_setup(home, gitkernel.GitKernelConfig.from_section(section))
     machine_head = git("rev-parse", "HEAD", cwd=root / "SpiNNMachine")
 
     # 3. next start, the network drops during the same clone: a clear error, nothing broken
     messages: list[str] = []
     cut_env = dict(broken_env, GK_BREAK_MODE="cut")
     with pytest.raises(gitkernel.SetupError, match=r"SpiNNMan: git clone .*early EOF"):
-        gitkernel.ensure_git_kernel(home, progress=messages.append, env=cut_env,
-                                    **ensure_kwargs(spynnaker_python, wheelhouse,
-                                                    pristine_upstream))
+        gitkernel.ensure_git_kernel(
+            home, git_config(spynnaker_python, wheelhouse, pristine_upstream), progress=messages.append, env=cut_env
+        )
     assert any("removing an interrupted clone" in m for m in messages)
-    assert gitkernel.read_status(home)["state"] == "failed"
-    assert "early EOF" in gitkernel.read_status(home)["error"]
+    assert gitkernel.read_status(home, DIRNAME)["state"] == "failed"
+    assert "early EOF" in gitkernel.read_status(home, DIRNAME)["error"]
     assert not (root / "SpiNNMan").exists()
 
     # 4. the start after that completes the set-up (CLI, as run in the background)
@@ -596,7 +616,7 @@ def test_interrupted_clone_is_completed_at_next_start(tmp_path, spynnaker_python
         capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SpiNNMachine: clone present, left as it is" in done.stdout
-    status = gitkernel.read_status(home)
+    status = gitkernel.read_status(home, DIRNAME)
     assert status["state"] == "done", status
     for repo in ALL_REPOS:
         clone = root / repo["name"]
@@ -621,11 +641,15 @@ def small(tmp_path, upstream, spynnaker_python, wheelhouse):
     home = tmp_path / "home"
     home.mkdir()
     env = base_env(tmp_path, home)
-    repos = [{"name": "SpiNNUtils", "python": False}, {"name": "SpiNNMachine", "python": False},
-             {"name": C_REPO, "python": False}]
-    gitkernel.ensure_git_kernel(home, progress=None, env=env, **ensure_kwargs(
-        spynnaker_python, wheelhouse, upstream, repos=repos))
-    root = home / gitkernel.DIRNAME
+    repos = [
+        {"name": "SpiNNUtils", "python": False},
+        {"name": "SpiNNMachine", "python": False},
+        {"name": C_REPO, "python": False},
+    ]
+    gitkernel.ensure_git_kernel(
+        home, git_config(spynnaker_python, wheelhouse, upstream, repos=repos), progress=None, env=env
+    )
+    root = home / DIRNAME
     return dict(home=home, root=root, env=env, upstream=upstream, work=tmp_path / "dev")
 
 
@@ -746,22 +770,11 @@ def test_automatic_make_builds_in_order_and_names_the_failure(small, gcc_shim):
     assert "the compiler 'nosuch-arm-gcc' was not found" in proc.stderr
     assert "gcc-arm-none-eabi" in proc.stderr
 
-
-def test_config_section_is_validated():
-    cfg = gitkernel.GitKernelConfig.from_mapping({"git_kernel": {
-        "base_url": "https://git.example.org/mirror", "branch": "main",
-        "repos": ["SpiNNUtils", "spinn_common:c", {"name": "X", "url": "https://e.org/x.git"}],
-        "make_order": ["spinn_common install", {"dir": "X/c", "install": False}],
-        "kernel_env": {"XDG_CONFIG_DIRS": "/etc/spinnaker"}}})
-    assert [r.python for r in cfg.repos] == [True, False, True]
-    assert cfg.repos[0].clone_url(cfg.base_url) == "https://git.example.org/mirror/SpiNNUtils"
-    assert cfg.repos[2].clone_url(cfg.base_url) == "https://e.org/x.git"
-    assert [s.line() for s in cfg.make_order] == ["spinn_common install", "X/c"]
-    assert gitkernel.GitKernelConfig.from_mapping(cfg.to_json()) == cfg
-    for bad in ({"nope": 1}, {"repos": ["bin"]}, {"repos": ["../x"]}, {"build_c": "maybe"},
-                {"make_order": ["/abs"]}, {"repos": ["A", "A"]}):
-        with pytest.raises(ValueError):
-            gitkernel.GitKernelConfig.from_mapping(bad)
+    # no order of its own: without make_order.txt it says where the shipped one is, and builds nothing
+    (root / "support" / gitkernel.MAKE_ORDER_FILE).unlink()
+    proc = subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2 and "building" not in proc.stdout
+    assert "support/make_order.txt is missing" in proc.stderr and "The shipped order" in proc.stderr
 
 
 def test_first_login_through_the_hub_brings_the_git_kernel(hub_factory, pristine_upstream, wheelhouse):
@@ -800,3 +813,7 @@ def test_first_login_through_the_hub_brings_the_git_kernel(hub_factory, pristine
     assert "/sPyNNakerGit/sPyNNaker/spynnaker/" in out["stdout"], out
     listing = user.server("GET", "api/contents/sPyNNakerGit/support").json()["content"]
     assert {"gitupdate.sh", "automatic_make.sh"} <= {f["name"] for f in listing}
+    # the deployment set no make_order: the user's is the one shipped order
+    order = user.server("GET", "api/contents/sPyNNakerGit/support/make_order.txt").json()["content"]
+    shipped = gitkernel.read_make_order(REPO / "kernels" / "spynnaker-git" / "support" / gitkernel.MAKE_ORDER_FILE)
+    assert [line for line in order.splitlines() if not line.startswith("#")] == [s.line() for s in shipped]

@@ -263,6 +263,8 @@ def _format_error(err: jsonschema.ValidationError, source: str) -> str:
         return f"{path}: expected {_describe_type(err.schema)}, got {err.instance!r}{where}"
     if err.validator == "enum":
         return f"{path}: expected {_describe_type(err.schema)}, got {err.instance!r}{where}"
+    if err.validator == "pattern" and err.schema.get("errorMessage"):  # the schema's words, not its regex
+        return f"{path}: expected {err.schema['errorMessage']}, got {err.instance!r}{where}"
     return f"{path}: {err.message}{where}"
 
 
@@ -428,6 +430,10 @@ def _check_consistency(d: Deployment) -> None:
         raise ConfigError(f"{', '.join(ports)} must all be different ports")
     if v["nrp"]["port"] not in v["proxy_ports"]:
         raise ConfigError(f"proxy_ports: must include nrp.port ({v['nrp']['port']}) or the NRP route cannot work")
+    repos = [r["name"] if isinstance(r, dict) else r.partition(":")[0] for r in v["git_kernel"]["repos"]]
+    if twice := sorted({name for name in repos if repos.count(name) > 1}):
+        raise ConfigError(f"git_kernel.repos: {', '.join(twice)} named more than once; each repository is a folder "
+                          f"of ~/sPyNNakerGit, so names must differ")
 
 
 def _check_spinnaker(d: Deployment) -> None:

@@ -75,10 +75,8 @@ def user_server_env(d: Deployment, in_container: bool = False) -> dict[str, str]
             "SPINNAKER_GIT_SUPPORT_DIR": str(PROJECT_ROOT / "kernels" / "spynnaker-git" / "support"),
         })
         envs_dir = d.envs_dir
-    if git["enabled"]:
-        settings = {k: v for k, v in git.items() if k != "enabled" and v is not None}
-        settings["base_env"] = str(envs_dir / "spynnaker")
-        env["SPINNAKER_GIT_KERNEL_CONFIG"] = json.dumps(settings)
+    if git["enabled"]:  # the whole validated section (the server has no defaults of its own) and the pinned env
+        env["SPINNAKER_GIT_KERNEL_CONFIG"] = json.dumps(dict(git, base_env=str(envs_dir / "spynnaker")))
     if d["drive"]["enabled"]:  # the server mounts the user's EBRAINS Drive itself (spinnaker_jupyter_ext/drive.py)
         if d["auth"]["type"] != "ebrains":
             from .config import ConfigError

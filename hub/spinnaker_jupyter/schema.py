@@ -315,21 +315,78 @@ SCHEMA: dict = _obj({
     "proxy_ports": _list({"type": "integer", "minimum": 1024, "maximum": 65535}, [9000],
                          "Local ports users may reach through /user/<name>/proxy/<port>/ (nothing else is reachable)."),
     "git_kernel": _obj({
+        # The one definition of these settings: the hub sends the whole validated section to each user server
+        # (SPINNAKER_GIT_KERNEL_CONFIG), where spinnaker_jupyter_ext.gitkernel.GitKernelConfig only reads it.
         "enabled": _bool(True, "Give every user ~/sPyNNakerGit (SpiNNakerManchester repositories at master, kernel "
                                "\"sPyNNakerGit\"), created in the background at their first start."),
         "base_url": _str("https://github.com/SpiNNakerManchester", "Where the repositories are cloned from (a "
-                         "local mirror path or URL works)."),
-        "branch": _str("master", "Branch cloned at first login."),
-        "repos": {"type": ["array", "null"], "default": None, "description": "Repositories (default: the SpiNNaker stack); "
-                  "each a name, `name:c` for C-only, or {name, python, url, branch}.",
-                  "items": {"type": ["string", "object"]}},
+                         "local mirror path or URL works): each repository is <base_url>/<name>."),
+        "branch": _str("master", "Branch cloned at first login (a repository without it: its default branch, "
+                       "with a warning in the set-up log)."),
+        "repos": {"type": "array", "minItems": 1,
+                  "default": ["spinnaker_tools:c", "spinn_common:c", "SpiNNUtils", "SpiNNMachine", "SpiNNMan",
+                              "PACMAN", "spalloc", "SpiNNFrontEndCommon", "sPyNNaker"],
+                  "description": "The repositories, in dependency order (default: the SpiNNaker stack). Each is a "
+                  "name (a Python repository, installed in editable mode), `name:c` for one that is only cloned "
+                  "(C code), or {name, python, url, branch} to clone it from elsewhere or at another branch. The "
+                  "name is the folder under ~/sPyNNakerGit; names must differ.",
+                  "items": {"type": ["string", "object"],
+                            "pattern": r"^(?!(?:bin|lib|lib64|include|share|support|etc|man|Scripts)(?::|$))"
+                                       r"(?!.*\.\.)[A-Za-z0-9_][A-Za-z0-9_.-]*(?::(?:c|python))?$",
+                            "errorMessage": "a repository NAME or NAME:c (letters, digits, _ . -; not bin, lib, "
+                                            "lib64, include, share, support, etc, man or Scripts: the venv's own "
+                                            "folders)",
+                            "required": ["name"],
+                            "properties": {
+                                "name": {"type": "string",
+                                         "pattern": r"^(?!(?:bin|lib|lib64|include|share|support|etc|man|Scripts)$)"
+                                                    r"(?!.*\.\.)[A-Za-z0-9_][A-Za-z0-9_.-]*$",
+                                         "errorMessage": "a folder name (letters, digits, _ . -; not bin, lib, "
+                                                         "lib64, include, share, support, etc, man or Scripts)"},
+                                "python": {"type": "boolean"}, "url": {"type": "string"},
+                                "branch": {"type": "string"}},
+                            "additionalProperties": False}},
+        "directory": _str("sPyNNakerGit", "The folder in each home that holds the venv and the clones.",
+                          pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$",
+                          errorMessage="a plain folder name (letters, digits, _ . -)"),
+        "kernel_name": _str("spynnakergit", "The kernelspec's name (its folder under "
+                            "~/.local/share/jupyter/kernels).", pattern=r"^[a-z0-9._-]+$",
+                            errorMessage="lower-case letters, digits, . _ - only"),
         "display_name": _str("sPyNNakerGit", "Kernel name users see."),
         "wheelhouse": _str(None, "Shared read-only folder of wheels, so users do not each download them."),
         "pip_cache_dir": _str(None, "Shared pip cache (writable by all users)."),
         "offline": _bool(False, "Install only from the pinned environment and the wheelhouse."),
         "clone_args": _list({"type": "string"}, desc="Extra `git clone` arguments, e.g. [--filter=blob:none]."),
+        "extra_packages": _list({"type": "string", "minLength": 1}, ["ipykernel"],
+                                "Requirements the kernel needs on top of the clones; installed into the user's "
+                                "venv only when the pinned environment does not already meet them."),
+        "make_order": {"type": ["array", "null"], "default": None,
+                       "description": "The C build order of support/automatic_make.sh: folders relative to "
+                       "~/sPyNNakerGit, each `DIR` or `DIR install` (or {dir, install}). Empty: the shipped order, "
+                       "kernels/spynnaker-git/support/make_order.txt.",
+                       "items": {"type": ["string", "object"],
+                                 "pattern": r"^(?!/)(?!(?:.*/)?\.\.(?:/| |$))\S+(?: install)?$",
+                                 "errorMessage": "DIR or 'DIR install', DIR relative to ~/sPyNNakerGit (no leading "
+                                                 "/, no ..)",
+                                 "required": ["dir"],
+                                 "properties": {"dir": {"type": "string",
+                                                        "pattern": r"^(?!/)(?!(?:.*/)?\.\.(?:/|$))\S+$",
+                                                        "errorMessage": "a folder relative to ~/sPyNNakerGit (no "
+                                                                        "leading /, no ..)"},
+                                                "install": {"type": "boolean"}},
+                                 "additionalProperties": False}},
         "build_c": _str("auto", "Build the C code at creation: auto (when the ARM toolchain is installed), always, "
                         "never.", enum=["auto", "always", "never"]),
+        "kernel_env": {"type": "object", "default": {},
+                       "description": "Environment variables of the sPyNNakerGit kernel (its kernel.json `env`), "
+                       "e.g. {SPINNAKER_CFG_DIR: /etc/spinnaker}. No secrets: the file is in the user's home.",
+                       "propertyNames": {"pattern": r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                         "errorMessage": "environment variable names (letters, digits, _)"},
+                       "additionalProperties": {"type": ["string", "number", "boolean"]}},
+        "launcher": _str("auto", "The kernel's Python module: auto = spinnaker_kernel (the pinned kernel's "
+                         "launcher: one sPyNNaker cfg, no debugger) when the pinned environment has it, else "
+                         "ipykernel_launcher; or a module name.", pattern=r"^(auto|[A-Za-z_][A-Za-z0-9_.]*)$",
+                         errorMessage="auto or a Python module name"),
     }),
     "tutorials": _obj({
         "source": _str(None, "Folder of tutorial notebooks copied into new homes (default: the project's "

@@ -4,9 +4,9 @@
 # usage: support/automatic_make.sh
 #
 # The directories come from support/make_order.txt (one "DIRECTORY [install]"
-# per line, relative to ~/sPyNNakerGit), else the standard order:
-# spinnaker_tools, spinn_common, SpiNNFrontEndCommon/c_common, then
-# sPyNNaker/neural_modelling. Each is cleaned, built, and installed where
+# per line, relative to ~/sPyNNakerGit; the set-up writes it, the shipped order
+# being spinnaker_tools, spinn_common, SpiNNFrontEndCommon's c_common, then
+# sPyNNaker/neural_modelling). Each is cleaned, built, and installed where
 # marked. A directory that is not there is skipped. The first failure stops the
 # build with the directory's name and the compiler's messages.
 #
@@ -40,17 +40,17 @@ if ! command -v "$GP-gcc" >/dev/null 2>&1; then
     exit 2
 fi
 
-DIRS=(); INSTALL=()
-if [ -f "$SUPPORT_DIR/make_order.txt" ]; then
-    while read -r dir flag _; do
-        case "$dir" in ''|'#'*) continue ;; esac
-        DIRS+=("$dir"); INSTALL+=("${flag:-}")
-    done < "$SUPPORT_DIR/make_order.txt"
-else
-    DIRS=(spinnaker_tools spinn_common SpiNNFrontEndCommon/c_common/front_end_common_lib
-          SpiNNFrontEndCommon/c_common sPyNNaker/neural_modelling)
-    INSTALL=(install install install install install)
+if [ ! -f "$SUPPORT_DIR/make_order.txt" ]; then
+    echo "automatic_make: $SUPPORT_DIR/make_order.txt is missing: it lists the directories to build," >&2
+    echo "  one 'DIRECTORY [install]' per line. The shipped order:" >&2
+    echo "  ${SPINNAKER_GIT_SUPPORT_DIR:-<the project>/kernels/spynnaker-git/support}/make_order.txt" >&2
+    exit 2
 fi
+DIRS=(); INSTALL=()
+while read -r dir flag _; do
+    case "$dir" in ''|'#'*) continue ;; esac
+    DIRS+=("$dir"); INSTALL+=("${flag:-}")
+done < "$SUPPORT_DIR/make_order.txt"
 
 failed() {  # failed DIR STEP STATUS LOG
     echo >&2
