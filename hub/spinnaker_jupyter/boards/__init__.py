@@ -44,12 +44,40 @@ hub's session; ``GET /hub/api/spinnaker/boards`` lists every server's boards (sc
 These are registered with ``JupyterHub.extra_handlers`` (deprecated since JupyterHub 3.1 in favour of services, still
 working in 6.1, and logged as deprecated at start-up): they run in the hub because only the hub holds the live
 keepalives; a separate service would see only the database's copy.
+
+Layout: `record` (the typed record, stored as the spawner state's dict), `session` (`BoardSession`: claim, resume,
+keepalive, release, on-lost; no JupyterHub in it, shared with the batch-job runner), `lock` (the lab board),
+`mixin` (the spawner adapter), `handlers` (REST API), `hubconfig` (the hub's config), `admin` (the operator command).
+Names are imported lazily, so that `boards.session` and `boards.record` load without JupyterHub.
 """
 
-from .admin import cli_boards, held_boards
-from .hubconfig import LEASE_FILE, configure_hub, reconcile_at_start, status_command_dir
-from .lock import SAY_EVERY, BoardLock, board_lock
-from .mixin import STATE_KEY, BoardsMixin, NoBoardError
+from __future__ import annotations
 
-__all__ = ["BoardLock", "BoardsMixin", "LEASE_FILE", "NoBoardError", "SAY_EVERY", "STATE_KEY", "board_lock",
-           "cli_boards", "configure_hub", "held_boards", "reconcile_at_start", "status_command_dir"]
+import importlib
+from typing import Any
+
+_WHERE = {
+    "cli_boards": "admin",
+    "held_boards": "admin",
+    "LEASE_FILE": "hubconfig",
+    "configure_hub": "hubconfig",
+    "reconcile_at_start": "hubconfig",
+    "status_command_dir": "hubconfig",
+    "SAY_EVERY": "lock",
+    "BoardLock": "lock",
+    "board_lock": "lock",
+    "BoardsMixin": "mixin",
+    "NoBoardError": "mixin",
+    "STATE_KEY": "record",
+    "BoardRecord": "record",
+    "BoardSession": "session",
+    "NoBoard": "session",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+
+__all__ = sorted(_WHERE)
