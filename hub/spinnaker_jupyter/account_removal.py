@@ -146,7 +146,8 @@ def _remove_in_db(d: Deployment, name: str) -> str:
 
 def _end_processes(d: Deployment, name: str) -> int:
     from .hubconfig import system_users_enabled
-    from .spawner import kill_processes_of, system_account_name
+    from .spawner import kill_processes_of
+    from .usernames import system_account_name
 
     if d["spawner"]["type"] != "local" or not system_users_enabled(d):
         return 0

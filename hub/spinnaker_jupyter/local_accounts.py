@@ -17,7 +17,6 @@ import hmac
 import ipaddress
 import json
 import os
-import re
 import secrets
 import tempfile
 import threading
@@ -28,7 +27,7 @@ from jupyterhub.auth import Authenticator
 from tornado import web
 from traitlets import Unicode, default
 
-NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,23}$")  # fits a system account with the default prefix
+from .usernames import local_name_problem
 ITERATIONS = 600_000
 
 
@@ -119,9 +118,8 @@ class AccountStore:
         return {name: a.get("admin", False) for name, a in sorted(self._load().items())}
 
     def add(self, name: str, admin: bool = False, password: str | None = None, min_length: int = 10) -> str:
-        if not NAME_RE.match(name):
-            raise AccountError(f"'{name}' is not a valid account name: use 1-24 lower-case letters, digits, '-' or "
-                               "'_', starting with a letter")
+        if problem := local_name_problem(name):  # the rule for local account names: usernames.py
+            raise AccountError(problem)
         if password is not None and (problem := password_problem(name, password, min_length)):
             raise AccountError(problem)
         with self._locked() as accounts:

@@ -6,6 +6,8 @@ JSON Schema (draft 2020-12), kept as Python so defaults and help live beside the
 
 from __future__ import annotations
 
+from .usernames import CONFIG_NAME_PATTERN
+
 
 def _obj(properties: dict, **extra) -> dict:
     return {"type": "object", "additionalProperties": False, "properties": properties, **extra}
@@ -32,7 +34,7 @@ def _list(items: dict, default=None, desc="") -> dict:
             "description": desc}
 
 
-USERNAME = {"type": "string", "pattern": r"^[a-z0-9][a-z0-9._-]{0,63}$"}
+USERNAME = {"type": "string", "pattern": CONFIG_NAME_PATTERN}  # the user-name rules: usernames.py
 
 SCHEMA: dict = _obj({
     "data_dir": _str("data", "Where the hub keeps its database, secrets, user homes and kernel environments. "

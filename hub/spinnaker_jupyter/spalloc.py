@@ -52,6 +52,7 @@ from traitlets import Bool, Float, Int, List, Unicode, validate
 from traitlets.config import LoggingConfigurable
 
 from .spynnaker_cfg import CfgError, spalloc_server
+from .words import duration as duration_words
 
 __all__ = [
     "Allocation", "ClaimProgress", "JobState", "JobStatus", "MachineInfo", "ServiceInfo", "SpallocAllocator",
@@ -291,15 +292,6 @@ def _plural(n: int, word: str) -> str:
 def _job_id(url: str) -> Optional[int]:
     last = urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1]
     return int(last) if last.isdigit() else None
-
-
-def _duration_words(seconds: float) -> str:
-    s = int(seconds)
-    if s < 90:
-        return f"{s} s"
-    if s < 5400:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
 async def _call_maybe_async(fn: Optional[Callable[..., Any]], *args: Any) -> None:
@@ -810,7 +802,7 @@ class SpallocJob:
                 return machine
             if state is JobState.QUEUED:
                 busy = "all boards are in use" if one else "not enough boards are free"
-                wait = f", waiting {_duration_words(elapsed)}" if elapsed >= 1 else ""
+                wait = f", waiting {duration_words(elapsed)}" if elapsed >= 1 else ""
                 await self._say(progress, state, f"Waiting for {boards}: {busy} and you are in the queue "
                                 f"({self.label}{wait}).", elapsed)
             elif state is JobState.POWER and last is not JobState.POWER:
@@ -821,7 +813,7 @@ class SpallocJob:
             if remaining <= 0:
                 what = "No SpiNNaker board" if one else f"The {n_boards} SpiNNaker boards"
                 raise SpallocTimeoutError(
-                    f"{what} became ready within {_duration_words(timeout or 0)} ({self.label} was still "
+                    f"{what} became ready within {duration_words(timeout or 0)} ({self.label} was still "
                     f"{state.value.lower()}). Try again later; the operator can raise `{SETTINGS}.claim_timeout`.")
             polled = time.monotonic()
             if remaining < self.client.long_poll_timeout:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import os
 import pwd
 import re
@@ -28,6 +27,7 @@ from .boards import BoardsMixin
 from .jobs import sessions as job_sessions
 from .progress import ProgressMixin, wait_until_listening
 from .spawn_queue import refuse_if_full, start_slot
+from .usernames import AccountOfAnotherDeployment, make_system_account, own_system_account, system_account_name
 
 
 class PrivateHomeSpawner(ProgressMixin, LocalProcessSpawner):
@@ -74,13 +74,7 @@ class PrivateHomeSpawner(ProgressMixin, LocalProcessSpawner):
             try:
                 pwd.getpwnam(self.system_username)
             except KeyError:
-                made = subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--shell",
-                                       "/bin/bash", "--home-dir", str(home), "--comment",
-                                       f"Jupyter user {self.user.name}", self.system_username],
-                                      capture_output=True, text=True)
-                if made.returncode != 0:
-                    raise RuntimeError(f"Could not create the system account {self.system_username} for "
-                                       f"{self.user.name}: {made.stderr.strip()}")
+                make_system_account(self.system_username, home, self.user.name)
                 self.log.info("Created system account %s for %s", self.system_username, self.user.name)
             pw = self._own_account(pwd.getpwnam(self.system_username))
             home.mkdir(mode=0o700, exist_ok=True)
@@ -92,28 +86,14 @@ class PrivateHomeSpawner(ProgressMixin, LocalProcessSpawner):
             home.mkdir(mode=0o700, exist_ok=True)
 
     def _own_account(self, pw: pwd.struct_passwd) -> pwd.struct_passwd:
-        """The existing system account, if it is this deployment's: its home is this deployment's home for the user.
-        Another deployment's account is refused (its user would become ours), unless that deployment is gone (its
-        home no longer exists and nothing runs as the account): then it is taken over. An account some other
-        software made is never taken over."""
-        home = self.home
-        if os.path.realpath(pw.pw_dir) == os.path.realpath(home):
-            return pw
-        made_by_a_deployment = pw.pw_gecos == f"Jupyter user {self.user.name}"  # as _ensure_account makes them
-        if made_by_a_deployment and not os.path.exists(pw.pw_dir) and not _pids_of(pw.pw_uid):
-            moved = subprocess.run(["usermod", "--home", str(home), self.system_username], capture_output=True,
-                                   text=True)
-            if moved.returncode == 0:
-                self.log.warning("Took over the system account %s left by a removed deployment (home was %s)",
-                                 self.system_username, pw.pw_dir)
-                return pwd.getpwnam(self.system_username)
-        message = (f"The system account {self.system_username} belongs to another deployment on this machine (its "
-                   f"home is {pw.pw_dir}, not {home}), so {self.user.name}'s server will not run as it. The operator "
-                   "gives this deployment its own spawner.local.system_user_prefix (e.g. 'jupyter2-'), or, if this "
-                   f"deployment was moved from {pw.pw_dir}, runs `usermod --home {home} {self.system_username}`.")
-        refused = SpawnException(message, reason="account_of_another_deployment", status_code=409)
-        refused.jupyterhub_message = message  # what the spawn page says
-        raise refused
+        """The existing system account, if it is this deployment's (usernames.own_system_account); another
+        deployment's is refused with a message the spawn page shows."""
+        try:
+            return own_system_account(pw, self.home, self.user.name, self.log)
+        except AccountOfAnotherDeployment as e:
+            refused = SpawnException(e.message("server"), reason="account_of_another_deployment", status_code=409)
+            refused.jupyterhub_message = e.message("server")  # what the spawn page says
+            raise refused from None
 
     @property
     def limits(self) -> limitsmod.Limits:
@@ -226,16 +206,6 @@ class PrivateHomeSpawner(ProgressMixin, LocalProcessSpawner):
 def _cgroup_tree(mode: str, homes_dir: str):
     """Decided once per hub: the deployment's cgroup tree (None: rlimits), and why."""
     return limitsmod.choose(mode, homes_dir)
-
-
-def system_account_name(prefix: str, name: str) -> str:
-    """A valid, stable, collision-free Linux account name (at most 32 characters of [a-z0-9_-]) for a hub user."""
-    wanted = prefix + name
-    safe = re.sub(r"[^a-z0-9_-]", "_", wanted.lower())
-    if safe == wanted and len(safe) <= 32:
-        return safe
-    digest = hashlib.sha256(name.encode()).hexdigest()[:6]
-    return f"{safe[:25]}-{digest}"
 
 
 class SpiNNakerLocalSpawner(BoardsMixin, PrivateHomeSpawner):

@@ -23,15 +23,27 @@ so it is not a fixed point: feed only identity-provider names in, never hub name
 
 Examples: ``alice`` -> ``alice``; ``Alice`` -> ``alice--<hash>``; ``a b`` -> ``a-b--<hash>``;
 ``../etc`` -> ``etc--<hash>``; ``ünïcode`` -> ``unicode--<hash>``; ``""`` -> ``ValueError``.
+
+This module is also the one place for the other user-name rules, so that they can be read side by side:
+
+* local accounts (``auth.type: local``): :func:`local_name_problem`, a stricter shape that is its own system
+  account name with the default prefix;
+* the deployment config's user names (``hub.admin_users``, ``auth.local.admin``): :data:`CONFIG_NAME_PATTERN`;
+* the system account a hub user's server and jobs run as: :func:`system_account_name`, and whether an existing
+  account of that name is this deployment's (:func:`own_system_account`: another deployment's is refused).
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import os
+import pwd
 import re
+import subprocess
 import unicodedata
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 #: Default upper bound of a hub user name (Linux `useradd` also stops at 32).
@@ -134,3 +146,118 @@ def username_from_claims(
     if not isinstance(value, str) or not value:
         raise ValueError(f"userinfo has no usable {claim!r} claim")
     return normalize_username(value, max_length)
+
+
+# ------------------------------------------------------------------------------------- names in the deployment config
+#: JSON-Schema pattern of a user name in the deployment config (hub.admin_users, auth.local.admin). Wider than both
+#: rules above and below (a hub user an admin made through the REST API may have a longer name); ``(?!\n)``: Python's
+#: ``$`` also matches before a final newline, and ``alice\n`` is not ``alice``.
+CONFIG_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$(?!\n)"
+
+
+# ------------------------------------------------------------------------------------------------------ local accounts
+#: A local account's name (auth.type local): 1-24 of ``[a-z0-9_-]`` starting with a letter, so that with the default
+#: prefix ``jupyter-`` it is its own system account name (32 characters at most, nothing replaced).
+LOCAL_NAME = re.compile(r"[a-z][a-z0-9_-]{0,23}")
+
+
+def local_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a local account's name (one line for the operator), or None."""
+    if isinstance(name, str) and LOCAL_NAME.fullmatch(name):
+        return None
+    return (
+        f"{name!r} is not a valid account name: use 1-24 lower-case letters, digits, '-' or '_', starting with a letter"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------- system accounts
+#: Longest Linux account name (useradd).
+SYSTEM_NAME_MAX = 32
+#: The comment (GECOS) a deployment gives the system accounts it makes: how one made by another deployment is told
+#: from one some other software made.
+ACCOUNT_COMMENT = "Jupyter user {}"
+
+
+def system_account_name(prefix: str, name: str) -> str:
+    """A valid, stable, collision-free Linux account name (at most 32 characters of [a-z0-9_-]) for a hub user."""
+    wanted = prefix + name
+    safe = re.sub(r"[^a-z0-9_-]", "_", wanted.lower())
+    if safe == wanted and len(safe) <= SYSTEM_NAME_MAX:
+        return safe
+    digest = hashlib.sha256(name.encode()).hexdigest()[:6]
+    return f"{safe[:25]}-{digest}"
+
+
+def make_system_account(account: str, home: Path, hub_user: str) -> pwd.struct_passwd:
+    """Create ``account`` (a system account with its own group, no home created: the caller makes it private)."""
+    made = subprocess.run(
+        [
+            "useradd",
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--shell",
+            "/bin/bash",
+            "--home-dir",
+            str(home),
+            "--comment",
+            ACCOUNT_COMMENT.format(hub_user),
+            account,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if made.returncode != 0:
+        raise RuntimeError(f"Could not create the system account {account} for {hub_user}: {made.stderr.strip()}")
+    return pwd.getpwnam(account)
+
+
+class AccountOfAnotherDeployment(RuntimeError):
+    """The system account exists with another deployment's home: its user is another person."""
+
+    def __init__(self, account: str, found_home: str, home: Path, hub_user: str) -> None:
+        self.account, self.found_home, self.home, self.hub_user = account, found_home, home, hub_user
+        super().__init__(self.message("server"))
+
+    def message(self, what: str) -> str:
+        """The operator's line, for the user's ``what`` ("server", "jobs")."""
+        return (
+            f"The system account {self.account} belongs to another deployment on this machine (its home is "
+            f"{self.found_home}, not {self.home}), so {self.hub_user}'s {what} will not run as it. The operator "
+            "gives this deployment its own spawner.local.system_user_prefix (e.g. 'jupyter2-'), or, if this "
+            f"deployment was moved from {self.found_home}, runs `usermod --home {self.home} {self.account}`."
+        )
+
+
+def own_system_account(pw: pwd.struct_passwd, home: Path, hub_user: str, log=None) -> pwd.struct_passwd:
+    """The existing system account ``pw``, if it is this deployment's: its home is this deployment's home for the user.
+
+    Another deployment's account is refused (:class:`AccountOfAnotherDeployment`: its user would become ours), unless
+    that deployment is gone (the account was made by a deployment, its home no longer exists and nothing runs as
+    it): then it is taken over. An account some other software made is never taken over. The servers' and the batch
+    jobs' accounts go through this one rule.
+    """
+    if os.path.realpath(pw.pw_dir) == os.path.realpath(home):
+        return pw
+    made_by_a_deployment = pw.pw_gecos == ACCOUNT_COMMENT.format(hub_user)
+    if made_by_a_deployment and not os.path.exists(pw.pw_dir) and not _runs_as(pw.pw_uid):
+        moved = subprocess.run(["usermod", "--home", str(home), pw.pw_name], capture_output=True, text=True)
+        if moved.returncode == 0:
+            if log is not None:
+                log.warning(
+                    "Took over the system account %s left by a removed deployment (home was %s)", pw.pw_name, pw.pw_dir
+                )
+            return pwd.getpwnam(pw.pw_name)
+    raise AccountOfAnotherDeployment(pw.pw_name, pw.pw_dir, home, hub_user)
+
+
+def _runs_as(uid: int) -> bool:
+    """Whether any process runs as ``uid``."""
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if entry.stat().st_uid == uid:
+                    return True
+            except FileNotFoundError:
+                pass
+    return False

@@ -6,18 +6,14 @@ import asyncio
 import time
 from typing import Optional
 
+from ..words import duration as words
+
 #: Seconds between "still waiting" messages on the spawn page (machine mode; spalloc says its own).
 SAY_EVERY = 30.0
 
 
 def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def words(seconds: float) -> str:
-    """A duration for people: "45 s", "12 min", "2 h 05 min"."""
-    s = int(seconds)
-    return f"{s} s" if s < 90 else f"{s // 60} min" if s < 5400 else f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
 class BoardLock:

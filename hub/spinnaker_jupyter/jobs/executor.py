@@ -1,5 +1,5 @@
 """Where a job's command runs. `Executor` is what the runner needs; `LocalExecutor` (the embedded default) runs it
-as the user's own system account, the same account their Jupyter server runs as (spawner.system_account_name),
+as the user's own system account, the same account their Jupyter server runs as (usernames.system_account_name),
 in a scratch folder of its own, with CPU, memory, process and file-size limits (setrlimit) and in a process group
 of its own so that everything it started can be stopped together; that session is recorded (sessions.py) so that
 stopping the user's Jupyter server spares it.
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from jupyterhub.spawner import set_user_setuid
 
-from ..spawner import system_account_name
+from ..usernames import AccountOfAnotherDeployment, make_system_account, own_system_account, system_account_name
 from . import sessions
 
 
@@ -90,33 +90,13 @@ class LocalExecutor(Executor):
         name = system_account_name(self.prefix, user)
         try:
             pw = pwd.getpwnam(name)
-        except KeyError:
-            # The same account, made the same way, as the spawner makes for the user's server (spawner.py).
-            made = subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--shell", "/bin/bash",
-                                   "--home-dir", str(self.homes_dir / user), "--comment", f"Jupyter user {user}",
-                                   name], capture_output=True, text=True)
-            if made.returncode != 0:
-                raise RuntimeError(f"Could not create the system account {name} for {user}: {made.stderr.strip()}")
-            pw = pwd.getpwnam(name)
-        self._own(pw, user)
+        except KeyError:  # the same account, made the same way, as the spawner makes for the user's server
+            pw = make_system_account(name, self.homes_dir / user, user)
+        try:  # by the rule the spawner applies to servers: another deployment's `jupyter-alice` is another person
+            pw = own_system_account(pw, self.home(user), user)
+        except AccountOfAnotherDeployment as e:
+                raise AccountError(e.message("jobs")) from None
         return Account(name, pw.pw_uid, pw.pw_gid, switched=True)
-
-    def _own(self, pw: pwd.struct_passwd, user: str) -> None:
-        """The account must be this deployment's (its home is this deployment's home for the user), by the rule
-        the spawner applies to servers (PrivateHomeSpawner._own_account): another deployment's `jupyter-alice` is
-        another person. One left by a removed deployment (made by one, home gone, nothing running as it) is taken
-        over, as the spawner does."""
-        home = self.home(user)
-        if os.path.realpath(pw.pw_dir) == os.path.realpath(home):
-            return
-        if pw.pw_gecos == f"Jupyter user {user}" and not os.path.exists(pw.pw_dir) and not _runs_as(pw.pw_uid):
-            moved = subprocess.run(["usermod", "--home", str(home), pw.pw_name], capture_output=True, text=True)
-            if moved.returncode == 0:
-                return
-        raise AccountError(f"The system account {pw.pw_name} belongs to another deployment on this machine (its "
-                           f"home is {pw.pw_dir}, not {home}), so {user}'s jobs will not run as it. The operator "
-                           "gives this deployment its own spawner.local.system_user_prefix, or, if this deployment "
-                           f"was moved, runs `usermod --home {home} {pw.pw_name}`.")
 
     def _preexec(self, limits: RunLimits | None, account: Account, record: bool = False):
         setuid = set_user_setuid(account.name, chdir=False) if account.switched else None
@@ -191,17 +171,6 @@ class LocalExecutor(Executor):
 
         threading.Thread(target=feed, daemon=True).start()
         return proc
-
-
-def _runs_as(uid: int) -> bool:
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                if entry.stat().st_uid == uid:
-                    return True
-            except FileNotFoundError:
-                pass
-    return False
 
 
 def _pids_in_session(sid: int) -> list[int]:

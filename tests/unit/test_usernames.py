@@ -1,18 +1,29 @@
-"""Unit tests of spinnaker_jupyter.usernames (identity-provider name -> safe hub user name)."""
+"""Unit tests of spinnaker_jupyter.usernames: identity-provider name -> safe hub user name, and the other user-name
+rules kept there (local accounts, names in the deployment config, system accounts and whose they are)."""
 
 import itertools
 import os
+import pwd
 import re
 
+import jsonschema
 import pytest
+from spinnaker_jupyter.local_accounts import (
+    AccountError,
+    AccountStore,
+)  # (its import runs ldconfig: JupyterHub's pamela)
 from spinnaker_jupyter.usernames import (
     HASH_LENGTH,
     MAX_LENGTH,
     MIN_MAX_LENGTH,
+    AccountOfAnotherDeployment,
     is_canonical,
     is_safe_username,
+    local_name_problem,
     name_hash,
     normalize_username,
+    own_system_account,
+    system_account_name,
     username_from_claims,
 )
 
@@ -197,3 +208,95 @@ def test_exhaustive_short_names_are_injective():
             result = normalize_username(name)
             assert is_safe_username(result)
             assert seen.setdefault(result, name) == name
+
+
+# --- the other user-name rules, one module ----------------------------------------------------------------------
+LOCAL_OK = ["a", "alice", "bob-1", "x_y", "a" * 24, "z9"]
+LOCAL_BAD = ["", "1abc", "Alice", "a.b", "a b", "a" * 25, "-a", "_a", "ünï", "alice\n", "alice\r\n", None]
+
+
+def test_local_account_names(tmp_path):
+    for name in LOCAL_OK:
+        assert local_name_problem(name) is None, name
+    for name in LOCAL_BAD:
+        assert "not a valid account name" in local_name_problem(name), name
+    store = AccountStore(tmp_path / "accounts.json")
+    # `user add` refuses a name with a line break: it is not `alice` (the old check let `alice\n` through)
+    with pytest.raises(AccountError, match=r"'alice\\n' is not a valid account name: use 1-24 lower-case"):
+        store.add("alice\n", password="correct horse battery staple 9")
+    assert store.names() == {}
+
+
+def test_every_local_name_is_its_own_system_account_with_the_default_prefix():
+    for name in LOCAL_OK:
+        assert system_account_name("jupyter-", name) == "jupyter-" + name
+
+
+def test_system_account_names_fit_linux():
+    names = [
+        "alice",
+        "neuro.scientist--q4xug6lpy5",
+        "neuro_scientist--q4xug6lpy5",
+        "a" * 40,
+        "a" * 41,
+        normalize_username("Ünïcode Person"),
+    ]
+    accounts = [system_account_name("jupyter-", n) for n in names]
+    assert len(set(accounts)) == len(names)
+    assert all(re.fullmatch(r"[a-z0-9_-]{1,32}", a) for a in accounts), accounts
+    assert system_account_name("jupyter-", "a" * 40) == system_account_name("jupyter-", "a" * 40)  # stable
+
+
+def test_config_user_names():
+    """hub.admin_users / auth.local.admin accept every name a login can produce, and nothing with a line break."""
+    from spinnaker_jupyter.schema import SCHEMA
+
+    items = SCHEMA["properties"]["hub"]["properties"]["admin_users"]["items"]
+    admin = SCHEMA["properties"]["auth"]["properties"]["local"]["properties"]["admin"]
+    for name in LOCAL_OK + [normalize_username(n) for n in HOSTILE]:
+        jsonschema.validate(name, items)
+        jsonschema.validate(name, admin)
+    for bad in ["", "Alice", "-a", "a b", "a/b", "a" * 65, "alice\n", "admin\n"]:
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, items)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, admin)
+
+
+def _account(home, gecos="Jupyter user alice", uid=None):
+    uid = uid if uid is not None else _unused_uid()
+    return pwd.struct_passwd(("jupyter-alice", "x", uid, uid, gecos, str(home), "/bin/bash"))
+
+
+def _unused_uid():
+    used = {p.pw_uid for p in pwd.getpwall()}
+    return next(u for u in range(61000, 65000) if u not in used)
+
+
+def test_the_account_of_this_deployment_is_used(tmp_path):
+    home = tmp_path / "homes" / "alice"
+    pw = _account(home)
+    assert own_system_account(pw, home, "alice") is pw
+    # through a symlinked path too
+    (tmp_path / "link").symlink_to(tmp_path / "homes")
+    assert own_system_account(pw, tmp_path / "link" / "alice", "alice") is pw
+
+
+def test_an_account_of_another_deployment_is_refused(tmp_path):
+    other_home, home = tmp_path / "other" / "alice", tmp_path / "homes" / "alice"
+    other_home.mkdir(parents=True)  # the other deployment is still there
+    with pytest.raises(AccountOfAnotherDeployment) as refused:
+        own_system_account(_account(other_home), home, "alice")
+    for what in ("server", "jobs"):
+        message = refused.value.message(what)
+        assert message.startswith("The system account jupyter-alice belongs to another deployment on this machine")
+        assert f"alice's {what} will not run as it" in message
+        assert "spinnaker_jupyter" not in message and "spawner.local.system_user_prefix" in message
+        assert f"usermod --home {home} jupyter-alice" in message
+
+
+def test_an_account_other_software_made_is_never_taken_over(tmp_path):
+    """Home gone and nothing running as it, but not made by a deployment (another comment): refused, not moved."""
+    gone, home = tmp_path / "gone", tmp_path / "homes" / "alice"
+    with pytest.raises(AccountOfAnotherDeployment):
+        own_system_account(_account(gone, gecos="Alice Example"), home, "alice")
