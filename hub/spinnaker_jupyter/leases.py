@@ -260,6 +260,17 @@ class ReconcileReport:
 
 IsHeld = Callable[[Lease], Union[bool, Awaitable[bool]]]
 
+#: Holders of batch jobs' claims are ``job:<id>`` (the job service's runner); a server's is always ``user/name``.
+JOB_HOLDER = "job:"
+
+
+def held_by_a_job(lease: Lease) -> bool:
+    return lease.holder.startswith(JOB_HOLDER) and "/" not in lease.holder
+
+
+def held_by_a_server(lease: Lease) -> bool:
+    return not held_by_a_job(lease)
+
 
 def _matches(lease: Lease, st: JobStatus) -> bool:
     """Could `st` be the job the service made for this `creating` row (see the module doc)?"""
@@ -280,15 +291,20 @@ def _matches(lease: Lease, st: JobStatus) -> bool:
 
 async def reconcile(store: LeaseStore, client: SpallocClient, *, is_held: IsHeld,
                     log: Union[logging.Logger, logging.LoggerAdapter, None] = None,
-                    reason: str = "the hub restarted and no server of it holds this job") -> ReconcileReport:
-    """Give back every job recorded by an earlier hub process that no live holder has (see the module doc)."""
+                    reason: str = "the hub restarted and no server of it holds this job",
+                    scope: Callable[[Lease], bool] = held_by_a_server) -> ReconcileReport:
+    """Give back every job recorded by an earlier hub process that no live holder has (see the module doc).
+
+    Only the rows `scope` accepts are looked at: by default the servers'. Batch jobs' rows belong to the job
+    service's runner, which lives on its own (it may be claiming or running while the hub starts) and reconciles
+    its own rows at its start (`scope=held_by_a_job`)."""
     log = log or logging.getLogger(__name__)
     report = ReconcileReport()
     def ours(lease: Lease) -> bool:
         return lease.service == client.service_url and lease.host in (None, store.host)
 
-    inherited = [lease for lease in store.inherited() if ours(lease)]
-    for lease in store.inherited():
+    inherited = [lease for lease in store.inherited() if ours(lease) and scope(lease)]
+    for lease in [lease for lease in store.inherited() if scope(lease)]:
         if lease.host not in (None, store.host):
             # A backup restored onto another machine: the jobs may be those of a hub still running elsewhere.
             log.warning("SpiNNaker jobs: lease of %s for %s was recorded on another machine (%s; a restored "
@@ -365,5 +381,5 @@ async def reconcile(store: LeaseStore, client: SpallocClient, *, is_held: IsHeld
     return report
 
 
-__all__ = ["CLAIMED", "CREATING", "HELD", "Lease", "LeaseStore", "LeaseStoreError", "ReconcileReport",
-           "claim_recorded", "open_store", "reconcile"]
+__all__ = ["CLAIMED", "CREATING", "HELD", "JOB_HOLDER", "Lease", "LeaseStore", "LeaseStoreError",
+           "ReconcileReport", "claim_recorded", "held_by_a_job", "held_by_a_server", "open_store", "reconcile"]
