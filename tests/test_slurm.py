@@ -6,6 +6,7 @@ Slurm that is down give one clear line."""
 from __future__ import annotations
 
 import time
+from urllib.parse import urlparse
 
 import pytest
 
@@ -66,6 +67,87 @@ def test_spynnaker_kernel_runs_a_pynn_network_in_the_job(alice):
     out = alice.execute(kernel, PYNN_NETWORK)
     assert out["error"] is None, out
     assert "PYNN-DONE" in out["stdout"] and "segments 1 spiketrains 20" in out["stdout"], out
+
+
+def test_server_listens_only_on_the_nodes_slurm_address(alice):
+    """batchspawner's servers listen on every interface (0.0.0.0): anyone on the node's network would reach the
+    server's port. Here it is the node's Slurm address (NodeAddr; 127.0.0.1 on this one-node cluster)."""
+    import subprocess
+
+    kernel = alice.start_kernel("python3")
+    out = alice.execute(kernel, "import os; print(os.environ['JUPYTERHUB_SERVICE_URL'])")
+    url = urlparse(out["stdout"].strip())
+    assert url.hostname == "127.0.0.1", out
+    bound = subprocess.run(["ss", "-Hltn", f"sport = :{url.port}"], capture_output=True, text=True).stdout.split()
+    assert bound[3] == f"127.0.0.1:{url.port}", bound
+
+
+def test_spinnaker_status_is_on_the_servers_path(alice):
+    kernel = alice.start_kernel("python3")
+    out = alice.execute(kernel, "import shutil, subprocess\nprint(shutil.which('spinnaker-status'))\n"
+                                "print(subprocess.run(['spinnaker-status'], capture_output=True, text=True).stdout)")
+    assert out["error"] is None and "None" not in out["stdout"].splitlines()[0], out
+    assert "virtual" in out["stdout"], out
+
+
+def test_a_users_server_cannot_set_the_commands_the_hub_runs(hub, alice, tmp_path):
+    """batchspawner's API handler sets any spawner attribute the JSON names, for the token of the user's own
+    server: a user could make the hub run their command as root at its next poll or stop. Only the port is taken,
+    and only during the start."""
+    import requests
+
+    if not (alice.server_model() or {}).get("ready"):
+        alice.start_server()
+    kernel = alice.start_kernel("python3")
+    out = alice.execute(kernel, "import os; print(os.environ['JUPYTERHUB_API_URL'], os.environ['JUPYTERHUB_API_TOKEN'])")
+    api_url, token = out["stdout"].split()
+    marker = tmp_path / "ran-as-root"
+    tries = [{"exec_prefix": f"touch {marker};"}, {"batch_cancel_cmd": f"touch {marker}"}, {"port": 1234}]
+    answers = [requests.post(api_url + "/batchspawner", json=body, headers={"Authorization": f"token {token}"},
+                             timeout=30).status_code for body in tries]
+    assert answers == [400, 400, 409], answers
+    assert alice.browse("lab").status_code == 200  # its route still goes to its own port
+    alice.stop_server()
+    assert not marker.exists()
+
+
+def test_batchspawner_api_handler_still_takes_any_attribute():
+    """Fails once batchspawner's handler changes (or its version does): then check slurm.PortReportHandler."""
+    import inspect
+
+    import batchspawner
+    from batchspawner.api import BatchSpawnerAPIHandler
+
+    assert batchspawner.__version__ == "1.3.0"
+    assert "setattr(spawner, key, value)" in inspect.getsource(BatchSpawnerAPIHandler.post)
+
+
+def test_check_probes_slurm(slurm, tmp_path):
+    """`spinnaker-jupyter check` says whether the controller answers, the partition exists and the board licence
+    is configured, one line each, and fails when one of them is wrong."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    def check(**slurm_keys) -> tuple[int, str]:
+        cfg = tmp_path / "check.yaml"
+        cfg.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data"), "spinnaker": {"mode": "machine",
+                                       "machine_name": "192.0.2.1"}, "spawner": {"type": "slurm", "slurm": {
+                                       "conf": str(slurm.conf), "partition": slurm.partition, **slurm_keys}}}))
+        p = subprocess.run([str(Path(sys.executable).parent / "spinnaker-jupyter"), "check", "-c", str(cfg)],
+                           capture_output=True, text=True, timeout=120)
+        return p.returncode, p.stdout + p.stderr
+
+    code, out = check()
+    assert code == 0, out
+    assert "Slurm: the controller answers" in out and "Slurm: partition spinnaker (spawner.slurm.partition) is up" \
+        in out and "Slurm: licence spinnaker_board: 2 board(s)" in out, out
+    code, out = check(partition="nope", board_license="no_such_licence")
+    assert code == 1, out
+    assert "Slurm: no partition nope (spawner.slurm.partition); set it to one of: spinnaker" in out, out
+    assert "Slurm: no licence no_such_licence for SpiNNaker boards" in out, out
 
 
 def test_spawn_page_shows_the_slurm_queue_when_the_cluster_is_full(hub, slurm):

@@ -61,6 +61,13 @@ def cmd_check(args) -> int:
         from .limits import describe_deployment
 
         say(describe_deployment(d))
+    if d["spawner"]["type"] == "slurm" or (d["jobs"]["enabled"] and d["jobs"]["executor"] == "slurm"):
+        from .slurm_queue import probe  # the controller, the partitions, the board licence: one line each
+
+        results = probe(d)
+        for _ok, line in results:
+            say(line)
+        return 0 if all(ok for ok, _line in results) else 1
     return 0
 
 

@@ -19,23 +19,30 @@ registered through `jupyterhub.apihandlers.default_handlers` at import) and `bat
 What differs from its defaults here is configuration: JupyterHub 6 keeps no PATH in a server's environment
 (`Spawner.env_keep`), and batchspawner assumes that the hub user's name is a system account (`user_env`,
 `req_username`, `req_homedir`) and that `sudo` exists (`exec_prefix`); this module sets all of them.
-Two upstream behaviours are fenced, each with a test in tests/test_slurm.py that fails when upstream changes:
+Three upstream behaviours are fenced, each with a test in tests/test_slurm.py that fails when upstream changes:
 its squeue/scancel inherit the hub's environment, secrets included (`run_command` below gives them only what
-Slurm needs); its start() commits through `Spawner.db`, deprecated in JupyterHub 6.1 (a warning per start).
+Slurm needs); its start() commits through `Spawner.db`, deprecated in JupyterHub 6.1 (a warning per start); its API
+handler sets any spawner attribute a user's server names, the commands the hub runs as root included
+(`PortReportHandler` takes the port only). Its servers listen on 0.0.0.0: here on the node's Slurm address
+(slurm_singleuser.py), which is also where the hub connects (`state_gethost`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shlex
 import shutil
+import sys
 import time
 from pathlib import Path
 
 from batchspawner import JobStatus, SlurmSpawner
+from jupyterhub.apihandlers import APIHandler
 from jupyterhub.spawner import SpawnException
+from tornado import web
 from traitlets import Bool, List, Unicode, default
 
 from .boards import BoardsMixin
@@ -113,8 +120,7 @@ class SlurmUserSpawner(ProgressMixin, SlurmSpawner):
         # user: the hub's secrets (proxy token, crypt key) would be readable in that process's environ by the user.
         # They get only what the Slurm commands need.
         if env is None:
-            env = {"PATH": DEFAULT_PATH, "LANG": os.environ.get("LANG", "C.UTF-8"),
-                   **({"SLURM_CONF": self.slurm_conf} if self.slurm_conf else {})}
+            env = self.run_env()
         return await super().run_command(cmd, input=input, env=env)
 
     # -- what sbatch is asked for ----------------------------------------------------------------------------
@@ -154,6 +160,7 @@ class SlurmUserSpawner(ProgressMixin, SlurmSpawner):
         self._queue_said, self._queue_checked = None, 0.0
         self._in_start = True
         self._started_job = ""
+        self._node_addr = ""
         try:
             ip, port = await super().start()
         except RuntimeError as e:
@@ -183,7 +190,26 @@ class SlurmUserSpawner(ProgressMixin, SlurmSpawner):
         status = await super().query_job_status()
         if getattr(self, "_in_start", False) and status == JobStatus.PENDING:
             await self._say_queue()
+        if getattr(self, "_in_start", False) and status == JobStatus.RUNNING and not self._node_addr:
+            self._node_addr = await self._node_address(super().state_gethost())
         return status
+
+    _node_addr = ""
+
+    def state_gethost(self):
+        # The node's Slurm address (NodeAddr), which its server binds to (slurm_singleuser.py), not its name.
+        return self._node_addr or super().state_gethost()
+
+    async def _node_address(self, node: str) -> str:
+        proc = await asyncio.create_subprocess_exec("scontrol", "-o", "show", "node", node, env=self.run_env(),
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, _ = await proc.communicate()
+        found = re.search(r"\bNodeAddr=(\S+)", out.decode(errors="replace"))
+        return found.group(1) if found else node
+
+    def run_env(self) -> dict:
+        return {"PATH": DEFAULT_PATH, "LANG": os.environ.get("LANG", "C.UTF-8"),
+                **({"SLURM_CONF": self.slurm_conf} if self.slurm_conf else {})}
 
     async def _say_queue(self) -> None:
         if time.monotonic() - self._queue_checked < QUEUE_CHECK_EVERY and self._queue_said is not None:
@@ -258,8 +284,6 @@ class SpiNNakerSlurmSpawner(BoardsMixin, SlurmUserSpawner):
 
 def configure(c, d, args: list[str]) -> None:
     """Apply `spawner.slurm` (and the accounts of `spawner.local`) to JupyterHub's config `c`."""
-    import sys
-
     from .hubconfig import system_users_enabled
 
     sp, sl = d["spawner"], d["spawner"]["slurm"]
@@ -282,7 +306,14 @@ def configure(c, d, args: list[str]) -> None:
     s.startup_poll_interval = 0.25
     s.batch_query_cmd = "squeue -h -j {job_id} -o '%T %r %B'"  # state, pending reason, node (last: the host)
     bin_dir = Path(sys.executable).parent
-    s.batchspawner_singleuser_cmd = str(bin_dir / "batchspawner-singleuser")
+    # batchspawner-singleuser, bound to the node's Slurm address instead of every interface (slurm_singleuser.py)
+    s.batchspawner_singleuser_cmd = f"{shlex.quote(sys.executable)} -m spinnaker_jupyter.slurm_singleuser"
+    fence_port_report()
+    from .boards.hubconfig import status_command_dir
+
+    folder = status_command_dir(d)  # `spinnaker-status` in the servers' terminals, as for local servers
+    if folder:
+        c.BoardsMixin.path_append = [str(folder)]
     c.Spawner.cmd = [str(bin_dir / "jupyterhub-singleuser")]
     # The hub listens where the nodes reach it; on one machine that is 127.0.0.1.
     if sl["hub_connect_ip"]:
@@ -290,3 +321,48 @@ def configure(c, d, args: list[str]) -> None:
         c.JupyterHub.hub_connect_ip = sl["hub_connect_ip"]
     if not system_users_enabled(d) and os.geteuid() == 0:
         args.append("--allow-root")
+
+
+# -- fenced: batchspawner 1.3.0's API handler ----------------------------------------------------------------------
+BATCHSPAWNER_CHECKED = "1.3.0"
+
+
+class PortReportHandler(APIHandler):
+    """POST /hub/api/batchspawner as batchspawner-singleuser sends it ({"port": N}), and nothing else.
+
+    batchspawner's own handler sets ANY attribute the JSON names on the spawner whose token sent it, and a user's
+    server holds that token: `{"batch_query_cmd": "..."}` would be run by the hub, as root, at its next poll. Here
+    only a port is taken, only from the server's own token, and only while its start waits for it."""
+
+    @web.authenticated
+    def post(self):
+        token = self.get_auth_token()
+        spawner = next((sp for sp in self.current_user.spawners.values() if sp.api_token == token), None)
+        try:
+            data = json.loads(self.request.body or b"{}")
+        except ValueError:
+            data = None
+        port = data.get("port") if isinstance(data, dict) else None
+        if spawner is None or not isinstance(data, dict) or set(data) != {"port"} or type(port) is not int \
+                or not 1 <= port <= 65535:
+            raise web.HTTPError(400, "Only {\"port\": 1-65535}, sent by a user server with its own token, is taken.")
+        if not getattr(spawner, "_in_start", False):
+            raise web.HTTPError(409, "The server's port is taken only while it starts.")
+        spawner.port = port
+        self.set_status(201)
+        self.finish(json.dumps({"message": "BatchSpawner data configured"}))
+
+
+def fence_port_report() -> None:
+    """Put PortReportHandler where batchspawner registered its handler (jupyterhub.apihandlers.default_handlers, at
+    import). Checked against batchspawner 1.3.0; tests/test_slurm.py fails when that changes."""
+    import batchspawner
+    from jupyterhub import apihandlers
+
+    if batchspawner.__version__ != BATCHSPAWNER_CHECKED:
+        raise RuntimeError(f"batchspawner {batchspawner.__version__} is installed; slurm.py's port-report fence was "
+                           f"checked against {BATCHSPAWNER_CHECKED} only: check its API handler, then update it.")
+    routes = apihandlers.default_handlers
+    for i, (pattern, *_handler) in enumerate(routes):
+        if pattern == r"/api/batchspawner":
+            routes[i] = (pattern, PortReportHandler)
