@@ -377,20 +377,6 @@ def test_another_account_cannot_subscribe_to_a_busy_kernel(hub, alice, bob, spyn
     assert os.stat(folder).st_uid == alice.uid and not os.stat(folder).st_mode & 0o077, folder
 
 
-def test_containers_run_kernels_on_ipc_too(tmp_path):
-    """The single-user image's server settings say what the embedded default's say about kernels and the proxy."""
-    import yaml
-    from conftest import ROOT
-    from spinnaker_jupyter import config, hubconfig
-
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data")}))
-    local = json.loads((hubconfig.write_server_config(config.load([tmp_path / "c.yaml"])) /
-                        "jupyter_server_config.json").read_text())
-    image = json.loads((ROOT / "images" / "singleuser" / "jupyter_server_config.json").read_text())
-    assert local["KernelManager"] == image["KernelManager"] == {"transport": "ipc"}
-    assert local["ServerProxy"] == image["ServerProxy"]
-
-
 def test_notebooks_still_run_and_restart_over_ipc(alice):
     """What JupyterLab does when a notebook is opened: a session for the notebook starts its kernel; cells run over
     the kernel websocket; a restart brings the kernel back on its sockets."""

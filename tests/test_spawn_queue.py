@@ -150,18 +150,3 @@ def _owner(pid: str):
         return os.stat(f"/proc/{pid}").st_uid
     except FileNotFoundError:
         return None
-
-
-def test_containers_get_the_same_start_up_settings(tmp_path):
-    """The single-user image's server settings leave out what the local servers' leave out."""
-    import yaml
-    from conftest import ROOT
-    from spinnaker_jupyter import config, hubconfig
-
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data")}))
-    local = json.loads((hubconfig.write_server_config(config.load([tmp_path / "c.yaml"])) /
-                        "jupyter_server_config.json").read_text())
-    image = json.loads((ROOT / "images" / "singleuser" / "jupyter_server_config.json").read_text())
-    assert local["LabApp"] == image["LabApp"]
-    assert local["ServerApp"]["jpserver_extensions"]["jupyter_lsp"] is image["ServerApp"]["jpserver_extensions"][
-        "jupyter_lsp"] is False

@@ -3,8 +3,9 @@ kernels off TCP."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from spinnaker_server_contract import ServerContract
 
 from . import framing, kernel_ipc, nrp
 from .activity import watch_busy_kernels
@@ -20,10 +21,13 @@ def _jupyter_server_extension_points():
 
 def _load_jupyter_server_extension(server_app):
     log = server_app.log
+    told = ServerContract.from_env()  # what the hub told this server
+    for problem in told.problems:
+        log.error("spinnaker: %s", problem)
     if framing.wanted():  # the hub is embedded in another site's page (hub.frame_ancestors, over HTTPS)
         framing.frame_cookies()
     watch_busy_kernels(server_app)  # a kernel running code keeps its server from being culled
-    source = os.environ.get("SPINNAKER_TUTORIALS_DIR")
+    source = told.tutorials_dir
     if source and Path(source).is_dir():  # (before "ready": ~3 ms, and the tutorials are there when Lab opens)
         try:
             report = seed_tutorials(Path(source), Path.home())
@@ -32,10 +36,8 @@ def _load_jupyter_server_extension(server_app):
         except OSError as e:  # a full disk must not stop the server: the user keeps their files
             log.error("tutorials: could not copy the tutorials into %s: %s", Path.home(), e)
     closed = install_proxy_guard(server_app.web_app,
-                                 allowed_ports=_ports(os.environ.get("SPINNAKER_PROXY_PORTS", "")),
-                                 nrp_port=int(os.environ.get("SPINNAKER_NRP_PORT", "9000")),
-                                 nrp_installed=bool(os.environ.get("SPINNAKER_NRP_COMMAND")),
-                                 nrp_tcp=nrp.uses_tcp_port())
+                                 allowed_ports=set(told.proxy_ports), nrp_port=told.nrp_port,
+                                 nrp_installed=bool(told.nrp_command), nrp_tcp=nrp.uses_tcp_port(told.nrp_command))
     if closed:
         log.error("proxy: every proxy route (/proxy/, /nrp/) is closed: %s", closed)
     ipc_dir = kernel_ipc.configure(server_app)
@@ -47,7 +49,7 @@ def _load_jupyter_server_extension(server_app):
 async def _start_jupyter_server_extension(server_app):
     """Once the server answers: the git kernel's first set-up (minutes of git and pip), off the path to "ready" and
     at a lower CPU priority than the servers still starting beside this one (a room of students logging in)."""
-    if os.environ.get("SPINNAKER_GIT_KERNEL_CONFIG"):
+    if ServerContract.from_env().git_kernel:
         _start_git_kernel(server_app.log)
 
 
@@ -62,7 +64,3 @@ def _start_git_kernel(log) -> None:
         return
     if proc is not None:
         log.info("sPyNNakerGit: setting up in the background (pid %s); progress in ~/sPyNNakerGit/setup.log", proc.pid)
-
-
-def _ports(text: str) -> set[int]:
-    return {int(p) for p in text.replace(",", " ").split() if p.isdigit()}

@@ -41,9 +41,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
+from spinnaker_server_contract import ServerContract
+
 log = logging.getLogger("spinnaker_jupyter_ext.drive")
 
-ENV = "SPINNAKER_DRIVE"
+ENV = ServerContract.variable("drive")
 PLACEHOLDER = "EBRAINS-DRIVE-NOT-AVAILABLE.txt"
 SERVICE_PATH = "/services/access-token-service/access-token"
 MY_LIBRARIES = "My Libraries"
@@ -400,13 +402,8 @@ class DriveMount:
 
 def start_drive(server_app) -> Optional[DriveMount]:
     """Start the mount keeper when the hub configured the Drive for this server."""
-    text = os.environ.get(ENV)
-    if not text:
-        return None
-    try:
-        settings = json.loads(text)
-    except ValueError:
-        server_app.log.error("EBRAINS Drive: %s is not JSON; the Drive is not mounted", ENV)
+    settings = ServerContract.from_env().drive
+    if settings is None:  # not configured here (or unreadable: the extension's loader logs why)
         return None
     mount = DriveMount(settings)
     mount.log = server_app.log  # in the server's log, beside everything else

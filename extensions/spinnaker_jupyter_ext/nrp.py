@@ -10,27 +10,21 @@ a private unix socket.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 
-
-def nrp_command(environ=os.environ) -> list[str]:
-    return json.loads(environ.get("SPINNAKER_NRP_COMMAND") or "[]")
+from spinnaker_server_contract import ServerContract
 
 
-def uses_tcp_port(environ=os.environ) -> bool:
-    """Whether the `nrp` entry reaches its NRP on a TCP port (SPINNAKER_NRP_PORT) rather than a unix socket."""
-    command = nrp_command(environ)
+def uses_tcp_port(command: tuple[str, ...]) -> bool:
+    """Whether the NRP `command` serves on a TCP port (SPINNAKER_NRP_PORT) rather than a unix socket."""
     return bool(command) and not any("{unix_socket}" in arg for arg in command)
 
 
 def setup_nrp():
-    port = int(os.environ.get("SPINNAKER_NRP_PORT", "9000"))
-    timeout = int(os.environ.get("SPINNAKER_NRP_START_TIMEOUT", "120"))
+    told = ServerContract.from_env()  # a value it cannot read is logged by the extension (spinnaker_jupyter_ext)
+    port, timeout, command = told.nrp_port, told.nrp_start_timeout, list(told.nrp_command)
     launcher = {"title": "Neurorobotics Platform", "enabled": True}
-    command = nrp_command()
-    if command and uses_tcp_port():
+    if command and uses_tcp_port(command):
         return {"command": command, "port": port, "timeout": timeout, "launcher_entry": launcher,
                 "new_browser_tab": True}
     if command:

@@ -7,12 +7,14 @@ import socketserver
 import sys
 from http.server import BaseHTTPRequestHandler
 
+from spinnaker_server_contract import ServerContract
+
 from .proxy_guard import NOT_INSTALLED
 
 
 class Page(BaseHTTPRequestHandler):
     def do_GET(self):
-        body = NOT_INSTALLED.format(port=os.environ.get("SPINNAKER_NRP_PORT", "9000")).encode()
+        body = NOT_INSTALLED.format(port=ServerContract.from_env().nrp_port).encode()
         self.send_response(404)
         self.send_header("Content-Type", "text/html; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))

@@ -21,6 +21,8 @@ import urllib.error
 import urllib.request
 from urllib.parse import quote
 
+from spinnaker_server_contract import ServerContract
+
 CFG_NAME = ".spynnaker.cfg"
 
 
@@ -31,10 +33,11 @@ def own_cfgs(home: str) -> list[str]:
 
 def local_info(env=os.environ) -> dict:
     """What the server was started with (its environment)."""
-    text = env.get("SPINNAKER_MACHINE_CFG")
-    source = "this server's environment (SPINNAKER_MACHINE_CFG)"
-    if not text and env.get("SPINNAKER_CFG_DIR"):
-        path = os.path.join(env["SPINNAKER_CFG_DIR"], CFG_NAME)
+    told = ServerContract.from_env(env)
+    text = told.machine_cfg
+    source = f"this server's environment ({ServerContract.variable('machine_cfg')})"
+    if not text and told.cfg_dir:
+        path = os.path.join(told.cfg_dir, CFG_NAME)
         source = path
         try:
             with open(path, encoding="utf-8") as f:
@@ -50,11 +53,12 @@ def local_info(env=os.environ) -> dict:
         except configparser.Error:
             machine = {}
     info = {
-        "mode": env.get("SPINNAKER_MODE") or ("virtual" if machine.get("virtual_board") == "True" else None),
-        "board": env.get("SPINNAKER_BOARD"),
-        "job_id": env.get("SPINNAKER_BOARD_JOB"),
-        "job_url": env.get("SPINNAKER_BOARD_JOB_URL"),
-        "notice": env.get("SPINNAKER_BOARD_NOTICE"),
+        "mode": told.mode or ("virtual" if machine.get("virtual_board") == "True" else None),
+        "board": told.board,
+        "job_id": told.board_job,
+        "job_url": told.board_job_url,
+        "notice": told.board_notice,
+        "problems": list(told.problems),  # what the hub said that could not be read
         "cfg_source": source if text else None,
         "cfg_machine": {k: v for k, v in machine.items() if v not in ("None", "")},
         "own_cfg": (own_cfgs(os.path.expanduser("~")) or [None])[0],
@@ -132,12 +136,13 @@ def describe(info: dict, hub: dict | None, hub_error: str | None) -> tuple[list[
                      f"Rename it to use this service's machine.")
     elif info["cfg_source"]:
         lines.append(f"  cfg:      kernels get the one sPyNNaker cfg from {info['cfg_source']}")
+    lines += [f"  PROBLEM:  {p}" for p in info.get("problems", [])]
     return lines, status
 
 
 def drive_line(lines: list[str]) -> dict | None:
     """The EBRAINS Drive mount's state as this server's drive keeper last wrote it (drive.py), added to ``lines``."""
-    if not os.environ.get("SPINNAKER_DRIVE"):
+    if ServerContract.from_env().drive is None:
         return None
     from spinnaker_jupyter_ext.drive import read_state
 

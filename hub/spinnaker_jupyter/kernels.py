@@ -1,7 +1,7 @@
 """Build the shared kernel environments, their kernelspecs, and the deployment's sPyNNaker cfg.
 
-Environments are rebuilt only when their pinned requirements or launcher change (a stamp file records a hash), so
-`spinnaker-jupyter up` is quick after the first time. pip's output is streamed as progress.
+Environments are rebuilt only when their pinned requirements, launcher or server contract change (a stamp file
+records a hash), so `spinnaker-jupyter up` is quick after the first time. pip's output is streamed as progress.
 """
 
 from __future__ import annotations
@@ -16,10 +16,15 @@ import sys
 import time
 from pathlib import Path
 
+import spinnaker_server_contract
+
 from . import spynnaker_cfg
 from .config import PROJECT_ROOT, ConfigError, Deployment
 
 KERNELS_SRC = PROJECT_ROOT / "kernels"
+#: The launcher reads what the hub told the server through this module; the kernel env has no extension package, so
+#: the file is copied beside the launcher (standard library only).
+CONTRACT = Path(spinnaker_server_contract.__file__)
 STAMP = ".spinnaker-jupyter-stamp"
 
 
@@ -54,7 +59,7 @@ def build_spynnaker_env(deployment: Deployment, say=print, force: bool = False) 
     req = deployment.path(deployment["kernels"]["spynnaker"]["requirements"], src / "requirements.txt")
     launcher = src / "spinnaker_kernel.py"
     env = deployment.envs_dir / "spynnaker"
-    stamp = _digest(req, launcher)
+    stamp = _digest(req, launcher, CONTRACT)
     if not force and (env / STAMP).exists() and (env / STAMP).read_text() == stamp:
         say(f"Kernel environment sPyNNaker is up to date ({env})")
         return env
@@ -70,6 +75,7 @@ def build_spynnaker_env(deployment: Deployment, say=print, force: bool = False) 
     site = subprocess.run([str(env / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           check=True, capture_output=True, text=True).stdout.strip()
     shutil.copy2(launcher, Path(site) / "spinnaker_kernel.py")
+    shutil.copy2(CONTRACT, Path(site) / CONTRACT.name)
     make_world_readable(env)
     (env / STAMP).write_text(stamp)
     say(f"sPyNNaker kernel environment ready in {time.monotonic() - t0:.0f} s")

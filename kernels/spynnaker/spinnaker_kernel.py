@@ -16,6 +16,12 @@ import os
 import sys
 import tempfile
 
+# What the hub told this server (extensions/spinnaker_server_contract.py: standard library only). The kernel env has
+# no extension package: `spinnaker-jupyter build` (kernels.build_spynnaker_env) and the single-user image copy that
+# one file beside this launcher, where the sPyNNakerGit venv sees it too; the python3 kernel (--plain) runs in the
+# server env, which has it with the extension.
+from spinnaker_server_contract import ServerContract
+
 CFG_NAME = ".spynnaker.cfg"
 
 
@@ -56,10 +62,10 @@ def materialise_cfg(text, home):
 
 def service_cfg(environ, home):
     """The service's cfg for this kernel: the server's own ($SPINNAKER_MACHINE_CFG), else the deployment's."""
-    text = environ.get("SPINNAKER_MACHINE_CFG")
-    if text:
-        return materialise_cfg(text, home)
-    return os.path.join(environ.get("SPINNAKER_CFG_DIR", ""), CFG_NAME)
+    told = ServerContract.from_env(environ)
+    if told.machine_cfg:
+        return materialise_cfg(told.machine_cfg, home)
+    return os.path.join(told.cfg_dir or "", CFG_NAME)
 
 
 def choose_cfg(environ):
@@ -98,8 +104,8 @@ def notices(environ):
     if cfg and environ.get("SPINNAKER_CFG_SOURCE") == "user":
         said.append(f"sPyNNaker uses your own configuration {cfg} instead of this service's machine settings. "
                     "Rename it to use the SpiNNaker machine this service provides.")
-    elif cfg and environ.get("SPINNAKER_BOARD_NOTICE"):
-        said.append("SpiNNaker: " + environ["SPINNAKER_BOARD_NOTICE"])  # why this session has no board
+    elif cfg and ServerContract.from_env(environ).board_notice:  # why this session has no board
+        said.append("SpiNNaker: " + ServerContract.from_env(environ).board_notice)
         return said
     if cfg and machine_notice(cfg):
         said.append(machine_notice(cfg))

@@ -10,14 +10,14 @@ this module only turns that JSON into typed values, so a missing key means a hub
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from spinnaker_server_contract import ServerContract
+
 #: the git_kernel section as JSON, in the user's server environment (set by the hub)
-CONFIG_ENV = "SPINNAKER_GIT_KERNEL_CONFIG"
+CONFIG_ENV = ServerContract.variable("git_kernel")
 #: the C build order file of support/automatic_make.sh (shipped in kernels/spynnaker-git/support/)
 MAKE_ORDER_FILE = "make_order.txt"
 
@@ -120,8 +120,10 @@ class GitKernelConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> GitKernelConfig | None:
         """The section the hub put in this server's environment; None where it sent none (git_kernel disabled)."""
-        text = (os.environ if env is None else env).get(CONFIG_ENV)
-        return cls.from_section(json.loads(text)) if text else None
+        told = ServerContract.from_env(env)
+        if told.problem("git_kernel"):
+            raise ValueError(told.problem("git_kernel"))
+        return None if told.git_kernel is None else cls.from_section(told.git_kernel)
 
     def to_section(self) -> dict[str, Any]:
         """Back to the section's JSON shape (``from_section(to_section())`` is the same config)."""

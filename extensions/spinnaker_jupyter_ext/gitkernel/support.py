@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from spinnaker_server_contract import ServerContract
+
 from .config import MAKE_ORDER_FILE, MakeStep, RepoSpec, read_make_order
 from .runner import Runner, tail
 from .state import SetupError, Status, atomic_write, file_hash
@@ -23,8 +25,9 @@ def support_source_dir() -> Path:
     (spinnaker_jupyter_ext/data/spynnaker-git-support), or the repository checkout (kernels/spynnaker-git/support)."""
     package = Path(__file__).resolve().parent.parent
     candidates = []
-    if os.environ.get("SPINNAKER_GIT_SUPPORT_DIR"):
-        candidates.append(Path(os.environ["SPINNAKER_GIT_SUPPORT_DIR"]))
+    told = ServerContract.from_env().git_support_dir
+    if told:
+        candidates.append(Path(told))
     candidates += [
         package / "data" / "spynnaker-git-support",
         package.parent.parent / "kernels" / "spynnaker-git" / "support",
