@@ -19,6 +19,8 @@ def update_jobs(c, d: Deployment) -> None:
            BASE_DIR_ENV: str(d.base_dir)}
     if os.environ.get(DB_URL_ENV):  # a secret: from the hub's environment, never from the config file
         env[DB_URL_ENV] = os.environ[DB_URL_ENV]
+    if d["spinnaker"]["mode"] == "session" and os.environ.get("SPALLOC_TOKEN"):  # jobs claim boards as the hub does
+        env["SPALLOC_TOKEN"] = os.environ["SPALLOC_TOKEN"]
     # The nmpi API sits at the root of the service's own address (jobs.ip:port: nmpi keeps only scheme://host:port).
     # The `url` also gives it the hub's proxy route /services/jobs/ and an OAuth client: there the Jobs page is
     # served to browsers logged in to the hub (JupyterHub's HubOAuth), and the hub's menu lists it.

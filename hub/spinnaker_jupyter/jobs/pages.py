@@ -108,7 +108,7 @@ class JobPage(Page):
         path = self.settings["jobs"].logs / f"{job.id}.log"
         data = path.read_bytes() if path.exists() else b""
         model["log"] = data.decode(errors="replace")
-        self.render("job.html", job=model, active=job.status in ACTIVE, log_offset=len(data),
+        self.render("job.html", job=model, active=job.status in ACTIVE, log_offset=len(data), detail=job.detail,
                     provenance=json.dumps(model["provenance"], indent=2) if model["provenance"] else "",
                     config=json.dumps(model["hardware_config"], indent=2) if model["hardware_config"] else "{}")
 
@@ -131,7 +131,7 @@ class LogPoll(Page):
                 text = f.read(LOG_CHUNK)
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps({"status": job.status, "text": text.decode(errors="replace"),
-                                "offset": offset + len(text)}))
+                                "offset": offset + len(text), "detail": job.detail if job.status in ACTIVE else None}))
 
 
 class DeletePage(Page):

@@ -21,12 +21,15 @@ import tarfile
 import time
 import uuid
 import zipfile
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from .. import spynnaker_cfg
 from . import archives, fetch, hardware_config, inputs, sessions, uploads
+from ..boards.session import BoardSession
 from .executor import Account, AccountError, Executor
+from .job_boards import CORES_PER_BOARD, JobBoards, NoBoard, boards_for, write_cfg
 from .settings import Settings, spynnaker_versions
 from .store import Job, Store
 
@@ -76,8 +79,9 @@ class JobLog:
 
 
 class Runner:
-    def __init__(self, store: Store, executor: Executor, settings: Settings):
+    def __init__(self, store: Store, executor: Executor, settings: Settings, boards: JobBoards | None = None):
         self.store, self.executor, self.s = store, executor, settings
+        self.boards = boards  # None: every job runs virtual
         self.id = uuid.uuid4().hex[:12]
         self.versions = spynnaker_versions(settings.spynnaker_env)
         self.running: dict[int, asyncio.Task] = {}
@@ -87,10 +91,11 @@ class Runner:
             path.mkdir(parents=True, exist_ok=True, mode=0o700)
             os.chmod(path, 0o700)
         # The job accounts must reach their own scratch folder (0700 each) and the sPyNNaker cfg, nothing else.
-        for path in (settings.work, settings.cfg_dir):
+        for path in (settings.work, settings.cfg_dir, settings.job_cfgs):
             path.mkdir(parents=True, exist_ok=True)
         os.chmod(settings.data, 0o711)
         os.chmod(settings.work, 0o711)
+        os.chmod(settings.job_cfgs, 0o711)  # one folder per job, readable by that job's account only
         (settings.cfg_dir / ".spynnaker.cfg").write_text(self.cfg_text())
         os.chmod(settings.cfg_dir, 0o755)
         os.chmod(settings.cfg_dir / ".spynnaker.cfg", 0o644)
@@ -189,14 +194,27 @@ class Runner:
     async def run(self, job: Job) -> None:
         jlog = JobLog(self.s.logs / f"{job.id}.log", self.s.log_bytes)
         t0 = time.monotonic()
-        provenance = {"platform": "SpiNNaker", "spinnaker_mode": "virtual", "virtual_board": True,
+        mode = self.boards.mode if self.boards is not None else "virtual"
+        provenance = {"platform": "SpiNNaker", "spinnaker_mode": mode, "virtual_board": True,
                       "attempt": job.attempts, "runner": self.id, "started": _stamp(), "started_at": time.time()}
         status, files = "error", []
         scratch = self.s.work / str(job.id)
+        held = HeldBoard(
+            self.boards.session(job.id, job.user_id, self._say_to(job, jlog), self._lost_to(jlog))
+            if self.boards is not None and self.boards.real
+            else None
+        )
         try:
             jlog.note(f"{_stamp()}: job {job.id} started (attempt {job.attempts}).")
-            jlog.note("This job runs on a VIRTUAL SpiNNaker board (this service does not give jobs boards yet): "
-                      "run() maps and loads the network, but recorded data come back empty.")
+            if held.session is None:
+                why = {
+                    "per-run": "spinnaker.mode per-run claims with the user's own token, which a batch job does "
+                    "not carry"
+                }.get(mode, f"spinnaker.mode: {mode}")
+                jlog.note(
+                    f"This job runs on a VIRTUAL SpiNNaker board ({why}): run() maps and loads the network, "
+                    "but recorded data come back empty."
+                )
             config = self._hardware_config(job)
             provenance["hardware_config"] = config
             loop = asyncio.get_running_loop()
@@ -216,11 +234,14 @@ class Runner:
             argv = self._argv(job, scratch)
             provenance["command"] = argv[1:]
             provenance["sPyNNaker"] = self.versions[0] if self.versions else None
+            if held.session is not None:
+                env.update(await self._claim(job, held, config, account, jlog, provenance))
             before = await loop.run_in_executor(None, _snapshot, scratch)
             wall = config.get("time_limit") or self.s.wall_time
             jlog.note(f"Running: {shlex.join(['python', *argv[1:]])} (time limit {wall} s)")
             code, why = await self._execute(job, argv, scratch, env, account, wall, jlog)
             provenance["exit_code"] = code
+            await self._release(job, held, "the job's command ended", jlog, provenance)
             files, skipped = await loop.run_in_executor(None, self._collect, job, scratch, before, account)
             for entry in skipped:
                 jlog.note(f"Not collected: {entry}")
@@ -234,12 +255,14 @@ class Runner:
         except JobFailed as e:
             jlog.note(f"{_stamp()}: error: {e}")
             provenance["error"] = str(e)
-        except asyncio.CancelledError:
-            raise  # a service stop: stop() notes it and puts the job back in the queue
+        except asyncio.CancelledError:  # a service stop: stop() notes it and puts the job back in the queue
+            await self._release(job, held, "the job service stopped", jlog, provenance)
+            raise
         except Exception as e:  # the service's own fault: say so, keep the service running
             log.exception("Job %s failed in the runner", job.id)
             jlog.note(f"{_stamp()}: error in the job service (not in your job): {e}")
             provenance["error"] = f"job service error: {e}"
+        await self._release(job, held, "the job ended", jlog, provenance)
         if self.store.cancel_requested(job.id):
             status, files = "removed", []
             shutil.rmtree(self.s.outputs / str(job.id), ignore_errors=True)
@@ -250,8 +273,105 @@ class Runner:
         provenance["wall_seconds"] = round(time.monotonic() - t0, 3)
         provenance["finished"], provenance["finished_at"] = _stamp(), time.time()
         shutil.rmtree(scratch, ignore_errors=True)
-        # A virtual board uses no SpiNNaker cores: 0 core-hours.
-        self.store.finish(job.id, status, provenance, files, 0.0)
+        # Whole boards held while the command ran (a virtual board uses no SpiNNaker cores: 0 core-hours).
+        usage = round(provenance.get("board_hours", 0.0) * CORES_PER_BOARD, 6)
+        self.store.finish(job.id, status, provenance, files, usage)
+
+    # --- boards --------------------------------------------------------------------------------------------------
+    def _say_to(self, job: Job, jlog: JobLog):
+        last: list[str] = [""]
+
+        def say(_percent, message: str) -> None:  # the claim's steps: in the log, and as the job's state in words
+            if message != last[0]:
+                last[0] = message
+                jlog.note(message)
+            self.store.set_detail(job.id, message)
+
+        return say
+
+    def _lost_to(self, jlog: JobLog):
+        def lost() -> None:
+            jlog.note(
+                "The SpiNNaker allocation service ended this job's board while it ran; what the job does "
+                "with it from now on fails."
+            )
+
+        return lost
+
+    async def _claim(
+        self, job: Job, held: "HeldBoard", config: dict, account: Account, jlog: JobLog, provenance: dict
+    ) -> dict:
+        """Claim the job's boards (waiting in the service's queue, or for the lab board, as long as the deployment
+        lets sessions wait); a cancel while waiting ends the wait. Returns the job's SPINNAKER_* environment."""
+        n = config.get("boards") or boards_for(self.boards.spinnaker, job.user_id)
+        claim = asyncio.ensure_future(held.session.claim(n))
+        try:
+            while not claim.done():
+                await asyncio.wait({claim}, timeout=0.5)
+                if not claim.done() and self.store.cancel_requested(job.id):
+                    await held.session.release("the job was cancelled while it waited for a board")
+                    await asyncio.gather(claim, return_exceptions=True)
+                    raise JobFailed(
+                        f"The job was cancelled {self.store.cancel_words(job.id)} while it waited for a SpiNNaker board"
+                    )
+            record = claim.result()
+        except NoBoard as e:  # (spinnaker.on_timeout: fail) said for servers; the reason is the same for a job
+            raise JobFailed(
+                str(e)
+                .replace("for your server", "for this job")
+                .replace("starts servers only with a board", "runs jobs only with a board")
+            ) from None
+        except asyncio.CancelledError:
+            claim.cancel()
+            raise
+        held.since = time.monotonic()
+        held.session.started()  # its lease row says `held`
+        if record.fallback:
+            jlog.note(
+                "This job runs on a VIRTUAL SpiNNaker board (no board came, see above): run() maps and loads "
+                "the network, but recorded data come back empty."
+            )
+            provenance["board"] = {"fallback": record.fallback, "notice": record.notice}
+        else:
+            provenance["virtual_board"] = False
+            provenance["board"] = {
+                k: v
+                for k, v in {
+                    "board": record.board,
+                    "boards": record.boards,
+                    "spalloc_job": record.job_id,
+                    "claimed_at": record.claimed_at,
+                }.items()
+                if v is not None
+            }
+            where = f"spalloc job {record.job_id}" if record.job_id is not None else "the lab's board"
+            jlog.note(
+                f"SpiNNaker board {record.board} is this job's until it ends ({where}); the job's sPyNNaker "
+                "cfg names it."
+            )
+            self.store.set_detail(job.id, f"running on SpiNNaker board {record.board}")
+        cfg = write_cfg(
+            self.s.job_cfgs / str(job.id),
+            held.session.cfg or held.session.deployment_cfg(),
+            account.gid if account.switched else None,
+        )
+        env = {k: v for k, v in held.session.env().items() if k != "SPINNAKER_MACHINE_CFG"}
+        return {**env, "XDG_CONFIG_DIRS": str(cfg)}
+
+    async def _release(self, job: Job, held: "HeldBoard", reason: str, jlog: JobLog, provenance: dict) -> None:
+        """Give back what the job holds (every way a job ends comes here; a second call does nothing)."""
+        if held.session is None or held.released:
+            return
+        held.released = True
+        had = held.session.record is not None and held.session.record.holds
+        try:
+            await held.session.release(reason)
+        finally:
+            shutil.rmtree(self.s.job_cfgs / str(job.id), ignore_errors=True)
+        if held.since is not None and had:
+            hours = (time.monotonic() - held.since) / 3600 * (held.session.record.boards or 1)
+            provenance["board_hours"] = round(hours, 6)
+            jlog.note(f"SpiNNaker board {held.session.record.board} given back ({reason}).")
 
     def _copy_home(self, job: Job, files: list[dict], jlog: JobLog) -> None:
         """The outputs also land in ~/jobs/<id>/ when the user has a home here, so notebooks can analyse them.
@@ -476,6 +596,15 @@ class Runner:
         for f in files:
             f["content_type"] = mimetypes.guess_type(f["path"])[0] or "application/octet-stream"
         return files, skipped
+
+
+@dataclass
+class HeldBoard:
+    """A running job's BoardSession (None: the job runs virtual) and when its board came."""
+
+    session: BoardSession | None
+    since: float | None = None
+    released: bool = False
 
 
 def _describe(root: Path, rel: str) -> dict:

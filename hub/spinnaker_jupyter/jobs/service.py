@@ -16,6 +16,7 @@ import signal
 
 from . import api, identity, pages, signing
 from .executor import LocalExecutor
+from .job_boards import JobBoards
 from .runner import Runner
 from .settings import SERVICE_NAME, Settings, db_url, load_deployment, spynnaker_versions
 from .store import Store
@@ -47,8 +48,12 @@ async def serve() -> None:
         from .slurm_executor import SlurmExecutor
 
         executor = SlurmExecutor.for_deployment(d, s, store, executor)
-    runner = Runner(store, executor, s)
+    boards = JobBoards.from_deployment(d)  # spinnaker.mode for jobs too (job_boards.py)
+    runner = Runner(store, executor, s, boards)
     back = runner.recover()
+    # The boards of jobs a killed runner held (those jobs are back in the queue); new claims meanwhile are this
+    # process's rows, which it does not touch.
+    reconciling = asyncio.create_task(boards.reconcile())
     if back:
         log.warning("Put %d interrupted job(s) back in the queue: %s", len(back), back)
     checker = identity.TokenChecker(os.environ["JUPYTERHUB_API_URL"], os.environ.get("JUPYTERHUB_SERVICE_NAME",
@@ -73,6 +78,8 @@ async def serve() -> None:
     server.stop()
     await runner.stop()
     queue.cancel()
+    await asyncio.gather(reconciling, return_exceptions=True)
+    await boards.close()
 
 
 def main() -> None:

@@ -89,6 +89,10 @@ class Settings:
         return self.data / "etc"
 
     @property
+    def job_cfgs(self) -> Path:  # the sPyNNaker cfg naming a running job's boards, one folder per job
+        return self.data / "cfg"
+
+    @property
     def python(self) -> Path:
         return self.spynnaker_env / "bin" / "python"
 
