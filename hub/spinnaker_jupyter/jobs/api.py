@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tornado import web
 
-from . import fetch, hardware_config, identity, inputs, signing
+from . import fetch, hardware_config, identity, inputs, job_boards, signing
 from .store import STATUSES, Job
 
 PLATFORM = "SpiNNaker"
@@ -189,7 +189,8 @@ def submit(app, who: identity.Identity, body) -> Job:
         raise Refused(422, "tags: expected a list of strings of 2 to 100 characters")
     try:
         config = hardware_config.parse(body.get("hardware_config"), js.allowed_keys, app.settings["versions"],
-                                       js.pip_packages, js.wall_time)
+                                       js.pip_packages, js.wall_time, job_boards.max_boards(js.spinnaker, who.name,
+                                                                                            list(who.groups)))
         fetch.check_inline(body["code"], js.fetch_limits)
         input_data = inputs.parse(body.get("input_data"))
     except (hardware_config.HardwareConfigError, fetch.FetchError, inputs.InputError) as e:

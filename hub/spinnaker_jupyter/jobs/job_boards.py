@@ -43,6 +43,18 @@ def boards_for(spinnaker: dict, user: str, groups: list[str] = ()) -> int:
     return max(per_group) if per_group else int(sp["boards"])
 
 
+def max_boards(spinnaker: dict, user: str | None = None, groups: list[str] = ()) -> int:
+    """The most boards a job may ask for (hardware_config.boards): the user's share in session mode (any user's
+    when `user` is None), one otherwise (a lab board, or a virtual one)."""
+    if spinnaker["mode"] != "session":
+        return 1
+    if user is not None:
+        return boards_for(spinnaker, user, groups)
+    sp = spinnaker["spalloc"]
+    return max([int(sp["boards"]), *map(int, sp["boards_per_user"].values()),
+                *map(int, sp["boards_per_group"].values())])
+
+
 class JobBoards:
     """What the runner needs of the deployment's boards: a BoardSession per job, and the start-up reconciliation
     of the rows of jobs a dead runner held."""
@@ -144,4 +156,4 @@ def write_cfg(folder: Path, text: str, gid: int | None) -> Path:
     return folder
 
 
-__all__ = ["CORES_PER_BOARD", "JobBoards", "NoBoard", "boards_for", "holder", "write_cfg"]
+__all__ = ["CORES_PER_BOARD", "JobBoards", "NoBoard", "boards_for", "holder", "max_boards", "write_cfg"]

@@ -29,7 +29,7 @@ from .. import spynnaker_cfg
 from . import archives, fetch, hardware_config, inputs, sessions, uploads
 from ..boards.session import BoardSession
 from .executor import Account, AccountError, Executor
-from .job_boards import CORES_PER_BOARD, JobBoards, NoBoard, boards_for, write_cfg
+from .job_boards import CORES_PER_BOARD, JobBoards, NoBoard, boards_for, max_boards, write_cfg
 from .settings import Settings, spynnaker_versions
 from .store import Job, Store
 
@@ -407,8 +407,9 @@ class Runner:
 
     def _hardware_config(self, job: Job) -> dict:
         try:
+            # (the user's share of boards was checked at submission, with their groups, which are not known here)
             return hardware_config.parse(job.hardware_config, self.s.allowed_keys, self.versions,
-                                         self.s.pip_packages, self.s.wall_time)
+                                         self.s.pip_packages, self.s.wall_time, max_boards(self.s.spinnaker))
         except hardware_config.HardwareConfigError as e:
             raise JobFailed(str(e)) from None
 
