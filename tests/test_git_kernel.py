@@ -632,6 +632,47 @@ def test_interrupted_clone_is_completed_at_next_start(tmp_path, spynnaker_python
     assert imported.stdout.startswith(str(root / "SpiNNMan")), imported.stderr
 
 
+def test_set_ups_of_one_deployment_take_turns(tmp_path, spynnaker_python, wheelhouse, pristine_upstream):
+    """A room logs in at once: with one set-up slot (git_kernel.concurrency: 1, the hub's slot files), set-ups wait
+    for their turn, say so in their status, and each starts its work only once the one before it has finished."""
+    import fcntl
+
+    folder = tmp_path / "slots"
+    folder.mkdir(mode=0o755)
+    (folder / "slot-0").touch(mode=0o644)
+    section = dict(config_section(spynnaker_python, wheelhouse, pristine_upstream,
+                                  repos=[{"name": C_REPO, "python": False}]), slots_dir=str(folder))
+    held = os.open(folder / "slot-0", os.O_RDONLY)  # a set-up of another user is running
+    fcntl.flock(held, fcntl.LOCK_EX)
+    homes, procs = [tmp_path / "home-a", tmp_path / "home-b"], []
+    try:
+        for home in homes:
+            home.mkdir()
+            env = dict(base_env(tmp_path, home), PYTHONPATH=str(REPO / "extensions"))
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "spinnaker_jupyter_ext.gitkernel", "--home", str(home), "--config-json",
+                 json.dumps(section)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
+        wait_for(lambda: all(gitkernel.read_status(h, DIRNAME).get("step") == "queue" for h in homes), 120,
+                 "both set-ups to wait for a turn")
+        assert "waiting for a turn: 1 first set-up of ~/sPyNNakerGit run at a time" in \
+            gitkernel.read_status(homes[0], DIRNAME)["message"]
+        os.close(held)  # that one has finished: these two go one after the other
+        outs = [proc.communicate(timeout=300)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert [proc.returncode for proc in procs] == [0, 0], outs
+    begun, finished = [], []
+    for home in homes:
+        log = (home / DIRNAME / "setup.log").read_text().splitlines()
+        begun.append(next(line[1:26] for line in log if "] setting up ~/" in line))
+        finished.append(gitkernel.read_status(home, DIRNAME)["finished"])
+    first, second = sorted(range(2), key=lambda i: begun[i])
+    assert finished[first] <= begun[second], (begun, finished)
+
+
 # --------------------------------------------------------------------------- gitupdate
 
 @pytest.fixture

@@ -5,7 +5,9 @@ C build order (kernels/spynnaker-git/support/make_order.txt) for the set-up and 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ import pytest
 from spinnaker_jupyter import config, hubconfig
 from spinnaker_jupyter.schema import SCHEMA, defaults
 from spinnaker_jupyter_ext import gitkernel
-from spinnaker_jupyter_ext.gitkernel import GitKernelConfig, MakeStep, RepoSpec, support
+from spinnaker_jupyter_ext.gitkernel import GitKernelConfig, MakeStep, RepoSpec, slots, support
 
 SUPPORT = Path(__file__).resolve().parents[2] / "kernels" / "spynnaker-git" / "support"
 
@@ -28,7 +30,7 @@ def section(**keys) -> dict:
 def test_every_schema_key_is_read_by_the_view_and_nothing_else():
     schema_keys = set(SCHEMA["properties"]["git_kernel"]["properties"])
     view_keys = {f.name for f in dataclasses.fields(GitKernelConfig)}
-    assert view_keys == schema_keys | {"base_env"}  # base_env: the deployment's pinned env, added by the hub
+    assert view_keys == schema_keys | {"base_env", "slots_dir"}  # facts of the deployment, added by the hub
     for key, sub in SCHEMA["properties"]["git_kernel"]["properties"].items():
         assert len(sub.get("description", "")) > 20, f"git_kernel.{key} has no prose description"
 
@@ -110,7 +112,8 @@ def test_a_bad_value_gives_one_clear_line(write_config, keys, words):
 def test_the_hub_sends_the_whole_validated_section(write_config):
     d = config.load([write_config({"git_kernel": {"branch": "main", "repos": ["SpiNNUtils"]}})])
     sent = json.loads(hubconfig.user_server_env(d)[gitkernel.CONFIG_ENV])
-    assert sent == dict(d["git_kernel"], base_env=str(d.envs_dir / "spynnaker"))
+    slots_dir = d.data_dir / "git-kernel-slots"
+    assert sent == dict(d["git_kernel"], base_env=str(d.envs_dir / "spynnaker"), slots_dir=str(slots_dir))
     cfg = GitKernelConfig.from_env({gitkernel.CONFIG_ENV: json.dumps(sent)})
     assert cfg.branch == "main" and [r.name for r in cfg.repos] == ["SpiNNUtils"]
     assert cfg.base_python == d.envs_dir / "spynnaker" / "bin" / "python"
@@ -140,3 +143,40 @@ def test_one_c_build_order_shipped_for_the_set_up_and_automatic_make():
     script = (SUPPORT / "automatic_make.sh").read_text()
     assert "spinnaker_tools spinn_common" not in script and "DIRS=(spinnaker_tools" not in script  # no copy of it
     assert 'done < "$SUPPORT_DIR/make_order.txt"' in script
+
+
+def test_the_hub_makes_one_slot_per_set_up_at_a_time(write_config):
+    def slots_of(concurrency):
+        d = config.load([write_config({"git_kernel": {"concurrency": concurrency}})])
+        folder = hubconfig.git_kernel_slots(d)
+        return folder, sorted(p.name for p in (d.data_dir / "git-kernel-slots").glob("*"))
+
+    folder, names = slots_of(3)
+    assert names == ["slot-0", "slot-1", "slot-2"] and oct(os.stat(folder).st_mode & 0o777) == "0o755"
+    assert all(os.stat(Path(folder) / n).st_mode & 0o777 == 0o644 for n in names)
+    assert slots_of(1)[1] == ["slot-0"]
+    assert len(slots_of(None)[1]) == max(1, len(os.sched_getaffinity(0)) // 2)  # the default: half the cores
+    assert slots_of(0) == (None, [])
+
+
+def test_a_set_up_waits_for_a_free_slot_and_trusts_only_the_hubs(tmp_path):
+    folder = tmp_path / "slots"
+    folder.mkdir(mode=0o755)
+    (folder / "slot-0").touch(mode=0o644)
+    waited, gave_up = [], []
+    held = os.open(folder / "slot-0", os.O_RDONLY)  # another set-up's turn
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with slots.turn(folder, waited.append, max_wait=0.0, on_give_up=lambda: gave_up.append(True)):
+        pass
+    assert waited == [1] and gave_up == [True]
+    os.close(held)
+    waited.clear()
+    with slots.turn(folder, waited.append, max_wait=0.0):
+        other = os.open(folder / "slot-0", os.O_RDONLY)
+        with pytest.raises(BlockingIOError):  # this set-up holds the only slot while it works
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(other)
+    assert waited == []
+    os.chmod(folder, 0o777)  # a folder others can write: its files could be anyone's; no bound then
+    assert slots.slot_files(folder) == []
+    assert slots.slot_files(None) == [] and slots.slot_files(tmp_path / "absent") == []

@@ -3,8 +3,9 @@
 Every key, its default, its meaning and its rules are in the hub's schema (``hub/spinnaker_jupyter/schema.py``,
 section ``git_kernel``); the hub validates the operator's config there and sends the whole section, defaults filled
 in, to each user server as JSON in ``SPINNAKER_GIT_KERNEL_CONFIG`` (``hubconfig.user_server_env``), adding
-``base_env``, the pinned sPyNNaker environment of the deployment. Nothing here has defaults or rules of its own:
-this module only turns that JSON into typed values, so a missing key means a hub and a server of different versions.
+``base_env`` (the deployment's pinned sPyNNaker environment) and ``slots_dir`` (its set-up slots). Nothing here
+has defaults or rules of its own: this module only turns that JSON into typed values, so a missing key means a hub
+and a server of different versions.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from spinnaker_server_contract import ServerContract
 CONFIG_ENV = ServerContract.variable("git_kernel")
 #: the C build order file of support/automatic_make.sh (shipped in kernels/spynnaker-git/support/)
 MAKE_ORDER_FILE = "make_order.txt"
+#: what the hub adds to the section: facts of the deployment, not settings
+FROM_THE_HUB = ("base_env", "slots_dir")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,13 +96,16 @@ class GitKernelConfig:
     build_c: str
     kernel_env: Mapping[str, str]
     launcher: str
+    concurrency: int | None  # used by the hub, which makes the slots below
     #: prefix of the pinned sPyNNaker kernel env the venv is layered on (from the hub, not the schema)
     base_env: str | None = None
+    #: the deployment's set-up slots, one file per set-up that may run at once (from the hub; slots.py)
+    slots_dir: str | None = None
 
     @classmethod
     def from_section(cls, section: Mapping[str, Any]) -> GitKernelConfig:
         """The view of a validated section (keys the schema does not know are not expected and not read)."""
-        wanted = [f.name for f in dataclasses.fields(cls) if f.name != "base_env"]
+        wanted = [f.name for f in dataclasses.fields(cls) if f.name not in FROM_THE_HUB]
         missing = [k for k in wanted if k not in section]
         if missing:
             raise ValueError(
@@ -114,6 +120,7 @@ class GitKernelConfig:
             make_order=None if kw["make_order"] is None else tuple(map(MakeStep.parse, kw["make_order"])),
             kernel_env={str(k): str(v) for k, v in dict(kw["kernel_env"]).items()},
             base_env=section.get("base_env"),
+            slots_dir=section.get("slots_dir"),
         )
         return cls(**kw)
 

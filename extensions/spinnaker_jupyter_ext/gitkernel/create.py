@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
-from . import clones, environment, support
+from . import clones, environment, slots, support
 from .config import GitKernelConfig
 from .runner import PipArgs, Runner
 from .state import (
@@ -97,20 +98,17 @@ def ensure_git_kernel(
         def save_state() -> None:
             atomic_write(root / STATE_FILE, json.dumps(state, indent=1) + "\n")
 
+        def wait(n: int) -> None:
+            status.say(f"waiting for a turn: {n} first set-up{'s' if n > 1 else ''} of ~/{cfg.directory} run at a "
+                       f"time on this machine", "queue")
+
+        def give_up() -> None:
+            status.warn("no set-up turn came free in 30 minutes: going ahead without one")
+
         try:
-            status.say(f"setting up ~/{cfg.directory} (the {cfg.display_name} kernel) in {root}", "start")
-            python = environment.ensure_venv(root, cfg.base_python, runner, status, state, save_state)
-            for i, spec in enumerate(specs, 1):
-                clones.ensure_clone(root, spec, cfg.base_url, cfg.branch, cfg.clone_args, runner, status, i, len(specs))
-            commits = clones.commits(root, specs, runner)
-            status.data["commits"] = commits
-            pip = PipArgs(python, cfg.wheelhouse, cfg.pip_cache_dir, cfg.offline)
-            environment.ensure_installed(root, [s for s in specs if s.python], pip, runner, status, state, save_state)
-            environment.ensure_dependencies(root, python, cfg.extra_packages, pip, runner, status)
-            support.install_support(root, specs, support.make_steps(cfg.make_order), status, state, save_state)
-            support.register_kernel(kdir, root, cfg.display_name, cfg.kernel_env, cfg.launcher, runner, status)
-            if cfg.build_c != "never":
-                support.build_c(root, cfg.build_c, sub_env, runner, status)
+            with slots.turn(cfg.slots_dir, wait, on_give_up=give_up):
+                status.say(f"setting up ~/{cfg.directory} (the {cfg.display_name} kernel) in {root}", "start")
+                commits = _steps(cfg, root, kdir, runner, status, state, save_state, sub_env)
         except SetupError as exc:
             status.finish("failed", str(exc))
             raise
@@ -122,3 +120,22 @@ def ensure_git_kernel(
         )
         status.finish("done")
         return SetupResult("done", root, kdir, commits, list(status.data["warnings"]), time.monotonic() - t0, True)
+
+
+def _steps(cfg: GitKernelConfig, root: Path, kdir: Path, runner: Runner, status: Status, state: dict[str, Any],
+           save_state: Callable[[], None], sub_env: Mapping[str, str]) -> dict[str, str]:
+    """The set-up's steps in order; each skips what is already in place. Returns the clones' commits."""
+    specs = list(cfg.repos)
+    python = environment.ensure_venv(root, cfg.base_python, runner, status, state, save_state)
+    for i, spec in enumerate(specs, 1):
+        clones.ensure_clone(root, spec, cfg.base_url, cfg.branch, cfg.clone_args, runner, status, i, len(specs))
+    commits = clones.commits(root, specs, runner)
+    status.data["commits"] = commits
+    pip = PipArgs(python, cfg.wheelhouse, cfg.pip_cache_dir, cfg.offline)
+    environment.ensure_installed(root, [s for s in specs if s.python], pip, runner, status, state, save_state)
+    environment.ensure_dependencies(root, python, cfg.extra_packages, pip, runner, status)
+    support.install_support(root, specs, support.make_steps(cfg.make_order), status, state, save_state)
+    support.register_kernel(kdir, root, cfg.display_name, cfg.kernel_env, cfg.launcher, runner, status)
+    if cfg.build_c != "never":
+        support.build_c(root, cfg.build_c, sub_env, runner, status)
+    return commits
