@@ -8,7 +8,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from .config import PROJECT_ROOT, Deployment
+from spinnaker_server_contract import ServerContract, jupyter_server_config
+
+from .config import PROJECT_ROOT, ConfigError, Deployment
 from .kernels import make_world_readable
 
 
@@ -29,25 +31,12 @@ def chp_command(d: Deployment) -> list[str]:
 
 
 def write_server_config(d: Deployment) -> Path:
-    """Jupyter server settings every user server loads (JUPYTER_CONFIG_PATH): the project's extension, and no
-    proxying to other hosts (the extension also limits local ports)."""
+    """The Jupyter server settings every local user server loads (JUPYTER_CONFIG_PATH); the single-user image
+    writes its own with the same function (spinnaker_server_contract.jupyter_server_config)."""
     conf_dir = d.data_dir / "etc" / "jupyter"
     conf_dir.mkdir(parents=True, exist_ok=True)
-    settings = {
-        # jupyter_lsp off: no language server is installed for users, and it scans for 19 of them at every start.
-        "ServerApp": {"jpserver_extensions": {"spinnaker_jupyter_ext": True, "jupyter_server_proxy": True,
-                                              "jupyter_lsp": False}},
-        "ServerProxy": {"host_allowlist": ["localhost", "127.0.0.1"]},
-        # JupyterLab fetches no news and no update check from the internet (each browser asks its server, which
-        # asks jupyterlab.github.io / PyPI), and its extension manager does not query PyPI: nobody here installs.
-        "LabApp": {"news_url": None, "check_for_updates_class": "jupyterlab.NeverCheckForUpdate",
-                   "extension_manager": "readonly"},
-        # Kernels on unix sockets in a private folder (the extension picks it), never on TCP ports that any local
-        # account could subscribe to. images/singleuser/jupyter_server_config.json says the same for containers.
-        "KernelManager": {"transport": "ipc"},
-    }
     path = conf_dir / "jupyter_server_config.json"
-    path.write_text(json.dumps(settings, indent=1))
+    path.write_text(json.dumps(jupyter_server_config(), indent=1))
     make_world_readable(d.data_dir / "etc")  # every user account's server reads it
     return conf_dir
 
@@ -73,41 +62,30 @@ def git_kernel_slots(d: Deployment) -> str | None:
 
 
 def user_server_env(d: Deployment, in_container: bool = False) -> dict[str, str]:
-    """What every user server (and so every kernel and terminal) is told about the deployment. A container gets
-    only what is portable: the image has its own paths, and the machine cfg travels as text."""
-    nrp, git = d["nrp"], d["git_kernel"]
-    env = {
-        "SPINNAKER_PROXY_PORTS": ",".join(str(p) for p in d["proxy_ports"]),
-        "SPINNAKER_NRP_PORT": str(nrp["port"]),
-        "SPINNAKER_NRP_START_TIMEOUT": str(nrp["start_timeout"]),
-    }
-    if nrp["command"]:
-        env["SPINNAKER_NRP_COMMAND"] = json.dumps(nrp["command"])
-    if in_container:  # the machine cfg travels as text (boards.BoardsMixin.get_env)
+    """What every user server (and so every kernel and terminal) is told about the deployment: Jupyter's paths and
+    the server contract (spinnaker_server_contract.py). A container gets only what is portable: the image has its
+    own paths, and the machine cfg travels as text (boards: BoardSession.env)."""
+    nrp, git, drive = d["nrp"], d["git_kernel"], d["drive"]
+    if drive["enabled"] and d["auth"]["type"] != "ebrains":  # the server mounts the Drive itself (extension drive.py)
+        raise ConfigError("drive.enabled: the Drive is reached with each user's EBRAINS login; set auth.type: "
+                          "ebrains, or drive.enabled: false")
+    env, paths = {}, {}
+    if in_container:
         from .docker import IMAGE_ENV_ROOT  # here, not at the top: dockerspawner's import costs seconds per command
 
-        envs_dir = Path(IMAGE_ENV_ROOT)
+        base_env, git_slots = str(Path(IMAGE_ENV_ROOT) / "spynnaker"), None
     else:
-        env.update({
-            "JUPYTER_PATH": str(d.share_dir),
-            "JUPYTER_CONFIG_PATH": str(write_server_config(d)),
-            "SPINNAKER_CFG_DIR": str(d.spynnaker_cfg_dir),
-            "SPINNAKER_TUTORIALS_DIR": str(d.tutorials_dir),
-            "SPINNAKER_GIT_SUPPORT_DIR": str(PROJECT_ROOT / "kernels" / "spynnaker-git" / "support"),
-        })
-        envs_dir = d.envs_dir
-    if git["enabled"]:  # the whole validated section (the server has no defaults of its own), the pinned env, the slots
-        slots = None if in_container else git_kernel_slots(d)
-        section = dict(git, base_env=str(envs_dir / "spynnaker"), slots_dir=slots)
-        env["SPINNAKER_GIT_KERNEL_CONFIG"] = json.dumps(section)
-    if d["drive"]["enabled"]:  # the server mounts the user's EBRAINS Drive itself (spinnaker_jupyter_ext/drive.py)
-        if d["auth"]["type"] != "ebrains":
-            from .config import ConfigError
-
-            raise ConfigError("drive.enabled: the Drive is reached with each user's EBRAINS login; set auth.type: "
-                              "ebrains, or drive.enabled: false")
-        env["SPINNAKER_DRIVE"] = json.dumps({k: v for k, v in d["drive"].items() if k != "enabled"})
-    return env
+        env = {"JUPYTER_PATH": str(d.share_dir), "JUPYTER_CONFIG_PATH": str(write_server_config(d))}
+        paths = {"cfg_dir": str(d.spynnaker_cfg_dir), "tutorials_dir": str(d.tutorials_dir),
+                 "git_support_dir": str(PROJECT_ROOT / "kernels" / "spynnaker-git" / "support")}
+        base_env, git_slots = str(d.envs_dir / "spynnaker"), git_kernel_slots(d) if git["enabled"] else None
+    # git_kernel: the whole validated section (the server has no defaults of its own), the pinned env, the slots
+    contract = ServerContract(
+        proxy_ports=d["proxy_ports"], nrp_port=nrp["port"], nrp_start_timeout=nrp["start_timeout"],
+        nrp_command=nrp["command"],
+        git_kernel=dict(git, base_env=base_env, slots_dir=git_slots) if git["enabled"] else None,
+        drive={k: v for k, v in drive.items() if k != "enabled"} if drive["enabled"] else None, **paths)
+    return {**env, **contract.to_env()}
 
 
 def apply(c, d: Deployment) -> None:
