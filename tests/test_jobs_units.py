@@ -232,3 +232,62 @@ def test_job_sessions_are_trusted_only_from_a_private_folder(tmp_path):
         for p in (job, other):
             p.kill()
             p.wait()
+
+
+@pytest.mark.parametrize("on_timeout", ["fail", "virtual"])
+def test_no_board_in_time_follows_on_timeout(tmp_path, envs_dir, on_timeout, monkeypatch):
+    """The one board is taken: a job's claim ends after claim_timeout, and spinnaker.on_timeout decides, as for a
+    server: `fail` ends the job with the reason, `virtual` runs it on a virtual board and says why. Its queued claim
+    is withdrawn either way."""
+    import asyncio
+    import json
+
+    from doubles.spalloc_server import SpallocDouble
+    from spinnaker_jupyter.config import load
+    from spinnaker_jupyter.jobs.executor import LocalExecutor
+    from spinnaker_jupyter.jobs.job_boards import JobBoards
+    from spinnaker_jupyter.jobs.runner import Runner
+    from spinnaker_jupyter.jobs.settings import Settings
+    from spinnaker_jupyter.spalloc import SpallocAllocator
+
+    monkeypatch.setenv("SPALLOC_TOKEN", "t")
+    double = SpallocDouble(boards=1, tokens={"t": "hub"}, admins=["hub"], power_delay=0.05).start()
+    try:
+        (tmp_path / "c.yaml").write_text(json.dumps({
+            "data_dir": str(tmp_path / "data"), "kernels": {"envs_dir": str(envs_dir)}, "jobs": {"enabled": True},
+            "spinnaker": {"mode": "session", "claim_timeout": 2, "on_timeout": on_timeout,
+                          "spalloc": {"url": double.url, "keepalive_interval": 30}}}))
+        d = load([tmp_path / "c.yaml"])
+        s = Settings.from_deployment(d)
+        s.data.mkdir(parents=True)
+        store = Store(f"sqlite:///{s.data / 'jobs.sqlite'}")
+        boards = JobBoards(d["spinnaker"], tmp_path / "leases.sqlite", lambda: "t")
+        runner = Runner(store, LocalExecutor(tmp_path / "homes", False, "jupyter-"), s, boards)
+        store.create("alice", {"collab": "private-alice", "code": "print('ran')", "command": "run.py",
+                               "hardware_platform": "SpiNNaker"})
+
+        async def scenario():
+            other = SpallocAllocator(url=double.url, token="t", keepalive_interval=30)
+            taken = await other.claim("someone", n_boards=1)  # the one board, kept alive meanwhile
+            try:
+                await runner.run(store.claim_next(runner.id))
+            finally:
+                await taken.release("test over")
+                await other.close()
+                await boards.close()
+
+        asyncio.run(asyncio.wait_for(scenario(), 60))
+        job = store.get(1)
+        log = (s.logs / "1.log").read_text()
+        assert "you are in the queue" in log, log
+        if on_timeout == "fail":
+            assert job.status == "error" and "No SpiNNaker board for " in log and "\nran\n" not in log, log
+            assert "no SpiNNaker board became free within 2 s" in log
+        else:
+            assert job.status == "finished" and "\nran\n" in log, log
+            assert "This job runs on a VIRTUAL SpiNNaker board (no board came, see above)" in log
+            assert json.loads(job.provenance)["virtual_board"] is True and job.resource_usage == 0.0
+        assert [j["state"] for j in double.jobs() if j["owner"] == "alice"] == ["DESTROYED"]
+        store.engine.dispose()
+    finally:
+        double.stop()
