@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .hubconfig import system_users_enabled
+
 CPU_PERIOD = 100_000  # microseconds
 RLIMIT_NICE = 10  # without a cgroup, user servers yield the CPU to the hub
 
@@ -291,8 +293,6 @@ def preexec(cgroup_dirs: list[Path], limits: Limits, own_account: bool = True):
 def describe_deployment(d, prune: bool = False) -> str:
     """`prune`: the hub at start-up also removes cgroups of servers that no longer run."""
     sp = d["spawner"]
-    from .hubconfig import system_users_enabled
-
     if prune:
         with contextlib.suppress(RuntimeError):
             tree, _ = choose(sp["local"]["limits"], str(d.homes_dir))

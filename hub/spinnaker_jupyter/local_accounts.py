@@ -9,6 +9,7 @@ Logins cost the same whether the name exists or not, and failures back off per n
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import functools
@@ -249,6 +250,4 @@ class LocalAccountsAuthenticator(Authenticator):
 
 
 async def _in_thread(fn, *args):
-    import asyncio
-
     return await asyncio.get_running_loop().run_in_executor(None, fn, *args)

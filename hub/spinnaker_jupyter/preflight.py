@@ -11,8 +11,10 @@ import grp
 import json
 import os
 import pwd
+import signal
 import socket
 import stat
+import time
 from pathlib import Path
 
 from .config import ConfigError, Deployment
@@ -307,9 +309,6 @@ def _cmdline(pid: int) -> str:
 
 def end_previous_hub_leftovers(d: Deployment, say, grace: float = 10.0) -> None:
     """Refuse while this deployment's hub runs; end what a crashed one left (its proxy, services), saying so."""
-    import signal
-    import time
-
     hub_pid, left = previous_hub_processes(d)
     if hub_pid is not None:
         raise ConfigError(f"the hub of this deployment is already running (pid {hub_pid}, {d.hub_dir}). Stop it "

@@ -13,6 +13,7 @@ import stat
 from pathlib import Path
 
 from .config import ConfigError, Deployment
+from .preflight import trusted
 
 
 
@@ -41,8 +42,6 @@ def _pem(path: Path, key: str, marker: str, what: str) -> None:
 
 def check(d: Deployment) -> None:
     """Both files or neither; PEM; nothing another account could have written; the key readable by no one else."""
-    from .preflight import trusted
-
     tls = d["hub"]["tls"]
     if bool(tls["cert_file"]) != bool(tls["key_file"]):
         given, missing = ("cert_file", "key_file") if tls["cert_file"] else ("key_file", "cert_file")

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
+from ..usernames import username_from_claims
+
 log = logging.getLogger("spinnaker_jupyter.jobs")
 
 
@@ -145,8 +147,6 @@ class TokenChecker:
                         admin=bool(model.get("admin")), source="hub")
 
     async def _from_ebrains(self, token: str) -> Identity | None:
-        from ..usernames import username_from_claims
-
         eb = self.ebrains
         code, info = await self._get(eb["userinfo_url"], f"Bearer {token}")
         if code in (401, 403):

@@ -9,6 +9,7 @@ at the next start otherwise; its old processes are stopped first. So a job may r
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import mimetypes
@@ -609,8 +610,6 @@ class HeldBoard:
 
 
 def _describe(root: Path, rel: str) -> dict:
-    import hashlib
-
     h = hashlib.sha256((root / rel).read_bytes()).hexdigest()
     return {"path": rel, "size": (root / rel).stat().st_size, "hash": h}
 
