@@ -220,6 +220,8 @@ def test_session_claims_a_board_and_its_kernels_see_only_that_cfg(session_hub, u
     assert [(b["user"], b["board"]) for b in listing] == [("alice", FIRST_IP)]
     r = session_hub.cli("boards", "--live")
     assert r.returncode == 0 and "alice" in r.stdout and FIRST_IP in r.stdout and "READY" in r.stdout, r
+    # (read through the running hub, which alone knows that it keeps the job alive)
+    assert "read from the running hub (its REST API)" in r.stdout and "keepalive running" in r.stdout, r.stdout
     # ... and nobody else reads her server's boards.
     assert users["bob"].api("GET", "/spinnaker/boards/alice/").status_code in (403, 404)
 
@@ -289,6 +291,10 @@ def test_hub_down_longer_than_the_keepalive_loses_the_job_and_the_next_start_cla
     alice.start_server()
     [job] = [j for j in jobs_of(double, "alice") if j["state"] == "READY"]
     session_hub.stop()
+    # With the hub down the operator's command reads the hub's database, and says so.
+    r = session_hub.cli("boards")
+    assert r.returncode == 0 and "read from the hub's database (the hub is not running)" in r.stdout, r
+    assert f"board {FIRST_IP}" in r.stdout and f"job {job['id']}" in r.stdout, r.stdout
     double.advance_clock(KEEPALIVE + 1)  # the hub stays away for longer than the keepalive interval
     assert double.job(job["id"])["state"] == "DESTROYED" and double.job(job["id"])["reason"] == "keepalive expired"
     session_hub.start()

@@ -341,3 +341,16 @@ def test_virtual_mode_claims_nothing():
         s.env()["SPINNAKER_MODE"] == "virtual"
         and machine_section(s.env()["SPINNAKER_MACHINE_CFG"])["virtual_board"] == "True"
     )
+
+
+def test_a_batch_job_is_told_about_its_job_not_a_server(monkeypatch):
+    monkeypatch.setattr("spinnaker_jupyter.boards.lock._LOCKS", {})
+    sp = settings("machine", claim_timeout=0.3, on_timeout="fail")
+
+    async def scenario():
+        await Holder().session(sp, None, None, owner="erin").claim()
+        job = BoardSession(sp, owner="frank", name="job 17", holder="job:17", noun="job")
+        with pytest.raises(NoBoard, match="No SpiNNaker board for your job: .* free again when that job ends"):
+            await job.claim()
+
+    run(scenario())

@@ -11,6 +11,9 @@ A holder is a user server (`mixin.BoardsMixin` adapts this to a JupyterHub spawn
 When no board comes, ``on_timeout`` decides: ``virtual`` gives a virtual-mode record with a notice, ``fail`` raises
 `NoBoard`. Every step is said through ``say(percent, message)``; every change worth storing at once (a lost job)
 through ``on_change()``.
+
+(Somewhat over 400 lines: one class, because the claim, resume and release paths share the cancellation and
+"stopping" rules and are only safe read together.)
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ class BoardSession:
 
     `settings` is the deployment's validated ``spinnaker:`` section (with its defaults). `owner` is the user the
     boards are claimed for (the spalloc job's owner); `name` tells this holder from the owner's others (a server
-    name, a job id); `holder` labels its lease row (default ``owner/name``).
+    name, a job id); `holder` labels its lease row (default ``owner/name``); `noun` names the holder in what its
+    user is told ("server", "job").
     """
 
     def __init__(
@@ -67,11 +71,13 @@ class BoardSession:
         on_change: Callable[[], Any] | None = None,
         log: logging.Logger | logging.LoggerAdapter | None = None,
         label: str | None = None,
+        noun: str = "server",
     ) -> None:
         self.settings = settings
         self.owner, self.name = owner, name
         self.holder = holder or f"{owner}/{name}"
         self.label = label or self.holder  # how log lines name the holder
+        self.noun = noun
         self.record = record
         self.cfg: str | None = None  # the sPyNNaker cfg text of what was claimed (None: the deployment's)
         self.allocation: Allocation | None = None  # the live keepalive of the job (session mode)
@@ -120,6 +126,10 @@ class BoardSession:
     def holds(self) -> bool:
         """Something to give back: a live job, the lab board, or a claim still waiting."""
         return bool(self.record and self.record.holds) or self.claiming
+
+    @property
+    def _ends(self) -> str:
+        return "server stops" if self.noun == "server" else f"{self.noun} ends"
 
     @property
     def claiming(self) -> bool:
@@ -193,7 +203,7 @@ class BoardSession:
             record.released = True  # a claim that fails destroys its own job
             return self._no_board(failed)
         if self.stopping:  # released while waiting (e.g. start timeout): the claim came too late
-            await allocation.release("user server stopped before its boards were ready")
+            await allocation.release(f"user {self.noun} stopped before its boards were ready")
             self._forget_lease(allocation.job_url)
             record.released = True
             raise asyncio.CancelledError()
@@ -228,24 +238,24 @@ class BoardSession:
                 waited = f" within {words(sp['claim_timeout'])}" if sp["claim_timeout"] else ""
                 return self._no_board(
                     f"the lab's board {name} did not become free{waited}: it is in use by "
-                    f"{holder}, and is free again when that server stops"
+                    f"{holder}, and is free again when that {self._ends}"
                 )
         if self.stopping:
             lock.release(self.who)
             raise asyncio.CancelledError()
-        self._say(5, f"The lab's SpiNNaker board {name} is yours until your server stops")
+        self._say(5, f"The lab's SpiNNaker board {name} is yours until your {self._ends}")
         self.record = BoardRecord(mode="machine", board=name, version=sp["version"], held=True, claimed_at=now_iso())
         self.cfg = self.deployment_cfg("machine")
 
     def _no_board(self, reason: str) -> None:
         if self.settings["on_timeout"] == "fail":
             raise NoBoard(
-                f"No SpiNNaker board for your server: {reason}. This service starts servers only "
+                f"No SpiNNaker board for your {self.noun}: {reason}. This service starts {self.noun}s only "
                 f"with a board; try again later."
             )
         notice = (
             f"No SpiNNaker board for this session: {reason}. It runs in virtual mode: run() maps and loads "
-            f"your network but recorded data come back empty. Restart your server later to try again for a "
+            f"your network but recorded data come back empty. Restart your {self.noun} later to try again for a "
             f"board."
         )
         self._say(None, notice)
@@ -327,11 +337,12 @@ class BoardSession:
         r.lost, r.lost_at, r.state = reason, now_iso(), JobState.DESTROYED.value
         self.allocation = None
         self.log.warning(
-            "%s: the SpiNNaker allocation service ended job %s: %s. The server keeps running "
+            "%s: the SpiNNaker allocation service ended job %s: %s. The %s keeps running "
             "without its board until it is restarted.",
             self.label,
             r.job_id,
             reason,
+            self.noun,
         )
         self._changed()
 
