@@ -12,10 +12,6 @@ from ..words import duration as words
 SAY_EVERY = 30.0
 
 
-def now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
 class BoardLock:
     """One lab board, one holder (a user server) at a time, in the hub process. Holders are re-registered from
     spawner state after a hub restart (`load_state`)."""
@@ -37,7 +33,7 @@ class BoardLock:
         if self.holder == who:
             self.holder = self.since = None
 
-    def holderwords(self, me: str) -> str:
+    def holder_words(self, me: str) -> str:
         if self.holder is None:
             return "nobody"
         user, server = self.holder
@@ -53,7 +49,7 @@ class BoardLock:
             if waited >= timeout:
                 return False
             if self.holder != said_holder or waited - said_at >= SAY_EVERY:
-                holder = self.holderwords(who[0])
+                holder = self.holder_words(who[0])
                 owner = "they stop it" if not holder.startswith("your") else "you stop it"
                 say(f"The lab's SpiNNaker board {self.name} is in use by {holder}; you get it when {owner} "
                     f"(waiting up to {words(timeout)}{f', {words(waited)} so far' if waited >= 1 else ''}).")
