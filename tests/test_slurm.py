@@ -259,12 +259,18 @@ def test_a_third_session_waits_for_a_board_licence_and_starts_when_one_is_given_
         progress = pool.submit(users["gina"].progress_messages, timeout=180)
         wait_for(lambda: "reason Licenses" in hub.log(), 60, "gina's server to wait for a board licence")
         assert not (users["gina"].server_model() or {}).get("ready")
+        # Waiting in the Slurm queue, her server holds no board (3 at the service, 2 licences): claimed once it runs.
+        assert not [j for j in double.jobs() if j["owner"] == "gina"], double.jobs()
         users["erin"].stop_server()
         messages = progress.result(timeout=180)
     assert "Your server is waiting in the Slurm queue: position 1, reason Licenses (all SpiNNaker boards are in use; " \
            "you start when one is given back)" in messages, messages
     assert users["gina"].server_model()["ready"] and licences_used(slurm) == 2
     assert [j["state"] for j in double.jobs() if j["owner"] == "erin"] == ["DESTROYED"]
+    [board] = [j for j in double.jobs() if j["owner"] == "gina"]
+    kernel = users["gina"].start_kernel("python3")
+    out = users["gina"].execute(kernel, "import os; print(os.environ.get('SPINNAKER_BOARD_JOB'))")
+    assert out["stdout"].strip() == str(board["id"]), out  # the board claimed after the start reached the server
 
 
 def test_a_hub_restart_keeps_slurm_servers_and_resumes_their_keepalive(boards_hub, slurm):
