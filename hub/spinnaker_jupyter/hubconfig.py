@@ -322,6 +322,8 @@ def update_docker(c, d: Deployment) -> None:
     s.notebook_dir = "/home/jovyan"
     s.cmd = ["jupyterhub-singleuser"]
     s.extra_create_kwargs = {"labels": dict(dk["labels"])}
+    if d["spawner"]["process_limit"]:  # the container's cgroup: a fork bomb in it cannot take other users' PIDs
+        s.extra_host_config = {"pids_limit": d["spawner"]["process_limit"]}
     if d["drive"]["enabled"]:  # a Drive helper container beside each user's (drive_helper.py)
         s.drive_image, s.drive_dir = dk["drive_image"], dk["drive_dir"]
     s.network_name = dk["network"]

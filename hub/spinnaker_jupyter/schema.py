@@ -204,8 +204,9 @@ SCHEMA: dict = _obj({
         "mem_limit": _str(None, "Memory per user server, e.g. 4G: containers, and local servers (the whole server "
                           "in a cgroup, else each process).", pattern=r"^[0-9]+[KMGT]?$"),
         "process_limit": {"type": ["integer", "null"], "default": 1024, "minimum": 16,
-                          "description": "Processes and threads per local user server (per account with rlimits), "
-                                         "so that a fork bomb cannot take the PIDs the hub needs; null: no limit."},
+                          "description": "Processes and threads per user server: a local server's (per account with "
+                                         "rlimits), and a container's (its pids limit), so that a fork bomb cannot "
+                                         "take the PIDs the hub or other users' servers need; null: no limit."},
         "default_url": _str("/lab", "Page a user lands on."),
         "poll_interval": _int(30, "Seconds between the hub's checks that each user server still runs (a "
                               "server found gone gives its SpiNNaker boards back).", minimum=1),
