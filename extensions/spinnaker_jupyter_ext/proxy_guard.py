@@ -12,8 +12,7 @@ from __future__ import annotations
 from jupyter_server.base.handlers import JupyterHandler
 from jupyter_server.utils import url_path_join
 from tornado import web
-from tornado.routing import HostMatches, PathMatches, Rule
-from tornado.web import _ApplicationRouter
+from tornado.routing import PathMatches, Rule
 
 from . import proxy_upstream
 from .listeners import listener_uid, recent_owner  # noqa: F401 - listener_uid: tests/test_hub.py
@@ -87,7 +86,7 @@ class RefusedProxyHandler(JupyterHandler):
 
     async def prepare(self):
         await super().prepare()  # jupyter_server authenticates here (and may redirect to the login)
-        if self._finished:
+        if proxy_upstream.finished(self):  # jupyter_server redirected to the login
             return
         if not self.current_user:
             raise web.HTTPError(403, "Log in to reach this server's proxy.")
@@ -114,6 +113,5 @@ def install_proxy_guard(web_app, allowed_ports: set[int], nrp_port: int, nrp_ins
         (url_path_join(base, r"/nrp(?:/.*)?$"), lambda: nrp_verdict(nrp_port if nrp_tcp else None)),
     ]
     rules = [Rule(RefusedRoute(pattern, decide), RefusedProxyHandler, {"decide": decide}) for pattern, decide in routes]
-    # First rule of the application: checked before jupyter-server-proxy's own routes.
-    web_app.default_router.rules.insert(0, Rule(HostMatches(".*"), _ApplicationRouter(web_app, rules)))
+    proxy_upstream.insert_first_rules(web_app, rules)  # checked before jupyter-server-proxy's own routes
     return proxy_upstream.install()

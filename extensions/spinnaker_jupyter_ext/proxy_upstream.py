@@ -1,4 +1,5 @@
-"""The one place this project reaches into jupyter-server-proxy's internals: checked against 4.6.0 only.
+"""The one place the extension reaches into upstream internals: jupyter-server-proxy's (checked against 4.6.0 only)
+and tornado's (at the end: checked against tornado 6.6.1, as installed with jupyter_server 2.21.1).
 
 jupyter-server-proxy has no setting that limits which local listener a route may reach, nor one that keeps the
 user's credentials from being forwarded (it copies the browser's request as it came). Every route to a local port -
@@ -130,3 +131,25 @@ def install() -> str | None:
 def installed() -> bool:
     return _installed == ""
 
+
+# --- tornado 6.6.1 (not pinned itself: the version jupyter_server 2.21.1 brings; tests/unit/test_upstream.py) -------
+TORNADO_CHECKED = "6.6.1"
+
+
+def insert_first_rules(web_app, rules: list) -> None:
+    """Put `rules` ahead of every route the application has (jupyter-server-proxy's included).
+
+    tornado's public `Application.add_handlers` puts new rules after every rule added before them (just ahead of the
+    final wildcard rule), so behind jupyter_server's and jupyter-server-proxy's; this inserts at the front of the
+    default router instead, wrapping the rules as add_handlers does, in tornado's private
+    `tornado.web._ApplicationRouter`."""
+    from tornado.routing import HostMatches, Rule
+    from tornado.web import _ApplicationRouter
+
+    web_app.default_router.rules.insert(0, Rule(HostMatches(".*"), _ApplicationRouter(web_app, rules)))
+
+
+def finished(handler) -> bool:
+    """Whether the handler's response is already finished (e.g. jupyter_server's `prepare` redirected to the login):
+    tornado's private `RequestHandler._finished`, which has no public reader."""
+    return handler._finished

@@ -202,13 +202,11 @@ def reconcile_auth_state_hook(authenticator: Any, authenticated: Mapping[str, An
 
 
 def _auth_model(authenticator: Any, token_info: Mapping[str, Any]) -> Awaitable[dict]:
-    """The auth model a login with ``token_info`` would give (userinfo with its access token).
+    """The auth model a login with ``token_info`` would give (userinfo with its access token): oauthenticator's
+    private API, fenced in upstream.py (upstream.token_to_auth_model)."""
+    from .upstream import token_to_auth_model
 
-    oauthenticator's private ``OAuthenticator._token_to_auth_model(token_info)``, checked against
-    oauthenticator 17.4.0 (test_oauthenticator_private_api_is_as_checked fails if it changes); the
-    one private upstream API this module uses, only here.
-    """
-    return authenticator._token_to_auth_model(token_info)
+    return token_to_auth_model(authenticator, token_info)
 
 
 class RefreshRefused(Exception):

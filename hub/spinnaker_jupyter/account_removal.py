@@ -124,20 +124,13 @@ def _remove_in_hub(d: Deployment, name: str, timeout: float) -> str:
 
 
 def _remove_in_db(d: Deployment, name: str) -> str:
-    from jupyterhub import orm
+    from .upstream import delete_hub_user  # JupyterHub's database, with the hub down: fenced there
 
     if d.db_url.startswith("sqlite:///") and not Path(d.db_url[len("sqlite:///"):]).exists():
         return "they had no hub user (the hub has never run)"
-    db = orm.new_session_factory(d.db_url)()
-    try:
-        user = db.query(orm.User).filter_by(name=name).first()
-        if user is None:
-            return "they had no hub user (never logged in)"
-        pids = [s.state.get("pid") for s in user._orm_spawners if s.state and s.state.get("pid")]
-        db.delete(user)  # tokens, OAuth codes and spawners go with the user (database cascades)
-        db.commit()
-    finally:
-        db.close()
+    pids = delete_hub_user(d.db_url, name)  # tokens, OAuth codes and spawners go with the user
+    if pids is None:
+        return "they had no hub user (never logged in)"
     for pid in pids:  # servers left running by a hub stopped with stop_servers_on_exit: false
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGTERM)

@@ -231,13 +231,11 @@ def cmd_volumes(args) -> int:
         raise ConfigError("`volumes remove` needs the user's NAME")
     import docker
 
-    from dockerspawner import DockerSpawner
-
-    escaped = DockerSpawner._escape(args.name)  # DockerSpawner's own escaping: the name of the mounted volume
+    volume = dockermod.home_volume_name(d, args.name)  # as the hub's spawner names it (its configured `escape`)
     try:
-        print(f"Removed {dockermod.remove_home_volume(dk, escaped)}: {args.name}'s files are gone.")
+        print(f"Removed {dockermod.remove_home_volume(dk, volume)}: {args.name}'s files are gone.")
     except docker.errors.NotFound:
-        raise ConfigError(f"no home volume for {args.name} ({dk['volume_prefix']}{escaped})") from None
+        raise ConfigError(f"no home volume for {args.name} ({volume})") from None
     except docker.errors.APIError as e:
         raise ConfigError(f"could not remove {args.name}'s volume: {e.explanation} (stop their server first)") \
             from None

@@ -26,6 +26,7 @@ import urllib.request
 from pathlib import Path
 
 from .config import ConfigError, Deployment, write_secret
+from .upstream import add_hub_handlers, start_error
 
 SERVICE = "course-manager"
 SCOPES = ["admin:servers", "list:users", "read:users", "read:groups"]
@@ -37,7 +38,7 @@ def token_path(d: Deployment) -> Path:
 
 def configure(c, d: Deployment) -> tuple[dict, dict]:
     """The endpoints, and the service (with its role) whose token `course start` uses."""
-    c.JupyterHub.extra_handlers.extend(_handlers())
+    add_hub_handlers(c, _handlers())  # deprecated JupyterHub.extra_handlers, and why: upstream.py
     path = token_path(d)
     if not path.exists():
         write_secret(path, secrets.token_hex(32))
@@ -59,9 +60,8 @@ def server_state(user) -> dict:
         return {"user": user.name, "state": "starting", "message": events[-1]["message"] if events else ""}
     if spawner.pending:
         return {"user": user.name, "state": spawner.pending}
-    future = spawner._spawn_future
-    if future is not None and future.done() and not future.cancelled() and future.exception():
-        e = future.exception()
+    e = start_error(spawner)
+    if e is not None:
         return {"user": user.name, "state": "failed",
                 "message": getattr(e, "jupyterhub_message", None) or getattr(e, "log_message", None) or str(e)}
     return {"user": user.name, "state": "stopped"}

@@ -97,8 +97,26 @@ def home_volumes(dk: dict) -> list[str]:
     return sorted(v.name for v in engine(dk).volumes.list() if v.name.startswith(dk["volume_prefix"]))
 
 
-def remove_home_volume(dk: dict, escaped_username: str) -> str:
-    """Admin action: delete a user's home volume (refused while a container uses it)."""
-    name = dk["volume_prefix"] + escaped_username
+def home_volume_name(d, user_name: str) -> str:
+    """The name of a user's home volume as the hub's spawner makes it: `volume_prefix` + the user's name escaped by
+    the spawner's `escape` as configured. `escape` is no deployment-config key: an operator sets it (a function, or
+    'legacy' for volumes made before DockerSpawner 12) in jupyterhub_config.d, so those files are read as the hub
+    reads them (after the same checks), with the spawner class they may set."""
+    from traitlets import import_item
+    from traitlets.config import Config
+
+    from .preflight import trusted_config
+
+    c = Config()
+    c.JupyterHub.spawner_class = SpiNNakerDockerSpawner
+    for extra in trusted_config(d):
+        exec(compile(extra.read_text(), str(extra), "exec"), {"c": c, "get_config": lambda: c})
+    cls = c.JupyterHub.spawner_class
+    spawner = (import_item(cls) if isinstance(cls, str) else cls)(config=c)
+    return d["spawner"]["docker"]["volume_prefix"] + spawner.escape(user_name)
+
+
+def remove_home_volume(dk: dict, name: str) -> str:
+    """Admin action: delete the home volume `name` (home_volume_name; refused while a container uses it)."""
     engine(dk).volumes.get(name).remove()
     return name

@@ -16,6 +16,7 @@ from jupyterhub.proxy import ConfigurableHTTPProxy
 
 from . import preflight
 from .config import ConfigError
+from .upstream import managed_service_processes, remove_proxy_files
 
 
 def _host_port(url: str) -> tuple[str, int] | None:
@@ -65,17 +66,15 @@ class CheckedProxy(ConfigurableHTTPProxy):
                 process.wait(10)
             except Exception:
                 process.kill()
-        self._remove_process_files()
+        remove_proxy_files(self)  # its pid file (upstream.py)
 
     def _stop_unless_kept(self):
         """At the hub's exit: a hub that never came up takes its proxy and managed services along (they run in
         sessions of their own); a running one does as configured (JupyterHub.cleanup_proxy)."""
         if not self._running_hub:
-            # JupyterHub 6.1.1, private: app._service_map (name -> Service; Service.proc is the managed process).
-            # tests/test_startup_safety.py fails on a service left running if this changes.
-            for service in getattr(self.app, "_service_map", {}).values():
-                proc = getattr(service, "proc", None) if service.managed else None
-                if proc is not None and proc.poll() is None:
+            # (tests/test_startup_safety.py fails on a service left running)
+            for proc in managed_service_processes(self.app):
+                if proc.poll() is None:
                     proc.terminate()
         if not self._running_hub or self.app.cleanup_proxy:
             self._stop_process()

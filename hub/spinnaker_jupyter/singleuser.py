@@ -10,8 +10,9 @@ serve nobody here (measured with `python -X importtime` and CPU time per start: 
    running `node yarn.js config --json` (jupyterlab.commands._yarn_config, private): about 0.5 CPU-seconds of a Node
    process at every server start when Node is on the PATH. The registry matters only to `jupyter lab build` and
    extension installs, which user servers never do (LabApp.extension_manager is `readonly`). The function answers
-   here what it answers when Node is absent: no yarn or npm settings. Checked against JupyterLab 4.6.6;
-   tests/test_spawn_queue.py fails if either comes back.
+   here what it answers when Node is absent: no yarn or npm settings (upstream.skip_yarn_config, fenced there with
+   the private upstream APIs; checked against JupyterLab 4.6.6). tests/test_spawn_queue.py fails if either comes
+   back.
 
 Run as ``python -m spinnaker_jupyter.singleuser /path/to/jupyterhub-singleuser [its arguments]``: the upstream script
 runs as it is, in this process, after the two cuts (and `ps` / `pgrep jupyterhub-singleuser` still find it).
@@ -26,18 +27,13 @@ import sys
 SKIPPED_IMPORTS = ("rfc3987_syntax",)
 
 
-def no_yarn_config(logger=None) -> dict:
-    """jupyterlab.commands._yarn_config's answer when Node is not installed (see the module's docstring)."""
-    return {"yarn config": {}, "npm config": {}}
-
-
 def prepare() -> None:
     """Before anything imports jupyter_server or JupyterLab."""
     for name in SKIPPED_IMPORTS:
         sys.modules.setdefault(name, None)  # (None: `import name` raises ImportError)
-    import jupyterlab.commands  # (the private upstream function replaced: fenced here only)
+    from .upstream import skip_yarn_config
 
-    jupyterlab.commands._yarn_config = no_yarn_config
+    skip_yarn_config()
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from typing import Optional
 
 from .. import leases
 from ..spalloc import SpallocAllocator
+from ..upstream import add_hub_handlers
 from .admin import held_boards
 from .handlers import handlers
 
@@ -105,5 +106,5 @@ def configure_hub(c, d) -> None:
         folder = status_command_dir(d)
         if folder:
             c.BoardsMixin.path_append = [str(folder)]
-    c.JupyterHub.extra_handlers.extend(handlers())
+    add_hub_handlers(c, handlers())  # deprecated JupyterHub.extra_handlers, and why: upstream.py
 

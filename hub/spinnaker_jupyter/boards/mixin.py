@@ -17,6 +17,7 @@ from traitlets import Dict, List, Unicode
 from traitlets.config import LoggingConfigurable
 
 from ..spalloc import SpallocAllocator
+from ..upstream import log_name, save_spawner_state
 from .record import STATE_KEY, BoardRecord
 from .session import BoardSession, NoBoard
 
@@ -94,7 +95,7 @@ class BoardsMixin(LoggingConfigurable):
             say=self._say,
             on_change=self._save_state,
             log=self.log,
-            label=self._log_name,
+            label=log_name(self),
         )
 
     # -- progress ----------------------------------------------------------------------------------------------
@@ -162,8 +163,8 @@ class BoardsMixin(LoggingConfigurable):
         return self._session is not None and self._session.needs_resume() and not self._start_or_stop_under_way()
 
     def _start_or_stop_under_way(self) -> bool:
-        # (JupyterHub's own flags: its start and stop paths deal with the boards themselves)
-        return self._boards_in_start or getattr(self, "_spawn_pending", False) or getattr(self, "_stop_pending", False)
+        # (JupyterHub's start and stop paths deal with the boards themselves; `pending` is its public reading)
+        return self._boards_in_start or self.pending in ("spawn", "stop")
 
     async def _release_boards(self, reason: str) -> None:
         """Give back whatever this server holds (idempotent): a claim in progress, a spalloc job, the lab board,
@@ -196,7 +197,7 @@ class BoardsMixin(LoggingConfigurable):
         # State of a server that is not running (e.g. the hub died while it started): give back what it held.
         self._session = None
         if record.holds:
-            self.log.warning("%s: SpiNNaker state of a server that is not running: releasing it", self._log_name)
+            self.log.warning("%s: SpiNNaker state of a server that is not running: releasing it", log_name(self))
             try:
                 asyncio.get_running_loop()
             except RuntimeError:
@@ -217,15 +218,9 @@ class BoardsMixin(LoggingConfigurable):
     def _save_state(self) -> None:
         """Write the state to the hub's database now (e.g. a job lost while the server runs)."""
         try:
-            orm_spawner = self.orm_spawner
-            if orm_spawner is None or orm_spawner.server is None:
-                return
-            from sqlalchemy import inspect as sa_inspect
-
-            orm_spawner.state = self.get_state()
-            sa_inspect(orm_spawner).session.commit()
+            save_spawner_state(self)  # from inside the spawner: upstream.py says why and how
         except Exception:  # noqa: BLE001 - the state is saved again at the next stop
-            self.log.exception("%s: could not save the SpiNNaker state", self._log_name)
+            self.log.exception("%s: could not save the SpiNNaker state", log_name(self))
 
     # -- environment and status ----------------------------------------------------------------------------------
     def get_env(self):

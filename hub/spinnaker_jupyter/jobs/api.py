@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tornado import web
 
+from ..upstream import status_reason
 from . import fetch, hardware_config, identity, inputs, job_boards, signing
 from .store import STATUSES, Job
 
@@ -67,7 +68,7 @@ class Base(web.RequestHandler):
     def write_error(self, status_code, **kwargs):
         reason = kwargs.get("exc_info", (None, None))[1]
         detail = getattr(reason, "log_message", None) if isinstance(reason, web.HTTPError) else None
-        self.finish(json.dumps({"detail": detail or self._reason}))
+        self.finish(json.dumps({"detail": detail or status_reason(self)}))
 
     def fail(self, status: int, detail: str):
         raise web.HTTPError(status, detail.replace("%", "%%"))
@@ -243,7 +244,7 @@ class FileHandler(web.RequestHandler):
         self.set_header("Content-Type", "application/json")
         reason = kwargs.get("exc_info", (None, None))[1]
         detail = getattr(reason, "log_message", None) if isinstance(reason, web.HTTPError) else None
-        self.finish(json.dumps({"detail": detail or self._reason}))
+        self.finish(json.dumps({"detail": detail or status_reason(self)}))
 
     async def get(self, job_id, path):
         why = signing.check(self.settings["signing_key"], int(job_id), path, self.get_argument("expires", ""),

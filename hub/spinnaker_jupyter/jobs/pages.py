@@ -15,6 +15,7 @@ from pathlib import Path
 from jupyterhub.services.auth import HubOAuthCallbackHandler, HubOAuthenticated
 from tornado import web
 
+from ..upstream import status_reason
 from . import api, identity
 from .store import ACTIVE, Job
 
@@ -46,7 +47,7 @@ class Page(HubOAuthenticated, web.RequestHandler):
     def write_error(self, status_code, **kwargs):
         reason = kwargs.get("exc_info", (None, None))[1]
         detail = getattr(reason, "log_message", None) if isinstance(reason, web.HTTPError) else None
-        self.render("error.html", status=status_code, detail=detail or self._reason)
+        self.render("error.html", status=status_code, detail=detail or status_reason(self))
 
     def own_job(self, job_id: str) -> Job:
         job = self.settings["store"].get(int(job_id))

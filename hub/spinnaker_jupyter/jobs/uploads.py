@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tornado import web
 
+from ..upstream import status_reason
 from . import api, signing
 
 SUFFIX = ".tar.gz"
@@ -80,7 +81,7 @@ class UploadFileHandler(web.RequestHandler):
         self.set_header("Content-Type", "application/json")
         reason = kwargs.get("exc_info", (None, None))[1]
         detail = getattr(reason, "log_message", None) if isinstance(reason, web.HTTPError) else None
-        self.finish({"detail": detail or self._reason})
+        self.finish({"detail": detail or status_reason(self)})
 
     def get(self, name):
         why = signing.check(self.settings["signing_key"], signing.UPLOAD, name, self.get_argument("expires", ""),

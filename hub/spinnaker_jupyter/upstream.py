@@ -1,0 +1,143 @@
+"""Every private or deprecated upstream API the hub package relies on, in one place.
+
+The project configures JupyterHub, oauthenticator, DockerSpawner and JupyterLab rather than forking them; where a
+decision needs something they do not offer publicly, it is reached for here and nowhere else. Each function names
+the pinned version it was checked against (requirements-hub.txt, hub/pyproject.toml) and why no public API does,
+and tests/unit/test_upstream.py checks each against the installed packages (signatures, attributes, the database
+cascade): an upgrade that changes one fails there by name instead of somewhere in a running hub.
+
+Imports stay inside the functions: user servers import this module at start-up (singleuser.py), and must not pay
+for JupyterHub's imports. The user-server extension has its own fence (spinnaker_jupyter_ext/proxy_upstream.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Mapping
+from typing import Any
+
+#: The versions every function here was checked against (the pins).
+JUPYTERHUB = "6.1.1"
+OAUTHENTICATOR = "17.4.0"
+JUPYTERLAB = "4.6.6"
+TORNADO = "6.6.1"  # not pinned itself: the version JupyterHub 6.1.1 and jupyter_server 2.21.1 bring
+
+
+# ------------------------------------------------------------------------------------------------ JupyterHub 6.1.1
+def log_name(spawner) -> str:
+    """How JupyterHub's own log lines name a server (``user`` or ``user:server``): the text of its private
+    ``Spawner._log_name``, made from public attributes, so that our lines and the hub's name a server alike."""
+    user = spawner.user.name if spawner.user else "(no user)"
+    return f"{user}:{spawner.name}" if spawner.name else user
+
+
+def start_error(spawner) -> BaseException | None:
+    """Why the last start of this server failed, while it is not running again (None: it did not fail).
+
+    JupyterHub 6.1.1 keeps it only in the private ``Spawner._spawn_future`` (its own ``_failed`` reads it too); the
+    REST API says nothing of a failed start. Used by the course endpoints, which report each student's start."""
+    future = spawner._spawn_future
+    if future is not None and future.done() and not future.cancelled() and future.exception():
+        return future.exception()
+    return None
+
+
+def save_spawner_state(spawner) -> bool:
+    """Write ``spawner.get_state()`` into the hub's database now, from inside the spawner (False: the server is not
+    running, nothing written).
+
+    JupyterHub 6.1.1 saves a spawner's state itself only after a start, a stop or a poll that finds it gone, and
+    ``Spawner.db`` is deprecated since 6.1. A change in between (a SpiNNaker job lost while the server runs) would
+    be lost by a hub crash: the ORM spawner (public ``Spawner.orm_spawner``) is committed through the database
+    session it belongs to (SQLAlchemy's public ``inspect``), which is the hub's own."""
+    from sqlalchemy import inspect
+
+    orm_spawner = spawner.orm_spawner
+    if orm_spawner is None or orm_spawner.server is None:
+        return False
+    orm_spawner.state = spawner.get_state()
+    inspect(orm_spawner).session.commit()
+    return True
+
+
+def add_hub_handlers(c, handlers: list) -> None:
+    """Tornado handlers served by the hub itself (``/hub/api/spinnaker/...``), through ``JupyterHub.extra_handlers``.
+
+    Deprecated since JupyterHub 3.1 in favour of services, and still working in 6.1.1 (a warning at start-up): the
+    board and course endpoints need the hub's own user and spawner objects (a server's live board state, starting
+    servers through the hub's spawn path with its start queue), which a service cannot reach."""
+    c.JupyterHub.extra_handlers.extend(handlers)
+
+
+def managed_service_processes(app) -> list:
+    """The processes of the hub-managed services the hub has started (``Popen``-like, with ``poll``/``terminate``).
+
+    JupyterHub 6.1.1 keeps them in the private ``JupyterHub._service_map`` (name -> Service; ``Service.proc``) and
+    ends them only in its own cleanup, which a hub that fails during start-up never reaches."""
+    return [
+        service.proc
+        for service in getattr(app, "_service_map", {}).values()
+        if service.managed and getattr(service, "proc", None) is not None
+    ]
+
+
+def remove_proxy_files(proxy) -> None:
+    """Remove what ``ConfigurableHTTPProxy`` leaves of a proxy it started (its pid file, its unix sockets): its
+    private ``_remove_process_files``, the part of its public ``stop()`` that is wanted after our own stop (which,
+    unlike ``stop()``, waits for the proxy to exit and kills it if it does not)."""
+    proxy._remove_process_files()
+
+
+def delete_hub_user(db_url: str, name: str) -> list[int] | None:
+    """Delete a hub user in JupyterHub's database while the hub is down; returns the process ids its spawners'
+    states recorded (servers a stopped hub left running), or None when there is no such user.
+
+    JupyterHub's REST API is the way while the hub runs (account_removal.py); with the hub down there is only its
+    database. Its ORM (``jupyterhub.orm``, 6.1.1) deletes a User with its API tokens, OAuth codes and spawners
+    (database cascades), which is what revokes every token and login cookie of the user."""
+    from jupyterhub import orm
+
+    db = orm.new_session_factory(db_url)()
+    try:
+        user = db.query(orm.User).filter_by(name=name).first()
+        if user is None:
+            return None
+        pids = [s.state.get("pid") for s in user.orm_spawners.values() if s.state and s.state.get("pid")]
+        db.delete(user)
+        db.commit()
+        return pids
+    finally:
+        db.close()
+
+
+# -------------------------------------------------------------------------------------------- oauthenticator 17.4.0
+def token_to_auth_model(authenticator, token_info: Mapping[str, Any]) -> Awaitable[dict]:
+    """The auth model a login with ``token_info`` would give (userinfo with its access token), as a coroutine.
+
+    oauthenticator's private ``OAuthenticator._token_to_auth_model(token_info)``: the access-token service checks a
+    refreshed token exactly as a login checks a new one (userinfo, claims, groups), and oauthenticator offers no
+    public call for that (``authenticate`` starts from an authorization code)."""
+    return authenticator._token_to_auth_model(token_info)
+
+
+# ---------------------------------------------------------------------------------------------- JupyterLab 4.6.6
+def skip_yarn_config() -> None:
+    """Make JupyterLab's private ``jupyterlab.commands._yarn_config`` answer what it answers when Node is absent (no
+    yarn or npm settings) instead of running ``node yarn.js config --json`` at every user-server start (about 0.5
+    CPU-seconds; only `jupyter lab build` and extension installs use the registry, and user servers do neither:
+    singleuser.py says more)."""
+    import jupyterlab.commands
+
+    jupyterlab.commands._yarn_config = no_yarn_config
+
+
+def no_yarn_config(logger=None) -> dict:
+    """jupyterlab.commands._yarn_config's answer when Node is not installed."""
+    return {"yarn config": {}, "npm config": {}}
+
+
+# -------------------------------------------------------------------------------------------------- tornado 6.6.1
+def status_reason(handler) -> str:
+    """The reason phrase of the response's status ("Not Found", or an HTTPError's own `reason`), for a JSON or HTML
+    error body written in `write_error`: tornado passes that method only the status code, and keeps the phrase it
+    chose (in `send_error` / `set_status`) in the private `RequestHandler._reason`."""
+    return handler._reason
