@@ -281,7 +281,7 @@ def test_no_board_in_time_follows_on_timeout(tmp_path, envs_dir, on_timeout, mon
         log = (s.logs / "1.log").read_text()
         assert "you are in the queue" in log, log
         if on_timeout == "fail":
-            assert job.status == "error" and "No SpiNNaker board for " in log and "\nran\n" not in log, log
+            assert job.status == "error" and "No SpiNNaker board for your job: " in log and "\nran\n" not in log, log
             assert "no SpiNNaker board became free within 2 s" in log
         else:
             assert job.status == "finished" and "\nran\n" in log, log

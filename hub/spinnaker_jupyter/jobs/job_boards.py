@@ -114,6 +114,7 @@ class JobBoards:
             on_change=on_change,
             log=log,
             label=f"job {job_id} of {owner}",
+            noun="job",
         )
 
     async def reconcile(self) -> leases.ReconcileReport | None:

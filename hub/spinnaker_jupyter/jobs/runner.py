@@ -316,12 +316,8 @@ class Runner:
                         f"The job was cancelled {self.store.cancel_words(job.id)} while it waited for a SpiNNaker board"
                     )
             record = claim.result()
-        except NoBoard as e:  # (spinnaker.on_timeout: fail) said for servers; the reason is the same for a job
-            raise JobFailed(
-                str(e)
-                .replace("for your server", "for this job")
-                .replace("starts servers only with a board", "runs jobs only with a board")
-            ) from None
+        except NoBoard as e:  # (spinnaker.on_timeout: fail)
+            raise JobFailed(str(e)) from None
         except asyncio.CancelledError:
             claim.cancel()
             raise
