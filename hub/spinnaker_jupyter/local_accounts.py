@@ -4,7 +4,8 @@ Accounts live in one JSON file (0600) beside the hub database, with salted PBKDF
 with `spinnaker-jupyter user ...`; the first start creates the admin with a generated password printed once.
 Every change takes an exclusive lock on a lock file beside it and replaces the file through a temporary file of its
 own, so concurrent `user add` / `user remove` never lose each other's work; the hub only reads it.
-Logins cost the same whether the name exists or not, and failures back off per name and per address.
+Logins cost the same whether the name exists or not, and failures back off (LoginThrottle) without letting
+strangers lock a user out.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import math
 import os
 import secrets
 import tempfile
@@ -29,6 +31,8 @@ from tornado import web
 from traitlets import Unicode, default
 
 from .usernames import local_name_problem
+from .words import duration
+
 ITERATIONS = 600_000
 
 
@@ -160,18 +164,32 @@ class AccountStore:
 
 
 class LoginThrottle:
-    """Back-off after failed logins, per name and per client address: after `free` failures in a row, each further
-    attempt waits 2, 4, 8 ... (at most `cap`) seconds after the last failure, answered at once and without checking
-    the password, so guessing costs the hub nothing and real users' logins stay fast. A success clears the name."""
+    """Back-off after failed logins that strangers cannot turn against a user. Three counts, each letting `free`
+    failures pass, then making the next attempt wait 2, 4, 8 ... (at most `cap`) seconds after its last counted
+    failure; a waiting attempt is answered at once without checking the password (guessing costs the hub nothing)
+    and is not counted:
 
-    def __init__(self, free_per_name: int = 5, free_per_address: int = 20, cap: float = 300.0,
-                 max_entries: int = 100_000):
-        self.free = {"name": free_per_name, "address": free_per_address}
+    - per (name, address), 5: one account guessed from one place. Failing with someone's name from elsewhere does
+      not slow that person down where they are.
+    - per address, 20: one place trying many names.
+    - per name, over all addresses, 30: one account guessed from many places. It never applies to an address the
+      name has logged in from (remembered while the hub runs), so nobody can lock a user out of where they log in;
+      a user on a new address while their name is under such a guess waits as the guessers do (at most `cap`).
+
+    A success clears its (name, address) count and remembers the address for the name."""
+
+    def __init__(self, free_per_pair: int = 5, free_per_address: int = 20, free_per_name: int = 30,
+                 cap: float = 300.0, max_entries: int = 100_000):
+        self.free = {"pair": free_per_pair, "address": free_per_address, "name": free_per_name}
         self.cap, self.max_entries = cap, max_entries
-        self._fails: dict[tuple[str, str], tuple[int, float]] = {}
+        self._fails: dict[tuple, tuple[int, float]] = {}
+        self._known: dict[str, dict[str, float]] = {}  # name -> addresses it logged in from -> when
         self._lock = threading.Lock()
 
-    def _wait(self, key: tuple[str, str], now: float) -> float:
+    def _keys(self, name: str, address: str) -> list[tuple]:
+        return [("pair", name, address), ("address", address), ("name", name)]
+
+    def _wait(self, key: tuple, now: float) -> float:
         count, last = self._fails.get(key, (0, 0.0))
         over = count - self.free[key[0]]
         if over < 0:
@@ -181,20 +199,29 @@ class LoginThrottle:
     def retry_after(self, name: str, address: str) -> float:
         now = time.monotonic()
         with self._lock:
-            return max(self._wait(("name", name), now), self._wait(("address", address), now))
+            known = address in self._known.get(name, ())
+            return max(self._wait(key, now) for key in self._keys(name, address) if not (known and key[0] == "name"))
+
+    def _forget_oldest(self, table: dict, when) -> None:
+        if len(table) >= self.max_entries:  # forget the oldest half rather than grow without bound
+            for key, _ in sorted(table.items(), key=lambda kv: when(kv[1]))[: self.max_entries // 2]:
+                del table[key]
 
     def failed(self, name: str, address: str) -> None:
         now = time.monotonic()
         with self._lock:
-            if len(self._fails) >= self.max_entries:  # forget the oldest half rather than grow without bound
-                for key, _ in sorted(self._fails.items(), key=lambda kv: kv[1][1])[: self.max_entries // 2]:
-                    del self._fails[key]
-            for key in (("name", name), ("address", address)):
+            self._forget_oldest(self._fails, lambda v: v[1])
+            for key in self._keys(name, address):
                 self._fails[key] = (self._fails.get(key, (0, 0.0))[0] + 1, now)
 
-    def succeeded(self, name: str) -> None:
+    def succeeded(self, name: str, address: str) -> None:
         with self._lock:
-            self._fails.pop(("name", name), None)
+            self._fails.pop(("pair", name, address), None)
+            self._forget_oldest(self._known, lambda v: max(v.values(), default=0.0))
+            addresses = self._known.setdefault(name, {})
+            addresses[address] = time.monotonic()
+            if len(addresses) > 100:  # a name's oldest places are forgotten first
+                del addresses[min(addresses, key=addresses.get)]
 
 
 def client_address(handler) -> str:
@@ -235,13 +262,14 @@ class LocalAccountsAuthenticator(Authenticator):
         if wait > 0:
             self.log.warning("Login for %r from %s refused: back-off after failed logins (%.0f s left)", name,
                              address, wait)
-            raise web.HTTPError(429, f"Too many failed logins. Try again in {wait:.0f} seconds.")
+            raise web.HTTPError(429, f"Too many failed logins for this name from your address: try again in "
+                                     f"{duration(max(1, math.ceil(wait)))}.")
         account = await _in_thread(self._store().check, name, data.get("password", ""))
         if account is None:
             self.throttle.failed(name, address)
             self.log.warning("Failed login for %r from %s", name, address)
             return None
-        self.throttle.succeeded(name)
+        self.throttle.succeeded(name, address)
         return {"name": name, "admin": bool(account.get("admin"))}
 
     def check_allowed(self, username, authentication=None):
