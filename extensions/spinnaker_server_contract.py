@@ -32,6 +32,17 @@ from typing import Any
 
 MODES = ("virtual", "machine", "session", "per-run")
 
+#: The file name of a sPyNNaker user cfg.
+CFG_NAME = ".spynnaker.cfg"
+
+
+def own_cfgs(home: str, environ: Mapping[str, str] | None = None) -> list[str]:
+    """The user's own sPyNNaker cfg files in their home, in the order sPyNNaker looks ($XDG_CONFIG_HOME, else
+    ~/.config; then ~). The kernel launcher lets the first one win over the service's; spinnaker-status names it."""
+    environ = os.environ if environ is None else environ
+    config_home = environ.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
+    return [p for p in (os.path.join(config_home, CFG_NAME), os.path.join(home, CFG_NAME)) if os.path.isfile(p)]
+
 
 def _var(env: str, kind: str, source: str, default: Any = None) -> Any:
     """A field of the contract: its environment variable, how its value is spelt there, and where the hub takes it
@@ -191,9 +202,10 @@ def jupyter_server_config() -> dict[str, Any]:
         "ServerProxy": {"host_allowlist": ["localhost", "127.0.0.1"]},
         # JupyterLab fetches no news and no update check from the internet (each browser asks its server, which
         # asks jupyterlab.github.io / PyPI), and its extension manager does not query PyPI: nobody here installs.
+        # Its update notice says what users need to know instead: why their EBRAINS Drive is not mounted.
         "LabApp": {
             "news_url": None,
-            "check_for_updates_class": "jupyterlab.NeverCheckForUpdate",
+            "check_for_updates_class": "spinnaker_jupyter_ext.notice.DriveNotice",
             "extension_manager": "readonly",
         },
         # Kernels on unix sockets in a private folder (the extension picks it), never on TCP ports that any local

@@ -31,6 +31,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -39,7 +40,6 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional
 
 from spinnaker_server_contract import ServerContract
 
@@ -56,7 +56,7 @@ def state_dir(home: Path) -> Path:
     return home / ".cache" / "spinnaker-drive"
 
 
-def read_state(home: Optional[Path] = None) -> Optional[dict]:
+def read_state(home: Path | None = None) -> dict | None:
     """The mount's last state (for spinnaker-status), or None when the Drive is not configured here."""
     try:
         return json.loads((state_dir(home or Path.home()) / "state.json").read_text())
@@ -80,6 +80,29 @@ def _http(url: str, headers: dict, timeout: float) -> tuple[int, bytes]:
             return resp.status, resp.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)  # mountinfo escapes spaces as \040
+
+
+def mounted_at(path: Path) -> str | None:
+    """The file system type of the topmost mount at ``path``, or None. (os.path.ismount misses a bind mount from the
+    same file system: in the container helper ~/drive is one, before and after rclone mounts over it.)"""
+    target, top = os.path.realpath(path), None
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if "-" in fields and _unescape(fields[4]) == target:
+                    top = fields[fields.index("-") + 1]
+    except OSError:
+        return "unknown" if os.path.ismount(path) else None
+    return top
+
+
+def fuse_mounted(path: Path) -> bool:
+    return (mounted_at(path) or "").startswith("fuse")
 
 
 def _set_pdeathsig() -> None:
@@ -127,7 +150,7 @@ def rclone_environment(url: str, drive_token: str, libraries: list[dict], privat
 class DriveMount:
     """Keeps ~/drive mounted; one per user server."""
 
-    def __init__(self, settings: dict, env=os.environ, home: Optional[Path] = None):
+    def __init__(self, settings: dict, env=os.environ, home: Path | None = None):
         self.url = settings["url"].rstrip("/")
         self.home = home or Path.home()
         self.mount_point = self.home / settings.get("mount_point", "drive")
@@ -141,13 +164,13 @@ class DriveMount:
         self.flush_timeout = float(settings.get("flush_timeout", 8))  # within the spawner's stop grace time
         self.env = env
         self.private = state_dir(self.home)
-        self.proc: Optional[subprocess.Popen] = None
-        self.token: Optional[str] = None
+        self.proc: subprocess.Popen | None = None
+        self.token: str | None = None
         self.state: dict = {}
         self.remounts = 0
-        self._task: Optional[asyncio.Task] = None
-        self._lock_fd: Optional[int] = None
-        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self._task: asyncio.Task | None = None
+        self._lock_fd: int | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.log = log
 
     # -- what the user sees ----------------------------------------------------------------------------------------
@@ -167,7 +190,7 @@ class DriveMount:
             self._placeholder(reason)
 
     def _placeholder(self, reason: str) -> None:
-        if os.path.ismount(self.mount_point):
+        if fuse_mounted(self.mount_point):
             return
         with contextlib.suppress(OSError):
             self.mount_point.mkdir(mode=0o700, exist_ok=True)
@@ -261,7 +284,7 @@ class DriveMount:
                 self.proc.kill()
                 self.proc.wait(10)
         self.proc = None
-        if os.path.ismount(self.mount_point) or self._stale():
+        if fuse_mounted(self.mount_point) or self._stale():
             subprocess.run(["fusermount3", "-u", "-z", str(self.mount_point)], capture_output=True, timeout=30)
 
     def pending_uploads(self) -> int:
@@ -305,6 +328,8 @@ class DriveMount:
                 "--vfs-cache-max-size", str(self.cache_max_size), "--vfs-write-back", "2s",
                 "--dir-cache-time", f"{self.dir_cache_time}s", "--attr-timeout", "1s", "--umask", "077",
                 "--retries", "3", "--low-level-retries", "3", "--log-level", "NOTICE"]
+        if mounted_at(self.mount_point):  # the container helper's bind mount, checked empty above
+            argv.append("--allow-non-empty")
         if self.loop is not None:
             # Started from the server's main thread: PR_SET_PDEATHSIG fires when the *thread* that forked ends,
             # and the worker thread ends before the atexit flush at shutdown.
@@ -313,7 +338,7 @@ class DriveMount:
         else:
             self.proc = self._popen(argv, env)
         deadline = time.monotonic() + self.mount_timeout
-        while not os.path.ismount(self.mount_point):
+        while not fuse_mounted(self.mount_point):
             if self.proc.poll() is not None:
                 raise DriveUnavailable(f"the mount failed: {self._log_tail()}")
             if time.monotonic() > deadline:
@@ -345,7 +370,7 @@ class DriveMount:
         """One health check (and the repair it calls for); returns seconds until the next one."""
         if not self.keeper():
             return self.check_interval
-        mounted = self.proc is not None and self.proc.poll() is None and os.path.ismount(self.mount_point)
+        mounted = self.proc is not None and self.proc.poll() is None and fuse_mounted(self.mount_point)
         try:
             if not mounted:
                 if self.state.get("state") == "mounted":
@@ -400,10 +425,26 @@ class DriveMount:
         self.unmount()
 
 
-def start_drive(server_app) -> Optional[DriveMount]:
+def start_drive(server_app) -> DriveMount | None:
     """Start the mount keeper when the hub configured the Drive for this server."""
     settings = ServerContract.from_env().drive
     if settings is None:  # not configured here (or unreadable: the extension's loader logs why)
+        return None
+    from .notice import answer_news_question  # so that JupyterLab shows the Drive notice (notice.py)
+
+    answer_news_question(Path.home())
+    if settings.get("keeper") == "helper":  # a container: the user's Drive helper container keeps the mount
+        if settings.get("helper_error"):  # the hub could not give it one: say why, as the keeper would
+            said = DriveMount(settings)
+            said.log = server_app.log
+            with contextlib.suppress(OSError):
+                said._prepare_dirs()
+            said._set_state("unavailable", settings["helper_error"])
+        else:
+            server_app.log.info(
+                "EBRAINS Drive: kept mounted at ~/%s by this server's Drive helper container",
+                settings.get("mount_point", "drive"),
+            )
         return None
     mount = DriveMount(settings)
     mount.log = server_app.log  # in the server's log, beside everything else
@@ -413,3 +454,31 @@ def start_drive(server_app) -> Optional[DriveMount]:
     atexit.register(mount.unmount)
     server_app.log.info("EBRAINS Drive: keeping %s mounted from %s", mount.mount_point, mount.url)
     return mount
+
+
+def main() -> None:
+    """The Drive helper of a container deployment (``python -m spinnaker_jupyter_ext.drive``, docs/DRIVE.md): the
+    same keeper as a local server's, as the only work of its container, until SIGTERM (then pending uploads are
+    flushed and the Drive unmounted)."""
+    logging.basicConfig(level=logging.INFO, format="[drive %(asctime)s %(levelname)s] %(message)s")
+    try:
+        settings = json.loads(os.environ[ENV])
+    except (KeyError, ValueError):
+        raise SystemExit(f"{ENV}: JSON settings of the Drive mount are needed (the hub passes them)") from None
+    mount = DriveMount(settings)
+
+    async def keep() -> None:
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        task = asyncio.ensure_future(mount.run())
+        await stopping.wait()
+        task.cancel()
+        await loop.run_in_executor(None, mount.unmount)
+
+    asyncio.run(keep())
+
+
+if __name__ == "__main__":
+    main()

@@ -7,10 +7,11 @@ Works against Docker Engine (production) and podman's Docker-compatible API (tes
 
 from __future__ import annotations
 
+import json
 import socket
 
 from dockerspawner import DockerSpawner
-from traitlets import Bool
+from traitlets import Bool, Unicode
 
 from .boards import BoardsMixin
 from .progress import ProgressMixin, wait_until_listening
@@ -24,6 +25,24 @@ class ContainerSpawner(ProgressMixin, DockerSpawner):
 
     host_network = Bool(False, help="Containers share the host's network (single host, tests): each server gets "
                                     "a free port on 127.0.0.1.").tag(config=True)
+    drive_image = Unicode(
+        "",
+        help="Image of the EBRAINS Drive helper (images/drive); empty: no helper. Used when "
+        "the server's environment has SPINNAKER_DRIVE (drive_helper.py).",
+    ).tag(config=True)
+    drive_dir = Unicode(
+        "/var/lib/spinnaker-jupyter/drive",
+        help="Host folder of the users' Drive mounts (on a shared mount; drive_helper.py).",
+    ).tag(config=True)
+    _drive = None  # this start's DriveHelper, when the Drive is on
+
+    def get_env(self):
+        env = super().get_env()
+        if self.drive_image and env.get("SPINNAKER_DRIVE"):
+            from .drive_helper import notebook_settings
+
+            env["SPINNAKER_DRIVE"] = notebook_settings(env["SPINNAKER_DRIVE"], self._drive)
+        return env
 
     def run_pre_spawn_hook(self):
         refuse_if_full(self)  # a full start queue refuses at once, before a SpiNNaker board is claimed
@@ -41,7 +60,14 @@ class ContainerSpawner(ProgressMixin, DockerSpawner):
                 self.port = s.getsockname()[1]
         self.progress_say(20, f"Starting your container from {self.image}, with your home volume "
                               f"{self.volume_name_template.format(username=self.escaped_name, servername='')}")
+        if self.drive_image and json.loads(self.environment.get("SPINNAKER_DRIVE") or "null"):
+            from .drive_helper import DriveHelper  # the user's Drive, mounted by a helper container beside this one
+
+            self._drive = DriveHelper(self)
+            self._drive.prepare()
         ip, port = await super().start()
+        if self._drive is not None:
+            await self._drive.start()
         self.progress_say(60, "Your container is running; waiting for Jupyter inside it to answer")
 
         async def ended():
@@ -50,6 +76,13 @@ class ContainerSpawner(ProgressMixin, DockerSpawner):
 
         await wait_until_listening(ip, port, self.start_timeout, ended)
         return ip, port
+
+    async def stop(self, now=False):
+        if self.drive_image:  # the helper first: it flushes pending uploads and unmounts (also after a hub restart)
+            from .drive_helper import DriveHelper
+
+            await (self._drive or DriveHelper(self)).stop()
+        return await super().stop(now)
 
     async def get_ip_and_port(self):
         if self.host_network:

@@ -175,6 +175,12 @@ SCHEMA: dict = _obj({
                                   "server stops, removed only by `spinnaker-jupyter volumes remove`."),
             "labels": {"type": "object", "default": {}, "additionalProperties": {"type": "string"},
                        "description": "Labels put on every user container."},
+            "drive_image": _str("spinnaker-jupyter/drive:latest", "With drive.enabled: the EBRAINS Drive helper "
+                                "image (images/drive), run beside each user's container with /dev/fuse and "
+                                "CAP_SYS_ADMIN only; it mounts the user's Drive where their container sees it."),
+            "drive_dir": _str("/var/lib/spinnaker-jupyter/drive", "With drive.enabled: host folder (root's, 0700, on "
+                              "a shared mount) holding each user's Drive mount point, bound into their helper and "
+                              "notebook containers. The hub must run as root on the host (docs/DRIVE.md)."),
         }),
         "slurm": _obj({
             "conf": _str(None, "slurm.conf the hub's Slurm commands use (SLURM_CONF); null: the system's "
