@@ -4,7 +4,6 @@ and writes the store directly, as it does while the hub is down)."""
 from __future__ import annotations
 
 import json
-import os
 from datetime import timedelta
 
 import pytest
