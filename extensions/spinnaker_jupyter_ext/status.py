@@ -21,14 +21,7 @@ import urllib.error
 import urllib.request
 from urllib.parse import quote
 
-from spinnaker_server_contract import ServerContract
-
-CFG_NAME = ".spynnaker.cfg"
-
-
-def own_cfgs(home: str) -> list[str]:
-    config_home = os.environ.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
-    return [p for p in (os.path.join(config_home, CFG_NAME), os.path.join(home, CFG_NAME)) if os.path.isfile(p)]
+from spinnaker_server_contract import CFG_NAME, ServerContract, own_cfgs
 
 
 def local_info(env=os.environ) -> dict:

@@ -20,14 +20,7 @@ import tempfile
 # no extension package: `spinnaker-jupyter build` (kernels.build_spynnaker_env) and the single-user image copy that
 # one file beside this launcher, where the sPyNNakerGit venv sees it too; the python3 kernel (--plain) runs in the
 # server env, which has it with the extension.
-from spinnaker_server_contract import ServerContract
-
-CFG_NAME = ".spynnaker.cfg"
-
-
-def user_cfgs(home):
-    config_home = os.environ.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
-    return [p for p in (os.path.join(config_home, CFG_NAME), os.path.join(home, CFG_NAME)) if os.path.isfile(p)]
+from spinnaker_server_contract import CFG_NAME, ServerContract, own_cfgs
 
 
 def materialise_cfg(text, home):
@@ -71,7 +64,7 @@ def service_cfg(environ, home):
 def choose_cfg(environ):
     """Set XDG_CONFIG_DIRS so that exactly one user cfg is found; return the cfg in force."""
     home = os.path.expanduser("~")
-    own = user_cfgs(home)
+    own = own_cfgs(home)
     if own:
         # An empty site dir keeps /etc/xdg out of the search.
         environ["XDG_CONFIG_DIRS"] = os.path.join(home, ".cache", "spinnaker-no-site-cfg")
