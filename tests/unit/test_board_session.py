@@ -21,7 +21,10 @@ from spinnaker_jupyter.spalloc import SpallocAllocator
 
 HUB_TOKEN = "hub-token"
 FIRST_IP = "10.11.192.1"
-KEEPALIVE = 1.5  # seconds (a test-only interval: the double runs with testing=True); one keepalive every 0.5 s
+# Seconds (test-only intervals: the double runs with testing=True); a keepalive every third of it. Long enough that a
+# loaded machine never misses one, except in the test of the keepalive itself.
+KEEPALIVE = 9.0
+SHORT_KEEPALIVE = 3.0
 
 
 @pytest.fixture
@@ -55,11 +58,11 @@ def settings(mode: str = "session", double: SpallocDouble | None = None, **kw: A
     return merge(defaults(SCHEMA["properties"]["spinnaker"]), sp)
 
 
-def allocator(double: SpallocDouble) -> SpallocAllocator:
+def allocator(double: SpallocDouble, keepalive: float = KEEPALIVE) -> SpallocAllocator:
     return SpallocAllocator(
         url=double.url,
         token=HUB_TOKEN,
-        keepalive_interval=KEEPALIVE,
+        keepalive_interval=keepalive,
         retries=1,
         retry_delay=0.05,
         request_timeout=5.0,
@@ -137,13 +140,13 @@ def test_claim_gives_the_board_its_cfg_and_a_held_lease_and_release_gives_it_bac
 
 def test_the_session_keeps_its_job_alive(double, tmp_path):
     async def scenario():
-        alloc = allocator(double)
+        alloc = allocator(double, SHORT_KEEPALIVE)
         s = Holder().session(settings("session", double), alloc, tmp_path / "leases.sqlite")
         record = await s.claim(1)
         first = double.job(record.job_id)["keepalives"]
         # Six keepalives, one every third of the interval: twice the interval, after which a job nobody kept alive
         # would have been destroyed ("keepalive expired").
-        await until(lambda: double.job(record.job_id)["keepalives"] >= first + 6, "six keepalives")
+        await until(lambda: double.job(record.job_id)["keepalives"] >= first + 6, "six keepalives", timeout=20)
         assert double.job(record.job_id)["state"] == "READY" and not record.lost
         assert (await s.status(live=True))["keepalive"] == "running"
         await s.release("done")
@@ -219,7 +222,7 @@ def test_a_board_lost_while_the_holder_runs_is_recorded_and_said(double, tmp_pat
         record = await s.claim(1)
         s.started()
         double.destroy_job(record.job_id, "machine taken down for maintenance")
-        await until(lambda: record.lost, "the session to notice the job's end")
+        await until(lambda: record.lost, "the session to notice the job's end", timeout=20)
         assert "machine taken down for maintenance" in record.lost and record.lost_at and holder.changes == 1
         assert s.allocation is None and not s.holds and leases.open_store(store).leases() == []
         assert BoardRecord.from_dict(record.to_dict()).lost == record.lost  # stored as such
