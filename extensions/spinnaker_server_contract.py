@@ -43,17 +43,6 @@ def own_cfgs(home: str, environ: Mapping[str, str] | None = None) -> list[str]:
     config_home = environ.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
     return [p for p in (os.path.join(config_home, CFG_NAME), os.path.join(home, CFG_NAME)) if os.path.isfile(p)]
 
-#: The file name of a sPyNNaker user cfg.
-CFG_NAME = ".spynnaker.cfg"
-
-
-def own_cfgs(home: str, environ: Mapping[str, str] | None = None) -> list[str]:
-    """The user's own sPyNNaker cfg files in their home, in the order sPyNNaker looks ($XDG_CONFIG_HOME, else
-    ~/.config; then ~). The kernel launcher lets the first one win over the service's; spinnaker-status names it."""
-    environ = os.environ if environ is None else environ
-    config_home = environ.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
-    return [p for p in (os.path.join(config_home, CFG_NAME), os.path.join(home, CFG_NAME)) if os.path.isfile(p)]
-
 
 def _var(env: str, kind: str, source: str, default: Any = None) -> Any:
     """A field of the contract: its environment variable, how its value is spelt there, and where the hub takes it
