@@ -1,0 +1,53 @@
+"""The command every user server runs, local or in a container: JupyterHub's `jupyterhub-singleuser`, without an
+import that costs about 1.5 of a 3.4 CPU-second start and serves nobody here (benchmarks/README.md).
+
+jsonschema (through jupyter_events, imported by jupyter_server) checks the "iri" string format with the optional
+package rfc3987-syntax when it is installed; importing that package compiles an Earley grammar with lark. No event
+schema of jupyter_server or its extensions uses that format. Marking the module absent (its import then raises
+ImportError, which jsonschema expects of every optional format checker) leaves the format unchecked. Checked against
+jsonschema 4.26.0, rfc3987-syntax 1.1.0.
+
+A top-level module of the extension distribution, standard library only and importing nothing of Jupyter's, so that
+the cut comes before jupyter_server is imported, and so that the single-user image (which has the extension, not
+the hub package) runs it: its CMD is ``python3 -m spinnaker_singleuser jupyterhub-singleuser``. The hub's local
+servers run it through ``spinnaker_jupyter.singleuser``, which adds a cut that matters only where Node is on the
+PATH (the image has no Node).
+
+Run as ``python -m spinnaker_singleuser jupyterhub-singleuser [its arguments]`` (a name on the PATH, or a path): the
+upstream script runs as it is, in this process (`ps` / `pgrep -f jupyterhub-singleuser` still find it).
+"""
+
+from __future__ import annotations
+
+import runpy
+import shutil
+import sys
+
+#: Imported by jsonschema only if present; absent here on purpose (see the module's docstring).
+SKIPPED_IMPORTS = ("rfc3987_syntax",)
+
+
+def skip_imports() -> None:
+    """Before anything imports jupyter_server."""
+    for name in SKIPPED_IMPORTS:
+        sys.modules.setdefault(name, None)  # (None: `import name` raises ImportError)
+
+
+def run(argv: list[str]) -> None:
+    """Run the script ``argv[0]`` (found on the PATH when it is a bare name) with ``argv`` as its sys.argv."""
+    script = shutil.which(argv[0]) if "/" not in argv[0] else argv[0]
+    if not script:
+        sys.exit(f"spinnaker_singleuser: {argv[0]} is not on the PATH")
+    sys.argv = [script, *argv[1:]]
+    runpy.run_path(script, run_name="__main__")
+
+
+def main() -> None:
+    if len(sys.argv) < 2:
+        sys.exit("usage: python -m spinnaker_singleuser jupyterhub-singleuser [arguments]")
+    skip_imports()
+    run(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()
