@@ -64,7 +64,7 @@ class ContainerSpawner(ProgressMixin, DockerSpawner):
             from .drive_helper import DriveHelper  # the user's Drive, mounted by a helper container beside this one
 
             self._drive = DriveHelper(self)
-            self._drive.prepare()
+            await self._drive.prepare()
         ip, port = await super().start()
         if self._drive is not None:
             await self._drive.start()

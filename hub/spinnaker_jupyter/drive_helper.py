@@ -125,17 +125,24 @@ class DriveHelper:
         self.settings = json.loads(spawner.environment.get("SPINNAKER_DRIVE") or "{}")
         self.target = f"{IMAGE_HOME}/{self.settings.get('mount_point', 'drive')}"
 
-    def prepare(self) -> None:
+    async def prepare(self) -> None:
+        """Before the notebook container is made: what could fail is found here, and said in its ~/drive."""
         try:
             self.host_dir = prepare_host_dir(Path(self.spawner.drive_dir), self.spawner.escaped_name)
-        except (DriveSetupError, OSError) as e:
-            self.error = f"the Drive cannot be mounted in containers on this host ({e})"
-            self.spawner.log.error("EBRAINS Drive for %s: %s", self.spawner.user.name, e)
+            await self.spawner.docker("inspect_image", self.spawner.drive_image)
+        except NotFound:
+            self._failed(f"spawner.docker.drive_image {self.spawner.drive_image} is not on the container engine: "
+                         f"build it (docker build -f images/drive/Containerfile -t {self.spawner.drive_image} .)")
             return
-        self.spawner.volumes = {
-            **self.spawner.volumes,
-            str(self.host_dir): {"bind": self.target, "mode": "rw", "propagation": "rslave"},
-        }
+        except (DriveSetupError, OSError, APIError) as e:
+            self._failed(str(e))
+            return
+        self.spawner.volumes = {**self.spawner.volumes, str(self.host_dir): {
+            "bind": self.target, "mode": "rw", "propagation": "rslave"}}
+
+    def _failed(self, why: str) -> None:
+        self.error = f"the Drive cannot be mounted in containers on this host ({why})"
+        self.spawner.log.error("EBRAINS Drive for %s: %s", self.spawner.user.name, why)
 
     async def start(self) -> None:
         if self.error:
