@@ -243,6 +243,7 @@ def _apply_ebrains(c, d: Deployment) -> dict:
         a.auth_state_groups_key = "oauth_user." + eb["groups_claim"]
         a.allowed_collabs, a.admin_collabs = eb["allowed_collabs"], eb["admin_collabs"]
         a.team_claim = eb["team_claim"]
+        a.membership_check_interval = eb["membership_check_interval"]  # servers of those no longer admitted stop
         a.allowed_groups = set(eb["allowed_groups"]) | required_groups(eb["allowed_collabs"])
         a.admin_groups = set(eb["admin_groups"]) | required_groups(eb["admin_collabs"])
     collab_note = " (nor in a collab admitted, with the role it needs)" if eb["allowed_collabs"] else ""

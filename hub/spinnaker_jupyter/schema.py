@@ -121,8 +121,9 @@ SCHEMA: dict = _obj({
             "admin_collabs": {"type": "object", "default": {},
                               "additionalProperties": {"enum": ["viewer", "editor", "administrator"]},
                               "description": "EBRAINS collabs whose members are hub admins, each with the least "
-                              "role it takes, e.g. {spinnaker-ops: administrator}. Checked at every login: "
-                              "someone who lost the role loses admin rights at their next login."},
+                              "role it takes, e.g. {spinnaker-ops: administrator}. Checked at every login and at the "
+                              "user's requests every auth_refresh_age seconds: someone who lost the role loses admin "
+                              "rights then."},
             "team_claim": _str("roles.team", "Dotted path of the claim listing collab memberships "
                                "(collab-<collab>-<role> entries)."),
             "contact": _str("the service's operators", "Whom refused users should ask for access."),
@@ -130,6 +131,13 @@ SCHEMA: dict = _obj({
                                    minimum=2),
             "auth_refresh_age": _int(30, "Seconds between the hub's checks of a user's tokens (< refresh_margin).",
                                      minimum=1),
+            "membership_check_interval": _int(
+                300, "Seconds between the hub's checks, with EBRAINS, that each user with a server running is still "
+                "in a collab or group admitted (allowed_collabs, allowed_groups): someone removed has their servers "
+                "stopped at the next check and every request refused with the contact line. Membership is also read "
+                "at every server start (a removed user is refused a new server at once) and at the user's own "
+                "requests every auth_refresh_age seconds, which is also when a lost admin collab drops admin "
+                "rights. 0: no periodic check.", minimum=0),
             "provider_timeout": _int(10, "Seconds anyone waits for the identity provider (logins, token checks, "
                                      "refreshes). When it hangs, a notebook asking for its access token gets the "
                                      "stored one while it is still valid, and once it has expired is told within "

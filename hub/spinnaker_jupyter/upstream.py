@@ -109,6 +109,27 @@ def delete_hub_user(db_url: str, name: str) -> list[int] | None:
         db.close()
 
 
+def users_with_servers(authenticator) -> list:
+    """The hub's users (``jupyterhub.user.User``) with a server running or starting, from inside the hub.
+
+    JupyterHub 6.1.1 makes the authenticator with the app as its traitlets ``parent``; the app's ``users`` (a
+    ``UserDict`` of the users in memory, which holds every owner of a running server from start-up on) has no public
+    accessor. Used by the periodic collab membership check (ebrains.py)."""
+    users = getattr(authenticator.parent, "users", None)
+    return [user for user in list(users.values()) if user.active] if users is not None else []
+
+
+async def stop_server(authenticator, user, server_name: str = "") -> None:
+    """Stop one of a user's servers from inside the hub, as JupyterHub 6.1.1's REST API does it
+    (``BaseHandler.stop_single_user``: its route off the proxy, then ``User.stop``); no public API stops a server
+    without a request handler. A server already starting or stopping is left to that."""
+    spawner = user.spawners.get(server_name)
+    if spawner is None or spawner.pending or not spawner.active:
+        return
+    await authenticator.parent.proxy.delete_user(user, server_name)
+    await user.stop(server_name)
+
+
 # -------------------------------------------------------------------------------------------- oauthenticator 17.4.0
 def token_to_auth_model(authenticator, token_info: Mapping[str, Any]) -> Awaitable[dict]:
     """The auth model a login with ``token_info`` would give (userinfo with its access token), as a coroutine.
