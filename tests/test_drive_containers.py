@@ -144,6 +144,9 @@ def test_privileges_stay_with_the_helper_and_the_token_with_rclone(ada, drive, p
         for line in run_in(helper, "grep ^Cap /proc/self/status").splitlines()
     }
     assert caps["CapBnd"] == CAP_SYS_ADMIN and caps["CapEff"] == CAP_SYS_ADMIN, caps
+    # the keeper in the helper runs nothing of the user's home (a .pth file in ~/.local would run with the capability)
+    keeper = run_in(helper, "for p in /proc/[0-9]*; do [ $(cat $p/comm) = python3 ] && tr '\\0' ' ' < $p/cmdline; done")
+    assert keeper.split()[1:3] == ["-s", "-E"], keeper
     with drive.lock:
         tokens = [t for t, u in drive.tokens.items() if u == "cada"]
     assert tokens
