@@ -93,18 +93,22 @@ class BoardSession:
     # -- collaborators ------------------------------------------------------------------------------------------
     @property
     def mode(self) -> str:
+        """The deployment's ``spinnaker.mode``."""
         return self.settings["mode"]
 
     @property
     def who(self) -> tuple[str, str]:
+        """(owner, name): this holder at the lab board's lock."""
         return (self.owner, self.name)
 
     def allocator(self) -> SpallocAllocator:
+        """The spalloc client the session claims and releases with (the one given, else an unconfigured one)."""
         if self._allocator is None:
             self._allocator = SpallocAllocator(log=self.log)
         return self._allocator
 
     def leases(self) -> leases.LeaseStore | None:
+        """The lease store recording this holder's jobs (None: not recorded)."""
         return leases.open_store(self._lease_store) if self._lease_store else None
 
     def _say(self, percent: int | None, message: str) -> None:
@@ -133,10 +137,12 @@ class BoardSession:
 
     @property
     def claiming(self) -> bool:
+        """A claim is waiting (in the service's queue, or for the lab board)."""
         return self._claim_task is not None and not self._claim_task.done()
 
     @property
     def resuming(self) -> bool:
+        """A `resume_soon()` is under way."""
         return self._resume_task is not None and not self._resume_task.done()
 
     # -- claim ----------------------------------------------------------------------------------------------------
