@@ -151,6 +151,44 @@ def _end_processes(d: Deployment, name: str) -> int:
     return kill_processes_of(uid) if uid != 0 else 0
 
 
+def _retire_system_account(d: Deployment, name: str) -> str | None:
+    """The person's system account (and its group) is renamed `retired-<uid>`, locked and given no home, never deleted:
+    its uid stays taken, so a later account of the same name is made afresh with another uid, and nothing the old
+    one left outside the archived home (files in /tmp, job outputs, anything it owns) becomes the new person's.
+    Only this deployment's account for this user is touched (usernames.own_system_account's rule)."""
+    import subprocess
+
+    from .usernames import ACCOUNT_COMMENT, system_account_name
+
+    if os.geteuid() != 0:
+        return None  # no system accounts of their own (hubconfig.system_users_enabled)
+    account = system_account_name(d["spawner"]["local"]["system_user_prefix"], name)
+    try:
+        pw = pwd.getpwnam(account)
+    except KeyError:
+        return None
+    ours = pw.pw_gecos == ACCOUNT_COMMENT.format(name) and \
+        os.path.realpath(pw.pw_dir) == os.path.realpath(d.homes_dir / name)
+    if pw.pw_uid == 0 or not ours:
+        return None
+    retired = f"retired-{pw.pw_uid}"
+    steps = [["usermod", "--login", retired, "--home", "/nonexistent", "--shell", "/usr/sbin/nologin", "--lock",
+              "--expiredate", "1", "--comment", f"retired {ACCOUNT_COMMENT.format(name)} ({account}), removed "
+              f"{time.strftime('%Y-%m-%d')}", account]]
+    with contextlib.suppress(KeyError):
+        import grp
+
+        if grp.getgrnam(account).gr_gid == pw.pw_gid:  # its own group (useradd --user-group)
+            steps.append(["groupmod", "--new-name", retired, account])
+    for step in steps:
+        done = subprocess.run(step, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ConfigError(f"could not retire the system account {account} ({' '.join(step[:1])}: "
+                              f"{done.stderr.strip()}); run `user remove {name}` again once that is fixed")
+    return (f"their system account {account} (uid {pw.pw_uid}) is retired as {retired}: a new account of this name "
+            "gets a new uid")
+
+
 def _cancel_jobs(d: Deployment, name: str) -> str | None:
     """Their queued batch jobs are removed and running ones stopped (through the job store, hub up or down; the
     job service stops a flagged job within a second, or at its next start if it is down)."""
@@ -190,7 +228,8 @@ def _dispose_home(d: Deployment, name: str, purge: bool) -> str:
 
 def remove_account(d: Deployment, store, name: str, purge: bool = False, timeout: float = 120) -> str:
     """Remove `name` everywhere; returns what happened, in words. The account goes first (no new login), then the
-    hub user (servers, tokens, cookies), their batch jobs, leftover processes, and the home."""
+    hub user (servers, tokens, cookies), their batch jobs, leftover processes, their system account (retired: its uid
+    is never given to anyone again), and the home."""
     from .local_accounts import AccountError
 
     try:
@@ -207,5 +246,8 @@ def remove_account(d: Deployment, store, name: str, purge: bool = False, timeout
     left = _end_processes(d, name)
     if left:
         said.append(f"{left} leftover process(es) ended")
+    retired = _retire_system_account(d, name)
+    if retired:
+        said.append(retired)
     said.append(_dispose_home(d, name, purge))
     return "; ".join(said) + "."

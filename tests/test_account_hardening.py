@@ -1,0 +1,45 @@
+"""A new person under a removed person's name starts with nothing of theirs (local accounts, system accounts as
+root): not their home, and not their uid, so nothing the old account left outside the home (here a file in /tmp,
+private to its owner) becomes the new person's."""
+
+from __future__ import annotations
+
+import pwd
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def hub(hub_factory):
+    return hub_factory({"culler": {"enabled": False}})
+
+
+def run(client, code: str) -> str:
+    out = client.execute(client.start_kernel(), code, timeout=120)
+    assert out["error"] is None, out
+    return out["stdout"]
+
+
+def test_a_re_added_name_gets_a_fresh_uid_and_none_of_the_old_files(hub):
+    old = hub.client("hana", hub.add_user("hana"))
+    old.start_server()
+    said = run(old, "import os\nopen('/tmp/hana-private', 'w').write('old hana')\nos.chmod('/tmp/hana-private', 0o600)"
+                    "\nprint('UID', os.getuid())")
+    old_uid = int(said.split("UID")[1])
+    try:
+        removed = hub.cli("user", "remove", "hana")
+        assert removed.returncode == 0, removed.stderr
+        assert f"retired as retired-{old_uid}" in removed.stdout, removed.stdout
+        assert pwd.getpwuid(old_uid).pw_shell == "/usr/sbin/nologin"  # the uid stays taken: never given again
+
+        new = hub.client("hana", hub.add_user("hana"))
+        new.start_server()
+        said = run(new, "import os\nprint('UID', os.getuid())\ntry:\n    print(open('/tmp/hana-private').read())\n"
+                        "except PermissionError:\n    print('DENIED')\nprint(sorted(os.listdir(os.path.expanduser('~'))))")
+        assert int(said.split("UID")[1].split()[0]) != old_uid, said
+        assert "DENIED" in said and "old hana" not in said, said
+        new.stop_server()
+    finally:
+        import os
+
+        os.unlink("/tmp/hana-private")
