@@ -35,7 +35,7 @@ def test_a_re_added_name_gets_a_fresh_uid_and_none_of_the_old_files(hub):
         new = hub.client("hana", hub.add_user("hana"))
         new.start_server()
         said = run(new, "import os\nprint('UID', os.getuid())\ntry:\n    print(open('/tmp/hana-private').read())\n"
-                        "except PermissionError:\n    print('DENIED')\nprint(sorted(os.listdir(os.path.expanduser('~'))))")
+                        "except PermissionError:\n    print('DENIED')")
         assert int(said.split("UID")[1].split()[0]) != old_uid, said
         assert "DENIED" in said and "old hana" not in said, said
         new.stop_server()
@@ -43,3 +43,21 @@ def test_a_re_added_name_gets_a_fresh_uid_and_none_of_the_old_files(hub):
         import os
 
         os.unlink("/tmp/hana-private")
+
+
+@pytest.mark.containers
+def test_a_name_whose_earlier_home_volume_is_kept_is_not_given_to_a_new_person(hub_factory, podman_engine):
+    from podman_fixtures import TEST_LABEL
+
+    prefix = "spinnaker-jupyter-test-home-"
+    docker_hub = hub_factory({"spawner": {"type": "docker", "docker": {
+        "engine_url": podman_engine.url, "image": podman_engine.images["singleuser"], "pull_policy": "never",
+        "network": "host", "volume_prefix": prefix, "labels": {TEST_LABEL: "1"}}}}, start=False)
+    podman_engine.client().volumes.create(name=prefix + "ivy", labels={TEST_LABEL: "1"})  # a removed ivy's home
+    refused = docker_hub.cli("user", "add", "ivy")
+    assert refused.returncode != 0 and "Created account" not in refused.stdout, refused.stdout
+    assert f"the home volume {prefix}ivy of an earlier account ivy exists" in refused.stderr, refused.stderr
+    assert "`spinnaker-jupyter volumes remove ivy`" in refused.stderr and len(refused.stderr.splitlines()) == 1
+    assert docker_hub.cli("volumes", "remove", "ivy").returncode == 0
+    added = docker_hub.cli("user", "add", "ivy")
+    assert added.returncode == 0 and "Created account ivy" in added.stdout, added.stderr

@@ -226,6 +226,25 @@ def _dispose_home(d: Deployment, name: str, purge: bool) -> str:
     return f"their home folder is archived as {target} (readable by the operator only; `--purge` deletes instead)"
 
 
+def earlier_accounts_home(d: Deployment, name: str) -> str | None:
+    """Why `name` cannot be given to a new person yet, in one line, or None. Containers: the home volume of an
+    earlier account of that name (kept at removal) would become the new person's home. Local homes need no check:
+    removal archives the home and retires the system account."""
+    if d["spawner"]["type"] != "docker":
+        return None
+    from . import docker as dockermod
+
+    volume = dockermod.home_volume_name(d, name)
+    try:
+        exists = volume in dockermod.home_volumes(d["spawner"]["docker"])
+    except Exception as e:  # noqa: BLE001 - the engine not answering: the name cannot be checked
+        return f"cannot check for an earlier home volume of {name} (container engine: {e}); try again when it answers"
+    if exists:
+        return (f"the home volume {volume} of an earlier account {name} exists, and a new {name} would get its files: "
+                f"`spinnaker-jupyter volumes remove {name}` deletes it (or choose another name)")
+    return None
+
+
 def remove_account(d: Deployment, store, name: str, purge: bool = False, timeout: float = 120) -> str:
     """Remove `name` everywhere; returns what happened, in words. The account goes first (no new login), then the
     hub user (servers, tokens, cookies), their batch jobs, leftover processes, their system account (retired: its uid
