@@ -38,7 +38,6 @@ Run it: ``python tests/doubles/drive_server.py --userinfo-url URL [--port P]``; 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 import hashlib
 import json
@@ -54,10 +53,13 @@ from typing import Any, Optional, Union
 from urllib.parse import quote
 
 import tornado.httpclient
-import tornado.httpserver
 import tornado.httputil
-import tornado.netutil
 import tornado.web
+
+try:
+    from .threaded_http import ApiHandler, ThreadedHTTPDouble
+except ImportError:  # run as a script: python tests/doubles/drive_server.py
+    from threaded_http import ApiHandler, ThreadedHTTPDouble
 
 log = logging.getLogger("drive-double")
 
@@ -118,8 +120,10 @@ def _split(path: str) -> list[str]:
     return [p for p in norm.split("/") if p]
 
 
-class DriveDouble:
+class DriveDouble(ThreadedHTTPDouble):
     """The Drive double. ``start()`` serves it from a background thread; use as a context manager."""
+
+    thread_name = "drive-double"
 
     def __init__(self, *, userinfo_url: str, host: str = "127.0.0.1", port: int = 0,
                  userinfo_timeout: float = 10.0):
@@ -138,9 +142,6 @@ class DriveDouble:
         self.exchanges = 0
         self.exchanged: list[tuple[str, str]] = []  # (user, OIDC access token) of each successful exchange
         self.lock = threading.RLock()
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._thread: Optional[threading.Thread] = None
-        self._server: Optional[tornado.httpserver.HTTPServer] = None
 
     # -- test API -----------------------------------------------------------------------------------------------
     @property
@@ -309,54 +310,8 @@ class DriveDouble:
         ], xsrf_cookies=False, compress_response=False)
 
     async def serve(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        sockets = tornado.netutil.bind_sockets(self.port, address=self.host)
-        self.port = sockets[0].getsockname()[1]
-        self._server = tornado.httpserver.HTTPServer(self.make_app(), idle_connection_timeout=60,
-                                                     max_body_size=512 * 1024 * 1024)
-        self._server.add_sockets(sockets)
+        self.listen(idle_connection_timeout=60, max_body_size=512 * 1024 * 1024)
         log.info("drive double serving %s", self.url)
-
-    def start(self, timeout: float = 10.0) -> "DriveDouble":
-        ready = threading.Event()
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(loop)
-            try:
-                loop.run_until_complete(self.serve())
-            except BaseException as e:  # noqa: BLE001 - reported to the starting thread
-                errors.append(e)
-                ready.set()
-                return
-            ready.set()
-            try:
-                loop.run_forever()
-            finally:
-                if self._server is not None:
-                    self._server.stop()
-                    loop.run_until_complete(self._server.close_all_connections())
-                loop.close()
-
-        self._thread = threading.Thread(target=run, name="drive-double", daemon=True)
-        self._thread.start()
-        if not ready.wait(timeout):
-            raise RuntimeError("drive double did not start in time")
-        if errors:
-            raise errors[0]
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self._loop is not None and self._thread is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout)
-
-    def __enter__(self) -> "DriveDouble":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -367,15 +322,13 @@ def _iso(t: float) -> str:
     return dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="seconds")
 
 
-class BaseHandler(tornado.web.RequestHandler):
+class BaseHandler(ApiHandler):
     auth_required = True
+    error_type = DriveError
 
     def initialize(self, double: DriveDouble) -> None:
         self.double = double
         self.user: Optional[str] = None
-
-    def check_xsrf_cookie(self) -> None:  # an API: no cookies
-        pass
 
     def prepare(self) -> None:
         d = self.double
@@ -387,10 +340,9 @@ class BaseHandler(tornado.web.RequestHandler):
             return
         if not self.auth_required:
             return
-        header = self.request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
+        scheme, token = self.authorization()
         with d.lock:
-            user = d.tokens.get(token.strip()) if scheme.lower() == "token" else None
+            user = d.tokens.get(token) if scheme == "token" else None
         if user is None:
             self.set_status(401)
             self.set_header("WWW-Authenticate", 'Token')
@@ -406,12 +358,6 @@ class BaseHandler(tornado.web.RequestHandler):
         exc = kwargs.get("exc_info", (None, None))[1]
         message = exc.message if isinstance(exc, DriveError) else self._reason
         self.finish({"error_msg": message})
-
-    def _handle_request_exception(self, e: BaseException) -> None:
-        if isinstance(e, DriveError):
-            self.send_error(e.status, exc_info=(type(e), e, e.__traceback__))
-            return
-        super()._handle_request_exception(e)
 
     def p(self, name: str = "p") -> str:
         value = self.get_query_argument(name, None)
@@ -435,13 +381,11 @@ class BaseHandler(tornado.web.RequestHandler):
         d = self.double
         perm = "rw" if d.can_write(self.user, lib) else "r"
         node = d._dir(lib, path)
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps([_dirent(n, e, path, lib, perm) for n, e in sorted(node.entries.items())]))
+        self.send_json([_dirent(n, e, path, lib, perm) for n, e in sorted(node.entries.items())])
         return True
 
     def quoted(self, text: str) -> None:
-        self.set_header("Content-Type", "application/json; charset=utf-8")
-        self.finish(json.dumps(text))
+        self.send_json(text, content_type="application/json; charset=utf-8")
 
 
 class NotFoundHandler(BaseHandler):
@@ -468,12 +412,12 @@ class TokenExchangeHandler(BaseHandler):
 
     async def get(self) -> None:
         d = self.double
-        scheme, _, oidc_token = self.request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not oidc_token.strip():
+        scheme, oidc_token = self.authorization()
+        if scheme != "bearer" or not oidc_token:
             raise DriveError(401, "Bearer token required.")
         client = tornado.httpclient.AsyncHTTPClient()
         try:
-            resp = await client.fetch(d.userinfo_url, headers={"Authorization": f"Bearer {oidc_token.strip()}"},
+            resp = await client.fetch(d.userinfo_url, headers={"Authorization": f"Bearer {oidc_token}"},
                                       raise_error=False, request_timeout=d.userinfo_timeout)
         except OSError as e:
             raise DriveError(502, f"identity provider unreachable: {e}")
@@ -494,7 +438,7 @@ class TokenExchangeHandler(BaseHandler):
             d.teams[user], d.write_teams[user] = collabs, writable
             d.tokens[token] = user
             d.exchanges += 1
-            d.exchanged.append((user, oidc_token.strip()))
+            d.exchanged.append((user, oidc_token))
             d.my_library(user)
         self.set_header("Content-Type", "text/plain")
         self.finish(token)
@@ -531,8 +475,7 @@ class ReposHandler(BaseHandler):
         d = self.double
         with d.lock:
             repos = [_repo_json(d, lib, kind, self.user) for lib, kind in d.visible(self.user)]
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(repos))
+        self.send_json(repos)
 
     def post(self) -> None:
         body = self.json_body()
@@ -586,8 +529,7 @@ class DirV2Handler(BaseHandler):
             entries.sort(key=lambda e: e["type"] != "dir")
             self.set_header("oid", node.id)
             self.set_header("dir_perm", perm)
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(entries))
+        self.send_json(entries)
 
     def post(self, repo_id: str) -> None:
         d = self.double
@@ -908,8 +850,7 @@ class UploadHandler(BaseHandler):
                 name = d._attach(lib, target, name, new, replace=replace)
                 results.append({"name": name, "id": new.id, "size": len(new.data)})
         if self.get_query_argument("ret-json", "") == "1":
-            self.set_header("Content-Type", "application/json")
-            self.finish(json.dumps(results))
+            self.send_json(results)
         else:
             self.set_header("Content-Type", "text/plain")
             self.finish(results[-1]["id"])

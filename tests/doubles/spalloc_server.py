@@ -59,15 +59,17 @@ import ssl
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
 from urllib.parse import quote
 
-import tornado.httpserver
-import tornado.netutil
 import tornado.web
+
+try:
+    from .threaded_http import ApiHandler, ThreadedHTTPDouble
+except ImportError:  # run as a script: python tests/doubles/spalloc_server.py
+    from threaded_http import ApiHandler, ThreadedHTTPDouble
 
 log = logging.getLogger("spalloc-double")
 
@@ -372,10 +374,12 @@ class _HTTPError(Exception):
         self.headers = dict(headers or {})
 
 
-class _Handler(tornado.web.RequestHandler):
-    """Shared request plumbing: authentication, sessions, CSRF, plain-text errors, URL building."""
+class _Handler(ApiHandler):
+    """Shared request plumbing: authentication, sessions, CSRF (Spring-style, done here: no tornado XSRF cookie),
+    plain-text errors, URL building."""
 
     double: "SpallocDouble"
+    error_type = _HTTPError
 
     def initialize(self, double: "SpallocDouble") -> None:
         self.double = double
@@ -387,9 +391,6 @@ class _Handler(tornado.web.RequestHandler):
     # tornado hooks
     def set_default_headers(self) -> None:
         self.clear_header("Server")
-
-    def check_xsrf_cookie(self) -> None:  # we do Spring-style CSRF ourselves
-        pass
 
     def compute_etag(self) -> None:  # the real service sends no ETags; a 304 would confuse long-polls
         return None
@@ -407,12 +408,6 @@ class _Handler(tornado.web.RequestHandler):
             return
         self.set_header("Content-Type", "text/plain;charset=UTF-8")
         self.finish(self._reason)
-
-    def _handle_request_exception(self, e: BaseException) -> None:
-        if isinstance(e, _HTTPError):
-            self.send_error(e.status, exc_info=(type(e), e, e.__traceback__))
-            return
-        super()._handle_request_exception(e)
 
     # URLs
     def base(self) -> str:
@@ -436,9 +431,9 @@ class _Handler(tornado.web.RequestHandler):
         return sess
 
     def authenticate(self, *, create_session: bool = False) -> str:
-        auth = self.request.headers.get("Authorization", "")
-        if auth[:7].lower() == "bearer ":
-            user = self.double.tokens.get(auth[7:].strip())
+        scheme, credentials = self.authorization()
+        if scheme == "bearer":
+            user = self.double.tokens.get(credentials)
             if user is None:
                 raise _HTTPError(401, "invalid bearer token",
                                  {"WWW-Authenticate": 'Bearer error="invalid_token", '
@@ -468,11 +463,6 @@ class _Handler(tornado.web.RequestHandler):
     def is_admin(self) -> bool:
         return self.user in self.double.admins
 
-    def send_json(self, obj: Any, status: int = 200) -> None:
-        self.set_status(status)
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(obj))
-
     def get_job(self, job_id: str) -> Job:
         job = self.model.jobs.get(int(job_id))
         if job is None or not (self.is_admin or job.owner == self.user):
@@ -486,7 +476,7 @@ class _Handler(tornado.web.RequestHandler):
 
 class LoginPageHandler(_Handler):
     def get(self) -> None:
-        if self.request.headers.get("Authorization", "")[:7].lower() == "bearer ":
+        if self.authorization()[0] == "bearer":
             self.authenticate(create_session=True)
             sess = self.session
         else:
@@ -516,9 +506,7 @@ class PerformLoginHandler(_Handler):
                             secure=self.request.protocol == "https")
             self.redirect(f"{self.double.prefix}/system/")
         else:
-            self.set_status(401)
-            self.set_header("Content-Type", "application/json")
-            self.finish(json.dumps({"message": "Bad credentials"}))
+            self.send_json({"message": "Bad credentials"}, status=401)
 
 
 class RootHandler(_Handler):
@@ -828,7 +816,7 @@ def _make_certificate(directory: str) -> tuple[str, str, str]:
     return ca_file, cert_file, key_file
 
 
-class SpallocDouble:
+class SpallocDouble(ThreadedHTTPDouble):
     """The spalloc service double. ``start()`` serves it from a background thread; use as a context manager.
 
     :param boards: number of 48-chip boards in the one machine (IP addresses from ``first_ip`` in steps of 8).
@@ -882,9 +870,6 @@ class SpallocDouble:
         self.certfile, self.keyfile = certfile, keyfile
         self.ca_file: Optional[str] = certfile
         self._tmpdir: Optional[tempfile.TemporaryDirectory] = None
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._thread: Optional[threading.Thread] = None
-        self._server: Optional[tornado.httpserver.HTTPServer] = None
         self._ticker: Optional[asyncio.Task] = None
         self._create_gate: Optional[asyncio.Event] = None
 
@@ -934,12 +919,7 @@ class SpallocDouble:
 
     async def serve(self) -> None:
         """Start listening on the running event loop (binds now; ``port`` is filled in when it was 0)."""
-        self._loop = asyncio.get_running_loop()
-        sockets = tornado.netutil.bind_sockets(self.port, address=self.host)
-        self.port = sockets[0].getsockname()[1]
-        self._server = tornado.httpserver.HTTPServer(self.make_app(), ssl_options=self._ssl_context(),
-                                                     xheaders=True, idle_connection_timeout=120)
-        self._server.add_sockets(sockets)
+        self.listen(ssl_options=self._ssl_context(), xheaders=True, idle_connection_timeout=120)
         self._ticker = asyncio.ensure_future(self._tick_loop())
         log.info("spalloc double serving %s", self.url)
 
@@ -963,52 +943,11 @@ class SpallocDouble:
                 log.exception("spalloc double: tick failed")
             await asyncio.sleep(self.tick_interval)
 
-    def start(self, timeout: float = 10.0) -> "SpallocDouble":
-        """Serve from a daemon thread; returns once listening."""
-        ready = threading.Event()
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(loop)
-            try:
-                loop.run_until_complete(self.serve())
-            except BaseException as e:  # noqa: BLE001 - reported to the starting thread
-                errors.append(e)
-                ready.set()
-                return
-            ready.set()
-            try:
-                loop.run_forever()
-            finally:
-                loop.run_until_complete(self.shutdown())
-                pending = asyncio.all_tasks(loop)
-                for task in pending:
-                    task.cancel()
-                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-                loop.close()
-
-        self._thread = threading.Thread(target=run, name="spalloc-double", daemon=True)
-        self._thread.start()
-        if not ready.wait(timeout):
-            raise RuntimeError("spalloc double did not start in time")
-        if errors:
-            raise errors[0]
-        return self
-
     def stop(self, timeout: float = 10.0) -> None:
-        if self._loop is not None and self._thread is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout)
+        super().stop(timeout)
         if self._tmpdir is not None:
             self._tmpdir.cleanup()
             self._tmpdir = None
-
-    def __enter__(self) -> "SpallocDouble":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
 
     # -- test controls (thread-safe: they run on the server's loop) -------------------------------------------
     def call(self, fn: Callable[[], T], timeout: float = 10.0) -> T:
