@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
-import shutil
 import tarfile
 import zipfile
 from pathlib import Path
@@ -149,7 +148,3 @@ def receive_outputs(stream, dest: Path, max_bytes: int, max_files: int) -> tuple
             size, digest = _write(tf.extractfile(member), dest, rel, budget, digest=True)
             files.append({"path": rel, "size": size, "hash": digest})
     return files, skipped
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

@@ -660,7 +660,3 @@ def _signal_name(sig: int) -> str:
         return signal.Signals(sig).name
     except ValueError:
         return "unknown"
-
-
-def describe_files(job: Job) -> list[dict]:
-    return json.loads(job.output_files or "[]")
