@@ -61,3 +61,25 @@ def test_a_name_whose_earlier_home_volume_is_kept_is_not_given_to_a_new_person(h
     assert docker_hub.cli("volumes", "remove", "ivy").returncode == 0
     added = docker_hub.cli("user", "add", "ivy")
     assert added.returncode == 0 and "Created account ivy" in added.stdout, added.stderr
+
+
+def test_a_re_added_name_does_not_get_the_earlier_persons_batch_jobs(hub_factory):
+    from spinnaker_jupyter.config import load
+    from spinnaker_jupyter.jobs.settings import db_url
+    from spinnaker_jupyter.jobs.store import Store
+
+    d = hub_factory({"culler": {"enabled": False}}, start=False)
+    assert d.cli("user", "add", "jo").returncode == 0
+    from spinnaker_jupyter.jobs.settings import jobs_dir
+
+    deployment = load([d.config_file])
+    jobs_dir(deployment).mkdir(parents=True, exist_ok=True)  # as the job service leaves it
+    store = Store(db_url(deployment))
+    job = store.create("jo", {"collab": "private-jo", "code": "print(1)", "command": "x",
+                              "hardware_platform": "SpiNNaker"})
+    store.finish(job.id, "finished", {}, [{"path": "results.txt", "size": 3}], None)  # the old jo's outputs
+    assert d.cli("user", "remove", "jo").returncode == 0
+    added = d.cli("user", "add", "jo")
+    assert added.returncode == 0, added.stderr
+    assert store.query("jo") == []  # the new jo lists no job, and the job API refuses the old one (not theirs)
+    assert store.get(job.id).user_id.startswith(".removed/jo/")  # kept for operators (`jobs list`)

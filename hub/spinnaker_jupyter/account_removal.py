@@ -226,10 +226,37 @@ def _dispose_home(d: Deployment, name: str, purge: bool) -> str:
     return f"their home folder is archived as {target} (readable by the operator only; `--purge` deletes instead)"
 
 
-def earlier_accounts_home(d: Deployment, name: str) -> str | None:
-    """Why `name` cannot be given to a new person yet, in one line, or None. Containers: the home volume of an
-    earlier account of that name (kept at removal) would become the new person's home. Local homes need no check:
-    removal archives the home and retires the system account."""
+def earlier_account_leftovers(d: Deployment, name: str) -> str | None:
+    """Before `name` is given to a new person: what an earlier account of that name left that the new person would
+    get. Its ended batch jobs (outputs, logs) are handed to a name nobody can log in as (`_hand_over_jobs`); returns
+    one line why the name cannot be given yet, or None. Local homes need no check: removal archives the home and
+    retires the system account."""
+    return _hand_over_jobs(d, name) or _earlier_home_volume(d, name)
+
+
+def _hand_over_jobs(d: Deployment, name: str) -> str | None:
+    """The jobs of `name` go to `.removed/<name>/<time>` (no user name starts with a dot; `jobs list` still shows
+    them to operators), or, while one is still queued or running (a removal's cancel under way), a line to wait."""
+    from sqlalchemy import update
+
+    from .jobs.settings import db_url
+    from .jobs.store import ACTIVE, Job, Store
+
+    url = db_url(d)
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
+        return None  # the job service has never run
+    store = Store(url)
+    if store.query(name, statuses=ACTIVE):
+        return (f"batch jobs of an earlier account {name} are still stopping (`spinnaker-jupyter jobs list`): try "
+                "again in a minute")
+    with store.session() as s, s.begin():
+        s.execute(update(Job).where(Job.user_id == name).values(user_id=f".removed/{name}/{time.time():.0f}"))
+    return None
+
+
+def _earlier_home_volume(d: Deployment, name: str) -> str | None:
+    """Containers: the home volume of an earlier account of that name (kept at removal) would become the new
+    person's home."""
     if d["spawner"]["type"] != "docker":
         return None
     from . import docker as dockermod

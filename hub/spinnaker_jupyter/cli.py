@@ -196,9 +196,9 @@ def cmd_user(args) -> int:
     given = sys.stdin.readline().rstrip("\n") if args.stdin else None
     min_length = d["auth"]["local"]["min_password_length"]
     if args.action == "add":
-        from .account_removal import earlier_accounts_home  # a new person must not get a removed one's home
+        from .account_removal import earlier_account_leftovers  # a new person gets nothing of a removed one's
 
-        if args.name not in store.names() and (problem := earlier_accounts_home(d, args.name)):
+        if args.name not in store.names() and (problem := earlier_account_leftovers(d, args.name)):
             raise ConfigError(problem)
         password = store.add(args.name, admin=args.admin, password=given, min_length=min_length)
         print(f"Created account {args.name}{' (admin)' if args.admin else ''}. " +
