@@ -12,24 +12,14 @@ from __future__ import annotations
 import os
 import time
 
-LISTEN = "0A"
+from spinnaker_listeners import listeners  # (the reader the hub's start-up checks use too)
+
 RECHECK_AFTER = 1.0  # seconds: a page of the NRP loads dozens of assets; /proc is read once for them
 
 
 def listening_sockets(port: int) -> list[tuple[int, int]]:
     """(uid, inode) of every socket listening on <port>, on any local address, IPv4 or IPv6."""
-    found = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                next(f)
-                for line in f:
-                    fields = line.split()
-                    if fields[3] == LISTEN and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                        found.append((int(fields[7]), int(fields[9])))
-        except (OSError, StopIteration):
-            continue
-    return found
+    return [(uid, inode) for inode, uid in listeners(port).items()]
 
 
 def listener_uid(port: int) -> int | None:

@@ -17,9 +17,10 @@ import stat
 import time
 from pathlib import Path
 
+from spinnaker_listeners import listeners  # {socket inode: owner uid} on a port (shared with the user servers)
+
 from .config import ConfigError, Deployment
 
-LISTEN = "0A"  # socket state in /proc/net/tcp*
 SECRET_FILES = {"proxy_auth_token", "crypt_key", "jupyterhub_cookie_secret", "accounts.json"}
 
 
@@ -31,22 +32,6 @@ def _account(uid: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------- ports
-def listeners(port: int) -> dict[int, int]:
-    """{socket inode: owner uid} of every TCP socket listening on `port`, on any address (IPv4 and IPv6)."""
-    found = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                next(f)
-                for line in f:
-                    fields = line.split()
-                    if fields[3] == LISTEN and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                        found[int(fields[9])] = int(fields[7])
-        except OSError:
-            continue
-    return found
-
-
 def socket_pids(inodes) -> dict[int, int]:
     """{socket inode: pid} for the processes holding these sockets (those this account may look into)."""
     wanted = {f"socket:[{i}]": i for i in inodes}
