@@ -406,10 +406,9 @@ SCHEMA: dict = _obj({
                          errorMessage="auto or a Python module name"),
         "concurrency": {"type": ["integer", "null"], "default": None, "minimum": 0,
                         "description": "How many first set-ups of ~/sPyNNakerGit run at the same time on the hub's "
-                        "machine (local servers); the others wait for a turn, so that a room of students logging in "
-                        "together get their servers as fast as without the git kernel, and their set-ups a few at a "
-                        "time instead of all finishing late together. Empty: half the cores, at least 1; 0: no "
-                        "bound."},
+                        "machine (local servers); the others wait for a turn, so that the set-ups of a room of "
+                        "students logging in together take little CPU from the servers still starting, and finish a "
+                        "few at a time instead of all late together. Empty: half the cores, at least 1; 0: no bound."},
     }),
     "tutorials": _obj({
         "source": _str(None, "Folder of tutorial notebooks copied into new homes (default: the project's "
