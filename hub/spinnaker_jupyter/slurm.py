@@ -57,6 +57,9 @@ from .spawner import PrivateHomeSpawner
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 #: Seconds between queue-position checks while a job waits (one extra squeue call each).
 QUEUE_CHECK_EVERY = 2.0
+#: squeue during a start: first after FIRST_POLL s, then doubling up to POLL_MAX (squeue --iterate's finest step), so
+#: that one start is seen running at once and 30 at a time do not fill the hub's cores with squeue processes.
+FIRST_POLL, POLL_MAX = 0.25, 1.0
 
 
 class SlurmStartError(SpawnException):
@@ -165,6 +168,7 @@ class SlurmUserSpawner(ProgressMixin, SlurmSpawner):
         self._in_start = True
         self._started_job = ""
         self._node_addr = ""
+        self.startup_poll_interval = FIRST_POLL
         try:
             ip, port = await super().start()
         except RuntimeError as e:
@@ -194,6 +198,9 @@ class SlurmUserSpawner(ProgressMixin, SlurmSpawner):
         status = await super().query_job_status()
         if getattr(self, "_in_start", False) and status == JobStatus.PENDING:
             await self._say_queue()
+        if getattr(self, "_in_start", False):  # (batchspawner's start loop sleeps this long before the next query)
+            running = status == JobStatus.RUNNING  # then it only waits for the port report: no command per wait
+            self.startup_poll_interval = 0.1 if running else min(POLL_MAX, self.startup_poll_interval * 2)
         if getattr(self, "_in_start", False) and status == JobStatus.RUNNING and not self._node_addr:
             self._node_addr = await self._node_address(super().state_gethost())
             await self.on_job_running()
@@ -385,7 +392,6 @@ def configure(c, d, args: list[str]) -> None:
     s.req_memory = sl["memory"] or sp["mem_limit"] or ""
     s.board_license = sl["board_license"] or ""
     s.extra_sbatch_options = list(sl["extra_sbatch_options"])
-    s.startup_poll_interval = 0.25
     s.batch_query_cmd = "squeue -h -j {job_id} -o '%T %r %B'"  # state, pending reason, node (last: the host)
     bin_dir = Path(sys.executable).parent
     # batchspawner-singleuser, bound to the node's Slurm address instead of every interface (slurm_singleuser.py)

@@ -2,7 +2,8 @@
 batchspawner's own `batchspawner-singleuser` (it picks a port and reports it to the hub), with the server bound to
 the node's Slurm address (`NodeAddr` in slurm.conf, the address the hub connects to: slurm.py looks up the same
 one), not to every interface as batchspawner's default `0.0.0.0` would: on a one-machine cluster that is 127.0.0.1,
-and nobody on the network reaches a user's server except through the hub's proxy."""
+and nobody on the network reaches a user's server except through the hub's proxy. With the local servers' start-up
+cuts (singleuser.py)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ def main() -> None:
     os.environ["JUPYTERHUB_SERVICE_URL"] = urlunparse(url._replace(netloc=f"{node_address(node)}:{url.port or 0}"))
     from batchspawner.singleuser import main as upstream  # (keeps the host of the URL, replaces the port)
 
+    from .singleuser import prepare
+
+    prepare()  # the start-up cuts of local servers (singleuser.py): about 2 CPU-seconds less per start
     upstream()
 
 
