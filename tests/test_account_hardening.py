@@ -83,3 +83,21 @@ def test_a_re_added_name_does_not_get_the_earlier_persons_batch_jobs(hub_factory
     assert added.returncode == 0, added.stderr
     assert store.query("jo") == []  # the new jo lists no job, and the job API refuses the old one (not theirs)
     assert store.get(job.id).user_id.startswith(".removed/jo/")  # kept for operators (`jobs list`)
+
+
+def test_an_account_left_by_an_earlier_removal_is_retired_when_the_name_is_added_again(hub):
+    from spinnaker_jupyter.config import load
+    from spinnaker_jupyter.local_accounts import AccountStore
+
+    old = hub.client("kim", hub.add_user("kim"))
+    old.start_server()
+    old_uid = int(run(old, "import os\nprint('UID', os.getuid())").split("UID")[1])
+    old.stop_server()
+    d = load([hub.config_file])
+    AccountStore(d.accounts_file).remove("kim")  # a removal of before: the account file only, the system account kept
+    (d.homes_dir / "kim").rename(d.homes_dir / "kim-old")
+    new = hub.client("kim", hub.add_user("kim"))
+    new.start_server()
+    assert int(run(new, "import os\nprint('UID', os.getuid())").split("UID")[1]) != old_uid
+    assert pwd.getpwuid(old_uid).pw_name == f"retired-{old_uid}"
+    new.stop_server()

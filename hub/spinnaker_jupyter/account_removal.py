@@ -230,7 +230,9 @@ def earlier_account_leftovers(d: Deployment, name: str) -> str | None:
     """Before `name` is given to a new person: what an earlier account of that name left that the new person would
     get. Its ended batch jobs (outputs, logs) are handed to a name nobody can log in as (`_hand_over_jobs`); returns
     one line why the name cannot be given yet, or None. Local homes need no check: removal archives the home and
-    retires the system account."""
+    retires the system account; one left by a removal before that did (same name, not an account now) is retired
+    here."""
+    _retire_system_account(d, name)
     return _hand_over_jobs(d, name) or _earlier_home_volume(d, name)
 
 
