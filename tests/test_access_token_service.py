@@ -95,6 +95,19 @@ def test_stamp_keeps_expiry_of_the_same_token_and_renews_for_a_new_one():
     assert hook_result[ats.EXPIRES_AT_KEY] > time.time()
 
 
+def test_check_interval_follows_short_token_lifetimes():
+    authenticator = SimpleNamespace(auth_refresh_age=30, log=ats.tokens.log)
+    ats.check_often_enough(authenticator, {"access_token": "t", "token_response": {"expires_in": 300}})
+    assert authenticator.auth_refresh_age == 30  # long-lived tokens: the configured interval
+    for state in ({"access_token": "t"}, {"access_token": "t", "token_response": {"expires_in": "?"}}, None):
+        ats.check_often_enough(authenticator, state)
+        assert authenticator.auth_refresh_age == 30  # lifetime unknown: unchanged
+    ats.check_often_enough(authenticator, {"access_token": "t", "token_response": {"expires_in": 8}})
+    assert authenticator.auth_refresh_age == 4  # every half lifetime
+    ats.check_often_enough(authenticator, {"access_token": "t", "token_response": {"expires_in": 300}})
+    assert authenticator.auth_refresh_age == 4  # never lengthened again
+
+
 def test_service_definition_is_least_privilege():
     d = ats.service_definition("http://127.0.0.1:8091", python="/venv/bin/python")
     assert d["service"]["name"] == SERVICE
@@ -407,9 +420,9 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory, oidc_provider, chp_command):
-    tmp = tmp_path_factory.mktemp("hub")
+@contextlib.contextmanager
+def _running_hub(tmp: Path, oidc_provider: OIDCProvider, chp_command, refresh_margin: float = REFRESH_MARGIN,
+                 auth_refresh_age: int = AUTH_REFRESH_AGE):
     port, hub_port, proxy_api_port, service_port = (_free_port() for _ in range(4))
     url = f"http://127.0.0.1:{port}"
     oidc_provider.add_redirect_uri(f"{url}/hub/oauth_callback")
@@ -440,7 +453,7 @@ def hub(tmp_path_factory, oidc_provider, chp_command):
         c.GenericOAuthenticator.oauth_callback_url = "{url}/hub/oauth_callback"
         c.GenericOAuthenticator.allow_all = True
         for key, value in authenticator_settings(
-            refresh_margin={REFRESH_MARGIN}, auth_refresh_age={AUTH_REFRESH_AGE}, provider_timeout={PROVIDER_TIMEOUT}
+            refresh_margin={refresh_margin}, auth_refresh_age={auth_refresh_age}, provider_timeout={PROVIDER_TIMEOUT}
         ).items():
             setattr(c.GenericOAuthenticator, key, value)
 
@@ -486,6 +499,12 @@ def hub(tmp_path_factory, oidc_provider, chp_command):
         yield hub
     finally:
         hub.stop()
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory, oidc_provider, chp_command):
+    with _running_hub(tmp_path_factory.mktemp("hub"), oidc_provider, chp_command) as running:
+        yield running
 
 
 def _user(oidc_provider: OIDCProvider, name: str, **claims) -> tuple[str, str]:
@@ -607,6 +626,27 @@ def test_refreshed_after_it_expired(hub, oidc_provider):
     second = hub.access_token(token)["access_token"]
     assert second != first
     _assert_token_of(oidc_provider, second, name)
+
+
+def test_tokens_shorter_lived_than_the_check_interval_are_renewed_at_once(tmp_path_factory, oidc_provider, chp_command):
+    # the hub's default check interval (auth_refresh_age 30 s) is longer than the provider's access tokens live (8 s):
+    # before, the user's server was told "login expired and could not be renewed" from the token's expiry until the
+    # next check, ~20 s later (the hub does not consult the authenticator between checks)
+    assert oidc_provider.access_token_ttl < ats.DEFAULT_AUTH_REFRESH_AGE
+    with _running_hub(tmp_path_factory.mktemp("hub-defaults"), oidc_provider, chp_command,
+                      refresh_margin=ats.DEFAULT_REFRESH_MARGIN, auth_refresh_age=ats.DEFAULT_AUTH_REFRESH_AGE) as hub:
+        name, password = _user(oidc_provider, "kim")
+        server_token = hub.start_server(hub.login(name, password), name)["JUPYTERHUB_API_TOKEN"]
+        first = hub.access_token(server_token)
+        wait_for(lambda: time.time() > first["expires_at"] + 0.2, oidc_provider.access_token_ttl + 5,
+                 what="the first access token to expire")
+        started = time.monotonic()
+        response = hub.get_token(server_token)
+        elapsed = time.monotonic() - started
+        assert response.status_code == 200, f"{response.text}\n{hub.log_tail()}"
+        assert elapsed < PROVIDER_TIMEOUT, f"answered after {elapsed:.1f} s"
+        assert response.json()["access_token"] != first["access_token"]
+        _assert_token_of(oidc_provider, response.json()["access_token"], name)
 
 
 def test_refreshed_when_the_provider_revoked_the_access_token(hub, oidc_provider):

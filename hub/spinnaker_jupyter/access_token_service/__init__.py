@@ -26,7 +26,9 @@ How a request is answered
    seconds or is refused. Nobody waits for it longer than ``provider_timeout`` seconds, or a moment
    while the stored access token is still valid (that token is then served); the flight stores its
    result in auth_state when it lands, where :func:`reconcile_auth_state_hook` stamps when the
-   access token expires.
+   access token expires. A provider whose tokens live less than twice ``auth_refresh_age`` makes
+   that hook shorten ``auth_refresh_age`` to half their lifetime (:func:`check_often_enough`):
+   otherwise a token would expire between two checks, unrenewed.
 2. The user's auth_state is read with the service's own token: ``GET /hub/api/users/{name}``,
    which needs ``read:users:name`` (any of the read:users* scopes) and ``admin:auth_state``.
 3. The access token is returned, unless it has expired: then either the provider is not answering
@@ -71,7 +73,13 @@ Wiring (see :func:`service_definition` and :func:`authenticator_settings`)
 """
 
 from .lookup import AccessTokenLookup, HubError, ServiceError
-from .refresh import RefreshRefused, make_refresh_user_hook, provider_unreachable, reconcile_auth_state_hook
+from .refresh import (
+    RefreshRefused,
+    check_often_enough,
+    make_refresh_user_hook,
+    provider_unreachable,
+    reconcile_auth_state_hook,
+)
 from .server import main, make_app, token_from_header
 from .tokens import (
     DEFAULT_AUTH_REFRESH_AGE,
@@ -88,16 +96,18 @@ from .tokens import (
     SERVICE_SCOPES,
     access_scope,
     access_token_expires_at,
+    access_token_lifetime,
     jwt_expiry,
     stamp_access_token_expiry,
 )
 from .wiring import authenticator_settings, service_definition
 
 __all__ = [
-    "AccessTokenLookup", "HubError", "ServiceError", "RefreshRefused", "make_refresh_user_hook", "provider_unreachable",
-    "reconcile_auth_state_hook", "main", "make_app", "token_from_header", "DEFAULT_AUTH_REFRESH_AGE",
-    "DEFAULT_HUB_TIMEOUT", "DEFAULT_PROVIDER_TIMEOUT", "DEFAULT_REFRESH_MARGIN", "ENDPOINT", "EXPIRES_AT_KEY",
+    "AccessTokenLookup", "HubError", "ServiceError", "RefreshRefused", "check_often_enough", "make_refresh_user_hook",
+    "provider_unreachable", "reconcile_auth_state_hook", "main", "make_app", "token_from_header",
+    "DEFAULT_AUTH_REFRESH_AGE", "DEFAULT_HUB_TIMEOUT", "DEFAULT_PROVIDER_TIMEOUT", "DEFAULT_REFRESH_MARGIN", "ENDPOINT",
+    "EXPIRES_AT_KEY",
     "HUB_TIMEOUT_ENV", "PENDING_REFRESH_WAIT", "REFRESH_REQUEST_LIFETIME", "REFRESH_STATUS_KEY", "SERVICE_NAME",
-    "SERVICE_SCOPES", "access_scope", "access_token_expires_at", "jwt_expiry", "stamp_access_token_expiry",
-    "authenticator_settings", "service_definition",
+    "SERVICE_SCOPES", "access_scope", "access_token_expires_at", "access_token_lifetime", "jwt_expiry",
+    "stamp_access_token_expiry", "authenticator_settings", "service_definition",
 ]

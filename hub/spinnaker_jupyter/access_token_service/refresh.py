@@ -19,6 +19,7 @@ from .tokens import (
     REFRESH_REQUEST_LIFETIME,
     REFRESH_STATUS_KEY,
     access_token_expires_at,
+    access_token_lifetime,
     log,
     stamp_access_token_expiry,
 )
@@ -29,11 +30,39 @@ from .tokens import (
 
 def reconcile_auth_state_hook(authenticator: Any, authenticated: Mapping[str, Any],
                               existing_auth_state: Mapping[str, Any] | None) -> dict | None:
-    """``Authenticator.reconcile_auth_state_hook`` (JupyterHub >= 6): record the token's expiry.
+    """``Authenticator.reconcile_auth_state_hook`` (JupyterHub >= 6): record the token's expiry, and make the hub
+    check the user's tokens often enough for the provider's token lifetime (:func:`check_often_enough`).
 
     Called by the hub whenever it stores auth_state after a login or a refresh.
     """
-    return stamp_access_token_expiry(authenticated.get("auth_state"), existing_auth_state)
+    state = stamp_access_token_expiry(authenticated.get("auth_state"), existing_auth_state)
+    check_often_enough(authenticator, state)
+    return state
+
+
+def check_often_enough(authenticator: Any, auth_state: Mapping[str, Any] | None) -> None:
+    """Shorten ``authenticator.auth_refresh_age`` to half the lifetime of the access token just issued, when it is
+    longer.
+
+    The hub consults the authenticator about a user (and so this package's refresh hook) only once
+    ``auth_refresh_age`` seconds have passed since the last time (JupyterHub's ``BaseHandler.refresh_auth``; a login
+    counts as one). A token living shorter than that expired unrenewed in between, and the service told the user's
+    server the login had expired until the next check (with 8 s tokens and the default 30 s: ~20 s after each
+    expiry, the first one right after login). Checking every half lifetime renews each token while it is valid.
+    Real EBRAINS tokens live longer than twice the default interval, so nothing changes there.
+    """
+    if authenticator is None or not getattr(authenticator, "auth_refresh_age", 0):
+        return
+    lifetime = access_token_lifetime(auth_state)
+    if lifetime is None:
+        return
+    needed = max(1, int(lifetime // 2))
+    if needed < authenticator.auth_refresh_age:
+        authenticator.log.warning(
+            "The identity provider's access tokens live %d s, less than twice auth_refresh_age (%d s): the hub now "
+            "checks users' tokens every %d s, so that each one is renewed before it expires",
+            lifetime, authenticator.auth_refresh_age, needed)
+        authenticator.auth_refresh_age = needed
 
 
 def _auth_model(authenticator: Any, token_info: Mapping[str, Any]) -> Awaitable[dict]:

@@ -80,6 +80,18 @@ def access_token_expires_at(auth_state: Mapping[str, Any] | None) -> float | Non
     return min(known) if known else None
 
 
+def access_token_lifetime(auth_state: Mapping[str, Any] | None) -> float | None:
+    """How long the stored access token lives from its issue: ``expires_in`` of the token response that brought it
+    (oauthenticator keeps that response in auth_state), else None."""
+    if not auth_state or not auth_state.get("access_token"):
+        return None
+    try:
+        lifetime = float((auth_state.get("token_response") or {}).get("expires_in"))
+    except (TypeError, ValueError):
+        return None
+    return lifetime if lifetime > 0 else None
+
+
 def stamp_access_token_expiry(
     new_state: Mapping[str, Any] | None,
     existing_state: Mapping[str, Any] | None,

@@ -30,7 +30,9 @@ def authenticator_settings(
     """Settings for ``c.GenericOAuthenticator`` that keep auth_state's access token fresh.
 
     ``auth_refresh_age`` < ``refresh_margin`` guarantees that a token handed out right after a hub
-    request for the user has at least ``refresh_margin - auth_refresh_age`` seconds left.
+    request for the user has at least ``refresh_margin - auth_refresh_age`` seconds left; when the
+    provider's tokens live less than twice ``auth_refresh_age``, the hub's interval is shortened to
+    half their lifetime at run time (:func:`.refresh.check_often_enough`).
     ``provider_timeout`` bounds every request to the provider (``http_request_kwargs``) and every
     wait for a refresh (see :func:`make_refresh_user_hook`).
     """
