@@ -109,6 +109,15 @@ class Slurm:
     def start_controller(self) -> None:
         self.start_daemon("slurmctld", ["slurmctld", "-D", "-f", str(self.conf)])
 
+    def shutdown(self) -> None:
+        """Jobs first (scancel), then the daemons; the folder goes."""
+        if "slurmctld" in self.procs:
+            self.cancel_all()
+        for name in ("slurmd", "slurmctld", "munged"):
+            self.stop_daemon(name)
+        _wait_steps_gone(self.folder)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
 
 def _missing() -> str | None:
     if os.geteuid() != 0:
@@ -119,11 +128,9 @@ def _missing() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
-def slurm():
-    why = _missing()
-    if why:
-        pytest.skip(why)
+def start_slurm(boards: int = 2, memory_mb: int = 8000, jobs_per_core: int = 8) -> Slurm:
+    """munged, slurmctld and slurmd in a folder of their own, up and idle (benchmarks use it too); `shutdown()`
+    ends them."""
     parent = ROOT / ".cache" / "tests"
     parent.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="slurm-", dir=parent))
@@ -138,10 +145,11 @@ def slurm():
     for sub in ("state", "spool"):
         (folder / sub).mkdir(mode=0o700)
     conf = folder / "slurm.conf"
-    conf.write_text(slurm_conf.render(folder, boards=2, ctld_port=_free_port(), slurmd_port=_free_port(),
-                                      memory_mb=8000, munge_socket=socket_path, share_cores=True))
+    conf.write_text(slurm_conf.render(folder, boards=boards, ctld_port=_free_port(), slurmd_port=_free_port(),
+                                      memory_mb=memory_mb, munge_socket=socket_path, share_cores=True,
+                                      jobs_per_core=jobs_per_core))
     os.chmod(conf, 0o644)
-    s = Slurm(folder, conf, "spinnaker", 2)
+    s = Slurm(folder, conf, "spinnaker", boards)
     try:
         s.start_daemon("munged", ["runuser", "-u", "munge", "--", "munged", "--foreground", f"--key-file={key}",
                                   f"--socket={socket_path}", f"--pid-file={munge_dir / 'munged.pid'}",
@@ -154,14 +162,22 @@ def slurm():
         s.start_controller()
         s.start_daemon("slurmd", ["slurmd", "-D", "-f", str(conf)])
         s.wait_idle()
+    except BaseException:
+        s.shutdown()
+        raise
+    return s
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    why = _missing()
+    if why:
+        pytest.skip(why)
+    s = start_slurm()
+    try:
         yield s
     finally:
-        if "slurmctld" in s.procs:
-            s.cancel_all()
-        for name in ("slurmd", "slurmctld", "munged"):
-            s.stop_daemon(name)
-        _wait_steps_gone(folder)
-        shutil.rmtree(folder, ignore_errors=True)
+        s.shutdown()
 
 
 def _wait_steps_gone(folder: Path, timeout: float = 15) -> None:

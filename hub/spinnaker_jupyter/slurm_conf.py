@@ -17,11 +17,12 @@ LICENSE = "spinnaker_board"  # the licence name sbatch -L asks for, one per boar
 
 def render(folder: Path, *, node: str | None = None, node_addr: str = "127.0.0.1", cpus: int | None = None,
            memory_mb: int = 2000, boards: int = 2, ctld_port: int = 16817, slurmd_port: int = 16818,
-           partition: str = "spinnaker", munge_socket: Path | None = None, share_cores: bool = False) -> str:
+           partition: str = "spinnaker", munge_socket: Path | None = None, share_cores: bool = False,
+           jobs_per_core: int = 8) -> str:
     """slurm.conf text for one node named `node` (default: this host's short name, which slurmd must match).
-    `share_cores`: up to 8 jobs share a core (memory still counts), so that more servers than cores run at once
-    (Jupyter servers idle most of the time; the local spawner shares cores the same way); else each job has cores
-    of its own."""
+    `share_cores`: up to `jobs_per_core` jobs share a core (memory still counts), so that more servers than cores
+    run at once (Jupyter servers idle most of the time; the local spawner shares cores the same way); else each job
+    has cores of its own."""
     node = node or socket.gethostname().split(".")[0]
     cpus = cpus or os.cpu_count() or 1
     folder = Path(folder)
@@ -55,7 +56,7 @@ def render(folder: Path, *, node: str | None = None, node_addr: str = "127.0.0.1
         f"Licenses={LICENSE}:{boards}",
         f"NodeName={node} NodeAddr={node_addr} CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN",
         f"PartitionName={partition} Nodes={node} Default=YES MaxTime=INFINITE State=UP "
-        f"OverSubscribe={'FORCE:8' if share_cores else 'NO'}",
+        f"OverSubscribe={f'FORCE:{jobs_per_core}' if share_cores else 'NO'}",
     ]
     return "\n".join(lines) + "\n"
 

@@ -13,7 +13,8 @@ fair share, limits and accounting apply to it as to any of the user's jobs.
   runner's time limit counts from when the job runs, as on the local executor.
 * The job's output goes to `.job/slurm.out` in its scratch folder (which every node mounts at the same path:
   data_dir on shared storage); the service reads it as the job runs, refusing a file the job's account does not
-  own or a link. The state comes from `scontrol show job` every POLL seconds (squeue's own finest refresh); the
+  own or a link. The state comes from `scontrol show job` every POLL seconds (squeue's own finest refresh; sooner
+  just after the submission and the start, so that a short job is not held back by the poll); the
   exit code and the end (done, failed, cancelled, time limit, node failure, out of memory) from Slurm, said in
   words in the log when Slurm, not the runner, ended it.
 * Cancel and kill = `scancel`. Every Slurm job id is recorded (data_dir/jobs/slurm/, root only) from its
@@ -43,6 +44,14 @@ from .runner import INTERNAL, JobFailed, JobLog, _stamp
 
 log = logging.getLogger("spinnaker_jupyter.jobs")
 POLL = 1.0  # seconds between scontrol calls (squeue --iterate's finest step)
+FIRST_POLL = 0.25  # right after a change the first calls come sooner, doubling up to POLL (a short job ends early)
+
+
+def _pauses():
+    pause = FIRST_POLL
+    while True:
+        yield pause
+        pause = min(POLL, pause * 2)
 READ_EVERY = 0.25  # seconds between reads of the output file (a local or NFS read, not a Slurm call)
 OUT_FILE = "slurm.out"
 
@@ -232,6 +241,7 @@ class SlurmJob:
     async def wait_running(self) -> None:
         """Until Slurm runs the job; meanwhile its place in the queue and the reason, in words."""
         said, checked = None, 0.0
+        pauses = _pauses()
         while True:
             info = await self.x.show(self.pid)
             self.state = info.get("JobState", "?") if info else "GONE"
@@ -249,7 +259,7 @@ class SlurmJob:
                     words = f"waiting in the Slurm queue: position {position}, {slurm_queue.pending_words(reason)}"
                     self.x._note(self.job_id, f"{_stamp()}: {words}")
                     self.x._detail(self.job_id, words[0].upper() + words[1:])
-            await asyncio.sleep(POLL)
+            await asyncio.sleep(next(pauses))
         self.x._detail(self.job_id, None)
         if self.state in ("RUNNING", "COMPLETING", "COMPLETED", "FAILED"):
             node = info.get("BatchHost") or info.get("NodeList") if info else "?"
@@ -258,9 +268,10 @@ class SlurmJob:
 
     async def _follow(self, info: dict | None) -> None:
         """Slurm's state every POLL seconds until the job is over; then its exit code."""
+        pauses = _pauses()
         try:
             while info is not None and info.get("JobState") not in slurm_queue.ENDED:
-                await asyncio.sleep(POLL)
+                await asyncio.sleep(next(pauses))
                 try:
                     info = await self.x.show(self.pid)
                 except RuntimeError as e:  # the controller away for a moment: the job may well run on
