@@ -235,6 +235,27 @@ def test_hub_image_has_jupyterhub_the_proxy_and_the_hub_package(podman_engine, p
     assert out.split() == ["6.1.1", "5.3.0", "cli-ok", "ok"], out
 
 
+FRAMED_HUB_SCRIPT = r"""
+set -eu
+printf '%s\n' 'data_dir: /tmp/data' 'spawner: {type: docker}' \
+    'hub: {public_url: "https://hub.example.org/", frame_ancestors: ["https://wiki.ebrains.eu"]}' > /tmp/hub.yaml
+python - <<'PY'
+from traitlets.config import Config
+from spinnaker_jupyter import config, hubconfig
+c = Config()
+hubconfig.apply(c, config.load(["/tmp/hub.yaml"]))
+print("FRAMED", c.JupyterHub.tornado_settings["cookie_options"])
+PY
+"""
+
+
+def test_hub_image_serves_a_hub_embedded_in_another_sites_page(podman_engine, podman_hub_image):
+    """hub.frame_ancestors over HTTPS (the hub in an EBRAINS collab page), as the hub image applies it: the framed
+    cookies come from the extension distribution's spinnaker_framing, which the image must hold."""
+    out = run(podman_engine.client(), podman_hub_image, ["bash", "-c", FRAMED_HUB_SCRIPT])
+    assert "FRAMED {'samesite': 'None', 'secure': True, 'partitioned': True}" in out, out
+
+
 NRP_LAYER_SCRIPT = r"""
 set -eu
 mkdir -p /tmp/front /tmp/back/api

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import spinnaker_framing as framing
 from spinnaker_server_contract import ServerContract
 
-from . import framing, kernel_ipc, nrp
+from . import kernel_ipc, nrp
 from .activity import watch_busy_kernels
 from .proxy_guard import install_proxy_guard
 from .tutorials import seed_tutorials

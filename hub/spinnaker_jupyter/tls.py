@@ -12,6 +12,8 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
+import spinnaker_framing  # (the extension distribution's, standard library only: the servers frame alike)
+
 from .config import ConfigError, Deployment
 from .preflight import trusted
 
@@ -78,14 +80,12 @@ def apply(c, d: Deployment, headers: dict, server_settings: dict) -> None:
     if served_over_https(d) and tls["hsts_max_age"]:
         headers["Strict-Transport-Security"] = f"max-age={tls['hsts_max_age']}"
     if hub["frame_ancestors"] and served_over_https(d):
-        from spinnaker_jupyter_ext.framing import FRAMED, frame_cookies  # (the user servers' extension, also here)
-
-        # SameSite=None; Secure; Partitioned (see spinnaker_jupyter_ext.framing, which also covers logouts).
+        # SameSite=None; Secure; Partitioned (see spinnaker_framing, which also covers logouts).
         # The hub's cookies (its _xsrf follows them), and user servers' login cookies: JupyterHub hands them on
         # as JUPYTERHUB_COOKIE_OPTIONS, which also tells their extension to frame every cookie.
-        c.JupyterHub.tornado_settings["cookie_options"] = dict(FRAMED)
-        frame_cookies()  # this (the hub's) process
-        server_settings["xsrf_cookie_kwargs"] = dict(FRAMED)  # the user server's _xsrf
+        c.JupyterHub.tornado_settings["cookie_options"] = dict(spinnaker_framing.FRAMED)
+        spinnaker_framing.frame_cookies()  # this (the hub's) process
+        server_settings["xsrf_cookie_kwargs"] = dict(spinnaker_framing.FRAMED)  # the user server's _xsrf
     elif hub["frame_ancestors"]:
         print("[spinnaker-jupyter] hub.frame_ancestors: a page of another site may show the hub, but logging in "
               "inside its frame fails over plain HTTP (browsers keep a framed site's cookies only over HTTPS). Set "
