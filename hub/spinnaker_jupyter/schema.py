@@ -448,7 +448,19 @@ SCHEMA: dict = _obj({
         "executor": _str("local", "Where jobs run. `local`: as the user's own system account on this machine (as "
                          "their server), in a scratch folder, with the limits below. `slurm`: as a Slurm job "
                          "submitted by that account (spawner.slurm's conf and board licence, jobs.slurm; data_dir "
-                         "on storage every node mounts).", enum=["local", "slurm"]),
+                         "on storage every node mounts). `docker`: in a container of the single-user image per job "
+                         "(spawner.docker's engine, jobs.docker), as that account, with only the job's folder and "
+                         "its sPyNNaker cfg mounted and engine limits.", enum=["local", "slurm", "docker"]),
+        "docker": _obj({
+            "image": _str(None, "Image jobs run in (executor docker); null: spawner.docker.image, the servers' "
+                          "(the same sPyNNaker as the notebooks)."),
+            "network": _str(None, "Network of job containers (executor docker). null: none at all in spinnaker.mode "
+                            "virtual and per-run (a job has no board to reach), else spawner.docker.network, "
+                            "which the operator limits to the spalloc service and the boards. pip installs "
+                            "(extra_pip_installs) need PyPI: this network, else spawner.docker.network."),
+            "cpus": {"type": "number", "default": 1, "exclusiveMinimum": 0,
+                     "description": "CPU cores a job container may use (executor docker)."},
+        }),
         "slurm": _obj({
             "partition": _str(None, "Partition batch jobs run in (sbatch --partition); null: "
                               "spawner.slurm.partition."),

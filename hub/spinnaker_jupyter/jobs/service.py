@@ -48,6 +48,10 @@ async def serve() -> None:
         from .slurm_executor import SlurmExecutor
 
         executor = SlurmExecutor.for_deployment(d, s, store, executor)
+    elif d["jobs"]["executor"] == "docker":  # the same accounts; a container per job (docker_executor.py)
+        from .docker_executor import DockerExecutor
+
+        executor = DockerExecutor.for_deployment(d, s, store, executor)
     boards = JobBoards.from_deployment(d)  # spinnaker.mode for jobs too (job_boards.py)
     runner = Runner(store, executor, s, boards)
     back = runner.recover()

@@ -1,0 +1,141 @@
+"""Batch jobs in containers (`jobs.executor: docker`) through the real hub's job service and the unmodified nmpi
+client, on a real container engine (podman's Docker API here): a PyNN job runs in the single-user image as the
+user's own job account, with no network (virtual mode) and engine limits, and its output comes back; an error and a
+cancel end the container; another user's job does not see the first's folder; a container left by a killed job
+service is removed when it starts again."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from urllib.parse import urlparse
+
+import pytest
+import requests
+import test_jobs
+from hubclient import wait_for
+from podman_fixtures import TEST_LABEL
+from test_jobs import _service_pid, client_for, start_jobs_hub, wait_done
+
+pytestmark = pytest.mark.containers
+nmpi = test_jobs.nmpi_module  # (the fixture, under the name these tests ask for)
+
+PREFIX = "djtest-"  # system accounts of their own: other suites' hubs on this machine have their jupyter-<name>
+JOB_LABEL = "spinnaker-jupyter.job"
+
+PYNN = '''
+import os, socket, sys
+import pyNN.spiNNaker as p
+p.setup(timestep=1.0)
+pop = p.Population(10, p.IF_curr_exp(), label="pop")
+pop.record("spikes")
+p.run(10)
+n = len(pop.get_data("spikes").segments[0].spiketrains)
+p.end()
+open("summary.txt", "w").write(f"spiketrains={n}\\n")
+print("python", sys.executable, "uid", os.getuid(), flush=True)
+try:
+    socket.create_connection(("127.0.0.1", int(sys.argv[2])), timeout=3).close()
+    print("network: reached the job service")
+except OSError:
+    print("network: none")
+def first(*paths):  # cgroup v2, else v1
+    return next((open(f).read().strip() for f in paths if os.path.exists(f)), "?")
+print("limits", first("/sys/fs/cgroup/pids.max", "/sys/fs/cgroup/pids/pids.max"),
+      first("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"), flush=True)
+'''
+FOREVER = ("import os, pathlib, time\npathlib.Path('secret.txt').write_text('mine')\n"
+           "print('working in', os.getcwd(), flush=True)\nwhile True:\n    time.sleep(0.2)\n")
+
+
+@pytest.fixture(scope="module")
+def hub(hub_factory, podman_engine):
+    spawner = {"type": "docker", "local": {"system_user_prefix": PREFIX},
+               "docker": {"engine_url": podman_engine.url, "image": podman_engine.images["singleuser"],
+                          "pull_policy": "never", "network": "host", "labels": {TEST_LABEL: "1"},
+                          "volume_prefix": "spinnaker-jupyter-test-jobhome-"}}
+    hub = start_jobs_hub(hub_factory, {"executor": "docker", "limits": {"wall_time": 300, "memory_mb": 1024,
+                                                                         "processes": 64, "output_mb": 4}},
+                         {"spawner": spawner})
+    hub.users = {name: hub.client(name, hub.add_user(name)) for name in ("djada", "djben")}
+    return hub
+
+
+def job_containers(podman_engine, job_id=None):
+    label = f"{JOB_LABEL}={job_id}" if job_id is not None else JOB_LABEL
+    return podman_engine.client().containers.list(all=True, filters={"label": label})
+
+
+def job_id_of(uri: str) -> int:
+    return int(uri.rstrip("/").rsplit("/", 1)[1])
+
+
+def test_pynn_job_runs_in_the_image_as_the_users_account(hub, nmpi, podman_engine, tmp_path):
+    client = client_for(nmpi, hub, "djada")
+    port = urlparse(hub.jobs_url).port
+    uri = client.submit_job(source=PYNN, command=f"run.py {{system}} {port}", platform="SpiNNaker",
+                            collab_id="private-djada")
+    job = wait_done(client, uri, timeout=240)
+    assert job["status"] == "finished", job["log"][-3000:]
+    log = job["log"]
+    assert f"as {PREFIX}djada (uid " in log and "no network" in log, log
+    uid = re.search(rf"as {PREFIX}djada \(uid (\d+)\)", log).group(1)
+    assert f"python /opt/envs/spynnaker/bin/python uid {uid}" in log and uid not in ("0", "1000"), log
+    assert "network: none" in log and f"limits 64 {1024 * 2**20}" in log, log
+    client.download_data(job, local_dir=str(tmp_path))
+    assert (tmp_path / "summary.txt").read_text() == "spiketrains=10\n"
+    assert job_containers(podman_engine, job_id_of(uri)) == []  # removed once over
+
+
+def test_an_error_is_the_commands_exit_code(hub, nmpi, podman_engine):
+    client = client_for(nmpi, hub, "djada")
+    job = wait_done(client, client.submit_job(source="print('about to fail', flush=True)\nraise SystemExit(3)\n",
+                                              platform="SpiNNaker", collab_id="private-djada"))
+    assert job["status"] == "error", job["log"]
+    assert "about to fail" in job["log"] and "The command exited with code 3" in job["log"], job["log"]
+
+
+def test_cancel_stops_and_removes_the_container_and_others_see_nothing(hub, nmpi, podman_engine):
+    ada, ben = client_for(nmpi, hub, "djada"), client_for(nmpi, hub, "djben")
+    uri = ada.submit_job(source=FOREVER, platform="SpiNNaker", collab_id="private-djada")
+    wait_for(lambda: "working in" in ada.get_job(uri, with_log=True)["log"], 120, "the job to work")
+    folder = re.search(r"working in (\S+)", ada.get_job(uri, with_log=True)["log"]).group(1)
+    assert len(job_containers(podman_engine, job_id_of(uri))) == 1
+    # Ben's job looks for Ada's running job's folder, by its path and anywhere it could be mounted.
+    peek = (f"import os\np = {folder!r}\nprint('sees ada:', os.path.exists(p + '/secret.txt'), "
+            "os.path.exists('/home/jovyan/secret.txt'), sorted(os.listdir(os.path.dirname(os.getcwd()))), "
+            "flush=True)\n")
+    seen = wait_done(ben, ben.submit_job(source=peek, platform="SpiNNaker", collab_id="private-djben"))
+    assert seen["status"] == "finished", seen["log"]
+    assert "sees ada: False False" in seen["log"], seen["log"]
+    assert f"'{os.path.basename(folder)}'" not in seen["log"], seen["log"]  # only Ben's own folder is there
+    r = requests.delete(hub.jobs_url + uri, headers={"Authorization": f"Bearer {hub.users['djada'].token}"},
+                        timeout=30)
+    assert r.status_code == 200, r.text
+    wait_for(lambda: ada.job_status(uri) == "removed", 30, "the job to be removed")
+    wait_for(lambda: job_containers(podman_engine, job_id_of(uri)) == [], 30, "the container to be removed")
+    assert "cancelled by its owner" in ada.get_job(uri, with_log=True)["log"]
+
+
+def test_a_killed_services_container_is_removed_at_its_start(hub, nmpi, podman_engine):
+    client = client_for(nmpi, hub, "djben")
+    uri = client.submit_job(source=FOREVER, platform="SpiNNaker", collab_id="private-djben")
+    wait_for(lambda: "working in" in client.get_job(uri, with_log=True)["log"], 120, "the job to work")
+    first = {c.name for c in job_containers(podman_engine, job_id_of(uri))}
+    assert len(first) == 1
+    old = _service_pid(hub)
+    os.kill(old, signal.SIGKILL)
+
+    def rerun():  # the hub starts its service again: it removes the old container and runs the job again
+        try:
+            names = {c.name for c in job_containers(podman_engine, job_id_of(uri))}
+            return not names & first and client.job_status(uri) == "running" and names
+        except requests.ConnectionError:
+            return False
+
+    wait_for(rerun, 120, "the old container to go and the job to run again")
+    assert _service_pid(hub) not in (None, old)
+    requests.delete(hub.jobs_url + uri, headers={"Authorization": f"Bearer {hub.users['djben'].token}"}, timeout=30)
+    wait_for(lambda: client.job_status(uri) == "removed", 30, "the job to be removed")
+    wait_for(lambda: job_containers(podman_engine, job_id_of(uri)) == [], 30, "the container to be removed")
