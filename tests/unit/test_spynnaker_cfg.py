@@ -119,10 +119,12 @@ def test_spalloc_server_url_must_be_http():
 
 
 def _imports(module: str) -> set[str]:
-    """Every module `module` imports from this package, at the top or inside a function."""
+    """Every module `module` (a module or a subpackage) imports from this package, at the top or inside a function."""
     found = set()
-    for node in ast.walk(ast.parse((PACKAGE / f"{module}.py").read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
+    sub = PACKAGE / module  # a subpackage: its modules import this package's from two levels up
+    files, level = (sorted(sub.glob("*.py")), 2) if sub.is_dir() else ([PACKAGE / f"{module}.py"], 1)
+    for node in (n for f in files for n in ast.walk(ast.parse(f.read_text()))):
+        if isinstance(node, ast.ImportFrom) and node.level == level:
             found |= {node.module} if node.module else {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("spinnaker_jupyter."):
             found.add(node.module.split(".")[1])
