@@ -2,7 +2,7 @@
 the real one-node Slurm the tests start (tests/slurm_fixtures.py): a job runs as a Slurm job under the user's own
 account and its log and outputs come back; it takes a SpiNNaker board licence and, while the boards are taken, its
 log says it waits in the Slurm queue and why; the runner's time limit, a cancel and an operator's scancel end the
-Slurm job and say so; a partition Slurm does not have is one clear line naming the key."""
+Slurm job and say so; a partition Slurm does not have, and a Slurm that is down, are one clear line naming the key."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import re
 
 import pytest
 import requests
+
 import test_jobs
+from conftest import free_port, traversable_tmpdir
 from hubclient import wait_for
 from test_jobs import client_for, start_jobs_hub, wait_done
 
@@ -129,3 +131,20 @@ def test_unknown_partition_is_one_line_naming_the_key(hub_factory, slurm, nmpi):
     assert job["status"] == "error"
     assert ("Slurm refused the job: the partition 'nosuchpartition' does not exist; set jobs.slurm.partition"
             in job["log"]), job["log"]
+
+
+def test_slurm_down_is_one_clear_line_not_a_hang(hub_factory, slurm, nmpi):
+    down = traversable_tmpdir("jobs-slurm-down-") / "slurm.conf"  # the controller's port: nobody listens there
+    down.write_text("\n".join(f"SlurmctldPort={free_port()}" if line.startswith("SlurmctldPort=") else line
+                              for line in slurm.conf.read_text().splitlines()) + "\n")
+    down.chmod(0o644)
+    extra, jobs = jobs_slurm_config(slurm)
+    extra["spawner"]["slurm"]["conf"] = str(down)
+    bad = start_jobs_hub(hub_factory, jobs, extra)
+    bad.users = {"sjkim": bad.client("sjkim", bad.add_user("sjkim"))}
+    client = client_for(nmpi, bad, "sjkim")
+    job = wait_done(client, client.submit_job(source=PRINTS, platform="SpiNNaker", collab_id="private-sjkim"),
+                    timeout=90)
+    assert job["status"] == "error"
+    assert "Slurm refused the job: the Slurm cluster is not answering (its controller cannot be reached)" in \
+        job["log"], job["log"]

@@ -243,7 +243,12 @@ class SlurmJob:
         said, checked = None, 0.0
         pauses = _pauses()
         while True:
-            info = await self.x.show(self.pid)
+            try:
+                info = await self.x.show(self.pid)
+            except RuntimeError as e:  # the controller away for a moment: the job waits on in its queue
+                log.warning("Slurm job %s: %s", self.pid, e)
+                await asyncio.sleep(POLL)
+                continue
             self.state = info.get("JobState", "?") if info else "GONE"
             if self.state != "PENDING":
                 break
