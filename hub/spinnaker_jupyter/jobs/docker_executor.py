@@ -56,10 +56,29 @@ class DockerExecutor(LocalExecutor):
         self.store, self.s, self.docker = store, settings, docker
         self.image, self.network, self.pip_network, self.cpus = image, network, pip_network, cpus
         self.labels = {**labels, LABEL: str(settings.data)}
-        self.client = engine(docker)
         self.jobs: dict[int, ContainerJob] = {}  # our pid -> its container, this run of the service
         self._ids = itertools.count(1)
+        self.client = self._check()
         self._sweep()
+
+    def _check(self):
+        """The engine and the image, or one line saying what to do (the service cannot run jobs without them)."""
+        import docker as docker_py
+
+        where = self.docker.get("engine_url") or "DOCKER_HOST / the default socket"
+        try:
+            client = engine(self.docker)
+            client.version()
+        except (docker_py.errors.DockerException, OSError) as e:  # (requests' ConnectionError is an OSError)
+            raise SystemExit(f"jobs.executor docker: cannot reach the container engine at {where} ({e}); start "
+                             "Docker Engine (or `podman system service`) or set spawner.docker.engine_url.") from None
+        try:
+            client.images.get(self.image)
+        except docker_py.errors.ImageNotFound:
+            raise SystemExit(f"jobs.executor docker: the image {self.image} (jobs.docker.image, else "
+                             "spawner.docker.image) is not on the engine: build it with `python images/build.py "
+                             "singleuser` first.") from None
+        return client
 
     @classmethod
     def for_deployment(cls, d, settings, store, local: LocalExecutor) -> DockerExecutor:
