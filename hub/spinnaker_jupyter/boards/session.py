@@ -19,7 +19,9 @@ through ``on_change()``.
 from __future__ import annotations
 
 import asyncio
+import calendar
 import logging
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,7 +40,7 @@ from ..spalloc import (
 )
 from ..spynnaker_cfg import ClaimedBoards
 from ..spynnaker_cfg import text as spynnaker_cfg_text
-from .lock import board_lock, words
+from .lock import BoardLockError, board_lock, words
 from .record import BoardRecord, now_iso
 
 Say = Callable[[int | None, str], None]
@@ -231,9 +233,9 @@ class BoardSession:
         sp = self.settings
         name = sp["machine_name"]
         lock = board_lock(name)
-        if not lock.try_take(self.who):
+        if not lock.try_take(self.who, self.noun):
             self._claim_task = asyncio.ensure_future(
-                lock.take(self.who, float(sp["claim_timeout"]), lambda m: self._say(None, m))
+                lock.take(self.who, float(sp["claim_timeout"]), lambda m: self._say(None, m), self.noun)
             )
             try:
                 taken = await self._claim_task
@@ -276,14 +278,21 @@ class BoardSession:
 
     # -- after a hub restart ----------------------------------------------------------------------------------------
     def retake_lab_board(self) -> bool:
-        """Re-register the lab board lock of a restored record that holds it (the lock lives in memory only).
+        """Re-register the lab board lock of a restored record that holds it (the lock dies with its process).
         False when another holder has it already (logged: the board is recorded as held twice)."""
         r = self.record
         if r is None or r.mode != "machine" or not r.held:
             return True
-        if board_lock(r.board).try_take(self.who):
-            return True
-        self.log.error("%s: the lab board %s is recorded as held by two servers", self.label, r.board)
+        since = calendar.timegm(time.strptime(r.claimed_at, "%Y-%m-%dT%H:%M:%SZ")) if r.claimed_at else None
+        lock = board_lock(r.board)
+        try:
+            if lock.try_take(self.who, self.noun, since):
+                return True
+        except BoardLockError as e:
+            self.log.error("%s: %s", self.label, e)
+            return False
+        self.log.error("%s: the lab board %s is recorded as held by two holders (now %s)", self.label, r.board,
+                       lock.holder_words(self.owner))
         return False
 
     def needs_resume(self) -> bool:

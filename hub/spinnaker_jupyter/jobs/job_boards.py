@@ -7,8 +7,9 @@
   lease store with the holder ``job:<id>``: the hub's start-up reconciliation leaves those rows alone (a hub start
   must not destroy a running job's board), and the runner reconciles them itself at its start, so the job of a
   runner killed with -9 is given back there (the job itself is put back in the queue).
-* ``machine``: the lab's board, one job at a time (waited for like a claim). The board lock lives in the job
-  service's process: jobs queue behind each other, not behind user servers (the hub's lock is in the hub).
+* ``machine``: the lab's board, one holder at a time (waited for like a claim): the same lock file as the hub's
+  (`boards.lock`, under data_dir/hub), so a job waits for a user server that has the board and the other way
+  round, and the log says who has it.
 * ``virtual``: a virtual board, said in the log and provenance. ``per-run``: jobs run virtual as well (a per-run
   claim needs the user's own token, which a batch job does not have), said the same way.
 
@@ -70,8 +71,11 @@ class JobBoards:
     @classmethod
     def from_deployment(cls, d) -> "JobBoards":
         from ..boards.hubconfig import LEASE_FILE
+        from ..boards.lock import use_deployment
 
         sp = d["spinnaker"]
+        if sp["mode"] == "machine":
+            use_deployment(d)  # the lab board's lock, shared with the hub's servers
         ca = str(d.path(sp["spalloc"]["ca_certs"], Path())) if sp["spalloc"]["ca_certs"] else None
         return cls(sp, d.hub_dir / LEASE_FILE, d.spalloc_token if sp["mode"] == "session" else None, ca)
 
