@@ -18,7 +18,6 @@ from .config import ConfigError, Deployment
 from .preflight import trusted
 
 
-
 def enabled(d: Deployment) -> bool:
     return bool(d["hub"]["tls"]["cert_file"])
 

@@ -33,8 +33,16 @@ values), ``client`` (the session and its requests), ``job`` (one job: state, wai
 
 from .allocator import Allocation, SpallocAllocator
 from .client import SESSION_COOKIE, SpallocClient, TokenSource, normalize_service_url
-from .errors import (SETTINGS, SpallocAuthError, SpallocError, SpallocJobDestroyedError, SpallocProtocolError,
-                     SpallocRequestError, SpallocTimeoutError, SpallocUnreachableError)
+from .errors import (
+    SETTINGS,
+    SpallocAuthError,
+    SpallocError,
+    SpallocJobDestroyedError,
+    SpallocProtocolError,
+    SpallocRequestError,
+    SpallocTimeoutError,
+    SpallocUnreachableError,
+)
 from .iso8601 import format_iso_duration, parse_instant, parse_iso_duration
 from .job import LostCallback, ProgressCallback, SpallocJob
 from .models import ClaimProgress, JobState, JobStatus, MachineInfo, ServiceInfo

@@ -17,8 +17,17 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HT
 from tornado.iostream import StreamClosedError
 
 from ..spynnaker_cfg import CfgError, spalloc_server
-from .errors import (SETTINGS, SpallocAuthError, SpallocError, SpallocProtocolError, SpallocUnreachableError,
-                     auth_error, describe, protocol_error, status_error)
+from .errors import (
+    SETTINGS,
+    SpallocAuthError,
+    SpallocError,
+    SpallocProtocolError,
+    SpallocUnreachableError,
+    auth_error,
+    describe,
+    protocol_error,
+    status_error,
+)
 from .iso8601 import format_iso_duration
 from .job import SpallocJob
 from .models import ServiceInfo

@@ -13,8 +13,16 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 from urllib.parse import urlsplit
 
 from ..words import duration as duration_words
-from .errors import (SETTINGS, SpallocError, SpallocJobDestroyedError, SpallocProtocolError, SpallocRequestError,
-                     SpallocTimeoutError, SpallocUnreachableError, protocol_error)
+from .errors import (
+    SETTINGS,
+    SpallocError,
+    SpallocJobDestroyedError,
+    SpallocProtocolError,
+    SpallocRequestError,
+    SpallocTimeoutError,
+    SpallocUnreachableError,
+    protocol_error,
+)
 from .models import ClaimProgress, JobState, JobStatus, MachineInfo
 
 if TYPE_CHECKING:
