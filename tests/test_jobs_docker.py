@@ -13,6 +13,7 @@ from urllib.parse import urlparse
 
 import pytest
 import requests
+
 import test_jobs
 from hubclient import wait_for
 from podman_fixtures import TEST_LABEL
@@ -40,6 +41,14 @@ try:
     print("network: reached the job service")
 except OSError:
     print("network: none")
+cfg = os.path.join(os.environ["XDG_CONFIG_DIRS"], ".spynnaker.cfg")
+try:
+    open(cfg, "a").close()
+    print("cfg: writable")
+except OSError as e:
+    mounted = [line.split()[3].split(",")[0] for line in open("/proc/self/mounts")
+               if line.split()[1] == os.environ["XDG_CONFIG_DIRS"]]
+    print("cfg:", "readable" if os.access(cfg, os.R_OK) else "unreadable", "mounted", mounted)
 def first(*paths):  # cgroup v2, else v1
     return next((open(f).read().strip() for f in paths if os.path.exists(f)), "?")
 print("limits", first("/sys/fs/cgroup/pids.max", "/sys/fs/cgroup/pids/pids.max"),
@@ -82,6 +91,7 @@ def test_pynn_job_runs_in_the_image_as_the_users_account(hub, nmpi, podman_engin
     assert f"as {PREFIX}djada (uid " in log and "no network" in log, log
     uid = re.search(rf"as {PREFIX}djada \(uid (\d+)\)", log).group(1)
     assert f"python /opt/envs/spynnaker/bin/python uid {uid}" in log and uid not in ("0", "1000"), log
+    assert "cfg: readable mounted ['ro']" in log, log  # the job reads its sPyNNaker cfg and cannot change it
     assert "network: none" in log and f"limits 64 {1024 * 2**20}" in log, log
     client.download_data(job, local_dir=str(tmp_path))
     assert (tmp_path / "summary.txt").read_text() == "spiketrains=10\n"
@@ -94,6 +104,15 @@ def test_an_error_is_the_commands_exit_code(hub, nmpi, podman_engine):
                                               platform="SpiNNaker", collab_id="private-djada"))
     assert job["status"] == "error", job["log"]
     assert "about to fail" in job["log"] and "The command exited with code 3" in job["log"], job["log"]
+
+
+def test_the_time_limit_stops_and_removes_the_container(hub, nmpi, podman_engine):
+    client = client_for(nmpi, hub, "djben")
+    uri = client.submit_job(source=FOREVER, platform="SpiNNaker", collab_id="private-djben", config={"time_limit": 3})
+    job = wait_done(client, uri)
+    assert job["status"] == "error" and "working in" in job["log"], job["log"]
+    assert "The job ran for longer than its time limit of 3 s and was stopped" in job["log"], job["log"]
+    wait_for(lambda: job_containers(podman_engine, job_id_of(uri)) == [], 30, "the container to be removed")
 
 
 def test_cancel_stops_and_removes_the_container_and_others_see_nothing(hub, nmpi, podman_engine):
