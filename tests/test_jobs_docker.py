@@ -158,3 +158,39 @@ def test_a_killed_services_container_is_removed_at_its_start(hub, nmpi, podman_e
     requests.delete(hub.jobs_url + uri, headers={"Authorization": f"Bearer {hub.users['djben'].token}"}, timeout=30)
     wait_for(lambda: client.job_status(uri) == "removed", 30, "the job to be removed")
     wait_for(lambda: job_containers(podman_engine, job_id_of(uri)) == [], 30, "the container to be removed")
+
+
+def test_in_session_mode_the_job_reads_its_boards_cfg(hub_factory, podman_engine, tmp_path):
+    """With a board (the spalloc double), the job's own sPyNNaker cfg, readable by the job's account only, names the
+    claimed board in the container, which is on the servers' network (host here) to reach it."""
+    from doubles.spalloc_server import SpallocDouble
+
+    token = "hub-spalloc-token-for-docker-jobs"
+    double = SpallocDouble(boards=1, tokens={token: "hub"}, admins=["hub"], power_delay=0.1).start()
+    try:
+        token_file = tmp_path / "spalloc-token"
+        token_file.write_text(token + "\n")
+        os.chmod(token_file, 0o600)
+        spawner = {"type": "docker", "local": {"system_user_prefix": PREFIX},
+                   "docker": {"engine_url": podman_engine.url, "image": podman_engine.images["singleuser"],
+                              "pull_policy": "never", "network": "host", "labels": {TEST_LABEL: "1"},
+                              "volume_prefix": "spinnaker-jupyter-test-jobhome-"}}
+        board_hub = start_jobs_hub(hub_factory, {"executor": "docker"}, {"spawner": spawner, "spinnaker": {
+            "mode": "session", "claim_timeout": 60, "on_timeout": "fail",
+            "spalloc": {"url": double.url, "token_file": str(token_file), "keepalive_interval": 30}}})
+        user = board_hub.client("djcy", board_hub.add_user("djcy"))
+        script = ("import os\ncfg = open(os.path.join(os.environ['XDG_CONFIG_DIRS'], '.spynnaker.cfg')).read()\n"
+                  "print('MACHINE', [l for l in cfg.splitlines() if l.startswith('machine_name')], flush=True)\n")
+        headers = {"Authorization": f"Bearer {user.token}"}
+        r = requests.post(board_hub.jobs_url + "/jobs/", headers=headers, timeout=30,
+                          json={"code": script, "collab": "private-djcy", "hardware_platform": "SpiNNaker"})
+        assert r.status_code == 201, r.text
+        url = f"{board_hub.jobs_url}/jobs/{r.json()['id']}?with_log=true"
+        wait_for(lambda: requests.get(url, headers=headers, timeout=30).json()["status"] in ("finished", "error"),
+                 120, "the job to end")
+        job = requests.get(url, headers=headers, timeout=30).json()
+        assert job["status"] == "finished", job["log"]
+        assert "MACHINE ['machine_name = 10.11.192.1']" in job["log"] and "network host" in job["log"], job["log"]
+        assert "given back" in job["log"], job["log"]
+    finally:
+        double.stop()
