@@ -2,6 +2,9 @@
 
 JSON Schema (draft 2020-12), kept as Python so defaults and help live beside the types. Every object is closed
 (`additionalProperties: false`) so that a misspelt key stops start-up instead of being silently ignored.
+
+Longer than the package's ~400-line modules on purpose: it is the one document of every key and its prose, read
+(and diffed) as one text; split by section, a key's neighbours and the shared helpers above would be elsewhere.
 """
 
 from __future__ import annotations
