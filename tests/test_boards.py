@@ -375,8 +375,9 @@ def test_machine_mode_second_server_waits_for_the_first_to_stop(hub_factory):
     hub.start()
     reader = ProgressReader(frank)
     reader.start()
-    wait_for(lambda: reader.said("The lab's SpiNNaker board 192.0.2.10 is in use by erin's server; you get it "
-                                 "when they stop it"), 30, "frank's spawn page to say whose server has the board")
+    wait_for(lambda: reader.said("The lab's SpiNNaker board 192.0.2.10 is in use by erin's server since "),
+             30, "frank's spawn page to say whose server has the board")
+    assert reader.said("; you get it when they stop it"), reader.messages
     assert not (frank.server_model() or {}).get("ready") and board_status(erin, live=False)["held"] is True
     erin.stop_server()
     assert reader.result(60).get("ready"), reader.messages
