@@ -14,6 +14,7 @@ from ..spalloc import SpallocAllocator
 from ..upstream import add_hub_handlers
 from .admin import held_boards
 from .handlers import handlers
+from .lock import use_deployment
 
 
 def status_command_dir(d) -> Optional[Path]:
@@ -76,6 +77,8 @@ def configure_hub(c, d) -> None:
     if sp["mode"] in ("machine", "session"):
         # The wait for a board comes on top of the server's own start-up time.
         c.Spawner.start_timeout = d["hub"]["start_timeout"] + sp["claim_timeout"]
+    if sp["mode"] == "machine":
+        use_deployment(d)  # the lab board's lock: a file shared with the job service (lock.py)
     spalloc = sp["spalloc"]
     if spalloc["url"]:
         a = c.SpallocAllocator
