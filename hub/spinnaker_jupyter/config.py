@@ -1,5 +1,6 @@
 """Load the deployment config: built-in defaults, then the operator's files in order, then secrets from the
-environment or secret files. Anything wrong stops here, with the key's path and what was expected."""
+environment or secret files. Anything wrong stops here, with the key's path and what was expected.
+The secret files and the refusal of secrets written into the config are config_secrets.py."""
 
 from __future__ import annotations
 
@@ -8,14 +9,21 @@ import difflib
 import os
 import re
 import secrets
-import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import yaml
 
+from .config_error import ConfigError
+from .config_secrets import (
+    check_length,
+    read_secret_file,
+    read_text,
+    redacted,  # noqa: F401 (cli.py's `config show` reads it from here)
+    reject_inline_secrets,
+    write_secret,
+)
 from .schema import SCHEMA, defaults
 from .singleuser import SKIPPED_IMPORTS
 
@@ -28,10 +36,6 @@ import jsonschema  # noqa: E402
 PROJECT_ROOT = Path(os.environ.get("SPINNAKER_JUPYTER_ROOT", Path(__file__).resolve().parents[2]))
 CONFIG_ENV = "SPINNAKER_JUPYTER_CONFIG"  # os.pathsep-separated config files, for jupyterhub_config.py
 BASE_DIR_ENV = "SPINNAKER_JUPYTER_BASE_DIR"  # where relative paths start without a config file (set by `up`)
-
-
-class ConfigError(Exception):
-    """A config problem an operator can fix; the message says where and how."""
 
 
 @dataclass
@@ -107,9 +111,9 @@ class Deployment:
             from .preflight import trusted
 
             trusted(path, "secret file", private=True)
-            value, where = _read_text(path, name).strip(), str(path)
+            value, where = read_text(path, name).strip(), str(path)
             fix = f"remove {path} and start again to generate a new one (or set {env})"
-        _long_enough(value, where, fix)
+        check_length(value, where, fix)
         if name == "crypt_key" and not re.fullmatch(r"[0-9a-fA-F]{64}", value):
             raise ConfigError(f"{where}: the key that encrypts users' tokens must be 64 hexadecimal characters (32 "
                               f"bytes). Fix: {fix}.")
@@ -161,73 +165,6 @@ class Deployment:
                           "spinnaker.spalloc.token_file (a file readable only by the hub).")
 
 
-MIN_SECRET_CHARS = 32  # the generated ones have 64 (32 random bytes, hex)
-
-
-def _long_enough(value: str, where: str, fix: str) -> str:
-    if len(value) < MIN_SECRET_CHARS:
-        raise ConfigError(f"{where}: holds {len(value)} characters, too few for a secret (at least "
-                          f"{MIN_SECRET_CHARS}; an interrupted write leaves an empty file). Fix: {fix}.")
-    return value
-
-
-def _read_text(path: Path, key: str) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except IsADirectoryError:
-        raise ConfigError(f"{key}: {path} is a folder; point it at the file holding the secret") from None
-    except FileNotFoundError:
-        raise ConfigError(f"{key}: no such file {path}") from None
-    except OSError as e:
-        raise ConfigError(f"{key}: cannot read {path}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{key}: {path} is not UTF-8 text; write the secret into it as plain text") from None
-
-
-def read_secret_file(path: Path, key: str, env: str) -> str:
-    """An operator's secret file (`*_file` keys): readable, not open to others, not empty."""
-    try:
-        text = _read_text(path, key).strip()
-    except ConfigError as e:
-        raise ConfigError(f"{e}. Fix the path, or give the secret in the environment variable {env}.") from None
-    from .preflight import trusted
-
-    try:
-        trusted(path, key + ":", private=False)
-    except ConfigError as e:
-        raise ConfigError(f"{e} It holds a secret.") from None
-    if stat.S_IMODE(path.stat().st_mode) & 0o007:
-        raise ConfigError(f"{key}: {path} holds a secret and other accounts can read it. `chmod 600 {path}` (or "
-                          f"640 for a group of the hub's)")
-    if not text:
-        raise ConfigError(f"{key}: {path} is empty; write the secret into it, or use the environment variable {env}")
-    return text
-
-
-def write_secret(path: Path, text: str) -> None:
-    """Write a secret so that a failure (a full disk) never leaves an empty or partial file behind: into a private
-    temporary file first, then linked into place, which also fails if a concurrent start got there first."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass  # a concurrent start wrote it: use theirs
-    except OSError as e:
-        raise ConfigError(f"cannot write the secret {path}: {e.strerror}. Free space or fix permissions in "
-                          f"{path.parent}, then start again") from None
-    finally:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-
-
 def merge(base: dict, over: dict) -> dict:
     """Deep-merge `over` into a copy of `base`; lists and scalars replace."""
     out = copy.deepcopy(base)
@@ -275,71 +212,6 @@ def validate(values: dict, source: str = "") -> None:
         raise ConfigError("\n".join(_format_error(e, source) for e in errors))
 
 
-SECRET_KEYS = {"client_secret", "password", "api_token", "crypt_key", "auth_token", "cookie_secret", "token"}
-SECRET_LIKE = re.compile(r"pass(word|wd)?|secret|token|credential|api_?key|private_?key", re.I)
-WHERE_SECRETS_GO = {
-    "hub.db_url": "put the whole URL in the environment variable SPINNAKER_JUPYTER_DB_URL instead",
-    "spinnaker.spalloc.url": "give the URL without them; the hub's token goes in the environment variable "
-                             "SPALLOC_TOKEN or spinnaker.spalloc.token_file (per-run: each user's own EBRAINS token "
-                             "reaches sPyNNaker through the access-token-service)",
-    "spinnaker.extra_cfg": "the generated sPyNNaker cfg is readable by every user. The hub's spalloc token goes in "
-                           "the environment variable SPALLOC_TOKEN or spinnaker.spalloc.token_file; a user's own "
-                           "credentials go in their ~/.spynnaker.cfg",
-}
-
-
-def _url_credentials(value: str) -> str | None:
-    """What in a URL is a credential (a password, or a secret-like query parameter), in words; None if nothing."""
-    if "://" not in value:
-        return None
-    try:
-        u = urlsplit(value.strip())
-        if u.password:
-            return "a password (user:password@)"
-        for name, _ in parse_qsl(u.query):
-            if SECRET_LIKE.search(name):
-                return f"a secret in its query ({name}=)"
-    except ValueError:
-        return None
-    return None
-
-
-def _refuse(path: str, what: str) -> None:
-    fix = next((fix for key, fix in WHERE_SECRETS_GO.items() if path == key or path.startswith(key + ".")),
-               "use the environment, or a `*_file` setting where one exists")
-    raise ConfigError(f"{path}: holds {what}; secrets do not belong in the config file: {fix}.")
-
-
-def _reject_inline_secrets(values, path=""):
-    """Secrets by key name anywhere, credentials inside URLs anywhere, secret-like keys in the sPyNNaker cfg.
-    Messages never repeat the value."""
-    items = values.items() if isinstance(values, dict) else enumerate(values) if isinstance(values, list) else []
-    for key, value in items:
-        full = f"{path}.{key}" if path else str(key)
-        if key in SECRET_KEYS:
-            raise ConfigError(f"{full}: secrets do not belong in the config file. Use the environment or a "
-                              f"`{key}_file` setting where one exists.")
-        if path.startswith("spinnaker.extra_cfg.") and isinstance(key, str) and SECRET_LIKE.search(key):
-            _refuse(full, "what looks like a secret")
-        if isinstance(value, str) and (what := _url_credentials(value)):
-            _refuse(full, f"a URL with {what}")
-        _reject_inline_secrets(value, full)
-
-
-def redacted(values):
-    """`values` with every URL password and secret-like value masked: what may be printed."""
-    if isinstance(values, dict):
-        return {k: "****" if isinstance(k, str) and k in SECRET_KEYS and v else redacted(v) for k, v in values.items()}
-    if isinstance(values, list):
-        return [redacted(v) for v in values]
-    if isinstance(values, str) and _url_credentials(values):
-        u = urlsplit(values)
-        netloc = u.netloc.rsplit("@", 1)[-1]
-        return urlunsplit((u.scheme, f"****@{netloc}" if "@" in u.netloc else netloc, u.path, "****" if u.query
-                           else "", u.fragment))
-    return values
-
-
 class _NoAliasLoader(yaml.SafeLoader):
     """YAML without aliases (`*name`): a few hundred bytes of nested aliases expand to billions of nodes."""
 
@@ -382,7 +254,7 @@ def load(files: list[str | Path] | None = None) -> Deployment:
     values = defaults()
     for path in paths:
         data = read_file(path)
-        _reject_inline_secrets(data)
+        reject_inline_secrets(data)
         values = merge(values, data)
         validate(values, str(path))
     validate(values)
