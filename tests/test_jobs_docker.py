@@ -106,6 +106,14 @@ def test_an_error_is_the_commands_exit_code(hub, nmpi, podman_engine):
     assert "about to fail" in job["log"] and "The command exited with code 3" in job["log"], job["log"]
 
 
+def test_out_of_memory_is_said(hub, nmpi):
+    client = client_for(nmpi, hub, "djada")
+    script = "print('allocating', flush=True)\nx = bytearray(1500 * 2**20)\nprint('survived')\n"
+    job = wait_done(client, client.submit_job(source=script, platform="SpiNNaker", collab_id="private-djada"))
+    assert job["status"] == "error" and "allocating" in job["log"] and "survived" not in job["log"], job["log"]
+    assert "it ran out of memory (it may use at most 1024 MiB: jobs.limits.memory_mb)" in job["log"], job["log"]
+
+
 def test_the_time_limit_stops_and_removes_the_container(hub, nmpi, podman_engine):
     client = client_for(nmpi, hub, "djben")
     uri = client.submit_job(source=FOREVER, platform="SpiNNaker", collab_id="private-djben", config={"time_limit": 3})

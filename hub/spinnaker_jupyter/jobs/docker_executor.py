@@ -199,9 +199,12 @@ class ContainerJob:
         except Exception as e:  # noqa: BLE001 - the engine went away, or a cancel removed the container
             put(self._chunks.put_nowait, f"[spinnaker-jupyter] The container engine lost the job ({e}).\n".encode())
             code, state = -signal.SIGKILL, {}
-        if state.get("OOMKilled"):
-            put(self._chunks.put_nowait, f"[spinnaker-jupyter] {_stamp()}: the job ran out of memory: it may use at "
-                f"most {self.x.s.run_limits.memory_bytes // 2**20} MiB (jobs.limits.memory_mb).\n".encode())
+        # The engine's OOMKilled covers the container's first process only (tini here), and podman on cgroup v1
+        # never sets it: a SIGKILL nobody here sent is, in a job container, the kernel's out-of-memory killer.
+        if state.get("OOMKilled") or (code == 128 + signal.SIGKILL and not self.stopped):
+            put(self._chunks.put_nowait, f"[spinnaker-jupyter] {_stamp()}: the job was killed by the kernel: it "
+                f"ran out of memory (it may use at most {self.x.s.run_limits.memory_bytes // 2**20} MiB: "
+                "jobs.limits.memory_mb).\n".encode())
         if code > 128 and code - 128 in set(signal.Signals):  # killed: the engine says 128 + signal
             code = -(code - 128)
         put(self._finish, code)
