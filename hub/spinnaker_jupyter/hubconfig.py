@@ -186,6 +186,8 @@ def update_user_servers(c, d: Deployment) -> None:
     """`nrp`, `proxy_ports`, `git_kernel`, `drive`, `tutorials`, `kernels`: what every user server is told
     (user_server_env)."""
     c.Spawner.environment = user_server_env(d, in_container=d["spawner"]["type"] == "docker")
+    if d["git_kernel"]["enabled"] and d["spawner"]["type"] == "local":  # set-ups wait while servers start (spawn_queue)
+        c.SpawnQueue.hold_slots = str(d.data_dir / "git-kernel-slots")
 
 
 def update_auth(c, d: Deployment) -> None:

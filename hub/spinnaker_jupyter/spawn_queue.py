@@ -11,6 +11,12 @@ One queue per hub process, shared by every server it starts (local processes and
 place with ``async with start_slot(spawner): ...`` around what costs CPU (not around a wait for a SpiNNaker board:
 boards.BoardsMixin claims the board before the spawner's own start(), so a server waiting for a board holds no
 place). Slurm queues its own jobs: the Slurm spawner does not use this queue.
+
+While starts run or wait here the hub also holds every slot of the git kernel's first set-ups (`hold_slots`: the
+files of gitkernel/slots.py, flocked as a set-up does): each local server has a cgroup of its own, so a set-up at nice
++10 still takes its share of the CPU from the servers starting beside it (benchmarks/README.md, "git kernel": the
+last of 30 users ready 2 x later). Set-ups wait for their turn until the burst is over; a set-up already running
+finishes, and its slot is taken when it ends. The hub's flocks end with its process.
 """
 
 from __future__ import annotations
@@ -18,14 +24,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import fcntl
 import heapq
 import os
 import statistics
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 from jupyterhub.spawner import SpawnException
-from traitlets import Integer, default
+from traitlets import Integer, Unicode, default
 from traitlets.config import LoggingConfigurable
 
 #: How many recent start durations the estimate is taken from.
@@ -57,6 +65,10 @@ class SpawnQueue(LoggingConfigurable):
     limit = Integer(200, help="Starts that may wait in line; one more is refused (HTTP 429, with a page saying "
                               "so). 0: none wait (starts beyond `concurrency` are refused).").tag(config=True)
 
+    hold_slots = Unicode("", help="A folder of set-up slot files (the git kernel's, gitkernel/slots.py) that the hub "
+                                  "holds while starts run or wait, so that those set-ups do not slow the starts. "
+                                  "Empty: none.").tag(config=True)
+
     @default("concurrency")
     def _concurrency_default(self):
         # One more than the cores: a start also waits on the disk and the hub, and a core left idle then is lost.
@@ -71,6 +83,7 @@ class SpawnQueue(LoggingConfigurable):
         self._durations: collections.deque = collections.deque(maxlen=RECENT)
         self._changed: Optional[asyncio.Future] = None  # set at each change of the line (made in the hub's loop)
         self._next_id = 0
+        self._slots = SlotHold(self.hold_slots, self.log) if self.hold_slots else None
 
     # -- what a waiting start is told --------------------------------------------------------------------------
     def typical_start(self) -> Optional[float]:
@@ -154,6 +167,8 @@ class SpawnQueue(LoggingConfigurable):
         place = self._next_id
         self._next_id += 1
         self._running[place] = time.monotonic()
+        if self._slots:
+            self._slots.update(busy=True)
         return place
 
     def _hand_on(self) -> None:
@@ -164,9 +179,61 @@ class SpawnQueue(LoggingConfigurable):
         self._notify()
 
     def _notify(self) -> None:
+        if self._slots:
+            self._slots.update(busy=bool(self._running or self._waiting))
         changed, self._changed = self._changed, asyncio.get_running_loop().create_future()
         if changed is not None and not changed.done():
             changed.set_result(None)
+
+
+class SlotHold:
+    """Every slot file in `folder` flocked while the queue is busy, all let go when it is empty. A slot a set-up holds
+    when the queue gets busy is taken when that set-up ends (tried every RETRY s: a waiting set-up tries each second).
+    """
+
+    RETRY = 0.25
+
+    def __init__(self, folder: str, log):
+        self.folder, self.log = Path(folder), log
+        self._held: dict[str, int] = {}  # slot file name -> our open, flocked descriptor
+        self._busy = False
+        self._retrying: asyncio.Task | None = None
+
+    def update(self, busy: bool) -> None:
+        self._busy = busy
+        if not busy:
+            for fd in self._held.values():
+                os.close(fd)  # (lets the slot go)
+            if self._held:
+                self.log.info("Start queue empty: git kernel set-ups may run (%d slots let go)", len(self._held))
+            self._held.clear()
+        elif not self._take_free() and self._retrying is None:
+            self._retrying = asyncio.get_running_loop().create_task(self._retry())
+
+    def _take_free(self) -> bool:
+        """Take the free slots; True when all are held."""
+        try:
+            names = {p.name for p in self.folder.glob("slot-*")}
+        except OSError:
+            return True
+        for name in names - self._held.keys():
+            try:
+                fd = os.open(self.folder / name, os.O_RDONLY | os.O_NOFOLLOW)  # (not inherited by the servers)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._held[name] = fd
+            except OSError:  # a set-up's turn, still running
+                os.close(fd)
+        return self._held.keys() >= names
+
+    async def _retry(self) -> None:
+        try:
+            while self._busy and not self._take_free():
+                await asyncio.sleep(self.RETRY)
+        finally:
+            self._retrying = None
 
 
 _queue: Optional[SpawnQueue] = None
