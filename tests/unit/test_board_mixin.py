@@ -12,7 +12,7 @@ from traitlets.config import LoggingConfigurable
 from spinnaker_jupyter.boards.mixin import BoardsMixin, NoBoardError
 
 from .test_board_record import OLD_STATES
-from .test_board_session import KEEPALIVE, allocator, double, run  # noqa: F401 - double: a fixture
+from .test_board_session import allocator, double, run  # noqa: F401 - double: a fixture
 
 
 class StandInSpawner(LoggingConfigurable):
@@ -75,13 +75,13 @@ def fresh_allocator(monkeypatch):
 
 @pytest.mark.parametrize("name", ["session, running", "session, lost", "fallback", "virtual"])
 def test_a_running_servers_old_state_is_stored_back_unchanged(name):
-    s = Spawner(spinnaker_config={"mode": "session"})
+    s = Spawner(board_mode="session")
     s.load_state({"pid": 4321, "spinnaker": OLD_STATES[name]})
     assert s.get_state() == {"pid": 4321, "spinnaker": OLD_STATES[name]}
 
 
 def test_the_environment_says_what_the_server_holds():
-    s = Spawner(spinnaker_config={"mode": "session"})
+    s = Spawner(board_mode="session")
     s.load_state({"spinnaker": OLD_STATES["session, running"]})
     env = s.get_env()
     assert env["SPINNAKER_MODE"] == "session" and env["SPINNAKER_BOARD"] == "10.11.192.1"
@@ -92,7 +92,7 @@ def test_the_environment_says_what_the_server_holds():
 
 
 def test_it_resumes_only_a_kept_job_of_a_server_the_hub_is_not_starting_or_stopping():
-    s = Spawner(spinnaker_config={"mode": "session"})
+    s = Spawner(board_mode="session")
     assert not s._needs_resume()  # nothing recorded
     s.load_state({"spinnaker": OLD_STATES["session, running"]})
     assert s._needs_resume()
@@ -106,10 +106,10 @@ def test_it_resumes_only_a_kept_job_of_a_server_the_hub_is_not_starting_or_stopp
 
 
 def test_a_failed_start_and_a_server_found_gone_give_the_board_back(double, tmp_path):  # noqa: F811
-    config = {"mode": "session", "claim_timeout": 20, "spalloc": {"url": double.url, "keepalive_interval": KEEPALIVE}}
+    config = {"board_mode": "session", "claim_timeout": 20, "spalloc_url": double.url}
 
     async def scenario():
-        s = Spawner(fail_start=True, spinnaker_config=config, lease_store=str(tmp_path / "leases.sqlite"))
+        s = Spawner(fail_start=True, **config, lease_store=str(tmp_path / "leases.sqlite"))
         BoardsMixin._allocator = allocator(double)
         with pytest.raises(RuntimeError, match="did not come up"):
             await s.start()
@@ -134,9 +134,8 @@ def test_a_failed_start_and_a_server_found_gone_give_the_board_back(double, tmp_
 
 def test_no_board_with_on_timeout_fail_refuses_the_start_with_the_reason(monkeypatch):
     monkeypatch.setattr("spinnaker_jupyter.boards.lock._LOCKS", {})
-    s = Spawner(spinnaker_config={"mode": "machine", "machine_name": "lab-board", "claim_timeout": 0,
-                                  "on_timeout": "fail"})
-    other = Spawner(spinnaker_config={"mode": "machine", "machine_name": "lab-board"})
+    s = Spawner(board_mode="machine", machine_name="lab-board", claim_timeout=0, on_timeout="fail")
+    other = Spawner(board_mode="machine", machine_name="lab-board")
     other.user = SimpleNamespace(name="erin", groups=[])
 
     async def scenario():

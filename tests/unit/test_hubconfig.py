@@ -324,13 +324,13 @@ def test_slurm_spawner_section(apply):
 # --- spinnaker: ---------------------------------------------------------------------------------------------------
 def test_virtual_boards_by_default(apply):
     c, _ = apply({})
-    assert c.BoardsMixin.spinnaker_config["mode"] == "virtual"
+    assert c.BoardsMixin.board_mode == "virtual"
     assert "SpallocAllocator" not in c and c.Spawner.start_timeout == 300
 
 
 def test_one_machine_waits_for_the_board_on_top_of_the_start(apply):
     c, _ = apply({"spinnaker": {"mode": "machine", "machine_name": "spin5", "claim_timeout": 100}})
-    assert c.BoardsMixin.spinnaker_config["machine_name"] == "spin5"
+    assert (c.BoardsMixin.board_mode, c.BoardsMixin.machine_name) == ("machine", "spin5")
     assert c.Spawner.start_timeout == 300 + 100
 
 
@@ -344,6 +344,55 @@ def test_session_boards_from_spalloc(apply):
     assert a.token_provider() == "t" * 40  # read from the environment at each renewal
     assert c.BoardsMixin.lease_store.startswith(str(d.hub_dir))
     assert c.Spawner.start_timeout == 300 + 60
+
+
+def test_each_board_setting_is_a_typed_trait_and_the_session_gets_the_section_back(apply):
+    from spinnaker_jupyter.boards.mixin import BoardsMixin
+
+    section = {"mode": "session", "version": 3, "claim_timeout": 60, "on_timeout": "fail",
+               "extra_cfg": {"Reports": {"write_energy_report": "False"}},
+               "spalloc": {"url": "https://spalloc.example.org/", "boards": 2, "boards_per_group": {"course": 3},
+                           "boards_per_user": {"ada": 4}, "group": "g", "collab": "c", "machine_name": "m1",
+                           "use_proxy": False}}
+    c, d = apply({"spinnaker": section})
+    b = c.BoardsMixin
+    assert (b.board_mode, b.board_version, b.claim_timeout, b.on_timeout) == ("session", 3, 60, "fail")
+    assert (b.spalloc_boards, b.spalloc_boards_per_group, b.spalloc_boards_per_user) == (2, {"course": 3}, {"ada": 4})
+    assert (b.spalloc_group, b.spalloc_collab, b.spalloc_machine_name, b.spalloc_use_proxy) == ("g", "c", "m1", False)
+    settings = BoardsMixin(config=c).spinnaker  # what a server's BoardSession is given
+    assert settings["extra_cfg"] == section["extra_cfg"]
+    for key in ("mode", "version", "machine_name", "claim_timeout", "on_timeout"):
+        assert settings[key] == d["spinnaker"][key], key
+    for key in ("url", "boards", "boards_per_group", "boards_per_user", "group", "collab", "machine_name", "use_proxy"):
+        assert settings["spalloc"][key] == d["spinnaker"]["spalloc"][key], key
+    settings["spalloc"]["boards_per_user"]["ada"] = 9
+    assert d["spinnaker"]["spalloc"]["boards_per_user"] == {"ada": 4}  # copies, never the deployment's dicts
+
+
+def test_board_traits_left_unset_take_the_schemas_defaults():
+    from spinnaker_jupyter.boards.mixin import BoardsMixin
+    from spinnaker_jupyter.schema import SCHEMA, defaults
+
+    default = defaults(SCHEMA["properties"]["spinnaker"])
+    settings = BoardsMixin().spinnaker
+    assert {k: settings[k] for k in ("mode", "version", "machine_name", "claim_timeout", "on_timeout")} == {
+        k: default[k] for k in ("mode", "version", "machine_name", "claim_timeout", "on_timeout")}
+    assert {k: default["spalloc"][k] for k in settings["spalloc"]} == settings["spalloc"]
+
+
+@pytest.mark.parametrize("trait, value", [("board_mode", "sessions"), ("board_version", "5"), ("claim_timeout", -1),
+                                          ("on_timeout", "wait"), ("spalloc_boards_per_user", {"ada": 0}),
+                                          ("spalloc_use_proxy", "no")])
+def test_an_operators_own_board_setting_is_validated_by_traitlets(trait, value):
+    """c.BoardsMixin.<trait> in jupyterhub_config.d: a wrong value stops the spawner with the trait's name."""
+    from traitlets import TraitError
+
+    from spinnaker_jupyter.boards.mixin import BoardsMixin
+
+    c = Config()
+    setattr(c.BoardsMixin, trait, value)
+    with pytest.raises(TraitError, match=trait):
+        BoardsMixin(config=c)
 
 
 def test_per_run_boards_tell_servers_where_the_hub_is(apply):

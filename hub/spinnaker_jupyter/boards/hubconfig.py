@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import copy
 import os
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from ..spalloc import SpallocAllocator
 from ..upstream import add_hub_handlers
 from .admin import held_boards
 from .handlers import handlers
+from .mixin import section_traits
 from .lock import use_deployment
 
 
@@ -72,7 +72,8 @@ async def reconcile_at_start(c, d) -> Optional[leases.ReconcileReport]:
 def configure_hub(c, d) -> None:
     """Apply `spinnaker:` (and `spawner.poll_interval`) to JupyterHub's config `c`."""
     sp = d["spinnaker"]
-    c.BoardsMixin.spinnaker_config = copy.deepcopy(sp)
+    for trait, value in section_traits(sp).items():  # one typed trait per key (mixin.SECTION_KEYS)
+        setattr(c.BoardsMixin, trait, value)
     c.Spawner.poll_interval = d["spawner"]["poll_interval"]
     if sp["mode"] in ("machine", "session"):
         # The wait for a board comes on top of the server's own start-up time.

@@ -9,13 +9,15 @@ does.
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 from typing import Any
 
 from jupyterhub.spawner import SpawnException
-from traitlets import Dict, List, Unicode
+from traitlets import Bool, Dict, Enum, Integer, List, Unicode
 from traitlets.config import LoggingConfigurable
 
+from ..schema import SCHEMA
 from ..spalloc import SpallocAllocator
 from ..upstream import log_name, save_spawner_state
 from .record import STATE_KEY, BoardRecord
@@ -31,14 +33,80 @@ class NoBoardError(SpawnException):
 
 
 
+#: Each board trait of `BoardsMixin` and the key of the deployment's `spinnaker:` section it holds: the one place
+#: that maps the section onto the traits (`section_traits`, used by `hubconfig.configure_hub`) and back into the
+#: settings a `BoardSession` takes (`BoardsMixin.spinnaker`). The job runner gives its sessions the section itself.
+#: (spalloc's url, keepalive_interval, tags, ca_certs and token are `SpallocAllocator`'s traits.)
+SECTION_KEYS: dict[str, tuple[str, ...]] = {
+    "board_mode": ("mode",),
+    "board_version": ("version",),
+    "machine_name": ("machine_name",),
+    "claim_timeout": ("claim_timeout",),
+    "on_timeout": ("on_timeout",),
+    "extra_cfg": ("extra_cfg",),
+    "spalloc_url": ("spalloc", "url"),
+    "spalloc_boards": ("spalloc", "boards"),
+    "spalloc_boards_per_group": ("spalloc", "boards_per_group"),
+    "spalloc_boards_per_user": ("spalloc", "boards_per_user"),
+    "spalloc_group": ("spalloc", "group"),
+    "spalloc_collab": ("spalloc", "collab"),
+    "spalloc_machine_name": ("spalloc", "machine_name"),
+    "spalloc_use_proxy": ("spalloc", "use_proxy"),
+}
+
+
+def section_traits(section: dict) -> dict[str, Any]:
+    """{trait name: value} of a validated `spinnaker:` section (copies: the traits never share the section's dicts)."""
+    out = {}
+    for trait, path in SECTION_KEYS.items():
+        value = section
+        for key in path:
+            value = value[key]
+        out[trait] = copy.deepcopy(value)
+    return out
+
+
+def _key(trait: str) -> dict:
+    """The schema of the section key a trait holds: its default and its prose are the trait's."""
+    node = SCHEMA["properties"]["spinnaker"]
+    for key in SECTION_KEYS[trait]:
+        node = node["properties"][key]
+    return node
+
+
+def _help(trait: str) -> str:
+    return f"{_key(trait)['description']} (The deployment config's `spinnaker.{'.'.join(SECTION_KEYS[trait])}`.)"
+
+
+def _default(trait: str) -> Any:
+    return copy.deepcopy(_key(trait).get("default"))
+
+
 class BoardsMixin(LoggingConfigurable):
     """SpiNNaker boards for a Spawner: claim before start, release after stop, state persisted (see module doc).
-    Configure with ``c.BoardsMixin.spinnaker_config`` (the deployment's validated `spinnaker:` section) and
-    ``c.SpallocAllocator.*``; `configure_hub()` does both from the deployment config."""
+    Configure with the board traits below (`configure_hub()` sets each from the deployment's `spinnaker:` section;
+    an operator's ``c.BoardsMixin.<trait>`` in jupyterhub_config.d is validated by traitlets) and
+    ``c.SpallocAllocator.*``."""
 
-    spinnaker_config = Dict(
-        help="The deployment's `spinnaker:` config section (mode, version, machine_name, claim_timeout, "
-             "on_timeout, spalloc, extra_cfg).").tag(config=True)
+    board_mode = Enum(["virtual", "machine", "session", "per-run"], _default("board_mode"),
+                      help=_help("board_mode")).tag(config=True)
+    board_version = Enum([3, 5, 201, 248], _default("board_version"), help=_help("board_version")).tag(config=True)
+    machine_name = Unicode(_default("machine_name"), allow_none=True, help=_help("machine_name")).tag(config=True)
+    claim_timeout = Integer(_default("claim_timeout"), min=0, help=_help("claim_timeout")).tag(config=True)
+    on_timeout = Enum(["virtual", "fail"], _default("on_timeout"), help=_help("on_timeout")).tag(config=True)
+    extra_cfg = Dict(Dict(), default_value=_default("extra_cfg"), help=_help("extra_cfg")).tag(config=True)
+    spalloc_url = Unicode(_default("spalloc_url"), allow_none=True, help=_help("spalloc_url")).tag(config=True)
+    spalloc_boards = Integer(_default("spalloc_boards"), min=1, help=_help("spalloc_boards")).tag(config=True)
+    spalloc_boards_per_group = Dict(Integer(min=1), default_value=_default("spalloc_boards_per_group"),
+                                    help=_help("spalloc_boards_per_group")).tag(config=True)
+    spalloc_boards_per_user = Dict(Integer(min=1), default_value=_default("spalloc_boards_per_user"),
+                                   help=_help("spalloc_boards_per_user")).tag(config=True)
+    spalloc_group = Unicode(_default("spalloc_group"), allow_none=True, help=_help("spalloc_group")).tag(config=True)
+    spalloc_collab = Unicode(_default("spalloc_collab"), allow_none=True,
+                             help=_help("spalloc_collab")).tag(config=True)
+    spalloc_machine_name = Unicode(_default("spalloc_machine_name"), allow_none=True,
+                                   help=_help("spalloc_machine_name")).tag(config=True)
+    spalloc_use_proxy = Bool(_default("spalloc_use_proxy"), help=_help("spalloc_use_proxy")).tag(config=True)
     service_env = Dict(
         help="Environment defaults for `per-run` servers: how spinnman reaches the hub's access-token-service "
              "(JUPYTERHUB_SERVICE_HOST/PORT). Values already in the environment win.").tag(config=True)
@@ -61,14 +129,15 @@ class BoardsMixin(LoggingConfigurable):
     # -- configuration ---------------------------------------------------------------------------------------
     @property
     def spinnaker(self) -> dict:
-        from ..config import merge
-        from ..schema import SCHEMA, defaults
-
-        return merge(defaults(SCHEMA["properties"]["spinnaker"]), self.spinnaker_config or {})
-
-    @property
-    def board_mode(self) -> str:
-        return self.spinnaker["mode"]
+        """The board traits shaped as the `spinnaker:` section: the settings this server's `BoardSession` takes."""
+        out: dict[str, Any] = {}
+        for trait, path in SECTION_KEYS.items():
+            *parents, key = path
+            node = out
+            for parent in parents:
+                node = node.setdefault(parent, {})
+            node[key] = copy.deepcopy(getattr(self, trait))
+        return out
 
     def allocator(self) -> SpallocAllocator:
         cls = BoardsMixin
@@ -77,12 +146,11 @@ class BoardsMixin(LoggingConfigurable):
         return cls._allocator
 
     def boards_wanted(self) -> int:
-        sp = self.spinnaker["spalloc"]
-        if self.user.name in sp["boards_per_user"]:
-            return int(sp["boards_per_user"][self.user.name])
+        if self.user.name in self.spalloc_boards_per_user:
+            return self.spalloc_boards_per_user[self.user.name]
         groups = [g.name for g in getattr(self.user, "groups", []) or []]
-        per_group = [int(sp["boards_per_group"][g]) for g in groups if g in sp["boards_per_group"]]
-        return max(per_group) if per_group else int(sp["boards"])
+        per_group = [self.spalloc_boards_per_group[g] for g in groups if g in self.spalloc_boards_per_group]
+        return max(per_group) if per_group else self.spalloc_boards
 
     def _new_session(self, record: BoardRecord | None = None) -> BoardSession:
         return BoardSession(
@@ -246,4 +314,4 @@ class BoardsMixin(LoggingConfigurable):
         return out
 
 
-__all__ = ["BoardsMixin", "NoBoardError", "STATE_KEY"]
+__all__ = ["SECTION_KEYS", "BoardsMixin", "NoBoardError", "STATE_KEY", "section_traits"]
