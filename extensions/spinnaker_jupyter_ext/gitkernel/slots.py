@@ -5,7 +5,9 @@ of git and pip). Each local server has a cgroup of its own, so a lower nice valu
 starting beside it: thirty set-ups at once would take the CPU from those starts, and finish all together, late. So
 set-ups take turns: the hub makes one file per allowed set-up in a folder only it can write (``slots_dir``), and a
 set-up holds an exclusive flock on one of them while it works (flock needs only read access; a process that ends
-releases it). A folder or file another account could have made is not trusted: then there is no bound.
+releases it). A folder or file another account could have made is not trusted: then there is no bound. While
+servers start or wait to start, the hub holds every slot itself (hub: spawn_queue.SlotHold): set-ups wait for the end
+of a burst of logins.
 """
 
 from __future__ import annotations
