@@ -9,7 +9,7 @@ ends. The hub's admin endpoints behind it, for scripts:
   GET  /hub/api/spinnaker/course?group=course-a  |  ?users=amy,ben                          (each server's state)
 
 Both need the `admin:servers` scope (admins; and the `course-manager` service whose token the command reads from
-data_dir/hub, mode 0600). Registered with ``JupyterHub.extra_handlers`` as boards.py's are (deprecated since
+data_dir/hub, mode 0600). Registered with ``JupyterHub.extra_handlers`` as boards/handlers.py's are (deprecated since
 JupyterHub 3.1, still working in 6.1): starting servers needs the hub's own spawn path, which a service has not.
 """
 

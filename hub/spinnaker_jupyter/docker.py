@@ -95,7 +95,7 @@ class ContainerSpawner(ProgressMixin, DockerSpawner):
 
 
 class SpiNNakerDockerSpawner(BoardsMixin, ContainerSpawner):
-    """The board claim (boards.py) comes before the container starts; its cfg reaches the container as
+    """The board claim (boards/mixin.py) comes before the container starts; its cfg reaches the container as
     SPINNAKER_MACHINE_CFG."""
 
 

@@ -209,7 +209,7 @@ def _cgroup_tree(mode: str, homes_dir: str):
 
 
 class SpiNNakerLocalSpawner(BoardsMixin, PrivateHomeSpawner):
-    """The local spawner with SpiNNaker boards: the claim (boards.py) comes before any other start-up step."""
+    """The local spawner with SpiNNaker boards: the claim (boards/mixin.py) comes before any other start-up step."""
 
 
 def _pids_of(uid: int) -> list[int]:

@@ -109,6 +109,33 @@ def delete_hub_user(db_url: str, name: str) -> list[int] | None:
         db.close()
 
 
+def spawner_states(db_url: str) -> list[tuple[str, str, dict, bool, Any]]:
+    """(user, server name, spawner state, running, started) of every spawner in JupyterHub's database, by user and
+    server name, read while the hub is down (`spinnaker-jupyter boards`; boards/admin.py asks the running hub's REST
+    API first). Through JupyterHub's ORM models (``jupyterhub.orm``, 6.1.1: ``Spawner.state`` a JSON dict,
+    ``Spawner.server`` set while the server runs), not ``orm.new_session_factory``: that creates the tables of a
+    missing database, and a read must write nothing. A missing or unreadable database raises
+    ``sqlalchemy.exc.OperationalError``."""
+    import warnings
+
+    import sqlalchemy as sa
+    from jupyterhub import orm
+    from sqlalchemy.orm import Session
+
+    engine = sa.create_engine(db_url)
+    try:
+        with Session(engine) as db, warnings.catch_warnings():  # (the columns only: no eager loads of other tables)
+            # (6.1.1's JSONDict type lacks SQLAlchemy's cache_ok: a warning an operator's command should not print)
+            warnings.filterwarnings("ignore", "TypeDecorator JSONDict", sa.exc.SAWarning)
+            S = orm.Spawner
+            rows = db.execute(sa.select(orm.User.name, S.name, S.state, S.server_id, S.started)
+                              .join(S.user).order_by(orm.User.name, S.name))
+            return [(user, name or "", state or {}, server_id is not None, started)
+                    for user, name, state, server_id, started in rows]
+    finally:
+        engine.dispose()
+
+
 def users_with_servers(authenticator) -> list:
     """The hub's users (``jupyterhub.user.User``) with a server running or starting, from inside the hub.
 

@@ -13,6 +13,7 @@ from unittest import mock
 
 import jupyterlab.commands
 import pytest
+import sqlalchemy
 from jupyterhub import orm
 from jupyterhub.app import JupyterHub
 from jupyterhub.proxy import ConfigurableHTTPProxy
@@ -121,6 +122,24 @@ def test_hub_user_deleted_with_its_tokens_while_the_hub_is_down(hub_db):
         assert db.query(orm.APIToken).count() == 0 and db.query(orm.Spawner).count() == 0
     finally:
         db.close()
+
+
+def test_spawner_states_read_while_the_hub_is_down(hub_db, tmp_path):
+    """What `spinnaker-jupyter boards` lists with the hub down: each spawner's state and whether its server runs."""
+    bob = orm.User(name="bob")
+    hub_db.db.add(bob)
+    hub_db.db.add(orm.Spawner(user=bob, name="", state={"spinnaker": {"mode": "machine", "held": True}}))
+    hub_db.db.commit()
+    states = upstream.spawner_states(hub_db.url)
+    assert [(user, server, state, running) for user, server, state, running, _ in states] == [
+        ("alice", "", {"pid": 4242}, True),
+        ("alice", "lab", {}, False),
+        ("bob", "", {"spinnaker": {"mode": "machine", "held": True}}, False),
+    ]
+    missing = tmp_path / "never-started.sqlite"
+    with pytest.raises(sqlalchemy.exc.OperationalError):
+        upstream.spawner_states(f"sqlite:///{missing}")
+    assert not missing.exists() or missing.stat().st_size == 0  # nothing written: no tables made
 
 
 def test_extra_handlers_still_served():

@@ -12,9 +12,10 @@ import json
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ..spalloc import SpallocError
+from ..upstream import spawner_states
 from .record import STATE_KEY
 
 
@@ -22,30 +23,15 @@ def held_boards(d) -> list[dict]:
     """Every server's SpiNNaker state, from the hub's database (works while the hub is down)."""
     import sqlalchemy as sa
 
-    engine = sa.create_engine(d.db_url)
     try:
-        with engine.connect() as conn:
-            rows = conn.execute(sa.text(
-                "SELECT users.name, spawners.name, spawners.state, spawners.server_id, spawners.started "
-                "FROM spawners JOIN users ON spawners.user_id = users.id ORDER BY users.name, spawners.name"))
-            out = []
-            for user, server, state, server_id, started in rows:
-                if isinstance(state, (bytes, str)):
-                    try:
-                        state = json.loads(state or "{}")
-                    except ValueError:
-                        state = {}
-                board = (state or {}).get(STATE_KEY)
-                if board:
-                    out.append({"user": user, "server": server or "", "running": server_id is not None,
-                                "started": str(started) if started else None, **board})
-            return out
+        spawners = spawner_states(d.db_url)  # (JupyterHub's tables: upstream.py reads them)
     except sa.exc.OperationalError as e:
         from ..config import ConfigError
 
         raise ConfigError(f"cannot read the hub's database {d.db_url}: {e.orig}") from None
-    finally:
-        engine.dispose()
+    return [{"user": user, "server": server, "running": running, "started": str(started) if started else None,
+             **state[STATE_KEY]}
+            for user, server, state, running, started in spawners if state.get(STATE_KEY)]
 
 
 def hub_boards(d) -> tuple[list[dict] | None, str]:
@@ -77,7 +63,7 @@ def hub_boards(d) -> tuple[list[dict] | None, str]:
         return None, f"the hub's database (the running hub did not answer at {url}: {why}; it may be behind)"
 
 
-async def _live(d, held: list[dict]) -> tuple[dict, list[dict], Optional[str]]:
+async def _live(d, held: list[dict]) -> tuple[dict, list[dict], str | None]:
     from ..spalloc import SpallocClient
 
     sp = d["spinnaker"]["spalloc"]
