@@ -41,8 +41,11 @@ from hubclient import wait_for  # noqa: E402
 
 CORES = len(os.sched_getaffinity(0))
 #: The user-server settings as they were before the start-up cuts (hubconfig.write_server_config then).
-BEFORE_SETTINGS = {"ServerApp": {"jpserver_extensions": {"spinnaker_jupyter_ext": True, "jupyter_server_proxy": True}},
-                   "ServerProxy": {"host_allowlist": ["localhost", "127.0.0.1"]}, "KernelManager": {"transport": "ipc"}}
+BEFORE_SETTINGS = {
+    "ServerApp": {"jpserver_extensions": {"spinnaker_jupyter_ext": True, "jupyter_server_proxy": True}},
+    "ServerProxy": {"host_allowlist": ["localhost", "127.0.0.1"]},
+    "KernelManager": {"transport": "ipc"},
+}
 
 
 def load() -> str:
@@ -78,17 +81,31 @@ def cpu_per_start(command: list[str], settings: dict, runs: int = 3) -> dict:
         for i in range(runs):
             port, home = free_port(), base / f"home{i}"
             home.mkdir()
-            env = {"PATH": os.environ["PATH"], "HOME": str(home), "USER": "root",
-                   "JUPYTER_CONFIG_PATH": str(base / "etc"), "SPINNAKER_TUTORIALS_DIR": str(ROOT / "notebooks"),
-                   "JUPYTERHUB_API_TOKEN": secrets.token_hex(16), "JUPYTERHUB_API_URL": hub_api,
-                   "JUPYTERHUB_CLIENT_ID": "jupyterhub-user-b", "JUPYTERHUB_USER": "b",
-                   "JUPYTERHUB_SERVER_NAME": "", "JUPYTERHUB_SERVICE_PREFIX": "/user/b/",
-                   "JUPYTERHUB_OAUTH_CALLBACK_URL": "/user/b/oauth_callback", "JUPYTERHUB_BASE_URL": "/",
-                   "JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{port}/user/b/",
-                   "JUPYTERHUB_ACTIVITY_URL": f"{hub_api}/users/b/activity"}
+            env = {
+                "PATH": os.environ["PATH"],
+                "HOME": str(home),
+                "USER": "root",
+                "JUPYTER_CONFIG_PATH": str(base / "etc"),
+                "SPINNAKER_TUTORIALS_DIR": str(ROOT / "notebooks"),
+                "JUPYTERHUB_API_TOKEN": secrets.token_hex(16),
+                "JUPYTERHUB_API_URL": hub_api,
+                "JUPYTERHUB_CLIENT_ID": "jupyterhub-user-b",
+                "JUPYTERHUB_USER": "b",
+                "JUPYTERHUB_SERVER_NAME": "",
+                "JUPYTERHUB_SERVICE_PREFIX": "/user/b/",
+                "JUPYTERHUB_OAUTH_CALLBACK_URL": "/user/b/oauth_callback",
+                "JUPYTERHUB_BASE_URL": "/",
+                "JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{port}/user/b/",
+                "JUPYTERHUB_ACTIVITY_URL": f"{hub_api}/users/b/activity",
+            }
             t0 = time.monotonic()
-            proc = subprocess.Popen([*command, "--allow-root"], env=env, cwd=home, stdout=subprocess.DEVNULL,
-                                    stderr=open(base / f"log{i}", "w"))
+            proc = subprocess.Popen(
+                [*command, "--allow-root"],
+                env=env,
+                cwd=home,
+                stdout=subprocess.DEVNULL,
+                stderr=open(base / f"log{i}", "w"),
+            )
             while True:
                 try:
                     socket.create_connection(("127.0.0.1", port), 0.2).close()
@@ -151,11 +168,19 @@ def burst(url: str, token: str, names: list[str], timeout: float = 400) -> dict:
     for name in names:
         requests.delete(f"{api}/users/{name}/server", headers=headers, timeout=60)
     times = sorted(ready.values())
-    out = {"n": len(names), "ready": len(times), "failed": len(names) - len(times),
-           "refused_429": sum(1 for c in codes.values() if c == 429)}
+    out = {
+        "n": len(names),
+        "ready": len(times),
+        "failed": len(names) - len(times),
+        "refused_429": sum(1 for c in codes.values() if c == 429),
+    }
     if times:
-        out.update(first=times[0], median=statistics.median(times),
-                   p95=times[min(len(times) - 1, int(round(0.95 * len(times))) - 1)], last=times[-1])
+        out.update(
+            first=times[0],
+            median=statistics.median(times),
+            p95=times[min(len(times) - 1, int(round(0.95 * len(times))) - 1)],
+            last=times[-1],
+        )
     return out
 
 
@@ -194,9 +219,14 @@ c.JupyterHub.load_roles = [{{"name": "bench", "services": ["bench"],
                             "scopes": ["admin:users", "admin:servers", "list:users", "read:users", "read:servers"]}}]
 """)
     log = open(base / "hub.log", "w")
-    proc = subprocess.Popen([str(BIN / "jupyterhub"), "-f", str(base / "jupyterhub_config.py")], cwd=base,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
+    proc = subprocess.Popen(
+        [str(BIN / "jupyterhub"), "-f", str(base / "jupyterhub_config.py")],
+        cwd=base,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"},
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: _answers(url), 60, "the stock hub")
@@ -237,14 +267,22 @@ def main() -> None:
     ap.add_argument("--skip-stock", action="store_true")
     ap.add_argument("--concurrency", type=int, help="spawner.start_queue.concurrency (default: the hub's default)")
     args = ap.parse_args()
-    results = {"cores": CORES, "load_before": load(), "concurrency": args.concurrency or CORES + 1}  # (spawn_queue's default)
+    results = {
+        "cores": CORES,
+        "load_before": load(),
+        "concurrency": args.concurrency or CORES + 1,
+    }  # (spawn_queue's default)
     results["cpu_before"] = cpu_per_start([str(BIN / "jupyterhub-singleuser")], BEFORE_SETTINGS)
     after = json.loads(json.dumps(BEFORE_SETTINGS))
     after["ServerApp"]["jpserver_extensions"]["jupyter_lsp"] = False
-    after["LabApp"] = {"news_url": None, "check_for_updates_class": "jupyterlab.NeverCheckForUpdate",
-                       "extension_manager": "readonly"}
-    results["cpu_after"] = cpu_per_start([sys.executable, "-m", "spinnaker_jupyter.singleuser",
-                                          str(BIN / "jupyterhub-singleuser")], after)
+    after["LabApp"] = {
+        "news_url": None,
+        "check_for_updates_class": "jupyterlab.NeverCheckForUpdate",
+        "extension_manager": "readonly",
+    }
+    results["cpu_after"] = cpu_per_start(
+        [sys.executable, "-m", "spinnaker_jupyter.singleuser", str(BIN / "jupyterhub-singleuser")], after
+    )
     results["cpu_stock"] = cpu_per_start([str(BIN / "jupyterhub-singleuser")], {})
     ours, hub = our_hub(args.users, args.concurrency)
     results["ours"] = ours
@@ -266,13 +304,16 @@ def main() -> None:
                 r[f"{k}_over_floor"] = r[k] / r["floor_s"]
     print(table(results, args.users))
     (ROOT / "benchmarks" / f"results-course{'-c%d' % args.concurrency if args.concurrency else ''}.json").write_text(
-        json.dumps(results, indent=1) + "\n")
+        json.dumps(results, indent=1) + "\n"
+    )
 
 
 def table(r: dict, n: int) -> str:
-    rows = [f"{n} users at once, {r['cores']} cores; load {r['load_before']} -> {r['load_after']}",
-            "| hub | ready | failed | first | median | p95 | last | floor | first/median/p95/last over floor |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    rows = [
+        f"{n} users at once, {r['cores']} cores; load {r['load_before']} -> {r['load_after']}",
+        "| hub | ready | failed | first | median | p95 | last | floor | first/median/p95/last over floor |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for key, name in (("ours", "this project"), ("stock", "stock JupyterHub 6.1.1")):
         x = r.get(key)
         if not x:
@@ -280,11 +321,15 @@ def table(r: dict, n: int) -> str:
         if "median" not in x:
             rows.append(f"| {name} | {x['ready']} | {x['failed']} | | | | | | |")
             continue
-        rows.append(f"| {name} | {x['ready']} | {x['failed']} | {x['first']:.1f} s | {x['median']:.1f} s | "
-                    f"{x['p95']:.1f} s | {x['last']:.1f} s | {x['floor_s']:.1f} s | {x['first_over_floor']:.2f} / "
-                    f"{x['median_over_floor']:.2f} / {x['p95_over_floor']:.2f} / {x['last_over_floor']:.2f} |")
-    rows.append(f"CPU-s per server start: before {r['cpu_before']['cpu_s']:.2f}, after {r['cpu_after']['cpu_s']:.2f}, "
-                f"stock {r['cpu_stock']['cpu_s']:.2f}")
+        rows.append(
+            f"| {name} | {x['ready']} | {x['failed']} | {x['first']:.1f} s | {x['median']:.1f} s | "
+            f"{x['p95']:.1f} s | {x['last']:.1f} s | {x['floor_s']:.1f} s | {x['first_over_floor']:.2f} / "
+            f"{x['median_over_floor']:.2f} / {x['p95_over_floor']:.2f} / {x['last_over_floor']:.2f} |"
+        )
+    rows.append(
+        f"CPU-s per server start: before {r['cpu_before']['cpu_s']:.2f}, after {r['cpu_after']['cpu_s']:.2f}, "
+        f"stock {r['cpu_stock']['cpu_s']:.2f}"
+    )
     if "login_to_lab" in r:
         lt = r["login_to_lab"]
         rows.append(f"login -> JupyterLab: median {lt['median']:.2f} s ({lt['min']:.2f}-{lt['max']:.2f}, n={lt['n']})")

@@ -58,12 +58,27 @@ def pct(values: list[float], q: float) -> float:
 def sdists() -> dict[str, Path]:
     d = tgk.CACHE / "sdists"
     d.mkdir(parents=True, exist_ok=True)
-    found = {p.name[: -len(".tar.gz")].rsplit("-", 1)[0].replace("-", "_").replace(".", "_").lower(): p
-             for p in d.glob("*.tar.gz")}
+    found = {
+        p.name[: -len(".tar.gz")].rsplit("-", 1)[0].replace("-", "_").replace(".", "_").lower(): p
+        for p in d.glob("*.tar.gz")
+    }
     paths = {repo: found.get(dist.replace("-", "_").lower()) for repo, dist in tgk.SDISTS.items()}
     if not all(paths.values()):
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "--dest",
-                        str(d), *[f"{dist}=={tgk.VERSION}" for dist in tgk.SDISTS.values()]], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-binary",
+                ":all:",
+                "--no-deps",
+                "--dest",
+                str(d),
+                *[f"{dist}=={tgk.VERSION}" for dist in tgk.SDISTS.values()],
+            ],
+            check=True,
+        )
         return sdists()
     return paths
 
@@ -72,8 +87,21 @@ def wheelhouse(dest: Path) -> Path:
     src = tgk.CACHE / "wheelhouse"
     src.mkdir(parents=True, exist_ok=True)
     if not list(src.glob("wheel-*.whl")):
-        subprocess.run([sys.executable, "-m", "pip", "download", "--only-binary", ":all:", "--no-deps", "--dest",
-                        str(src), *tgk.WHEELHOUSE_REQS], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--only-binary",
+                ":all:",
+                "--no-deps",
+                "--dest",
+                str(src),
+                *tgk.WHEELHOUSE_REQS,
+            ],
+            check=True,
+        )
     shutil.copytree(src, dest)
     return dest
 
@@ -99,16 +127,38 @@ def mirrors(dest: Path) -> Path:
                 tar.extractall(src, members=members, **kw)
         tgk.git("init", "--quiet", "-b", "main" if sdist is None else "master", src)
         tgk.git("add", "-A", cwd=src)
-        subprocess.run([tgk.GIT, "-c", "user.name=Upstream Dev", "-c", "user.email=dev@example.org", "commit",
-                        "--quiet", "-m", name], cwd=src, check=True, env=env, capture_output=True)
+        subprocess.run(
+            [
+                tgk.GIT,
+                "-c",
+                "user.name=Upstream Dev",
+                "-c",
+                "user.email=dev@example.org",
+                "commit",
+                "--quiet",
+                "-m",
+                name,
+            ],
+            cwd=src,
+            check=True,
+            env=env,
+            capture_output=True,
+        )
         tgk.git("clone", "--quiet", "--bare", src, dest / f"{name}.git")
     shutil.rmtree(work)
     return dest
 
 
 def git_kernel_section(mirror: Path, house: Path, concurrency: int | None) -> dict:
-    return {"enabled": True, "base_url": f"file://{mirror}", "repos": tgk.ALL_REPOS, "offline": True,
-            "wheelhouse": str(house), "build_c": "never", "concurrency": concurrency}
+    return {
+        "enabled": True,
+        "base_url": f"file://{mirror}",
+        "repos": tgk.ALL_REPOS,
+        "offline": True,
+        "wheelhouse": str(house),
+        "build_c": "never",
+        "concurrency": concurrency,
+    }
 
 
 # -- one set-up alone: its CPU-seconds ------------------------------------------------------------------------------
@@ -123,12 +173,30 @@ def cpu_per_setup(section: dict, base: Path, runs: int) -> dict:
     for i in range(runs):
         home = base / f"alone{i}"
         home.mkdir()
-        env = {"PATH": os.environ["PATH"], "HOME": str(home), "LC_ALL": "C",
-               "PYTHONPATH": str(ROOT / "extensions"), "GIT_CONFIG_NOSYSTEM": "1"}
+        env = {
+            "PATH": os.environ["PATH"],
+            "HOME": str(home),
+            "LC_ALL": "C",
+            "PYTHONPATH": str(ROOT / "extensions"),
+            "GIT_CONFIG_NOSYSTEM": "1",
+        }
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.monotonic()
-        proc = subprocess.run([sys.executable, "-m", "spinnaker_jupyter_ext.gitkernel", "--home", str(home),
-                               "--config-json", json.dumps(full), "--quiet"], env=env, capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "spinnaker_jupyter_ext.gitkernel",
+                "--home",
+                str(home),
+                "--config-json",
+                json.dumps(full),
+                "--quiet",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         wall.append(time.monotonic() - t0)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if proc.returncode != 0:
@@ -195,15 +263,22 @@ def course(hub: RunningHub, token: str, names: list[str], with_setups: bool, tim
     for name in names:
         requests.delete(f"{api}/users/{name}/server", headers=headers, timeout=60)
     times = sorted(ready.values())
-    out = {"n": len(names), "ready": len(times), "failed": len(names) - len(times),
-           "refused_429": sum(1 for c in codes.values() if c == 429)}
+    out = {
+        "n": len(names),
+        "ready": len(times),
+        "failed": len(names) - len(times),
+        "refused_429": sum(1 for c in codes.values() if c == 429),
+    }
     if times:
         out.update(first=times[0], median=statistics.median(times), p95=pct(times, 0.95), last=times[-1])
     if with_setups:
         done = sorted(t for t, s in setups.values() if s["state"] == "done")
-        out["setups"] = {"done": len(done), "failed": sum(1 for _, s in setups.values() if s["state"] == "failed"),
-                         "unfinished": len(names) - len(setups),
-                         "errors": sorted({str(s.get("error")) for _, s in setups.values() if s["state"] == "failed"})}
+        out["setups"] = {
+            "done": len(done),
+            "failed": sum(1 for _, s in setups.values() if s["state"] == "failed"),
+            "unfinished": len(names) - len(setups),
+            "errors": sorted({str(s.get("error")) for _, s in setups.values() if s["state"] == "failed"}),
+        }
         if done:
             out["setups"].update(first=done[0], median=statistics.median(done), last=done[-1])
     return out
@@ -217,17 +292,28 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--users", type=int, default=30)
     ap.add_argument("--concurrency", type=int, help="spawner.start_queue.concurrency (default: the hub's default)")
-    ap.add_argument("--setup-concurrency", type=bound, nargs="+", default=[None], metavar="N|default",
-                    help="git_kernel.concurrency of each git-kernel run, in order (default: the hub's default; "
-                         "0: no bound); e.g. `0 default` compares no bound with the default in one run")
+    ap.add_argument(
+        "--setup-concurrency",
+        type=bound,
+        nargs="+",
+        default=[None],
+        metavar="N|default",
+        help="git_kernel.concurrency of each git-kernel run, in order (default: the hub's default; "
+        "0: no bound); e.g. `0 default` compares no bound with the default in one run",
+    )
     ap.add_argument("--cpu-runs", type=int, default=2, help="set-ups alone for the CPU-s figure (default 2)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the set-ups (default 1800)")
     args = ap.parse_args()
     base = traversable_tmpdir("bench-gitkernel-")
     mirror, house = mirrors(base / "mirror"), wheelhouse(base / "wheelhouse")
     subprocess.run(["chmod", "-R", "a+rX", str(mirror), str(house)], check=True)
-    results = {"cores": CORES, "users": args.users, "load_before": load(), "concurrency": args.concurrency,
-               "runs": [{"git_kernel": "off"}]}
+    results = {
+        "cores": CORES,
+        "users": args.users,
+        "load_before": load(),
+        "concurrency": args.concurrency,
+        "runs": [{"git_kernel": "off"}],
+    }
     results["cpu_alone"] = cpu_per_setup(git_kernel_section(mirror, house, None), base, args.cpu_runs)
     results["floor_s"] = args.users * results["cpu_alone"]["cpu_s"] / CORES
     results["runs"] += [{"git_kernel": git_kernel_section(mirror, house, b)} for b in args.setup_concurrency]
@@ -241,8 +327,9 @@ def main() -> None:
         try:
             admin = hub.client("benchadmin", hub.add_user("benchadmin", admin=True))
             tag = secrets.token_hex(2)
-            run.update(course(hub, admin.token, [f"g{i}{tag}{j:02d}" for j in range(args.users)], with_setups,
-                              args.timeout))
+            run.update(
+                course(hub, admin.token, [f"g{i}{tag}{j:02d}" for j in range(args.users)], with_setups, args.timeout)
+            )
         finally:
             hub.stop(final=True)
         run["load_after"] = load()
@@ -255,26 +342,36 @@ def main() -> None:
 
 
 def table(r: dict) -> str:
-    rows = [f"{r['users']} first logins at once, {r['cores']} cores; load {r['load_before']} -> {r['load_after']}",
-            "| git kernel | load before | ready | failed | first | median | p95 | last | set-ups done / failed | "
-            "set-up completed first / median / last | last over floor |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|"]
+    rows = [
+        f"{r['users']} first logins at once, {r['cores']} cores; load {r['load_before']} -> {r['load_after']}",
+        "| git kernel | load before | ready | failed | first | median | p95 | last | set-ups done / failed | "
+        "set-up completed first / median / last | last over floor |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|",
+    ]
     for run in r["runs"]:
         git = run["git_kernel"]
         limit = None if git == "off" else git["concurrency"]
         name = "off" if git == "off" else f"on, concurrency {'default' if limit is None else limit}"
         cells = [f"{run[k]:.1f} s" for k in ("first", "median", "p95", "last")] if "median" in run else [""] * 4
         s = run.get("setups", {})
-        done = f"{s['done']} / {s['failed']}" + (f" ({s['unfinished']} unfinished)" if s.get("unfinished") else "") \
-            if s else ""
+        done = (
+            f"{s['done']} / {s['failed']}" + (f" ({s['unfinished']} unfinished)" if s.get("unfinished") else "")
+            if s
+            else ""
+        )
         times = f"{s['first']:.0f} / {s['median']:.0f} / {s['last']:.0f} s" if "last" in s else ""
         over = f"{s['last_over_floor']:.2f}" if "last_over_floor" in s else ""
-        rows.append(f"| {name} | {run['load_before']} | {run['ready']} | {run['failed']} | " + " | ".join(cells)
-                    + f" | {done} | {times} | {over} |")
+        rows.append(
+            f"| {name} | {run['load_before']} | {run['ready']} | {run['failed']} | "
+            + " | ".join(cells)
+            + f" | {done} | {times} | {over} |"
+        )
         if s.get("errors"):
             rows.append(f"errors: {s['errors']}")
-    rows.append(f"CPU-s per set-up (alone): {r['cpu_alone']['cpu_s']:.1f} (wall {r['cpu_alone']['wall_s']:.1f} s); "
-                f"floor (users x CPU-s / cores) {r['floor_s']:.1f} s")
+    rows.append(
+        f"CPU-s per set-up (alone): {r['cpu_alone']['cpu_s']:.1f} (wall {r['cpu_alone']['wall_s']:.1f} s); "
+        f"floor (users x CPU-s / cores) {r['floor_s']:.1f} s"
+    )
     return "\n".join(rows)
 
 

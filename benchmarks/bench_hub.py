@@ -47,9 +47,10 @@ def bench_login_to_lab(hub: RunningHub, users: int) -> dict:
     for line in hub.log().splitlines():
         if "took" in line and "seconds to start" in line:
             spawn_logged.append(float(line.split("took")[1].split("seconds")[0]))
-    return {"login_to_lab_s": {"median": statistics.median(times), "min": min(times), "max": max(times),
-                               "n": len(times)},
-            "hub_reported_spawn_s": {"median": statistics.median(spawn_logged) if spawn_logged else None}}
+    return {
+        "login_to_lab_s": {"median": statistics.median(times), "min": min(times), "max": max(times), "n": len(times)},
+        "hub_reported_spawn_s": {"median": statistics.median(spawn_logged) if spawn_logged else None},
+    }
 
 
 def bench_kernel(hub: RunningHub) -> dict:
@@ -75,9 +76,10 @@ def bench_fresh_setup() -> dict:
         clone = Path(tmp) / "clone"
         subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
         env = {"PIP_NO_CACHE_DIR": "1", "PATH": "/usr/local/bin:/usr/bin:/bin"}
-        for label, cmd in (("hub environment + proxy (make setup)", ["make", "-s", "setup"]),
-                           ("sPyNNaker kernel environment (spinnaker-jupyter build)",
-                            [".venv/bin/spinnaker-jupyter", "build"])):
+        for label, cmd in (
+            ("hub environment + proxy (make setup)", ["make", "-s", "setup"]),
+            ("sPyNNaker kernel environment (spinnaker-jupyter build)", [".venv/bin/spinnaker-jupyter", "build"]),
+        ):
             t0 = time.monotonic()
             subprocess.run(cmd, cwd=clone, check=True, env=env, stdout=subprocess.DEVNULL)
             steps[label] = round(time.monotonic() - t0, 1)

@@ -48,8 +48,9 @@ def main() -> None:
     ap.add_argument("--single", type=int, default=10)
     args = ap.parse_args()
     port = free_port()
-    hub = RunningHub(traversable_tmpdir("bench-jobs-"), {"jobs": {"enabled": True, "port": port, "concurrency": 2}},
-                     ENVS)
+    hub = RunningHub(
+        traversable_tmpdir("bench-jobs-"), {"jobs": {"enabled": True, "port": port, "concurrency": 2}}, ENVS
+    )
     hub.start()
     url = f"http://127.0.0.1:{port}"
     try:
@@ -84,18 +85,26 @@ def main() -> None:
         t_first = ids[0][1]
         wait_for(lambda: all(get(i)["status"] in ("finished", "error") for i, _ in ids[-3:]), 900, "the batch")
         jobs = [get(i) for i, _ in ids]
-        waits = sorted(j["provenance"]["started_at"] - datetime.fromisoformat(j["timestamp_submission"]).timestamp()
-                       for j in jobs)
+        waits = sorted(
+            j["provenance"]["started_at"] - datetime.fromisoformat(j["timestamp_submission"]).timestamp() for j in jobs
+        )
         last = max(j["provenance"]["finished_at"] for j in jobs)
         result = {
-            "submit_to_running_s": {"median": round(statistics.median(to_running), 3), "max": round(max(to_running), 3)},
+            "submit_to_running_s": {
+                "median": round(statistics.median(to_running), 3),
+                "max": round(max(to_running), 3),
+            },
             "trivial_job_end_to_end_s": round(statistics.median(end_to_end), 3),
             "direct_run_s": round(direct, 3),
             "runner_overhead_s": round(statistics.median(end_to_end) - direct, 3),
-            "batch": {"jobs": args.jobs, "concurrency": 2, "errors": sum(j["status"] != "finished" for j in jobs),
-                      "throughput_jobs_per_s": round(args.jobs / (last - t_first), 2),
-                      "p95_wait_s": round(waits[int(0.95 * (len(waits) - 1))], 2),
-                      "median_wait_s": round(statistics.median(waits), 2)},
+            "batch": {
+                "jobs": args.jobs,
+                "concurrency": 2,
+                "errors": sum(j["status"] != "finished" for j in jobs),
+                "throughput_jobs_per_s": round(args.jobs / (last - t_first), 2),
+                "p95_wait_s": round(waits[int(0.95 * (len(waits) - 1))], 2),
+                "median_wait_s": round(statistics.median(waits), 2),
+            },
             "idle_service_rss_mib": round(rss / 1024, 1),
         }
         print(json.dumps(result, indent=1))

@@ -34,10 +34,20 @@ def main() -> None:
     slurm = start_slurm(memory_mb=16000, jobs_per_core=16)
     hub = None
     try:
-        hub = RunningHub(traversable_tmpdir("bench-slurm-course-"), {
-            "spawner": {"type": "slurm", "poll_interval": 10, "local": {"system_user_prefix": "benchslurm-"},
-                        "slurm": {"conf": str(slurm.conf), "partition": slurm.partition, "memory": args.memory}},
-            "git_kernel": {"enabled": False}, "culler": {"enabled": False}}, ENVS).start()
+        hub = RunningHub(
+            traversable_tmpdir("bench-slurm-course-"),
+            {
+                "spawner": {
+                    "type": "slurm",
+                    "poll_interval": 10,
+                    "local": {"system_user_prefix": "benchslurm-"},
+                    "slurm": {"conf": str(slurm.conf), "partition": slurm.partition, "memory": args.memory},
+                },
+                "git_kernel": {"enabled": False},
+                "culler": {"enabled": False},
+            },
+            ENVS,
+        ).start()
         admin = hub.client("benchadmin", hub.add_user("benchadmin", admin=True))
         before = load()
         tag = secrets.token_hex(2)

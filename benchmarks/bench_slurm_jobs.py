@@ -50,8 +50,14 @@ def run_jobs(overrides: dict, n: int) -> dict:
             job = _get(url, h, i, log=True)
             assert job["status"] == "finished", job["log"]
         ends = ends[1:]
-        return {"jobs": n, "submit_to_finished_s": {"median": round(statistics.median(ends), 3),
-                                                     "min": round(min(ends), 3), "max": round(max(ends), 3)}}
+        return {
+            "jobs": n,
+            "submit_to_finished_s": {
+                "median": round(statistics.median(ends), 3),
+                "min": round(min(ends), 3),
+                "max": round(max(ends), 3),
+            },
+        }
     finally:
         hub.stop(final=True)
         shutil.rmtree(hub.base, ignore_errors=True)
@@ -77,13 +83,23 @@ def main() -> None:
         before = load()
         common = {"spawner": {"local": {"system_user_prefix": "benchjob-"}}, "git_kernel": {"enabled": False}}
         local = run_jobs(common, args.jobs)
-        on_slurm = run_jobs({**common, "spawner": {**common["spawner"], "slurm": {"conf": str(slurm.conf),
-                                                                                   "partition": slurm.partition}},
-                             "jobs": {"executor": "slurm", "limits": {"memory_mb": 1024}}}, args.jobs)
-        out = {"local": local, "slurm": on_slurm,
-               "slurm_overhead_per_job_s": round(on_slurm["submit_to_finished_s"]["median"]
-                                                 - local["submit_to_finished_s"]["median"], 3),
-               "load_before": before, "load_after": load()}
+        on_slurm = run_jobs(
+            {
+                **common,
+                "spawner": {**common["spawner"], "slurm": {"conf": str(slurm.conf), "partition": slurm.partition}},
+                "jobs": {"executor": "slurm", "limits": {"memory_mb": 1024}},
+            },
+            args.jobs,
+        )
+        out = {
+            "local": local,
+            "slurm": on_slurm,
+            "slurm_overhead_per_job_s": round(
+                on_slurm["submit_to_finished_s"]["median"] - local["submit_to_finished_s"]["median"], 3
+            ),
+            "load_before": before,
+            "load_after": load(),
+        }
         print(json.dumps(out, indent=1))
         (ROOT / "benchmarks" / "results-slurm-jobs.json").write_text(json.dumps(out, indent=1) + "\n")
     finally:

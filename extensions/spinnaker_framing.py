@@ -55,5 +55,6 @@ def frame_cookies() -> None:
     set_cookie._framed = True
     RequestHandler.set_cookie = set_cookie
     # Tornado warns about every keyword it does not name (partitioned): expected here, not news for the log.
-    warnings.filterwarnings("ignore", message=r"Deprecated arguments to set_cookie: \{'partitioned'\}",
-                            category=DeprecationWarning)
+    warnings.filterwarnings(
+        "ignore", message=r"Deprecated arguments to set_cookie: \{'partitioned'\}", category=DeprecationWarning
+    )

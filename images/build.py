@@ -44,11 +44,15 @@ CONTAINERFILES = {
     "hub": "images/hub/Containerfile",
     "nrp": "images/nrp/Containerfile",
 }
-MILESTONE = re.compile(r"^(Collecting |Successfully installed|\d+ upgraded, \d+ newly installed|Fetched |Building wheel|"
-                       r"Successfully built|Created wheel|added \d+ packages|Python \d|arm-none-eabi-gcc|"
-                       r"Available kernels|\s+spynnaker\s|\s+spinnaker_jupyter_ext)")
-STEP = re.compile(r"^(?:\[(?P<stage>\d+)/(?P<stages>\d+)\] )?STEP (?P<n>\d+)/(?P<m>\d+): (?P<text>.*)$"
-                  r"|^Step (?P<dn>\d+)/(?P<dm>\d+) : (?P<dtext>.*)$")
+MILESTONE = re.compile(
+    r"^(Collecting |Successfully installed|\d+ upgraded, \d+ newly installed|Fetched |Building wheel|"
+    r"Successfully built|Created wheel|added \d+ packages|Python \d|arm-none-eabi-gcc|"
+    r"Available kernels|\s+spynnaker\s|\s+spinnaker_jupyter_ext)"
+)
+STEP = re.compile(
+    r"^(?:\[(?P<stage>\d+)/(?P<stages>\d+)\] )?STEP (?P<n>\d+)/(?P<m>\d+): (?P<text>.*)$"
+    r"|^Step (?P<dn>\d+)/(?P<dm>\d+) : (?P<dtext>.*)$"
+)
 
 
 class BuildError(RuntimeError):
@@ -63,8 +67,13 @@ def pip_cert() -> str | None:
     """The CA bundle pip is configured with on this machine ($PIP_CERT or `cert` in a pip config file)."""
     if os.environ.get("PIP_CERT"):
         return os.environ["PIP_CERT"]
-    files = [os.environ.get("PIP_CONFIG_FILE"), "/etc/pip.conf", "/etc/xdg/pip/pip.conf",
-             str(Path.home() / ".config/pip/pip.conf"), str(Path.home() / ".pip/pip.conf")]
+    files = [
+        os.environ.get("PIP_CONFIG_FILE"),
+        "/etc/pip.conf",
+        "/etc/xdg/pip/pip.conf",
+        str(Path.home() / ".config/pip/pip.conf"),
+        str(Path.home() / ".pip/pip.conf"),
+    ]
     cert = None
     for f in files:
         if f and Path(f).is_file():
@@ -84,8 +93,11 @@ def make_context(containerfile: str, ca_bundle: str | None, root: Path = REPO) -
     from docker.utils.build import exclude_paths
 
     ignore = root / (containerfile + ".dockerignore")
-    patterns = [line.strip() for line in ignore.read_text().splitlines()
-                if line.strip() and not line.lstrip().startswith("#")] if ignore.exists() else []
+    patterns = (
+        [line.strip() for line in ignore.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        if ignore.exists()
+        else []
+    )
     if "*" in patterns and not (root / containerfile).exists():
         raise BuildError(f"{containerfile} not found under {root}")
     files = sorted(exclude_paths(str(root), patterns, dockerfile=containerfile))
@@ -131,13 +143,25 @@ class Result:
     image_id: str = ""
 
 
-def build(api, target_tag: str, containerfile: str, buildargs: dict, *, ca_bundle: str | None,
-          network_mode: str | None, nocache: bool = False, verbose: bool = False, target: str | None = None,
-          labels: dict | None = None) -> Result:
+def build(
+    api,
+    target_tag: str,
+    containerfile: str,
+    buildargs: dict,
+    *,
+    ca_bundle: str | None,
+    network_mode: str | None,
+    nocache: bool = False,
+    verbose: bool = False,
+    target: str | None = None,
+    labels: dict | None = None,
+) -> Result:
     t0 = time.monotonic()
     ctx = make_context(containerfile, ca_bundle)
-    say(f"==> {target_tag}: context {ctx.file_count} files, {ctx.size_bytes / 1e6:.1f} MB "
-        f"({containerfile}{', build CA ' + ca_bundle if ca_bundle else ''})")
+    say(
+        f"==> {target_tag}: context {ctx.file_count} files, {ctx.size_bytes / 1e6:.1f} MB "
+        f"({containerfile}{', build CA ' + ca_bundle if ca_bundle else ''})"
+    )
     shown = {k: v for k, v in buildargs.items()}
     if shown:
         say("    build args: " + " ".join(f"{k}={v}" for k, v in shown.items()))
@@ -149,12 +173,26 @@ def build(api, target_tag: str, containerfile: str, buildargs: dict, *, ca_bundl
         if current is not None:
             current.seconds = time.monotonic() - current.started
             if current.seconds >= 1.0 or verbose:
-                say(f"    [{time.monotonic() - t0:6.1f}s] ... {current.seconds:.1f}s"
-                    f"{' (cached)' if current.cached else ''}")
+                say(
+                    f"    [{time.monotonic() - t0:6.1f}s] ... {current.seconds:.1f}s"
+                    f"{' (cached)' if current.cached else ''}"
+                )
 
-    stream = api.build(fileobj=ctx, custom_context=True, dockerfile=containerfile, tag=target_tag,
-                       buildargs=buildargs, network_mode=network_mode, pull=False, rm=True, forcerm=True,
-                       nocache=nocache, decode=True, target=target, labels=labels)
+    stream = api.build(
+        fileobj=ctx,
+        custom_context=True,
+        dockerfile=containerfile,
+        tag=target_tag,
+        buildargs=buildargs,
+        network_mode=network_mode,
+        pull=False,
+        rm=True,
+        forcerm=True,
+        nocache=nocache,
+        decode=True,
+        target=target,
+        labels=labels,
+    )
     for chunk in stream:
         if "error" in chunk or "errorDetail" in chunk:
             err = chunk.get("error") or chunk.get("errorDetail", {}).get("message")
@@ -216,30 +254,56 @@ def print_layers(api, image: str) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     ap.add_argument("targets", nargs="*", default=["singleuser"], help="singleuser, hub, nrp or all")
-    ap.add_argument("--engine-socket", help="Docker API URL (default: $DOCKER_HOST, or the project's podman "
-                                            "with --podman, or unix:///var/run/docker.sock)")
-    ap.add_argument("--podman", action="store_true",
-                    help="use the project's podman environment (images/podman/podman_env.py): starts its API "
-                         "service if needed and builds the debootstrap base if missing")
-    ap.add_argument("--podman-dir", metavar="DIR", help="its directory (default: $SPINNAKER_PODMAN_DIR or "
-                                                        "~/.cache/spinnaker-jupyter/podman)")
-    ap.add_argument("--base", help="BASE_IMAGE of singleuser and hub (default: python:3.11-slim-bookworm; with "
-                                   f"--podman: {podman_env.BASE_IMAGE})")
+    ap.add_argument(
+        "--engine-socket",
+        help="Docker API URL (default: $DOCKER_HOST, or the project's podman "
+        "with --podman, or unix:///var/run/docker.sock)",
+    )
+    ap.add_argument(
+        "--podman",
+        action="store_true",
+        help="use the project's podman environment (images/podman/podman_env.py): starts its API "
+        "service if needed and builds the debootstrap base if missing",
+    )
+    ap.add_argument(
+        "--podman-dir",
+        metavar="DIR",
+        help="its directory (default: $SPINNAKER_PODMAN_DIR or ~/.cache/spinnaker-jupyter/podman)",
+    )
+    ap.add_argument(
+        "--base",
+        help="BASE_IMAGE of singleuser and hub (default: python:3.11-slim-bookworm; with "
+        f"--podman: {podman_env.BASE_IMAGE})",
+    )
     ap.add_argument("--nrp-image", help="the NRP's published image the nrp variant starts from (required for nrp)")
-    ap.add_argument("--nrp-user", default="jovyan",
-                    help="NB_USER of the nrp variant: keep the NRP image's own uid-1000 account name if its "
-                         "installation lives in that home (e.g. bbpnrsoa); default jovyan (renames it)")
+    ap.add_argument(
+        "--nrp-user",
+        default="jovyan",
+        help="NB_USER of the nrp variant: keep the NRP image's own uid-1000 account name if its "
+        "installation lives in that home (e.g. bbpnrsoa); default jovyan (renames it)",
+    )
     ap.add_argument("--prefix", default="spinnaker-jupyter", help="image name prefix (default spinnaker-jupyter)")
     ap.add_argument("--tag", default="latest")
-    ap.add_argument("--arm-toolchain", choices=("0", "1"), default="1",
-                    help="WITH_ARM_TOOLCHAIN of the single-user image (default 1; tests use 0)")
-    ap.add_argument("--ca-bundle", help="CA bundle for pip inside the build ('none': no bundle; default: pip's "
-                                        "configured cert on this machine, if any)")
-    ap.add_argument("--keep-service", action="store_true",
-                    help="with --podman: leave the API service running (default: stop it if this command started it)")
+    ap.add_argument(
+        "--arm-toolchain",
+        choices=("0", "1"),
+        default="1",
+        help="WITH_ARM_TOOLCHAIN of the single-user image (default 1; tests use 0)",
+    )
+    ap.add_argument(
+        "--ca-bundle",
+        help="CA bundle for pip inside the build ('none': no bundle; default: pip's "
+        "configured cert on this machine, if any)",
+    )
+    ap.add_argument(
+        "--keep-service",
+        action="store_true",
+        help="with --podman: leave the API service running (default: stop it if this command started it)",
+    )
     ap.add_argument("--network", help="build network mode (default: host with --podman, else the engine's default)")
     ap.add_argument("--no-cache", action="store_true")
     ap.add_argument("-v", "--verbose", action="store_true", help="print all build output")
@@ -247,7 +311,7 @@ def main(argv=None) -> int:
 
     targets = []
     for t in args.targets:
-        for x in (TARGETS if t == "all" else [t]):
+        for x in TARGETS if t == "all" else [t]:
             if x not in TARGETS:
                 ap.error(f"unknown image {x!r}; choose from {', '.join(TARGETS)} or all")
             if x not in targets:
@@ -277,8 +341,10 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001 - say what failed, plainly
         say(f"error: no container engine answers at {url}: {e}")
         return 2
-    say(f"==> engine {version.get('Components', [{}])[0].get('Name', 'engine')} {version.get('Version')} "
-        f"(API {version.get('ApiVersion')}) at {url}")
+    say(
+        f"==> engine {version.get('Components', [{}])[0].get('Name', 'engine')} {version.get('Version')} "
+        f"(API {version.get('ApiVersion')}) at {url}"
+    )
 
     ca = args.ca_bundle if args.ca_bundle is not None else pip_cert()
     if ca in ("none", ""):
@@ -302,22 +368,39 @@ def _build_all(args, api, targets, base, network, ca, t_all) -> int:
     try:
         for target in targets:
             if target == "singleuser":
-                results.append(build(api, name("singleuser"), CONTAINERFILES["singleuser"],
-                                     {**base_args, "WITH_ARM_TOOLCHAIN": args.arm_toolchain}, **common))
+                results.append(
+                    build(
+                        api,
+                        name("singleuser"),
+                        CONTAINERFILES["singleuser"],
+                        {**base_args, "WITH_ARM_TOOLCHAIN": args.arm_toolchain},
+                        **common,
+                    )
+                )
             elif target == "hub":
                 results.append(build(api, name("hub"), CONTAINERFILES["hub"], dict(base_args), **common))
             elif target == "nrp":
                 if not args.nrp_image:
-                    say("==> nrp skipped: give --nrp-image (the NRP's published image; no registry is reachable "
-                        "on the project's test machines, see images/README.md)")
+                    say(
+                        "==> nrp skipped: give --nrp-image (the NRP's published image; no registry is reachable "
+                        "on the project's test machines, see images/README.md)"
+                    )
                     continue
                 layer = name("nrp-singleuser")
-                results.append(build(api, layer, CONTAINERFILES["singleuser"],
-                                     {"BASE_IMAGE": args.nrp_image, "WITH_ARM_TOOLCHAIN": args.arm_toolchain,
-                                      "NB_USER": args.nrp_user},
-                                     **common))
-                results.append(build(api, name("nrp"), CONTAINERFILES["nrp"], {"SINGLEUSER_IMAGE": layer},
-                                     **common))
+                results.append(
+                    build(
+                        api,
+                        layer,
+                        CONTAINERFILES["singleuser"],
+                        {
+                            "BASE_IMAGE": args.nrp_image,
+                            "WITH_ARM_TOOLCHAIN": args.arm_toolchain,
+                            "NB_USER": args.nrp_user,
+                        },
+                        **common,
+                    )
+                )
+                results.append(build(api, name("nrp"), CONTAINERFILES["nrp"], {"SINGLEUSER_IMAGE": layer}, **common))
     except BuildError as e:
         say(f"error: {e}")
         return 1

@@ -33,6 +33,10 @@ def test_spawn_time_slurm_against_local(hub_factory, slurm):
     for name, hub in (("local", local), ("slurm", on_slurm)):
         user = hub.client("bench", hub.add_user("bench"))
         times = _rounds(user)
-        figures[name] = {"median_s": round(statistics.median(times), 2), "min_s": round(min(times), 2),
-                         "max_s": round(max(times), 2), "rounds": ROUNDS}
+        figures[name] = {
+            "median_s": round(statistics.median(times), 2),
+            "min_s": round(min(times), 2),
+            "max_s": round(max(times), 2),
+            "rounds": ROUNDS,
+        }
     print("\nSPAWN-TIMES " + json.dumps(figures))

@@ -22,10 +22,12 @@ BIN = ROOT / ".venv" / "bin"
 ENVS = ROOT / "data" / "envs"
 sys.path.insert(0, str(Path(__file__).parent))
 
-from hubclient import HubClient, wait_for  # noqa: E402
 import processes  # noqa: E402
+from hubclient import HubClient, wait_for  # noqa: E402
 
-pytest_plugins = [p for p in ("oidc_fixtures", "podman_fixtures", "slurm_fixtures") if (Path(__file__).parent / f"{p}.py").exists()]
+pytest_plugins = [
+    p for p in ("oidc_fixtures", "podman_fixtures", "slurm_fixtures") if (Path(__file__).parent / f"{p}.py").exists()
+]
 
 # --- every test ends what it starts ----------------------------------------------------------------------------
 # The run's processes (tests/processes.py) are checked after each test module and at the end of the session: one
@@ -61,18 +63,29 @@ def _ends_what_it_starts(request, tmp_path_factory):
     left = WATCH.leftovers(before)
     if left:
         processes.end(left)
-        pytest.fail(f"{request.node.nodeid} left {len(left)} process(es) running after its tests and fixtures ended "
-                    "(now ended):\n  " + "\n  ".join(p.describe() for p in left), pytrace=False)
+        pytest.fail(
+            f"{request.node.nodeid} left {len(left)} process(es) running after its tests and fixtures ended "
+            "(now ended):\n  " + "\n  ".join(p.describe() for p in left),
+            pytrace=False,
+        )
 
 
 def pytest_sessionfinish(session, exitstatus):
     """After every fixture has ended: nothing the run started may still run (podman's service only when
     SPINNAKER_PODMAN_KEEP asks to keep it)."""
     procs = processes.table()
-    kept = {p.pid for p in procs.values() if os.environ.get("SPINNAKER_PODMAN_KEEP")
-            and p.cmdline.startswith("podman") and " system service " in p.cmdline}
-    left = [p for p in WATCH.leftovers(WATCH.baseline, include_exempt=True, settle=5)
-            if not processes.has_ancestor(p, kept, procs)]
+    kept = {
+        p.pid
+        for p in procs.values()
+        if os.environ.get("SPINNAKER_PODMAN_KEEP")
+        and p.cmdline.startswith("podman")
+        and " system service " in p.cmdline
+    }
+    left = [
+        p
+        for p in WATCH.leftovers(WATCH.baseline, include_exempt=True, settle=5)
+        if not processes.has_ancestor(p, kept, procs)
+    ]
     if left:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         lines = [f"the test run left {len(left)} process(es) running (now ended):"]
@@ -113,7 +126,9 @@ def spynnaker_kernel(envs_dir, tmp_path_factory):
     from spinnaker_jupyter import config, kernels
 
     base = tmp_path_factory.mktemp("kernel")
-    (base / "c.yaml").write_text(yaml.safe_dump({"data_dir": str(base / "data"), "kernels": {"envs_dir": str(envs_dir)}}))
+    (base / "c.yaml").write_text(
+        yaml.safe_dump({"data_dir": str(base / "data"), "kernels": {"envs_dir": str(envs_dir)}})
+    )
     d = config.load([base / "c.yaml"])
     kernels.write_kernelspec(d, envs_dir / "spynnaker")
     kernels.write_spynnaker_cfg(d)
@@ -153,13 +168,24 @@ class RunningHub:
         self.command = [BIN / "spinnaker-jupyter"]  # the operator's command (another release's: test_upgrade.py)
 
     def cli(self, *args, input=None) -> subprocess.CompletedProcess:
-        return subprocess.run([*self.command, *args, "-c", self.config_file], capture_output=True,
-                              text=True, input=input, timeout=120, env=self.env)
+        return subprocess.run(
+            [*self.command, *args, "-c", self.config_file],
+            capture_output=True,
+            text=True,
+            input=input,
+            timeout=120,
+            env=self.env,
+        )
 
-    def start(self, timeout: float = 60) -> "RunningHub":
+    def start(self, timeout: float = 60) -> RunningHub:
         log = open(self.log_path, "a")
-        self.proc = subprocess.Popen([*self.command, "up", "--no-build", "-c", self.config_file],
-                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env)
+        self.proc = subprocess.Popen(
+            [*self.command, "up", "--no-build", "-c", self.config_file],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=self.env,
+        )
         import requests
 
         def up():
@@ -190,8 +216,11 @@ class RunningHub:
         procs = processes.table()
         running = self.proc is not None and self.proc.poll() is None
         tree = {p.pid for p in processes.descendants(self.proc.pid, procs)} if running else set()
-        return [p for p in procs.values() if p.alive and p.pid != os.getpid()
-                and (p.pid in tree or processes.under(p.cwd, [str(self.base)]))]
+        return [
+            p
+            for p in procs.values()
+            if p.alive and p.pid != os.getpid() and (p.pid in tree or processes.under(p.cwd, [str(self.base)]))
+        ]
 
     def stop(self, final: bool = False, timeout: float = 30):
         """Stop the hub as an operator does (SIGTERM, then wait), then end what it leaves behind. User servers (and
@@ -211,8 +240,7 @@ class RunningHub:
                     os.killpg(self.proc.pid, signal.SIGKILL)  # the hub's own group (start_new_session)
             self.proc.wait()
         procs = processes.table()
-        left = [p for p in {q.key: q for q in mine + self.own_processes()}.values()
-                if processes.alive([p.key])]
+        left = [p for p in {q.key: q for q in mine + self.own_processes()}.values() if processes.alive([p.key])]
         keep = not final and self.config["hub"].get("stop_servers_on_exit") is False
         if keep:
             left = [p for p in left if not processes.in_user_server(p, procs)]

@@ -24,7 +24,9 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.1):
 
 
 class HubClient:
-    def __init__(self, url: str, name: str | None, password: str | None = None, session: requests.Session | None = None):
+    def __init__(
+        self, url: str, name: str | None, password: str | None = None, session: requests.Session | None = None
+    ):
         """Log in through the hub's login form with `password`, or take a `session` already logged in (OAuth)."""
         self.url, self.name = url, name
         self.session = session or requests.Session()
@@ -33,21 +35,32 @@ class HubClient:
         else:
             self.login_response = None
             if name is None:  # whatever name the hub gave this login
-                self.name = self.session.get(f"{url}/hub/api/user", timeout=30,
-                                             headers={"X-XSRFToken": self._xsrf()}).json()["name"]
+                self.name = self.session.get(
+                    f"{url}/hub/api/user", timeout=30, headers={"X-XSRFToken": self._xsrf()}
+                ).json()["name"]
         self.token = self._create_token()
 
     def _login(self, password: str) -> requests.Response:
         self.session.get(f"{self.url}/hub/login")
-        return self.session.post(f"{self.url}/hub/login", allow_redirects=False,
-                                 data={"username": self.name, "password": password,
-                                       "_xsrf": self.session.cookies.get("_xsrf", path="/hub/")})
+        return self.session.post(
+            f"{self.url}/hub/login",
+            allow_redirects=False,
+            data={
+                "username": self.name,
+                "password": password,
+                "_xsrf": self.session.cookies.get("_xsrf", path="/hub/"),
+            },
+        )
 
     @property
     def logged_in(self) -> bool:
         if self.login_response is None:
-            return self.session.get(f"{self.url}/hub/api/user", timeout=30,
-                                    headers={"X-XSRFToken": self._xsrf()}).status_code == 200
+            return (
+                self.session.get(
+                    f"{self.url}/hub/api/user", timeout=30, headers={"X-XSRFToken": self._xsrf()}
+                ).status_code
+                == 200
+            )
         return self.login_response.status_code == 302 and "/hub/login" not in self.login_response.headers["location"]
 
     def _xsrf(self) -> str:
@@ -56,8 +69,11 @@ class HubClient:
     def _create_token(self) -> str | None:
         if not self.logged_in:
             return None
-        r = self.session.post(f"{self.url}/hub/api/users/{self.name}/tokens", json={"note": "tests"},
-                              headers={"X-XSRFToken": self._xsrf()})
+        r = self.session.post(
+            f"{self.url}/hub/api/users/{self.name}/tokens",
+            json={"note": "tests"},
+            headers={"X-XSRFToken": self._xsrf()},
+        )
         r.raise_for_status()
         return r.json()["token"]
 
@@ -106,8 +122,9 @@ class HubClient:
     def server(self, method: str, path: str, server: str = "", token: str | None = None, **kw) -> requests.Response:
         prefix = f"/user/{self.name}/{server + '/' if server else ''}"
         headers = {"Authorization": f"token {token or self.token}", **kw.pop("headers", {})}
-        return requests.request(method, f"{self.url}{prefix}{path.lstrip('/')}", headers=headers, timeout=60,
-                                allow_redirects=False, **kw)
+        return requests.request(
+            method, f"{self.url}{prefix}{path.lstrip('/')}", headers=headers, timeout=60, allow_redirects=False, **kw
+        )
 
     def browse(self, path: str) -> requests.Response:
         """GET a page of the user's server with the login cookie, following the OAuth dance like a browser."""
@@ -123,13 +140,31 @@ class HubClient:
         ws_url = self.url.replace("http", "ws", 1) + f"/user/{self.name}/api/kernels/{kernel_id}/channels"
         ws = websocket.create_connection(ws_url, header=[f"Authorization: token {self.token}"], timeout=timeout)
         msg_id = uuid.uuid4().hex
-        ws.send(json.dumps({
-            "header": {"msg_id": msg_id, "username": self.name, "session": uuid.uuid4().hex,
-                       "msg_type": "execute_request", "version": "5.3"},
-            "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
-            "content": {"code": code, "silent": False, "store_history": True, "user_expressions": {},
-                        "allow_stdin": False, "stop_on_error": True},
-        }))
+        ws.send(
+            json.dumps(
+                {
+                    "header": {
+                        "msg_id": msg_id,
+                        "username": self.name,
+                        "session": uuid.uuid4().hex,
+                        "msg_type": "execute_request",
+                        "version": "5.3",
+                    },
+                    "parent_header": {},
+                    "metadata": {},
+                    "channel": "shell",
+                    "buffers": [],
+                    "content": {
+                        "code": code,
+                        "silent": False,
+                        "store_history": True,
+                        "user_expressions": {},
+                        "allow_stdin": False,
+                        "stop_on_error": True,
+                    },
+                }
+            )
+        )
         out = {"stdout": "", "stderr": "", "error": None, "result": None}
         deadline = time.monotonic() + timeout
         try:

@@ -23,10 +23,11 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 from urllib.parse import urljoin
 
 import pytest
@@ -188,10 +189,7 @@ def login_with_requests(
         forms, alerts = parse_forms(response.text)
         login_form = next((f for f in forms if f.is_login), None)
         consent_form = next(
-            (
-                f for f in forms
-                if f.method == "post" and ("consent" in f.attrs.get("id", "") or provider_prefix)
-            ),
+            (f for f in forms if f.method == "post" and ("consent" in f.attrs.get("id", "") or provider_prefix)),
             None,
         )
         if login_form is not None:
@@ -304,8 +302,9 @@ class OIDCProvider:
             {"client_id": self.client_id, "client_secret": self.client_secret, "redirect_uris": self.redirect_uris},
         )
 
-    def revoke(self, username: str, *, refresh_tokens: bool = True, access_tokens: bool = False,
-               sessions: bool = False) -> dict:
+    def revoke(
+        self, username: str, *, refresh_tokens: bool = True, access_tokens: bool = False, sessions: bool = False
+    ) -> dict:
         """Revoke a user's refresh tokens (and optionally access tokens and provider sessions).
 
         Returns the counts removed. Revoking only access tokens (``refresh_tokens=False``) makes the
@@ -329,8 +328,9 @@ class OIDCProvider:
     def token_is_valid(self, access_token: str) -> bool:
         return self.userinfo(access_token).status_code == 200
 
-    def login_with_requests(self, session: requests.Session, start_url: str, username: str,
-                            password: str, **kwargs: Any) -> requests.Response:
+    def login_with_requests(
+        self, session: requests.Session, start_url: str, username: str, password: str, **kwargs: Any
+    ) -> requests.Response:
         return login_with_requests(session, start_url, username, password, provider_url=self.issuer, **kwargs)
 
     def authenticator_config(self) -> dict[str, Any]:
@@ -434,6 +434,7 @@ def start_oidc_provider(
         )
     provider: OIDCProvider | None = None
     try:
+
         def ready() -> dict | None:
             if process.poll() is not None:
                 raise RuntimeError(
@@ -446,8 +447,12 @@ def start_oidc_provider(
                         return event
             return None
 
-        event = wait_for(ready, startup_timeout, what="the OIDC provider to listen",
-                         on_timeout=lambda: log_path.read_text(errors="replace"))
+        event = wait_for(
+            ready,
+            startup_timeout,
+            what="the OIDC provider to listen",
+            on_timeout=lambda: log_path.read_text(errors="replace"),
+        )
         issuer = event["issuer"]
 
         def discovery() -> dict | None:

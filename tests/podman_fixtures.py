@@ -55,7 +55,7 @@ def free_port() -> int:
 
 @dataclass
 class PodmanEngine:
-    env: "podman_env.PodmanEnv"
+    env: podman_env.PodmanEnv
     url: str
     images: dict = field(default_factory=dict)
     build_seconds: dict = field(default_factory=dict)
@@ -78,8 +78,14 @@ class PodmanEngine:
         """Build one of the project's images (cached by the engine) with the test tag; returns its name."""
         name = f"spinnaker-jupyter/{what}:{TEST_TAG}"
         ca = image_build.pip_cert()
-        result = image_build.build(self.api(), name, containerfile, {"BASE_IMAGE": self.images["base"], **buildargs},
-                                   ca_bundle=ca if ca and Path(ca).is_file() else None, network_mode="host")
+        result = image_build.build(
+            self.api(),
+            name,
+            containerfile,
+            {"BASE_IMAGE": self.images["base"], **buildargs},
+            ca_bundle=ca if ca and Path(ca).is_file() else None,
+            network_mode="host",
+        )
         self.images[what] = name
         self.build_seconds[what] = result.seconds
         return name
@@ -134,8 +140,9 @@ def podman_nrp_layer_image(podman_engine) -> str:
     """images/nrp/Containerfile on the single-user test image instead of the NRP's (not reachable here): tests the
     layer the project adds (nginx, cle-* commands), not the NRP."""
     if "nrp-layer" not in podman_engine.images:
-        podman_engine.build("nrp-layer", image_build.CONTAINERFILES["nrp"],
-                            {"SINGLEUSER_IMAGE": podman_engine.images["singleuser"]})
+        podman_engine.build(
+            "nrp-layer", image_build.CONTAINERFILES["nrp"], {"SINGLEUSER_IMAGE": podman_engine.images["singleuser"]}
+        )
     return podman_engine.images["nrp-layer"]
 
 

@@ -13,8 +13,8 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 SINGLEUSER = "jupyterhub-singleuser"
 
@@ -51,7 +51,7 @@ def read(pid: int) -> Proc | None:
         uid = os.stat(f"/proc/{pid}").st_uid
     except OSError:
         return None
-    fields = stat[stat.rindex(")") + 2:].split()  # the command name may hold spaces and parentheses
+    fields = stat[stat.rindex(")") + 2 :].split()  # the command name may hold spaces and parentheses
     try:
         cwd = os.readlink(f"/proc/{pid}/cwd")
     except OSError:
@@ -134,8 +134,11 @@ class Watch:
 
     def ours(self, procs: dict[int, Proc] | None = None) -> dict[tuple[int, int], Proc]:
         procs = table() if procs is None else procs
-        return {p.key: p for p in procs.values()
-                if p.alive and p.pid != self.pid and (has_ancestor(p, {self.pid}, procs) or under(p.cwd, self.roots))}
+        return {
+            p.key: p
+            for p in procs.values()
+            if p.alive and p.pid != self.pid and (has_ancestor(p, {self.pid}, procs) or under(p.cwd, self.roots))
+        }
 
     def exempt_pids(self, procs: dict[int, Proc]) -> set[int]:
         return {p.pid for p in procs.values() if p.key in self.exempt}
@@ -147,8 +150,7 @@ class Watch:
         while True:
             procs = table()
             exempt = set() if include_exempt else self.exempt_pids(procs)
-            left = [p for k, p in self.ours(procs).items()
-                    if k not in before and not has_ancestor(p, exempt, procs)]
+            left = [p for k, p in self.ours(procs).items() if k not in before and not has_ancestor(p, exempt, procs)]
             if not left or time.monotonic() > deadline:
                 return sorted(left, key=lambda p: p.pid)
             time.sleep(0.1)

@@ -54,8 +54,9 @@ class Slurm:
 
     def run(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
         # (in its own folder: a job submitted here writes its slurm-<id>.out there, not into the checkout)
-        return subprocess.run(list(args), env=self.env, capture_output=True, text=True, timeout=timeout,
-                              cwd=self.folder)
+        return subprocess.run(
+            list(args), env=self.env, capture_output=True, text=True, timeout=timeout, cwd=self.folder
+        )
 
     def wait_idle(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -91,9 +92,15 @@ class Slurm:
             time.sleep(0.2)
 
     def start_daemon(self, name: str, cmd: list[str]) -> None:
-        self.procs[name] = subprocess.Popen(cmd, env=self.env, cwd=self.folder, stdin=subprocess.DEVNULL,
-                                            stdout=open(self.folder / f"{name}.out", "ab"),
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = subprocess.Popen(
+            cmd,
+            env=self.env,
+            cwd=self.folder,
+            stdin=subprocess.DEVNULL,
+            stdout=open(self.folder / f"{name}.out", "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def stop_daemon(self, name: str, timeout: float = 15) -> None:
         proc = self.procs.pop(name, None)
@@ -145,15 +152,37 @@ def start_slurm(boards: int = 2, memory_mb: int = 8000, jobs_per_core: int = 8) 
     for sub in ("state", "spool"):
         (folder / sub).mkdir(mode=0o700)
     conf = folder / "slurm.conf"
-    conf.write_text(slurm_conf.render(folder, boards=boards, ctld_port=_free_port(), slurmd_port=_free_port(),
-                                      memory_mb=memory_mb, munge_socket=socket_path, share_cores=True,
-                                      jobs_per_core=jobs_per_core))
+    conf.write_text(
+        slurm_conf.render(
+            folder,
+            boards=boards,
+            ctld_port=_free_port(),
+            slurmd_port=_free_port(),
+            memory_mb=memory_mb,
+            munge_socket=socket_path,
+            share_cores=True,
+            jobs_per_core=jobs_per_core,
+        )
+    )
     os.chmod(conf, 0o644)
     s = Slurm(folder, conf, "spinnaker", boards)
     try:
-        s.start_daemon("munged", ["runuser", "-u", "munge", "--", "munged", "--foreground", f"--key-file={key}",
-                                  f"--socket={socket_path}", f"--pid-file={munge_dir / 'munged.pid'}",
-                                  f"--log-file={munge_dir / 'munged.log'}", f"--seed-file={munge_dir / 'seed'}"])
+        s.start_daemon(
+            "munged",
+            [
+                "runuser",
+                "-u",
+                "munge",
+                "--",
+                "munged",
+                "--foreground",
+                f"--key-file={key}",
+                f"--socket={socket_path}",
+                f"--pid-file={munge_dir / 'munged.pid'}",
+                f"--log-file={munge_dir / 'munged.log'}",
+                f"--seed-file={munge_dir / 'seed'}",
+            ],
+        )
         deadline = time.monotonic() + 20
         while not socket_path.exists():
             if s.procs["munged"].poll() is not None or time.monotonic() > deadline:

@@ -9,7 +9,6 @@ environment's python, for spinnman's own token lookup).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import hashlib
@@ -134,8 +133,10 @@ def test_authenticator_settings():
     assert s["refresh_user_hook"].margin == 60
     assert s["reconcile_auth_state_hook"] is ats.reconcile_auth_state_hook
     # every call to the provider is bounded (tornado's default would be 20 s, per request)
-    assert s["http_request_kwargs"] == {"connect_timeout": ats.DEFAULT_PROVIDER_TIMEOUT,
-                                        "request_timeout": ats.DEFAULT_PROVIDER_TIMEOUT}
+    assert s["http_request_kwargs"] == {
+        "connect_timeout": ats.DEFAULT_PROVIDER_TIMEOUT,
+        "request_timeout": ats.DEFAULT_PROVIDER_TIMEOUT,
+    }
     s = ats.authenticator_settings(provider_timeout=4)
     assert s["http_request_kwargs"] == {"connect_timeout": 4, "request_timeout": 4}
     assert s["refresh_user_hook"].provider_timeout == 4
@@ -159,7 +160,9 @@ def test_provider_timeout_comes_from_the_deployment_config(tmp_path, monkeypatch
         if given is not None:
             ebrains["provider_timeout"] = given
         path = tmp_path / f"c{given}.yaml"
-        path.write_text(json.dumps({"data_dir": str(tmp_path / "data"), "auth": {"type": "ebrains", "ebrains": ebrains}}))
+        path.write_text(
+            json.dumps({"data_dir": str(tmp_path / "data"), "auth": {"type": "ebrains", "ebrains": ebrains}})
+        )
         c = Config()
         definition = hubconfig._apply_ebrains(c, config.load([path]))
         a = c.EBRAINSAuthenticator
@@ -168,7 +171,11 @@ def test_provider_timeout_comes_from_the_deployment_config(tmp_path, monkeypatch
         # the service waits for the hub longer than the hub may wait for the provider
         assert float(definition["service"]["environment"][ats.HUB_TIMEOUT_ENV]) > timeouts[given]
     assert timeouts == {None: 10, 7: 7}
-    path.write_text(json.dumps({"auth": {"type": "ebrains", "ebrains": {"client_id": "x", "allow_all": True, "provider_timeout": 0}}}))
+    path.write_text(
+        json.dumps(
+            {"auth": {"type": "ebrains", "ebrains": {"client_id": "x", "allow_all": True, "provider_timeout": 0}}}
+        )
+    )
     with pytest.raises(config.ConfigError, match="provider_timeout"):
         config.load([path])
 
@@ -196,8 +203,13 @@ def _pkce():
 
 
 def _authorize_url(p: OIDCProvider, redirect_uri: str, challenge: str | None, scope="openid profile email team group"):
-    params = {"client_id": p.client_id, "response_type": "code", "redirect_uri": redirect_uri,
-              "scope": scope, "state": secrets.token_urlsafe(8)}
+    params = {
+        "client_id": p.client_id,
+        "response_type": "code",
+        "redirect_uri": redirect_uri,
+        "scope": scope,
+        "state": secrets.token_urlsafe(8),
+    }
     if challenge:
         params.update(code_challenge=challenge, code_challenge_method="S256")
     return f"{p.authorize_url}?{urlencode(params)}"
@@ -208,8 +220,13 @@ def provider_client(oidc_provider):
     redirect_uri = f"{oidc_provider.issuer}/_test/callback"
     oidc_provider.add_redirect_uri(redirect_uri)
     oidc_provider.add_user(
-        "pat", "pat-password", name="Pat Test", given_name="Pat", family_name="Test",
-        email="pat@example.org", roles={"group": ["unit-x"], "team": ["collab-demo-editor"]},
+        "pat",
+        "pat-password",
+        name="Pat Test",
+        given_name="Pat",
+        family_name="Test",
+        email="pat@example.org",
+        roles={"group": ["unit-x"], "team": ["collab-demo-editor"]},
         groups=["unit-x"],
     )
     return redirect_uri
@@ -218,13 +235,22 @@ def provider_client(oidc_provider):
 def _code_flow(p: OIDCProvider, redirect_uri: str, scope="openid profile email team group"):
     verifier, challenge = _pkce()
     with requests.Session() as session:
-        result = p.login_with_requests(session, _authorize_url(p, redirect_uri, challenge, scope),
-                                       "pat", "pat-password")
+        result = p.login_with_requests(
+            session, _authorize_url(p, redirect_uri, challenge, scope), "pat", "pat-password"
+        )
     assert result.status_code == 200 and "code" in result.json(), result.text
-    response = requests.post(p.token_url, timeout=10, data={
-        "grant_type": "authorization_code", "code": result.json()["code"], "redirect_uri": redirect_uri,
-        "client_id": p.client_id, "client_secret": p.client_secret, "code_verifier": verifier,
-    })
+    response = requests.post(
+        p.token_url,
+        timeout=10,
+        data={
+            "grant_type": "authorization_code",
+            "code": result.json()["code"],
+            "redirect_uri": redirect_uri,
+            "client_id": p.client_id,
+            "client_secret": p.client_secret,
+            "code_verifier": verifier,
+        },
+    )
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -240,19 +266,31 @@ def test_provider_login_claims_and_refresh(oidc_provider, provider_client):
     assert info["roles"] == {"group": ["unit-x"], "team": ["collab-demo-editor"]}
     assert "groups" not in info  # the flat list only comes with the `groups` scope
     # refresh: a new access token and a rotated refresh token
-    refreshed = requests.post(p.token_url, timeout=10, data={
-        "grant_type": "refresh_token", "refresh_token": tokens["refresh_token"],
-        "client_id": p.client_id, "client_secret": p.client_secret,
-    }).json()
+    refreshed = requests.post(
+        p.token_url,
+        timeout=10,
+        data={
+            "grant_type": "refresh_token",
+            "refresh_token": tokens["refresh_token"],
+            "client_id": p.client_id,
+            "client_secret": p.client_secret,
+        },
+    ).json()
     assert refreshed["access_token"] != tokens["access_token"]
     assert refreshed["refresh_token"] != tokens["refresh_token"]
     assert p.token_is_valid(refreshed["access_token"])
     # revocation through the admin endpoint: the refresh token stops working
     assert p.revoke("pat")["refresh_tokens"] >= 1
-    refused = requests.post(p.token_url, timeout=10, data={
-        "grant_type": "refresh_token", "refresh_token": refreshed["refresh_token"],
-        "client_id": p.client_id, "client_secret": p.client_secret,
-    })
+    refused = requests.post(
+        p.token_url,
+        timeout=10,
+        data={
+            "grant_type": "refresh_token",
+            "refresh_token": refreshed["refresh_token"],
+            "client_id": p.client_id,
+            "client_secret": p.client_secret,
+        },
+    )
     assert refused.status_code == 400 and refused.json()["error"] == "invalid_grant"
     assert p.token_is_valid(refreshed["access_token"])  # access tokens only on request:
     p.revoke("pat", refresh_tokens=False, access_tokens=True)
@@ -339,10 +377,12 @@ class Hub:
 
     def login(self, username: str, password: str) -> requests.Session:
         session = requests.Session()
-        final = self.oidc.login_with_requests(session, f"{self.url}/hub/oauth_login?next=%2Fhub%2Fhome",
-                                              username, password)
+        final = self.oidc.login_with_requests(
+            session, f"{self.url}/hub/oauth_login?next=%2Fhub%2Fhome", username, password
+        )
         assert final.status_code == 200 and urlsplit(final.url).path == "/hub/home", (
-            f"{final.status_code} {final.url}\n{self.log_tail()}")
+            f"{final.status_code} {final.url}\n{self.log_tail()}"
+        )
         return session
 
     def _xsrf(self, session: requests.Session) -> dict:
@@ -353,15 +393,15 @@ class Hub:
         body: dict = {"note": "test", "expires_in": 3600}
         if scopes is not None:
             body["scopes"] = scopes
-        response = session.post(f"{self.api}/users/{quote(username)}/tokens", json=body,
-                                headers=self._xsrf(session), timeout=30)
+        response = session.post(
+            f"{self.api}/users/{quote(username)}/tokens", json=body, headers=self._xsrf(session), timeout=30
+        )
         assert response.status_code == 201, f"{response.status_code} {response.text}"
         return response.json()["token"]
 
     def start_server(self, session: requests.Session, username: str) -> dict:
         """Start the user's (stand-in) server; return the environment it was started with."""
-        response = session.post(f"{self.api}/users/{quote(username)}/server", headers=self._xsrf(session),
-                                timeout=30)
+        response = session.post(f"{self.api}/users/{quote(username)}/server", headers=self._xsrf(session), timeout=30)
         assert response.status_code in (201, 202), f"{response.status_code} {response.text}"
         env_file = self.env_dir / f"{username}.json"
         wait_for(env_file.exists, 30, what=f"{username}'s server to start", on_timeout=self.log_tail)
@@ -401,7 +441,7 @@ def _descendants(pid: int) -> dict[int, bytes]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
         children.setdefault(ppid, []).append(int(entry.name))
     found: dict[int, bytes] = {}
     todo = list(children.get(pid, []))
@@ -421,8 +461,13 @@ def _default_sigint() -> None:
 
 
 @contextlib.contextmanager
-def _running_hub(tmp: Path, oidc_provider: OIDCProvider, chp_command, refresh_margin: float = REFRESH_MARGIN,
-                 auth_refresh_age: int = AUTH_REFRESH_AGE):
+def _running_hub(
+    tmp: Path,
+    oidc_provider: OIDCProvider,
+    chp_command,
+    refresh_margin: float = REFRESH_MARGIN,
+    auth_refresh_age: int = AUTH_REFRESH_AGE,
+):
     port, hub_port, proxy_api_port, service_port = (_free_port() for _ in range(4))
     url = f"http://127.0.0.1:{port}"
     oidc_provider.add_redirect_uri(f"{url}/hub/oauth_callback")
@@ -483,12 +528,24 @@ def _running_hub(tmp: Path, oidc_provider: OIDCProvider, chp_command, refresh_ma
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "jupyterhub", "-f", str(tmp / "jupyterhub_config.py")],
-            cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=tmp,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             preexec_fn=_default_sigint,
         )
-    hub = Hub(url=url, service_port=service_port, helper_token=helper_token, process=process,
-              log_path=log_path, env_dir=env_dir, oidc=oidc_provider)
+    hub = Hub(
+        url=url,
+        service_port=service_port,
+        helper_token=helper_token,
+        process=process,
+        log_path=log_path,
+        env_dir=env_dir,
+        oidc=oidc_provider,
+    )
     try:
+
         def up() -> bool:
             if process.poll() is not None:
                 raise RuntimeError(f"jupyterhub exited with {process.returncode}:\n{hub.log_tail()}")
@@ -549,8 +606,9 @@ def test_missing_and_unacceptable_tokens(hub, oidc_provider):
     response = hub.get_token(None)
     assert response.status_code == 401 and response.json()["error"] == "missing_token"
     assert "WWW-Authenticate" in response.headers
-    response = requests.get(f"{hub.url}/services/{SERVICE}/access-token",
-                            headers={"Authorization": "Basic bWFsbG9yeTp4"}, timeout=10)
+    response = requests.get(
+        f"{hub.url}/services/{SERVICE}/access-token", headers={"Authorization": "Basic bWFsbG9yeTp4"}, timeout=10
+    )
     assert response.status_code == 401 and response.json()["error"] == "missing_token"
     response = hub.get_token("not-a-real-token")
     assert response.status_code == 401 and response.json()["error"] == "invalid_token"
@@ -579,11 +637,15 @@ def test_users_only_get_their_own_token(hub, oidc_provider):
     _assert_token_of(oidc_provider, a_access, a_name)
     _assert_token_of(oidc_provider, b_access, b_name)
     # there is no way to name another user: query parameters and other paths do not help
-    response = requests.get(f"{hub.url}/services/{SERVICE}/access-token?user={a_name}",
-                            headers={"Authorization": f"token {b_token}"}, timeout=10)
+    response = requests.get(
+        f"{hub.url}/services/{SERVICE}/access-token?user={a_name}",
+        headers={"Authorization": f"token {b_token}"},
+        timeout=10,
+    )
     assert response.status_code == 200 and response.json()["access_token"] == b_access
-    response = requests.get(f"{hub.url}/services/{SERVICE}/access-token/{a_name}",
-                            headers={"Authorization": f"token {b_token}"}, timeout=10)
+    response = requests.get(
+        f"{hub.url}/services/{SERVICE}/access-token/{a_name}", headers={"Authorization": f"token {b_token}"}, timeout=10
+    )
     assert response.status_code == 404
     # bert's server token also yields bert's token only
     env = hub.start_server(b_session, b_name)
@@ -597,8 +659,11 @@ def test_refreshed_before_it_expires_once_for_concurrent_requests(hub, oidc_prov
     tokens = [hub.create_token(session, name), hub.create_token(session, name)]
     first = hub.access_token(tokens[0])
     # enter the refresh window (the last REFRESH_MARGIN seconds of the token's life) ...
-    wait_for(lambda: time.time() >= first["expires_at"] - REFRESH_MARGIN + 0.3, oidc_provider.access_token_ttl,
-             what="the refresh window")
+    wait_for(
+        lambda: time.time() >= first["expires_at"] - REFRESH_MARGIN + 0.3,
+        oidc_provider.access_token_ttl,
+        what="the refresh window",
+    )
     # ... with a burst of concurrent requests from two tokens of the same user: one refresh only
     # (the provider rotates refresh tokens and revokes the whole grant when one is used twice)
     with ThreadPoolExecutor(6) as pool:
@@ -621,8 +686,12 @@ def test_refreshed_after_it_expired(hub, oidc_provider):
     token = hub.create_token(hub.login(name, password), name)
     first = hub.access_token(token)["access_token"]
     # nobody asks the hub about dave until his access token has expired at the provider
-    wait_for(lambda: not oidc_provider.token_is_valid(first), oidc_provider.access_token_ttl + 10,
-             interval=0.25, what="the access token to expire")
+    wait_for(
+        lambda: not oidc_provider.token_is_valid(first),
+        oidc_provider.access_token_ttl + 10,
+        interval=0.25,
+        what="the access token to expire",
+    )
     second = hub.access_token(token)["access_token"]
     assert second != first
     _assert_token_of(oidc_provider, second, name)
@@ -633,13 +702,21 @@ def test_tokens_shorter_lived_than_the_check_interval_are_renewed_at_once(tmp_pa
     # before, the user's server was told "login expired and could not be renewed" from the token's expiry until the
     # next check, ~20 s later (the hub does not consult the authenticator between checks)
     assert oidc_provider.access_token_ttl < ats.DEFAULT_AUTH_REFRESH_AGE
-    with _running_hub(tmp_path_factory.mktemp("hub-defaults"), oidc_provider, chp_command,
-                      refresh_margin=ats.DEFAULT_REFRESH_MARGIN, auth_refresh_age=ats.DEFAULT_AUTH_REFRESH_AGE) as hub:
+    with _running_hub(
+        tmp_path_factory.mktemp("hub-defaults"),
+        oidc_provider,
+        chp_command,
+        refresh_margin=ats.DEFAULT_REFRESH_MARGIN,
+        auth_refresh_age=ats.DEFAULT_AUTH_REFRESH_AGE,
+    ) as hub:
         name, password = _user(oidc_provider, "kim")
         server_token = hub.start_server(hub.login(name, password), name)["JUPYTERHUB_API_TOKEN"]
         first = hub.access_token(server_token)
-        wait_for(lambda: time.time() > first["expires_at"] + 0.2, oidc_provider.access_token_ttl + 5,
-                 what="the first access token to expire")
+        wait_for(
+            lambda: time.time() > first["expires_at"] + 0.2,
+            oidc_provider.access_token_ttl + 5,
+            what="the first access token to expire",
+        )
         started = time.monotonic()
         response = hub.get_token(server_token)
         elapsed = time.monotonic() - started
@@ -661,8 +738,7 @@ def test_refreshed_when_the_provider_revoked_the_access_token(hub, oidc_provider
         answer = hub.access_token(token)["access_token"]
         return answer if answer != first else None
 
-    second = wait_for(renewed, AUTH_REFRESH_AGE + 10, interval=0.25, what="a new access token",
-                      on_timeout=hub.log_tail)
+    second = wait_for(renewed, AUTH_REFRESH_AGE + 10, interval=0.25, what="a new access token", on_timeout=hub.log_tail)
     _assert_token_of(oidc_provider, second, name)
 
 
@@ -681,8 +757,13 @@ def test_revoked_refresh_token_means_login_again(hub, oidc_provider):
             return None
         return [response]  # (a Response with an error status is falsy)
 
-    (response,) = wait_for(refused, oidc_provider.access_token_ttl + 10, interval=0.25,
-                        what="the service to ask for a new login", on_timeout=hub.log_tail)
+    (response,) = wait_for(
+        refused,
+        oidc_provider.access_token_ttl + 10,
+        interval=0.25,
+        what="the service to ask for a new login",
+        on_timeout=hub.log_tail,
+    )
     assert time.time() >= first["expires_at"], "503 only once the token has expired"
     assert response.status_code == 503, response.text
     body = response.json()
@@ -704,12 +785,12 @@ def test_spinnman_finds_the_token_from_a_user_server(hub, oidc_provider, spynnak
     # the spawner environment from service_definition(): here, the proxy's address
     assert env["JUPYTERHUB_SERVICE_HOST"] == "127.0.0.1"
     assert env["JUPYTERHUB_SERVICE_PORT"] == str(urlsplit(hub.url).port)
-    code = ("from spinnman.spalloc import spalloc_allocator as m; "
-            "print(getattr(m, '__bearer_token')())")
+    code = "from spinnman.spalloc import spalloc_allocator as m; print(getattr(m, '__bearer_token')())"
     run_env = {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTERHUB_", "OIDC_"))}
     run_env.update({k: env[k] for k in ("JUPYTERHUB_API_TOKEN", "JUPYTERHUB_SERVICE_HOST", "JUPYTERHUB_SERVICE_PORT")})
-    result = subprocess.run([str(spynnaker_python), "-c", code], env=run_env, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [str(spynnaker_python), "-c", code], env=run_env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     found = result.stdout.strip().splitlines()[-1]
     _assert_token_of(oidc_provider, found, name)
@@ -741,8 +822,11 @@ def test_a_hanging_provider_delays_nobody_and_logs_nobody_out(hub, oidc_provider
         first[name] = hub.access_token(tokens[name][0])
     with oidc_provider.paused():
         # both users' access tokens expire while the provider cannot renew them ...
-        wait_for(lambda: time.time() > max(a["expires_at"] for a in first.values()) + 0.2,
-                 oidc_provider.access_token_ttl + 5, what="the access tokens to expire")
+        wait_for(
+            lambda: time.time() > max(a["expires_at"] for a in first.values()) + 0.2,
+            oidc_provider.access_token_ttl + 5,
+            what="the access tokens to expire",
+        )
         # ... and two requests per user come in at once
         answers = _ask_concurrently(hub, [t for name in tokens for t in tokens[name]])
         times = sorted(round(elapsed, 1) for _, elapsed in answers)
@@ -762,6 +846,7 @@ def test_a_hanging_provider_delays_nobody_and_logs_nobody_out(hub, oidc_provider
     # the provider goes on and answers the refresh requests that waited for it: nobody has to log
     # in again (a refresh token redeemed twice would have revoked the user's whole grant)
     for name, _ in users:
+
         def renewed(name=name):
             response = hub.get_token(tokens[name][0])
             assert response.json().get("error") != "login_required", f"{name}: {response.text}\n{hub.log_tail()}"
@@ -771,9 +856,15 @@ def test_a_hanging_provider_delays_nobody_and_logs_nobody_out(hub, oidc_provider
         assert second["access_token"] != first[name]["access_token"]
         _assert_token_of(oidc_provider, second["access_token"], name)
         # the refresh token the hub kept is the one the provider issued last: it renews again
-        third = wait_for(lambda: (lambda a: a if a["access_token"] != second["access_token"] else None)(
-            hub.access_token(tokens[name][1])), oidc_provider.access_token_ttl + 10, interval=0.25,
-            what=f"{name}'s next access token", on_timeout=hub.log_tail)
+        third = wait_for(
+            lambda: (lambda a: a if a["access_token"] != second["access_token"] else None)(
+                hub.access_token(tokens[name][1])
+            ),
+            oidc_provider.access_token_ttl + 10,
+            interval=0.25,
+            what=f"{name}'s next access token",
+            on_timeout=hub.log_tail,
+        )
         _assert_token_of(oidc_provider, third["access_token"], name)
 
 
@@ -782,18 +873,28 @@ def test_a_still_valid_token_is_served_while_the_provider_hangs(hub, oidc_provid
     token = hub.create_token(hub.login(name, password), name)
     first = hub.access_token(token)
     # in the refresh window the hub renews the token; the provider hangs just then
-    wait_for(lambda: time.time() >= first["expires_at"] - REFRESH_MARGIN + 0.3, oidc_provider.access_token_ttl,
-             what="the refresh window")
+    wait_for(
+        lambda: time.time() >= first["expires_at"] - REFRESH_MARGIN + 0.3,
+        oidc_provider.access_token_ttl,
+        what="the refresh window",
+    )
     with oidc_provider.paused():
         answers = _ask_concurrently(hub, [token, token])
-        print(f"answer times with a still-valid token, the provider stopped: "
-              f"{sorted(round(elapsed, 1) for _, elapsed in answers)} s")
+        print(
+            f"answer times with a still-valid token, the provider stopped: "
+            f"{sorted(round(elapsed, 1) for _, elapsed in answers)} s"
+        )
         for response, elapsed in answers:
             assert response.status_code == 200, response.text
             assert response.json()["access_token"] == first["access_token"]
             assert elapsed < PROVIDER_TIMEOUT, f"waited {elapsed:.1f} s for the provider instead of serving the token"
         assert time.time() < first["expires_at"], "served while still valid"
     # the refresh that was pending lands once the provider answers
-    second = wait_for(lambda: (lambda a: a if a["access_token"] != first["access_token"] else None)(
-        hub.access_token(token)), 10, interval=0.25, what="the renewed token", on_timeout=hub.log_tail)
+    second = wait_for(
+        lambda: (lambda a: a if a["access_token"] != first["access_token"] else None)(hub.access_token(token)),
+        10,
+        interval=0.25,
+        what="the renewed token",
+        on_timeout=hub.log_tail,
+    )
     _assert_token_of(oidc_provider, second["access_token"], name)

@@ -23,8 +23,11 @@ def run(client, code: str) -> str:
 def test_a_re_added_name_gets_a_fresh_uid_and_none_of_the_old_files(hub):
     old = hub.client("hana", hub.add_user("hana"))
     old.start_server()
-    said = run(old, "import os\nopen('/tmp/hana-private', 'w').write('old hana')\nos.chmod('/tmp/hana-private', 0o600)"
-                    "\nprint('UID', os.getuid())")
+    said = run(
+        old,
+        "import os\nopen('/tmp/hana-private', 'w').write('old hana')\nos.chmod('/tmp/hana-private', 0o600)"
+        "\nprint('UID', os.getuid())",
+    )
     old_uid = int(said.split("UID")[1])
     try:
         removed = hub.cli("user", "remove", "hana")
@@ -34,8 +37,11 @@ def test_a_re_added_name_gets_a_fresh_uid_and_none_of_the_old_files(hub):
 
         new = hub.client("hana", hub.add_user("hana"))
         new.start_server()
-        said = run(new, "import os\nprint('UID', os.getuid())\ntry:\n    print(open('/tmp/hana-private').read())\n"
-                        "except PermissionError:\n    print('DENIED')")
+        said = run(
+            new,
+            "import os\nprint('UID', os.getuid())\ntry:\n    print(open('/tmp/hana-private').read())\n"
+            "except PermissionError:\n    print('DENIED')",
+        )
         assert int(said.split("UID")[1].split()[0]) != old_uid, said
         assert "DENIED" in said and "old hana" not in said, said
         new.stop_server()
@@ -50,9 +56,22 @@ def test_a_name_whose_earlier_home_volume_is_kept_is_not_given_to_a_new_person(h
     from podman_fixtures import TEST_LABEL
 
     prefix = "spinnaker-jupyter-test-home-"
-    docker_hub = hub_factory({"spawner": {"type": "docker", "docker": {
-        "engine_url": podman_engine.url, "image": podman_engine.images["singleuser"], "pull_policy": "never",
-        "network": "host", "volume_prefix": prefix, "labels": {TEST_LABEL: "1"}}}}, start=False)
+    docker_hub = hub_factory(
+        {
+            "spawner": {
+                "type": "docker",
+                "docker": {
+                    "engine_url": podman_engine.url,
+                    "image": podman_engine.images["singleuser"],
+                    "pull_policy": "never",
+                    "network": "host",
+                    "volume_prefix": prefix,
+                    "labels": {TEST_LABEL: "1"},
+                },
+            }
+        },
+        start=False,
+    )
     podman_engine.client().volumes.create(name=prefix + "ivy", labels={TEST_LABEL: "1"})  # a removed ivy's home
     refused = docker_hub.cli("user", "add", "ivy")
     assert refused.returncode != 0 and "Created account" not in refused.stdout, refused.stdout
@@ -75,8 +94,9 @@ def test_a_re_added_name_does_not_get_the_earlier_persons_batch_jobs(hub_factory
     deployment = load([d.config_file])
     jobs_dir(deployment).mkdir(parents=True, exist_ok=True)  # as the job service leaves it
     store = Store(db_url(deployment))
-    job = store.create("jo", {"collab": "private-jo", "code": "print(1)", "command": "x",
-                              "hardware_platform": "SpiNNaker"})
+    job = store.create(
+        "jo", {"collab": "private-jo", "code": "print(1)", "command": "x", "hardware_platform": "SpiNNaker"}
+    )
     store.finish(job.id, "finished", {}, [{"path": "results.txt", "size": 3}], None)  # the old jo's outputs
     assert d.cli("user", "remove", "jo").returncode == 0
     added = d.cli("user", "add", "jo")

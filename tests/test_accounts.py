@@ -28,8 +28,9 @@ def deployment(tmp_path):
     cfg.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data")}))
 
     def cli(*args, input=None):
-        return subprocess.run([BIN / "spinnaker-jupyter", *args, "-c", cfg], capture_output=True, text=True,
-                              input=input, timeout=300)
+        return subprocess.run(
+            [BIN / "spinnaker-jupyter", *args, "-c", cfg], capture_output=True, text=True, input=input, timeout=300
+        )
 
     cli.store = AccountStore(tmp_path / "data" / "hub" / "accounts.json")
     return cli
@@ -64,21 +65,25 @@ def test_add_concurrent_with_remove_loses_neither(tmp_path):
     for round in range(2):
         for i in range(5):
             store.add(f"x{round}{i}")
-        results = _in_processes([(store.remove, f"x{round}{i}") for i in range(5)] +
-                                [(store.add, f"y{round}{i}") for i in range(5)])
+        results = _in_processes(
+            [(store.remove, f"x{round}{i}") for i in range(5)] + [(store.add, f"y{round}{i}") for i in range(5)]
+        )
         assert not [r for r in results if isinstance(r, Exception)], results
         names = store.names()
         assert not [n for n in names if n.startswith("x")], names  # every removal stays removed
         assert len([n for n in names if n.startswith(f"y{round}")]) == 5, names  # every addition stays
 
 
-@pytest.mark.parametrize("password, why", [
-    ("qwertyuiop", "most common passwords"),
-    ("1qaz2wsx3edc", "most common passwords"),
-    ("Password12345", "too easy to guess"),
-    ("davidsmith2024", "account name"),
-    ("short", "too short"),
-])
+@pytest.mark.parametrize(
+    "password, why",
+    [
+        ("qwertyuiop", "most common passwords"),
+        ("1qaz2wsx3edc", "most common passwords"),
+        ("Password12345", "too easy to guess"),
+        ("davidsmith2024", "account name"),
+        ("short", "too short"),
+    ],
+)
 def test_common_passwords_are_refused(password, why):
     assert why in password_problem("david", password, 10)
 
@@ -112,13 +117,16 @@ def test_unknown_name_costs_as_much_as_a_wrong_password(tmp_path):
     assert unknown > 0.5 * known and unknown < 2 * known, (known, unknown)
 
 
-@pytest.mark.parametrize("forwarded, client", [
-    (None, "127.0.0.1"),                                  # straight to the hub
-    ("127.0.0.1", "127.0.0.1"),                           # through the public proxy on this machine
-    ("203.0.113.9", "203.0.113.9"),                       # through the public proxy from elsewhere
-    ("198.51.100.1, 203.0.113.9", "203.0.113.9"),         # a client's own X-Forwarded-For is not believed
-    ("198.51.100.1, 203.0.113.9, 127.0.0.1", "203.0.113.9"),  # nginx on this machine in front of the proxy
-])
+@pytest.mark.parametrize(
+    "forwarded, client",
+    [
+        (None, "127.0.0.1"),  # straight to the hub
+        ("127.0.0.1", "127.0.0.1"),  # through the public proxy on this machine
+        ("203.0.113.9", "203.0.113.9"),  # through the public proxy from elsewhere
+        ("198.51.100.1, 203.0.113.9", "203.0.113.9"),  # a client's own X-Forwarded-For is not believed
+        ("198.51.100.1, 203.0.113.9, 127.0.0.1", "203.0.113.9"),  # nginx on this machine in front of the proxy
+    ],
+)
 def test_back_off_counts_the_address_that_connected(forwarded, client):
     from types import SimpleNamespace
 
@@ -137,9 +145,12 @@ def hub(hub_factory):
 def _login(hub, name, password) -> requests.Response:
     s = requests.Session()
     s.get(f"{hub.url}/hub/login", timeout=30)
-    return s.post(f"{hub.url}/hub/login", data={"username": name, "password": password,
-                                                "_xsrf": s.cookies.get("_xsrf", path="/hub/")},
-                  allow_redirects=False, timeout=60)
+    return s.post(
+        f"{hub.url}/hub/login",
+        data={"username": name, "password": password, "_xsrf": s.cookies.get("_xsrf", path="/hub/")},
+        allow_redirects=False,
+        timeout=60,
+    )
 
 
 def _login_status(hub, name, password) -> int:
@@ -150,8 +161,12 @@ def test_removed_account_loses_servers_tokens_cookies_and_files(hub):
     password = hub.add_user("carl")
     carl = hub.client("carl", password)
     carl.start_server()
-    assert carl.server("PUT", "api/contents/secret.txt",
-                       json={"type": "file", "format": "text", "content": "old carl"}).status_code == 201
+    assert (
+        carl.server(
+            "PUT", "api/contents/secret.txt", json={"type": "file", "format": "text", "content": "old carl"}
+        ).status_code
+        == 201
+    )
     assert carl.browse("lab").status_code == 200  # the browser session reaches the server
 
     r = hub.cli("user", "remove", "carl")
@@ -161,12 +176,14 @@ def test_removed_account_loses_servers_tokens_cookies_and_files(hub):
 
     # The old token, the old browser session and the old server are all gone.
     assert carl.api("GET", "/user").status_code in (403, 404)
-    assert carl.session.get(f"{hub.url}/hub/api/user", timeout=30,
-                            headers={"X-XSRFToken": carl._xsrf()}).status_code in (403, 404)
+    assert carl.session.get(
+        f"{hub.url}/hub/api/user", timeout=30, headers={"X-XSRFToken": carl._xsrf()}
+    ).status_code in (403, 404)
     assert carl.server("GET", "api/contents").status_code != 200
     assert "/hub/login" in carl.browse("lab").url  # the old browser session is sent to the login page
-    assert carl.session.post(f"{hub.url}/hub/api/users/carl/tokens", json={}, timeout=30,
-                             headers={"X-XSRFToken": carl._xsrf()}).status_code in (403, 404)
+    assert carl.session.post(
+        f"{hub.url}/hub/api/users/carl/tokens", json={}, timeout=30, headers={"X-XSRFToken": carl._xsrf()}
+    ).status_code in (403, 404)
     assert _login_status(hub, "carl", password) == 403  # the login form again, with the error
 
     # A new carl starts with an empty home; the old files are archived out of their reach.
@@ -176,8 +193,10 @@ def test_removed_account_loses_servers_tokens_cookies_and_files(hub):
     assert "secret.txt" not in [f["name"] for f in listing["content"]]
     kernel = new.start_kernel("spynnaker")
     archive = Path(hub.config["data_dir"]) / "homes" / ".removed"
-    out = new.execute(kernel, f"import os\ntry:\n    print(os.listdir({str(archive)!r}))\n"
-                              "except PermissionError:\n    print('DENIED')")
+    out = new.execute(
+        kernel,
+        f"import os\ntry:\n    print(os.listdir({str(archive)!r}))\nexcept PermissionError:\n    print('DENIED')",
+    )
     assert "DENIED" in out["stdout"], out
     assert any((p / "secret.txt").read_text() == "old carl" for p in archive.iterdir())
     new.stop_server()
@@ -241,8 +260,10 @@ def test_remove_while_the_hub_is_down(hub_factory):
     assert not _processes_of(uid)
     hub.start()
     assert hana.api("GET", "/user").status_code == 403  # the token died with the hub user
-    assert hana.session.get(f"{hub.url}/hub/api/user", timeout=30,
-                            headers={"X-XSRFToken": hana._xsrf()}).status_code == 403
+    assert (
+        hana.session.get(f"{hub.url}/hub/api/user", timeout=30, headers={"X-XSRFToken": hana._xsrf()}).status_code
+        == 403
+    )
     # The restarted hub removed the cgroup of the server that ended while it was down.
     from spinnaker_jupyter.limits import deployment_tree_name
 

@@ -23,8 +23,12 @@ def role_defaults() -> dict:
 
 
 def test_playbook_syntax():
-    r = subprocess.run([BIN / "ansible-playbook", "--syntax-check", "-i", "localhost,", "site.yml"],
-                       cwd=ROOT / "ansible", capture_output=True, text=True)
+    r = subprocess.run(
+        [BIN / "ansible-playbook", "--syntax-check", "-i", "localhost,", "site.yml"],
+        cwd=ROOT / "ansible",
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -32,8 +36,9 @@ def test_rendered_config_is_valid(tmp_path):
     variables = role_defaults()
     variables["spinnaker_jupyter_config"]["data_dir"] = str(tmp_path / "data")
     (tmp_path / "config.yaml").write_text(render("config.yaml.j2", variables))
-    r = subprocess.run([BIN / "spinnaker-jupyter", "check", "-c", tmp_path / "config.yaml"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [BIN / "spinnaker-jupyter", "check", "-c", tmp_path / "config.yaml"], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
 
 
@@ -50,6 +55,7 @@ def test_secrets_file_holds_what_the_vault_gives():
 
 
 def test_example_config_is_valid():
-    r = subprocess.run([BIN / "spinnaker-jupyter", "check", "-c", ROOT / "config.example.yaml"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [BIN / "spinnaker-jupyter", "check", "-c", ROOT / "config.example.yaml"], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr

@@ -29,17 +29,30 @@ def common_defaults(**over) -> dict:
 
 
 def test_playbook_with_controller_and_workers_parses():
-    r = subprocess.run([BIN / "ansible-playbook", "--syntax-check", "-i", "inventory.example.ini", "site.yml"],
-                       cwd=ROOT / "ansible", capture_output=True, text=True)
+    r = subprocess.run(
+        [BIN / "ansible-playbook", "--syntax-check", "-i", "inventory.example.ini", "site.yml"],
+        cwd=ROOT / "ansible",
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_slurm_conf_names_every_worker_and_the_boards():
-    text = render("slurm_common", "slurm.conf.j2", common_defaults(
-        slurm_controller_name="hub", slurm_controller_addr="10.0.0.1", slurm_boards=3,
-        slurm_workers=["node1.lab", "node2.lab"],
-        hostvars={"node1.lab": {"ansible_host": "10.0.0.11", "slurm_cpus": 32, "slurm_memory_mb": 120000},
-                  "node2.lab": {"ansible_processor_vcpus": 8, "ansible_memtotal_mb": 16000}}))
+    text = render(
+        "slurm_common",
+        "slurm.conf.j2",
+        common_defaults(
+            slurm_controller_name="hub",
+            slurm_controller_addr="10.0.0.1",
+            slurm_boards=3,
+            slurm_workers=["node1.lab", "node2.lab"],
+            hostvars={
+                "node1.lab": {"ansible_host": "10.0.0.11", "slurm_cpus": 32, "slurm_memory_mb": 120000},
+                "node2.lab": {"ansible_processor_vcpus": 8, "ansible_memtotal_mb": 16000},
+            },
+        ),
+    )
     lines = text.splitlines()
     assert "SlurmctldHost=hub(10.0.0.1)" in lines and "Licenses=spinnaker_board:3" in lines
     assert "NodeName=node1 NodeAddr=10.0.0.11 CPUs=32 RealMemory=120000 State=UNKNOWN" in lines
@@ -54,20 +67,44 @@ def test_a_real_slurm_runs_the_rendered_conf(slurm):
         (folder / sub).mkdir(mode=0o700)
     node = socket.gethostname().split(".")[0]
     conf = folder / "slurm.conf"
-    conf.write_text(render("slurm_common", "slurm.conf.j2", common_defaults(
-        slurm_cluster_name="ansibletest", slurm_controller_name=node, slurm_controller_addr="127.0.0.1",
-        slurm_ctld_port=free_port(), slurm_slurmd_port=free_port(), slurm_boards=5,
-        slurm_munge_socket=str(slurm.folder / "munge" / "munge.socket"),
-        # (this machine's test settings: no cgroup plugins in a container, daemons as root, private folders)
-        slurm_user="root", slurm_proctrack="proctrack/linuxproc", slurm_task_plugin="task/none",
-        slurm_state_dir=str(folder / "state"), slurm_spool_dir=str(folder / "spool"),
-        slurm_log_dir=str(folder / "log"), slurm_run_dir=str(folder / "run"),
-        slurm_workers=[node], hostvars={node: {"ansible_host": "127.0.0.1", "slurm_cpus": 1,
-                                               "slurm_memory_mb": 1000}})))
+    conf.write_text(
+        render(
+            "slurm_common",
+            "slurm.conf.j2",
+            common_defaults(
+                slurm_cluster_name="ansibletest",
+                slurm_controller_name=node,
+                slurm_controller_addr="127.0.0.1",
+                slurm_ctld_port=free_port(),
+                slurm_slurmd_port=free_port(),
+                slurm_boards=5,
+                slurm_munge_socket=str(slurm.folder / "munge" / "munge.socket"),
+                # (this machine's test settings: no cgroup plugins in a container, daemons as root, private folders)
+                slurm_user="root",
+                slurm_proctrack="proctrack/linuxproc",
+                slurm_task_plugin="task/none",
+                slurm_state_dir=str(folder / "state"),
+                slurm_spool_dir=str(folder / "spool"),
+                slurm_log_dir=str(folder / "log"),
+                slurm_run_dir=str(folder / "run"),
+                slurm_workers=[node],
+                hostvars={node: {"ansible_host": "127.0.0.1", "slurm_cpus": 1, "slurm_memory_mb": 1000}},
+            ),
+        )
+    )
     conf.chmod(0o644)
     env = {"PATH": "/usr/sbin:/usr/bin:/bin", "SLURM_CONF": str(conf)}
-    daemons = [subprocess.Popen([d, "-D", "-f", str(conf)], env=env, cwd=folder, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True) for d in ("slurmctld", "slurmd")]
+    daemons = [
+        subprocess.Popen(
+            [d, "-D", "-f", str(conf)],
+            env=env,
+            cwd=folder,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        for d in ("slurmctld", "slurmd")
+    ]
     try:
         deadline, state = time.monotonic() + 60, ""
         while time.monotonic() < deadline and state != "idle":

@@ -8,8 +8,9 @@ import json
 import os
 import stat
 
-import processes
 import requests
+
+import processes
 
 
 def mode(path) -> int:
@@ -22,8 +23,11 @@ def test_backup_of_a_running_hub_restores_onto_a_fresh_data_folder(hub_factory, 
     rosa = hub.client("rosa", password)
     assert rosa.logged_in and rosa.token
     rosa.start_server()  # a running server: its process id and port are this machine's, not the restored hub's
-    assert rosa.server("PUT", "api/contents/notes.txt", json={"type": "file", "format": "text",
-                                                              "content": "user data: not in a backup"}).ok
+    assert rosa.server(
+        "PUT",
+        "api/contents/notes.txt",
+        json={"type": "file", "format": "text", "content": "user data: not in a backup"},
+    ).ok
     [server] = [p for p in hub.own_processes() if processes.SINGLEUSER in p.cmdline]
 
     backup_dir = tmp_path / "backup"
@@ -32,8 +36,12 @@ def test_backup_of_a_running_hub_restores_onto_a_fresh_data_folder(hub_factory, 
     assert "backed up" in r.stdout and "not included: home folders" in r.stdout, r.stdout
     manifest = json.loads((backup_dir / "manifest.json").read_text())
     files = set(manifest["files"])
-    assert {"hub/jupyterhub.sqlite", "hub/accounts.json", "hub/jupyterhub_cookie_secret",
-            "hub/proxy_auth_token"} <= files, files
+    assert {
+        "hub/jupyterhub.sqlite",
+        "hub/accounts.json",
+        "hub/jupyterhub_cookie_secret",
+        "hub/proxy_auth_token",
+    } <= files, files
     assert not any(f.startswith(("homes/", "logs/", "envs/")) or f.endswith(".pid") for f in files), files
     assert mode(backup_dir) == 0o700
     for secret in ("accounts.json", "jupyterhub_cookie_secret", "proxy_auth_token", "jupyterhub.sqlite"):

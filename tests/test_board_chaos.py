@@ -52,13 +52,19 @@ def hub(hub_factory, double, tmp_path_factory):
     token_file = tmp_path_factory.mktemp("secrets") / "spalloc-token"
     token_file.write_text(HUB_TOKEN + "\n")
     os.chmod(token_file, 0o600)
-    h = hub_factory({
-        "hub": {"stop_servers_on_exit": False},
-        "spawner": {"poll_interval": 1},
-        "culler": {"enabled": False},
-        "spinnaker": {"mode": "session", "claim_timeout": 300, "on_timeout": "fail",
-                      "spalloc": {"url": double.url, "token_file": str(token_file), "keepalive_interval": KEEPALIVE}},
-    })
+    h = hub_factory(
+        {
+            "hub": {"stop_servers_on_exit": False},
+            "spawner": {"poll_interval": 1},
+            "culler": {"enabled": False},
+            "spinnaker": {
+                "mode": "session",
+                "claim_timeout": 300,
+                "on_timeout": "fail",
+                "spalloc": {"url": double.url, "token_file": str(token_file), "keepalive_interval": KEEPALIVE},
+            },
+        }
+    )
     yield h
     try:
         if h.proc is not None and h.proc.poll() is None:
@@ -93,8 +99,11 @@ def crash(hub) -> None:
     hub.proc.wait(30)
     procs = processes.table()
     servers_ = {q.pid for q in procs.values() if "singleuser" in q.cmdline}  # (however the server is launched)
-    left = [p for p in processes.alive([q.key for q in before + hub.own_processes()])
-            if not processes.has_ancestor(p, servers_, procs)]
+    left = [
+        p
+        for p in processes.alive([q.key for q in before + hub.own_processes()])
+        if not processes.has_ancestor(p, servers_, procs)
+    ]
     for p in left:
         try:
             os.kill(p.pid, signal.SIGKILL)
@@ -197,15 +206,21 @@ def test_a_claim_waiting_in_the_queue_is_given_back_when_the_hub_is_killed(hub, 
     held = {j["owner"]: j for j in live_jobs(double)}
     assert set(held) == {"chann", "chben"} and all(j["state"] == "READY" for j in held.values())
     assert post_start(cat) == 202
-    double.wait_for(lambda d: [j for j in live_jobs(d) if j["owner"] == "chcat" and j["state"] == "QUEUED"],
-                    timeout=30, what="cat's claim to wait in the queue")
+    double.wait_for(
+        lambda d: [j for j in live_jobs(d) if j["owner"] == "chcat" and j["state"] == "QUEUED"],
+        timeout=30,
+        what="cat's claim to wait in the queue",
+    )
     [queued] = [j for j in live_jobs(double) if j["owner"] == "chcat"]
     kept_alive = {owner: double.job(job["id"])["keepalives"] for owner, job in held.items()}
 
     restart(hub, "kill9")
     # Given back by the restarted hub at once, not by the service's keepalive expiry (120 s after the crash).
-    double.wait_for(lambda d: d.job(queued["id"])["state"] == "DESTROYED", timeout=SETTLE,
-                    what="cat's orphaned job to be given back")
+    double.wait_for(
+        lambda d: d.job(queued["id"])["state"] == "DESTROYED",
+        timeout=SETTLE,
+        what="cat's orphaned job to be given back",
+    )
     gone = double.job(queued["id"])
     assert "the hub restarted and no server of it holds this job" in gone["reason"], gone
     assert f"jobs/{queued['id']} of chcat" in hub.log()  # one log line per job, naming it and its owner
@@ -213,8 +228,11 @@ def test_a_claim_waiting_in_the_queue_is_given_back_when_the_hub_is_killed(hub, 
     # The running servers keep their jobs: the restarted hub keeps them alive (no second job).
     for owner, job in held.items():
         n = kept_alive[owner]
-        double.wait_for(lambda d: d.job(job["id"])["keepalives"] > n, timeout=SETTLE,
-                        what=f"the restarted hub to keep {owner}'s job alive")
+        double.wait_for(
+            lambda d: d.job(job["id"])["keepalives"] > n,
+            timeout=SETTLE,
+            what=f"the restarted hub to keep {owner}'s job alive",
+        )
         assert double.job(job["id"])["state"] == "READY"
     assert not settle(admin, double)
     stop_everything(hub, admin)
@@ -227,8 +245,11 @@ def test_a_job_the_hub_asked_for_but_never_heard_of_is_given_back(hub, people, d
     double.hold_create_answers()
     try:
         assert post_start(dan) == 202
-        made = double.wait_for(lambda d: [j for j in live_jobs(d) if j["owner"] == "chdan"], timeout=30,
-                               what="the service to make dan's job")
+        made = double.wait_for(
+            lambda d: [j for j in live_jobs(d) if j["owner"] == "chdan"],
+            timeout=30,
+            what="the service to make dan's job",
+        )
         restart_started = time.monotonic()
         crash(hub)
     finally:
@@ -236,8 +257,11 @@ def test_a_job_the_hub_asked_for_but_never_heard_of_is_given_back(hub, people, d
     before = reconciliations(hub)
     hub.start()
     wait_for(lambda: reconciliations(hub) > before, 60, "the restarted hub to reconcile its spalloc jobs")
-    double.wait_for(lambda d: d.job(made[0]["id"])["state"] == "DESTROYED", timeout=SETTLE,
-                    what="dan's unrecorded job to be given back")
+    double.wait_for(
+        lambda d: d.job(made[0]["id"])["state"] == "DESTROYED",
+        timeout=SETTLE,
+        what="dan's unrecorded job to be given back",
+    )
     assert time.monotonic() - restart_started < KEEPALIVE
     assert "stopped before it could record the job" in double.job(made[0]["id"])["reason"]
     wait_for(lambda: "chdan" not in servers(admin), 30, "dan's interrupted start to be cleared")
@@ -259,12 +283,12 @@ def test_seeded_chaos_leaves_no_job_without_a_server(hub, people, double):
             models = servers(admin)
             have = [u for u in USERS if u in models]
             free = [u for u in USERS if u not in models]
-            kind = rng.choices(["start", "stop", "kill-server", "sigterm-hub", "kill9-hub"],
-                               weights=[40, 20, 15, 12, 13])[0]
+            kind = rng.choices(
+                ["start", "stop", "kill-server", "sigterm-hub", "kill9-hub"], weights=[40, 20, 15, 12, 13]
+            )[0]
             if kind == "start" and not free or kind in ("stop", "kill-server") and not have:
                 kind = "stop" if kind == "start" else "start"  # (the op that applies to someone)
-            name = rng.choice(free if kind == "start" else have) if kind in ("start", "stop", "kill-server") \
-                else ""
+            name = rng.choice(free if kind == "start" else have) if kind in ("start", "stop", "kill-server") else ""
             if kind == "start":
                 post_start(people[name])
             elif kind == "stop":
@@ -293,11 +317,15 @@ def test_seeded_chaos_leaves_no_job_without_a_server(hub, people, double):
     finally:
         for owner, ids in watch.finish():
             violations["user_ever_held_two_jobs"].append({"owner": owner, "jobs": ids})
-    summary = {"seed": seed, "operations": n_ops, "by_operation": dict(ops),
-               "seconds": round(time.monotonic() - t0, 1),
-               "jobs_created": len(double.jobs()),
-               "violations": {k: len(v) for k, v in violations.items()},
-               "details": {k: v[:5] for k, v in violations.items()}}
+    summary = {
+        "seed": seed,
+        "operations": n_ops,
+        "by_operation": dict(ops),
+        "seconds": round(time.monotonic() - t0, 1),
+        "jobs_created": len(double.jobs()),
+        "violations": {k: len(v) for k, v in violations.items()},
+        "details": {k: v[:5] for k, v in violations.items()},
+    }
     from conftest import ROOT
 
     out = ROOT / "tests" / "artifacts" / "board-chaos.json"

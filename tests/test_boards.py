@@ -58,7 +58,7 @@ STATUS = textwrap.dedent("""
 def tagged(stdout: str, tag: str) -> str:
     for line in stdout.splitlines():
         if line.startswith(tag):
-            return line[len(tag):]
+            return line[len(tag) :]
     raise AssertionError(f"no {tag} line in {stdout!r}")
 
 
@@ -109,8 +109,9 @@ def live_jobs(double: SpallocDouble) -> list[dict]:
 
 def wait_released(double: SpallocDouble, job_id: int, timeout: float = 20) -> dict:
     """The hub releases a stopped server's job right after it records the server as stopped."""
-    double.wait_for(lambda d: d.job(job_id)["state"] == "DESTROYED", timeout=timeout,
-                    what=f"job {job_id} to be released")
+    double.wait_for(
+        lambda d: d.job(job_id)["state"] == "DESTROYED", timeout=timeout, what=f"job {job_id} to be released"
+    )
     return double.job(job_id)
 
 
@@ -135,8 +136,14 @@ def alive(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def double():
-    d = SpallocDouble(boards=1, tokens={HUB_TOKEN: "hub", "lab-token": "lab"}, admins=["hub"], power_delay=0.2,
-                      wait_timeout=5.0, first_ip=FIRST_IP).start()
+    d = SpallocDouble(
+        boards=1,
+        tokens={HUB_TOKEN: "hub", "lab-token": "lab"},
+        admins=["hub"],
+        power_delay=0.2,
+        wait_timeout=5.0,
+        first_ip=FIRST_IP,
+    ).start()
     yield d
     d.stop()
 
@@ -158,19 +165,24 @@ def stop_all_servers(hub) -> None:
         for name in user.get("servers", {}):
             path = f"/users/{user['name']}/servers/{name}" if name else f"/users/{user['name']}/server"
             admin.api("DELETE", path)
-    wait_for(lambda: not any(u.get("servers") for u in admin.api("GET", "/users").json()), 60,
-             "every server to stop")
+    wait_for(lambda: not any(u.get("servers") for u in admin.api("GET", "/users").json()), 60, "every server to stop")
 
 
 @pytest.fixture(scope="module")
 def session_hub(hub_factory, double, token_file):
-    hub = hub_factory({
-        "hub": {"stop_servers_on_exit": False},
-        "spawner": {"poll_interval": 1},
-        "culler": {"enabled": False},
-        "spinnaker": {"mode": "session", "claim_timeout": 120, "on_timeout": "fail",
-                      "spalloc": {"url": double.url, "token_file": str(token_file), "keepalive_interval": KEEPALIVE}},
-    })
+    hub = hub_factory(
+        {
+            "hub": {"stop_servers_on_exit": False},
+            "spawner": {"poll_interval": 1},
+            "culler": {"enabled": False},
+            "spinnaker": {
+                "mode": "session",
+                "claim_timeout": 120,
+                "on_timeout": "fail",
+                "spalloc": {"url": double.url, "token_file": str(token_file), "keepalive_interval": KEEPALIVE},
+            },
+        }
+    )
     yield hub
     stop_all_servers(hub)
 
@@ -265,8 +277,11 @@ def test_hub_restart_resumes_the_keepalive_of_a_live_server(session_hub, users, 
     assert alive(pid)  # stop_servers_on_exit: false
     keepalives = double.job(job["id"])["keepalives"]
     session_hub.start()
-    double.wait_for(lambda d: d.job(job["id"])["keepalives"] > keepalives, timeout=20,
-                    what="the restarted hub to keep the job alive")
+    double.wait_for(
+        lambda d: d.job(job["id"])["keepalives"] > keepalives,
+        timeout=20,
+        what="the restarted hub to keep the job alive",
+    )
     assert len(double.jobs()) == n_jobs and double.job(job["id"])["state"] == "READY"  # no second job
     assert alive(pid) and alice.server("GET", "api/status").status_code == 200
     status = board_status(alice)
@@ -285,8 +300,7 @@ def test_a_server_that_died_while_the_hub_was_down_gives_its_job_back(session_hu
     wait_for(lambda: alice.server_model() is None, 20, "the hub to record alice's server as stopped")
 
 
-def test_hub_down_longer_than_the_keepalive_loses_the_job_and_the_next_start_claims_afresh(session_hub, users,
-                                                                                           double):
+def test_hub_down_longer_than_the_keepalive_loses_the_job_and_the_next_start_claims_afresh(session_hub, users, double):
     alice = users["alice"]
     alice.start_server()
     [job] = [j for j in jobs_of(double, "alice") if j["state"] == "READY"]
@@ -298,8 +312,11 @@ def test_hub_down_longer_than_the_keepalive_loses_the_job_and_the_next_start_cla
     double.advance_clock(KEEPALIVE + 1)  # the hub stays away for longer than the keepalive interval
     assert double.job(job["id"])["state"] == "DESTROYED" and double.job(job["id"])["reason"] == "keepalive expired"
     session_hub.start()
-    status = wait_for(lambda: (lambda s: s if s.get("lost") else None)(board_status(alice)), 20,
-                      "the hub to notice that alice's job has ended")
+    status = wait_for(
+        lambda: (lambda s: s if s.get("lost") else None)(board_status(alice)),
+        20,
+        "the hub to notice that alice's job has ended",
+    )
     assert "keepalive expired" in status["lost"] and status["live"]["state"] == "DESTROYED", status
     assert (alice.server_model() or {}).get("ready")  # the server itself runs on
     alice.stop_server()
@@ -317,25 +334,38 @@ def test_hub_down_longer_than_the_keepalive_loses_the_job_and_the_next_start_cla
 # =========================================================================================================
 def occupy_the_board(double: SpallocDouble) -> int:
     """Someone else's job holds the only board (a lab user of the same service)."""
-    r = requests.post(double.srv_url + "jobs", headers={"Authorization": "Bearer lab-token"}, timeout=10,
-                      json={"num-boards": 1, "keepalive-interval": "PT300S", "tags": ["default"]})
+    r = requests.post(
+        double.srv_url + "jobs",
+        headers={"Authorization": "Bearer lab-token"},
+        timeout=10,
+        json={"num-boards": 1, "keepalive-interval": "PT300S", "tags": ["default"]},
+    )
     assert r.status_code == 201, r.text
     job_id = r.json()["job-id"]
     double.wait_for(lambda d: d.job(job_id)["state"] == "READY", timeout=10, what="the lab's job to get the board")
     return job_id
 
 
-def test_no_board_in_time_starts_in_virtual_mode_with_a_notice_or_fails_as_configured(hub_factory, double,
-                                                                                      token_file):
+def test_no_board_in_time_starts_in_virtual_mode_with_a_notice_or_fails_as_configured(hub_factory, double, token_file):
     blocker = occupy_the_board(double)
-    hub = hub_factory({"spinnaker": {"mode": "session", "claim_timeout": 2, "on_timeout": "virtual",
-                                     "spalloc": {"url": double.url, "token_file": str(token_file)}},
-                       "culler": {"enabled": False}})
+    hub = hub_factory(
+        {
+            "spinnaker": {
+                "mode": "session",
+                "claim_timeout": 2,
+                "on_timeout": "virtual",
+                "spalloc": {"url": double.url, "token_file": str(token_file)},
+            },
+            "culler": {"enabled": False},
+        }
+    )
     carol = hub.client("carol", hub.add_user("carol"))
     messages = carol.progress_messages()
     assert any("you are in the queue" in m for m in messages), messages
-    assert any("No SpiNNaker board for this session: no SpiNNaker board became free within 2 s" in m
-               and "virtual mode" in m for m in messages), messages
+    assert any(
+        "No SpiNNaker board for this session: no SpiNNaker board became free within 2 s" in m and "virtual mode" in m
+        for m in messages
+    ), messages
     assert carol.server_model()["ready"]
     [job] = jobs_of(double, "carol")
     assert job["state"] == "DESTROYED" and job["reason"] == "claim timed out"
@@ -352,8 +382,9 @@ def test_no_board_in_time_starts_in_virtual_mode_with_a_notice_or_fails_as_confi
     hub.start()
     dave = hub.client("dave", hub.add_user("dave"))
     messages = dave.progress_messages()
-    assert messages[-1].startswith("Spawn failed: No SpiNNaker board for your server: no SpiNNaker board became "
-                                   "free within 2 s"), messages
+    assert messages[-1].startswith(
+        "Spawn failed: No SpiNNaker board for your server: no SpiNNaker board became free within 2 s"
+    ), messages
     assert "try again later" in messages[-1]
     wait_for(lambda: dave.server_model() is None, 20, "dave's failed server to be cleared")
     assert [(j["state"], j["reason"]) for j in jobs_of(double, "dave")] == [("DESTROYED", "claim timed out")]
@@ -364,9 +395,14 @@ def test_no_board_in_time_starts_in_virtual_mode_with_a_notice_or_fails_as_confi
 # machine mode: the lab's own board, one server at a time
 # =========================================================================================================
 def test_machine_mode_second_server_waits_for_the_first_to_stop(hub_factory):
-    hub = hub_factory({"spinnaker": {"mode": "machine", "machine_name": "192.0.2.10", "claim_timeout": 60},
-                       "hub": {"stop_servers_on_exit": False}, "spawner": {"poll_interval": 1},
-                       "culler": {"enabled": False}})
+    hub = hub_factory(
+        {
+            "spinnaker": {"mode": "machine", "machine_name": "192.0.2.10", "claim_timeout": 60},
+            "hub": {"stop_servers_on_exit": False},
+            "spawner": {"poll_interval": 1},
+            "culler": {"enabled": False},
+        }
+    )
     erin = hub.client("erin", hub.add_user("erin"))
     frank = hub.client("frank", hub.add_user("frank"))
     erin.start_server()
@@ -375,8 +411,11 @@ def test_machine_mode_second_server_waits_for_the_first_to_stop(hub_factory):
     hub.start()
     reader = ProgressReader(frank)
     reader.start()
-    wait_for(lambda: reader.said("The lab's SpiNNaker board 192.0.2.10 is in use by erin's server since "),
-             30, "frank's spawn page to say whose server has the board")
+    wait_for(
+        lambda: reader.said("The lab's SpiNNaker board 192.0.2.10 is in use by erin's server since "),
+        30,
+        "frank's spawn page to say whose server has the board",
+    )
     assert reader.said("; you get it when they stop it"), reader.messages
     assert not (frank.server_model() or {}).get("ready") and board_status(erin, live=False)["held"] is True
     erin.stop_server()
@@ -390,13 +429,20 @@ def test_machine_mode_second_server_waits_for_the_first_to_stop(hub_factory):
 # per-run mode, and the config rules
 # =========================================================================================================
 def test_per_run_kernels_get_the_service_url_and_the_way_to_the_token_service(hub_factory, double):
-    hub = hub_factory({"spinnaker": {"mode": "per-run", "spalloc": {"url": double.url, "group": "course-a"}},
-                       "culler": {"enabled": False}})
+    hub = hub_factory(
+        {
+            "spinnaker": {"mode": "per-run", "spalloc": {"url": double.url, "group": "course-a"}},
+            "culler": {"enabled": False},
+        }
+    )
     gina = hub.client("gina", hub.add_user("gina"))
     gina.start_server()
     kernel = gina.start_kernel("spynnaker")
-    out = gina.execute(kernel, READ_CFG + "\nprint('SVC' + os.environ.get('JUPYTERHUB_SERVICE_HOST', '') + ':' + "
-                                          "os.environ.get('JUPYTERHUB_SERVICE_PORT', ''))")
+    out = gina.execute(
+        kernel,
+        READ_CFG + "\nprint('SVC' + os.environ.get('JUPYTERHUB_SERVICE_HOST', '') + ':' + "
+        "os.environ.get('JUPYTERHUB_SERVICE_PORT', ''))",
+    )
     cfg = json.loads(tagged(out["stdout"], "CFG"))
     assert cfg["spalloc_server"] == double.url and cfg["virtual_board"] is False and cfg["machine_name"] is None
     assert "spalloc_group = course-a" in cfg["text"] and cfg["home_cfgs"] == []
@@ -419,8 +465,11 @@ def test_config_rules_for_boards(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"spinnaker.spalloc.url: required when spinnaker.mode is 'session'"):
         config.load([write_config(tmp_path, {"spinnaker": {"mode": "session"}})])
     session = {"spinnaker": {"mode": "session", "spalloc": {"url": "https://spalloc.example.org/spalloc/"}}}
-    with pytest.raises(ConfigError, match="spinnaker.spalloc.token: missing. Set the environment variable "
-                                          "SPALLOC_TOKEN or spinnaker.spalloc.token_file"):
+    with pytest.raises(
+        ConfigError,
+        match="spinnaker.spalloc.token: missing. Set the environment variable "
+        "SPALLOC_TOKEN or spinnaker.spalloc.token_file",
+    ):
         config.load([write_config(tmp_path, session)])
     with pytest.raises(ConfigError, match="spinnaker.spalloc.token: secrets do not belong in the config file"):
         config.load([write_config(tmp_path, {"spinnaker": {"spalloc": {"token": "s3cr3t"}}})])
@@ -435,9 +484,12 @@ def test_config_rules_for_boards(tmp_path, monkeypatch):
         config.load([write_config(tmp_path, {"spinnaker": {**session["spinnaker"], "claim_timeout": 0}})])
     # machine mode may refuse at once (claim_timeout 0); per-run needs no hub token.
     monkeypatch.delenv("SPALLOC_TOKEN")
-    config.load([write_config(tmp_path, {"spinnaker": {"mode": "machine", "machine_name": "10.0.0.2",
-                                                       "claim_timeout": 0}})])
-    config.load([write_config(tmp_path, {"spinnaker": {"mode": "per-run", "spalloc": session["spinnaker"]["spalloc"]}})])
+    config.load(
+        [write_config(tmp_path, {"spinnaker": {"mode": "machine", "machine_name": "10.0.0.2", "claim_timeout": 0}})]
+    )
+    config.load(
+        [write_config(tmp_path, {"spinnaker": {"mode": "per-run", "spalloc": session["spinnaker"]["spalloc"]}})]
+    )
 
 
 def test_the_example_config_is_valid(monkeypatch):

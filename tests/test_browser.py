@@ -12,8 +12,16 @@ from conftest import ROOT, free_port
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 pytestmark = pytest.mark.browser
 
@@ -64,11 +72,23 @@ def test_wrong_password_is_said_plainly(browser, hub_factory):
 
 
 def test_ebrains_login_through_the_provider_to_jupyterlab(browser, hub_factory, oidc_provider):
-    hub = hub_factory({"auth": {"type": "ebrains", "ebrains": {
-        "client_id": oidc_provider.client_id, "authorize_url": oidc_provider.authorize_url,
-        "token_url": oidc_provider.token_url, "userinfo_url": oidc_provider.userinfo_url,
-        "allowed_groups": ["spinnaker-users"], "token_service_port": free_port()}}},
-        start=False, env={"EBRAINS_CLIENT_SECRET": oidc_provider.client_secret})
+    hub = hub_factory(
+        {
+            "auth": {
+                "type": "ebrains",
+                "ebrains": {
+                    "client_id": oidc_provider.client_id,
+                    "authorize_url": oidc_provider.authorize_url,
+                    "token_url": oidc_provider.token_url,
+                    "userinfo_url": oidc_provider.userinfo_url,
+                    "allowed_groups": ["spinnaker-users"],
+                    "token_service_port": free_port(),
+                },
+            }
+        },
+        start=False,
+        env={"EBRAINS_CLIENT_SECRET": oidc_provider.client_secret},
+    )
     oidc_provider.add_redirect_uri(f"{hub.url}/hub/oauth_callback")
     hub.start()
     oidc_provider.add_user("browser-user", "pw-browser-1", roles={"group": ["spinnaker-users"], "team": []})

@@ -20,16 +20,28 @@ CHECK_INTERVAL = 2
 
 @pytest.fixture(scope="module")
 def hub(hub_factory, oidc_provider):
-    hub = hub_factory({
-        "culler": {"enabled": False},
-        "auth": {"type": "ebrains", "ebrains": {
-            "client_id": oidc_provider.client_id,
-            "authorize_url": oidc_provider.authorize_url, "token_url": oidc_provider.token_url,
-            "userinfo_url": oidc_provider.userinfo_url,
-            "allowed_collabs": {"spinnaker-course": "viewer"}, "admin_collabs": {"spinnaker-ops": "editor"},
-            "membership_check_interval": CHECK_INTERVAL, "auth_refresh_age": 2,
-            "contact": CONTACT, "token_service_port": free_port()}},
-    }, start=False, env={"EBRAINS_CLIENT_SECRET": oidc_provider.client_secret})
+    hub = hub_factory(
+        {
+            "culler": {"enabled": False},
+            "auth": {
+                "type": "ebrains",
+                "ebrains": {
+                    "client_id": oidc_provider.client_id,
+                    "authorize_url": oidc_provider.authorize_url,
+                    "token_url": oidc_provider.token_url,
+                    "userinfo_url": oidc_provider.userinfo_url,
+                    "allowed_collabs": {"spinnaker-course": "viewer"},
+                    "admin_collabs": {"spinnaker-ops": "editor"},
+                    "membership_check_interval": CHECK_INTERVAL,
+                    "auth_refresh_age": 2,
+                    "contact": CONTACT,
+                    "token_service_port": free_port(),
+                },
+            },
+        },
+        start=False,
+        env={"EBRAINS_CLIENT_SECRET": oidc_provider.client_secret},
+    )
     oidc_provider.add_redirect_uri(f"{hub.url}/hub/oauth_callback")
     return hub.start()
 
@@ -52,8 +64,11 @@ def test_removed_from_the_collab_the_running_server_stops_without_a_request(hub,
     leaver.start_server()
     set_team(oidc_provider, "leaver", [])
     t0 = time.monotonic()
-    wait_for(lambda: watcher.api("GET", "/users/leaver").json()["servers"] == {}, 10 * CHECK_INTERVAL + 30,
-             "leaver's server to be stopped by the membership check")
+    wait_for(
+        lambda: watcher.api("GET", "/users/leaver").json()["servers"] == {},
+        10 * CHECK_INTERVAL + 30,
+        "leaver's server to be stopped by the membership check",
+    )
     print(f"leaver's server stopped {time.monotonic() - t0:.1f} s after the removal (check every {CHECK_INTERVAL} s)")
 
 

@@ -13,15 +13,25 @@ CONTACT = "collab-help@example.org"
 
 
 def collab_hub(hub_factory, oidc_provider, course_role: str):
-    hub = hub_factory({
-        "auth": {"type": "ebrains", "ebrains": {
-            "client_id": oidc_provider.client_id,
-            "authorize_url": oidc_provider.authorize_url, "token_url": oidc_provider.token_url,
-            "userinfo_url": oidc_provider.userinfo_url,
-            "allowed_collabs": {"spinnaker-course": course_role},
-            "admin_collabs": {"spinnaker-ops": "editor"},
-            "contact": CONTACT, "token_service_port": free_port()}},
-    }, start=False, env={"EBRAINS_CLIENT_SECRET": oidc_provider.client_secret})
+    hub = hub_factory(
+        {
+            "auth": {
+                "type": "ebrains",
+                "ebrains": {
+                    "client_id": oidc_provider.client_id,
+                    "authorize_url": oidc_provider.authorize_url,
+                    "token_url": oidc_provider.token_url,
+                    "userinfo_url": oidc_provider.userinfo_url,
+                    "allowed_collabs": {"spinnaker-course": course_role},
+                    "admin_collabs": {"spinnaker-ops": "editor"},
+                    "contact": CONTACT,
+                    "token_service_port": free_port(),
+                },
+            },
+        },
+        start=False,
+        env={"EBRAINS_CLIENT_SECRET": oidc_provider.client_secret},
+    )
     oidc_provider.add_redirect_uri(f"{hub.url}/hub/oauth_callback")
     return hub.start()
 
@@ -47,8 +57,9 @@ def log_in(hub, provider, username: str, team: list[str]) -> tuple[requests.Sess
 
 
 def me(hub, session) -> dict:
-    return session.get(f"{hub.url}/hub/api/user",
-                       headers={"X-XSRFToken": session.cookies.get("_xsrf", path="/hub/")}).json()
+    return session.get(
+        f"{hub.url}/hub/api/user", headers={"X-XSRFToken": session.cookies.get("_xsrf", path="/hub/")}
+    ).json()
 
 
 def is_admin(hub, session) -> bool:
@@ -74,15 +85,22 @@ def test_a_higher_role_satisfies_a_lower_requirement(editor_hub, oidc_provider):
     session, final = log_in(editor_hub, oidc_provider, "course-admin", ["collab-spinnaker-course-administrator"])
     assert final.status_code == 200, (final.status_code, final.text[:300])
     groups = set(me(editor_hub, session)["groups"])
-    assert {"collab-spinnaker-course-viewer", "collab-spinnaker-course-editor",
-            "collab-spinnaker-course-administrator"} <= groups, groups
+    assert {
+        "collab-spinnaker-course-viewer",
+        "collab-spinnaker-course-editor",
+        "collab-spinnaker-course-administrator",
+    } <= groups, groups
 
 
 def test_a_collab_whose_name_only_starts_alike_admits_nobody(viewer_hub, oidc_provider):
     # collab-spinnaker-course-extra-viewer is a viewer of "spinnaker-course-extra", not of "spinnaker-course";
     # collab-spinnaker-viewer-x is not a role entry at all.
-    _, final = log_in(viewer_hub, oidc_provider, "lookalike",
-                      ["collab-spinnaker-course-extra-viewer", "collab-spinnaker-course-owner", "spinnaker-course"])
+    _, final = log_in(
+        viewer_hub,
+        oidc_provider,
+        "lookalike",
+        ["collab-spinnaker-course-extra-viewer", "collab-spinnaker-course-owner", "spinnaker-course"],
+    )
     assert final.status_code == 403, (final.status_code, final.url)
 
 
@@ -91,15 +109,20 @@ def test_admin_rights_by_collab_role(editor_hub, oidc_provider):
     assert final.status_code == 200, (final.status_code, final.text[:300])  # admins are admitted
     assert is_admin(editor_hub, session)
     # A viewer of the admins' collab (and editor of the course) gets in, but not as an admin.
-    session, final = log_in(editor_hub, oidc_provider, "ops-viewer",
-                            ["collab-spinnaker-ops-viewer", "collab-spinnaker-course-editor"])
+    session, final = log_in(
+        editor_hub, oidc_provider, "ops-viewer", ["collab-spinnaker-ops-viewer", "collab-spinnaker-course-editor"]
+    )
     assert final.status_code == 200
     assert not is_admin(editor_hub, session)
 
 
 def test_losing_the_role_loses_admin_rights_at_the_next_login(editor_hub, oidc_provider):
-    session, _ = log_in(editor_hub, oidc_provider, "ops-leaver",
-                        ["collab-spinnaker-ops-administrator", "collab-spinnaker-course-editor"])
+    session, _ = log_in(
+        editor_hub,
+        oidc_provider,
+        "ops-leaver",
+        ["collab-spinnaker-ops-administrator", "collab-spinnaker-course-editor"],
+    )
     assert is_admin(editor_hub, session)
     session, final = log_in(editor_hub, oidc_provider, "ops-leaver", ["collab-spinnaker-course-editor"])
     assert final.status_code == 200
@@ -108,12 +131,16 @@ def test_losing_the_role_loses_admin_rights_at_the_next_login(editor_hub, oidc_p
 
 # --- the config: one clear line for what cannot be meant ----------------------------------------------------------
 
+
 def load(tmp_path, ebrains: dict):
     from spinnaker_jupyter import config
 
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data"), "auth": {"type": "ebrains", "ebrains": {
-        "client_id": "x", **ebrains}}}))
+    path.write_text(
+        yaml.safe_dump(
+            {"data_dir": str(tmp_path / "data"), "auth": {"type": "ebrains", "ebrains": {"client_id": "x", **ebrains}}}
+        )
+    )
     return config.load([path])
 
 
@@ -127,14 +154,21 @@ def test_collabs_alone_admit_someone(tmp_path, client_secret):
     assert d["auth"]["ebrains"]["allowed_collabs"] == {"spinnaker-course": "viewer"}
 
 
-@pytest.mark.parametrize("ebrains, expected", [
-    ({"allowed_collabs": {"spinnaker-course": "member"}},
-     "auth.ebrains.allowed_collabs.spinnaker-course: expected one of 'viewer', 'editor', 'administrator', got "
-     "'member'"),
-    ({"admin_collabs": {"collab-spinnaker-ops-editor": "editor"}},
-     "auth.ebrains.admin_collabs: 'collab-spinnaker-ops-editor' looks like a roles.team entry; give the collab's "
-     "name and the role it needs, e.g. spinnaker-ops: editor"),
-])
+@pytest.mark.parametrize(
+    "ebrains, expected",
+    [
+        (
+            {"allowed_collabs": {"spinnaker-course": "member"}},
+            "auth.ebrains.allowed_collabs.spinnaker-course: expected one of 'viewer', 'editor', 'administrator', got "
+            "'member'",
+        ),
+        (
+            {"admin_collabs": {"collab-spinnaker-ops-editor": "editor"}},
+            "auth.ebrains.admin_collabs: 'collab-spinnaker-ops-editor' looks like a roles.team entry; give the collab's "
+            "name and the role it needs, e.g. spinnaker-ops: editor",
+        ),
+    ],
+)
 def test_a_collab_setting_that_cannot_be_meant_is_one_line(tmp_path, client_secret, ebrains, expected):
     from spinnaker_jupyter.config import ConfigError
 
@@ -148,6 +182,5 @@ def test_malformed_team_claims_give_no_membership():
 
     assert collabs.groups_for(None, {"x"}) == set()
     assert collabs.groups_for("collab-x-viewer", {"x"}) == set()  # a string, not a list
-    assert collabs.groups_for([None, 3, "collab--viewer", "collab-x-", "collab-x-viewer"], {"x"}) == \
-        {"collab-x-viewer"}
+    assert collabs.groups_for([None, 3, "collab--viewer", "collab-x-", "collab-x-viewer"], {"x"}) == {"collab-x-viewer"}
     assert collabs.memberships(["collab-a-b-editor", "collab-a-b-viewer"]) == {"a-b": "editor"}

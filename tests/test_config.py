@@ -7,10 +7,9 @@ import subprocess
 import pytest
 import yaml
 
+from conftest import BIN
 from spinnaker_jupyter import config
 from spinnaker_jupyter.config import ConfigError
-
-from conftest import BIN
 
 
 def write(tmp_path, data, name="c.yaml"):
@@ -20,11 +19,17 @@ def write(tmp_path, data, name="c.yaml"):
 
 
 def test_check_command(tmp_path):
-    good = subprocess.run([BIN / "spinnaker-jupyter", "check", "-c", write(tmp_path, {"hub": {"port": 8100}})],
-                          capture_output=True, text=True)
+    good = subprocess.run(
+        [BIN / "spinnaker-jupyter", "check", "-c", write(tmp_path, {"hub": {"port": 8100}})],
+        capture_output=True,
+        text=True,
+    )
     assert good.returncode == 0 and "config OK" in good.stdout
-    bad = subprocess.run([BIN / "spinnaker-jupyter", "check", "-c", write(tmp_path, {"hub": {"port": "x"}})],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [BIN / "spinnaker-jupyter", "check", "-c", write(tmp_path, {"hub": {"port": "x"}})],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "hub.port: expected integer" in bad.stderr
     assert not (tmp_path / "data").exists()  # check starts nothing and writes nothing
 
@@ -38,8 +43,9 @@ def test_reference_lists_every_key():
 def test_shared_account_mode_is_said_plainly(tmp_path, capsys, envs_dir):
     from spinnaker_jupyter import cli
 
-    d = config.load([write(tmp_path, {"spawner": {"local": {"system_users": False}},
-                                      "kernels": {"envs_dir": str(envs_dir)}})])
+    d = config.load(
+        [write(tmp_path, {"spawner": {"local": {"system_users": False}}, "kernels": {"envs_dir": str(envs_dir)}})]
+    )
     cli.prepare(d, build=False)
     out = capsys.readouterr().out
     assert "all users' servers run as this one account" in out and "can read each other's files" in out
@@ -55,8 +61,13 @@ def test_docker_mode_names_an_unreachable_engine(tmp_path):
 def check(path, env=None):
     import os
 
-    return subprocess.run([BIN / "spinnaker-jupyter", "check", "-c", path], capture_output=True, text=True,
-                          timeout=30, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [BIN / "spinnaker-jupyter", "check", "-c", path],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def refused(r, *words):
@@ -68,17 +79,36 @@ def refused(r, *words):
     return r.stderr
 
 
-@pytest.mark.parametrize("cfg, key, points_to", [
-    ({"spinnaker": {"mode": "per-run", "spalloc": {"url": "https://alice:Hunter2-pw@spalloc.example.org/"}}},
-     "spinnaker.spalloc.url", "SPALLOC_TOKEN"),
-    ({"spinnaker": {"mode": "per-run", "spalloc": {"url": "https://spalloc.example.org/?token=Hunter2-pw"}}},
-     "spinnaker.spalloc.url", "spinnaker.spalloc.token_file"),
-    ({"spinnaker": {"extra_cfg": {"Machine": {"spalloc_password": "Hunter2-pw"}}}},
-     "spinnaker.extra_cfg.Machine.spalloc_password", "SPALLOC_TOKEN"),
-    ({"spinnaker": {"extra_cfg": {"Machine": {"spalloc_server": "https://bob:Hunter2-pw@spalloc.example.org"}}}},
-     "spinnaker.extra_cfg.Machine.spalloc_server", "readable by every user"),
-    ({"hub": {"db_url": "postgresql://hub:Hunter2-pw@db.example.org/hub"}}, "hub.db_url", "SPINNAKER_JUPYTER_DB_URL"),
-])
+@pytest.mark.parametrize(
+    "cfg, key, points_to",
+    [
+        (
+            {"spinnaker": {"mode": "per-run", "spalloc": {"url": "https://alice:Hunter2-pw@spalloc.example.org/"}}},
+            "spinnaker.spalloc.url",
+            "SPALLOC_TOKEN",
+        ),
+        (
+            {"spinnaker": {"mode": "per-run", "spalloc": {"url": "https://spalloc.example.org/?token=Hunter2-pw"}}},
+            "spinnaker.spalloc.url",
+            "spinnaker.spalloc.token_file",
+        ),
+        (
+            {"spinnaker": {"extra_cfg": {"Machine": {"spalloc_password": "Hunter2-pw"}}}},
+            "spinnaker.extra_cfg.Machine.spalloc_password",
+            "SPALLOC_TOKEN",
+        ),
+        (
+            {"spinnaker": {"extra_cfg": {"Machine": {"spalloc_server": "https://bob:Hunter2-pw@spalloc.example.org"}}}},
+            "spinnaker.extra_cfg.Machine.spalloc_server",
+            "readable by every user",
+        ),
+        (
+            {"hub": {"db_url": "postgresql://hub:Hunter2-pw@db.example.org/hub"}},
+            "hub.db_url",
+            "SPINNAKER_JUPYTER_DB_URL",
+        ),
+    ],
+)
 def test_credentials_in_urls_and_cfg_values_are_refused(tmp_path, cfg, key, points_to):
     err = refused(check(write(tmp_path, cfg)), key + ":", points_to)
     assert "Hunter2-pw" not in err  # the message never repeats the secret
@@ -89,8 +119,17 @@ def test_config_never_prints_a_password(tmp_path):
     r = subprocess.run([BIN / "spinnaker-jupyter", "config", "-c", path], capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "Hunter2-pw" not in r.stdout + r.stderr
     # a URL without a password is printed as given; redaction masks any that would be
-    ok = subprocess.run([BIN / "spinnaker-jupyter", "config", "-c", write(tmp_path, {"hub": {
-        "db_url": "postgresql://hub@db.example.org/hub"}})], capture_output=True, text=True, timeout=30)
+    ok = subprocess.run(
+        [
+            BIN / "spinnaker-jupyter",
+            "config",
+            "-c",
+            write(tmp_path, {"hub": {"db_url": "postgresql://hub@db.example.org/hub"}}),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert ok.returncode == 0 and "postgresql://hub@db.example.org/hub" in ok.stdout
     assert "Hunter2-pw" not in str(config.redacted({"u": "https://a:Hunter2-pw@h/", "password": "Hunter2-pw"}))
 
@@ -98,8 +137,14 @@ def test_config_never_prints_a_password(tmp_path):
 def test_the_generated_spynnaker_cfg_holds_no_secret_and_is_replaced_whole(tmp_path):
     from spinnaker_jupyter import kernels
 
-    d = config.load([write(tmp_path, {"spinnaker": {"mode": "per-run", "spalloc": {
-        "url": "https://spalloc.example.org/", "group": "g"}}})])
+    d = config.load(
+        [
+            write(
+                tmp_path,
+                {"spinnaker": {"mode": "per-run", "spalloc": {"url": "https://spalloc.example.org/", "group": "g"}}},
+            )
+        ]
+    )
     path = kernels.write_spynnaker_cfg(d)
     assert path.stat().st_mode & 0o777 == 0o644  # every user's kernel reads it ...
     assert "spalloc_server = https://spalloc.example.org/" in path.read_text()  # ... so only what may be public
@@ -141,11 +186,13 @@ def test_client_secret_file_problems_are_one_line(tmp_path, monkeypatch, kind):
     elif kind != "missing":
         secret.write_text("" if kind == "empty" else "a-real-client-secret\n")
         secret.chmod(0o600 if kind == "empty" else 0o644)
-    cfg = {"auth": {"type": "ebrains", "ebrains": {"client_id": "x", "allow_all": True,
-                                                   "client_secret_file": str(secret)}}}
+    cfg = {
+        "auth": {"type": "ebrains", "ebrains": {"client_id": "x", "allow_all": True, "client_secret_file": str(secret)}}
+    }
     err = refused(check(write(tmp_path, cfg)), "auth.ebrains.client_secret_file", str(secret))
-    assert {"missing": "no such file", "folder": "is a folder", "empty": "is empty",
-            "world-readable": "chmod 600"}[kind] in err
+    assert {"missing": "no such file", "folder": "is a folder", "empty": "is empty", "world-readable": "chmod 600"}[
+        kind
+    ] in err
 
 
 def test_a_config_that_is_not_utf8_is_one_line(tmp_path):

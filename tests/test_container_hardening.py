@@ -16,18 +16,33 @@ pytestmark = pytest.mark.containers
 LIMIT = 64  # spawner.process_limit for this hub: small, so the bomb is over in a moment
 # Bounded: a fixed number of forks (past the engine's nproc ulimit of 4096), each child gone within a minute; the
 # cell returns once all were tried.
-BOMB = ("import subprocess\n"
-        "subprocess.run(['sh', '-c', 'i=0; while [ $i -lt 4500 ]; do sleep 60 & i=$((i+1)); done'],"
-        " stderr=subprocess.DEVNULL, timeout=120)\n")
+BOMB = (
+    "import subprocess\n"
+    "subprocess.run(['sh', '-c', 'i=0; while [ $i -lt 4500 ]; do sleep 60 & i=$((i+1)); done'],"
+    " stderr=subprocess.DEVNULL, timeout=120)\n"
+)
 
 
 @pytest.fixture(scope="module")
 def docker_hub(hub_factory, podman_engine):
-    return hub_factory({"spawner": {
-        "type": "docker", "mem_limit": "1G", "cpu_limit": 0.5, "process_limit": LIMIT,
-        "docker": {"engine_url": podman_engine.url, "image": podman_engine.images["singleuser"],
-                   "pull_policy": "never", "network": "host", "volume_prefix": "spinnaker-jupyter-test-home-",
-                   "labels": {TEST_LABEL: "1"}}}})
+    return hub_factory(
+        {
+            "spawner": {
+                "type": "docker",
+                "mem_limit": "1G",
+                "cpu_limit": 0.5,
+                "process_limit": LIMIT,
+                "docker": {
+                    "engine_url": podman_engine.url,
+                    "image": podman_engine.images["singleuser"],
+                    "pull_policy": "never",
+                    "network": "host",
+                    "volume_prefix": "spinnaker-jupyter-test-home-",
+                    "labels": {TEST_LABEL: "1"},
+                },
+            }
+        }
+    )
 
 
 def test_a_fork_bomb_in_one_container_leaves_another_users_kernel_working(docker_hub, podman_engine):
@@ -44,9 +59,13 @@ def test_a_fork_bomb_in_one_container_leaves_another_users_kernel_working(docker
         held = len(container.top()["Processes"])  # (read from /proc by the engine: no process in the container)
         print(f"the fork bomb holds {held} processes in its container (limit {LIMIT}, threads included)")
         assert held <= LIMIT
-        out = victim.execute(kernel, "import subprocess\n"
-                                     "print(subprocess.run(['echo', 'still here'], capture_output=True, text=True,"
-                                     " timeout=10).stdout)", timeout=30)
+        out = victim.execute(
+            kernel,
+            "import subprocess\n"
+            "print(subprocess.run(['echo', 'still here'], capture_output=True, text=True,"
+            " timeout=10).stdout)",
+            timeout=30,
+        )
         assert out["error"] is None and "still here" in out["stdout"], out
     finally:
         mallory.stop_server()  # the container goes, and every process of the bomb with it

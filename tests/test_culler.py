@@ -21,8 +21,9 @@ def test_idle_server_is_stopped_and_files_kept(hub_factory):
     hub = hub_factory({"culler": {"timeout": 60, "every": 10}})
     user = hub.client("sleepy", hub.add_user("sleepy"))
     user.start_server()
-    assert user.server("PUT", "api/contents/kept.txt", json={"type": "file", "format": "text",
-                                                             "content": "still here"}).status_code in (200, 201)
+    assert user.server(
+        "PUT", "api/contents/kept.txt", json={"type": "file", "format": "text", "content": "still here"}
+    ).status_code in (200, 201)
     wait_for(lambda: user.server_model() is None, 150, "the idle culler to stop the unused server", interval=2)
     assert "idle-culler" in hub.log() and "Culling server" in hub.log()
     user.start_server()
@@ -31,6 +32,7 @@ def test_idle_server_is_stopped_and_files_kept(hub_factory):
 
 
 # --- a kernel running code is activity (extensions/spinnaker_jupyter_ext/activity.py) ------------------------------
+
 
 def start_silent_run(user, kernel_id: str, release: Path) -> None:
     """Start a cell that prints nothing and runs until `release` exists, then close the connection, as a user does
@@ -41,17 +43,38 @@ def start_silent_run(user, kernel_id: str, release: Path) -> None:
     ws = websocket.create_connection(ws_url, header=[f"Authorization: token {user.token}"], timeout=60)
     msg_id = uuid.uuid4().hex
     try:
-        ws.send(json.dumps({
-            "header": {"msg_id": msg_id, "username": user.name, "session": uuid.uuid4().hex,
-                       "msg_type": "execute_request", "version": "5.3"},
-            "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
-            "content": {"code": code, "silent": False, "store_history": True, "user_expressions": {},
-                        "allow_stdin": False, "stop_on_error": True},
-        }))
+        ws.send(
+            json.dumps(
+                {
+                    "header": {
+                        "msg_id": msg_id,
+                        "username": user.name,
+                        "session": uuid.uuid4().hex,
+                        "msg_type": "execute_request",
+                        "version": "5.3",
+                    },
+                    "parent_header": {},
+                    "metadata": {},
+                    "channel": "shell",
+                    "buffers": [],
+                    "content": {
+                        "code": code,
+                        "silent": False,
+                        "store_history": True,
+                        "user_expressions": {},
+                        "allow_stdin": False,
+                        "stop_on_error": True,
+                    },
+                }
+            )
+        )
         while True:  # the kernel says it is busy with this cell
             msg = json.loads(ws.recv())
-            if (msg.get("parent_header", {}).get("msg_id") == msg_id and msg["msg_type"] == "status"
-                    and msg["content"]["execution_state"] == "busy"):
+            if (
+                msg.get("parent_header", {}).get("msg_id") == msg_id
+                and msg["msg_type"] == "status"
+                and msg["content"]["execution_state"] == "busy"
+            ):
                 return
     finally:
         ws.close()
@@ -81,14 +104,22 @@ def test_a_silent_long_run_keeps_its_server_and_the_timeout_counts_from_its_end(
     # Under the old code the culler stopped the server about `timeout` s into the run. Now the hub keeps hearing
     # of activity: wait until it has heard of some from well after the culler would have struck.
     beyond = started + timedelta(seconds=timeout + every)
-    wait_for(lambda: (hub_last_activity(user) or started) > beyond, timeout + 3 * every + 30,
-             "the hub to hear that the server is active while its kernel runs", interval=2)
+    wait_for(
+        lambda: (hub_last_activity(user) or started) > beyond,
+        timeout + 3 * every + 30,
+        "the hub to hear that the server is active while its kernel runs",
+        interval=2,
+    )
     assert "Culling server longrun" not in hub.log()
     # The run ends; nobody touches the server. The culler stops it `timeout` s later, not before.
     release.touch()
     ended = time.monotonic()
-    wait_for(lambda: user.server_model() is None, timeout + 3 * every + 30,
-             "the idle culler to stop the server after the run ended", interval=1)
+    wait_for(
+        lambda: user.server_model() is None,
+        timeout + 3 * every + 30,
+        "the idle culler to stop the server after the run ended",
+        interval=1,
+    )
     idle = time.monotonic() - ended
     assert idle >= timeout - 1, f"culled {idle:.0f} s after the run ended (timeout {timeout} s)"
     assert "Culling server longrun" in hub.log()
@@ -128,8 +159,7 @@ def test_idle_kernels_are_culled_busy_ones_never(hub_factory):
     [pid] = kernel_pids(dies)
     os.kill(pid, signal.SIGKILL)
     # The idle and the restarted kernels go; the busy one, idle for longer by the clock but running code, stays.
-    wait_for(lambda: not {idle, dies} & set(running()), 90, "kernel culling to shut the idle kernels down",
-             interval=1)
+    wait_for(lambda: not {idle, dies} & set(running()), 90, "kernel culling to shut the idle kernels down", interval=1)
     assert running().get(busy) == "busy"
     release.touch()  # once its run has ended it is idle too, and goes after the timeout
     ended = time.monotonic()
@@ -139,17 +169,28 @@ def test_idle_kernels_are_culled_busy_ones_never(hub_factory):
 
 
 def test_culling_settings_reach_every_user_server(tmp_path):
-    from spinnaker_jupyter import config, hubconfig
     from traitlets.config import Config
 
+    from spinnaker_jupyter import config, hubconfig
+
     for spawner in ({"type": "local"}, {"type": "docker", "docker": {"network": "host"}}):
-        (tmp_path / "c.yaml").write_text(yaml.safe_dump({
-            "data_dir": str(tmp_path / "data"), "spawner": spawner,
-            "culler": {"timeout": 120, "kernels": {"timeout": 600, "every": 30, "connected": True}}}))
+        (tmp_path / "c.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "data_dir": str(tmp_path / "data"),
+                    "spawner": spawner,
+                    "culler": {"timeout": 120, "kernels": {"timeout": 600, "every": 30, "connected": True}},
+                }
+            )
+        )
         c = Config()
         hubconfig.apply(c, config.load([tmp_path / "c.yaml"]))
         args = c.Spawner.args
-        assert {"--MappingKernelManager.cull_idle_timeout=600", "--MappingKernelManager.cull_interval=30",
-                "--MappingKernelManager.cull_busy=False", "--MappingKernelManager.cull_connected=True",
-                "--JupyterHubSingleUser.hub_activity_interval=20"} <= set(args), (spawner, args)
+        assert {
+            "--MappingKernelManager.cull_idle_timeout=600",
+            "--MappingKernelManager.cull_interval=30",
+            "--MappingKernelManager.cull_busy=False",
+            "--MappingKernelManager.cull_connected=True",
+            "--JupyterHubSingleUser.hub_activity_interval=20",
+        } <= set(args), (spawner, args)
         assert c.JupyterHub.activity_resolution == 20

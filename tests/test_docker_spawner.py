@@ -4,7 +4,6 @@ and PyNN in the sPyNNaker kernel inside the container."""
 
 from __future__ import annotations
 
-
 import pytest
 
 from podman_fixtures import TEST_LABEL
@@ -14,11 +13,23 @@ pytestmark = pytest.mark.containers
 
 @pytest.fixture(scope="module")
 def docker_hub(hub_factory, podman_engine):
-    return hub_factory({"spawner": {
-        "type": "docker", "mem_limit": "1G", "cpu_limit": 1.5,
-        "docker": {"engine_url": podman_engine.url, "image": podman_engine.images["singleuser"],
-                   "pull_policy": "never", "network": "host", "volume_prefix": "spinnaker-jupyter-test-home-",
-                   "labels": {TEST_LABEL: "1"}}}})
+    return hub_factory(
+        {
+            "spawner": {
+                "type": "docker",
+                "mem_limit": "1G",
+                "cpu_limit": 1.5,
+                "docker": {
+                    "engine_url": podman_engine.url,
+                    "image": podman_engine.images["singleuser"],
+                    "pull_policy": "never",
+                    "network": "host",
+                    "volume_prefix": "spinnaker-jupyter-test-home-",
+                    "labels": {TEST_LABEL: "1"},
+                },
+            }
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +54,15 @@ def test_each_user_gets_their_own_container_volume_and_limits(docker_hub, users,
     mounts = {m["Destination"]: m.get("Name") for m in ada.attrs["Mounts"]}
     assert mounts["/home/jovyan"] == "spinnaker-jupyter-test-home-ada"
     host = ada.attrs["HostConfig"]
-    assert host["Memory"] == 1024 ** 3 and host["NanoCpus"] == int(1.5e9)
+    assert host["Memory"] == 1024**3 and host["NanoCpus"] == int(1.5e9)
     assert ada.attrs["Config"]["User"] in ("1000", "1000:100", "jovyan")
 
 
 def test_files_survive_stop_start_and_stay_private(docker_hub, users, podman_engine):
     ada, ben = users["ada"], users["ben"]
-    assert ada.server("PUT", "api/contents/results.txt", json={"type": "file", "format": "text",
-                                                               "content": "spikes!"}).status_code in (200, 201)
+    assert ada.server(
+        "PUT", "api/contents/results.txt", json={"type": "file", "format": "text", "content": "spikes!"}
+    ).status_code in (200, 201)
     assert ben.server("GET", "api/contents/results.txt").status_code == 404
     assert ada.server("GET", "api/contents/results.txt", token=ben.token).status_code == 403
     ada.stop_server()
@@ -66,10 +78,13 @@ def test_files_survive_stop_start_and_stay_private(docker_hub, users, podman_eng
 def test_pynn_runs_in_the_container_kernel(users):
     ada = users["ada"]
     kernel = ada.start_kernel("spynnaker")
-    out = ada.execute(kernel, "import os, pyNN.spiNNaker as p\np.setup(1.0)\n"
-                              "a = p.Population(10, p.IF_curr_exp()); a.record('spikes')\n"
-                              "p.run(20)\nprint('N', len(a.get_data().segments[0].spiketrains))\np.end()\n"
-                              "print('HOME', os.path.expanduser('~'))")
+    out = ada.execute(
+        kernel,
+        "import os, pyNN.spiNNaker as p\np.setup(1.0)\n"
+        "a = p.Population(10, p.IF_curr_exp()); a.record('spikes')\n"
+        "p.run(20)\nprint('N', len(a.get_data().segments[0].spiketrains))\np.end()\n"
+        "print('HOME', os.path.expanduser('~'))",
+    )
     assert out["error"] is None and "N 10" in out["stdout"] and "HOME /home/jovyan" in out["stdout"], out
     assert "virtual mode" in out["stdout"]  # the deployment's machine cfg reached the container
 

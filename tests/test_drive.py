@@ -17,8 +17,10 @@ from conftest import free_port
 from doubles.drive_server import DriveDouble
 from hubclient import HubClient, wait_for
 
-pytestmark = pytest.mark.skipif(not (shutil.which("rclone") and shutil.which("fusermount3")),
-                                reason="rclone and fuse3 are needed (scripts/system-deps.sh --test)")
+pytestmark = pytest.mark.skipif(
+    not (shutil.which("rclone") and shutil.which("fusermount3")),
+    reason="rclone and fuse3 are needed (scripts/system-deps.sh --test)",
+)
 
 GROUP = "spinnaker-users"
 LIB = "drive/My Libraries/My Library"
@@ -45,14 +47,26 @@ def drive(oidc_provider):
 
 @pytest.fixture(scope="module")
 def drive_hub(hub_factory, oidc_provider, drive, fuse_for_users):
-    hub = hub_factory({
-        "auth": {"type": "ebrains", "ebrains": {
-            "client_id": oidc_provider.client_id,
-            "authorize_url": oidc_provider.authorize_url, "token_url": oidc_provider.token_url,
-            "userinfo_url": oidc_provider.userinfo_url, "allowed_groups": [GROUP],
-            "refresh_margin": 3, "auth_refresh_age": 1, "token_service_port": free_port()}},
-        "drive": {"enabled": True, "url": drive.url, "check_interval": 1, "max_backoff": 2, "timeout": 5},
-    }, start=False, env={"EBRAINS_CLIENT_SECRET": oidc_provider.client_secret})
+    hub = hub_factory(
+        {
+            "auth": {
+                "type": "ebrains",
+                "ebrains": {
+                    "client_id": oidc_provider.client_id,
+                    "authorize_url": oidc_provider.authorize_url,
+                    "token_url": oidc_provider.token_url,
+                    "userinfo_url": oidc_provider.userinfo_url,
+                    "allowed_groups": [GROUP],
+                    "refresh_margin": 3,
+                    "auth_refresh_age": 1,
+                    "token_service_port": free_port(),
+                },
+            },
+            "drive": {"enabled": True, "url": drive.url, "check_interval": 1, "max_backoff": 2, "timeout": 5},
+        },
+        start=False,
+        env={"EBRAINS_CLIENT_SECRET": oidc_provider.client_secret},
+    )
     oidc_provider.add_redirect_uri(f"{hub.url}/hub/oauth_callback")
     return hub.start()
 
@@ -60,8 +74,9 @@ def drive_hub(hub_factory, oidc_provider, drive, fuse_for_users):
 def login(hub, provider, username: str, teams=()) -> HubClient:
     provider.add_user(username, f"pw-{username}-1", roles={"group": [GROUP], "team": list(teams)})
     session = requests.Session()
-    final = provider.login_with_requests(session, f"{hub.url}/hub/oauth_login?next=/hub/home", username,
-                                         f"pw-{username}-1")
+    final = provider.login_with_requests(
+        session, f"{hub.url}/hub/oauth_login?next=/hub/home", username, f"pw-{username}-1"
+    )
     assert final.status_code == 200, (final.status_code, final.url)
     return HubClient(hub.url, None, session=session)
 
@@ -101,8 +116,7 @@ def alice(drive_hub, oidc_provider, drive):
 
 
 def test_my_library_is_listed_in_the_file_browser(drive_hub, alice, drive):
-    assert wait_for(lambda: listing(alice, LIB) == ["input.txt"], 60, "~/drive/My Libraries/My Library/",
-                    interval=0.5)
+    assert wait_for(lambda: listing(alice, LIB) == ["input.txt"], 60, "~/drive/My Libraries/My Library/", interval=0.5)
     assert listing(alice, "drive") == ["My Libraries", "Shared with groups"]
     assert listing(alice, "drive/Shared with groups/Brain Sim") == ["shared.txt"]
     assert state(drive_hub, alice)["state"] == "mounted"
@@ -111,13 +125,17 @@ def test_my_library_is_listed_in_the_file_browser(drive_hub, alice, drive):
 def test_a_notebook_reads_and_writes_drive_files_with_open(drive_hub, alice, drive):
     wait_for(lambda: listing(alice, LIB), 60, "the mount", interval=0.5)
     kernel = alice.start_kernel("spynnaker")
-    out = run(alice, kernel, """
+    out = run(
+        alice,
+        kernel,
+        """
         import os
         base = os.path.expanduser("~/drive/My Libraries/My Library")
         print(open(os.path.join(base, "input.txt")).read().strip())
         with open(os.path.join(base, "result.txt"), "w") as f:
             f.write("rate 42 Hz\\n")
-    """)
+    """,
+    )
     assert out.strip() == "spikes 1 2 3"
     lib = drive.my_library("drivealice")
     assert wait_for(lambda: drive.read(lib, "/result.txt") == b"rate 42 Hz\n", 30, "the result at Drive")
@@ -130,12 +148,16 @@ def test_another_user_cannot_enter_the_mount(drive_hub, alice, oidc_provider, dr
     try:
         kernel = bob.start_kernel("spynnaker")
         target = home(drive_hub, alice) / "drive" / "My Libraries"
-        out = run(bob, kernel, f"""
+        out = run(
+            bob,
+            kernel,
+            f"""
             try:
                 print("LISTED", __import__("os").listdir({str(target)!r}))
             except OSError as e:
                 print("REFUSED", type(e).__name__)
-        """)
+        """,
+        )
         assert out.strip() == "REFUSED PermissionError", out
     finally:
         bob.stop_server()
@@ -159,13 +181,22 @@ def test_a_refused_token_is_exchanged_again_and_remounted(drive_hub, alice, driv
     wait_for(lambda: listing(alice, LIB), 60, "the mount", interval=0.5)
     first = [t for u, t in drive.exchanged if u == "drivealice"][-1]
     # past the lifetime of the EBRAINS token the mount was made with: the mount goes on working
-    wait_for(lambda: not oidc_provider.token_is_valid(first), 3 * oidc_provider.access_token_ttl,
-             "the first access token to expire", interval=0.5)
+    wait_for(
+        lambda: not oidc_provider.token_is_valid(first),
+        3 * oidc_provider.access_token_ttl,
+        "the first access token to expire",
+        interval=0.5,
+    )
     assert "input.txt" in (listing(alice, LIB) or [])
     before = state(drive_hub, alice).get("remounts", 0)
     assert drive.revoke_tokens("drivealice") >= 1  # Drive now answers 401 to the mount's token
-    wait_for(lambda: state(drive_hub, alice).get("remounts", 0) > before
-             and state(drive_hub, alice).get("state") == "mounted", 30, "the remount")
+    wait_for(
+        lambda: (
+            state(drive_hub, alice).get("remounts", 0) > before and state(drive_hub, alice).get("state") == "mounted"
+        ),
+        30,
+        "the remount",
+    )
     again = [t for u, t in drive.exchanged if u == "drivealice"][-1]
     assert again != first  # exchanged with the user's refreshed token, from the access-token-service
     assert wait_for(lambda: "input.txt" in (listing(alice, LIB) or []), 30, "the listing after the remount")
@@ -189,11 +220,15 @@ def test_a_file_written_just_before_the_server_stops_reaches_drive(drive_hub, oi
     try:
         wait_for(lambda: listing(erin, "drive/My Libraries/My Library") == [], 60, "the mount", interval=0.5)
         kernel = erin.start_kernel("spynnaker")
-        run(erin, kernel, """
+        run(
+            erin,
+            kernel,
+            """
             import os
             with open(os.path.expanduser("~/drive/My Libraries/My Library/last.txt"), "w") as f:
                 f.write("the last result")
-        """)
+        """,
+        )
     finally:
         erin.stop_server()  # at once: rclone itself would upload only a few seconds later
     assert drive.read(drive.my_library("driveerin"), "/last.txt") == b"the last result"
@@ -209,21 +244,33 @@ def test_drive_down_at_start_shows_why_then_recovers(drive_hub, oidc_provider, d
         assert "HTTP 502" in placeholder.read_text() or "not answering" in placeholder.read_text()
         assert listing(carol, "drive") == ["EBRAINS-DRIVE-NOT-AVAILABLE.txt"]  # the file browser shows it
         kernel = carol.start_kernel("spynnaker")
-        status = run(carol, kernel, """
+        status = run(
+            carol,
+            kernel,
+            """
             import subprocess
             print(subprocess.run(["spinnaker-status", "--no-live"], capture_output=True, text=True).stdout)
-        """)
+        """,
+        )
         assert "EBRAINS Drive NOT AVAILABLE" in status, status
     finally:
         drive.down = False
     try:
-        assert wait_for(lambda: listing(carol, "drive") == ["My Libraries", "Shared with groups"], 30,
-                        "the mount once Drive is back", interval=0.5)
+        assert wait_for(
+            lambda: listing(carol, "drive") == ["My Libraries", "Shared with groups"],
+            30,
+            "the mount once Drive is back",
+            interval=0.5,
+        )
         assert listing(carol, "drive/My Libraries") == ["My Library"]
-        status = run(carol, kernel, """
+        status = run(
+            carol,
+            kernel,
+            """
             import subprocess
             print(subprocess.run(["spinnaker-status", "--no-live"], capture_output=True, text=True).stdout)
-        """)
+        """,
+        )
         assert "EBRAINS Drive mounted at" in status, status
     finally:
         carol.stop_server()
@@ -264,9 +311,17 @@ def test_the_drive_token_is_only_in_rclones_environment(drive_hub, alice, drive)
 def test_layout_and_rclone_environment_units(tmp_path):
     from spinnaker_jupyter_ext.drive import rclone_environment
 
-    env = rclone_environment("http://d", "TOKEN", [
-        {"name": "My Library", "type": "repo"}, {"name": "Brain Sim", "type": "grepo"},
-        {"name": 'bad"name', "type": "grepo"}, {"name": "Brain Sim", "type": "grepo"}], tmp_path)
+    env = rclone_environment(
+        "http://d",
+        "TOKEN",
+        [
+            {"name": "My Library", "type": "repo"},
+            {"name": "Brain Sim", "type": "grepo"},
+            {"name": 'bad"name', "type": "grepo"},
+            {"name": "Brain Sim", "type": "grepo"},
+        ],
+        tmp_path,
+    )
     assert env["RCLONE_CONFIG_EBRAINSDRIVE_AUTH_TOKEN"] == "TOKEN"
     assert env["RCLONE_CONFIG_DRIVEROOT_UPSTREAMS"] == '"My Libraries=mylibraries:" "Shared with groups=sharedgroups:"'
     assert env["RCLONE_CONFIG_MYLIBRARIES_UPSTREAMS"] == '"My Library=ebrainsdrive:My Library"'

@@ -27,14 +27,29 @@ def oidc_access_token(p: OIDCProvider, redirect_uri: str, username: str, passwor
     """An access token of ``username`` from the provider (authorization code flow with PKCE, as a browser)."""
     verifier = secrets.token_urlsafe(48)
     challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).decode().rstrip("=")
-    params = {"client_id": p.client_id, "response_type": "code", "redirect_uri": redirect_uri,
-              "scope": "openid profile email team group", "state": secrets.token_urlsafe(8),
-              "code_challenge": challenge, "code_challenge_method": "S256"}
+    params = {
+        "client_id": p.client_id,
+        "response_type": "code",
+        "redirect_uri": redirect_uri,
+        "scope": "openid profile email team group",
+        "state": secrets.token_urlsafe(8),
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+    }
     with requests.Session() as session:
         result = p.login_with_requests(session, f"{p.authorize_url}?{urlencode(params)}", username, password)
-    response = requests.post(p.token_url, timeout=10, data={
-        "grant_type": "authorization_code", "code": result.json()["code"], "redirect_uri": redirect_uri,
-        "client_id": p.client_id, "client_secret": p.client_secret, "code_verifier": verifier})
+    response = requests.post(
+        p.token_url,
+        timeout=10,
+        data={
+            "grant_type": "authorization_code",
+            "code": result.json()["code"],
+            "redirect_uri": redirect_uri,
+            "client_id": p.client_id,
+            "client_secret": p.client_secret,
+            "code_verifier": verifier,
+        },
+    )
     assert response.status_code == 200, response.text
     return response.json()["access_token"]
 
@@ -55,8 +70,9 @@ def drive(oidc_provider):
 
 
 def exchange(drive: DriveDouble, access_token: str) -> requests.Response:
-    return requests.get(f"{drive.url}/api2/account/token/", headers={"Authorization": f"Bearer {access_token}"},
-                        timeout=10)
+    return requests.get(
+        f"{drive.url}/api2/account/token/", headers={"Authorization": f"Bearer {access_token}"}, timeout=10
+    )
 
 
 def test_token_exchange_accepts_only_the_providers_valid_tokens(drive, users, oidc_provider):
@@ -68,8 +84,12 @@ def test_token_exchange_accepts_only_the_providers_valid_tokens(drive, users, oi
     seafile = answer.text.strip()
     ping = requests.get(f"{drive.url}/api2/auth/ping/", headers={"Authorization": f"Token {seafile}"}, timeout=10)
     assert ping.status_code == 200 and ping.json() == "pong"
-    assert requests.get(f"{drive.url}/api2/auth/ping/", headers={"Authorization": f"Token {token}"},
-                        timeout=10).status_code == 401  # the OIDC token is not a Drive token
+    assert (
+        requests.get(
+            f"{drive.url}/api2/auth/ping/", headers={"Authorization": f"Token {token}"}, timeout=10
+        ).status_code
+        == 401
+    )  # the OIDC token is not a Drive token
     # a revoked access token (the provider says so at userinfo) is refused
     oidc_provider.revoke("dana", refresh_tokens=False, access_tokens=True)
     assert exchange(drive, token).status_code == 401
@@ -143,15 +163,25 @@ def test_viewers_read_collab_libraries_but_cannot_write(drive, users):
 
 def rclone_env(drive: DriveDouble, seafile_token: str, home: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RCLONE_")}
-    env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), RCLONE_CONFIG=str(home / "rclone.conf"),
-               RCLONE_CONFIG_D_TYPE="seafile", RCLONE_CONFIG_D_URL=drive.url,
-               RCLONE_CONFIG_D_AUTH_TOKEN=seafile_token)
+    env.update(
+        HOME=str(home),
+        XDG_CACHE_HOME=str(home / ".cache"),
+        RCLONE_CONFIG=str(home / "rclone.conf"),
+        RCLONE_CONFIG_D_TYPE="seafile",
+        RCLONE_CONFIG_D_URL=drive.url,
+        RCLONE_CONFIG_D_AUTH_TOKEN=seafile_token,
+    )
     return env
 
 
 def rclone(env: dict, *args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([RCLONE, "--retries", "1", "--low-level-retries", "1", *args], env=env,
-                            capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [RCLONE, "--retries", "1", "--low-level-retries", "1", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check:
         assert result.returncode == 0, f"rclone {' '.join(args)}: {result.stderr}"
     return result
@@ -207,12 +237,30 @@ def test_rclone_mount_reads_and_writes_through_fuse(drive, users, tmp_path, fuse
     env = rclone_env(drive, exchange(drive, users("dana")).text.strip(), tmp_path)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    proc = subprocess.Popen([RCLONE, "mount", "d:My Library", str(mnt), "--vfs-cache-mode", "writes",
-                             "--cache-dir", str(tmp_path / "cache"), "--dir-cache-time", "1s"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "mount.log", "wb"))
+    proc = subprocess.Popen(
+        [
+            RCLONE,
+            "mount",
+            "d:My Library",
+            str(mnt),
+            "--vfs-cache-mode",
+            "writes",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--dir-cache-time",
+            "1s",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "mount.log", "wb"),
+    )
     try:
-        wait_for(lambda: os.path.ismount(mnt), 20, what="the rclone mount",
-                 on_timeout=lambda: (tmp_path / "mount.log").read_text())
+        wait_for(
+            lambda: os.path.ismount(mnt),
+            20,
+            what="the rclone mount",
+            on_timeout=lambda: (tmp_path / "mount.log").read_text(),
+        )
         assert (mnt / "hello.txt").read_bytes() == b"hello"
         (mnt / "written.txt").write_text("from the mount")
         wait_for(lambda: drive.read(mine, "/written.txt") == b"from the mount", 20, what="the upload")

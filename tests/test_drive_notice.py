@@ -25,14 +25,26 @@ def drive_down(oidc_provider):
 
 @pytest.fixture(scope="module")
 def hub(hub_factory, oidc_provider, drive_down):
-    hub = hub_factory({
-        "auth": {"type": "ebrains", "ebrains": {
-            "client_id": oidc_provider.client_id,
-            "authorize_url": oidc_provider.authorize_url, "token_url": oidc_provider.token_url,
-            "userinfo_url": oidc_provider.userinfo_url, "allowed_groups": [GROUP],
-            "refresh_margin": 3, "auth_refresh_age": 1, "token_service_port": free_port()}},
-        "drive": {"enabled": True, "url": drive_down.url, "check_interval": 1, "max_backoff": 2, "timeout": 5},
-    }, start=False, env={"EBRAINS_CLIENT_SECRET": oidc_provider.client_secret})
+    hub = hub_factory(
+        {
+            "auth": {
+                "type": "ebrains",
+                "ebrains": {
+                    "client_id": oidc_provider.client_id,
+                    "authorize_url": oidc_provider.authorize_url,
+                    "token_url": oidc_provider.token_url,
+                    "userinfo_url": oidc_provider.userinfo_url,
+                    "allowed_groups": [GROUP],
+                    "refresh_margin": 3,
+                    "auth_refresh_age": 1,
+                    "token_service_port": free_port(),
+                },
+            },
+            "drive": {"enabled": True, "url": drive_down.url, "check_interval": 1, "max_backoff": 2, "timeout": 5},
+        },
+        start=False,
+        env={"EBRAINS_CLIENT_SECRET": oidc_provider.client_secret},
+    )
     oidc_provider.add_redirect_uri(f"{hub.url}/hub/oauth_callback")
     return hub.start()
 
@@ -42,8 +54,12 @@ def test_jupyterlab_says_why_the_drive_is_not_mounted(browser, hub, oidc_provide
     user.start_server()
     try:
         context = browser.new_context()
-        context.add_cookies([{"name": c.name, "value": c.value, "domain": "127.0.0.1", "path": c.path or "/"}
-                             for c in user.session.cookies])
+        context.add_cookies(
+            [
+                {"name": c.name, "value": c.value, "domain": "127.0.0.1", "path": c.path or "/"}
+                for c in user.session.cookies
+            ]
+        )
         page = context.new_page()
         page.goto(f"{hub.url}/user/{user.name}/lab")
         notice = page.get_by_text("EBRAINS Drive not mounted at ~/drive")
@@ -65,8 +81,9 @@ def test_the_notice_words_and_what_is_never_touched(tmp_path):
 
     assert drive_notice({"state": "mounted", "mount_point": "/h/drive"}) is None
     assert drive_notice(None) is None
-    said = drive_notice({"state": "refused", "reason": "EBRAINS Drive refused your login (HTTP 401)",
-                         "mount_point": "/home/u/drive"})
+    said = drive_notice(
+        {"state": "refused", "reason": "EBRAINS Drive refused your login (HTTP 401)", "mount_point": "/home/u/drive"}
+    )
     assert said.startswith("EBRAINS Drive not mounted at ~/drive: EBRAINS Drive refused your login (HTTP 401).")
     mine = tmp_path / NOTIFICATION_SETTINGS
     mine.parent.mkdir(parents=True)

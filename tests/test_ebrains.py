@@ -16,16 +16,28 @@ GROUP = "spinnaker-users"
 
 @pytest.fixture(scope="module")
 def ebrains_hub(hub_factory, oidc_provider):
-    hub = hub_factory({
-        "auth": {"type": "ebrains", "ebrains": {
-            "client_id": oidc_provider.client_id,
-            "authorize_url": oidc_provider.authorize_url, "token_url": oidc_provider.token_url,
-            "userinfo_url": oidc_provider.userinfo_url,
-            "allowed_groups": [GROUP], "admin_groups": ["spinnaker-admins"],
-            "contact": "spinnaker-support@example.org",
-            "refresh_margin": 3, "auth_refresh_age": 1, "token_service_port": free_port()}},
-        "hub": {"frame_ancestors": ["https://wiki.ebrains.eu"]},
-    }, start=False, env={"EBRAINS_CLIENT_SECRET": oidc_provider.client_secret})
+    hub = hub_factory(
+        {
+            "auth": {
+                "type": "ebrains",
+                "ebrains": {
+                    "client_id": oidc_provider.client_id,
+                    "authorize_url": oidc_provider.authorize_url,
+                    "token_url": oidc_provider.token_url,
+                    "userinfo_url": oidc_provider.userinfo_url,
+                    "allowed_groups": [GROUP],
+                    "admin_groups": ["spinnaker-admins"],
+                    "contact": "spinnaker-support@example.org",
+                    "refresh_margin": 3,
+                    "auth_refresh_age": 1,
+                    "token_service_port": free_port(),
+                },
+            },
+            "hub": {"frame_ancestors": ["https://wiki.ebrains.eu"]},
+        },
+        start=False,
+        env={"EBRAINS_CLIENT_SECRET": oidc_provider.client_secret},
+    )
     oidc_provider.add_redirect_uri(f"{hub.url}/hub/oauth_callback")
     return hub.start()
 
@@ -37,8 +49,9 @@ def login(hub, provider, username, password) -> tuple[requests.Session, requests
 
 
 def test_member_of_allowed_group_logs_in_and_gets_a_fresh_token_in_the_kernel(ebrains_hub, oidc_provider):
-    oidc_provider.add_user("Neuro.Scientist", "pw-neuro-1", roles={"group": [GROUP], "team": []},
-                           email="ns@example.org")
+    oidc_provider.add_user(
+        "Neuro.Scientist", "pw-neuro-1", roles={"group": [GROUP], "team": []}, email="ns@example.org"
+    )
     session, final = login(ebrains_hub, oidc_provider, "Neuro.Scientist", "pw-neuro-1")
     assert final.status_code == 200 and final.url.endswith("/hub/home"), (final.status_code, final.url)
     user = HubClient(ebrains_hub.url, None, session=session)
@@ -52,8 +65,14 @@ def test_member_of_allowed_group_logs_in_and_gets_a_fresh_token_in_the_kernel(eb
     first = user.execute(kernel, lookup)["stdout"].split("TOKEN", 1)[1].strip()
     assert oidc_provider.token_is_valid(first), "spinnman got no valid EBRAINS access token"
     # Tokens live 8 s at this provider: later lookups still get a valid (refreshed) one.
-    second = wait_for(lambda: (lambda t: t if t != first else None)(
-        user.execute(kernel, lookup)["stdout"].split("TOKEN", 1)[1].strip()), 30, "a refreshed token", interval=1)
+    second = wait_for(
+        lambda: (lambda t: t if t != first else None)(
+            user.execute(kernel, lookup)["stdout"].split("TOKEN", 1)[1].strip()
+        ),
+        30,
+        "a refreshed token",
+        interval=1,
+    )
     assert oidc_provider.token_is_valid(second)
     user.stop_server()
 
@@ -79,8 +98,9 @@ def test_unusual_names_are_made_safe_without_collisions(ebrains_hub, oidc_provid
         oidc_provider.add_user(raw, f"pw-odd-{i}-xyz", roles={"group": [GROUP], "team": []})
         session, final = login(ebrains_hub, oidc_provider, raw, f"pw-odd-{i}-xyz")
         assert final.status_code == 200, (raw, final.status_code, final.text[:300])
-        me = session.get(f"{ebrains_hub.url}/hub/api/user",
-                         headers={"X-XSRFToken": session.cookies.get("_xsrf", path="/hub/")}).json()["name"]
+        me = session.get(
+            f"{ebrains_hub.url}/hub/api/user", headers={"X-XSRFToken": session.cookies.get("_xsrf", path="/hub/")}
+        ).json()["name"]
         assert all(ch.isalnum() or ch in "._-" for ch in me) and "/" not in me and not me.startswith("."), me
         names.add(me)
     assert len(names) == 3, names
@@ -93,17 +113,31 @@ def test_hub_can_be_framed_by_the_collab(ebrains_hub):
 
 def test_unreachable_provider_gives_a_clear_page(hub_factory, oidc_provider):
     dead = f"http://127.0.0.1:{free_port()}"
-    hub = hub_factory({"auth": {"type": "ebrains", "ebrains": {
-        "client_id": oidc_provider.client_id, "authorize_url": oidc_provider.authorize_url,
-        "token_url": dead + "/token", "userinfo_url": dead + "/me", "allow_all": True,
-        "token_service_port": free_port()}}},
-        start=False, env={"EBRAINS_CLIENT_SECRET": oidc_provider.client_secret})
+    hub = hub_factory(
+        {
+            "auth": {
+                "type": "ebrains",
+                "ebrains": {
+                    "client_id": oidc_provider.client_id,
+                    "authorize_url": oidc_provider.authorize_url,
+                    "token_url": dead + "/token",
+                    "userinfo_url": dead + "/me",
+                    "allow_all": True,
+                    "token_service_port": free_port(),
+                },
+            }
+        },
+        start=False,
+        env={"EBRAINS_CLIENT_SECRET": oidc_provider.client_secret},
+    )
     oidc_provider.add_redirect_uri(f"{hub.url}/hub/oauth_callback")
     hub.start()
     oidc_provider.add_user("someone", "pw-someone-1", roles={"group": [], "team": []})
     _, final = login(hub, oidc_provider, "someone", "pw-someone-1")
-    assert final.status_code == 503 and "cannot be reached right now" in final.text, (final.status_code,
-                                                                                       final.text[:500])
+    assert final.status_code == 503 and "cannot be reached right now" in final.text, (
+        final.status_code,
+        final.text[:500],
+    )
 
 
 def test_revoked_refresh_token_means_log_in_again_and_nothing_is_lost(ebrains_hub, oidc_provider):
@@ -111,8 +145,9 @@ def test_revoked_refresh_token_means_log_in_again_and_nothing_is_lost(ebrains_hu
     session, _ = login(ebrains_hub, oidc_provider, "revokee", "pw-revokee-1")
     user = HubClient(ebrains_hub.url, None, session=session)
     user.start_server()
-    assert user.server("PUT", "api/contents/notes.txt", json={"type": "file", "format": "text",
-                                                              "content": "keep me"}).status_code in (200, 201)
+    assert user.server(
+        "PUT", "api/contents/notes.txt", json={"type": "file", "format": "text", "content": "keep me"}
+    ).status_code in (200, 201)
     oidc_provider.revoke("revokee", refresh_tokens=True, access_tokens=True)
     svc = f"{ebrains_hub.url}/services/access-token-service/access-token"
     seen = []

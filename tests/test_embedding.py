@@ -26,12 +26,21 @@ from conftest import ROOT, free_port
 ARTIFACTS = ROOT / "tests" / "artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 HUB_HOST, COLLAB_HOST = "hub.test", "collab.test"  # two sites, both mapped to 127.0.0.1 inside Chromium
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--host-resolver-rules=MAP {HUB_HOST} 127.0.0.1, MAP {COLLAB_HOST} 127.0.0.1"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    f"--host-resolver-rules=MAP {HUB_HOST} 127.0.0.1, MAP {COLLAB_HOST} 127.0.0.1",
+]
 
 
 # --- a throw-away certificate authority ----------------------------------------------------------------------------
+
 
 def make_certificates(folder: Path, ca_pair=None) -> dict:
     """A CA (or the one given), and a server certificate it signed for hub.test, collab.test, localhost and
@@ -44,31 +53,69 @@ def make_certificates(folder: Path, ca_pair=None) -> dict:
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "spinnaker-jupyter test CA")])
-    ca = ca_pair[1] if ca_pair else (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-          .not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                       data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                       crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-          .sign(ca_key, hashes.SHA256()))
+    ca = (
+        ca_pair[1]
+        if ca_pair
+        else (
+            x509.CertificateBuilder()
+            .subject_name(ca_name)
+            .issuer_name(ca_name)
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+    )
     ca_key = ca_pair[0] if ca_pair else ca_key
     key = ec.generate_private_key(ec.SECP256R1())
-    names = [x509.DNSName(HUB_HOST), x509.DNSName(COLLAB_HOST), x509.DNSName("localhost"),
-             x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HUB_HOST)]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    names = [
+        x509.DNSName(HUB_HOST),
+        x509.DNSName(COLLAB_HOST),
+        x509.DNSName("localhost"),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+    ]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HUB_HOST)]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
     folder.mkdir(parents=True, exist_ok=True)
     ca_file, cert_file, key_file = folder / "ca.pem", folder / "fullchain.pem", folder / "privkey.pem"
     ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    for path, data, mode in ((key_file, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                          serialization.NoEncryption()), 0o600),
-                             (cert_file, cert_pem + ca.public_bytes(serialization.Encoding.PEM), 0o644)):
+    for path, data, mode in (
+        (
+            key_file,
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ),
+            0o600,
+        ),
+        (cert_file, cert_pem + ca.public_bytes(serialization.Encoding.PEM), 0o644),
+    ):
         tmp = path.with_name(path.name + ".new")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         with os.fdopen(fd, "wb") as f:
@@ -76,15 +123,23 @@ def make_certificates(folder: Path, ca_pair=None) -> dict:
         os.replace(tmp, path)
     spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     # Chromium trusts exactly this key (and no other bad certificate): the test's stand-in for a CA in its store.
-    return {"ca": ca_file, "cert": cert_file, "key": key_file, "ca_pair": (ca_key, ca), "cert_pem": cert_pem.decode(),
-            "spki_sha256": base64.b64encode(hashlib.sha256(spki).digest()).decode()}
+    return {
+        "ca": ca_file,
+        "cert": cert_file,
+        "key": key_file,
+        "ca_pair": (ca_key, ca),
+        "cert_pem": cert_pem.decode(),
+        "spki_sha256": base64.b64encode(hashlib.sha256(spki).digest()).decode(),
+    }
 
 
 @contextlib.contextmanager
 def collab_page(port: int, certs: dict, hub_url: str):
     """The collab's page, on another site (https://collab.test:port/), embedding the hub in an iframe."""
-    html = (f"<!DOCTYPE html><html><head><title>A collab</title></head><body><h1>SpiNNaker in a collab</h1>"
-            f"<iframe id=hub src='{hub_url}' style='width:1200px;height:800px'></iframe></body></html>").encode()
+    html = (
+        f"<!DOCTYPE html><html><head><title>A collab</title></head><body><h1>SpiNNaker in a collab</h1>"
+        f"<iframe id=hub src='{hub_url}' style='width:1200px;height:800px'></iframe></body></html>"
+    ).encode()
 
     class Page(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -131,9 +186,19 @@ def trust_ca(certs):
 @pytest.fixture(scope="module")
 def tls_hub(hub_factory, certs, trust_ca):
     page_port, redirect_port = free_port(), free_port()
-    hub = hub_factory({"hub": {
-        "tls": {"cert_file": str(certs["cert"]), "key_file": str(certs["key"]), "http_redirect_port": redirect_port},
-        "frame_ancestors": [f"https://{COLLAB_HOST}:{page_port}"]}}, start=False)
+    hub = hub_factory(
+        {
+            "hub": {
+                "tls": {
+                    "cert_file": str(certs["cert"]),
+                    "key_file": str(certs["key"]),
+                    "http_redirect_port": redirect_port,
+                },
+                "frame_ancestors": [f"https://{COLLAB_HOST}:{page_port}"],
+            }
+        },
+        start=False,
+    )
     hub.url = f"https://localhost:{hub.port}"  # what the test's own requests use
     hub.start()
     hub.page_port, hub.redirect_port = page_port, redirect_port
@@ -152,9 +217,12 @@ def test_https_is_served_with_hsts_and_plain_http_is_redirected(tls_hub, certs):
     # Plain HTTP on the hub's port gets nothing; on the redirect port, a redirect to HTTPS.
     with pytest.raises(requests.ConnectionError):
         requests.get(f"http://localhost:{tls_hub.port}/hub/login", timeout=10)
-    r = requests.get(f"http://localhost:{tls_hub.redirect_port}/hub/login?next=%2Fhub%2F", timeout=10,
-                     allow_redirects=False)
-    assert r.status_code == 301 and r.headers["Location"] == f"https://localhost:{tls_hub.port}/hub/login?next=%2Fhub%2F"
+    r = requests.get(
+        f"http://localhost:{tls_hub.redirect_port}/hub/login?next=%2Fhub%2F", timeout=10, allow_redirects=False
+    )
+    assert (
+        r.status_code == 301 and r.headers["Location"] == f"https://localhost:{tls_hub.port}/hub/login?next=%2Fhub%2F"
+    )
 
 
 @pytest.mark.browser
@@ -170,11 +238,14 @@ def test_login_inside_a_collab_page_on_another_site_stays_logged_in(tls_hub, cer
         # localStorage, which such a browser refuses to a framed site (README: embedding in a collab).
         profile = tmp_path / "profile"
         (profile / "Default").mkdir(parents=True)
-        (profile / "Default" / "Preferences").write_text(json.dumps(
-            {"profile": {"cookie_controls_mode": 0, "block_third_party_cookies": False}}))
+        (profile / "Default" / "Preferences").write_text(
+            json.dumps({"profile": {"cookie_controls_mode": 0, "block_third_party_cookies": False}})
+        )
         context = p.chromium.launch_persistent_context(
-            str(profile), executable_path=CHROMIUM,
-            args=[*FLAGS, f"--ignore-certificate-errors-spki-list={certs['spki_sha256']}"])
+            str(profile),
+            executable_path=CHROMIUM,
+            args=[*FLAGS, f"--ignore-certificate-errors-spki-list={certs['spki_sha256']}"],
+        )
         try:
             page = context.new_page()
             page.goto(page_url)
@@ -227,8 +298,11 @@ def test_a_renewed_certificate_is_served_after_the_documented_deploy_hook(tls_hu
 
     wait_for(new_one, 60, "the proxy to serve the renewed certificate")
     # ... and the hub puts its routes back (a few seconds of 404 meanwhile).
-    wait_for(lambda: requests.get(f"{tls_hub.url}/hub/api/", timeout=10, verify=str(certs["ca"])).status_code == 200,
-             30, "the hub's routes to be back on the restarted proxy")
+    wait_for(
+        lambda: requests.get(f"{tls_hub.url}/hub/api/", timeout=10, verify=str(certs["ca"])).status_code == 200,
+        30,
+        "the hub's routes to be back on the restarted proxy",
+    )
 
 
 @pytest.mark.browser
@@ -239,11 +313,15 @@ def test_where_third_party_cookies_are_blocked_the_framed_login_still_works(tls_
     if not shutil.which(CHROMIUM):
         pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's chromium (make test-deps does)")
     password = tls_hub.add_user("blocked")
-    with collab_page(tls_hub.page_port, certs, f"https://{HUB_HOST}:{tls_hub.port}/hub/") as page_url, \
-            playwright.sync_playwright() as p:
+    with (
+        collab_page(tls_hub.page_port, certs, f"https://{HUB_HOST}:{tls_hub.port}/hub/") as page_url,
+        playwright.sync_playwright() as p,
+    ):
         context = p.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM,
-            args=[*FLAGS, f"--ignore-certificate-errors-spki-list={certs['spki_sha256']}"])
+            str(tmp_path / "profile"),
+            executable_path=CHROMIUM,
+            args=[*FLAGS, f"--ignore-certificate-errors-spki-list={certs['spki_sha256']}"],
+        )
         try:
             page = context.new_page()
             page.goto(page_url)
@@ -258,32 +336,53 @@ def test_where_third_party_cookies_are_blocked_the_framed_login_still_works(tls_
 
 def test_ebrains_login_over_https(hub_factory, oidc_provider, certs, trust_ca):
     """The OAuth callback and the access-token-service work on the HTTPS address (public_url defaults to https)."""
-    hub = hub_factory({
-        "hub": {"tls": {"cert_file": str(certs["cert"]), "key_file": str(certs["key"])},
-                "frame_ancestors": ["https://wiki.ebrains.eu"]},
-        "auth": {"type": "ebrains", "ebrains": {
-            "client_id": oidc_provider.client_id, "authorize_url": oidc_provider.authorize_url,
-            "token_url": oidc_provider.token_url, "userinfo_url": oidc_provider.userinfo_url,
-            "allowed_collabs": {"spinnaker-course": "viewer"}, "token_service_port": free_port()}},
-    }, start=False, env={"EBRAINS_CLIENT_SECRET": oidc_provider.client_secret})
+    hub = hub_factory(
+        {
+            "hub": {
+                "tls": {"cert_file": str(certs["cert"]), "key_file": str(certs["key"])},
+                "frame_ancestors": ["https://wiki.ebrains.eu"],
+            },
+            "auth": {
+                "type": "ebrains",
+                "ebrains": {
+                    "client_id": oidc_provider.client_id,
+                    "authorize_url": oidc_provider.authorize_url,
+                    "token_url": oidc_provider.token_url,
+                    "userinfo_url": oidc_provider.userinfo_url,
+                    "allowed_collabs": {"spinnaker-course": "viewer"},
+                    "token_service_port": free_port(),
+                },
+            },
+        },
+        start=False,
+        env={"EBRAINS_CLIENT_SECRET": oidc_provider.client_secret},
+    )
     hub.url = f"https://127.0.0.1:{hub.port}"
     oidc_provider.add_redirect_uri(f"{hub.url}/hub/oauth_callback")
     hub.start()
-    oidc_provider.add_user("tls-member", "pw-tls-member-1", roles={"group": [], "team": ["collab-spinnaker-course-viewer"]})
+    oidc_provider.add_user(
+        "tls-member", "pw-tls-member-1", roles={"group": [], "team": ["collab-spinnaker-course-viewer"]}
+    )
     session = requests.Session()
-    final = oidc_provider.login_with_requests(session, f"{hub.url}/hub/oauth_login?next=/hub/home", "tls-member",
-                                              "pw-tls-member-1")
+    final = oidc_provider.login_with_requests(
+        session, f"{hub.url}/hub/oauth_login?next=/hub/home", "tls-member", "pw-tls-member-1"
+    )
     assert final.status_code == 200 and final.url == f"{hub.url}/hub/home", (final.status_code, final.url)
     login = next(c for c in session.cookies if c.name == "jupyterhub-hub-login")
     assert login.secure
-    token = session.post(f"{hub.url}/hub/api/users/tls-member/tokens", json={"expires_in": 600},
-                         headers={"X-XSRFToken": session.cookies.get("_xsrf", path="/hub/")}).json()["token"]
-    r = requests.get(f"{hub.url}/services/access-token-service/access-token",
-                     headers={"Authorization": f"token {token}"}, timeout=30)
+    token = session.post(
+        f"{hub.url}/hub/api/users/tls-member/tokens",
+        json={"expires_in": 600},
+        headers={"X-XSRFToken": session.cookies.get("_xsrf", path="/hub/")},
+    ).json()["token"]
+    r = requests.get(
+        f"{hub.url}/services/access-token-service/access-token", headers={"Authorization": f"token {token}"}, timeout=30
+    )
     assert r.status_code == 200 and oidc_provider.token_is_valid(r.json()["access_token"]), r.text[:300]
 
 
 # --- the key file ---------------------------------------------------------------------------------------------------
+
 
 def test_a_key_readable_by_others_is_refused_naming_the_path_and_the_fix(tmp_path, certs):
     from spinnaker_jupyter import config
@@ -292,8 +391,14 @@ def test_a_key_readable_by_others_is_refused_naming_the_path_and_the_fix(tmp_pat
     key.write_bytes(certs["key"].read_bytes())
     key.chmod(0o644)
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data"), "hub": {"tls": {
-        "cert_file": str(certs["cert"]), "key_file": str(key)}}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "data_dir": str(tmp_path / "data"),
+                "hub": {"tls": {"cert_file": str(certs["cert"]), "key_file": str(key)}},
+            }
+        )
+    )
     with pytest.raises(config.ConfigError) as e:
         config.load([path])
     message = str(e.value)
@@ -302,10 +407,13 @@ def test_a_key_readable_by_others_is_refused_naming_the_path_and_the_fix(tmp_pat
     assert config.load([path])["hub"]["tls"]["key_file"] == str(key)
 
 
-@pytest.mark.parametrize("tls, expected", [
-    ({"cert_file": "fullchain.pem"}, "hub.tls.key_file: required with hub.tls.cert_file"),
-    ({"http_redirect_port": 8080}, "hub.tls.http_redirect_port: redirects to HTTPS need hub.tls.cert_file"),
-])
+@pytest.mark.parametrize(
+    "tls, expected",
+    [
+        ({"cert_file": "fullchain.pem"}, "hub.tls.key_file: required with hub.tls.cert_file"),
+        ({"http_redirect_port": 8080}, "hub.tls.http_redirect_port: redirects to HTTPS need hub.tls.cert_file"),
+    ],
+)
 def test_incomplete_tls_settings_are_one_line(tmp_path, tls, expected):
     from spinnaker_jupyter import config
 

@@ -60,10 +60,24 @@ pytestmark = pytest.mark.skipif(GIT is None, reason="git is not installed")
 
 # --------------------------------------------------------------------------- helpers
 
+
 def git(*args, cwd=None, check=True) -> str:
-    proc = subprocess.run([GIT, "-c", "user.name=Upstream Dev", "-c", "user.email=dev@example.org",
-                           "-c", "init.defaultBranch=master", *map(str, args)],
-                          cwd=cwd, capture_output=True, text=True, env=_git_env())
+    proc = subprocess.run(
+        [
+            GIT,
+            "-c",
+            "user.name=Upstream Dev",
+            "-c",
+            "user.email=dev@example.org",
+            "-c",
+            "init.defaultBranch=master",
+            *map(str, args),
+        ],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=_git_env(),
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"git {args}: {proc.stdout}{proc.stderr}")
     return proc.stdout.strip()
@@ -85,8 +99,9 @@ def tree_size(path: Path) -> int:
     return total
 
 
-def push_commit(bare: Path, work: Path, relpath: str, text: str, branch: str = "master",
-                new_branch: bool = False) -> str:
+def push_commit(
+    bare: Path, work: Path, relpath: str, text: str, branch: str = "master", new_branch: bool = False
+) -> str:
     """Commit ``text`` to ``relpath`` on ``branch`` of the bare repository; its sha."""
     if not work.exists():
         git("clone", "--quiet", bare, work)
@@ -111,14 +126,20 @@ def base_env(tmp: Path, home: Path, extra_path: list[Path] = ()) -> dict[str, st
     for var in list(env):
         if var.startswith("PIP_") or var in ("XDG_CONFIG_DIRS", "VIRTUAL_ENV", "PYTHONPATH"):
             del env[var]
-    env.update(HOME=str(home), PIP_CONFIG_FILE=os.devnull, PIP_NO_INPUT="1",
-               PIP_DISABLE_PIP_VERSION_CHECK="1", PYTHONDONTWRITEBYTECODE="1")
+    env.update(
+        HOME=str(home),
+        PIP_CONFIG_FILE=os.devnull,
+        PIP_NO_INPUT="1",
+        PIP_DISABLE_PIP_VERSION_CHECK="1",
+        PYTHONDONTWRITEBYTECODE="1",
+    )
     if extra_path:
         env["PATH"] = os.pathsep.join([*map(str, extra_path), env["PATH"]])
     return env
 
 
 # --------------------------------------------------------------------------- fixtures
+
 
 @pytest.fixture(scope="session")
 def sdists() -> dict[str, Path]:
@@ -135,9 +156,11 @@ def sdists() -> dict[str, Path]:
 
     if not all(find().values()):
         reqs = [f"{dist}=={VERSION}" for dist in SDISTS.values()]
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:",
-                               "--no-deps", "--dest", str(d), *reqs],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "--dest", str(d), *reqs],
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode == 0, f"pip download of the sdists failed:\n{proc.stderr[-3000:]}"
     paths = find()
     assert all(paths.values()), f"sdists missing from {d}: {paths}"
@@ -149,9 +172,22 @@ def wheelhouse() -> Path:
     d = CACHE / "wheelhouse"
     d.mkdir(parents=True, exist_ok=True)
     if not list(d.glob("wheel-*.whl")):
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--only-binary", ":all:",
-                               "--no-deps", "--dest", str(d), *WHEELHOUSE_REQS],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--only-binary",
+                ":all:",
+                "--no-deps",
+                "--dest",
+                str(d),
+                *WHEELHOUSE_REQS,
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode == 0, f"pip download failed:\n{proc.stderr[-3000:]}"
     return d
 
@@ -162,8 +198,7 @@ def _make_c_repo(src: Path) -> None:
     (src / ".gitignore").write_text("installed/\n*.o\n*.a\napp/app\n")
     (src / "README.md").write_text("A small C repository for the automatic_make tests.\n")
     (src / "lib" / "demo.h").write_text("int demo_add(int a, int b);\n")
-    (src / "lib" / "demo.c").write_text('#include "demo.h"\nint demo_add(int a, int b) '
-                                        "{ return a + b; }\n")
+    (src / "lib" / "demo.c").write_text('#include "demo.h"\nint demo_add(int a, int b) { return a + b; }\n')
     (src / "lib" / "Makefile").write_text(
         "# like spinnaker_tools: the compiler is $(GP)-gcc\n"
         "INSTALL_DIR ?= ../installed\n"
@@ -174,17 +209,19 @@ def _make_c_repo(src: Path) -> None:
         "\tcp libdemo.a $(INSTALL_DIR)/lib/\n\tcp demo.h $(INSTALL_DIR)/include/\n"
         "install-clean:\n\trm -rf $(INSTALL_DIR)\n"
         "clean:\n\trm -f *.o *.a\n"
-        ".PHONY: all install install-clean clean\n")
+        ".PHONY: all install install-clean clean\n"
+    )
     (src / "app" / "main.c").write_text(
-        '#include <stdio.h>\n#include "demo.h"\n'
-        'int main(void) { printf("demo %d\\n", demo_add(2, 3)); return 0; }\n')
+        '#include <stdio.h>\n#include "demo.h"\nint main(void) { printf("demo %d\\n", demo_add(2, 3)); return 0; }\n'
+    )
     (src / "app" / "Makefile").write_text(
         "# needs the library installed by ../lib first\n"
         "all: app\n"
         "app: main.c\n\t$(GP)-gcc -Wall -I../installed/include -o $@ main.c "
         "-L../installed/lib -ldemo\n"
         "clean:\n\trm -f app\n"
-        ".PHONY: all clean\n")
+        ".PHONY: all clean\n"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -216,9 +253,22 @@ def pristine_upstream(tmp_path_factory, sdists) -> Path:
             first_branch = "master"
         git("init", "--quiet", "-b", first_branch, src)
         git("add", "-A", cwd=src)
-        subprocess.run([GIT, "-c", "user.name=Upstream Dev", "-c", "user.email=dev@example.org",
-                        "commit", "--quiet", "-m", f"{name} {VERSION}"],
-                       cwd=src, check=True, env={**_git_env(), **env})
+        subprocess.run(
+            [
+                GIT,
+                "-c",
+                "user.name=Upstream Dev",
+                "-c",
+                "user.email=dev@example.org",
+                "commit",
+                "--quiet",
+                "-m",
+                f"{name} {VERSION}",
+            ],
+            cwd=src,
+            check=True,
+            env={**_git_env(), **env},
+        )
         git("clone", "--quiet", "--bare", src, bare / f"{name}.git")
     return bare
 
@@ -274,8 +324,7 @@ def git_config(spynnaker_python, wheelhouse, upstream: Path, **over) -> gitkerne
 
 
 @pytest.fixture(scope="module")
-def created(tmp_path_factory, spynnaker_python, wheelhouse, pristine_upstream, gcc_shim,
-            cfg_dir):
+def created(tmp_path_factory, spynnaker_python, wheelhouse, pristine_upstream, gcc_shim, cfg_dir):
     """First login of a user: the whole set-up, measured."""
     tmp = tmp_path_factory.mktemp("first-login")
     home = tmp / "home"
@@ -296,17 +345,29 @@ def created(tmp_path_factory, spynnaker_python, wheelhouse, pristine_upstream, g
     root = home / DIRNAME
     clones = sum(tree_size(root / r["name"]) for r in ALL_REPOS)
     total = tree_size(root)
-    measure = {"setup_seconds": round(seconds, 1), "disk_total_MB": round(total / 1e6, 1),
-               "disk_clones_MB": round(clones / 1e6, 1),
-               "disk_venv_and_support_MB": round((total - clones) / 1e6, 2),
-               "pinned_env_MB": round(tree_size(Path(spynnaker_python).parent.parent) / 1e6)}
+    measure = {
+        "setup_seconds": round(seconds, 1),
+        "disk_total_MB": round(total / 1e6, 1),
+        "disk_clones_MB": round(clones / 1e6, 1),
+        "disk_venv_and_support_MB": round((total - clones) / 1e6, 2),
+        "pinned_env_MB": round(tree_size(Path(spynnaker_python).parent.parent) / 1e6),
+    }
     print(f"\nsPyNNakerGit first-login measurements: {json.dumps(measure)}")
     (CACHE / "last-measurements.json").write_text(json.dumps(measure, indent=1) + "\n")
-    return dict(home=home, root=root, result=result, messages=messages, env=env,
-                measure=measure, upstream=pristine_upstream, pinned_python=spynnaker_python)
+    return dict(
+        home=home,
+        root=root,
+        result=result,
+        messages=messages,
+        env=env,
+        measure=measure,
+        upstream=pristine_upstream,
+        pinned_python=spynnaker_python,
+    )
 
 
 # --------------------------------------------------------------------------- first login
+
 
 def test_first_login_creates_venv_clones_and_kernel(created, record_property):
     home, root, result = created["home"], created["root"], created["result"]
@@ -334,17 +395,17 @@ def test_first_login_creates_venv_clones_and_kernel(created, record_property):
     spec = json.loads((home / ".local/share/jupyter/kernels/spynnakergit/kernel.json").read_text())
     assert spec["display_name"] == "sPyNNakerGit"
     # the pinned kernel's launcher (one sPyNNaker cfg) when the pinned env has it
-    has_launcher = subprocess.run([str(created["pinned_python"]), "-c", "import spinnaker_kernel"],
-                                  capture_output=True).returncode == 0
+    has_launcher = (
+        subprocess.run([str(created["pinned_python"]), "-c", "import spinnaker_kernel"], capture_output=True).returncode
+        == 0
+    )
     launcher = "spinnaker_kernel" if has_launcher else "ipykernel_launcher"
-    assert spec["argv"] == [str(root / "bin" / "python"), "-m", launcher, "-f",
-                            "{connection_file}"]
+    assert spec["argv"] == [str(root / "bin" / "python"), "-m", launcher, "-f", "{connection_file}"]
     assert "SPINNAKER_CFG_DIR" in spec["env"]
     # support scripts copied; the C code was built at creation with the configured compiler
     for script in gitkernel.SUPPORT_SCRIPTS:
         assert os.access(root / "support" / script, os.X_OK)
-    assert (root / "support" / "repos.txt").read_text().splitlines()[1:] == \
-        [f"{C_REPO} c"] + list(SDISTS)
+    assert (root / "support" / "repos.txt").read_text().splitlines()[1:] == [f"{C_REPO} c"] + list(SDISTS)
     assert (root / C_REPO / "app" / "app").is_file()
     # status and log
     status = gitkernel.read_status(home, DIRNAME)
@@ -361,13 +422,14 @@ def test_first_login_creates_venv_clones_and_kernel(created, record_property):
 
 def test_terminal_activate_uses_the_clones(created):
     root = created["root"]
-    script = ("cd ~/sPyNNakerGit && source bin/activate && "
-              "python -c 'import spynnaker, spinn_utilities, spalloc_client, pacman; "
-              "print(spynnaker.__file__); print(spinn_utilities.__file__); "
-              "print(spalloc_client.__file__); print(pacman.__file__)' && "
-              "command -v python && pip --version")
-    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
-                          env=created["env"], timeout=120)
+    script = (
+        "cd ~/sPyNNakerGit && source bin/activate && "
+        "python -c 'import spynnaker, spinn_utilities, spalloc_client, pacman; "
+        "print(spynnaker.__file__); print(spinn_utilities.__file__); "
+        "print(spalloc_client.__file__); print(pacman.__file__)' && "
+        "command -v python && pip --version"
+    )
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=created["env"], timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     for line, repo in zip(lines[:4], ["sPyNNaker", "SpiNNUtils", "spalloc", "PACMAN"], strict=True):
@@ -380,8 +442,7 @@ def spec_path_of(created) -> Path:
     return created["home"] / ".local/share/jupyter/kernels/spynnakergit/kernel.json"
 
 
-def test_second_start_is_a_fast_no_op_and_keeps_user_changes(created, spynnaker_python,
-                                                             wheelhouse):
+def test_second_start_is_a_fast_no_op_and_keeps_user_changes(created, spynnaker_python, wheelhouse):
     root = created["root"]
     readme = root / "SpiNNUtils" / "README.md"
     readme.write_text(readme.read_text() + "\nmy own note\n")
@@ -452,7 +513,8 @@ def test_kernel_runs_pynn_network_in_virtual_mode(created, tmp_path, cfg_dir):
             "p.run(50)\n"
             "segments = pop.get_data('spikes').segments\n"
             "p.end()\n"
-            "print('RUN_OK', len(segments))\n")
+            "print('RUN_OK', len(segments))\n"
+        )
         reply = kc.execute_interactive(code, timeout=180, output_hook=hook)
         text = "".join(out)
         assert reply["content"]["status"] == "ok", text
@@ -471,11 +533,11 @@ def _tiny_wheel(dest: Path, name: str, version: str) -> Path:
     import zipfile
 
     mod = name.replace("-", "_")
-    files = {f"{mod}.py": f"VERSION = {version!r}\n",
-             f"{mod}-{version}.dist-info/METADATA":
-                 f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
-             f"{mod}-{version}.dist-info/WHEEL":
-                 "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files = {
+        f"{mod}.py": f"VERSION = {version!r}\n",
+        f"{mod}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{mod}-{version}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
     record = []
     for path, text in files.items():
         digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=")
@@ -489,8 +551,7 @@ def _tiny_wheel(dest: Path, name: str, version: str) -> Path:
     return whl
 
 
-def test_a_dependency_new_on_master_comes_from_the_wheelhouse(tmp_path, upstream,
-                                                              spynnaker_python, wheelhouse):
+def test_a_dependency_new_on_master_comes_from_the_wheelhouse(tmp_path, upstream, spynnaker_python, wheelhouse):
     """master needs something the pinned env lacks: it is installed into the user's venv
     only, from the deployment's wheelhouse (offline); the pinned env is untouched."""
     house = tmp_path / "wheelhouse"
@@ -499,9 +560,12 @@ def test_a_dependency_new_on_master_comes_from_the_wheelhouse(tmp_path, upstream
         shutil.copy(whl, house)
     _tiny_wheel(house, "spinnaker-test-extra", "1.2")
     setup_cfg = git("--git-dir", upstream / "SpiNNUtils.git", "show", "HEAD:setup.cfg")
-    push_commit(upstream / "SpiNNUtils.git", tmp_path / "dev", "setup.cfg",
-                setup_cfg.replace("\ttyping-extensions", "\ttyping-extensions\n\tspinnaker-test-extra>=1.1")
-                + "\n")
+    push_commit(
+        upstream / "SpiNNUtils.git",
+        tmp_path / "dev",
+        "setup.cfg",
+        setup_cfg.replace("\ttyping-extensions", "\ttyping-extensions\n\tspinnaker-test-extra>=1.1") + "\n",
+    )
     home = tmp_path / "home"
     home.mkdir()
     messages: list[str] = []
@@ -524,14 +588,16 @@ def test_a_dependency_new_on_master_comes_from_the_wheelhouse(tmp_path, upstream
         env=base_env(tmp_path, home),
     )
     site = next((root / "lib").glob("python3*/site-packages"))
-    assert out.stdout.splitlines() == [str(site / "spinnaker_test_extra.py"),
-                                       str(root / "SpiNNUtils" / "spinn_utilities" / "__init__.py")]
-    pinned = subprocess.run([str(spynnaker_python), "-c", "import spinnaker_test_extra"],
-                            capture_output=True)
+    assert out.stdout.splitlines() == [
+        str(site / "spinnaker_test_extra.py"),
+        str(root / "SpiNNUtils" / "spinn_utilities" / "__init__.py"),
+    ]
+    pinned = subprocess.run([str(spynnaker_python), "-c", "import spinnaker_test_extra"], capture_output=True)
     assert pinned.returncode != 0
 
 
 # --------------------------------------------------------------------------- resumption
+
 
 def _git_wrapper(tmp: Path) -> Path:
     """A ``git`` that breaks the clone of $GK_BREAK_REPO: "cut" leaves a damaged partial
@@ -558,8 +624,7 @@ exec "$real" "$@"
     return d
 
 
-def test_interrupted_clone_is_completed_at_next_start(tmp_path, spynnaker_python, wheelhouse,
-                                                       pristine_upstream):
+def test_interrupted_clone_is_completed_at_next_start(tmp_path, spynnaker_python, wheelhouse, pristine_upstream):
     home = tmp_path / "home"
     home.mkdir()
     root = home / DIRNAME
@@ -568,8 +633,13 @@ def test_interrupted_clone_is_completed_at_next_start(tmp_path, spynnaker_python
     env = base_env(tmp_path, home)
     env["PYTHONPATH"] = str(REPO / "extensions")
     ready = tmp_path / "clone-started"
-    broken_env = dict(env, PATH=f"{wrapper}{os.pathsep}{env['PATH']}", GK_BREAK_REPO="SpiNNMan",
-                      GK_BREAK_MODE="hang", GK_READY=str(ready))
+    broken_env = dict(
+        env,
+        PATH=f"{wrapper}{os.pathsep}{env['PATH']}",
+        GK_BREAK_REPO="SpiNNMan",
+        GK_BREAK_MODE="hang",
+        GK_READY=str(ready),
+    )
 
     # 1. the server starts the set-up in the background; the server stops mid-clone
     t0 = time.monotonic()
@@ -580,9 +650,22 @@ def test_interrupted_clone_is_completed_at_next_start(tmp_path, spynnaker_python
         assert gitkernel.read_status(home, DIRNAME)["state"] == "running"
         # 2. a second start meanwhile does not race: it reports the running set-up
         second = subprocess.run(
-            [sys.executable, "-m", "spinnaker_jupyter_ext.gitkernel", "--home", str(home),
-             "--config-json", json.dumps(section), "--wait", "0"],
-            capture_output=True, text=True, env=env, timeout=60)
+            [
+                sys.executable,
+                "-m",
+                "spinnaker_jupyter_ext.gitkernel",
+                "--home",
+                str(home),
+                "--config-json",
+                json.dumps(section),
+                "--wait",
+                "0",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
         assert second.returncode == gitkernel.EXIT_BUSY, second.stderr
         assert "another sPyNNakerGit set-up is running" in second.stderr
     finally:
@@ -611,9 +694,20 @@ def test_interrupted_clone_is_completed_at_next_start(tmp_path, spynnaker_python
 
     # 4. the start after that completes the set-up (CLI, as run in the background)
     done = subprocess.run(
-        [sys.executable, "-m", "spinnaker_jupyter_ext.gitkernel", "--home", str(home),
-         "--config-json", json.dumps(section)],
-        capture_output=True, text=True, env=env, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "spinnaker_jupyter_ext.gitkernel",
+            "--home",
+            str(home),
+            "--config-json",
+            json.dumps(section),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SpiNNMachine: clone present, left as it is" in done.stdout
     status = gitkernel.read_status(home, DIRNAME)
@@ -622,13 +716,18 @@ def test_interrupted_clone_is_completed_at_next_start(tmp_path, spynnaker_python
         clone = root / repo["name"]
         git("fsck", "--no-progress", cwd=clone)
         assert git("rev-parse", "HEAD", cwd=clone) == git(
-            "--git-dir", pristine_upstream / f"{repo['name']}.git", "rev-parse", "HEAD")
+            "--git-dir", pristine_upstream / f"{repo['name']}.git", "rev-parse", "HEAD"
+        )
     assert git("rev-parse", "HEAD", cwd=root / "SpiNNMachine") == machine_head
     assert not list(root.glob(gitkernel.PARTIAL_PREFIX + "*"))
     assert (home / ".local/share/jupyter/kernels/spynnakergit/kernel.json").is_file()
-    imported = subprocess.run([str(root / "bin" / "python"), "-c",
-                               "import spinnman; print(spinnman.__file__)"],
-                              capture_output=True, text=True, env=env, timeout=60)
+    imported = subprocess.run(
+        [str(root / "bin" / "python"), "-c", "import spinnman; print(spinnman.__file__)"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert imported.stdout.startswith(str(root / "SpiNNMan")), imported.stderr
 
 
@@ -640,8 +739,10 @@ def test_set_ups_of_one_deployment_take_turns(tmp_path, spynnaker_python, wheelh
     folder = tmp_path / "slots"
     folder.mkdir(mode=0o755)
     (folder / "slot-0").touch(mode=0o644)
-    section = dict(config_section(spynnaker_python, wheelhouse, pristine_upstream,
-                                  repos=[{"name": C_REPO, "python": False}]), slots_dir=str(folder))
+    section = dict(
+        config_section(spynnaker_python, wheelhouse, pristine_upstream, repos=[{"name": C_REPO, "python": False}]),
+        slots_dir=str(folder),
+    )
     held = os.open(folder / "slot-0", os.O_RDONLY)  # a set-up of another user is running
     fcntl.flock(held, fcntl.LOCK_EX)
     homes, procs = [tmp_path / "home-a", tmp_path / "home-b"], []
@@ -649,13 +750,32 @@ def test_set_ups_of_one_deployment_take_turns(tmp_path, spynnaker_python, wheelh
         for home in homes:
             home.mkdir()
             env = dict(base_env(tmp_path, home), PYTHONPATH=str(REPO / "extensions"))
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "spinnaker_jupyter_ext.gitkernel", "--home", str(home), "--config-json",
-                 json.dumps(section)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
-        wait_for(lambda: all(gitkernel.read_status(h, DIRNAME).get("step") == "queue" for h in homes), 120,
-                 "both set-ups to wait for a turn")
-        assert "waiting for a turn: 1 first set-up of ~/sPyNNakerGit run at a time" in \
-            gitkernel.read_status(homes[0], DIRNAME)["message"]
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "spinnaker_jupyter_ext.gitkernel",
+                        "--home",
+                        str(home),
+                        "--config-json",
+                        json.dumps(section),
+                    ],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    env=env,
+                )
+            )
+        wait_for(
+            lambda: all(gitkernel.read_status(h, DIRNAME).get("step") == "queue" for h in homes),
+            120,
+            "both set-ups to wait for a turn",
+        )
+        assert (
+            "waiting for a turn: 1 first set-up of ~/sPyNNakerGit run at a time"
+            in gitkernel.read_status(homes[0], DIRNAME)["message"]
+        )
         os.close(held)  # that one has finished: these two go one after the other
         outs = [proc.communicate(timeout=300)[0] for proc in procs]
     finally:
@@ -674,6 +794,7 @@ def test_set_ups_of_one_deployment_take_turns(tmp_path, spynnaker_python, wheelh
 
 
 # --------------------------------------------------------------------------- gitupdate
+
 
 @pytest.fixture
 def small(tmp_path, upstream, spynnaker_python, wheelhouse):
@@ -695,9 +816,14 @@ def small(tmp_path, upstream, spynnaker_python, wheelhouse):
 
 
 def gitupdate(small, *args):
-    proc = subprocess.run(["bash", str(small["root"] / "support" / "gitupdate.sh"), *args],
-                          capture_output=True, text=True, env=small["env"], timeout=120,
-                          cwd=small["home"])
+    proc = subprocess.run(
+        ["bash", str(small["root"] / "support" / "gitupdate.sh"), *args],
+        capture_output=True,
+        text=True,
+        env=small["env"],
+        timeout=120,
+        cwd=small["home"],
+    )
     lines = {}
     for line in proc.stdout.splitlines():
         name, _, rest = line.partition(" ")
@@ -707,8 +833,7 @@ def gitupdate(small, *args):
 
 def test_gitupdate_fast_forwards_and_never_loses_local_work(small):
     root, up, work = small["root"], small["upstream"], small["work"]
-    old = {n: git("rev-parse", "--short", "HEAD", cwd=root / n)
-           for n in ("SpiNNUtils", "SpiNNMachine", C_REPO)}
+    old = {n: git("rev-parse", "--short", "HEAD", cwd=root / n) for n in ("SpiNNUtils", "SpiNNMachine", C_REPO)}
     new_utils = push_commit(up / "SpiNNUtils.git", work / "u", "NEWS.md", "utils news\n")
     new_machine = push_commit(up / "SpiNNMachine.git", work / "m", "README.md", "upstream text\n")
     new_c = push_commit(up / f"{C_REPO}.git", work / "c", "lib/NOTES", "c news\n", branch="main")
@@ -720,8 +845,7 @@ def test_gitupdate_fast_forwards_and_never_loses_local_work(small):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     # one line per repository, then the summary
     assert proc.stdout.splitlines()[-2].startswith("gitupdate: 2 updated, 0 up to date, 1 NOT")
-    assert lines["SpiNNUtils"] == (f"master {old['SpiNNUtils']} -> {new_utils[:7]} "
-                                   "(1 new commit(s))")
+    assert lines["SpiNNUtils"] == (f"master {old['SpiNNUtils']} -> {new_utils[:7]} (1 new commit(s))")
     assert lines[C_REPO].startswith(f"main {old[C_REPO]} -> {new_c[:7]}")
     assert lines["SpiNNMachine"].startswith("NOT UPDATED: uncommitted changes on master")
     assert readme.read_text() == "MY OWN EDIT\n"  # reported, not lost
@@ -748,13 +872,15 @@ def test_gitupdate_fast_forwards_and_never_loses_local_work(small):
     proc, lines = gitupdate(small)
     assert lines["SpiNNMachine"].startswith(
         f"master {old['SpiNNMachine']} -> {newer[:7]} (2 new commit(s)); its packaging changed: "
-        f"reinstall with 'pip install -e {root / 'SpiNNMachine'}'")
+        f"reinstall with 'pip install -e {root / 'SpiNNMachine'}'"
+    )
 
 
 def test_gitupdate_switches_branch_and_back(small):
     root, up, work = small["root"], small["upstream"], small["work"]
-    feature = push_commit(up / "SpiNNUtils.git", work / "u", "feature.txt", "feature\n",
-                          branch="new_feature", new_branch=True)
+    feature = push_commit(
+        up / "SpiNNUtils.git", work / "u", "feature.txt", "feature\n", branch="new_feature", new_branch=True
+    )
     proc, lines = gitupdate(small, "new_feature")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert lines["SpiNNUtils"].startswith("switched master -> new_feature, at ")
@@ -764,8 +890,7 @@ def test_gitupdate_switches_branch_and_back(small):
     assert lines[C_REPO].startswith("main ")
 
     # upstream moves the branch on: a plain fast-forward on the branch
-    feature2 = push_commit(up / "SpiNNUtils.git", work / "u", "feature.txt", "feature 2\n",
-                           branch="new_feature")
+    feature2 = push_commit(up / "SpiNNUtils.git", work / "u", "feature.txt", "feature 2\n", branch="new_feature")
     proc, lines = gitupdate(small, "new_feature")
     assert lines["SpiNNUtils"].startswith(f"new_feature {feature[:7]} -> {feature2[:7]}")
 
@@ -780,6 +905,7 @@ def test_gitupdate_switches_branch_and_back(small):
 
 
 # --------------------------------------------------------------------------- automatic_make
+
 
 def test_automatic_make_builds_in_order_and_names_the_failure(small, gcc_shim):
     root = small["root"]
@@ -826,8 +952,18 @@ def test_first_login_through_the_hub_brings_the_git_kernel(hub_factory, pristine
     mirror = traversable_tmpdir("mirror-")
     shutil.copytree(pristine_upstream, mirror, symlinks=True, dirs_exist_ok=True)
     subprocess.run(["chmod", "-R", "a+rX", str(mirror), str(wheelhouse)], check=True)
-    hub = hub_factory({"git_kernel": {"enabled": True, "base_url": f"file://{mirror}", "repos": ALL_REPOS,
-                                      "offline": True, "wheelhouse": str(wheelhouse), "build_c": "never"}})
+    hub = hub_factory(
+        {
+            "git_kernel": {
+                "enabled": True,
+                "base_url": f"file://{mirror}",
+                "repos": ALL_REPOS,
+                "offline": True,
+                "wheelhouse": str(wheelhouse),
+                "build_c": "never",
+            }
+        }
+    )
     user = hub.client("gitfan", hub.add_user("gitfan"))
     user.start_server()
 
@@ -848,8 +984,11 @@ def test_first_login_through_the_hub_brings_the_git_kernel(hub_factory, pristine
     log = user.server("GET", "api/contents/sPyNNakerGit/setup.log").json()["content"]
     assert "sPyNNaker" in log
     kernel = user.start_kernel("spynnakergit")
-    out = user.execute(kernel, "import spynnaker, pyNN.spiNNaker as p\nprint('FROM', spynnaker.__file__)\n"
-                               "p.setup(1.0); p.Population(5, p.IF_curr_exp()); p.run(10); p.end(); print('RAN')")
+    out = user.execute(
+        kernel,
+        "import spynnaker, pyNN.spiNNaker as p\nprint('FROM', spynnaker.__file__)\n"
+        "p.setup(1.0); p.Population(5, p.IF_curr_exp()); p.run(10); p.end(); print('RAN')",
+    )
     assert out["error"] is None and "RAN" in out["stdout"], out
     assert "/sPyNNakerGit/sPyNNaker/spynnaker/" in out["stdout"], out
     listing = user.server("GET", "api/contents/sPyNNakerGit/support").json()["content"]

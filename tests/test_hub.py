@@ -34,8 +34,9 @@ def tutorials(tmp_path_factory):
     from conftest import traversable_tmpdir
 
     src = traversable_tmpdir("tutorials-")
-    (src / "01_intro.ipynb").write_text(json.dumps({"cells": [], "metadata": {}, "nbformat": 4,
-                                                    "nbformat_minor": 5, "version": 1}))
+    (src / "01_intro.ipynb").write_text(
+        json.dumps({"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5, "version": 1})
+    )
     (src / "data").mkdir()
     (src / "data" / "stimulus.txt").write_text("1 2 3\n")
     for p in [src, *src.rglob("*")]:
@@ -65,8 +66,10 @@ def test_wrong_password_is_refused(hub):
     hub.add_user("carol")
     carol = hub.client("carol", "not-her-password")
     assert not carol.logged_in
-    assert "Invalid username or password" in carol.session.get(f"{hub.url}/hub/login").text or \
-        carol.login_response.status_code == 403
+    assert (
+        "Invalid username or password" in carol.session.get(f"{hub.url}/hub/login").text
+        or carol.login_response.status_code == 403
+    )
 
 
 def test_login_lands_in_jupyterlab_and_classic_notebook(alice):
@@ -99,8 +102,9 @@ def test_spynnaker_kernel_runs_a_pynn_network(alice):
     again = alice.execute(kernel, "import pyNN.spiNNaker; print('again')")
     assert "virtual mode" not in again["stdout"], again
     # No template cfg was written into the home: exactly one cfg reached the kernel.
-    home_cfgs = alice.execute(kernel, "import os; print(sorted(f for f in os.listdir(os.path.expanduser('~')) "
-                                      "if 'spynnaker' in f.lower()))")
+    home_cfgs = alice.execute(
+        kernel, "import os; print(sorted(f for f in os.listdir(os.path.expanduser('~')) if 'spynnaker' in f.lower()))"
+    )
     assert home_cfgs["stdout"].strip() == "[]", home_cfgs
 
 
@@ -113,13 +117,16 @@ def test_nrp_route_says_not_installed(alice):
 
 def test_proxy_reaches_only_the_named_port(alice, hub):
     kernel = alice.start_kernel("spynnaker")
-    out = alice.execute(kernel, textwrap.dedent("""
+    out = alice.execute(
+        kernel,
+        textwrap.dedent("""
         import os, subprocess, sys, tempfile
         d = tempfile.mkdtemp()
         open(os.path.join(d, "marker.txt"), "w").write("nrp-stand-in")
         srv = subprocess.Popen([sys.executable, "-m", "http.server", "9000", "--bind", "127.0.0.1", "-d", d])
         print("started", srv.pid)
-    """))
+    """),
+    )
     assert "started" in out["stdout"], out
 
     def reached():
@@ -128,8 +135,13 @@ def test_proxy_reaches_only_the_named_port(alice, hub):
 
     assert wait_for(reached, 30, "the stand-in on port 9000 through the proxy").text == "nrp-stand-in"
     hub_api_port = hub.config["proxy"]["api_port"]
-    for refused in (f"proxy/{hub_api_port}/", "proxy/absolute/22/", "proxy/localhost:9000/marker.txt",
-                    "proxy/127.0.0.1:9000/", "proxy/example.org:80/"):
+    for refused in (
+        f"proxy/{hub_api_port}/",
+        "proxy/absolute/22/",
+        "proxy/localhost:9000/marker.txt",
+        "proxy/127.0.0.1:9000/",
+        "proxy/example.org:80/",
+    ):
         r = alice.server("GET", refused)
         assert r.status_code == 403, (refused, r.status_code, r.text[:200])
 
@@ -146,8 +158,11 @@ def test_other_users_cannot_reach_alices_server_or_files(alice, bob, hub):
     # Bob's own kernel, on the same machine, cannot read Alice's home.
     alice_home = Path(hub.config["data_dir"]) / "homes" / "alice"
     kernel = bob.start_kernel("spynnaker")
-    out = bob.execute(kernel, f"import os\ntry:\n    os.listdir({str(alice_home)!r}); print('READ')\n"
-                              f"except PermissionError:\n    print('DENIED')")
+    out = bob.execute(
+        kernel,
+        f"import os\ntry:\n    os.listdir({str(alice_home)!r}); print('READ')\n"
+        f"except PermissionError:\n    print('DENIED')",
+    )
     assert "DENIED" in out["stdout"], out
     # ... and Alice's port 9000 is not Bob's NRP.
     r = bob.server("GET", "proxy/9000/marker.txt")
@@ -160,12 +175,21 @@ def test_tutorials_seeded_and_user_edits_survive_restart(alice, tutorials):
     assert alice.server("GET", "api/contents/data/stimulus.txt").status_code == 200
     edited = r.json()["content"]
     edited["cells"] = [{"cell_type": "markdown", "metadata": {}, "source": "my notes", "id": "mine"}]
-    assert alice.server("PUT", "api/contents/01_intro.ipynb",
-                        json={"type": "notebook", "content": edited}).status_code == 200
+    assert (
+        alice.server("PUT", "api/contents/01_intro.ipynb", json={"type": "notebook", "content": edited}).status_code
+        == 200
+    )
     # A new version of the tutorial arrives, and the server restarts.
-    (tutorials / "01_intro.ipynb").write_text(json.dumps({
-        "cells": [{"cell_type": "markdown", "metadata": {}, "source": "v2", "id": "v2"}], "metadata": {},
-        "nbformat": 4, "nbformat_minor": 5}))
+    (tutorials / "01_intro.ipynb").write_text(
+        json.dumps(
+            {
+                "cells": [{"cell_type": "markdown", "metadata": {}, "source": "v2", "id": "v2"}],
+                "metadata": {},
+                "nbformat": 4,
+                "nbformat_minor": 5,
+            }
+        )
+    )
     alice.stop_server()
     # What her kernels started (the stand-in on port 9000) ended with her session.
     from spinnaker_jupyter_ext.proxy_guard import listener_uid
@@ -186,9 +210,11 @@ def test_pip_install_user_survives_restart(alice, tmp_path_factory):
     pkg = traversable_tmpdir("pkg-")
     (pkg / "hello_spinn").mkdir()
     (pkg / "hello_spinn" / "__init__.py").write_text("GREETING = 'hello from the user site'\n")
-    (pkg / "pyproject.toml").write_text('[project]\nname = "hello-spinn"\nversion = "1.0"\n'
-                                        '[build-system]\nrequires = ["setuptools"]\n'
-                                        'build-backend = "setuptools.build_meta"\n')
+    (pkg / "pyproject.toml").write_text(
+        '[project]\nname = "hello-spinn"\nversion = "1.0"\n'
+        '[build-system]\nrequires = ["setuptools"]\n'
+        'build-backend = "setuptools.build_meta"\n'
+    )
     subprocess.run(["chmod", "-R", "a+rwX", str(pkg)], check=True)
     kernel = alice.start_kernel("spynnaker")
     out = alice.execute(kernel, f"%pip install --user --no-index --no-build-isolation {pkg}")

@@ -39,7 +39,7 @@ def children(pid: int) -> dict[int, str]:
                 cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue
-        if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+        if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
             found[int(entry)] = cmdline
     return found
 
@@ -50,7 +50,7 @@ def alive(pid: int) -> bool:
             stat = f.read()
     except OSError:
         return False
-    return stat[stat.rindex(")") + 2:].split()[0] not in ("Z", "X")
+    return stat[stat.rindex(")") + 2 :].split()[0] not in ("Z", "X")
 
 
 def stop_and_time(hub, services: list[str]) -> float:
@@ -71,12 +71,24 @@ def stop_and_time(hub, services: list[str]) -> float:
 
 
 def test_ebrains_hub_stops_within_seconds(hub_factory, oidc_provider):
-    hub = hub_factory({"culler": {"timeout": 60, "every": 10},
-                       "auth": {"type": "ebrains", "ebrains": {
-                           "client_id": oidc_provider.client_id, "authorize_url": oidc_provider.authorize_url,
-                           "token_url": oidc_provider.token_url, "userinfo_url": oidc_provider.userinfo_url,
-                           "allow_all": True, "token_service_port": free_port()}}},
-                      start=False, env={"EBRAINS_CLIENT_SECRET": oidc_provider.client_secret})
+    hub = hub_factory(
+        {
+            "culler": {"timeout": 60, "every": 10},
+            "auth": {
+                "type": "ebrains",
+                "ebrains": {
+                    "client_id": oidc_provider.client_id,
+                    "authorize_url": oidc_provider.authorize_url,
+                    "token_url": oidc_provider.token_url,
+                    "userinfo_url": oidc_provider.userinfo_url,
+                    "allow_all": True,
+                    "token_service_port": free_port(),
+                },
+            },
+        },
+        start=False,
+        env={"EBRAINS_CLIENT_SECRET": oidc_provider.client_secret},
+    )
     with started_in_background():
         hub.start()
     stop_and_time(hub, ["jupyterhub_idle_culler", "spinnaker_jupyter.access_token_service"])

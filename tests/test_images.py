@@ -61,8 +61,7 @@ print("RAN", len(trains))
 
 def run(client, image, command, **kw):
     """Run a command to completion in a fresh container (host network, like the spawner); returns its output."""
-    container = client.containers.run(image, command, detach=True, network_mode="host",
-                                      labels={TEST_LABEL: "1"}, **kw)
+    container = client.containers.run(image, command, detach=True, network_mode="host", labels={TEST_LABEL: "1"}, **kw)
     try:
         result = container.wait(timeout=600)
         logs = container.logs().decode(errors="replace")
@@ -172,8 +171,11 @@ def test_spynnaker_kernel_is_listed_and_runs_pynn_spinnaker(podman_engine):
 def test_tutorials_are_in_the_image(podman_engine):
     expected = sorted(p.name for p in (ROOT / "notebooks").iterdir() if p.is_file() and not p.name.startswith("."))
     assert expected, "no tutorials in notebooks/"
-    out = run(podman_engine.client(), podman_engine.images["singleuser"],
-              ["bash", "-c", "ls -1 /opt/spinnaker-jupyter/notebooks; echo TUTORIALS=$SPINNAKER_TUTORIALS_DIR"])
+    out = run(
+        podman_engine.client(),
+        podman_engine.images["singleuser"],
+        ["bash", "-c", "ls -1 /opt/spinnaker-jupyter/notebooks; echo TUTORIALS=$SPINNAKER_TUTORIALS_DIR"],
+    )
     lines = out.split()
     assert "TUTORIALS=/opt/spinnaker-jupyter/notebooks" in lines
     assert sorted(x for x in lines if not x.startswith("TUTORIALS=")) == expected
@@ -187,9 +189,16 @@ def test_single_user_server_starts_seeds_the_home_volume_and_keeps_it(podman_eng
     port = podman_engine.free_port()
     url = f"http://127.0.0.1:{port}/user/alice/"
     container = client.containers.run(
-        podman_engine.images["singleuser"], detach=True, network_mode="host", labels={TEST_LABEL: "1"},
-        environment=spawner_env("alice", port, hub_api_stub), volumes={home_volume: {"bind": HOME, "mode": "rw"}},
-        mem_limit="2g", nano_cpus=1_000_000_000, name=f"sj-test-alice-{port}")
+        podman_engine.images["singleuser"],
+        detach=True,
+        network_mode="host",
+        labels={TEST_LABEL: "1"},
+        environment=spawner_env("alice", port, hub_api_stub),
+        volumes={home_volume: {"bind": HOME, "mode": "rw"}},
+        mem_limit="2g",
+        nano_cpus=1_000_000_000,
+        name=f"sj-test-alice-{port}",
+    )
     try:
         response, seconds = wait_until_answers(container, url + "api")
         assert response.status_code == 200, response.text
@@ -202,9 +211,15 @@ def test_single_user_server_starts_seeds_the_home_volume_and_keeps_it(podman_eng
             assert r.status_code in (302, 303, 401, 403), (path, r.status_code, r.text[:300])
 
         tutorials = sorted(p.name for p in (ROOT / "notebooks").iterdir() if p.suffix == ".ipynb")
-        check = container.exec_run(["bash", "-c", "ls -1 ~; stat -c %u:%g ~; cat /proc/1/status | grep ^Uid; "
-                                    "cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null "
-                                    "|| cat /sys/fs/cgroup/memory.max; echo mine > ~/my-work.txt"])
+        check = container.exec_run(
+            [
+                "bash",
+                "-c",
+                "ls -1 ~; stat -c %u:%g ~; cat /proc/1/status | grep ^Uid; "
+                "cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null "
+                "|| cat /sys/fs/cgroup/memory.max; echo mine > ~/my-work.txt",
+            ]
+        )
         assert check.exit_code == 0, check.output
         listing = check.output.decode().split()
         for name in tutorials:
@@ -214,8 +229,12 @@ def test_single_user_server_starts_seeds_the_home_volume_and_keeps_it(podman_eng
     finally:
         container.remove(force=True)
 
-    out = run(client, podman_engine.images["singleuser"], ["bash", "-c", "cat ~/my-work.txt; ls -1 ~"],
-              volumes={home_volume: {"bind": HOME, "mode": "rw"}})
+    out = run(
+        client,
+        podman_engine.images["singleuser"],
+        ["bash", "-c", "cat ~/my-work.txt; ls -1 ~"],
+        volumes={home_volume: {"bind": HOME, "mode": "rw"}},
+    )
     assert out.split()[0] == "mine"
     assert set(tutorials) <= set(out.split())
 
@@ -229,9 +248,16 @@ def test_single_user_image_stays_lean(podman_engine):
 
 
 def test_hub_image_has_jupyterhub_the_proxy_and_the_hub_package(podman_engine, podman_hub_image):
-    out = run(podman_engine.client(), podman_hub_image,
-              ["bash", "-c", "jupyterhub --version; configurable-http-proxy --version; spinnaker-jupyter --help "
-                             ">/dev/null && echo cli-ok; python -c 'import dockerspawner, oauthenticator; print(\"ok\")'"])
+    out = run(
+        podman_engine.client(),
+        podman_hub_image,
+        [
+            "bash",
+            "-c",
+            "jupyterhub --version; configurable-http-proxy --version; spinnaker-jupyter --help "
+            ">/dev/null && echo cli-ok; python -c 'import dockerspawner, oauthenticator; print(\"ok\")'",
+        ],
+    )
     assert out.split() == ["6.1.1", "5.3.0", "cli-ok", "ok"], out
 
 
@@ -292,9 +318,16 @@ def test_nrp_layer_commands_serve_the_frontend_on_loopback_and_stop(podman_engin
     """cle-nginx / cle-start / cle-kill of the NRP image, on a stand-in (the NRP's images are not reachable here):
     nginx as the user on 127.0.0.1 only, the frontend's routes, the backend proxied, and a clean stop."""
     port, backend = podman_engine.free_port(), podman_engine.free_port()
-    out = run(podman_engine.client(), podman_nrp_layer_image, ["bash", "-c", NRP_LAYER_SCRIPT],
-              environment={"SPINNAKER_NRP_PORT": str(port), "NRP_BACKEND_URL": f"http://127.0.0.1:{backend}",
-                           "BACKEND_PORT": str(backend)})
+    out = run(
+        podman_engine.client(),
+        podman_nrp_layer_image,
+        ["bash", "-c", NRP_LAYER_SCRIPT],
+        environment={
+            "SPINNAKER_NRP_PORT": str(port),
+            "NRP_BACKEND_URL": f"http://127.0.0.1:{backend}",
+            "BACKEND_PORT": str(backend),
+        },
+    )
     assert 'COMMAND=["cle-nginx", "--foreground"]' in out
     assert "GOT / NRP-STAND-IN" in out
     assert "GOT /esv-private-route NRP-STAND-IN" in out

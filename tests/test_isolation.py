@@ -86,9 +86,16 @@ def nrp_port():
 
 @pytest.fixture(scope="module")
 def hub(hub_factory, stand_in, nrp_port):
-    return hub_factory({"nrp": {"command": [sys.executable, str(stand_in), "{port}", f"~/{RECORD}"],
-                                "port": nrp_port, "start_timeout": 30},
-                        "proxy_ports": [nrp_port]})
+    return hub_factory(
+        {
+            "nrp": {
+                "command": [sys.executable, str(stand_in), "{port}", f"~/{RECORD}"],
+                "port": nrp_port,
+                "start_timeout": 30,
+            },
+            "proxy_ports": [nrp_port],
+        }
+    )
 
 
 def _user(hub, name):
@@ -129,22 +136,31 @@ def logged_in_browser(user):
 
 def credentials_of(user) -> list[str]:
     """What would let someone act as <user>: their token and the values of their login and xsrf cookies."""
-    secrets = [user.token] + [c.value for c in user.session.cookies if c.name.startswith("jupyterhub-")
-                              or c.name == "_xsrf"]
+    secrets = [user.token] + [
+        c.value for c in user.session.cookies if c.name.startswith("jupyterhub-") or c.name == "_xsrf"
+    ]
     return [s for s in secrets if s and len(s) >= 8]
 
 
 # --- finding 1: the NRP route and /proxy/<port>/ -------------------------------------------------------------------
 def test_route_to_another_accounts_listener_is_refused_and_sends_nothing(hub, alice, bob, stand_in, nrp_port):
-    listener = as_account(bob, [sys.executable, str(stand_in), str(nrp_port), "-"], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+    listener = as_account(
+        bob,
+        [sys.executable, str(stand_in), str(nrp_port), "-"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for(lambda: listening(nrp_port) or listener.poll() is not None, 30, "bob's listener on the NRP port")
         assert listener.poll() is None, listener.stderr.read()
         browser = logged_in_browser(alice)
         for path in ("nrp/", "nrp/index.html", f"proxy/{nrp_port}/", f"proxy/absolute/{nrp_port}/x"):
-            r = browser.get(f"{hub.url}/user/{alice.name}/{path}?token={alice.token}", timeout=60,
-                            headers={"Authorization": f"token {alice.token}"})
+            r = browser.get(
+                f"{hub.url}/user/{alice.name}/{path}?token={alice.token}",
+                timeout=60,
+                headers={"Authorization": f"token {alice.token}"},
+            )
             assert r.status_code == 403, (path, r.status_code, r.text[:300])
             assert "in use by another account" in r.text and "nothing was sent" in r.text, (path, r.text[:500])
         assert nrp_port not in tcp_listeners(uid=alice.uid)  # her NRP was not started (the port is Bob's)
@@ -160,8 +176,11 @@ def test_own_listener_gets_the_request_without_the_users_credentials(hub, alice,
     browser.cookies.set("nrp-session", "its-own-cookie", path=f"/user/{alice.name}/")
     secrets = credentials_of(alice)
     for path in ("nrp/scene?token={t}&keep=1", f"proxy/{nrp_port}/page?keep=1&token={{t}}"):
-        r = browser.get(f"{hub.url}/user/{alice.name}/{path.format(t=alice.token)}", timeout=90,
-                        headers={"Authorization": f"token {alice.token}", "X-XSRFToken": "x" * 20})
+        r = browser.get(
+            f"{hub.url}/user/{alice.name}/{path.format(t=alice.token)}",
+            timeout=90,
+            headers={"Authorization": f"token {alice.token}", "X-XSRFToken": "x" * 20},
+        )
         assert r.status_code == 200 and r.text == f"stand-in of uid {alice.uid}", (path, r.status_code, r.text[:300])
     record = alice.server("GET", f"api/contents/{RECORD}")
     assert record.status_code == 200, record.text
@@ -179,14 +198,18 @@ def test_own_listener_gets_the_request_without_the_users_credentials(hub, alice,
 
 def test_nrp_on_a_unix_socket_takes_no_port(hub_factory, stand_in):
     """An NRP command that names {unix_socket} is served on a socket in a folder only the user may enter."""
-    hub = hub_factory({"nrp": {"command": [sys.executable, str(stand_in), "{unix_socket}", f"~/{RECORD}"],
-                               "start_timeout": 30}})
+    hub = hub_factory(
+        {"nrp": {"command": [sys.executable, str(stand_in), "{unix_socket}", f"~/{RECORD}"], "start_timeout": 30}}
+    )
     carol = hub.client("isolcarol", hub.add_user("isolcarol"))
     carol.start_server()
     before = tcp_listeners()
     browser = logged_in_browser(carol)
-    r = browser.get(f"{hub.url}/user/{carol.name}/nrp/scene?token={carol.token}&keep=1", timeout=90,
-                    headers={"Authorization": f"token {carol.token}"})
+    r = browser.get(
+        f"{hub.url}/user/{carol.name}/nrp/scene?token={carol.token}&keep=1",
+        timeout=90,
+        headers={"Authorization": f"token {carol.token}"},
+    )
     assert r.status_code == 200 and r.text.startswith("stand-in of uid"), (r.status_code, r.text[:300])
     uid = int(r.text.rsplit(" ", 1)[1])
     assert tcp_listeners(uid=uid) - before == set(), "the NRP took a TCP port"
@@ -203,6 +226,7 @@ def test_proxy_hooks_are_the_checked_upstream_version():
 
     import jupyter_server_proxy
     from jupyter_server_proxy import config, handlers, rawsocket
+
     from spinnaker_jupyter_ext import proxy_upstream
 
     assert jupyter_server_proxy.__version__ == proxy_upstream.CHECKED_VERSION
@@ -214,8 +238,12 @@ def test_proxy_hooks_are_the_checked_upstream_version():
         assert "self.get_client_uri(" in src(method) and "self.proxy_request_headers()" in src(method), method
     assert "self._create_ws_connection(" in src(rawsocket.RawSocketHandler.proxy_open)
     # ... and no handler class overrides them below the classes hooked.
-    classes = [c for m in (handlers, rawsocket, config) for c in vars(m).values()
-               if isinstance(c, type) and issubclass(c, handlers.ProxyHandler)]
+    classes = [
+        c
+        for m in (handlers, rawsocket, config)
+        for c in vars(m).values()
+        if isinstance(c, type) and issubclass(c, handlers.ProxyHandler)
+    ]
     for cls in classes:
         for name in ("get_client_uri", "proxy_request_headers"):
             assert cls is handlers.ProxyHandler or name not in vars(cls), (cls, name)
@@ -231,22 +259,29 @@ def test_choke_point_refuses_another_accounts_port_for_any_route():
 
     from jupyter_server_proxy.handlers import ProxyHandler
     from jupyter_server_proxy.rawsocket import RawSocketHandler
-    from spinnaker_jupyter_ext import proxy_upstream
     from tornado.httputil import HTTPHeaders, HTTPServerRequest, RequestStartLine
     from tornado.web import HTTPError
+
+    from spinnaker_jupyter_ext import proxy_upstream
 
     assert proxy_upstream.install() is None
     port = free_port()
     code = f"import socket; s = socket.socket(); s.bind(('127.0.0.1', {port})); s.listen(); print('up', flush=True); input()"
-    other = subprocess.Popen([sys.executable, "-c", code], user="nobody", stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
+    other = subprocess.Popen(
+        [sys.executable, "-c", code], user="nobody", stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert other.stdout.readline().strip() == "up"
         line = RequestStartLine("GET", "/user/a/nrp/x?token=abc&y=1", "HTTP/1.1")
-        fake = SimpleNamespace(unix_socket=None, absolute_url=False, proxy_base="nrp", base_url="/user/a/",
-                               log=SimpleNamespace(warning=lambda *a: None),
-                               request=HTTPServerRequest(start_line=line, headers=HTTPHeaders({"Host": "h"})),
-                               identity_provider=SimpleNamespace(get_cookie_name=lambda handler: "login-cookie"))
+        fake = SimpleNamespace(
+            unix_socket=None,
+            absolute_url=False,
+            proxy_base="nrp",
+            base_url="/user/a/",
+            log=SimpleNamespace(warning=lambda *a: None),
+            request=HTTPServerRequest(start_line=line, headers=HTTPHeaders({"Host": "h"})),
+            identity_provider=SimpleNamespace(get_cookie_name=lambda handler: "login-cookie"),
+        )
         with pytest.raises(HTTPError) as refused:
             ProxyHandler.get_client_uri(fake, "http", "localhost", port, "/x")
         assert refused.value.status_code == 403 and "another account" in refused.value.log_message
@@ -259,8 +294,15 @@ def test_choke_point_refuses_another_accounts_port_for_any_route():
     free = free_port()
     assert ProxyHandler.get_client_uri(fake, "http", "localhost", free, "/x") == f"http://localhost:{free}/x?y=1"
     # The headers of every upstream request, HTTP or websocket (both ask proxy_request_headers).
-    fake.request.headers = HTTPHeaders({"Host": "h", "Authorization": "token abc", "X-XSRFToken": "2|abc",
-                                        "Cookie": "jupyterhub-user-a=s3cret; _xsrf=2|abc; app=1", "Accept": "*/*"})
+    fake.request.headers = HTTPHeaders(
+        {
+            "Host": "h",
+            "Authorization": "token abc",
+            "X-XSRFToken": "2|abc",
+            "Cookie": "jupyterhub-user-a=s3cret; _xsrf=2|abc; app=1",
+            "Accept": "*/*",
+        }
+    )
     fake.get_request_headers_override = dict
     forwarded = dict(ProxyHandler.proxy_request_headers(fake).get_all())
     assert forwarded == {"Host": "h", "Cookie": "app=1", "Accept": "*/*"}
@@ -298,7 +340,9 @@ SUBSCRIBER = textwrap.dedent("""
 
 def kernel_connection(user, kernel: str | None = None) -> dict:
     """The connection file of <user>'s kernel (read as root): transport, address, the five ports or socket numbers."""
-    out = user.execute(kernel or user.kernel, "from ipykernel.connect import get_connection_file; print(get_connection_file())")
+    out = user.execute(
+        kernel or user.kernel, "from ipykernel.connect import get_connection_file; print(get_connection_file())"
+    )
     path = out["stdout"].strip()
     with open(path) as f:
         info = json.load(f)
@@ -337,9 +381,12 @@ def tcp_listeners(uid: int | None = None, pid: int | None = None) -> set[int]:
 
 def test_another_account_cannot_subscribe_to_a_busy_kernel(hub, alice, bob, spynnaker_python):
     info = kernel_connection(alice)
-    busy = threading.Thread(target=alice.execute, daemon=True,
-                            args=(alice.kernel, "import time\nwhile True:\n    print('ALICE-SECRET-OUTPUT')\n"
-                                                "    time.sleep(0.05)"), kwargs={"timeout": 300})
+    busy = threading.Thread(
+        target=alice.execute,
+        daemon=True,
+        args=(alice.kernel, "import time\nwhile True:\n    print('ALICE-SECRET-OUTPUT')\n    time.sleep(0.05)"),
+        kwargs={"timeout": 300},
+    )
     busy.start()
     ctx = zmq.Context.instance()
     control = ctx.socket(zmq.SUB)
@@ -354,8 +401,13 @@ def test_another_account_cannot_subscribe_to_a_busy_kernel(hub, alice, bob, spyn
         wait_for(printing, 60, "alice's kernel output on its iopub channel")
         # Bob's account tries her kernel's channels and every TCP port her account listens on.
         targets = channel_addresses(info) + [f"tcp://127.0.0.1:{p}" for p in sorted(tcp_listeners(uid=alice.uid))]
-        attack = as_account(bob, [str(spynnaker_python), "-c", SUBSCRIBER, json.dumps(targets), "5"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        attack = as_account(
+            bob,
+            [str(spynnaker_python), "-c", SUBSCRIBER, json.dumps(targets), "5"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         out, err = attack.communicate(timeout=60)
         assert attack.returncode == 0, err
         report = json.loads(out)
@@ -380,15 +432,24 @@ def test_another_account_cannot_subscribe_to_a_busy_kernel(hub, alice, bob, spyn
 def test_notebooks_still_run_and_restart_over_ipc(alice):
     """What JupyterLab does when a notebook is opened: a session for the notebook starts its kernel; cells run over
     the kernel websocket; a restart brings the kernel back on its sockets."""
-    notebook = {"cells": [], "metadata": {"kernelspec": {"name": "spynnaker", "display_name": "sPyNNaker"}},
-                "nbformat": 4, "nbformat_minor": 5}
+    notebook = {
+        "cells": [],
+        "metadata": {"kernelspec": {"name": "spynnaker", "display_name": "sPyNNaker"}},
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    }
     assert alice.server("PUT", "api/contents/ipc.ipynb", json={"type": "notebook", "content": notebook}).ok
-    session = alice.server("POST", "api/sessions", json={"path": "ipc.ipynb", "type": "notebook", "name": "",
-                                                         "kernel": {"name": "spynnaker"}})
+    session = alice.server(
+        "POST",
+        "api/sessions",
+        json={"path": "ipc.ipynb", "type": "notebook", "name": "", "kernel": {"name": "spynnaker"}},
+    )
     assert session.status_code == 201, session.text
     kernel = session.json()["kernel"]["id"]
-    out = alice.execute(kernel, "import pyNN.spiNNaker as p\np.setup(1.0); p.Population(3, p.IF_curr_exp())\n"
-                                "p.run(5); p.end(); print('RAN')")
+    out = alice.execute(
+        kernel,
+        "import pyNN.spiNNaker as p\np.setup(1.0); p.Population(3, p.IF_curr_exp())\np.run(5); p.end(); print('RAN')",
+    )
     assert out["error"] is None and "RAN" in out["stdout"], out
     r = alice.server("POST", f"api/kernels/{kernel}/restart")
     assert r.status_code == 200, r.text

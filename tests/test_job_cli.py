@@ -40,10 +40,16 @@ def project(tmp_path):
 
 
 def job_cli(hub, *args, cwd, token=None, extra_env=None):
-    env = {"PATH": os.environ["PATH"], "HOME": str(cwd), "SPINNAKER_JOBS_URL": hub.jobs_url,
-           "JUPYTERHUB_API_TOKEN": token if token is not None else hub.users["jolga"].token, **(extra_env or {})}
-    return subprocess.run([BIN / "spinnaker-jupyter-job", *args], capture_output=True, text=True, cwd=cwd, env=env,
-                          timeout=300)
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(cwd),
+        "SPINNAKER_JOBS_URL": hub.jobs_url,
+        "JUPYTERHUB_API_TOKEN": token if token is not None else hub.users["jolga"].token,
+        **(extra_env or {}),
+    }
+    return subprocess.run(
+        [BIN / "spinnaker-jupyter-job", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+    )
 
 
 def test_run_follows_the_job_and_downloads_its_outputs(cli_hub, project, tmp_path):
@@ -68,8 +74,9 @@ def test_run_in_the_background_then_check(cli_hub, project, tmp_path):
     r = job_cli(cli_hub, "run", "-b", str(project / "run.py"), cwd=tmp_path, token="")
     assert r.returncode == 2 and "others may read it: run `chmod 600" in r.stderr, r.stderr
     config.chmod(0o600)  # the token from the config file alone
-    r = job_cli(cli_hub, "run", "-b", str(project / "run.py"), cwd=tmp_path, token="",
-                extra_env={"SPINNAKER_JOBS_URL": ""})
+    r = job_cli(
+        cli_hub, "run", "-b", str(project / "run.py"), cwd=tmp_path, token="", extra_env={"SPINNAKER_JOBS_URL": ""}
+    )
     assert r.returncode == 0, r.stderr
     job_id = r.stdout.split()[1]
     assert f"spinnaker-jupyter-job check {job_id}" in r.stdout
@@ -84,12 +91,15 @@ def test_run_in_the_background_then_check(cli_hub, project, tmp_path):
     assert hashlib.sha256(data).hexdigest() == hashlib.sha256(bytes(range(256)) * 8).hexdigest()
 
 
-@pytest.mark.parametrize("args, token, message", [
-    (["run", "--config", "{bad", "run.py"], None, "--config: not valid JSON"),
-    (["run", "--config", '{"colour": 1}', "run.py"], None, "colour"),
-    (["run", "run.py"], "not-a-token", "refused the token"),
-    (["run", "missing.py"], None, "missing.py: not a Python script"),
-])
+@pytest.mark.parametrize(
+    "args, token, message",
+    [
+        (["run", "--config", "{bad", "run.py"], None, "--config: not valid JSON"),
+        (["run", "--config", '{"colour": 1}', "run.py"], None, "colour"),
+        (["run", "run.py"], "not-a-token", "refused the token"),
+        (["run", "missing.py"], None, "missing.py: not a Python script"),
+    ],
+)
 def test_bad_input_is_one_clear_line(cli_hub, project, args, token, message):
     r = job_cli(cli_hub, *args, cwd=project, token=token)
     assert r.returncode == 2, (r.stdout, r.stderr)
@@ -103,8 +113,12 @@ def test_operator_lists_shows_and_cancels_a_running_job(cli_hub, tmp_path):
 
     headers = {"Authorization": f"Bearer {cli_hub.users['jolga'].token}"}
     script = "import time\nprint('working', flush=True)\nwhile True:\n    time.sleep(0.2)\n"
-    r = requests.post(cli_hub.jobs_url + "/jobs/", headers=headers, timeout=30,
-                      json={"code": script, "collab": "private-jolga", "hardware_platform": "SpiNNaker"})
+    r = requests.post(
+        cli_hub.jobs_url + "/jobs/",
+        headers=headers,
+        timeout=30,
+        json={"code": script, "collab": "private-jolga", "hardware_platform": "SpiNNaker"},
+    )
     assert r.status_code == 201, r.text
     job_id = str(r.json()["id"])
 
@@ -113,8 +127,9 @@ def test_operator_lists_shows_and_cancels_a_running_job(cli_hub, tmp_path):
 
     wait_for(lambda: "working" in job()["log"], 90, "the job to run")
     listed = cli_hub.cli("jobs", "list", "--user", "jolga", "--state", "running")
-    assert listed.returncode == 0 and [line.split()[:3] for line in listed.stdout.splitlines()[1:]] == \
-        [[job_id, "jolga", "running"]], listed.stdout
+    assert listed.returncode == 0 and [line.split()[:3] for line in listed.stdout.splitlines()[1:]] == [
+        [job_id, "jolga", "running"]
+    ], listed.stdout
     shown = cli_hub.cli("jobs", "show", job_id)
     assert shown.returncode == 0 and "  working" in shown.stdout, shown.stdout
     cancelled = cli_hub.cli("jobs", "cancel", job_id)

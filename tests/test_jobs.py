@@ -23,14 +23,14 @@ from hubclient import wait_for
 HERE = Path(__file__).parent
 PAYLOAD = bytes(range(256)) * 40  # what the jobs write, compared byte for byte after download_data
 
-RUN_PY = '''
+RUN_PY = """
 import pathlib, sys, time
 print("system:", sys.argv[1], flush=True)
 time.sleep(1.5)  # long enough for the test to see the job running
 pathlib.Path("results").mkdir()
 pathlib.Path("results/spikes.dat").write_bytes(bytes(range(256)) * 40)
 print("wrote results/spikes.dat")
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +56,11 @@ def code_server():
     src.mkdir()
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org", "-C", str(src)]
     subprocess.run(git + ["init", "-q", "-b", "main"], check=True)
-    for text in ("print('old history')\n", RUN_PY.replace("results/spikes.dat", "results/from_git.dat") +
-                 "print('shallow clone:', pathlib.Path('.git/shallow').exists())\n"):
+    for text in (
+        "print('old history')\n",
+        RUN_PY.replace("results/spikes.dat", "results/from_git.dat")
+        + "print('shallow clone:', pathlib.Path('.git/shallow').exists())\n",
+    ):
         (src / "run.py").write_text(text)
         subprocess.run(git + ["add", "run.py"], check=True)
         subprocess.run(git + ["commit", "-q", "-m", "job"], check=True)
@@ -98,8 +101,13 @@ def code_server():
 
 def start_jobs_hub(hub_factory, jobs: dict | None = None, extra: dict | None = None):
     port = free_port()
-    settings = {"enabled": True, "port": port, "concurrency": 2, "pip_packages": ["six"],
-                "limits": {"wall_time": 120, "output_mb": 2, "code_mb": 4, "input_mb": 1}}
+    settings = {
+        "enabled": True,
+        "port": port,
+        "concurrency": 2,
+        "pip_packages": ["six"],
+        "limits": {"wall_time": 120, "output_mb": 2, "code_mb": 4, "input_mb": 1},
+    }
     settings.update(jobs or {})
     hub = hub_factory({"jobs": settings, **(extra or {})})
     hub.jobs_url = f"http://127.0.0.1:{port}"
@@ -122,8 +130,9 @@ def jobs_hub(hub_factory):
 
 
 def client_for(nmpi_module, hub, name):
-    return nmpi_module.Client(token=hub.users[name].token, job_service=hub.jobs_url,
-                              user_info_endpoint=hub.jobs_url + "/userinfo")
+    return nmpi_module.Client(
+        token=hub.users[name].token, job_service=hub.jobs_url, user_info_endpoint=hub.jobs_url + "/userinfo"
+    )
 
 
 def wait_done(client, job_id, timeout=120) -> dict:
@@ -172,10 +181,16 @@ def test_pynn_script_runs_virtual(jobs_hub, nmpi_module, tmp_path):
         "p.run(10)\n"
         "n = len(pop.get_data('spikes').segments[0].spiketrains)\n"
         "p.end()\n"
-        "open('summary.txt', 'w').write(f'spiketrains={n}\\n')\n")
+        "open('summary.txt', 'w').write(f'spiketrains={n}\\n')\n"
+    )
     client = client_for(nmpi_module, jobs_hub, "jalice")
-    job = wait_done(client, client.submit_job(source=script, platform="SpiNNaker", collab_id="private-jalice",
-                                              config={"spynnaker_version": "7.4.1"}), timeout=240)
+    job = wait_done(
+        client,
+        client.submit_job(
+            source=script, platform="SpiNNaker", collab_id="private-jalice", config={"spynnaker_version": "7.4.1"}
+        ),
+        timeout=240,
+    )
     assert job["status"] == "finished", job["log"][-3000:]
     paths = {f["path"] for f in job["output_data"]["files"]}
     assert "summary.txt" in paths and "reports.zip" in paths, paths
@@ -186,8 +201,10 @@ def test_pynn_script_runs_virtual(jobs_hub, nmpi_module, tmp_path):
 @pytest.mark.parametrize("source", ["repo.git", "code.zip", "code.tar.gz"])
 def test_code_from_url(jobs_hub, nmpi_module, code_server, tmp_path, source):
     client = client_for(nmpi_module, jobs_hub, "jalice")
-    job = wait_done(client, client.submit_job(source=f"{code_server['url']}/{source}", platform="SpiNNaker",
-                                              collab_id="private-jalice"))
+    job = wait_done(
+        client,
+        client.submit_job(source=f"{code_server['url']}/{source}", platform="SpiNNaker", collab_id="private-jalice"),
+    )
     assert job["status"] == "finished", job["log"][-3000:]
     out = "results/from_git.dat" if source == "repo.git" else "results/spikes.dat"
     assert [f["path"] for f in job["output_data"]["files"]] == [out]
@@ -217,21 +234,49 @@ def test_another_users_token_gets_404(jobs_hub, nmpi_module):
     assert r.status_code == 401 and "not valid" in r.json()["detail"]
 
 
-@pytest.mark.parametrize("body, status, message", [
-    (b"{not json", 400, "The request body is not valid JSON"),
-    (b"[1]", 400, "must be a JSON object"),
-    ({"code": "print(1)", "collab": "private-jalice", "hardware_platform": "BrainScaleS"}, 422,
-     "hardware_platform: 'BrainScaleS' is not run here; this service runs SpiNNaker jobs"),
-    ({"code": "print(1)", "collab": "private-jalice", "hardware_platform": "SpiNNaker", "priority": 1}, 422,
-     "priority: unknown field"),
-    ({"code": "print(1)", "collab": "private-jalice", "hardware_platform": "SpiNNaker",
-      "input_data": [{"url": "ftp://x/y"}]}, 422, "input_data[0].url: 'ftp://x/y' is not an http(s) URL"),
-    ({"code": "print(1)", "collab": "private-jalice", "hardware_platform": "SpiNNaker",
-      "input_data": [{"url": "http://x/y", "path": "../y"}]}, 422, "input_data[0].path: '../y' must be a relative"),
-    ({"collab": "private-jalice", "hardware_platform": "SpiNNaker"}, 422, "code: required"),
-    ({"code": "x" * (1024 * 1024 + 1), "collab": "private-jalice", "hardware_platform": "SpiNNaker"}, 422,
-     "over the limit of 1024 KiB (jobs.limits.inline_code_kb)"),
-])
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        (b"{not json", 400, "The request body is not valid JSON"),
+        (b"[1]", 400, "must be a JSON object"),
+        (
+            {"code": "print(1)", "collab": "private-jalice", "hardware_platform": "BrainScaleS"},
+            422,
+            "hardware_platform: 'BrainScaleS' is not run here; this service runs SpiNNaker jobs",
+        ),
+        (
+            {"code": "print(1)", "collab": "private-jalice", "hardware_platform": "SpiNNaker", "priority": 1},
+            422,
+            "priority: unknown field",
+        ),
+        (
+            {
+                "code": "print(1)",
+                "collab": "private-jalice",
+                "hardware_platform": "SpiNNaker",
+                "input_data": [{"url": "ftp://x/y"}],
+            },
+            422,
+            "input_data[0].url: 'ftp://x/y' is not an http(s) URL",
+        ),
+        (
+            {
+                "code": "print(1)",
+                "collab": "private-jalice",
+                "hardware_platform": "SpiNNaker",
+                "input_data": [{"url": "http://x/y", "path": "../y"}],
+            },
+            422,
+            "input_data[0].path: '../y' must be a relative",
+        ),
+        ({"collab": "private-jalice", "hardware_platform": "SpiNNaker"}, 422, "code: required"),
+        (
+            {"code": "x" * (1024 * 1024 + 1), "collab": "private-jalice", "hardware_platform": "SpiNNaker"},
+            422,
+            "over the limit of 1024 KiB (jobs.limits.inline_code_kb)",
+        ),
+    ],
+)
 def test_bad_request_bodies(jobs_hub, body, status, message):
     headers = {"Authorization": f"Bearer {jobs_hub.users['jalice'].token}"}
     kwargs = {"data": body} if isinstance(body, bytes) else {"json": body}
@@ -239,14 +284,17 @@ def test_bad_request_bodies(jobs_hub, body, status, message):
     assert r.status_code == status and message in r.json()["detail"], (r.status_code, r.text[:300])
 
 
-@pytest.mark.parametrize("config, message", [
-    ("{not json", "hardware_config is not valid JSON"),
-    ({"spynaker_version": "7.4.1"}, "hardware_config.spynaker_version: unknown key"),
-    ({"time_limit": "10"}, "hardware_config.time_limit: expected a whole number"),
-    ({"spynnaker_version": "6.0.0"}, "'6.0.0' is not available here. Available: 7.4.1"),
-    ({"extra_pip_installs": ["requests"]}, "'requests' is not in this deployment's allowed packages"),
-    ({"extra_makes": ["all"]}, "hardware_config.extra_makes (C code built for this job) is not available"),
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ("{not json", "hardware_config is not valid JSON"),
+        ({"spynaker_version": "7.4.1"}, "hardware_config.spynaker_version: unknown key"),
+        ({"time_limit": "10"}, "hardware_config.time_limit: expected a whole number"),
+        ({"spynnaker_version": "6.0.0"}, "'6.0.0' is not available here. Available: 7.4.1"),
+        ({"extra_pip_installs": ["requests"]}, "'requests' is not in this deployment's allowed packages"),
+        ({"extra_makes": ["all"]}, "hardware_config.extra_makes (C code built for this job) is not available"),
+    ],
+)
 def test_bad_hardware_config_refused_at_submission(jobs_hub, nmpi_module, config, message):
     client = client_for(nmpi_module, jobs_hub, "jalice")
     before = client.queued_jobs()
@@ -259,22 +307,32 @@ def test_bad_hardware_config_refused_at_submission(jobs_hub, nmpi_module, config
 def test_allowed_pip_package_is_installed_for_the_job(jobs_hub, nmpi_module):
     client = client_for(nmpi_module, jobs_hub, "jalice")
     script = "import os, six\nprint('six from', os.path.relpath(six.__file__))\n"
-    job = wait_done(client, client.submit_job(source=script, platform="SpiNNaker", collab_id="private-jalice",
-                                              config={"extra_pip_installs": ["six"]}), timeout=180)
+    job = wait_done(
+        client,
+        client.submit_job(
+            source=script, platform="SpiNNaker", collab_id="private-jalice", config={"extra_pip_installs": ["six"]}
+        ),
+        timeout=180,
+    )
     assert job["status"] == "finished", job["log"]
     assert "six from .job/packages/six.py" in job["log"]
     assert job["output_data"]["files"] == []  # the installed package is not an output
 
 
-@pytest.mark.parametrize("source, message", [
-    ("evil.zip", "The zip archive has an entry outside its folder: '../../escaped.txt'"),
-    ("bomb.zip", "The zip archive unpacks to more than 4 MiB"),
-    ("missing.git", "Could not clone"),
-])
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("evil.zip", "The zip archive has an entry outside its folder: '../../escaped.txt'"),
+        ("bomb.zip", "The zip archive unpacks to more than 4 MiB"),
+        ("missing.git", "Could not clone"),
+    ],
+)
 def test_bad_code_is_a_clear_error(jobs_hub, nmpi_module, code_server, source, message):
     client = client_for(nmpi_module, jobs_hub, "jalice")
-    job = wait_done(client, client.submit_job(source=f"{code_server['url']}/{source}", platform="SpiNNaker",
-                                              collab_id="private-jalice"))
+    job = wait_done(
+        client,
+        client.submit_job(source=f"{code_server['url']}/{source}", platform="SpiNNaker", collab_id="private-jalice"),
+    )
     assert job["status"] == "error"
     assert message in job["log"], job["log"]
     assert job["output_data"]["files"] == []
@@ -289,26 +347,47 @@ def test_input_data_is_downloaded_before_the_job_runs(jobs_hub, code_server):
     (root / "data.bin").write_bytes(PAYLOAD)
     (root / "big.bin").write_bytes(b"x" * (2**20 + 1))
     headers = {"Authorization": f"Bearer {jobs_hub.users['jalice'].token}"}
-    script = ("import hashlib\nfor p in ('data.bin', 'inputs/copy.bin'):\n"
-              "    print(p, hashlib.sha256(open(p, 'rb').read()).hexdigest())\n")
+    script = (
+        "import hashlib\nfor p in ('data.bin', 'inputs/copy.bin'):\n"
+        "    print(p, hashlib.sha256(open(p, 'rb').read()).hexdigest())\n"
+    )
 
     def submit(input_data) -> dict:
-        r = requests.post(jobs_hub.jobs_url + "/jobs/", headers=headers, timeout=30, json={
-            "code": script, "collab": "private-jalice", "hardware_platform": "SpiNNaker", "input_data": input_data})
+        r = requests.post(
+            jobs_hub.jobs_url + "/jobs/",
+            headers=headers,
+            timeout=30,
+            json={
+                "code": script,
+                "collab": "private-jalice",
+                "hardware_platform": "SpiNNaker",
+                "input_data": input_data,
+            },
+        )
         assert r.status_code == 201, r.text
         uri = r.json()["resource_uri"]
-        wait_for(lambda: requests.get(jobs_hub.jobs_url + uri, headers=headers, timeout=30).json()["status"]
-                 in ("finished", "error"), 120, "the job to end")
+        wait_for(
+            lambda: (
+                requests.get(jobs_hub.jobs_url + uri, headers=headers, timeout=30).json()["status"]
+                in ("finished", "error")
+            ),
+            120,
+            "the job to end",
+        )
         return requests.get(jobs_hub.jobs_url + uri + "?with_log=true", headers=headers, timeout=30).json()
 
     job = submit([f"{url}/data.bin", {"url": f"{url}/data.bin", "path": "inputs/copy.bin"}])
     sha = hashlib.sha256(PAYLOAD).hexdigest()
     assert job["status"] == "finished", job["log"]
     assert f"data.bin {sha}" in job["log"] and f"inputs/copy.bin {sha}" in job["log"]
-    assert job["input_data"] == [{"url": f"{url}/data.bin", "path": "data.bin"},
-                                 {"url": f"{url}/data.bin", "path": "inputs/copy.bin"}]
+    assert job["input_data"] == [
+        {"url": f"{url}/data.bin", "path": "data.bin"},
+        {"url": f"{url}/data.bin", "path": "inputs/copy.bin"},
+    ]
     assert [(i["path"], i["size"], i["sha256"]) for i in job["provenance"]["input_data"]] == [
-        ("data.bin", len(PAYLOAD), sha), ("inputs/copy.bin", len(PAYLOAD), sha)]
+        ("data.bin", len(PAYLOAD), sha),
+        ("inputs/copy.bin", len(PAYLOAD), sha),
+    ]
     assert job["output_data"]["files"] == []  # inputs are not outputs
     job = submit([f"{url}/data.bin", f"{url}/missing.bin"])
     assert job["status"] == "error"
@@ -323,8 +402,10 @@ def test_input_data_is_downloaded_before_the_job_runs(jobs_hub, code_server):
 def test_time_limit_stops_the_job(jobs_hub, nmpi_module):
     client = client_for(nmpi_module, jobs_hub, "jalice")
     script = "import time\nprint('starting', flush=True)\nwhile True:\n    time.sleep(0.2)\n"
-    job = wait_done(client, client.submit_job(source=script, platform="SpiNNaker", collab_id="private-jalice",
-                                              config={"time_limit": 2}))
+    job = wait_done(
+        client,
+        client.submit_job(source=script, platform="SpiNNaker", collab_id="private-jalice", config={"time_limit": 2}),
+    )
     assert job["status"] == "error"
     assert "The job ran for longer than its time limit of 2 s and was stopped" in job["log"], job["log"]
     assert "starting" in job["log"]
@@ -362,18 +443,21 @@ def test_output_limit_stops_the_job(jobs_hub, nmpi_module):
 @pytest.fixture(scope="module")
 def tight_hub(hub_factory):
     """Short download links and small CPU / process limits; user servers run as root (no per-user accounts)."""
-    hub = start_jobs_hub(hub_factory, {"download_url_ttl": 1,
-                                       "limits": {"cpu_time": 2, "processes": 8, "memory_mb": 512,
-                                                  "upload_quota_mb": 1}},
-                         {"spawner": {"local": {"system_users": False}}})
+    hub = start_jobs_hub(
+        hub_factory,
+        {"download_url_ttl": 1, "limits": {"cpu_time": 2, "processes": 8, "memory_mb": 512, "upload_quota_mb": 1}},
+        {"spawner": {"local": {"system_users": False}}},
+    )
     hub.users = {"jcarol": hub.client("jcarol", hub.add_user("jcarol"))}
     return hub
 
 
 def test_expired_download_url(tight_hub, nmpi_module, tmp_path):
     client = client_for(nmpi_module, tight_hub, "jcarol")
-    job = wait_done(client, client.submit_job(source="open('a.txt', 'w').write('hello')", platform="SpiNNaker",
-                                              collab_id="private-jcarol"))
+    job = wait_done(
+        client,
+        client.submit_job(source="open('a.txt', 'w').write('hello')", platform="SpiNNaker", collab_id="private-jcarol"),
+    )
     url = job["output_data"]["files"][0]["url"]
     wait_for(lambda: requests.get(url, timeout=10).status_code == 403, 10, "the download link to expire")
     r = requests.get(url, timeout=10)
@@ -393,32 +477,48 @@ def test_upload_quota_per_user(tight_hub):
     body = b"\x1f\x8b" + os.urandom(600 * 1024)  # (only a .tar.gz is taken; its content is checked by the runner)
 
     def upload(user):
-        return requests.post(tight_hub.jobs_url + "/uploads", data=body, timeout=30,
-                             headers={"Authorization": f"Bearer {tight_hub.users[user].token}"})
+        return requests.post(
+            tight_hub.jobs_url + "/uploads",
+            data=body,
+            timeout=30,
+            headers={"Authorization": f"Bearer {tight_hub.users[user].token}"},
+        )
 
     assert upload(name).status_code == 201
     r = upload(name)
     assert r.status_code == 413, r.text
-    assert r.json()["detail"].startswith("Your uploads here would take 1.2 MiB, over your quota of 1 MiB "
-                                         "(jobs.limits.upload_quota_mb)"), r.json()
+    assert r.json()["detail"].startswith(
+        "Your uploads here would take 1.2 MiB, over your quota of 1 MiB (jobs.limits.upload_quota_mb)"
+    ), r.json()
     assert upload("jcarol").status_code == 201
 
 
 def test_jobs_never_run_as_root(tight_hub, nmpi_module):
     """Even where the operator lets servers run as root, a job runs as the user's own account."""
     client = client_for(nmpi_module, tight_hub, "jcarol")
-    job = wait_done(client, client.submit_job(source="import os, pwd\nprint('uid', pwd.getpwuid(os.getuid())[0])",
-                                              platform="SpiNNaker", collab_id="private-jcarol"))
+    job = wait_done(
+        client,
+        client.submit_job(
+            source="import os, pwd\nprint('uid', pwd.getpwuid(os.getuid())[0])",
+            platform="SpiNNaker",
+            collab_id="private-jcarol",
+        ),
+    )
     assert "uid jupyter-jcarol" in job["log"], job["log"]
     assert job["provenance"]["account"] == "jupyter-jcarol"
 
 
-@pytest.mark.parametrize("script, message", [
-    ("while True:\n    pass\n", "The job used more than 2 s of CPU time (jobs.limits.cpu_time) and was stopped"),
-    ("x = bytearray(1024 * 2**20)\n", "each of its processes may use at most 512 MiB (jobs.limits.memory_mb)"),
-    ("import subprocess\nps = [subprocess.Popen(['sleep', '5']) for _ in range(20)]\n",
-     "The job started too many processes: at most 8 at once (jobs.limits.processes)"),
-])
+@pytest.mark.parametrize(
+    "script, message",
+    [
+        ("while True:\n    pass\n", "The job used more than 2 s of CPU time (jobs.limits.cpu_time) and was stopped"),
+        ("x = bytearray(1024 * 2**20)\n", "each of its processes may use at most 512 MiB (jobs.limits.memory_mb)"),
+        (
+            "import subprocess\nps = [subprocess.Popen(['sleep', '5']) for _ in range(20)]\n",
+            "The job started too many processes: at most 8 at once (jobs.limits.processes)",
+        ),
+    ],
+)
 def test_resource_limits_are_named(tight_hub, nmpi_module, script, message):
     client = client_for(nmpi_module, tight_hub, "jcarol")
     job = wait_done(client, client.submit_job(source=script, platform="SpiNNaker", collab_id="private-jcarol"))
@@ -455,10 +555,12 @@ def test_service_stop_puts_a_running_job_back_in_the_queue(jobs_hub, nmpi_module
     import signal as signals
 
     marker = Path("/tmp") / f"jobs-test-{os.urandom(6).hex()}"
-    script = (f"import os, pathlib, time\nm = pathlib.Path({str(marker)!r})\n"
-              "if m.exists():\n    print('second attempt')\nelse:\n"
-              "    m.write_text(str(os.getpid()))\n    print('first attempt', flush=True)\n"
-              "    while True:\n        time.sleep(0.2)\n")
+    script = (
+        f"import os, pathlib, time\nm = pathlib.Path({str(marker)!r})\n"
+        "if m.exists():\n    print('second attempt')\nelse:\n"
+        "    m.write_text(str(os.getpid()))\n    print('first attempt', flush=True)\n"
+        "    while True:\n        time.sleep(0.2)\n"
+    )
     client = client_for(nmpi_module, jobs_hub, "jalice")
     uri = client.submit_job(source=script, platform="SpiNNaker", collab_id="private-jalice")
     try:
@@ -502,14 +604,21 @@ def test_a_notebook_submits_with_its_server_token(jobs_hub):
             "print('me', requests.get(url + '/userinfo', headers=h).json()['preferred_username'])\n"
             "r = requests.post(url + '/jobs/', headers=h, json={'code': JOB, 'collab': 'private-jalice',\n"
             "                                                   'hardware_platform': 'SpiNNaker'})\n"
-            "print('job', r.status_code, r.json()['resource_uri'])\n")
+            "print('job', r.status_code, r.json()['resource_uri'])\n"
+        )
         out = jalice.execute(kernel, code)
         assert out["error"] is None, out
         assert "me jalice" in out["stdout"], out
         uri = out["stdout"].split("job 201 ")[1].split()[0]
         headers = {"Authorization": f"Bearer {jalice.token}"}
-        wait_for(lambda: requests.get(jobs_hub.jobs_url + uri, headers=headers, timeout=30).json()["status"]
-                 in ("finished", "error"), 60, "the notebook's job")
+        wait_for(
+            lambda: (
+                requests.get(jobs_hub.jobs_url + uri, headers=headers, timeout=30).json()["status"]
+                in ("finished", "error")
+            ),
+            60,
+            "the notebook's job",
+        )
         job = requests.get(jobs_hub.jobs_url + uri + "?with_log=true", headers=headers, timeout=30).json()
         assert job["status"] == "finished" and "42" in job["log"], job["log"]
         assert f"Output files copied to ~/jobs/{job['id']}/." in job["log"]
@@ -525,13 +634,26 @@ def test_an_account_of_another_deployment_is_not_used(jobs_hub, nmpi_module, tmp
     person: jdave's jobs here do not run as it."""
     other_home = traversable_tmpdir("other-deployment-")
     subprocess.run(["userdel", "jupyter-jdave"], capture_output=True)  # left by an interrupted run
-    subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", str(other_home),
-                    "--comment", "Jupyter user jdave", "jupyter-jdave"], check=True)
+    subprocess.run(
+        [
+            "useradd",
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--home-dir",
+            str(other_home),
+            "--comment",
+            "Jupyter user jdave",
+            "jupyter-jdave",
+        ],
+        check=True,
+    )
     try:
         jobs_hub.users["jdave"] = jobs_hub.client("jdave", jobs_hub.add_user("jdave"))
         client = client_for(nmpi_module, jobs_hub, "jdave")
-        job = wait_done(client, client.submit_job(source="print('ran')", platform="SpiNNaker",
-                                                  collab_id="private-jdave"))
+        job = wait_done(
+            client, client.submit_job(source="print('ran')", platform="SpiNNaker", collab_id="private-jdave")
+        )
         assert job["status"] == "error" and "\nran\n" not in job["log"]
         assert "The system account jupyter-jdave belongs to another deployment on this machine" in job["log"]
     finally:

@@ -23,7 +23,7 @@ HUB_TOKEN = "hub-spalloc-token-for-jobs"
 FIRST_IP = "10.11.192.1"
 
 # Says what it was given, then waits for the test's marker (no sleep decides an outcome), then ends as told.
-JOB = textwrap.dedent('''
+JOB = textwrap.dedent("""
     import os, pathlib, sys, time
     cfg = pathlib.Path(os.environ["XDG_CONFIG_DIRS"], ".spynnaker.cfg").read_text()
     print("MACHINE", [line for line in cfg.splitlines() if line.startswith(("machine_name", "virtual_board"))],
@@ -37,7 +37,7 @@ JOB = textwrap.dedent('''
     while ending == "hang":
         time.sleep(0.1)
     open("done.txt", "w").write("done")
-''')
+""")
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +52,18 @@ def hub(hub_factory, double, tmp_path_factory):
     token_file = tmp_path_factory.mktemp("secrets") / "spalloc-token"
     token_file.write_text(HUB_TOKEN + "\n")
     os.chmod(token_file, 0o600)
-    h = start_jobs_hub(hub_factory, {"concurrency": 2}, {
-        "spinnaker": {"mode": "session", "claim_timeout": 300, "on_timeout": "fail",
-                      "spalloc": {"url": double.url, "token_file": str(token_file), "keepalive_interval": 30}}})
+    h = start_jobs_hub(
+        hub_factory,
+        {"concurrency": 2},
+        {
+            "spinnaker": {
+                "mode": "session",
+                "claim_timeout": 300,
+                "on_timeout": "fail",
+                "spalloc": {"url": double.url, "token_file": str(token_file), "keepalive_interval": 30},
+            }
+        },
+    )
     h.users = {"jbea": h.client("jbea", h.add_user("jbea"))}
     return h
 
@@ -67,9 +76,12 @@ def marker():
 
 
 def submit(hub, script: str, config: dict | None = None) -> int:
-    r = requests.post(hub.jobs_url + "/jobs/", headers={"Authorization": f"Bearer {hub.users['jbea'].token}"},
-                      json={"code": script, "collab": "private-jbea", "hardware_platform": "SpiNNaker",
-                            "hardware_config": config}, timeout=30)
+    r = requests.post(
+        hub.jobs_url + "/jobs/",
+        headers={"Authorization": f"Bearer {hub.users['jbea'].token}"},
+        json={"code": script, "collab": "private-jbea", "hardware_platform": "SpiNNaker", "hardware_config": config},
+        timeout=30,
+    )
     assert r.status_code == 201, r.text
     return r.json()["id"]
 
@@ -77,10 +89,14 @@ def submit(hub, script: str, config: dict | None = None) -> int:
 def job(hub, job_id: int) -> dict:
     def get():
         try:
-            return requests.get(f"{hub.jobs_url}/jobs/{job_id}?with_log=true", timeout=30,
-                                headers={"Authorization": f"Bearer {hub.users['jbea'].token}"}).json()
+            return requests.get(
+                f"{hub.jobs_url}/jobs/{job_id}?with_log=true",
+                timeout=30,
+                headers={"Authorization": f"Bearer {hub.users['jbea'].token}"},
+            ).json()
         except requests.ConnectionError:  # (the service restarting)
             return None
+
     return wait_for(get, 60, "the job service to answer")
 
 
@@ -121,14 +137,18 @@ def test_a_job_holds_a_board_while_it_runs_and_gives_it_back(hub, double, marker
     assert machine in running["log"], running["log"]  # the job's one cfg names its board
     assert f"SpiNNaker board {FIRST_IP} is this job's until it ends (spalloc job {held['id']})" in running["log"]
     [row] = lease_rows(hub)
-    assert (row.holder, row.job_url.rstrip("/").rsplit("/", 1)[1], row.phase) == (f"job:{job_id}", str(held["id"]),
-                                                                                   "held")
+    assert (row.holder, row.job_url.rstrip("/").rsplit("/", 1)[1], row.phase) == (
+        f"job:{job_id}",
+        str(held["id"]),
+        "held",
+    )
     shown = hub.cli("jobs", "show", str(job_id))
     assert f"detail:            running on SpiNNaker board {FIRST_IP}" in shown.stdout, shown.stdout
 
     if ending == "cancel":
-        r = requests.delete(f"{hub.jobs_url}/jobs/{job_id}", timeout=30,
-                            headers={"Authorization": f"Bearer {hub.users['jbea'].token}"})
+        r = requests.delete(
+            f"{hub.jobs_url}/jobs/{job_id}", timeout=30, headers={"Authorization": f"Bearer {hub.users['jbea'].token}"}
+        )
         assert r.status_code == 200
     elif ending != "timeout":
         marker.write_text("error" if ending == "error" else "finish")
@@ -164,8 +184,11 @@ def test_two_jobs_wait_for_one_board_and_the_second_says_so(hub, double, marker)
         holding(hub, double, second)  # the board went to the second job
         second_marker.write_text("finish")
         assert ended(hub, second)["status"] == "finished"
-        double.wait_for(lambda d: not spalloc_jobs(d, "READY") and not spalloc_jobs(d, "QUEUED"), 20,
-                        what="every board to be given back")
+        double.wait_for(
+            lambda d: not spalloc_jobs(d, "READY") and not spalloc_jobs(d, "QUEUED"),
+            20,
+            what="every board to be given back",
+        )
     finally:
         second_marker.unlink(missing_ok=True)
 
@@ -176,8 +199,9 @@ def test_a_job_cancelled_while_it_waits_for_a_board_leaves_the_queue(hub, double
     second = submit(hub, JOB.format(marker=str(marker) + "-never"))
     wait_for(lambda: "you are in the queue" in job(hub, second)["log"], 60, "the second job to wait for the board")
     [queued] = spalloc_jobs(double, "QUEUED")
-    r = requests.delete(f"{hub.jobs_url}/jobs/{second}", timeout=30,
-                        headers={"Authorization": f"Bearer {hub.users['jbea'].token}"})
+    r = requests.delete(
+        f"{hub.jobs_url}/jobs/{second}", timeout=30, headers={"Authorization": f"Bearer {hub.users['jbea'].token}"}
+    )
     assert r.status_code == 200
     done = ended(hub, second, timeout=30)
     assert done["status"] == "removed" and "MACHINE" not in done["log"], done["log"]
@@ -232,8 +256,11 @@ def test_a_stopped_runner_gives_the_board_back_and_the_job_runs_once_more(hub, d
     double.wait_for(lambda d: d.job(first["id"])["state"] == "DESTROYED", 60, what="the first board to be released")
     wait = "the job service restarted" if how == "runner killed" else "the job service stopped"
     assert wait in double.job(first["id"])["reason"], double.job(first["id"])
-    second = wait_for(lambda: [j for j in spalloc_jobs(double, "READY") if j["id"] != first["id"]], 120,
-                      "the job to run again with a fresh board")
+    second = wait_for(
+        lambda: [j for j in spalloc_jobs(double, "READY") if j["id"] != first["id"]],
+        120,
+        "the job to run again with a fresh board",
+    )
     marker.write_text("finish")
     done = ended(hub, job_id)
     assert done["status"] == "finished" and done["provenance"]["attempt"] == 2, done["log"]

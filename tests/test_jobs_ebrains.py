@@ -35,15 +35,30 @@ def nmpi_module(tmp_path_factory):
 @pytest.fixture(scope="module")
 def hub(hub_factory, provider):
     port = free_port()
-    hub = hub_factory({
-        "auth": {"type": "ebrains", "ebrains": {
-            "client_id": provider.client_id, "authorize_url": provider.authorize_url,
-            "token_url": provider.token_url, "userinfo_url": provider.userinfo_url,
-            "allowed_groups": [GROUP], "contact": "spinnaker-support@example.org",
-            "token_service_port": free_port()}},
-        "jobs": {"enabled": True, "port": port, "token_cache_seconds": 0,
-                 "collabs": {"course-a": ["course-a-students"]}},
-    }, start=False, env={"EBRAINS_CLIENT_SECRET": provider.client_secret})
+    hub = hub_factory(
+        {
+            "auth": {
+                "type": "ebrains",
+                "ebrains": {
+                    "client_id": provider.client_id,
+                    "authorize_url": provider.authorize_url,
+                    "token_url": provider.token_url,
+                    "userinfo_url": provider.userinfo_url,
+                    "allowed_groups": [GROUP],
+                    "contact": "spinnaker-support@example.org",
+                    "token_service_port": free_port(),
+                },
+            },
+            "jobs": {
+                "enabled": True,
+                "port": port,
+                "token_cache_seconds": 0,
+                "collabs": {"course-a": ["course-a-students"]},
+            },
+        },
+        start=False,
+        env={"EBRAINS_CLIENT_SECRET": provider.client_secret},
+    )
     provider.add_redirect_uri(f"{hub.url}/hub/oauth_callback")
     hub.start()
     hub.jobs_url = f"http://127.0.0.1:{port}"
@@ -65,21 +80,34 @@ def ebrains_token(hub, provider, name: str, password: str, **claims) -> str:
     session = requests.Session()
     provider.login_with_requests(session, f"{hub.url}/hub/oauth_login?next=/hub/home", name, password)
     user = HubClient(hub.url, None, session=session)
-    r = requests.get(f"{hub.url}/services/access-token-service/access-token",
-                     headers={"Authorization": f"token {user.token}"}, timeout=30)
+    r = requests.get(
+        f"{hub.url}/services/access-token-service/access-token",
+        headers={"Authorization": f"token {user.token}"},
+        timeout=30,
+    )
     assert r.status_code == 200, r.text
     return r.json()["access_token"]
 
 
 def test_ebrains_token_submits_to_own_group_and_team_collabs(hub, provider, nmpi_module, tmp_path):
-    token = ebrains_token(hub, provider, "neuro", "pw-neuro-12",
-                          roles={"group": [GROUP, "course-a-students"], "team": ["collab-lab-x-editor"]})
+    token = ebrains_token(
+        hub,
+        provider,
+        "neuro",
+        "pw-neuro-12",
+        roles={"group": [GROUP, "course-a-students"], "team": ["collab-lab-x-editor"]},
+    )
     # exactly as on EBRAINS: the client checks the token at the provider's userinfo, the service too
     client = nmpi_module.Client(token=token, job_service=hub.jobs_url, user_info_endpoint=provider.userinfo_url)
     assert client.username == "neuro"
-    uris = [client.submit_job(source="open('o.txt', 'w').write('from ' + __import__('sys').argv[1])",
-                              platform="SpiNNaker", collab_id=collab)
-            for collab in ("private-neuro", "course-a", "lab-x")]
+    uris = [
+        client.submit_job(
+            source="open('o.txt', 'w').write('from ' + __import__('sys').argv[1])",
+            platform="SpiNNaker",
+            collab_id=collab,
+        )
+        for collab in ("private-neuro", "course-a", "lab-x")
+    ]
     for uri in uris:
         wait_for(lambda: client.job_status(uri) in ("finished", "error"), 120, f"job {uri}")
         job = client.get_job(uri, with_log=True)
@@ -94,10 +122,16 @@ def test_ebrains_token_submits_to_own_group_and_team_collabs(hub, provider, nmpi
 def test_user_outside_the_allowed_groups_is_refused(hub, provider, nmpi_module):
     token = ebrains_token(hub, provider, "leaver", "pw-leaver-1", roles={"group": [GROUP], "team": []})
     provider.add_user("leaver", "pw-leaver-1", roles={"group": ["other-lab"], "team": []})  # left the group
-    r = requests.post(hub.jobs_url + "/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=30,
-                      json={"code": "print(1)", "collab": "private-leaver", "hardware_platform": "SpiNNaker"})
+    r = requests.post(
+        hub.jobs_url + "/jobs/",
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+        json={"code": "print(1)", "collab": "private-leaver", "hardware_platform": "SpiNNaker"},
+    )
     assert r.status_code == 403, r.text
-    assert r.json()["detail"] == ("Your EBRAINS account is not in the groups allowed to use this SpiNNaker service. "
-                                  "To get access, ask spinnaker-support@example.org.")
+    assert r.json()["detail"] == (
+        "Your EBRAINS account is not in the groups allowed to use this SpiNNaker service. "
+        "To get access, ask spinnaker-support@example.org."
+    )
     r = requests.get(hub.jobs_url + "/jobs/", headers={"Authorization": "Bearer forged"}, timeout=30)
     assert r.status_code == 401 and "current EBRAINS access token" in r.json()["detail"]

@@ -4,7 +4,6 @@ cancels their queued and running jobs."""
 
 from __future__ import annotations
 
-import os
 import uuid
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from spinnaker_jupyter.jobs.store import Store
 from test_jobs import _ended, start_jobs_hub
 
 # Waits for a marker the test makes, then writes an output: no sleep decides the outcome.
-WAITING = '''
+WAITING = """
 import os, pathlib, time
 m = pathlib.Path({marker!r})
 pathlib.Path({pidfile!r}).write_text(str(os.getpid()))
@@ -25,7 +24,7 @@ while not m.exists():
     time.sleep(0.1)
 pathlib.Path("done.txt").write_text("survived")
 print("done", flush=True)
-'''
+"""
 
 
 def _markers():
@@ -34,15 +33,20 @@ def _markers():
 
 
 def _submit(hub, name: str, script: str) -> str:
-    r = requests.post(hub.jobs_url + "/jobs/", headers={"Authorization": f"Bearer {hub.users[name].token}"},
-                      json={"code": script, "collab": f"private-{name}", "hardware_platform": "SpiNNaker"}, timeout=30)
+    r = requests.post(
+        hub.jobs_url + "/jobs/",
+        headers={"Authorization": f"Bearer {hub.users[name].token}"},
+        json={"code": script, "collab": f"private-{name}", "hardware_platform": "SpiNNaker"},
+        timeout=30,
+    )
     assert r.status_code == 201, r.text
     return r.json()["resource_uri"]
 
 
 def _job(hub, name: str, uri: str) -> dict:
-    r = requests.get(hub.jobs_url + uri + "?with_log=true",
-                     headers={"Authorization": f"Bearer {hub.users[name].token}"}, timeout=30)
+    r = requests.get(
+        hub.jobs_url + uri + "?with_log=true", headers={"Authorization": f"Bearer {hub.users[name].token}"}, timeout=30
+    )
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -71,8 +75,9 @@ def test_a_running_job_survives_the_users_server_stop(request, which):
     user.start_server()
     try:
         kernel = user.start_kernel("spynnaker")
-        out = user.execute(kernel, "import subprocess\n"
-                                   "p = subprocess.Popen(['sleep', '600'], start_new_session=True)\nprint(p.pid)")
+        out = user.execute(
+            kernel, "import subprocess\np = subprocess.Popen(['sleep', '600'], start_new_session=True)\nprint(p.pid)"
+        )
         assert out["error"] is None, out
         leftover = int(out["stdout"].strip())  # the server's own leftover, in a session of its own like a job
         uri = _submit(hub, name, WAITING.format(marker=str(marker), pidfile=str(pidfile)))

@@ -20,23 +20,23 @@ nmpi = test_jobs.nmpi_module  # (the fixture, under the name these tests ask for
 
 PREFIX = "sjtest-"  # system accounts of their own: other suites' hubs on this machine have their jupyter-<name>
 
-PRINTS = '''
+PRINTS = """
 import os, pathlib, pwd
 print("slurm job", os.environ.get("SLURM_JOB_ID"), "as", pwd.getpwuid(os.getuid()).pw_name, flush=True)
 pathlib.Path("out.txt").write_text("from slurm " + os.environ.get("SLURM_JOB_ID", "none"))
-'''
+"""
 FOREVER = "import time\nprint('working', flush=True)\nwhile True:\n    time.sleep(0.2)\n"
 
 
 def jobs_slurm_config(slurm, **jobs_slurm) -> dict:
-    return {"spawner": {"local": {"system_user_prefix": PREFIX},
-                        "slurm": {"conf": str(slurm.conf), "partition": slurm.partition}},
-            # machine mode: each job takes one board licence (a lab's own board; jobs run virtual in this release)
-            "spinnaker": {"mode": "machine", "machine_name": "192.0.2.1"}}, {"executor": "slurm",
-                                                                              "slurm": jobs_slurm,
-                                                                              "limits": {"wall_time": 120,
-                                                                                         "memory_mb": 512,
-                                                                                         "output_mb": 2}}
+    return {
+        "spawner": {
+            "local": {"system_user_prefix": PREFIX},
+            "slurm": {"conf": str(slurm.conf), "partition": slurm.partition},
+        },
+        # machine mode: each job takes one board licence (a lab's own board; jobs run virtual in this release)
+        "spinnaker": {"mode": "machine", "machine_name": "192.0.2.1"},
+    }, {"executor": "slurm", "slurm": jobs_slurm, "limits": {"wall_time": 120, "memory_mb": 512, "output_mb": 2}}
 
 
 @pytest.fixture(scope="module")
@@ -91,13 +91,14 @@ def test_a_job_waits_in_the_slurm_queue_for_a_board_and_says_why(hub, slurm, nmp
 
 def test_time_limit_ends_the_slurm_job_as_error(hub, slurm, nmpi):
     client = client_for(nmpi, hub, "sjsam")
-    job = wait_done(client, client.submit_job(source=FOREVER, platform="SpiNNaker", collab_id="private-sjsam",
-                                              config={"time_limit": 3}))
+    job = wait_done(
+        client,
+        client.submit_job(source=FOREVER, platform="SpiNNaker", collab_id="private-sjsam", config={"time_limit": 3}),
+    )
     assert job["status"] == "error"
     assert "The job ran for longer than its time limit of 3 s and was stopped" in job["log"], job["log"]
     assert "working" in job["log"]
-    wait_for(lambda: slurm_state(slurm, slurm_id_of(job["log"])) in ("CANCELLED", "GONE"), 30,
-             "the Slurm job to end")
+    wait_for(lambda: slurm_state(slurm, slurm_id_of(job["log"])) in ("CANCELLED", "GONE"), 30, "the Slurm job to end")
 
 
 def test_cancel_scancels_the_slurm_job(hub, slurm, nmpi):
@@ -105,8 +106,7 @@ def test_cancel_scancels_the_slurm_job(hub, slurm, nmpi):
     uri = client.submit_job(source=FOREVER, platform="SpiNNaker", collab_id="private-sjsam")
     wait_for(lambda: "working" in client.get_job(uri, with_log=True)["log"], 60, "the job to work")
     slurm_id = slurm_id_of(client.get_job(uri, with_log=True)["log"])
-    r = requests.delete(hub.jobs_url + uri, headers={"Authorization": f"Bearer {hub.users['sjsam'].token}"},
-                        timeout=30)
+    r = requests.delete(hub.jobs_url + uri, headers={"Authorization": f"Bearer {hub.users['sjsam'].token}"}, timeout=30)
     assert r.status_code == 200, r.text
     wait_for(lambda: client.job_status(uri) == "removed", 30, "the job to be removed")
     wait_for(lambda: slurm_state(slurm, slurm_id) in ("CANCELLED", "GONE"), 30, "the Slurm job to end")
@@ -129,22 +129,30 @@ def test_unknown_partition_is_one_line_naming_the_key(hub_factory, slurm, nmpi):
     client = client_for(nmpi, bad, "sjsam")
     job = wait_done(client, client.submit_job(source=PRINTS, platform="SpiNNaker", collab_id="private-sjsam"))
     assert job["status"] == "error"
-    assert ("Slurm refused the job: the partition 'nosuchpartition' does not exist; set jobs.slurm.partition"
-            in job["log"]), job["log"]
+    assert (
+        "Slurm refused the job: the partition 'nosuchpartition' does not exist; set jobs.slurm.partition" in job["log"]
+    ), job["log"]
 
 
 def test_slurm_down_is_one_clear_line_not_a_hang(hub_factory, slurm, nmpi):
     down = traversable_tmpdir("jobs-slurm-down-") / "slurm.conf"  # the controller's port: nobody listens there
-    down.write_text("\n".join(f"SlurmctldPort={free_port()}" if line.startswith("SlurmctldPort=") else line
-                              for line in slurm.conf.read_text().splitlines()) + "\n")
+    down.write_text(
+        "\n".join(
+            f"SlurmctldPort={free_port()}" if line.startswith("SlurmctldPort=") else line
+            for line in slurm.conf.read_text().splitlines()
+        )
+        + "\n"
+    )
     down.chmod(0o644)
     extra, jobs = jobs_slurm_config(slurm)
     extra["spawner"]["slurm"]["conf"] = str(down)
     bad = start_jobs_hub(hub_factory, jobs, extra)
     bad.users = {"sjkim": bad.client("sjkim", bad.add_user("sjkim"))}
     client = client_for(nmpi, bad, "sjkim")
-    job = wait_done(client, client.submit_job(source=PRINTS, platform="SpiNNaker", collab_id="private-sjkim"),
-                    timeout=90)
+    job = wait_done(
+        client, client.submit_job(source=PRINTS, platform="SpiNNaker", collab_id="private-sjkim"), timeout=90
+    )
     assert job["status"] == "error"
-    assert "Slurm refused the job: the Slurm cluster is not answering (its controller cannot be reached)" in \
-        job["log"], job["log"]
+    assert (
+        "Slurm refused the job: the Slurm cluster is not answering (its controller cannot be reached)" in job["log"]
+    ), job["log"]

@@ -18,10 +18,20 @@ from spinnaker_jupyter.jobs.store import Store
 KEYS = list(hardware_config.SUPPORTED)
 
 
-@pytest.mark.parametrize("name, ok", [
-    ("run.py", "run.py"), ("a/./b.py", "a/b.py"), ("../x", None), ("a/../../x", None), ("/etc/passwd", None),
-    ("C:/x", None), ("", None), ("a\0b", None), ("..", None),
-])
+@pytest.mark.parametrize(
+    "name, ok",
+    [
+        ("run.py", "run.py"),
+        ("a/./b.py", "a/b.py"),
+        ("../x", None),
+        ("a/../../x", None),
+        ("/etc/passwd", None),
+        ("C:/x", None),
+        ("", None),
+        ("a\0b", None),
+        ("..", None),
+    ],
+)
 def test_safe_relpath(name, ok):
     assert archives.safe_relpath(name) == ok
 
@@ -65,7 +75,7 @@ def test_zip_symlink_and_file_count(tmp_path):
     path = tmp_path / "a.zip"
     with zipfile.ZipFile(path, "w") as z:
         info = zipfile.ZipInfo("link")
-        info.external_attr = (0o120777 << 16)
+        info.external_attr = 0o120777 << 16
         z.writestr(info, "/etc/shadow")
     dest = tmp_path / "out"
     dest.mkdir()
@@ -81,7 +91,10 @@ def test_zip_symlink_and_file_count(tmp_path):
 def test_hardware_config_checks():
     parse = lambda v, **kw: hardware_config.parse(v, kw.get("keys", KEYS), ["1!7.4.1"], ["neo"], 600)  # noqa: E731
     assert parse({"spynnaker_version": "7.4.1", "extra_pip_installs": ["neo==0.14.6"], "time_limit": 60}) == {
-        "spynnaker_version": "7.4.1", "extra_pip_installs": ["neo==0.14.6"], "time_limit": 60}
+        "spynnaker_version": "7.4.1",
+        "extra_pip_installs": ["neo==0.14.6"],
+        "time_limit": 60,
+    }
     assert parse('{"spynnaker_version": "1!7.4.1"}') == {"spynnaker_version": "1!7.4.1"}
     assert parse(None) == {}
     for bad, message in [
@@ -116,8 +129,10 @@ def test_claim_is_exclusive(tmp_path):
     url = f"sqlite:///{tmp_path / 'jobs.sqlite'}"
     a, b = Store(url), Store(url)
     for i in range(20):
-        a.create("alice", {"collab": "private-alice", "code": f"print({i})", "command": "run.py",
-                           "hardware_platform": "SpiNNaker"})
+        a.create(
+            "alice",
+            {"collab": "private-alice", "code": f"print({i})", "command": "run.py", "hardware_platform": "SpiNNaker"},
+        )
     got = []
     while True:
         ja, jb = a.claim_next("a"), b.claim_next("b")
@@ -136,14 +151,21 @@ def test_outputs_go_after_the_retention_time(tmp_path, envs_dir):
     from spinnaker_jupyter.jobs.runner import Runner
     from spinnaker_jupyter.jobs.settings import Settings
 
-    (tmp_path / "c.yaml").write_text(f"data_dir: {tmp_path / 'data'}\nkernels: {{envs_dir: {envs_dir}}}\n"
-                                     "jobs: {enabled: true, retention_days: 3}\n")
+    (tmp_path / "c.yaml").write_text(
+        f"data_dir: {tmp_path / 'data'}\nkernels: {{envs_dir: {envs_dir}}}\n"
+        "jobs: {enabled: true, retention_days: 3}\n"
+    )
     s = Settings.from_deployment(load([tmp_path / "c.yaml"]))
     s.data.mkdir(parents=True)
     store = Store(f"sqlite:///{s.data / 'jobs.sqlite'}")
     runner = Runner(store, LocalExecutor(tmp_path / "homes", False, "jupyter-"), s)
-    old, new = (store.create("alice", {"collab": "private-alice", "code": "print(1)", "command": "run.py",
-                                       "hardware_platform": "SpiNNaker"}) for _ in range(2))
+    old, new = (
+        store.create(
+            "alice",
+            {"collab": "private-alice", "code": "print(1)", "command": "run.py", "hardware_platform": "SpiNNaker"},
+        )
+        for _ in range(2)
+    )
     for job, days in ((old, 4), (new, 2)):
         (s.outputs / str(job.id)).mkdir(parents=True)
         (s.outputs / str(job.id) / "out.txt").write_text("x")
@@ -190,8 +212,13 @@ def test_hub_wiring(tmp_path):
 
 def test_removal_flags_a_running_job_and_removes_the_others(tmp_path):
     store = Store(f"sqlite:///{tmp_path / 'jobs.sqlite'}")
-    ids = [store.create("alice", {"collab": "private-alice", "code": "print(1)", "command": "run.py",
-                                  "hardware_platform": "SpiNNaker"}).id for _ in range(3)]
+    ids = [
+        store.create(
+            "alice",
+            {"collab": "private-alice", "code": "print(1)", "command": "run.py", "hardware_platform": "SpiNNaker"},
+        ).id
+        for _ in range(3)
+    ]
     store.claim_next("r")  # ids[0] runs
     store.finish(ids[1], "finished", {}, [], 0.0)
     assert [store.request_removal(i) for i in ids] == ["running", "finished", "submitted"]
@@ -211,11 +238,12 @@ def test_job_sessions_are_trusted_only_from_a_private_folder(tmp_path):
 
     where = sessions.folder(tmp_path)
     sessions.prepare(where)
-    job = subprocess.Popen(["sleep", "30"], start_new_session=True,
-                           preexec_fn=lambda: sessions.record_self(where, os.getuid()))
+    job = subprocess.Popen(
+        ["sleep", "30"], start_new_session=True, preexec_fn=lambda: sessions.record_self(where, os.getuid())
+    )
     other = subprocess.Popen(["sleep", "30"], start_new_session=True)
     try:
-        wait_for_file = (where / str(job.pid))
+        wait_for_file = where / str(job.pid)
         assert wait_for_file.read_text() == str(os.getuid())
         found = sessions.recorded(where)
         assert found == {job.pid: os.getuid()}
@@ -253,18 +281,31 @@ def test_no_board_in_time_follows_on_timeout(tmp_path, envs_dir, on_timeout, mon
     monkeypatch.setenv("SPALLOC_TOKEN", "t")
     double = SpallocDouble(boards=1, tokens={"t": "hub"}, admins=["hub"], power_delay=0.05).start()
     try:
-        (tmp_path / "c.yaml").write_text(json.dumps({
-            "data_dir": str(tmp_path / "data"), "kernels": {"envs_dir": str(envs_dir)}, "jobs": {"enabled": True},
-            "spinnaker": {"mode": "session", "claim_timeout": 2, "on_timeout": on_timeout,
-                          "spalloc": {"url": double.url, "keepalive_interval": 30}}}))
+        (tmp_path / "c.yaml").write_text(
+            json.dumps(
+                {
+                    "data_dir": str(tmp_path / "data"),
+                    "kernels": {"envs_dir": str(envs_dir)},
+                    "jobs": {"enabled": True},
+                    "spinnaker": {
+                        "mode": "session",
+                        "claim_timeout": 2,
+                        "on_timeout": on_timeout,
+                        "spalloc": {"url": double.url, "keepalive_interval": 30},
+                    },
+                }
+            )
+        )
         d = load([tmp_path / "c.yaml"])
         s = Settings.from_deployment(d)
         s.data.mkdir(parents=True)
         store = Store(f"sqlite:///{s.data / 'jobs.sqlite'}")
         boards = JobBoards(d["spinnaker"], tmp_path / "leases.sqlite", lambda: "t")
         runner = Runner(store, LocalExecutor(tmp_path / "homes", False, "jupyter-"), s, boards)
-        store.create("alice", {"collab": "private-alice", "code": "print('ran')", "command": "run.py",
-                               "hardware_platform": "SpiNNaker"})
+        store.create(
+            "alice",
+            {"collab": "private-alice", "code": "print('ran')", "command": "run.py", "hardware_platform": "SpiNNaker"},
+        )
 
         async def scenario():
             other = SpallocAllocator(url=double.url, token="t", keepalive_interval=30)

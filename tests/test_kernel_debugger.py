@@ -120,10 +120,24 @@ def control(user, kernel: str, msg_type: str, content: dict, timeout: float = 60
     ws = websocket.create_connection(ws_url, header=[f"Authorization: token {user.token}"], timeout=timeout)
     msg_id = uuid.uuid4().hex
     try:
-        ws.send(json.dumps({
-            "header": {"msg_id": msg_id, "username": user.name, "session": uuid.uuid4().hex, "msg_type": msg_type,
-                       "version": "5.3"},
-            "parent_header": {}, "metadata": {}, "channel": "control", "buffers": [], "content": content}))
+        ws.send(
+            json.dumps(
+                {
+                    "header": {
+                        "msg_id": msg_id,
+                        "username": user.name,
+                        "session": uuid.uuid4().hex,
+                        "msg_type": msg_type,
+                        "version": "5.3",
+                    },
+                    "parent_header": {},
+                    "metadata": {},
+                    "channel": "control",
+                    "buffers": [],
+                    "content": content,
+                }
+            )
+        )
         while True:
             msg = json.loads(ws.recv())
             if msg.get("parent_header", {}).get("msg_id") == msg_id and msg["channel"] == "control":
@@ -133,8 +147,9 @@ def control(user, kernel: str, msg_type: str, content: dict, timeout: float = 60
 
 
 def debug_request(user, kernel: str, command: str, arguments: dict) -> dict | None:
-    return control(user, kernel, "debug_request", {"type": "request", "seq": 1, "command": command,
-                                                   "arguments": arguments})
+    return control(
+        user, kernel, "debug_request", {"type": "request", "seq": 1, "command": command, "arguments": arguments}
+    )
 
 
 @pytest.mark.parametrize("name", KERNELS)
@@ -143,31 +158,55 @@ def test_another_account_cannot_run_code_through_the_kernel_debugger(hub, alice,
     out = alice.execute(kernel, "import os; print(os.getuid())")
     assert out["stdout"].strip() == str(alice.uid), out
     proof = f"{PROOF}-{name}"
-    busy = threading.Thread(target=alice.execute, daemon=True, kwargs={"timeout": 300},
-                            args=(kernel, "import time\nwhile True:\n    time.sleep(0.05)"))
+    busy = threading.Thread(
+        target=alice.execute,
+        daemon=True,
+        kwargs={"timeout": 300},
+        args=(kernel, "import time\nwhile True:\n    time.sleep(0.05)"),
+    )
     before = tcp_listeners(uid=alice.uid)
     try:
         # Alice turns the debugger on in JupyterLab (initialize, attach), then off again (disconnect).
-        lab = {"clientID": "jupyterlab", "clientName": "JupyterLab", "adapterID": "python", "pathFormat": "path",
-               "linesStartAt1": True, "columnsStartAt1": True, "supportsVariableType": True, "locale": "en"}
-        replies = [debug_request(alice, kernel, "initialize", lab),
-                   debug_request(alice, kernel, "attach", {"justMyCode": True}),
-                   debug_request(alice, kernel, "disconnect", {"restart": False, "terminateDebuggee": False})]
+        lab = {
+            "clientID": "jupyterlab",
+            "clientName": "JupyterLab",
+            "adapterID": "python",
+            "pathFormat": "path",
+            "linesStartAt1": True,
+            "columnsStartAt1": True,
+            "supportsVariableType": True,
+            "locale": "en",
+        }
+        replies = [
+            debug_request(alice, kernel, "initialize", lab),
+            debug_request(alice, kernel, "attach", {"justMyCode": True}),
+            debug_request(alice, kernel, "disconnect", {"restart": False, "terminateDebuggee": False}),
+        ]
         busy.start()  # her notebook runs a long cell
-        wait_for(lambda: alice.server("GET", f"api/kernels/{kernel}").json()["execution_state"] == "busy", 60,
-                 "alice's cell to run")
+        wait_for(
+            lambda: alice.server("GET", f"api/kernels/{kernel}").json()["execution_state"] == "busy",
+            60,
+            "alice's cell to run",
+        )
         # Bob's account tries every TCP port her account listens on since.
         ports = sorted(tcp_listeners(uid=alice.uid) - before)
-        attack = as_account(bob, [str(spynnaker_python), "-c", ATTACKER,
-                                  json.dumps(ports), proof], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        attack = as_account(
+            bob,
+            [str(spynnaker_python), "-c", ATTACKER, json.dumps(ports), proof],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         out, err = attack.communicate(timeout=120)
         assert attack.returncode == 0, err
     finally:
         alice.server("POST", f"api/kernels/{kernel}/interrupt")
         busy.join(60)
     written = alice.server("GET", f"api/contents/{proof}")
-    assert written.status_code == 404, (f"bob's account ran code as alice through her {name} kernel's debugger "
-                                        f"(ports {ports}): {out.strip()} -> {written.text[:200]}")
+    assert written.status_code == 404, (
+        f"bob's account ran code as alice through her {name} kernel's debugger "
+        f"(ports {ports}): {out.strip()} -> {written.text[:200]}"
+    )
     assert not busy.is_alive()
     # The debugger is not offered: not by the kernelspec (JupyterLab's button), nor by the kernel, and a request
     # sent anyway is refused, saying why, and opens no port.
@@ -186,7 +225,7 @@ def test_the_debugger_fence_is_the_checked_ipykernel(spynnaker_python):
     from conftest import ROOT
 
     code = textwrap.dedent(f"""
-        import sys; sys.path.insert(0, {str(ROOT / 'kernels' / 'spynnaker')!r})
+        import sys; sys.path.insert(0, {str(ROOT / "kernels" / "spynnaker")!r})
         import spinnaker_kernel
         print(spinnaker_kernel.debugger_fence_problem() or "ok")
     """)
@@ -203,6 +242,7 @@ def test_the_git_kernel_as_registered_offers_no_debugger(spynnaker_python, tmp_p
 
     from jupyter_client.kernelspec import KernelSpecManager
     from jupyter_client.manager import KernelManager
+
     from spinnaker_jupyter_ext import gitkernel
 
     kdir = tmp_path / "kernels" / "spynnakergit"
@@ -214,8 +254,12 @@ def test_the_git_kernel_as_registered_offers_no_debugger(spynnaker_python, tmp_p
     spec = json.loads((kdir / "kernel.json").read_text())
     assert spec["argv"][1:3] == ["-m", "spinnaker_kernel"] and spec["metadata"]["debugger"] is False, spec
     ksm = KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")], ensure_native_kernel=False)
-    km = KernelManager(kernel_name="spynnakergit", kernel_spec_manager=ksm, transport="ipc",
-                       connection_file=str(tmp_path / "kernel.json"))
+    km = KernelManager(
+        kernel_name="spynnakergit",
+        kernel_spec_manager=ksm,
+        transport="ipc",
+        connection_file=str(tmp_path / "kernel.json"),
+    )
     km.start_kernel(cwd=str(tmp_path))
     kc = km.client()
     try:
@@ -223,8 +267,12 @@ def test_the_git_kernel_as_registered_offers_no_debugger(spynnaker_python, tmp_p
         kc.wait_for_ready(timeout=120)
         info = kc.kernel_info(reply=True, timeout=60)["content"]
         assert "debugger" not in info["supported_features"], info
-        kc.control_channel.send(kc.session.msg("debug_request", {"type": "request", "seq": 1, "command": "initialize",
-                                                                 "arguments": {"adapterID": "python"}}))
+        kc.control_channel.send(
+            kc.session.msg(
+                "debug_request",
+                {"type": "request", "seq": 1, "command": "initialize", "arguments": {"adapterID": "python"}},
+            )
+        )
         reply = kc.control_channel.get_msg(timeout=60)["content"]
         assert reply["success"] is False and "not available" in reply["message"], reply
     finally:
@@ -245,8 +293,10 @@ def test_the_images_kernelspecs_offer_no_debugger():
     assert set(specs) == {"$spec", "$py3"}, specs
     assert specs["$spec"]["argv"][1:3] == ["-m", "spinnaker_kernel"]
     assert specs["$py3"]["argv"][1:3] == ["/opt/spinnaker-jupyter/kernels/spynnaker/spinnaker_kernel.py", "--plain"]
-    assert "COPY kernels/spynnaker/spinnaker_kernel.py /opt/spinnaker-jupyter/kernels/spynnaker/spinnaker_kernel.py" \
+    assert (
+        "COPY kernels/spynnaker/spinnaker_kernel.py /opt/spinnaker-jupyter/kernels/spynnaker/spinnaker_kernel.py"
         in text
+    )
     assert all(s["metadata"] == {"debugger": False} for s in specs.values()), specs
 
 

@@ -17,7 +17,7 @@ from test_jobs import start_jobs_hub
 
 BOARD = "192.0.2.10"
 # Says the board its cfg names, then waits for the test's marker (no sleep decides an outcome).
-JOB = textwrap.dedent('''
+JOB = textwrap.dedent("""
     import os, pathlib, time
     cfg = pathlib.Path(os.environ["XDG_CONFIG_DIRS"], ".spynnaker.cfg").read_text()
     print("MACHINE", [line for line in cfg.splitlines() if line.startswith(("machine_name", "virtual_board"))],
@@ -25,26 +25,36 @@ JOB = textwrap.dedent('''
     marker = pathlib.Path({marker!r})
     while not marker.exists():
         time.sleep(0.1)
-''')
+""")
 
 
 def submit(hub, user, script: str) -> int:
-    r = requests.post(hub.jobs_url + "/jobs/", headers={"Authorization": f"Bearer {user.token}"},
-                      json={"code": script, "collab": f"private-{user.name}", "hardware_platform": "SpiNNaker"},
-                      timeout=30)
+    r = requests.post(
+        hub.jobs_url + "/jobs/",
+        headers={"Authorization": f"Bearer {user.token}"},
+        json={"code": script, "collab": f"private-{user.name}", "hardware_platform": "SpiNNaker"},
+        timeout=30,
+    )
     assert r.status_code == 201, r.text
     return r.json()["id"]
 
 
 def job(hub, user, job_id: int) -> dict:
-    return requests.get(f"{hub.jobs_url}/jobs/{job_id}?with_log=true", timeout=30,
-                        headers={"Authorization": f"Bearer {user.token}"}).json()
+    return requests.get(
+        f"{hub.jobs_url}/jobs/{job_id}?with_log=true", timeout=30, headers={"Authorization": f"Bearer {user.token}"}
+    ).json()
 
 
 def test_jobs_and_servers_take_turns_at_the_lab_board_and_say_who_has_it(hub_factory):
-    hub = start_jobs_hub(hub_factory, {"concurrency": 1}, {
-        "spinnaker": {"mode": "machine", "machine_name": BOARD, "claim_timeout": 300, "on_timeout": "fail"},
-        "spawner": {"poll_interval": 1}, "culler": {"enabled": False}})
+    hub = start_jobs_hub(
+        hub_factory,
+        {"concurrency": 1},
+        {
+            "spinnaker": {"mode": "machine", "machine_name": BOARD, "claim_timeout": 300, "on_timeout": "fail"},
+            "spawner": {"poll_interval": 1},
+            "culler": {"enabled": False},
+        },
+    )
     alice = hub.client("lbalice", hub.add_user("lbalice"))
     bob = hub.client("lbbob", hub.add_user("lbbob"))
     # (names of their own: the system accounts jupyter-<name> are the machine's, shared with other test hubs)
@@ -64,8 +74,11 @@ def test_jobs_and_servers_take_turns_at_the_lab_board_and_say_who_has_it(hub_fac
         # Now the job has it: alice's new server waits, told whose job it is, and gets the board when it ends.
         reader = ProgressReader(alice)
         reader.start()
-        wait_for(lambda: reader.said(f"The lab's SpiNNaker board {BOARD} is in use by lbbob's job {first} since "),
-                 60, "alice's spawn page to say bob's job has the board")
+        wait_for(
+            lambda: reader.said(f"The lab's SpiNNaker board {BOARD} is in use by lbbob's job {first} since "),
+            60,
+            "alice's spawn page to say bob's job has the board",
+        )
         assert not (alice.server_model() or {}).get("ready")
         marker.write_text("finish")
         wait_for(lambda: job(hub, bob, first)["status"] == "finished", 120, "bob's job to finish")

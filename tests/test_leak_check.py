@@ -39,10 +39,26 @@ SESSION_PROBE = textwrap.dedent("""
 
 def run_probe(tmp_path: Path, marker: str, probe: str = PROBE, **fmt) -> subprocess.CompletedProcess:
     (tmp_path / "test_probe.py").write_text(probe.format(marker=marker, **fmt))
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "conftest", "-q", "-p", "no:cacheprovider",
-                           "--rootdir", str(tmp_path), str(tmp_path / "test_probe.py")],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(TESTS)})
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "conftest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(tmp_path),
+            str(tmp_path / "test_probe.py"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(TESTS)},
+    )
 
 
 def test_a_module_that_leaves_a_process_fails_the_run_and_names_it(tmp_path):

@@ -90,7 +90,12 @@ def test_cgroup_v2_files_written(tmp_path):
     joined = CgroupTree("cgroup2", {"": tree}).create("ann.lab", Limits(mem=parse_bytes("512M"), cpu=0.5, tasks=64))
     assert joined == [tree / "ann.lab"]
     assert (tree / "cgroup.subtree_control").read_text().split() == ["+pids", "+memory", "+cpu"]
-    files = {f: (tree / "ann.lab" / f).read_text().strip() for f in ("pids.max", "memory.max", "memory.swap.max",
-                                                                      "cpu.max")}
-    assert files == {"pids.max": "64", "memory.max": str(512 * 2**20), "memory.swap.max": "0",
-                     "cpu.max": "50000 100000"}
+    files = {
+        f: (tree / "ann.lab" / f).read_text().strip() for f in ("pids.max", "memory.max", "memory.swap.max", "cpu.max")
+    }
+    assert files == {
+        "pids.max": "64",
+        "memory.max": str(512 * 2**20),
+        "memory.swap.max": "0",
+        "cpu.max": "50000 100000",
+    }

@@ -24,9 +24,12 @@ def login(hub, name, password, address) -> requests.Response:
     s = requests.Session()
     s.headers["X-Forwarded-For"] = address
     s.get(f"{hub.url}/hub/login", timeout=30)
-    return s.post(f"{hub.url}/hub/login", data={"username": name, "password": password,
-                                                "_xsrf": s.cookies.get("_xsrf", path="/hub/")},
-                  allow_redirects=False, timeout=60)
+    return s.post(
+        f"{hub.url}/hub/login",
+        data={"username": name, "password": password, "_xsrf": s.cookies.get("_xsrf", path="/hub/")},
+        allow_redirects=False,
+        timeout=60,
+    )
 
 
 def test_failing_with_someones_name_elsewhere_does_not_lock_them_out(hub):

@@ -12,6 +12,7 @@ The session fixture ``spynnaker_kernel`` comes from tests/conftest.py. It makes 
 ``spynnaker`` visible (via ``JUPYTER_PATH``), configured for virtual mode, and yields the working
 directory under which the notebooks are run.
 """
+
 import copy
 import math
 import os
@@ -56,18 +57,19 @@ def tags(cell):
 
 
 def stdout(outputs):
-    return "".join(o.get("text", "") for o in outputs
-                   if o.get("output_type") == "stream" and o.get("name") == "stdout")
+    return "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream" and o.get("name") == "stdout")
 
 
 def has_image(outputs):
-    return any("image/png" in o.get("data", {}) for o in outputs
-               if o.get("output_type") in ("display_data", "execute_result"))
+    return any(
+        "image/png" in o.get("data", {}) for o in outputs if o.get("output_type") in ("display_data", "execute_result")
+    )
 
 
 # --------------------------------------------------------------------------------------------------
 # Static checks: no kernel needed
 # --------------------------------------------------------------------------------------------------
+
 
 def test_the_expected_notebooks_are_there():
     assert sorted(p.name for p in NOTEBOOKS_DIR.glob("*.ipynb")) == sorted(NOTEBOOKS + SERVICE_NOTEBOOKS)
@@ -108,12 +110,14 @@ def test_machine_cells_are_tagged_guarded_and_explained(name):
         assert GUARD in cell.source, "the notebook itself must skip this cell in virtual mode"
         assert "needs a real SpiNNaker machine" in cell.source
         markdown = [c for c in cells[:i] if c.cell_type == "markdown"][-1]
-        assert "needs a real SpiNNaker machine" in markdown.source, \
+        assert "needs a real SpiNNaker machine" in markdown.source, (
             "the markdown cell before a machine-only cell must say so"
+        )
     # Whatever talks to a running board lives in a tagged cell.
     for cell in cells:
-        if cell.cell_type == "code" and any(word in cell.source for word in (
-                "SpynnakerLiveSpikesConnection(", "SpynnakerPoissonControlConnection(")):
+        if cell.cell_type == "code" and any(
+            word in cell.source for word in ("SpynnakerLiveSpikesConnection(", "SpynnakerPoissonControlConnection(")
+        ):
             assert MACHINE_TAG in tags(cell)
 
 
@@ -128,6 +132,7 @@ def test_plots_of_recorded_data_have_a_virtual_mode_branch(name):
 # --------------------------------------------------------------------------------------------------
 # Executing the notebooks
 # --------------------------------------------------------------------------------------------------
+
 
 def _workdir(fixture_value):
     """The working directory the conftest fixture provides (a path, or an object with .workdir/.cwd)."""
@@ -166,8 +171,7 @@ class Executed:
             if PLOT_TAG in tags(cell):
                 assert "Virtual mode: no plot." in stdout(self.virtual_outputs[i])
                 assert not has_image(self.virtual_outputs[i]), "no empty plot in virtual mode"
-                assert has_image(self.forced_outputs[i]), \
-                    "the real-machine branch of a plot cell must draw a figure"
+                assert has_image(self.forced_outputs[i]), "the real-machine branch of a plot cell must draw a figure"
 
 
 @contextmanager
@@ -177,8 +181,13 @@ def executed(name, spynnaker_kernel):
     copied = rundir / name
     shutil.copy(NOTEBOOKS_DIR / name, copied)
     virtual_outputs, forced_outputs = {}, {}
-    with testbook(str(copied), execute=False, kernel_name=KERNEL_NAME, timeout=CELL_TIMEOUT,
-                  resources={"metadata": {"path": str(rundir)}}) as tb:
+    with testbook(
+        str(copied),
+        execute=False,
+        kernel_name=KERNEL_NAME,
+        timeout=CELL_TIMEOUT,
+        resources={"metadata": {"path": str(rundir)}},
+    ) as tb:
         for i, cell in enumerate(tb.nb.cells):
             if cell.cell_type != "code":
                 continue
@@ -230,7 +239,8 @@ def test_02_populations(spynnaker_kernel):
 
         populations = nb.value(
             "{pop.label: [pop.size, type(pop.celltype).__name__] for pop in "
-            "[pop_1, pop_2, lif_curr, lif_cond, izhikevich, array_source, poisson_source]}")
+            "[pop_1, pop_2, lif_curr, lif_cond, izhikevich, array_source, poisson_source]}"
+        )
         assert populations == {
             "Fred": [4, "IFCurrExpBase"],
             "Bob": [2, "IFCurrExpBase"],
@@ -241,13 +251,19 @@ def test_02_populations(spynnaker_kernel):
             "poisson_source": [20, "SpikeSourcePoisson"],
         }
         assert nb.value("list(izhikevich.get('d'))") == [8.0] * 10
-        assert nb.value("[[float(t) for t in times] for times in array_source.get('spike_times')]") == [[10.0, 20.0, 30.0], [15.0], [50.0, 60.0]]
+        assert nb.value("[[float(t) for t in times] for times in array_source.get('spike_times')]") == [
+            [10.0, 20.0, 30.0],
+            [15.0],
+            [50.0, 60.0],
+        ]
 
         # initialize with one value, and with a RandomDistribution (kept as such until the run).
         assert nb.value("initial_v_fixed") == [-60.0] * 4
         assert nb.value("[type(v).__name__ for v in initial_v_random]") == ["RandomDistribution"] * 10
         assert nb.value("[initial_v_random[0].name, initial_v_random[0].parameters]") == [
-            "uniform", {"low": -65.0, "high": -55.0}]
+            "uniform",
+            {"low": -65.0, "high": -55.0},
+        ]
         assert "simulated time: 100.0 ms" in nb.out("p.run(100)")
 
 
@@ -283,8 +299,10 @@ def test_04_projections(spynnaker_kernel):
         from_list = nb.value("[[int(a), int(b), float(w), float(d)] for a, b, w, d in synapses]")
         assert [row[:2] for row in from_list] == [[1, 1], [2, 1], [3, 2], [4, 2]]
         assert all(math.isclose(w, 0.5, abs_tol=1e-3) and d == 1.0 for _, _, w, d in from_list)
-        weighted = nb.value("[[int(a), int(b), float(w), float(d)] "
-                            "for a, b, w, d in proj_from_list_weighted.get(['weight', 'delay'], 'list')]")
+        weighted = nb.value(
+            "[[int(a), int(b), float(w), float(d)] "
+            "for a, b, w, d in proj_from_list_weighted.get(['weight', 'delay'], 'list')]"
+        )
         assert [row[:2] for row in weighted] == [[0, 5], [1, 6]]
         assert [row[2] for row in weighted] == pytest.approx([0.3, 0.4], abs=1e-3)
         assert [row[3] for row in weighted] == [2.0, 3.0]
@@ -298,8 +316,7 @@ def test_04_projections(spynnaker_kernel):
 
         # Random weights and delays.
         weights = nb.value("{name: values.tolist() for name, values in random_weights.items()}")
-        normal, clipped, boundary = (weights[k] for k in (
-            "normal", "normal_clipped", "normal_clipped_to_boundary"))
+        normal, clipped, boundary = (weights[k] for k in ("normal", "normal_clipped", "normal_clipped_to_boundary"))
         assert len(normal) == len(clipped) == len(boundary) == 400
         assert min(normal) > 0 and 0.45 < sum(normal) / 400 < 0.55
         for values in (clipped, boundary):
@@ -324,16 +341,20 @@ def test_04_projections(spynnaker_kernel):
 def test_05_plasticity_stdp(spynnaker_kernel):
     with executed("05_plasticity_stdp.ipynb", spynnaker_kernel) as nb:
         nb.check_virtual_mode_cells()
-        for name, weight_dependence in (("stdp_additive", "WeightDependenceAdditive"),
-                                        ("stdp_multiplicative", "WeightDependenceMultiplicative")):
+        for name, weight_dependence in (
+            ("stdp_additive", "WeightDependenceAdditive"),
+            ("stdp_multiplicative", "WeightDependenceMultiplicative"),
+        ):
             timing = nb.value(
                 f"[type({name}.timing_dependence).__name__, {name}.timing_dependence.tau_plus, "
                 f"{name}.timing_dependence.tau_minus, {name}.timing_dependence.A_plus, "
-                f"{name}.timing_dependence.A_minus]")
-            assert timing == ["TimingDependenceSpikePair", 20.0, 20.0,
-                              pytest.approx(0.01), pytest.approx(0.012)]
-            weights = nb.value(f"[type({name}.weight_dependence).__name__, "
-                               f"{name}.weight_dependence.w_min, {name}.weight_dependence.w_max]")
+                f"{name}.timing_dependence.A_minus]"
+            )
+            assert timing == ["TimingDependenceSpikePair", 20.0, 20.0, pytest.approx(0.01), pytest.approx(0.012)]
+            weights = nb.value(
+                f"[type({name}.weight_dependence).__name__, "
+                f"{name}.weight_dependence.w_min, {name}.weight_dependence.w_max]"
+            )
             assert weights == [weight_dependence, 0.0, 1.0]
             assert nb.value(f"[{name}.weight, {name}.delay]") == [0.5, 2.0]
 
@@ -354,7 +375,10 @@ def test_06_live_io(spynnaker_kernel):
         assert nb.value("received_spikes") == []
         mapped = nb.value("mapped")
         assert {label: mapped.get(label) for label in ("injector", "input", "pop")} == {
-            "injector": 1, "input": 1, "pop": 1}
+            "injector": 1,
+            "input": 1,
+            "pop": 1,
+        }
         # ... plus the cores sPyNNaker adds for live output and for live rate control.
         assert len(mapped) >= 5
 
@@ -363,8 +387,7 @@ def test_synfire_example(spynnaker_kernel):
     with executed("SynfireExample.ipynb", spynnaker_kernel) as nb:
         nb.check_virtual_mode_cells()
         assert nb.value("[n_neurons, n_populations, weights, delays, simtime]") == [100, 10, 0.5, 17.0, 1000]
-        assert nb.value("[[pop.label, pop.size] for pop in chain_pops]") == [
-            [f"chain_{i}", 100] for i in range(10)]
+        assert nb.value("[[pop.label, pop.size] for pop in chain_pops]") == [[f"chain_{i}", 100] for i in range(10)]
         assert nb.value("len(chain_projections)") == 10
         # FixedNumberPreConnector(10): 10 inputs for each of the 100 neurons of the next population.
         assert nb.value("list(connections.shape)") == [1000, 4]

@@ -45,13 +45,26 @@ def start_cpu_seconds(engine, stub: str, command: list[str] | None) -> float:
     """CPU-seconds the container's processes spent from start until the server listens (command None: the
     image's CMD)."""
     port = free_port()
-    env = {"JUPYTERHUB_API_TOKEN": secrets.token_hex(16), "JUPYTERHUB_API_URL": stub,
-           "JUPYTERHUB_CLIENT_ID": "jupyterhub-user-b", "JUPYTERHUB_USER": "b", "JUPYTERHUB_SERVER_NAME": "",
-           "JUPYTERHUB_SERVICE_PREFIX": "/user/b/", "JUPYTERHUB_OAUTH_CALLBACK_URL": "/user/b/oauth_callback",
-           "JUPYTERHUB_BASE_URL": "/", "JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{port}/user/b/",
-           "JUPYTERHUB_ACTIVITY_URL": f"{stub}/users/b/activity"}
-    container = engine.client().containers.run(engine.images["singleuser"], command=command, environment=env,
-                                               network_mode="host", labels={TEST_LABEL: "1"}, detach=True)
+    env = {
+        "JUPYTERHUB_API_TOKEN": secrets.token_hex(16),
+        "JUPYTERHUB_API_URL": stub,
+        "JUPYTERHUB_CLIENT_ID": "jupyterhub-user-b",
+        "JUPYTERHUB_USER": "b",
+        "JUPYTERHUB_SERVER_NAME": "",
+        "JUPYTERHUB_SERVICE_PREFIX": "/user/b/",
+        "JUPYTERHUB_OAUTH_CALLBACK_URL": "/user/b/oauth_callback",
+        "JUPYTERHUB_BASE_URL": "/",
+        "JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{port}/user/b/",
+        "JUPYTERHUB_ACTIVITY_URL": f"{stub}/users/b/activity",
+    }
+    container = engine.client().containers.run(
+        engine.images["singleuser"],
+        command=command,
+        environment=env,
+        network_mode="host",
+        labels={TEST_LABEL: "1"},
+        detach=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while True:

@@ -16,9 +16,15 @@ from test_hub import PYNN_NETWORK
 
 def slurm_config(slurm, **over) -> dict:
     # (an account prefix of its own: other suites' hubs on this machine have their jupyter-alice)
-    return {"spawner": {"type": "slurm", "poll_interval": 2, "local": {"system_user_prefix": "slurmtest-"},
-                        "slurm": {"conf": str(slurm.conf), "partition": slurm.partition, "memory": "1G", **over}},
-            "culler": {"enabled": False}}
+    return {
+        "spawner": {
+            "type": "slurm",
+            "poll_interval": 2,
+            "local": {"system_user_prefix": "slurmtest-"},
+            "slurm": {"conf": str(slurm.conf), "partition": slurm.partition, "memory": "1G", **over},
+        },
+        "culler": {"enabled": False},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +90,11 @@ def test_server_listens_only_on_the_nodes_slurm_address(alice):
 
 def test_spinnaker_status_is_on_the_servers_path(alice):
     kernel = alice.start_kernel("python3")
-    out = alice.execute(kernel, "import shutil, subprocess\nprint(shutil.which('spinnaker-status'))\n"
-                                "print(subprocess.run(['spinnaker-status'], capture_output=True, text=True).stdout)")
+    out = alice.execute(
+        kernel,
+        "import shutil, subprocess\nprint(shutil.which('spinnaker-status'))\n"
+        "print(subprocess.run(['spinnaker-status'], capture_output=True, text=True).stdout)",
+    )
     assert out["error"] is None and "None" not in out["stdout"].splitlines()[0], out
     assert "virtual" in out["stdout"], out
 
@@ -99,12 +108,18 @@ def test_a_users_server_cannot_set_the_commands_the_hub_runs(hub, alice, tmp_pat
     if not (alice.server_model() or {}).get("ready"):
         alice.start_server()
     kernel = alice.start_kernel("python3")
-    out = alice.execute(kernel, "import os; print(os.environ['JUPYTERHUB_API_URL'], os.environ['JUPYTERHUB_API_TOKEN'])")
+    out = alice.execute(
+        kernel, "import os; print(os.environ['JUPYTERHUB_API_URL'], os.environ['JUPYTERHUB_API_TOKEN'])"
+    )
     api_url, token = out["stdout"].split()
     marker = tmp_path / "ran-as-root"
     tries = [{"exec_prefix": f"touch {marker};"}, {"batch_cancel_cmd": f"touch {marker}"}, {"port": 1234}]
-    answers = [requests.post(api_url + "/batchspawner", json=body, headers={"Authorization": f"token {token}"},
-                             timeout=30).status_code for body in tries]
+    answers = [
+        requests.post(
+            api_url + "/batchspawner", json=body, headers={"Authorization": f"token {token}"}, timeout=30
+        ).status_code
+        for body in tries
+    ]
     assert answers == [400, 400, 409], answers
     assert alice.browse("lab").status_code == 200  # its route still goes to its own port
     alice.stop_server()
@@ -133,17 +148,33 @@ def test_check_probes_slurm(slurm, tmp_path):
 
     def check(**slurm_keys) -> tuple[int, str]:
         cfg = tmp_path / "check.yaml"
-        cfg.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data"), "spinnaker": {"mode": "machine",
-                                       "machine_name": "192.0.2.1"}, "spawner": {"type": "slurm", "slurm": {
-                                       "conf": str(slurm.conf), "partition": slurm.partition, **slurm_keys}}}))
-        p = subprocess.run([str(Path(sys.executable).parent / "spinnaker-jupyter"), "check", "-c", str(cfg)],
-                           capture_output=True, text=True, timeout=120)
+        cfg.write_text(
+            yaml.safe_dump(
+                {
+                    "data_dir": str(tmp_path / "data"),
+                    "spinnaker": {"mode": "machine", "machine_name": "192.0.2.1"},
+                    "spawner": {
+                        "type": "slurm",
+                        "slurm": {"conf": str(slurm.conf), "partition": slurm.partition, **slurm_keys},
+                    },
+                }
+            )
+        )
+        p = subprocess.run(
+            [str(Path(sys.executable).parent / "spinnaker-jupyter"), "check", "-c", str(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         return p.returncode, p.stdout + p.stderr
 
     code, out = check()
     assert code == 0, out
-    assert "Slurm: the controller answers" in out and "Slurm: partition spinnaker (spawner.slurm.partition) is up" \
-        in out and "Slurm: licence spinnaker_board: 2 board(s)" in out, out
+    assert (
+        "Slurm: the controller answers" in out
+        and "Slurm: partition spinnaker (spawner.slurm.partition) is up" in out
+        and "Slurm: licence spinnaker_board: 2 board(s)" in out
+    ), out
     code, out = check(partition="nope", board_license="no_such_licence")
     assert code == 1, out
     assert "Slurm: no partition nope (spawner.slurm.partition); set it to one of: spinnaker" in out, out
@@ -157,17 +188,25 @@ def test_spawn_page_shows_the_slurm_queue_when_the_cluster_is_full(hub, slurm):
     # All the memory of the one node that no job holds taken by another job: bob's server has to wait in the queue.
     blocker = slurm.run("sbatch", "--parsable", f"--mem={slurm.free_memory_mb()}", "--wrap", "sleep 600")
     assert blocker.returncode == 0, blocker.stderr
-    wait_for(lambda: any(j.split()[:2] == [blocker.stdout.strip(), "RUNNING"] for j in slurm.jobs()), 30,
-             "the job taking the whole node to run")
+    wait_for(
+        lambda: any(j.split()[:2] == [blocker.stdout.strip(), "RUNNING"] for j in slurm.jobs()),
+        30,
+        "the job taking the whole node to run",
+    )
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         progress = pool.submit(bob.progress_messages, timeout=120)
-        wait_for(lambda: "waiting in the Slurm queue: position 1, reason Resources" in hub.log(), 60,
-                 "the spawn page to name the Slurm queue and why bob waits")
+        wait_for(
+            lambda: "waiting in the Slurm queue: position 1, reason Resources" in hub.log(),
+            60,
+            "the spawn page to name the Slurm queue and why bob waits",
+        )
         assert not (bob.server_model() or {}).get("ready")
         slurm.run("scancel", blocker.stdout.strip())
         messages = progress.result(timeout=120)
-    assert ["Your server is waiting in the Slurm queue: position 1, reason Resources (the cluster's nodes "
-                      "are busy; you start when a server or job ends)"] == [m for m in messages if "reason Resources" in m], messages
+    assert [
+        "Your server is waiting in the Slurm queue: position 1, reason Resources (the cluster's nodes "
+        "are busy; you start when a server or job ends)"
+    ] == [m for m in messages if "reason Resources" in m], messages
     assert any("Your server is up after" in m for m in messages), messages
     bob.stop_server()
     wait_for(lambda: not job_of(slurm, "slurmtest-bob"), 30, "bob's job to end when his server stops")
@@ -193,12 +232,26 @@ def bad_hubs(hub_factory, slurm):
 
     down = traversable_tmpdir("slurm-down-") / "slurm.conf"  # (the users' own sbatch reads it)
 
-    down.write_text("\n".join(f"SlurmctldPort={free_port()}" if line.startswith("SlurmctldPort=") else line
-                              for line in slurm.conf.read_text().splitlines()) + "\n")
+    down.write_text(
+        "\n".join(
+            f"SlurmctldPort={free_port()}" if line.startswith("SlurmctldPort=") else line
+            for line in slurm.conf.read_text().splitlines()
+        )
+        + "\n"
+    )
     down.chmod(0o644)
-    return {"partition": hub_factory(slurm_config(slurm, partition="nope")),
-            "down": hub_factory({**slurm_config(slurm), "spawner": {**slurm_config(slurm)["spawner"], "slurm": {
-                **slurm_config(slurm)["spawner"]["slurm"], "conf": str(down)}}})}
+    return {
+        "partition": hub_factory(slurm_config(slurm, partition="nope")),
+        "down": hub_factory(
+            {
+                **slurm_config(slurm),
+                "spawner": {
+                    **slurm_config(slurm)["spawner"],
+                    "slurm": {**slurm_config(slurm)["spawner"]["slurm"], "conf": str(down)},
+                },
+            }
+        ),
+    }
 
 
 def test_an_unknown_partition_is_one_clear_spawn_error_naming_the_key(bad_hubs):
@@ -226,14 +279,24 @@ def boards_hub(hub_factory, slurm, tmp_path_factory):
     `spinnaker_board` licences, so Slurm runs at most 2 such servers at once."""
     from doubles.spalloc_server import SpallocDouble
 
-    double = SpallocDouble(boards=3, tokens={"hub-token": "hub"}, admins=["hub"], power_delay=0.2,
-                           wait_timeout=5.0).start()
+    double = SpallocDouble(
+        boards=3, tokens={"hub-token": "hub"}, admins=["hub"], power_delay=0.2, wait_timeout=5.0
+    ).start()
     token = tmp_path_factory.mktemp("secrets") / "spalloc-token"
     token.write_text("hub-token\n")
     token.chmod(0o600)
-    hub = hub_factory({**slurm_config(slurm), "hub": {"stop_servers_on_exit": False}, "spinnaker": {
-        "mode": "session", "claim_timeout": 120, "on_timeout": "fail",
-        "spalloc": {"url": double.url, "token_file": str(token), "keepalive_interval": 30}}})
+    hub = hub_factory(
+        {
+            **slurm_config(slurm),
+            "hub": {"stop_servers_on_exit": False},
+            "spinnaker": {
+                "mode": "session",
+                "claim_timeout": 120,
+                "on_timeout": "fail",
+                "spalloc": {"url": double.url, "token_file": str(token), "keepalive_interval": 30},
+            },
+        }
+    )
     users = {name: hub.client(name, hub.add_user(name)) for name in ("erin", "frank", "gina")}
     yield hub, double, users
     for user in users.values():
@@ -263,8 +326,10 @@ def test_a_third_session_waits_for_a_board_licence_and_starts_when_one_is_given_
         assert not [j for j in double.jobs() if j["owner"] == "gina"], double.jobs()
         users["erin"].stop_server()
         messages = progress.result(timeout=180)
-    assert "Your server is waiting in the Slurm queue: position 1, reason Licenses (all SpiNNaker boards are in use; " \
-           "you start when one is given back)" in messages, messages
+    assert (
+        "Your server is waiting in the Slurm queue: position 1, reason Licenses (all SpiNNaker boards are in use; "
+        "you start when one is given back)" in messages
+    ), messages
     assert users["gina"].server_model()["ready"] and licences_used(slurm) == 2
     assert [j["state"] for j in double.jobs() if j["owner"] == "erin"] == ["DESTROYED"]
     [board] = [j for j in double.jobs() if j["owner"] == "gina"]
@@ -285,8 +350,11 @@ def test_a_hub_restart_keeps_slurm_servers_and_resumes_their_keepalive(boards_hu
     keepalives = double.job(board["id"])["keepalives"]
     assert job_of(slurm, "slurmtest-gina") == [job]
     hub.start()
-    double.wait_for(lambda d: d.job(board["id"])["keepalives"] > keepalives, timeout=40,
-                    what="the restarted hub to keep gina's board alive")
+    double.wait_for(
+        lambda d: d.job(board["id"])["keepalives"] > keepalives,
+        timeout=40,
+        what="the restarted hub to keep gina's board alive",
+    )
     assert gina.server("GET", "api/status").status_code == 200 and job_of(slurm, "slurmtest-gina") == [job]
     assert len([j for j in double.jobs() if j["owner"] == "gina" and j["state"] != "DESTROYED"]) == 1
 
@@ -300,8 +368,11 @@ def test_a_cancelled_jobs_board_is_given_back(boards_hub, slurm):
     [job] = job_of(slurm, "slurmtest-frank")
     assert slurm.run("scancel", job.split()[0]).returncode == 0
     wait_for(lambda: frank.server_model() is None, 30, "the hub to notice frank's cancelled job")
-    double.wait_for(lambda d: d.job(board_job["id"])["state"] == "DESTROYED", timeout=20,
-                    what="frank's board to be given back at the spalloc service")
+    double.wait_for(
+        lambda d: d.job(board_job["id"])["state"] == "DESTROYED",
+        timeout=20,
+        what="frank's board to be given back at the spalloc service",
+    )
 
 
 # ------------------------------------------------------------------------------------------- batchspawner, fenced
@@ -312,6 +383,7 @@ def test_slurm_commands_run_as_the_user_never_get_the_hubs_secrets(monkeypatch):
     import asyncio
 
     from batchspawner import SlurmSpawner
+
     from spinnaker_jupyter.slurm import SlurmUserSpawner
 
     monkeypatch.setenv("CONFIGPROXY_AUTH_TOKEN", "the-hubs-proxy-secret")

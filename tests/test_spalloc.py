@@ -18,8 +18,9 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import pytest
 import requests
@@ -212,22 +213,39 @@ else:
 class SpinnmanDriver:
     """Runs the driver script in the kernel environment; reads its JSON events with timeouts."""
 
-    def __init__(self, python: str, tmp_path: Path, scenario: str, double: SpallocDouble, token: str,
-                 *extra: str, env: Optional[dict] = None, cwd: Optional[Path] = None) -> None:
+    def __init__(
+        self,
+        python: str,
+        tmp_path: Path,
+        scenario: str,
+        double: SpallocDouble,
+        token: str,
+        *extra: str,
+        env: dict | None = None,
+        cwd: Path | None = None,
+    ) -> None:
         script = tmp_path / "spinnman_driver.py"
         script.write_text(SPINNMAN_DRIVER)
-        full_env = {k: v for k, v in os.environ.items()
-                    if not k.startswith(("JUPYTERHUB_", "NMPI_", "SPALLOC_", "OIDC_"))}
-        full_env.update({"REQUESTS_CA_BUNDLE": double.ca_file or "", "PYTHONUNBUFFERED": "1",
-                         "HOME": str(tmp_path / "home")})
+        full_env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("JUPYTERHUB_", "NMPI_", "SPALLOC_", "OIDC_"))
+        }
+        full_env.update(
+            {"REQUESTS_CA_BUNDLE": double.ca_file or "", "PYTHONUNBUFFERED": "1", "HOME": str(tmp_path / "home")}
+        )
         (tmp_path / "home").mkdir(exist_ok=True)
         full_env.update(env or {})
         self.stderr_path = tmp_path / f"spinnman-{scenario}.stderr"
         self._stderr = open(self.stderr_path, "w")
-        self.proc = subprocess.Popen([python, str(script), scenario, double.url, token, *extra],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
-                                     text=True, env=full_env, cwd=str(cwd or tmp_path))
-        self.events: "queue.Queue[Optional[dict]]" = queue.Queue()
+        self.proc = subprocess.Popen(
+            [python, str(script), scenario, double.url, token, *extra],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            env=full_env,
+            cwd=str(cwd or tmp_path),
+        )
+        self.events: queue.Queue[dict | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -249,8 +267,7 @@ class SpinnmanDriver:
             raise AssertionError(f"spinnman driver: no {event!r} within {timeout} s\n{self.stderr()}")
         if got is None:
             self.proc.wait(5)
-            raise AssertionError(f"spinnman driver exited ({self.proc.returncode}) before {event!r}:\n"
-                                 f"{self.stderr()}")
+            raise AssertionError(f"spinnman driver exited ({self.proc.returncode}) before {event!r}:\n{self.stderr()}")
         assert got["event"] == event, (got, self.stderr())
         return got
 
@@ -305,14 +322,20 @@ def test_spinnman_client_creates_waits_reads_keeps_alive_destroys(spalloc_double
 
     (job,) = double.jobs()
     # What spinnman asked for, in the service's kebab-case JSON.
-    assert job["request"] == {"num-boards": 1, "tags": ["default"], "group": "spinnman-group",
-                              "nmpi-collab": "spinnman-collab", "keepalive-interval": "PT120S"}
+    assert job["request"] == {
+        "num-boards": 1,
+        "tags": ["default"],
+        "group": "spinnman-group",
+        "nmpi-collab": "spinnman-collab",
+        "keepalive-interval": "PT120S",
+    }
     assert (job["owner"], job["group"], job["collab"]) == ("alice", "spinnman-group", "spinnman-collab")
     # spinnman's keepalive thread PUTs at once, with the session's cookie, CSRF header and bearer token.
     double.wait_for(lambda d: d.job(job["id"])["keepalives"] >= 1, timeout=10, what="spinnman's keepalive")
     puts = [r for r in double.request_log() if r["method"] == "PUT"]
-    assert puts and all(r["status"] == 200 and r["csrf"] and r["bearer"]
-                        and r["content_type"].startswith("text/plain") for r in puts)
+    assert puts and all(
+        r["status"] == 200 and r["csrf"] and r["bearer"] and r["content_type"].startswith("text/plain") for r in puts
+    )
     # Reads go with the session cookie only (no bearer), as spinnman's Session does.
     gets = [r for r in double.request_log() if r["method"] == "GET" and "/jobs/" in r["path"]]
     assert gets and not any(r["bearer"] for r in gets) and all(r["user"] == "alice" for r in gets)
@@ -350,8 +373,11 @@ def test_spinnman_job_expires_without_keepalive(spalloc_double, spinnman):
     drv = spinnman("expire", double)
     ready = drv.expect("ready")
     job_id = int(ready["url"].rstrip("/").rsplit("/", 1)[-1])
-    double.wait_for(lambda d: d.job(job_id)["keepalives"] >= 1 and d.job(job_id)["waiters"] >= 1,
-                    timeout=10, what="spinnman's keepalive and long poll")
+    double.wait_for(
+        lambda d: d.job(job_id)["keepalives"] >= 1 and d.job(job_id)["waiters"] >= 1,
+        timeout=10,
+        what="spinnman's keepalive and long poll",
+    )
     assert parse_iso_duration(double.job(job_id)["request"]["keepalive-interval"]) == 120
     # spinnman keeps alive every 60 s of real time; move the double's clock instead of waiting.
     double.advance_clock(119)
@@ -388,8 +414,15 @@ def test_per_run_cfg_drives_spinnmans_own_allocation(spalloc_double, spinnman, t
     )
     cfg = drv.expect("cfg", timeout=60)
     assert cfg["unknown"] == []  # every key we write is one sPyNNaker 1!7.4.1 knows
-    assert cfg == {**cfg, "virtual": False, "spalloc_server": double.url, "group": "collab-group",
-                   "use_proxy": True, "machine_name": None, "version": 5}
+    assert cfg == {
+        **cfg,
+        "virtual": False,
+        "spalloc_server": double.url,
+        "group": "collab-group",
+        "use_proxy": True,
+        "machine_name": None,
+        "version": 5,
+    }
     got = drv.expect("allocated", timeout=60)
     assert got["host"] == FIRST_IP and got["connections"] == [[[0, 0], FIRST_IP]] and got["proxying"] is True
     (job,) = double.jobs()
@@ -403,10 +436,18 @@ def test_per_run_cfg_drives_spinnmans_own_allocation(spalloc_double, spinnman, t
 # (b) the hub's allocator client against the double
 # =========================================================================================================
 
+
 def allocator(double: SpallocDouble, **kw: Any) -> SpallocAllocator:
-    settings: dict[str, Any] = dict(url=double.url, token=HUB_TOKEN, keepalive_interval=30.0, retries=1,
-                                    retry_delay=0.05, request_timeout=5.0, long_poll_timeout=10.0,
-                                    ca_certs=double.ca_file)
+    settings: dict[str, Any] = dict(
+        url=double.url,
+        token=HUB_TOKEN,
+        keepalive_interval=30.0,
+        retries=1,
+        retry_delay=0.05,
+        request_timeout=5.0,
+        long_poll_timeout=10.0,
+        ca_certs=double.ca_file,
+    )
     settings.update(kw)
     return SpallocAllocator(**settings)
 
@@ -462,8 +503,7 @@ def test_two_owners_one_board_second_waits_in_queue(spalloc_double):
         a = allocator(double)
         alice = await a.claim("alice")
         bob_task = asyncio.ensure_future(a.claim("bob", progress=bob_said.append))
-        await until(lambda: len([p for p in bob_said if p.state is JobState.QUEUED]) >= 3,
-                    "bob's queue messages")
+        await until(lambda: len([p for p in bob_said if p.state is JobState.QUEUED]) >= 3, "bob's queue messages")
         assert not bob_task.done()
         jobs = {j["owner"]: j for j in double.jobs()}
         assert jobs["alice"]["state"] == "READY" and jobs["bob"]["state"] == "QUEUED"
@@ -478,8 +518,7 @@ def test_two_owners_one_board_second_waits_in_queue(spalloc_double):
     run(scenario())
     queued = [p.message for p in bob_said if p.state is JobState.QUEUED]
     assert queued[0] == "Asked the SpiNNaker allocation service for a board (job 2)."
-    assert queued[1].startswith("Waiting for a SpiNNaker board: all boards are in use and you are in the queue "
-                                "(job 2")
+    assert queued[1].startswith("Waiting for a SpiNNaker board: all boards are in use and you are in the queue (job 2")
     assert bob_said[-1].message == f"SpiNNaker board ready at {FIRST_IP} (job 2)."
     assert [p.elapsed for p in bob_said] == sorted(p.elapsed for p in bob_said)
 
@@ -596,14 +635,17 @@ def test_claim_timeout_and_cancellation_release_the_queued_job(spalloc_double):
         with pytest.raises(SpallocTimeoutError) as err:
             await a.claim("bob", timeout=1.0)
         assert 0.9 < time.monotonic() - t0 < 5
-        assert str(err.value) == ("No SpiNNaker board became ready within 1 s (job 2 was still queued). Try "
-                                  "again later; the operator can raise `spinnaker.spalloc.claim_timeout`.")
+        assert str(err.value) == (
+            "No SpiNNaker board became ready within 1 s (job 2 was still queued). Try "
+            "again later; the operator can raise `spinnaker.spalloc.claim_timeout`."
+        )
         bob = [j for j in double.jobs() if j["owner"] == "bob"][0]
         assert (bob["state"], bob["reason"]) == ("DESTROYED", "claim timed out")
 
         carol = asyncio.ensure_future(a.claim("carol"))
-        await until(lambda: any(j["owner"] == "carol" and j["waiters"] for j in double.jobs()),
-                    "carol waiting in the queue")
+        await until(
+            lambda: any(j["owner"] == "carol" and j["waiters"] for j in double.jobs()), "carol waiting in the queue"
+        )
         carol.cancel()
         with pytest.raises(asyncio.CancelledError):
             await carol
@@ -649,8 +691,10 @@ def test_clear_errors_unreachable_bad_token_wrong_url_bad_request(spalloc_double
         with pytest.raises(SpallocRequestError) as err:
             await allocator(double, keepalive_interval=10.0).claim("alice")
         assert err.value.status == 400
-        assert str(err.value) == ("The SpiNNaker allocation service refused to create a job for 1 board: "
-                                  "keepalive-interval must be 30 to 300 seconds (HTTP 400).")
+        assert str(err.value) == (
+            "The SpiNNaker allocation service refused to create a job for 1 board: "
+            "keepalive-interval must be 30 to 300 seconds (HTTP 400)."
+        )
         with pytest.raises(SpallocError, match="must be an http"):
             allocator(double, url="spalloc.example.org:22244").client()
         assert double.jobs() == []
@@ -698,14 +742,17 @@ def test_double_speaks_the_services_http_rules(spalloc_double):
     assert (machine["width"], machine["height"], machine["depth"]) == (16, 16, 3)
     assert sorted(h for _, h in machine["connections"]) == ["10.11.192.1", "10.11.192.17", "10.11.192.9"]
     assert s.put(state["keepalive-ref"], data="alive", headers=csrf, timeout=5).status_code == 415
-    ok = s.put(state["keepalive-ref"], data="alive", timeout=5,
-               headers={**csrf, "Content-Type": "text/plain; charset=UTF-8"})
+    ok = s.put(
+        state["keepalive-ref"], data="alive", timeout=5, headers={**csrf, "Content-Type": "text/plain; charset=UTF-8"}
+    )
     assert (ok.status_code, ok.text) == (200, "ok")
-    for bad, why in [({**body, "colour": "red"}, 'Unrecognized field "colour"'),
-                     ({**body, "tags": ["default"]}, "either machine-name or tags must be supplied"),
-                     ({"num-boards": 1, "tags": ["default"]}, "keepalive-interval is required"),
-                     ({**body, "keepalive-interval": "PT301S"}, "keepalive-interval must be 30 to 300 seconds"),
-                     ({**body, "keepalive-interval": "2 minutes"}, "cannot be parsed")]:
+    for bad, why in [
+        ({**body, "colour": "red"}, 'Unrecognized field "colour"'),
+        ({**body, "tags": ["default"]}, "either machine-name or tags must be supplied"),
+        ({"num-boards": 1, "tags": ["default"]}, "keepalive-interval is required"),
+        ({**body, "keepalive-interval": "PT301S"}, "keepalive-interval must be 30 to 300 seconds"),
+        ({**body, "keepalive-interval": "2 minutes"}, "cannot be parsed"),
+    ]:
         r = s.post(srv + "jobs", json=bad, headers=csrf, timeout=5)
         assert r.status_code == 400 and why in r.text, (bad, r.text)
     bob = {"Authorization": f"Bearer {BOB_TOKEN}"}
@@ -828,8 +875,9 @@ def test_reconcile_destroys_only_the_jobs_no_live_holder_has(spalloc_double, tmp
         dead.close()
 
         restarted = leases.LeaseStore(tmp_path / "leases.sqlite")  # a new incarnation
-        report = await leases.reconcile(restarted, client, is_held=lambda lease: lease.job_url == running.job_url,
-                                        log=Log())
+        report = await leases.reconcile(
+            restarted, client, is_held=lambda lease: lease.job_url == running.job_url, log=Log()
+        )
         states = {j["id"]: (j["state"], j["reason"]) for j in double.jobs()}
         assert states[running.job_id][0] == "READY" and report.kept == [running.job_url]
         for job in (bob_job, carol_job, dave_job):
@@ -843,8 +891,9 @@ def test_reconcile_destroys_only_the_jobs_no_live_holder_has(spalloc_double, tmp
         assert len(destroyed_lines) == 3 and any("of carol" in line for line in destroyed_lines), logs
         assert [lease.job_url for lease in restarted.leases()] == [running.job_url]  # only what is still held
         # A second start finds nothing more to do.
-        again = await leases.reconcile(leases.LeaseStore(tmp_path / "leases.sqlite"), client,
-                                       is_held=lambda lease: True, log=Log())
+        again = await leases.reconcile(
+            leases.LeaseStore(tmp_path / "leases.sqlite"), client, is_held=lambda lease: True, log=Log()
+        )
         assert again.destroyed == [] and again.kept == [running.job_url]
         await a.close()
 
@@ -884,8 +933,12 @@ def test_double_job_list_long_polls_until_a_job_changes(spalloc_double):
     t.start()
     double.wait_for(lambda d: d.call(lambda: d.model.list_waiters), timeout=5, what="the list poll to be held")
     assert not got
-    r = requests.post(double.srv_url + "jobs", headers=auth, timeout=10,
-                      json={"num-boards": 1, "keepalive-interval": "PT60S", "tags": ["default"]})
+    r = requests.post(
+        double.srv_url + "jobs",
+        headers=auth,
+        timeout=10,
+        json={"num-boards": 1, "keepalive-interval": "PT60S", "tags": ["default"]},
+    )
     t.join(10)
     assert got["status"] == 200 and got["jobs"] == [r.headers["Location"]] and got["seconds"] < 4, got
     t0 = time.monotonic()
@@ -932,7 +985,12 @@ def test_a_recorded_claim_keeps_its_row_exactly_as_long_as_its_job_may_live(spal
         got = await leases.claim_recorded(a, store, "alice", holder="alice/")
         [row] = store.leases()
         assert (row.phase, row.job_url, row.owner, row.holder, row.boards) == (
-            leases.CLAIMED, got.job_url, "alice", "alice/", 1)
+            leases.CLAIMED,
+            got.job_url,
+            "alice",
+            "alice/",
+            1,
+        )
         store.held(got.job_url)
         assert store.leases()[0].phase == leases.HELD
         with pytest.raises(SpallocTimeoutError):  # the board is taken: bob's claim times out

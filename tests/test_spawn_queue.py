@@ -30,11 +30,15 @@ class Spawn:
 
     def __init__(self, user):
         self.user, self.messages, self.ended = user, [], threading.Event()
-        self.requested = threading.Thread(target=lambda: user.api("POST", f"/users/{user.name}/server", timeout=60),
-                                          daemon=True)
+        self.requested = threading.Thread(
+            target=lambda: user.api("POST", f"/users/{user.name}/server", timeout=60), daemon=True
+        )
         self.requested.start()
-        wait_for(lambda: (user.server_model() or {}).get("pending") == "spawn" or self.is_ready(), 30,
-                 f"{user.name}'s start to be pending")
+        wait_for(
+            lambda: (user.server_model() or {}).get("pending") == "spawn" or self.is_ready(),
+            30,
+            f"{user.name}'s start to be pending",
+        )
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
@@ -107,9 +111,11 @@ def test_what_a_start_does_not_need_is_left_out_of_local_servers(hub, students):
         user.start_server(timeout=180)
     # The launcher runs the server (ps shows it as the user's account).
     uid = pwd.getpwnam("jupyter-qdan").pw_uid
-    cmdlines = [Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                for pid in (p.name for p in Path("/proc").iterdir() if p.name.isdigit())
-                if _owner(pid) == uid]
+    cmdlines = [
+        Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        for pid in (p.name for p in Path("/proc").iterdir() if p.name.isdigit())
+        if _owner(pid) == uid
+    ]
     assert any("-m spinnaker_jupyter.singleuser" in c and "jupyterhub-singleuser" in c for c in cmdlines), cmdlines
     # No language-server scan (jupyter_lsp off): its status route is gone.
     assert user.server("GET", "lsp/status").status_code == 404
@@ -137,7 +143,8 @@ def test_the_launcher_leaves_out_the_grammar_import_and_the_node_call():
         "from spinnaker_jupyter.singleuser import prepare\n"
         "prepare()\n"
         "import jupyterlab.labapp, jupyter_server.serverapp, jupyterhub.singleuser, jsonschema\n"
-        "print(sys.modules.get('rfc3987_syntax') is None, [c for c in calls if 'yarn' in ' '.join(map(str, c))])\n")
+        "print(sys.modules.get('rfc3987_syntax') is None, [c for c in calls if 'yarn' in ' '.join(map(str, c))])\n"
+    )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[-2] == "True []", out.stdout

@@ -17,9 +17,18 @@ def hub(hub_factory, tmp_path_factory):
     # A tenth of a core per server, so that each start lasts seconds; the set-up's repositories are a missing mirror:
     # what is seen here is whether and when a set-up gets its turn, not what it then does.
     missing = tmp_path_factory.mktemp("mirror") / "missing"
-    return hub_factory({"spawner": {"start_queue": {"concurrency": 1, "limit": 5}, "cpu_limit": 0.1},
-                        "git_kernel": {"enabled": True, "concurrency": 1, "base_url": f"file://{missing}",
-                                       "offline": True, "build_c": "never"}})
+    return hub_factory(
+        {
+            "spawner": {"start_queue": {"concurrency": 1, "limit": 5}, "cpu_limit": 0.1},
+            "git_kernel": {
+                "enabled": True,
+                "concurrency": 1,
+                "base_url": f"file://{missing}",
+                "offline": True,
+                "build_c": "never",
+            },
+        }
+    )
 
 
 def set_up_status(user) -> dict:
@@ -30,15 +39,19 @@ def set_up_status(user) -> dict:
 def test_a_first_set_up_waits_while_servers_start_and_runs_after_the_last(hub):
     amy, ben, cat = (hub.client(n, hub.add_user(n)) for n in ("gqamy", "gqben", "gqcat"))
     for user in (amy, ben, cat):  # in this order (a POST answers only once its start is under way or queued)
-        threading.Thread(target=user.api, args=("POST", f"/users/{user.name}/server"), kwargs={"timeout": 60},
-                         daemon=True).start()
+        threading.Thread(
+            target=user.api, args=("POST", f"/users/{user.name}/server"), kwargs={"timeout": 60}, daemon=True
+        ).start()
         wait_for(lambda u=user: (u.server_model() or {}).get("pending") == "spawn", 30, f"{user.name}'s start")
     wait_for(lambda: (amy.server_model() or {}).get("ready"), 180, "amy's server to be ready")
     assert not (cat.server_model() or {}).get("ready")  # (one at a time: cat's start is still to come)
 
     # amy's set-up began as her server answered, with ben's and cat's starts still in line: it waits its turn.
-    wait_for(lambda: set_up_status(amy).get("step") == "queue" or set_up_status(amy).get("state") not in
-             (None, "running"), 60, "amy's set-up to report")
+    wait_for(
+        lambda: set_up_status(amy).get("step") == "queue" or set_up_status(amy).get("state") not in (None, "running"),
+        60,
+        "amy's set-up to report",
+    )
     status = set_up_status(amy)
     assert status.get("step") == "queue" and "waiting for a turn" in status.get("message", ""), status
     assert not (cat.server_model() or {}).get("ready")

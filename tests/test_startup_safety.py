@@ -58,8 +58,12 @@ def as_nobody(*cmd) -> list:
 class Squatter:
     def __init__(self, port: int, host: str = "127.0.0.1"):
         self.port = port
-        self.proc = subprocess.Popen(as_nobody("/usr/bin/python3", "-c", SQUATTER, host, port),
-                                     stdout=subprocess.PIPE, text=True, start_new_session=True)
+        self.proc = subprocess.Popen(
+            as_nobody("/usr/bin/python3", "-c", SQUATTER, host, port),
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         assert self.proc.stdout.readline().strip() == "listening"
 
     def stop(self) -> str:
@@ -98,8 +102,13 @@ def up(hub, timeout=120) -> subprocess.CompletedProcess:
     """`spinnaker-jupyter up` that is expected to fail (output in files: what it leaves behind may hold a pipe)."""
     out, err = hub.base / "up.out", hub.base / "up.err"
     with open(out, "w") as o, open(err, "w") as e:
-        proc = subprocess.Popen([BIN / "spinnaker-jupyter", "up", "--no-build", "-c", hub.config_file], stdout=o,
-                                stderr=e, env=hub.env, start_new_session=True)
+        proc = subprocess.Popen(
+            [BIN / "spinnaker-jupyter", "up", "--no-build", "-c", hub.config_file],
+            stdout=o,
+            stderr=e,
+            env=hub.env,
+            start_new_session=True,
+        )
     try:
         proc.wait(timeout)
     finally:
@@ -115,8 +124,10 @@ def processes_of(hub) -> list[str]:
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            seen = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ") + Path(
-                f"/proc/{pid}/environ").read_bytes()
+            seen = (
+                Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                + Path(f"/proc/{pid}/environ").read_bytes()
+            )
         except OSError:
             continue
         if any(m in seen for m in marks):
@@ -129,8 +140,15 @@ def run_hub_directly(hub, timeout=90) -> subprocess.CompletedProcess:
     data = Path(hub.config["data_dir"])
     data.mkdir(exist_ok=True)
     env = {**hub.env, config.CONFIG_ENV: str(hub.config_file)}
-    proc = subprocess.Popen([BIN / "jupyterhub", "-f", HUB_CONFIG], cwd=data, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [BIN / "jupyterhub", "-f", HUB_CONFIG],
+        cwd=data,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
     finally:
@@ -178,16 +196,20 @@ def test_the_hub_itself_refuses_a_taken_api_port_and_leaves_no_proxy(hub_factory
 def test_a_listener_is_trusted_only_when_it_is_the_process_the_hub_started(squat):
     """What the hub checks before it sends the proxy its token: the listener on the port is the proxy's process."""
     port = free_port()
-    own = subprocess.Popen(["/usr/bin/python3", "-c", SQUATTER, "127.0.0.1", str(port)], stdout=subprocess.PIPE,
-                           text=True)
+    own = subprocess.Popen(
+        ["/usr/bin/python3", "-c", SQUATTER, "127.0.0.1", str(port)], stdout=subprocess.PIPE, text=True
+    )
     started = subprocess.Popen(["sleep", "60"])  # the process "the hub started", which is not the one listening
     try:
         assert own.stdout.readline().strip() == "listening"
         preflight.check_listener_is(own.pid, port, "proxy.api_port")  # the listener is the started process: accepted
         preflight.check_listener_is(os.getpid(), port, "proxy.api_port")  # ... or a child of it
-        with pytest.raises(ConfigError, match=f"proxy.api_port: port {port} is answered by root \\(uid 0\\), pid "
-                                              f"{own.pid} python3, not by the process the hub started \\(pid "
-                                              f"{started.pid}\\); no secret is sent there"):
+        with pytest.raises(
+            ConfigError,
+            match=f"proxy.api_port: port {port} is answered by root \\(uid 0\\), pid "
+            f"{own.pid} python3, not by the process the hub started \\(pid "
+            f"{started.pid}\\); no secret is sent there",
+        ):
             preflight.check_listener_is(started.pid, port, "proxy.api_port")
         other = free_port()
         squat(other)
@@ -206,7 +228,8 @@ def test_a_start_that_fails_after_the_proxy_started_leaves_no_proxy(hub_factory)
     extra.mkdir()
     (extra / "broken.py").write_text(
         f"c.JupyterHub.services.append({{'name': 'broken', 'url': 'http://127.0.0.1:{free_port()}', "
-        "'command': ['/bin/false']})\n")
+        "'command': ['/bin/false']})\n"
+    )
     r = up(hub)
     assert r.returncode != 0 and "JupyterHub is now running" not in r.stdout + r.stderr
     assert "Starting proxy" in r.stderr and "Service broken exited" in r.stderr  # it got that far
@@ -219,8 +242,9 @@ def plant_config_d(folder: Path, marker: Path) -> Path:
     """Another account puts a jupyterhub_config.d beside the config file; what it holds would run in the hub."""
     subprocess.run(as_nobody("mkdir", "-m", "755", folder / "jupyterhub_config.d"), check=True)
     evil = folder / "jupyterhub_config.d" / "10-evil.py"
-    subprocess.run(as_nobody("/bin/sh", "-c", f"echo 'open({str(marker)!r}, \"w\").write(\"pwned\")' > {evil}"),
-                   check=True)
+    subprocess.run(
+        as_nobody("/bin/sh", "-c", f'echo \'open({str(marker)!r}, "w").write("pwned")\' > {evil}'), check=True
+    )
     return evil
 
 
@@ -230,7 +254,7 @@ def test_config_d_planted_by_another_account_is_refused(hub_factory):
     marker = hub.base / "marker"
     plant_config_d(hub.base, marker)
     folder = hub.base / "jupyterhub_config.d"
-    fix = f"belongs to nobody (uid 65534), another account, which could have written it"
+    fix = "belongs to nobody (uid 65534), another account, which could have written it"
     one_line_refusal(up(hub), f"jupyterhub_config.d {folder} {fix}", f"chown root {folder}")
     one_line_refusal(hub.cli("check"), f"jupyterhub_config.d {folder}")
     r = run_hub_directly(hub)  # jupyterhub_config.py checks too
@@ -247,8 +271,7 @@ def test_files_others_can_write_are_refused(hub_factory, what):
         target = hub.base / "jupyterhub_config.d" / "10-mine.py"
         target.write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
         target.chmod(0o666)
-        words = [f"jupyterhub_config.d file {target} is writable by other accounts (mode 0666)",
-                 f"chmod go-w {target}"]
+        words = [f"jupyterhub_config.d file {target} is writable by other accounts (mode 0666)", f"chmod go-w {target}"]
     elif what == "world-writable folder":
         hub.base.chmod(0o777)  # not sticky: anyone may replace the config file
         words = [f"the folder of config file {hub.base} is writable by other accounts (mode 0777)"]
@@ -278,9 +301,15 @@ def test_a_hub_folder_made_by_another_account_is_refused(hub_factory):
     data.chmod(0o1777)
     planted = data / "hub"
     subprocess.run(as_nobody("mkdir", "-m", "700", planted), check=True)
-    subprocess.run(as_nobody("/bin/sh", "-c", f"echo {'x' * 64} > {planted}/proxy_auth_token; "
-                             f"echo '{{\"mallory\": {{\"hash\": \"x\", \"admin\": true}}}}' > {planted}/accounts.json"),
-                   check=True)
+    subprocess.run(
+        as_nobody(
+            "/bin/sh",
+            "-c",
+            f"echo {'x' * 64} > {planted}/proxy_auth_token; "
+            f'echo \'{{"mallory": {{"hash": "x", "admin": true}}}}\' > {planted}/accounts.json',
+        ),
+        check=True,
+    )
     one_line_refusal(up(hub), f"data_dir/hub {planted} belongs to nobody (uid 65534)", "or remove it")
 
 
@@ -290,21 +319,31 @@ def test_a_sticky_shared_data_dir_keeps_its_mode(tmp_path, envs_dir, capsys):
     data = tmp_path / "shared"
     data.mkdir()
     data.chmod(0o1777)
-    (tmp_path / "c.yaml").write_text(json.dumps({"data_dir": str(data), "kernels": {"envs_dir": str(envs_dir)},
-                                                 "spawner": {"local": {"system_users": False}}}))
+    (tmp_path / "c.yaml").write_text(
+        json.dumps(
+            {
+                "data_dir": str(data),
+                "kernels": {"envs_dir": str(envs_dir)},
+                "spawner": {"local": {"system_users": False}},
+            }
+        )
+    )
     cli.prepare(config.load([tmp_path / "c.yaml"]), build=False)
     assert stat.S_IMODE(data.stat().st_mode) == 0o1777  # not ours to change (it was made 0755)
     assert stat.S_IMODE((data / "hub").stat().st_mode) == 0o700  # what the project made is private
 
 
-@pytest.mark.parametrize("name, mode, content, words", [
-    ("proxy_auth_token", 0o644, "x" * 64, ["secret file", "is open to other accounts (mode 0644)", "chmod 600"]),
-    ("proxy_auth_token", 0o600, "", ["proxy_auth_token: holds 0 characters, too few for a secret", "remove "]),
-    ("accounts.json", 0o606, "{}", ["secret file", "is writable by other accounts (mode 0606)"]),
-    ("accounts.json", 0o640, "{}", ["secret file", "is open to other accounts (mode 0640)", "chmod 600"]),
-    ("accounts.json", 0o600, '{"admin": {"hash": ', ["is not readable JSON", "move it aside"]),
-    ("accounts.json", 0o600, '{"admin": "pw"}', ["the entry of 'admin' is not an account", "Restore it"]),
-])
+@pytest.mark.parametrize(
+    "name, mode, content, words",
+    [
+        ("proxy_auth_token", 0o644, "x" * 64, ["secret file", "is open to other accounts (mode 0644)", "chmod 600"]),
+        ("proxy_auth_token", 0o600, "", ["proxy_auth_token: holds 0 characters, too few for a secret", "remove "]),
+        ("accounts.json", 0o606, "{}", ["secret file", "is writable by other accounts (mode 0606)"]),
+        ("accounts.json", 0o640, "{}", ["secret file", "is open to other accounts (mode 0640)", "chmod 600"]),
+        ("accounts.json", 0o600, '{"admin": {"hash": ', ["is not readable JSON", "move it aside"]),
+        ("accounts.json", 0o600, '{"admin": "pw"}', ["the entry of 'admin' is not an account", "Restore it"]),
+    ],
+)
 def test_bad_files_in_the_hub_folder_are_one_line(hub_factory, name, mode, content, words):
     hub = hub_factory(start=False)
     folder = Path(hub.config["data_dir"]) / "hub"
@@ -323,10 +362,18 @@ def test_data_dir_that_is_a_file_is_one_line(hub_factory):
 
 def test_data_dir_this_account_cannot_write_is_one_line(hub_factory):
     hub = hub_factory(start=False)  # data_dir inside a folder of root's (0755): nobody cannot create it
-    r = subprocess.run(as_nobody(BIN / "spinnaker-jupyter", "up", "--no-build", "-c", hub.config_file),
-                       capture_output=True, text=True, timeout=120, env={**hub.env, "HOME": "/tmp"})
-    one_line_refusal(r, f"data_dir: cannot create {hub.config['data_dir']}: Permission denied",
-                     "Set data_dir to a folder this account can write")
+    r = subprocess.run(
+        as_nobody(BIN / "spinnaker-jupyter", "up", "--no-build", "-c", hub.config_file),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**hub.env, "HOME": "/tmp"},
+    )
+    one_line_refusal(
+        r,
+        f"data_dir: cannot create {hub.config['data_dir']}: Permission denied",
+        "Set data_dir to a folder this account can write",
+    )
 
 
 def test_a_proxy_that_dies_is_restarted_by_the_running_hub(hub_factory):

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from spinnaker_jupyter.local_accounts import AccountError, AccountStore
 from spinnaker_jupyter.spynnaker_cfg import ClaimedBoards
 from spinnaker_jupyter.spynnaker_cfg import text as spynnaker_cfg_text
-from spinnaker_jupyter.local_accounts import AccountError, AccountStore
 from spinnaker_jupyter_ext.proxy_guard import verdict
 from spinnaker_jupyter_ext.tutorials import seed_tutorials
 
@@ -58,8 +58,10 @@ def test_system_account_names_are_valid_and_distinct():
     from spinnaker_jupyter.spawner import system_account_name
 
     assert system_account_name("jupyter-", "alice") == "jupyter-alice"
-    odd = [system_account_name("jupyter-", n) for n in
-           ("neuro.scientist--q4xug6lpy5", "neuro_scientist--q4xug6lpy5", "a" * 40, "a" * 41)]
+    odd = [
+        system_account_name("jupyter-", n)
+        for n in ("neuro.scientist--q4xug6lpy5", "neuro_scientist--q4xug6lpy5", "a" * 40, "a" * 41)
+    ]
     assert len(set(odd)) == 4
     assert all(len(n) <= 32 and all(c.isalnum() or c in "_-" for c in n) for n in odd), odd
 
@@ -75,8 +77,8 @@ def test_tutorials_copy_update_and_keep_user_changes(tmp_path):
     (src / ".ipynb_checkpoints" / "a-checkpoint.ipynb").write_text("junk")
     seed_tutorials(src, home)
     assert (home / "a.ipynb").read_text() == "v1" and not (home / ".ipynb_checkpoints").exists()
-    (home / "a.ipynb").write_text("mine")       # the user edits a
-    (home / "c.ipynb").unlink()                 # ... and deletes c
+    (home / "a.ipynb").write_text("mine")  # the user edits a
+    (home / "c.ipynb").unlink()  # ... and deletes c
     for name in ("a", "b", "c"):
         (src / f"{name}.ipynb").write_text("v2")
     report = seed_tutorials(src, home)
@@ -84,9 +86,9 @@ def test_tutorials_copy_update_and_keep_user_changes(tmp_path):
     beside = [p for p in home.iterdir() if p.name.startswith("a (updated")]
     assert len(beside) == 1 and beside[0].read_text() == "v2"
     assert (home / "b.ipynb").read_text() == "v2"  # untouched by the user: updated in place
-    assert not (home / "c.ipynb").exists()         # deleted by the user: stays deleted
+    assert not (home / "c.ipynb").exists()  # deleted by the user: stays deleted
     assert any("you changed it" in line for line in report)
-    assert seed_tutorials(src, home) == []         # nothing new: nothing done
+    assert seed_tutorials(src, home) == []  # nothing new: nothing done
 
 
 def test_tutorials_never_overwrite_a_users_file_of_the_same_name(tmp_path):
@@ -131,16 +133,25 @@ def test_launcher_respects_a_users_own_cfg(tmp_path, monkeypatch):
 def test_generated_cfg_names_the_machine():
     virtual = spynnaker_cfg_text({"mode": "virtual", "version": 5, "machine_name": None, "extra_cfg": {}})
     assert "virtual_board = True" in virtual and "machine_name" not in virtual
-    board = spynnaker_cfg_text({"mode": "machine", "version": 3, "machine_name": "192.168.240.253",
-                                "extra_cfg": {"Reports": {"write_energy_report": False}}})
+    board = spynnaker_cfg_text(
+        {
+            "mode": "machine",
+            "version": 3,
+            "machine_name": "192.168.240.253",
+            "extra_cfg": {"Reports": {"write_energy_report": False}},
+        }
+    )
     assert "machine_name = 192.168.240.253" in board and "version = 3" in board
     assert "virtual_board" not in board and "write_energy_report = False" in board
 
 
 def _cfgs_spynnaker_finds(env, home):
     """sPyNNaker's own search (spinn_utilities.config_holder._user_cfg): the first XDG_CONFIG_DIRS entry, ~/.config, ~."""
-    places = [os.path.join(env["XDG_CONFIG_DIRS"].split(os.pathsep)[0], ".spynnaker.cfg"),
-              os.path.join(home, ".config", ".spynnaker.cfg"), os.path.join(home, ".spynnaker.cfg")]
+    places = [
+        os.path.join(env["XDG_CONFIG_DIRS"].split(os.pathsep)[0], ".spynnaker.cfg"),
+        os.path.join(home, ".config", ".spynnaker.cfg"),
+        os.path.join(home, ".spynnaker.cfg"),
+    ]
     return [p for p in places if os.path.isfile(p)]
 
 
@@ -188,18 +199,27 @@ def test_launcher_says_why_a_session_has_no_board(tmp_path, monkeypatch):
     launcher = load_launcher()
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
-    env = {"SPINNAKER_MACHINE_CFG": "[Machine]\nvirtual_board = True\nversion = 5\n",
-           "SPINNAKER_BOARD_NOTICE": "No SpiNNaker board for this session (all boards busy), so it runs in virtual "
-                                     "mode."}
+    env = {
+        "SPINNAKER_MACHINE_CFG": "[Machine]\nvirtual_board = True\nversion = 5\n",
+        "SPINNAKER_BOARD_NOTICE": "No SpiNNaker board for this session (all boards busy), so it runs in virtual mode.",
+    }
     launcher.choose_cfg(env)
     said = launcher.notices(env)
     assert said == ["SpiNNaker: No SpiNNaker board for this session (all boards busy), so it runs in virtual mode."]
 
 
 def test_generated_cfg_per_mode():
-    base = {"version": 5, "machine_name": None, "extra_cfg": {"Reports": {"write_energy_report": False}},
-            "spalloc": {"url": "https://spalloc.example.org/spalloc/", "group": "course-a", "machine_name": None,
-                        "use_proxy": True}}
+    base = {
+        "version": 5,
+        "machine_name": None,
+        "extra_cfg": {"Reports": {"write_energy_report": False}},
+        "spalloc": {
+            "url": "https://spalloc.example.org/spalloc/",
+            "group": "course-a",
+            "machine_name": None,
+            "use_proxy": True,
+        },
+    }
     # session: without a claim (no board came) a kernel sees a virtual board; with one, that board.
     assert "virtual_board = True" in spynnaker_cfg_text({**base, "mode": "session"})
     claimed = spynnaker_cfg_text(

@@ -28,8 +28,11 @@ KEEPALIVE = 120  # the hub's downtime must stay below it; a restart here can tak
 
 
 def previous_release() -> tuple[str, str]:
-    lines = [ln.split() for ln in (ROOT / "tests" / "upgrade" / "PREVIOUS_RELEASE").read_text().splitlines()
-             if ln.strip() and not ln.startswith("#")]
+    lines = [
+        ln.split()
+        for ln in (ROOT / "tests" / "upgrade" / "PREVIOUS_RELEASE").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
     [(tag, commit)] = lines
     return tag, commit
 
@@ -40,21 +43,29 @@ def release():
     tag, commit = previous_release()
     found = subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{commit}^{{commit}}"], capture_output=True)
     if found.returncode != 0:
-        pytest.fail(f"the previous release {tag} (commit {commit}, tests/upgrade/PREVIOUS_RELEASE) is not in this "
-                    "clone: fetch the full history (git fetch --unshallow) to run the upgrade test", pytrace=False)
+        pytest.fail(
+            f"the previous release {tag} (commit {commit}, tests/upgrade/PREVIOUS_RELEASE) is not in this "
+            "clone: fetch the full history (git fetch --unshallow) to run the upgrade test",
+            pytrace=False,
+        )
     tree = traversable_tmpdir(f"release-{tag}-")  # user servers, as their own accounts, import its extension
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit], capture_output=True, check=True)
     subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
     (tree / "node_modules").symlink_to(ROOT / "node_modules")  # the pinned configurable-http-proxy
-    yield {"tag": tag, "tree": tree, "command": [BIN / "python", "-m", "spinnaker_jupyter.cli"],
-           "env": {"PYTHONPATH": f"{tree / 'hub'}{os.pathsep}{tree / 'extensions'}"}}
+    yield {
+        "tag": tag,
+        "tree": tree,
+        "command": [BIN / "python", "-m", "spinnaker_jupyter.cli"],
+        "env": {"PYTHONPATH": f"{tree / 'hub'}{os.pathsep}{tree / 'extensions'}"},
+    }
     shutil.rmtree(tree, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def double():
-    d = SpallocDouble(boards=2, tokens={HUB_TOKEN: "hub"}, admins=["hub"], power_delay=0.2, wait_timeout=5.0,
-                      first_ip="10.11.192.1").start()
+    d = SpallocDouble(
+        boards=2, tokens={HUB_TOKEN: "hub"}, admins=["hub"], power_delay=0.2, wait_timeout=5.0, first_ip="10.11.192.1"
+    ).start()
     yield d
     d.stop()
 
@@ -79,12 +90,19 @@ def test_upgrade_from_the_previous_release_keeps_everything(release, double, hub
     token_file = tmp_path / "spalloc-token"
     token_file.write_text(HUB_TOKEN + "\n")
     os.chmod(token_file, 0o600)
-    hub = hub_factory({
-        "hub": {"stop_servers_on_exit": False},
-        "spawner": {"poll_interval": 1},
-        "spinnaker": {"mode": "session", "claim_timeout": 60, "on_timeout": "fail",
-                      "spalloc": {"url": double.url, "token_file": str(token_file), "keepalive_interval": KEEPALIVE}},
-    }, start=False)
+    hub = hub_factory(
+        {
+            "hub": {"stop_servers_on_exit": False},
+            "spawner": {"poll_interval": 1},
+            "spinnaker": {
+                "mode": "session",
+                "claim_timeout": 60,
+                "on_timeout": "fail",
+                "spalloc": {"url": double.url, "token_file": str(token_file), "keepalive_interval": KEEPALIVE},
+            },
+        },
+        start=False,
+    )
 
     # --- the previous release, in use -------------------------------------------------------------------------
     hub.command, hub.env = release["command"], {**hub.env, **release["env"]}
@@ -105,11 +123,15 @@ def test_upgrade_from_the_previous_release_keeps_everything(release, double, hub
     assert ada.execute(kernel, "survivor = 'still here'")["error"] is None
     pid = admin.api("GET", f"/users/{ada.name}").json()["servers"][""]["state"]["pid"]
     ben.start_server()  # ben's home, then his server is stopped: he comes back after the upgrade
-    assert ben.server("PUT", "api/contents/notes.txt", json={"type": "file", "format": "text",
-                                                             "content": "ben's"}).status_code in (200, 201)
+    assert ben.server(
+        "PUT", "api/contents/notes.txt", json={"type": "file", "format": "text", "content": "ben's"}
+    ).status_code in (200, 201)
     ben.stop_server()
-    wait_for(lambda: [j["state"] for j in double.jobs() if j["owner"] == ben.name] == ["DESTROYED"], 20,
-             "ben's board to be given back")
+    wait_for(
+        lambda: [j["state"] for j in double.jobs() if j["owner"] == ben.name] == ["DESTROYED"],
+        20,
+        "ben's board to be given back",
+    )
 
     # --- the operator's upgrade: check the config with the new release, stop the hub, start the new one on the
     # same data folder and config ------------------------------------------------------------------------------
@@ -137,8 +159,11 @@ def test_upgrade_from_the_previous_release_keeps_everything(release, double, hub
     assert ada.execute(kernel, "print(survivor)")["stdout"].strip() == "still here"
     assert ada.server("GET", "api/contents/thesis.txt").json()["content"] == "ch. 1"
     # Her board lease is kept: the same job, kept alive by the new hub, no second one.
-    double.wait_for(lambda d: d.job(job["id"])["keepalives"] > keepalives, timeout=KEEPALIVE / 3 + 20,
-                    what="the upgraded hub to keep ada's job alive")
+    double.wait_for(
+        lambda d: d.job(job["id"])["keepalives"] > keepalives,
+        timeout=KEEPALIVE / 3 + 20,
+        what="the upgraded hub to keep ada's job alive",
+    )
     assert [j["id"] for j in double.jobs() if j["owner"] == ada.name] == [job["id"]]
     assert double.job(job["id"])["state"] == "READY"
     state = admin.api("GET", f"/users/{ada.name}").json()["servers"][""]["state"]["spinnaker"]
@@ -148,6 +173,9 @@ def test_upgrade_from_the_previous_release_keeps_everything(release, double, hub
     assert ben.server("GET", "api/contents/notes.txt").json()["content"] == "ben's"
     # And the new hub gives back a board the previous release claimed.
     ada.stop_server()
-    double.wait_for(lambda d: d.job(job["id"])["state"] == "DESTROYED", timeout=20,
-                    what="ada's job to be released by the upgraded hub")
+    double.wait_for(
+        lambda d: d.job(job["id"])["state"] == "DESTROYED",
+        timeout=20,
+        what="ada's job to be released by the upgraded hub",
+    )
     ben.stop_server()

@@ -36,9 +36,13 @@ def _load_jupyter_server_extension(server_app):
                 log.info("tutorials: %s", line)
         except OSError as e:  # a full disk must not stop the server: the user keeps their files
             log.error("tutorials: could not copy the tutorials into %s: %s", Path.home(), e)
-    closed = install_proxy_guard(server_app.web_app,
-                                 allowed_ports=set(told.proxy_ports), nrp_port=told.nrp_port,
-                                 nrp_installed=bool(told.nrp_command), nrp_tcp=nrp.uses_tcp_port(told.nrp_command))
+    closed = install_proxy_guard(
+        server_app.web_app,
+        allowed_ports=set(told.proxy_ports),
+        nrp_port=told.nrp_port,
+        nrp_installed=bool(told.nrp_command),
+        nrp_tcp=nrp.uses_tcp_port(told.nrp_command),
+    )
     if closed:
         log.error("proxy: every proxy route (/proxy/, /nrp/) is closed: %s", closed)
     ipc_dir = kernel_ipc.configure(server_app)

@@ -49,8 +49,12 @@ def watch_busy_kernels(server_app) -> PeriodicCallback:
             times[KEY] = datetime.now(timezone.utc)
         if bool(busy) != was_busy:
             was_busy = bool(busy)
-            log.info("activity: %s", f"{len(busy)} kernel(s) running code: the server counts as active"
-                     if busy else "no kernel is running code")
+            log.info(
+                "activity: %s",
+                f"{len(busy)} kernel(s) running code: the server counts as active"
+                if busy
+                else "no kernel is running code",
+            )
 
     callback = PeriodicCallback(mark, EVERY_MS)
     server_app.io_loop.add_callback(callback.start)  # on the server's loop, once it runs

@@ -133,13 +133,15 @@ def rclone_environment(url: str, drive_token: str, libraries: list[dict], privat
         "RCLONE_CONFIG_EMPTY_TYPE": "memory",
         "RCLONE_CONFIG_DRIVEROOT_TYPE": "combine",
         "RCLONE_CONFIG_DRIVEROOT_UPSTREAMS": " ".join(
-            [_quote(f"{MY_LIBRARIES}=mylibraries:"), _quote(f"{SHARED_WITH_GROUPS}=sharedgroups:")]),
+            [_quote(f"{MY_LIBRARIES}=mylibraries:"), _quote(f"{SHARED_WITH_GROUPS}=sharedgroups:")]
+        ),
     }
     for remote, names in (("MYLIBRARIES", mine), ("SHAREDGROUPS", groups)):
         unique = list(dict.fromkeys(names))
         env[f"RCLONE_CONFIG_{remote}_TYPE"] = "combine"
-        env[f"RCLONE_CONFIG_{remote}_UPSTREAMS"] = (" ".join(_quote(f"{n}=ebrainsdrive:{n}") for n in unique)
-                                                   or _quote("=empty:"))
+        env[f"RCLONE_CONFIG_{remote}_UPSTREAMS"] = " ".join(_quote(f"{n}=ebrainsdrive:{n}") for n in unique) or _quote(
+            "=empty:"
+        )
         if not unique:  # a combine remote needs an upstream: an empty, read-only one
             env[f"RCLONE_CONFIG_{remote}_TYPE"] = "alias"
             env[f"RCLONE_CONFIG_{remote}_REMOTE"] = "empty:"
@@ -175,13 +177,20 @@ class DriveMount:
 
     # -- what the user sees ----------------------------------------------------------------------------------------
     def _set_state(self, state: str, reason: str = "") -> None:
-        new = {"state": state, "reason": reason, "mount_point": str(self.mount_point), "url": self.url,
-               "remounts": self.remounts}
+        new = {
+            "state": state,
+            "reason": reason,
+            "mount_point": str(self.mount_point),
+            "url": self.url,
+            "remounts": self.remounts,
+        }
         if {k: v for k, v in new.items()} == {k: self.state.get(k) for k in new}:
             return
         new["since"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         self.state = new
-        (self.log.info if state == "mounted" else self.log.warning)("EBRAINS Drive: %s%s", state, f": {reason}" if reason else "")
+        (self.log.info if state == "mounted" else self.log.warning)(
+            "EBRAINS Drive: %s%s", state, f": {reason}" if reason else ""
+        )
         tmp = self.private / "state.json.tmp"
         with contextlib.suppress(OSError):
             tmp.write_text(json.dumps(new))
@@ -198,17 +207,20 @@ class DriveMount:
                 "Your EBRAINS Drive is not available here right now.\n\n"
                 f"Reason: {reason}\n\n"
                 "This server retries by itself and mounts the Drive here as soon as it can; nothing to do.\n"
-                "`spinnaker-status` in a terminal shows the current state.\n")
+                "`spinnaker-status` in a terminal shows the current state.\n"
+            )
 
     # -- tokens -----------------------------------------------------------------------------------------------------
     def access_token(self) -> str:
-        host, port, api = (self.env.get("JUPYTERHUB_SERVICE_HOST"), self.env.get("JUPYTERHUB_SERVICE_PORT"),
-                           self.env.get("JUPYTERHUB_API_TOKEN"))
+        host, port, api = (
+            self.env.get("JUPYTERHUB_SERVICE_HOST"),
+            self.env.get("JUPYTERHUB_SERVICE_PORT"),
+            self.env.get("JUPYTERHUB_API_TOKEN"),
+        )
         if not (host and port and api):
             raise DriveUnavailable("this server cannot ask the hub for your EBRAINS token (no access-token-service)")
         try:
-            status, body = _http(f"http://{host}:{port}{SERVICE_PATH}", {"Authorization": f"Token {api}"},
-                                 self.timeout)
+            status, body = _http(f"http://{host}:{port}{SERVICE_PATH}", {"Authorization": f"Token {api}"}, self.timeout)
         except OSError as e:
             raise DriveUnavailable(f"the hub's access-token-service did not answer ({e})")
         if status != 200:
@@ -249,8 +261,9 @@ class DriveMount:
         except OSError as e:
             raise DriveUnavailable(f"EBRAINS Drive ({self.url}) is not answering ({getattr(e, 'reason', e)})")
         if status != 200:
-            raise DriveUnavailable(f"EBRAINS Drive ({self.url}) answered HTTP {status} to the library list",
-                                   refused=status == 401)
+            raise DriveUnavailable(
+                f"EBRAINS Drive ({self.url}) answered HTTP {status} to the library list", refused=status == 401
+            )
         return json.loads(body)
 
     # -- the mount ----------------------------------------------------------------------------------------------------
@@ -321,13 +334,36 @@ class DriveMount:
             (self.mount_point / PLACEHOLDER).unlink()
         leftovers = [p.name for p in self.mount_point.iterdir()]
         if leftovers:
-            raise DriveUnavailable(f"{self.mount_point} is not empty ({', '.join(leftovers[:3])}): move those files "
-                                   f"elsewhere and the Drive is mounted there")
-        argv = [self.rclone, "mount", "driveroot:", str(self.mount_point),
-                "--cache-dir", str(self.private / "vfs"), "--vfs-cache-mode", "writes",
-                "--vfs-cache-max-size", str(self.cache_max_size), "--vfs-write-back", "2s",
-                "--dir-cache-time", f"{self.dir_cache_time}s", "--attr-timeout", "1s", "--umask", "077",
-                "--retries", "3", "--low-level-retries", "3", "--log-level", "NOTICE"]
+            raise DriveUnavailable(
+                f"{self.mount_point} is not empty ({', '.join(leftovers[:3])}): move those files "
+                f"elsewhere and the Drive is mounted there"
+            )
+        argv = [
+            self.rclone,
+            "mount",
+            "driveroot:",
+            str(self.mount_point),
+            "--cache-dir",
+            str(self.private / "vfs"),
+            "--vfs-cache-mode",
+            "writes",
+            "--vfs-cache-max-size",
+            str(self.cache_max_size),
+            "--vfs-write-back",
+            "2s",
+            "--dir-cache-time",
+            f"{self.dir_cache_time}s",
+            "--attr-timeout",
+            "1s",
+            "--umask",
+            "077",
+            "--retries",
+            "3",
+            "--low-level-retries",
+            "3",
+            "--log-level",
+            "NOTICE",
+        ]
         if mounted_at(self.mount_point):  # the container helper's bind mount, checked empty above
             argv.append("--allow-non-empty")
         if self.loop is not None:
@@ -352,11 +388,19 @@ class DriveMount:
     def _popen(self, argv: list[str], env: dict) -> subprocess.Popen:
         with open(self.private / "rclone.log", "ab") as logf:
             try:
-                return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                        preexec_fn=_set_pdeathsig, start_new_session=True)
+                return subprocess.Popen(
+                    argv,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=logf,
+                    stderr=logf,
+                    preexec_fn=_set_pdeathsig,
+                    start_new_session=True,
+                )
             except OSError as e:
-                raise DriveUnavailable(f"rclone could not be started ({e}); ask the operator to install rclone and "
-                                       f"fuse3")
+                raise DriveUnavailable(
+                    f"rclone could not be started ({e}); ask the operator to install rclone and fuse3"
+                )
 
     def _log_tail(self) -> str:
         try:
@@ -383,14 +427,18 @@ class DriveMount:
                 self._set_state("mounted")
                 return self.check_interval
             if status in (401, 403):
-                self.log.warning("EBRAINS Drive: the Drive token was refused (HTTP %s): exchanging and remounting", status)
+                self.log.warning(
+                    "EBRAINS Drive: the Drive token was refused (HTTP %s): exchanging and remounting", status
+                )
                 self.remounts += 1
                 self.mount()
                 self._set_state("mounted")
                 return self.check_interval
-            raise DriveUnavailable(f"EBRAINS Drive ({self.url}) is not answering"
-                                   f"{f' (HTTP {status})' if status else ''}; files under ~/drive give I/O errors "
-                                   f"until it is back")
+            raise DriveUnavailable(
+                f"EBRAINS Drive ({self.url}) is not answering"
+                f"{f' (HTTP {status})' if status else ''}; files under ~/drive give I/O errors "
+                f"until it is back"
+            )
         except DriveUnavailable as e:
             self._set_state("refused" if e.refused else "unavailable", e.reason)
             return -1.0
@@ -417,6 +465,7 @@ class DriveMount:
     def start(self, io_loop) -> None:
         def begin() -> None:
             self._task = asyncio.ensure_future(self.run())
+
         io_loop.add_callback(begin)  # on the server's loop, once it runs
 
     def stop(self) -> None:

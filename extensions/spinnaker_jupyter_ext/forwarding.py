@@ -25,8 +25,11 @@ def keeps_cookie(name: str, login_cookie: str | None = None) -> bool:
 
 def scrub_cookie_header(value: str, login_cookie: str | None = None) -> str:
     """The Cookie header without the user's login and xsrf cookies (the others byte for byte)."""
-    kept = [part.strip() for part in value.split(";")
-            if part.strip() and keeps_cookie(part.split("=", 1)[0].strip(), login_cookie)]
+    kept = [
+        part.strip()
+        for part in value.split(";")
+        if part.strip() and keeps_cookie(part.split("=", 1)[0].strip(), login_cookie)
+    ]
     return "; ".join(kept)
 
 

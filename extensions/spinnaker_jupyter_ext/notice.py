@@ -34,8 +34,9 @@ def _process_started() -> float:
     """When this server's process started (seconds since the epoch): older Drive states are a previous server's."""
     try:
         ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime "))
+        boot = next(
+            float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime ")
+        )
         return boot + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
         return time.time()
@@ -49,8 +50,10 @@ def drive_notice(state: dict | None) -> str | None:
     if not state or state.get("state") == "mounted":
         return None
     # JupyterLab cuts a toast at 140 characters: the reason first, the rest in the notification centre's copy.
-    return (f"EBRAINS Drive not mounted at ~/{Path(state.get('mount_point', 'drive')).name}: "
-            f"{state.get('reason') or state.get('state')}. It comes back by itself; `spinnaker-status` says more.")
+    return (
+        f"EBRAINS Drive not mounted at ~/{Path(state.get('mount_point', 'drive')).name}: "
+        f"{state.get('reason') or state.get('state')}. It comes back by itself; `spinnaker-status` says more."
+    )
 
 
 async def fresh_state(home: Path, wait: float = FIRST_CHECK_SECONDS) -> dict | None:
@@ -68,8 +71,9 @@ async def fresh_state(home: Path, wait: float = FIRST_CHECK_SECONDS) -> dict | N
         await asyncio.sleep(0.2)
 
 
-NOTIFICATION_SETTINGS = (Path(".jupyter/lab/user-settings/@jupyterlab/apputils-extension")
-                         / "notification.jupyterlab-settings")
+NOTIFICATION_SETTINGS = (
+    Path(".jupyter/lab/user-settings/@jupyterlab/apputils-extension") / "notification.jupyterlab-settings"
+)
 
 
 def answer_news_question(home: Path) -> bool:
@@ -81,8 +85,10 @@ def answer_news_question(home: Path) -> bool:
     try:
         path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         with open(path, "x") as f:
-            f.write('{\n    // preset by the SpiNNaker service: no Jupyter news (shows the EBRAINS Drive notice)\n'
-                    '    "fetchNews": "false"\n}\n')
+            f.write(
+                "{\n    // preset by the SpiNNaker service: no Jupyter news (shows the EBRAINS Drive notice)\n"
+                '    "fetchNews": "false"\n}\n'
+            )
     except OSError:
         return False
     return True

@@ -25,10 +25,24 @@ def setup_nrp():
     port, timeout, command = told.nrp_port, told.nrp_start_timeout, list(told.nrp_command)
     launcher = {"title": "Neurorobotics Platform", "enabled": True}
     if command and uses_tcp_port(command):
-        return {"command": command, "port": port, "timeout": timeout, "launcher_entry": launcher,
-                "new_browser_tab": True}
+        return {
+            "command": command,
+            "port": port,
+            "timeout": timeout,
+            "launcher_entry": launcher,
+            "new_browser_tab": True,
+        }
     if command:
-        return {"command": command, "unix_socket": True, "timeout": timeout, "launcher_entry": launcher,
-                "new_browser_tab": True}
-    return {"command": [sys.executable, "-m", "spinnaker_jupyter_ext.nrp_missing", "{unix_socket}"],
-            "unix_socket": True, "timeout": 20, "launcher_entry": {**launcher, "enabled": False}}
+        return {
+            "command": command,
+            "unix_socket": True,
+            "timeout": timeout,
+            "launcher_entry": launcher,
+            "new_browser_tab": True,
+        }
+    return {
+        "command": [sys.executable, "-m", "spinnaker_jupyter_ext.nrp_missing", "{unix_socket}"],
+        "unix_socket": True,
+        "timeout": 20,
+        "launcher_entry": {**launcher, "enabled": False},
+    }

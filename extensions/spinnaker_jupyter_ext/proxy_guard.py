@@ -43,8 +43,9 @@ def verdict(target: str, allowed_ports: set[int], nrp_port: int, nrp_installed: 
             return (503, NOT_RUNNING) if nrp_installed else (404, NOT_INSTALLED.format(port=port))
         return 502, f"Nothing is listening on port {port} in your server."
     if owner != "ours":
-        return 403, (f"Port {port} is in use by another account on this machine, not by your server: "
-                     "nothing was sent to it.")
+        return 403, (
+            f"Port {port} is in use by another account on this machine, not by your server: nothing was sent to it."
+        )
     return closed()
 
 
@@ -52,9 +53,11 @@ def nrp_verdict(nrp_port: int | None) -> tuple[int, str] | None:
     """None if the `nrp` entry may serve (and start what serves) /nrp/; else (status, message). <nrp_port> is None
     when the entry listens on a private unix socket rather than a TCP port."""
     if nrp_port is not None and recent_owner(nrp_port) == "other":
-        return 403, (f"The Neurorobotics Platform's port {nrp_port} is in use by another account on this machine, "
-                     "not by your server: nothing was sent to it, and your NRP was not started. Ask the "
-                     "service's operators.")
+        return 403, (
+            f"The Neurorobotics Platform's port {nrp_port} is in use by another account on this machine, "
+            "not by your server: nothing was sent to it, and your NRP was not started. Ask the "
+            "service's operators."
+        )
     return closed()
 
 
@@ -102,14 +105,17 @@ class RefusedProxyHandler(JupyterHandler):
             raise web.HTTPError(status, body)
 
 
-def install_proxy_guard(web_app, allowed_ports: set[int], nrp_port: int, nrp_installed: bool,
-                        nrp_tcp: bool = True) -> str | None:
+def install_proxy_guard(
+    web_app, allowed_ports: set[int], nrp_port: int, nrp_installed: bool, nrp_tcp: bool = True
+) -> str | None:
     """<nrp_tcp>: the `nrp` entry reaches its NRP on TCP port <nrp_port> (else on a private unix socket).
     Returns why every proxy route stays closed, or None."""
     base = web_app.settings["base_url"]
     routes = [
-        (url_path_join(base, r"/proxy/(?:absolute/)?([^/]+)(?:/.*)?$"),
-         lambda target: verdict(target, allowed_ports, nrp_port, nrp_installed)),
+        (
+            url_path_join(base, r"/proxy/(?:absolute/)?([^/]+)(?:/.*)?$"),
+            lambda target: verdict(target, allowed_ports, nrp_port, nrp_installed),
+        ),
         (url_path_join(base, r"/nrp(?:/.*)?$"), lambda: nrp_verdict(nrp_port if nrp_tcp else None)),
     ]
     rules = [Rule(RefusedRoute(pattern, decide), RefusedProxyHandler, {"decide": decide}) for pattern, decide in routes]

@@ -67,8 +67,7 @@ def refusal(port: int, host: str = "localhost", unix_socket: str | None = None) 
     if host not in LOCAL_HOSTS:
         return None  # other hosts: the server's host_allowlist decides (this service allows none)
     if listeners.recent_owner(int(port)) == "other":
-        return (f"Port {port} is in use by another account on this machine, not by your server: "
-                "nothing was sent to it.")
+        return f"Port {port} is in use by another account on this machine, not by your server: nothing was sent to it."
     return None
 
 
@@ -110,8 +109,11 @@ def _guard_create_ws_connection(original):
     return _create_ws_connection
 
 
-WRAPPERS = {"get_client_uri": _guard_get_client_uri, "proxy_request_headers": _scrub_proxy_request_headers,
-            "_create_ws_connection": _guard_create_ws_connection}
+WRAPPERS = {
+    "get_client_uri": _guard_get_client_uri,
+    "proxy_request_headers": _scrub_proxy_request_headers,
+    "_create_ws_connection": _guard_create_ws_connection,
+}
 
 
 def install() -> str | None:

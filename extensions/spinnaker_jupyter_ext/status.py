@@ -80,8 +80,10 @@ def describe(info: dict, hub: dict | None, hub_error: str | None) -> tuple[list[
     """Lines for people, and the exit status."""
     mode = (hub or {}).get("mode") or info["mode"] or "unknown"
     m = info["cfg_machine"]
-    lines = [f"SpiNNaker for this server ({os.environ.get('JUPYTERHUB_USER', '?')}"
-             f"{'/' + os.environ['JUPYTERHUB_SERVER_NAME'] if os.environ.get('JUPYTERHUB_SERVER_NAME') else ''})"]
+    lines = [
+        f"SpiNNaker for this server ({os.environ.get('JUPYTERHUB_USER', '?')}"
+        f"{'/' + os.environ['JUPYTERHUB_SERVER_NAME'] if os.environ.get('JUPYTERHUB_SERVER_NAME') else ''})"
+    ]
     status = 0
     notice = (hub or {}).get("notice") or info["notice"]
     if notice:
@@ -89,8 +91,10 @@ def describe(info: dict, hub: dict | None, hub_error: str | None) -> tuple[list[
     elif mode == "session":
         board = (hub or {}).get("board") or info["board"] or m.get("machine_name")
         n = (hub or {}).get("boards")
-        lines.append(f"  board:    {board} (version {m.get('version', '?')}{f', {n} boards' if n and n > 1 else ''}), "
-                     f"claimed by the hub for this server")
+        lines.append(
+            f"  board:    {board} (version {m.get('version', '?')}{f', {n} boards' if n and n > 1 else ''}), "
+            f"claimed by the hub for this server"
+        )
         job_id = (hub or {}).get("job_id") or info["job_id"]
         job_url = (hub or {}).get("job_url") or info["job_url"]
         claimed = (hub or {}).get("claimed_at")
@@ -98,35 +102,46 @@ def describe(info: dict, hub: dict | None, hub_error: str | None) -> tuple[list[
     elif mode == "machine":
         lines.append(f"  board:    {m.get('machine_name')} (the lab's board; yours until this server stops)")
     elif mode == "per-run":
-        lines.append(f"  boards:   claimed by sPyNNaker itself at each setup() from {m.get('spalloc_server')}"
-                     f"{' (group ' + m['spalloc_group'] + ')' if m.get('spalloc_group') else ''}, with your "
-                     f"login's token, and released at end()")
+        lines.append(
+            f"  boards:   claimed by sPyNNaker itself at each setup() from {m.get('spalloc_server')}"
+            f"{' (group ' + m['spalloc_group'] + ')' if m.get('spalloc_group') else ''}, with your "
+            f"login's token, and released at end()"
+        )
     elif mode == "virtual":
-        lines.append("  board:    none: virtual mode. run() maps and loads your network; recorded data come back "
-                     "empty.")
+        lines.append(
+            "  board:    none: virtual mode. run() maps and loads your network; recorded data come back empty."
+        )
     lines.insert(1, f"  mode:     {mode}")
     if hub is None:
         lines.append(f"  live:     unknown: {hub_error}")
         status = 2
     elif hub.get("lost"):
-        lines.append(f"  state:    GONE: the allocation service ended job {hub.get('job_id')}: {hub['lost']} "
-                     f"(at {hub.get('lost_at')}). Your kernels cannot use this board any more: stop and start "
-                     f"your server (File > Hub Control Panel) to get a new one.")
+        lines.append(
+            f"  state:    GONE: the allocation service ended job {hub.get('job_id')}: {hub['lost']} "
+            f"(at {hub.get('lost_at')}). Your kernels cannot use this board any more: stop and start "
+            f"your server (File > Hub Control Panel) to get a new one."
+        )
         status = 1
     elif hub.get("job_url"):
         live = hub.get("live")
         if live:
             state = live["state"]
-            lines.append(f"  state:    {state} at the allocation service (asked just now); the hub's keepalive is "
-                         f"{hub.get('keepalive', 'unknown')}")
+            lines.append(
+                f"  state:    {state} at the allocation service (asked just now); the hub's keepalive is "
+                f"{hub.get('keepalive', 'unknown')}"
+            )
             if state != "READY":
                 status = 1
         else:
-            lines.append(f"  state:    unknown now ({hub.get('live_error', 'not asked')}); the hub's keepalive is "
-                         f"{hub.get('keepalive', 'unknown')}")
+            lines.append(
+                f"  state:    unknown now ({hub.get('live_error', 'not asked')}); the hub's keepalive is "
+                f"{hub.get('keepalive', 'unknown')}"
+            )
     if info["own_cfg"]:
-        lines.append(f"  NOTE:     your own {info['own_cfg']} is what sPyNNaker kernels use, not the above. "
-                     f"Rename it to use this service's machine.")
+        lines.append(
+            f"  NOTE:     your own {info['own_cfg']} is what sPyNNaker kernels use, not the above. "
+            f"Rename it to use this service's machine."
+        )
     elif info["cfg_source"]:
         lines.append(f"  cfg:      kernels get the one sPyNNaker cfg from {info['cfg_source']}")
     lines += [f"  PROBLEM:  {p}" for p in info.get("problems", [])]
@@ -145,14 +160,19 @@ def drive_line(lines: list[str]) -> dict | None:
     elif state.get("state") == "mounted":
         lines.append(f"  drive:    EBRAINS Drive mounted at {state.get('mount_point')} (since {state.get('since')})")
     else:
-        lines.append(f"  drive:    EBRAINS Drive NOT AVAILABLE at {state.get('mount_point')}: {state.get('reason')} "
-                     f"(since {state.get('since')}; retried by itself)")
+        lines.append(
+            f"  drive:    EBRAINS Drive NOT AVAILABLE at {state.get('mount_point')}: {state.get('reason')} "
+            f"(since {state.get('since')}; retried by itself)"
+        )
     return state
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="spinnaker-status", description="Show the SpiNNaker machine this server's "
-                                 "sPyNNaker kernels use, and its state now (asked through the hub).")
+    ap = argparse.ArgumentParser(
+        prog="spinnaker-status",
+        description="Show the SpiNNaker machine this server's "
+        "sPyNNaker kernels use, and its state now (asked through the hub).",
+    )
     ap.add_argument("--json", action="store_true", help="print everything as JSON")
     ap.add_argument("--no-live", action="store_true", help="only what the server was started with; ask nobody")
     args = ap.parse_args(argv)
@@ -163,8 +183,7 @@ def main(argv=None) -> int:
     if args.no_live and status == 2:
         status = 0
     if args.json:
-        print(json.dumps({"server": info, "hub": hub, "hub_error": error, "status": status, "drive": drive},
-                         indent=1))
+        print(json.dumps({"server": info, "hub": hub, "hub_error": error, "status": status, "drive": drive}, indent=1))
     else:
         print("\n".join(lines))
     return status

@@ -40,8 +40,10 @@ def hub_service(d: Deployment) -> tuple[dict, dict]:
     token = path.read_text().strip()
     if len(token) < 32:
         raise ConfigError(f"{path} holds no usable token (empty or short): delete it and start the hub again")
-    return ({"name": SERVICE, "api_token": token, "display": False},
-            {"name": SERVICE, "services": [SERVICE], "scopes": list(SCOPES)})
+    return (
+        {"name": SERVICE, "api_token": token, "display": False},
+        {"name": SERVICE, "services": [SERVICE], "scopes": list(SCOPES)},
+    )
 
 
 def _hub_pid(d: Deployment) -> int | None:
@@ -57,9 +59,11 @@ def _hub_pid(d: Deployment) -> int | None:
     if b"jupyterhub" not in cmdline:
         return None  # a stale pid file
     if owner != os.geteuid() or cwd != os.path.realpath(d.hub_dir):
-        raise ConfigError(f"{d.hub_dir / 'jupyterhub.pid'} names a running jupyterhub (pid {pid}) that `spinnaker-"
-                          "jupyter up` did not start for this deployment: stop it, or delete the pid file if it is "
-                          "another deployment's hub, then run `user remove` again")
+        raise ConfigError(
+            f"{d.hub_dir / 'jupyterhub.pid'} names a running jupyterhub (pid {pid}) that `spinnaker-"
+            "jupyter up` did not start for this deployment: stop it, or delete the pid file if it is "
+            "another deployment's hub, then run `user remove` again"
+        )
     return pid
 
 
@@ -68,26 +72,30 @@ class HubAPI:
         self.base = f"http://127.0.0.1:{d['proxy']['hub_port']}{d['hub']['base_url']}hub/api"
         path = token_path(d)
         if not path.exists():
-            raise ConfigError(f"the hub is running but {path} does not exist (the hub was started by an older "
-                              "version): restart the hub, then run `user remove` again")
+            raise ConfigError(
+                f"the hub is running but {path} does not exist (the hub was started by an older "
+                "version): restart the hub, then run `user remove` again"
+            )
         self.token_file, self.token = path, path.read_text().strip()
         self.timeout = timeout
 
     def call(self, method: str, path: str) -> tuple[int, dict | None]:
-        req = urllib.request.Request(self.base + path, method=method,
-                                     headers={"Authorization": f"token {self.token}"})
+        req = urllib.request.Request(self.base + path, method=method, headers={"Authorization": f"token {self.token}"})
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as r:
                 body = r.read()
                 return r.status, json.loads(body) if body else None
         except urllib.error.URLError as e:
             if not isinstance(e, urllib.error.HTTPError):
-                raise ConfigError(f"the hub is running but does not answer at {self.base} ({e.reason}): see its log, "
-                                  "then run `user remove` again") from None
+                raise ConfigError(
+                    f"the hub is running but does not answer at {self.base} ({e.reason}): see its log, "
+                    "then run `user remove` again"
+                ) from None
             if e.code == 403:
-                raise ConfigError(f"the running hub refused the token in {self.token_file} (the hub was "
-                                  "started before it existed): restart the hub, then run `user remove` again") \
-                    from None
+                raise ConfigError(
+                    f"the running hub refused the token in {self.token_file} (the hub was "
+                    "started before it existed): restart the hub, then run `user remove` again"
+                ) from None
             return e.code, None
 
     def wait(self, condition, timeout: float, what: str):
@@ -126,7 +134,7 @@ def _remove_in_hub(d: Deployment, name: str, timeout: float) -> str:
 def _remove_in_db(d: Deployment, name: str) -> str:
     from .upstream import delete_hub_user  # JupyterHub's database, with the hub down: fenced there
 
-    if d.db_url.startswith("sqlite:///") and not Path(d.db_url[len("sqlite:///"):]).exists():
+    if d.db_url.startswith("sqlite:///") and not Path(d.db_url[len("sqlite:///") :]).exists():
         return "they had no hub user (the hub has never run)"
     pids = delete_hub_user(d.db_url, name)  # tokens, OAuth codes and spawners go with the user
     if pids is None:
@@ -167,14 +175,29 @@ def _retire_system_account(d: Deployment, name: str) -> str | None:
         pw = pwd.getpwnam(account)
     except KeyError:
         return None
-    ours = pw.pw_gecos == ACCOUNT_COMMENT.format(name) and \
-        os.path.realpath(pw.pw_dir) == os.path.realpath(d.homes_dir / name)
+    ours = pw.pw_gecos == ACCOUNT_COMMENT.format(name) and os.path.realpath(pw.pw_dir) == os.path.realpath(
+        d.homes_dir / name
+    )
     if pw.pw_uid == 0 or not ours:
         return None
     retired = f"retired-{pw.pw_uid}"
-    steps = [["usermod", "--login", retired, "--home", "/nonexistent", "--shell", "/usr/sbin/nologin", "--lock",
-              "--expiredate", "1", "--comment", f"retired {ACCOUNT_COMMENT.format(name)} ({account}), removed "
-              f"{time.strftime('%Y-%m-%d')}", account]]
+    steps = [
+        [
+            "usermod",
+            "--login",
+            retired,
+            "--home",
+            "/nonexistent",
+            "--shell",
+            "/usr/sbin/nologin",
+            "--lock",
+            "--expiredate",
+            "1",
+            "--comment",
+            f"retired {ACCOUNT_COMMENT.format(name)} ({account}), removed {time.strftime('%Y-%m-%d')}",
+            account,
+        ]
+    ]
     with contextlib.suppress(KeyError):
         import grp
 
@@ -183,10 +206,14 @@ def _retire_system_account(d: Deployment, name: str) -> str | None:
     for step in steps:
         done = subprocess.run(step, capture_output=True, text=True)
         if done.returncode != 0:
-            raise ConfigError(f"could not retire the system account {account} ({' '.join(step[:1])}: "
-                              f"{done.stderr.strip()}); run `user remove {name}` again once that is fixed")
-    return (f"their system account {account} (uid {pw.pw_uid}) is retired as {retired}: a new account of this name "
-            "gets a new uid")
+            raise ConfigError(
+                f"could not retire the system account {account} ({' '.join(step[:1])}: "
+                f"{done.stderr.strip()}); run `user remove {name}` again once that is fixed"
+            )
+    return (
+        f"their system account {account} (uid {pw.pw_uid}) is retired as {retired}: a new account of this name "
+        "gets a new uid"
+    )
 
 
 def _cancel_jobs(d: Deployment, name: str) -> str | None:
@@ -197,12 +224,13 @@ def _cancel_jobs(d: Deployment, name: str) -> str | None:
     from .jobs.store import Store
 
     url = db_url(d)
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).exists():
         return None  # the job service has never run
     done = Store(url).cancel_all_of(name)
     for job_id in [i for ids in done.values() for i in ids]:
-        JobLog.append(jobs_dir(d) / "logs" / f"{job_id}.log",
-                      f"{_stamp()}: cancelled because the account {name} was removed.")
+        JobLog.append(
+            jobs_dir(d) / "logs" / f"{job_id}.log", f"{_stamp()}: cancelled because the account {name} was removed."
+        )
     queued, running = len(done.get("submitted", [])), len(done.get("running", []))
     if not queued and not running:
         return None
@@ -211,7 +239,7 @@ def _cancel_jobs(d: Deployment, name: str) -> str | None:
 
 def _dispose_home(d: Deployment, name: str, purge: bool) -> str:
     if d["spawner"]["type"] == "docker":
-        return (f"their home volume is kept: `spinnaker-jupyter volumes remove {name}` deletes it")
+        return f"their home volume is kept: `spinnaker-jupyter volumes remove {name}` deletes it"
     home = d.homes_dir / name
     if not home.exists():
         return "they had no home folder"
@@ -245,12 +273,14 @@ def _hand_over_jobs(d: Deployment, name: str) -> str | None:
     from .jobs.store import ACTIVE, Job, Store
 
     url = db_url(d)
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).exists():
         return None  # the job service has never run
     store = Store(url)
     if store.query(name, statuses=ACTIVE):
-        return (f"batch jobs of an earlier account {name} are still stopping (`spinnaker-jupyter jobs list`): try "
-                "again in a minute")
+        return (
+            f"batch jobs of an earlier account {name} are still stopping (`spinnaker-jupyter jobs list`): try "
+            "again in a minute"
+        )
     with store.session() as s, s.begin():
         s.execute(update(Job).where(Job.user_id == name).values(user_id=f".removed/{name}/{time.time():.0f}"))
     return None
@@ -269,8 +299,10 @@ def _earlier_home_volume(d: Deployment, name: str) -> str | None:
     except Exception as e:  # noqa: BLE001 - the engine not answering: the name cannot be checked
         return f"cannot check for an earlier home volume of {name} (container engine: {e}); try again when it answers"
     if exists:
-        return (f"the home volume {volume} of an earlier account {name} exists, and a new {name} would get its files: "
-                f"`spinnaker-jupyter volumes remove {name}` deletes it (or choose another name)")
+        return (
+            f"the home volume {volume} of an earlier account {name} exists, and a new {name} would get its files: "
+            f"`spinnaker-jupyter volumes remove {name}` deletes it (or choose another name)"
+        )
     return None
 
 

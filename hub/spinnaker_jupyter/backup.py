@@ -82,8 +82,12 @@ def _copy_sqlite(src: Path, dst: Path) -> None:
 
 def _files(root: Path, skip: tuple[str, ...] = ()):
     for path in sorted(root.rglob("*")):
-        if path.is_file() and not path.is_symlink() and not _is_runtime(path) \
-                and path.relative_to(root).parts[0] not in skip:
+        if (
+            path.is_file()
+            and not path.is_symlink()
+            and not _is_runtime(path)
+            and path.relative_to(root).parts[0] not in skip
+        ):
             yield path
 
 
@@ -100,8 +104,15 @@ def backup(d: Deployment, dest: Path) -> dict:
     if dest == d.data_dir or d.data_dir in dest.parents:
         raise BackupError(f"backup: {dest} is inside data_dir ({d.data_dir}); put backups elsewhere")
     _private_dir(dest)
-    manifest = {"format": FORMAT, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "data_dir": str(d.data_dir), "config_files": [], "parts": {}, "files": {}, "not_included": []}
+    manifest = {
+        "format": FORMAT,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "data_dir": str(d.data_dir),
+        "config_files": [],
+        "parts": {},
+        "files": {},
+        "not_included": [],
+    }
     for part in PARTS:
         root = d.data_dir / part.folder
         if not root.is_dir():
@@ -153,13 +164,17 @@ def read_manifest(src: Path) -> dict:
     except ValueError as e:
         raise BackupError(f"restore: {src / MANIFEST} is damaged ({e}); use another backup") from None
     if manifest.get("format") != FORMAT:
-        raise BackupError(f"restore: {src} has backup format {manifest.get('format')!r}; this version reads format "
-                          f"{FORMAT}. Restore it with the release that wrote it, then upgrade")
+        raise BackupError(
+            f"restore: {src} has backup format {manifest.get('format')!r}; this version reads format "
+            f"{FORMAT}. Restore it with the release that wrote it, then upgrade"
+        )
     for rel, meta in manifest["files"].items():
         path = src / "data" / rel
         if not path.is_file() or _sha256(path) != meta["sha256"]:
-            raise BackupError(f"restore: {path} is missing or differs from the backup's manifest; nothing was "
-                              "restored. Use a complete backup")
+            raise BackupError(
+                f"restore: {path} is missing or differs from the backup's manifest; nothing was "
+                "restored. Use a complete backup"
+            )
     return manifest
 
 
@@ -172,13 +187,19 @@ def restore(d: Deployment, src: Path, force: bool = False) -> dict:
         raise BackupError(f"restore: a hub is running on {d.data_dir} (pid {pid}); stop it first, then restore")
     # A deployment's state already there (a hub folder with a database, accounts or secrets) is never replaced
     # silently; generated files are simply written again.
-    state = [path for part in PARTS if part.state and (d.data_dir / part.folder).is_dir()
-             for path in sorted((d.data_dir / part.folder).iterdir())
-             if not _is_runtime(path) and path.name not in part.skip]
+    state = [
+        path
+        for part in PARTS
+        if part.state and (d.data_dir / part.folder).is_dir()
+        for path in sorted((d.data_dir / part.folder).iterdir())
+        if not _is_runtime(path) and path.name not in part.skip
+    ]
     if state and not force:
         shown = ", ".join(str(p.relative_to(d.data_dir)) for p in state[:5]) + (", ..." if len(state) > 5 else "")
-        raise BackupError(f"restore: {d.data_dir} already holds a deployment ({shown}); restore onto a fresh "
-                          "data_dir, or pass --force to replace it (what is replaced is moved aside, not deleted)")
+        raise BackupError(
+            f"restore: {d.data_dir} already holds a deployment ({shown}); restore onto a fresh "
+            "data_dir, or pass --force to replace it (what is replaced is moved aside, not deleted)"
+        )
     aside = None
     if state:
         aside = d.data_dir / f"replaced-by-restore-{dt.datetime.now():%Y%m%d-%H%M%S}"
@@ -215,10 +236,13 @@ def servers_recorded_as_stopped(db: Path) -> list[str]:
         with con:
             running = con.execute(
                 "SELECT users.name, spawners.name, spawners.server_id FROM spawners JOIN users ON users.id = "
-                "spawners.user_id WHERE spawners.server_id IS NOT NULL ORDER BY users.name").fetchall()
+                "spawners.user_id WHERE spawners.server_id IS NOT NULL ORDER BY users.name"
+            ).fetchall()
             for _, _, server_id in running:
-                con.execute("UPDATE spawners SET server_id = NULL, state = '{}', started = NULL WHERE server_id = ?",
-                            (server_id,))
+                con.execute(
+                    "UPDATE spawners SET server_id = NULL, state = '{}', started = NULL WHERE server_id = ?",
+                    (server_id,),
+                )
                 con.execute("DELETE FROM servers WHERE id = ?", (server_id,))
             names = [f"{user}/{name or ''}" for user, name, _ in running]
     finally:
@@ -234,8 +258,10 @@ def cmd_backup(args) -> int:
     manifest = backup(d, Path(args.dir))
     parts = ", ".join(f"{p['what']}" for p in manifest["parts"].values())
     say(f"backed up {len(manifest['files'])} files ({parts}) into {Path(args.dir).resolve()} (mode 0700)")
-    say("not included: home folders, logs and job outputs (back them up as user data), kernel environments "
-        "(`build` remakes them)" + "".join(f"; {n}" for n in manifest["not_included"]))
+    say(
+        "not included: home folders, logs and job outputs (back them up as user data), kernel environments "
+        "(`build` remakes them)" + "".join(f"; {n}" for n in manifest["not_included"])
+    )
     return 0
 
 
@@ -244,13 +270,14 @@ def cmd_restore(args) -> int:
 
     d = _load(args)
     result = restore(d, Path(args.dir), force=args.force)
-    say(f"restored {result['restored']} files into {d.data_dir} from the backup of "
-        f"{result['manifest']['created']}")
+    say(f"restored {result['restored']} files into {d.data_dir} from the backup of {result['manifest']['created']}")
     if result["moved_aside"]:
         say(f"what was there before is in {result['moved_aside']}")
     if result["stopped"]:
-        say(f"{len(result['stopped'])} server(s) running when the backup was taken are recorded as stopped "
-            f"({', '.join(result['stopped'])}): their users start them again")
+        say(
+            f"{len(result['stopped'])} server(s) running when the backup was taken are recorded as stopped "
+            f"({', '.join(result['stopped'])}): their users start them again"
+        )
     for note in result["manifest"]["not_included"]:
         say(f"not in this backup: {note}")
     return 0
@@ -262,5 +289,8 @@ def register(add) -> None:
     b.add_argument("dir", help="a new or empty folder")
     r = add("restore", cmd_restore, "restore a backup into the config's data_dir (the hub must be stopped)")
     r.add_argument("dir", help="a folder written by `backup`")
-    r.add_argument("--force", action="store_true",
-                   help="replace a deployment already in data_dir (its files are moved aside, not deleted)")
+    r.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a deployment already in data_dir (its files are moved aside, not deleted)",
+    )

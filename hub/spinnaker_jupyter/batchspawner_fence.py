@@ -28,9 +28,14 @@ class PortReportHandler(APIHandler):
         except ValueError:
             data = None
         port = data.get("port") if isinstance(data, dict) else None
-        if spawner is None or not isinstance(data, dict) or set(data) != {"port"} or type(port) is not int \
-                or not 1 <= port <= 65535:
-            raise web.HTTPError(400, "Only {\"port\": 1-65535}, sent by a user server with its own token, is taken.")
+        if (
+            spawner is None
+            or not isinstance(data, dict)
+            or set(data) != {"port"}
+            or type(port) is not int
+            or not 1 <= port <= 65535
+        ):
+            raise web.HTTPError(400, 'Only {"port": 1-65535}, sent by a user server with its own token, is taken.')
         if not getattr(spawner, "_in_start", False):
             raise web.HTTPError(409, "The server's port is taken only while it starts.")
         spawner.port = port
@@ -45,9 +50,11 @@ def fence_port_report() -> None:
     from jupyterhub import apihandlers
 
     if batchspawner.__version__ != BATCHSPAWNER_CHECKED:
-        raise RuntimeError(f"batchspawner {batchspawner.__version__} is installed; the port-report fence "
-                           f"(batchspawner_fence.py) was checked against {BATCHSPAWNER_CHECKED} only: check its API "
-                           "handler, then update it.")
+        raise RuntimeError(
+            f"batchspawner {batchspawner.__version__} is installed; the port-report fence "
+            f"(batchspawner_fence.py) was checked against {BATCHSPAWNER_CHECKED} only: check its API "
+            "handler, then update it."
+        )
     routes = apihandlers.default_handlers
     for i, (pattern, *_handler) in enumerate(routes):
         if pattern == r"/api/batchspawner":

@@ -1,15 +1,15 @@
 """`spinnaker-jupyter`: the operator's command.
 
-  up       validate the config, build what is missing (with progress), start the hub in the foreground
-  check    validate config files without starting anything
-  build    build or refresh the kernel environments
-  user     add | passwd | remove | list local accounts
-  volumes  list | remove users' home volumes (spawner: docker)
-  config   print the effective config, or the reference of every key
-  boards   the SpiNNaker boards user servers hold (hub database; --live asks the allocation service)
-  backup   save everything but the home folders (hub database, accounts, secrets, generated config) into DIR
-  restore  put a backup into a fresh data_dir (the hub stopped)
-  jobs     batch jobs: list | show | cancel | purge (from the job store, hub up or down)
+up       validate the config, build what is missing (with progress), start the hub in the foreground
+check    validate config files without starting anything
+build    build or refresh the kernel environments
+user     add | passwd | remove | list local accounts
+volumes  list | remove users' home volumes (spawner: docker)
+config   print the effective config, or the reference of every key
+boards   the SpiNNaker boards user servers hold (hub database; --live asks the allocation service)
+backup   save everything but the home folders (hub database, accounts, secrets, generated config) into DIR
+restore  put a backup into a fresh data_dir (the hub stopped)
+jobs     batch jobs: list | show | cancel | purge (from the job store, hub up or down)
 """
 
 from __future__ import annotations
@@ -55,8 +55,10 @@ def cmd_check(args) -> int:
     preflight.trusted_config(d)
     files = ", ".join(str(f) for f in d.files) or "built-in defaults only"
     say(f"config OK ({files})")
-    say(f"auth: {d['auth']['type']}, spawner: {d['spawner']['type']}, SpiNNaker: {d['spinnaker']['mode']}, "
-        f"data in {d.data_dir}")
+    say(
+        f"auth: {d['auth']['type']}, spawner: {d['spawner']['type']}, SpiNNaker: {d['spinnaker']['mode']}, "
+        f"data in {d.data_dir}"
+    )
     if d["spawner"]["type"] == "local":
         from .limits import describe_deployment
 
@@ -76,28 +78,35 @@ def _check_reachable_by_all(paths: list[Path]) -> None:
     for path in paths:
         for parent in [path, *path.parents]:
             if parent.exists() and not parent.stat().st_mode & stat.S_IXOTH:
-                raise ConfigError(f"{parent} is not reachable by other accounts (mode "
-                                  f"{oct(parent.stat().st_mode & 0o777)}), so user servers could not run {path}. "
-                                  "Install the project and data_dir under a world-traversable folder such as /opt or "
-                                  "/srv, or set kernels.python to an interpreter outside it.")
+                raise ConfigError(
+                    f"{parent} is not reachable by other accounts (mode "
+                    f"{oct(parent.stat().st_mode & 0o777)}), so user servers could not run {path}. "
+                    "Install the project and data_dir under a world-traversable folder such as /opt or "
+                    "/srv, or set kernels.python to an interpreter outside it."
+                )
 
 
 def _make_dir(path: Path, mode: int) -> None:
     """Create a folder of the project's with `mode`; one that exists keeps its mode (it may not be ours to change)."""
     if path.exists() and not path.is_dir():
-        raise ConfigError(f"data_dir: {path} is a file, not a folder. Set data_dir to a folder (it is created when "
-                          "missing) or move the file away")
+        raise ConfigError(
+            f"data_dir: {path} is a file, not a folder. Set data_dir to a folder (it is created when "
+            "missing) or move the file away"
+        )
     try:
         path.mkdir(parents=True, mode=mode)
         os.chmod(path, mode)  # whatever the umask
     except FileExistsError:
         pass
     except OSError as e:
-        raise ConfigError(f"data_dir: cannot create {path}: {e.strerror}. Set data_dir to a folder this account "
-                          "can write") from None
+        raise ConfigError(
+            f"data_dir: cannot create {path}: {e.strerror}. Set data_dir to a folder this account can write"
+        ) from None
     if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"data_dir: {path} is not writable by this account ({os.environ.get('USER') or os.geteuid()}"
-                          "). Set data_dir to a folder it can write, or give it this one")
+        raise ConfigError(
+            f"data_dir: {path} is not writable by this account ({os.environ.get('USER') or os.geteuid()}"
+            "). Set data_dir to a folder it can write, or give it this one"
+        )
 
 
 def prepare(d: Deployment, build: bool = True) -> None:
@@ -110,16 +119,21 @@ def prepare(d: Deployment, build: bool = True) -> None:
         if system_users_enabled(d):
             if os.geteuid() != 0:
                 raise ConfigError("spawner.local.system_users: true needs the hub to run as root")
-            _check_reachable_by_all([Path(sys.executable), Path(kernels.base_python(d)), d.envs_dir,
-                                     d.tutorials_dir, d.homes_dir])
+            _check_reachable_by_all(
+                [Path(sys.executable), Path(kernels.base_python(d)), d.envs_dir, d.tutorials_dir, d.homes_dir]
+            )
             say("Each user's server runs as their own system account (jupyter-<name>), home folders private.")
         else:
-            say("NOTE: the hub is not running as root, so all users' servers run as this one account "
+            say(
+                "NOTE: the hub is not running as root, so all users' servers run as this one account "
                 f"({os.environ.get('USER', os.getuid())}) and can read each other's files. Fine for one person or a "
-                "trusted group; run as root (or use spawner.type: docker) to separate users.")
+                "trusted group; run as root (or use spawner.type: docker) to separate users."
+            )
     if not shutil.which(chp_command(d)[0]):
-        raise ConfigError(f"configurable-http-proxy not found at {chp_command(d)[0]}: run `npm ci` in {PROJECT_ROOT} "
-                          "(make up does) or set proxy.command")
+        raise ConfigError(
+            f"configurable-http-proxy not found at {chp_command(d)[0]}: run `npm ci` in {PROJECT_ROOT} "
+            "(make up does) or set proxy.command"
+        )
     if d["spawner"]["type"] == "docker":
         from .docker import check_engine
 
@@ -143,9 +157,12 @@ def first_admin(d: Deployment) -> None:
     name = d["auth"]["local"]["admin"]
     password = store.add(name, admin=True)
     bar = "=" * 72
-    print(f"\n{bar}\n  First start: created the admin account.\n    user:     {name}\n    password: {password}\n"
-          f"  This password is shown once. Change it with `spinnaker-jupyter user passwd {name}`.\n"
-          f"  Add accounts with `spinnaker-jupyter user add NAME`.\n{bar}\n", flush=True)
+    print(
+        f"\n{bar}\n  First start: created the admin account.\n    user:     {name}\n    password: {password}\n"
+        f"  This password is shown once. Change it with `spinnaker-jupyter user passwd {name}`.\n"
+        f"  Add accounts with `spinnaker-jupyter user add NAME`.\n{bar}\n",
+        flush=True,
+    )
 
 
 def cmd_up(args) -> int:
@@ -167,9 +184,15 @@ def cmd_up(args) -> int:
     env[configmod.CONFIG_ENV] = os.pathsep.join(str(f) for f in d.files)
     env[configmod.BASE_DIR_ENV] = str(d.base_dir)  # the hub runs in data_dir/hub: relative paths must not move
     hub = d["hub"]
-    say(f"ready to start after {time.monotonic() - t0:.1f} s; the hub will answer at "
-        f"{'https' if hub['tls']['cert_file'] else 'http'}://{hub['ip']}:{hub['port']}{hub['base_url']}")
-    hub_cmd = [str(Path(sys.executable).parent / "jupyterhub"), "-f", str(Path(__file__).parent / "jupyterhub_config.py")]
+    say(
+        f"ready to start after {time.monotonic() - t0:.1f} s; the hub will answer at "
+        f"{'https' if hub['tls']['cert_file'] else 'http'}://{hub['ip']}:{hub['port']}{hub['base_url']}"
+    )
+    hub_cmd = [
+        str(Path(sys.executable).parent / "jupyterhub"),
+        "-f",
+        str(Path(__file__).parent / "jupyterhub_config.py"),
+    ]
     os.chdir(d.hub_dir)  # jupyterhub writes its runtime files in the working folder
     os.execve(hub_cmd[0], hub_cmd, env)
 
@@ -201,8 +224,10 @@ def cmd_user(args) -> int:
         if args.name not in store.names() and (problem := earlier_account_leftovers(d, args.name)):
             raise ConfigError(problem)
         password = store.add(args.name, admin=args.admin, password=given, min_length=min_length)
-        print(f"Created account {args.name}{' (admin)' if args.admin else ''}. " +
-              ("Password set from standard input." if args.stdin else f"Password (shown once): {password}"))
+        print(
+            f"Created account {args.name}{' (admin)' if args.admin else ''}. "
+            + ("Password set from standard input." if args.stdin else f"Password (shown once): {password}")
+        )
     elif args.action == "passwd":
         password = store.set_password(args.name, given, min_length)
         print(f"New password for {args.name}: {password}" if not args.stdin else f"Password of {args.name} changed.")
@@ -241,8 +266,7 @@ def cmd_volumes(args) -> int:
     except docker.errors.NotFound:
         raise ConfigError(f"no home volume for {args.name} ({volume})") from None
     except docker.errors.APIError as e:
-        raise ConfigError(f"could not remove {args.name}'s volume: {e.explanation} (stop their server first)") \
-            from None
+        raise ConfigError(f"could not remove {args.name}'s volume: {e.explanation} (stop their server first)") from None
     return 0
 
 
@@ -264,14 +288,19 @@ def cmd_config(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="spinnaker-jupyter", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="spinnaker-jupyter", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name, fn, help):
         sp = sub.add_parser(name, help=help)
-        sp.add_argument("-c", "--config", action="append",
-                        help=f"deployment config file (repeat to layer; default {DEFAULT_CONFIG.name} if present)")
+        sp.add_argument(
+            "-c",
+            "--config",
+            action="append",
+            help=f"deployment config file (repeat to layer; default {DEFAULT_CONFIG.name} if present)",
+        )
         sp.set_defaults(fn=fn)
         return sp
 
@@ -296,8 +325,12 @@ def parser() -> argparse.ArgumentParser:
     co.add_argument("action", choices=["start"])
     co.add_argument("group", nargs="?", help="hub group whose members' servers start")
     co.add_argument("--users", help="comma-separated hub user names instead of a group")
-    co.add_argument("--wait", type=float, default=600, help="seconds to report progress until all are ready (0: "
-                                                             "start them and return)")
+    co.add_argument(
+        "--wait",
+        type=float,
+        default=600,
+        help="seconds to report progress until all are ready (0: start them and return)",
+    )
     cf = add("config", cmd_config, "print the effective config")
     cf.add_argument("--reference", action="store_true", help="list every key with its default and meaning")
     from .backup import register as add_backup_commands  # backup / restore: everything but the homes

@@ -24,7 +24,7 @@ def parse_team_entry(entry) -> tuple[str, str] | None:
     """`collab-<name>-<role>` -> (name, role); None for anything else (other team kinds, unknown roles)."""
     if not isinstance(entry, str) or not entry.startswith("collab-"):
         return None
-    name, sep, role = entry[len("collab-"):].rpartition("-")
+    name, sep, role = entry[len("collab-") :].rpartition("-")
     return (name, role) if sep and name and role in ROLES else None
 
 
@@ -63,8 +63,10 @@ def config_problem(eb: dict) -> str | None:
         for collab, role in eb.get(key, {}).items():
             parsed = parse_team_entry(collab)
             if parsed:  # the claim's entry given instead of the collab's name
-                return (f"auth.ebrains.{key}: '{collab}' looks like a roles.team entry; give the collab's name and "
-                        f"the role it needs, e.g. {parsed[0]}: {parsed[1]}")
+                return (
+                    f"auth.ebrains.{key}: '{collab}' looks like a roles.team entry; give the collab's name and "
+                    f"the role it needs, e.g. {parsed[0]}: {parsed[1]}"
+                )
             if role not in ROLES:
                 return f"auth.ebrains.{key}.{collab}: expected one of {', '.join(ROLES)}, got {role!r}"
     return None

@@ -115,8 +115,10 @@ class Deployment:
             fix = f"remove {path} and start again to generate a new one (or set {env})"
         check_length(value, where, fix)
         if name == "crypt_key" and not re.fullmatch(r"[0-9a-fA-F]{64}", value):
-            raise ConfigError(f"{where}: the key that encrypts users' tokens must be 64 hexadecimal characters (32 "
-                              f"bytes). Fix: {fix}.")
+            raise ConfigError(
+                f"{where}: the key that encrypts users' tokens must be 64 hexadecimal characters (32 "
+                f"bytes). Fix: {fix}."
+            )
         return value
 
     def private_hub_dir(self) -> Path:
@@ -125,8 +127,10 @@ class Deployment:
 
         for path in (self.data_dir, self.hub_dir):
             if path.exists() and not path.is_dir():
-                raise ConfigError(f"data_dir: {path} is a file, not a folder. Set data_dir to a folder (it is "
-                                  "created when missing) or move the file away")
+                raise ConfigError(
+                    f"data_dir: {path} is a file, not a folder. Set data_dir to a folder (it is "
+                    "created when missing) or move the file away"
+                )
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             self.hub_dir.mkdir(mode=0o700)
@@ -134,25 +138,32 @@ class Deployment:
         except FileExistsError:
             pass
         except OSError as e:
-            raise ConfigError(f"data_dir: cannot create {self.hub_dir}: {e.strerror}. Set data_dir to a folder this "
-                              f"account can write") from None
+            raise ConfigError(
+                f"data_dir: cannot create {self.hub_dir}: {e.strerror}. Set data_dir to a folder this account can write"
+            ) from None
         trusted(self.hub_dir, "data_dir/hub", private=True)
         return self.hub_dir
 
     @property
     def db_url(self) -> str:
-        return (os.environ.get("SPINNAKER_JUPYTER_DB_URL") or self.values["hub"]["db_url"]
-                or f"sqlite:///{self.hub_dir / 'jupyterhub.sqlite'}")
+        return (
+            os.environ.get("SPINNAKER_JUPYTER_DB_URL")
+            or self.values["hub"]["db_url"]
+            or f"sqlite:///{self.hub_dir / 'jupyterhub.sqlite'}"
+        )
 
     def ebrains_client_secret(self) -> str:
         eb = self.values["auth"]["ebrains"]
         if os.environ.get("EBRAINS_CLIENT_SECRET"):
             return os.environ["EBRAINS_CLIENT_SECRET"]
         if eb["client_secret_file"]:
-            return read_secret_file(self.path(eb["client_secret_file"], Path()), "auth.ebrains.client_secret_file",
-                                    "EBRAINS_CLIENT_SECRET")
-        raise ConfigError("auth.ebrains.client_secret: missing. Set the environment variable EBRAINS_CLIENT_SECRET "
-                          "or auth.ebrains.client_secret_file (a file readable only by the hub).")
+            return read_secret_file(
+                self.path(eb["client_secret_file"], Path()), "auth.ebrains.client_secret_file", "EBRAINS_CLIENT_SECRET"
+            )
+        raise ConfigError(
+            "auth.ebrains.client_secret: missing. Set the environment variable EBRAINS_CLIENT_SECRET "
+            "or auth.ebrains.client_secret_file (a file readable only by the hub)."
+        )
 
     def spalloc_token(self) -> str:
         """The hub's bearer token for the spalloc service (mode `session`); read again at each session renewal."""
@@ -161,8 +172,10 @@ class Deployment:
         token_file = self.values["spinnaker"]["spalloc"]["token_file"]
         if token_file:
             return read_secret_file(self.path(token_file, Path()), "spinnaker.spalloc.token_file", "SPALLOC_TOKEN")
-        raise ConfigError("spinnaker.spalloc.token: missing. Set the environment variable SPALLOC_TOKEN or "
-                          "spinnaker.spalloc.token_file (a file readable only by the hub).")
+        raise ConfigError(
+            "spinnaker.spalloc.token: missing. Set the environment variable SPALLOC_TOKEN or "
+            "spinnaker.spalloc.token_file (a file readable only by the hub)."
+        )
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -217,8 +230,12 @@ class _NoAliasLoader(yaml.SafeLoader):
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
-            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in the config file; "
-                                              "write the value out", self.peek_event().start_mark)
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                "aliases (*name) are not allowed in the config file; write the value out",
+                self.peek_event().start_mark,
+            )
         return super().compose_node(parent, index)
 
 
@@ -226,8 +243,9 @@ def read_file(path: Path) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save it "
-                          "as UTF-8") from None
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save it as UTF-8"
+        ) from None
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     try:
@@ -235,8 +253,9 @@ def read_file(path: Path) -> dict:
     except yaml.MarkedYAMLError as e:  # one line: where, and what is wrong there
         mark = e.problem_mark
         where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}{where} is not valid YAML: {'; '.join(filter(None, (e.context, e.problem)))}") \
-            from None
+        raise ConfigError(
+            f"{path}{where} is not valid YAML: {'; '.join(filter(None, (e.context, e.problem)))}"
+        ) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if data is None:
@@ -267,8 +286,9 @@ def _check_consistency(d: Deployment) -> None:
     """Rules that span keys, which the schema cannot say."""
     v = d.values
     if v["spinnaker"]["mode"] == "machine" and not v["spinnaker"]["machine_name"]:
-        raise ConfigError("spinnaker.machine_name: required when spinnaker.mode is 'machine' (the board's host name "
-                          "or IP address)")
+        raise ConfigError(
+            "spinnaker.machine_name: required when spinnaker.mode is 'machine' (the board's host name or IP address)"
+        )
     _check_spinnaker(d)
     from .tls import check as check_tls  # HTTPS files: present, PEM, the key private
 
@@ -278,22 +298,36 @@ def _check_consistency(d: Deployment) -> None:
         if not eb["client_id"]:
             raise ConfigError("auth.ebrains.client_id: required when auth.type is 'ebrains'")
         d.ebrains_client_secret()
-        if not (eb["allow_all"] or eb["allowed_groups"] or eb["allowed_users"] or eb["allowed_collabs"]
-                or eb["admin_collabs"]):
-            raise ConfigError("auth.ebrains: nobody would be admitted. Set allowed_groups, allowed_collabs, "
-                              "allowed_users or allow_all: true")
+        if not (
+            eb["allow_all"]
+            or eb["allowed_groups"]
+            or eb["allowed_users"]
+            or eb["allowed_collabs"]
+            or eb["admin_collabs"]
+        ):
+            raise ConfigError(
+                "auth.ebrains: nobody would be admitted. Set allowed_groups, allowed_collabs, "
+                "allowed_users or allow_all: true"
+            )
         from .collabs import config_problem
 
         if problem := config_problem(eb):
             raise ConfigError(problem)
         if eb["auth_refresh_age"] >= eb["refresh_margin"]:
-            raise ConfigError("auth.ebrains.auth_refresh_age must be smaller than auth.ebrains.refresh_margin, or "
-                              "notebooks could be handed an access token about to expire")
+            raise ConfigError(
+                "auth.ebrains.auth_refresh_age must be smaller than auth.ebrains.refresh_margin, or "
+                "notebooks could be handed an access token about to expire"
+            )
     if v["drive"]["enabled"] and v["auth"]["type"] != "ebrains":
-        raise ConfigError("drive.enabled: the Drive is reached with each user's EBRAINS login; set auth.type: "
-                          "ebrains, or drive.enabled: false")
-    ports = {"hub.port": v["hub"]["port"], "proxy.api_port": v["proxy"]["api_port"],
-             "proxy.hub_port": v["proxy"]["hub_port"]}
+        raise ConfigError(
+            "drive.enabled: the Drive is reached with each user's EBRAINS login; set auth.type: "
+            "ebrains, or drive.enabled: false"
+        )
+    ports = {
+        "hub.port": v["hub"]["port"],
+        "proxy.api_port": v["proxy"]["api_port"],
+        "proxy.hub_port": v["proxy"]["hub_port"],
+    }
     if v["auth"]["type"] == "ebrains":
         ports["auth.ebrains.token_service_port"] = v["auth"]["ebrains"]["token_service_port"]
     if v["jobs"]["enabled"]:
@@ -304,8 +338,10 @@ def _check_consistency(d: Deployment) -> None:
         raise ConfigError(f"proxy_ports: must include nrp.port ({v['nrp']['port']}) or the NRP route cannot work")
     repos = [r["name"] if isinstance(r, dict) else r.partition(":")[0] for r in v["git_kernel"]["repos"]]
     if twice := sorted({name for name in repos if repos.count(name) > 1}):
-        raise ConfigError(f"git_kernel.repos: {', '.join(twice)} named more than once; each repository is a folder "
-                          f"of ~/sPyNNakerGit, so names must differ")
+        raise ConfigError(
+            f"git_kernel.repos: {', '.join(twice)} named more than once; each repository is a folder "
+            f"of ~/sPyNNakerGit, so names must differ"
+        )
 
 
 def _check_spinnaker(d: Deployment) -> None:
@@ -315,13 +351,16 @@ def _check_spinnaker(d: Deployment) -> None:
     if sp["mode"] in ("session", "per-run"):
         url = spalloc["url"] or ""
         if not url.startswith(("http://", "https://")):
-            raise ConfigError(f"spinnaker.spalloc.url: required when spinnaker.mode is '{sp['mode']}': the "
-                              f"allocation service's http(s) URL, e.g. https://spinnaker.cs.man.ac.uk/spalloc/"
-                              f"{f' (got {url!r})' if url else ''}")
+            raise ConfigError(
+                f"spinnaker.spalloc.url: required when spinnaker.mode is '{sp['mode']}': the "
+                f"allocation service's http(s) URL, e.g. https://spinnaker.cs.man.ac.uk/spalloc/"
+                f"{f' (got {url!r})' if url else ''}"
+            )
         if spalloc["ca_certs"] and not d.path(spalloc["ca_certs"], Path()).is_file():
             raise ConfigError(f"spinnaker.spalloc.ca_certs: no such file {spalloc['ca_certs']}")
     if sp["mode"] == "session":
         d.spalloc_token()
         if sp["claim_timeout"] < 1:
-            raise ConfigError("spinnaker.claim_timeout: must be at least 1 s in mode 'session' (boards take time to "
-                              "be switched on)")
+            raise ConfigError(
+                "spinnaker.claim_timeout: must be at least 1 s in mode 'session' (boards take time to be switched on)"
+            )

@@ -19,8 +19,10 @@ MIN_SECRET_CHARS = 32  # the generated ones have 64 (32 random bytes, hex)
 
 def check_length(value: str, where: str, fix: str) -> str:
     if len(value) < MIN_SECRET_CHARS:
-        raise ConfigError(f"{where}: holds {len(value)} characters, too few for a secret (at least "
-                          f"{MIN_SECRET_CHARS}; an interrupted write leaves an empty file). Fix: {fix}.")
+        raise ConfigError(
+            f"{where}: holds {len(value)} characters, too few for a secret (at least "
+            f"{MIN_SECRET_CHARS}; an interrupted write leaves an empty file). Fix: {fix}."
+        )
     return value
 
 
@@ -50,8 +52,10 @@ def read_secret_file(path: Path, key: str, env: str) -> str:
     except ConfigError as e:
         raise ConfigError(f"{e} It holds a secret.") from None
     if stat.S_IMODE(path.stat().st_mode) & 0o007:
-        raise ConfigError(f"{key}: {path} holds a secret and other accounts can read it. `chmod 600 {path}` (or "
-                          f"640 for a group of the hub's)")
+        raise ConfigError(
+            f"{key}: {path} holds a secret and other accounts can read it. `chmod 600 {path}` (or "
+            f"640 for a group of the hub's)"
+        )
     if not text:
         raise ConfigError(f"{key}: {path} is empty; write the secret into it, or use the environment variable {env}")
     return text
@@ -72,8 +76,10 @@ def write_secret(path: Path, text: str) -> None:
         except FileExistsError:
             pass  # a concurrent start wrote it: use theirs
     except OSError as e:
-        raise ConfigError(f"cannot write the secret {path}: {e.strerror}. Free space or fix permissions in "
-                          f"{path.parent}, then start again") from None
+        raise ConfigError(
+            f"cannot write the secret {path}: {e.strerror}. Free space or fix permissions in "
+            f"{path.parent}, then start again"
+        ) from None
     finally:
         try:
             os.unlink(tmp)
@@ -86,11 +92,11 @@ SECRET_LIKE = re.compile(r"pass(word|wd)?|secret|token|credential|api_?key|priva
 WHERE_SECRETS_GO = {
     "hub.db_url": "put the whole URL in the environment variable SPINNAKER_JUPYTER_DB_URL instead",
     "spinnaker.spalloc.url": "give the URL without them; the hub's token goes in the environment variable "
-                             "SPALLOC_TOKEN or spinnaker.spalloc.token_file (per-run: each user's own EBRAINS token "
-                             "reaches sPyNNaker through the access-token-service)",
+    "SPALLOC_TOKEN or spinnaker.spalloc.token_file (per-run: each user's own EBRAINS token "
+    "reaches sPyNNaker through the access-token-service)",
     "spinnaker.extra_cfg": "the generated sPyNNaker cfg is readable by every user. The hub's spalloc token goes in "
-                           "the environment variable SPALLOC_TOKEN or spinnaker.spalloc.token_file; a user's own "
-                           "credentials go in their ~/.spynnaker.cfg",
+    "the environment variable SPALLOC_TOKEN or spinnaker.spalloc.token_file; a user's own "
+    "credentials go in their ~/.spynnaker.cfg",
 }
 
 
@@ -111,8 +117,10 @@ def _url_credentials(value: str) -> str | None:
 
 
 def _refuse(path: str, what: str) -> None:
-    fix = next((fix for key, fix in WHERE_SECRETS_GO.items() if path == key or path.startswith(key + ".")),
-               "use the environment, or a `*_file` setting where one exists")
+    fix = next(
+        (fix for key, fix in WHERE_SECRETS_GO.items() if path == key or path.startswith(key + ".")),
+        "use the environment, or a `*_file` setting where one exists",
+    )
     raise ConfigError(f"{path}: holds {what}; secrets do not belong in the config file: {fix}.")
 
 
@@ -123,8 +131,10 @@ def reject_inline_secrets(values, path=""):
     for key, value in items:
         full = f"{path}.{key}" if path else str(key)
         if key in SECRET_KEYS:
-            raise ConfigError(f"{full}: secrets do not belong in the config file. Use the environment or a "
-                              f"`{key}_file` setting where one exists.")
+            raise ConfigError(
+                f"{full}: secrets do not belong in the config file. Use the environment or a "
+                f"`{key}_file` setting where one exists."
+            )
         if path.startswith("spinnaker.extra_cfg.") and isinstance(key, str) and SECRET_LIKE.search(key):
             _refuse(full, "what looks like a secret")
         if isinstance(value, str) and (what := _url_credentials(value)):
@@ -141,6 +151,7 @@ def redacted(values):
     if isinstance(values, str) and _url_credentials(values):
         u = urlsplit(values)
         netloc = u.netloc.rsplit("@", 1)[-1]
-        return urlunsplit((u.scheme, f"****@{netloc}" if "@" in u.netloc else netloc, u.path, "****" if u.query
-                           else "", u.fragment))
+        return urlunsplit(
+            (u.scheme, f"****@{netloc}" if "@" in u.netloc else netloc, u.path, "****" if u.query else "", u.fragment)
+        )
     return values

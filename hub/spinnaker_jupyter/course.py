@@ -42,8 +42,10 @@ def configure(c, d: Deployment) -> tuple[dict, dict]:
     path = token_path(d)
     if not path.exists():
         write_secret(path, secrets.token_hex(32))
-    return ({"name": SERVICE, "api_token": path.read_text().strip(), "display": False},
-            {"name": SERVICE, "services": [SERVICE], "scopes": list(SCOPES)})
+    return (
+        {"name": SERVICE, "api_token": path.read_text().strip(), "display": False},
+        {"name": SERVICE, "services": [SERVICE], "scopes": list(SCOPES)},
+    )
 
 
 # --------------------------------------------------------------------------------------------------- hub side
@@ -62,8 +64,11 @@ def server_state(user) -> dict:
         return {"user": user.name, "state": spawner.pending}
     e = start_error(spawner)
     if e is not None:
-        return {"user": user.name, "state": "failed",
-                "message": getattr(e, "jupyterhub_message", None) or getattr(e, "log_message", None) or str(e)}
+        return {
+            "user": user.name,
+            "state": "failed",
+            "message": getattr(e, "jupyterhub_message", None) or getattr(e, "log_message", None) or str(e),
+        }
     return {"user": user.name, "state": "stopped"}
 
 
@@ -79,8 +84,11 @@ def _handlers() -> list:
             if group:
                 orm_group = orm.Group.find(self.db, group)
                 if orm_group is None:
-                    raise web.HTTPError(404, f"No hub group {group!r}: create it and add the students first "
-                                             f"(admin page, or POST /hub/api/groups/{group}/users)")
+                    raise web.HTTPError(
+                        404,
+                        f"No hub group {group!r}: create it and add the students first "
+                        f"(admin page, or POST /hub/api/groups/{group}/users)",
+                    )
                 names = sorted(u.name for u in orm_group.users)
             users, unknown = [], []
             for name in dict.fromkeys(names):
@@ -109,16 +117,24 @@ def _handlers() -> list:
             for user, request in requests:
                 if request.done() and request.exception() is not None:
                     e = request.exception()
-                    refused[user.name] = (getattr(e, "jupyterhub_message", None) or getattr(e, "log_message", None)
-                                          or str(e))
+                    refused[user.name] = (
+                        getattr(e, "jupyterhub_message", None) or getattr(e, "log_message", None) or str(e)
+                    )
                 else:
                     started.append(user.name)
                     request.add_done_callback(lambda f: f.cancelled() or f.exception())  # (seen by server_state)
-            self.log.info("Course start (%s): %d started, %d already running, %d refused, %d unknown",
-                          group or "list", len(started), len(running), len(refused), len(unknown))
+            self.log.info(
+                "Course start (%s): %d started, %d already running, %d refused, %d unknown",
+                group or "list",
+                len(started),
+                len(running),
+                len(refused),
+                len(unknown),
+            )
             self.set_status(202)
-            self.write(json.dumps({"started": started, "already_running": running, "refused": refused,
-                                   "unknown": unknown}))
+            self.write(
+                json.dumps({"started": started, "already_running": running, "refused": refused, "unknown": unknown})
+            )
 
     class CourseStatusHandler(CourseMixin, APIHandler):
         @needs_scope("admin:servers")
@@ -130,8 +146,7 @@ def _handlers() -> list:
             users, unknown = self.course_users(group, names)
             self.write(json.dumps({"servers": [server_state(u) for u in users], "unknown": unknown}))
 
-    return [(r"/api/spinnaker/course/start/?", CourseStartHandler),
-            (r"/api/spinnaker/course/?", CourseStatusHandler)]
+    return [(r"/api/spinnaker/course/start/?", CourseStartHandler), (r"/api/spinnaker/course/?", CourseStatusHandler)]
 
 
 # --------------------------------------------------------------------------------------------------- operator CLI
@@ -140,15 +155,19 @@ class _Hub:
         self.base = f"http://127.0.0.1:{d['proxy']['hub_port']}{d['hub']['base_url']}hub/api"
         path = token_path(d)
         if not path.exists():
-            raise ConfigError(f"{path} does not exist: start the hub (`spinnaker-jupyter up`) first, or restart a hub "
-                              "started by an older version")
+            raise ConfigError(
+                f"{path} does not exist: start the hub (`spinnaker-jupyter up`) first, or restart a hub "
+                "started by an older version"
+            )
         self.token_file, self.token = path, path.read_text().strip()
 
     def call(self, method: str, path: str, body: dict | None = None, timeout: float = 600) -> dict:
-        req = urllib.request.Request(self.base + path, method=method,
-                                     data=json.dumps(body).encode() if body is not None else None,
-                                     headers={"Authorization": f"token {self.token}",
-                                              "Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.base + path,
+            method=method,
+            data=json.dumps(body).encode() if body is not None else None,
+            headers={"Authorization": f"token {self.token}", "Content-Type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 return json.loads(r.read() or b"{}")
@@ -158,12 +177,15 @@ class _Hub:
             except ValueError:
                 message = ""
             if e.code == 403:
-                message = (f"the hub refused the token in {self.token_file} (the hub was started before it existed): "
-                           "restart the hub")
+                message = (
+                    f"the hub refused the token in {self.token_file} (the hub was started before it existed): "
+                    "restart the hub"
+                )
             raise ConfigError(f"course: {message or e.reason} (HTTP {e.code})") from None
         except urllib.error.URLError as e:
-            raise ConfigError(f"course: the hub does not answer at {self.base} ({e.reason}): is it running "
-                              "(`spinnaker-jupyter up`)?") from None
+            raise ConfigError(
+                f"course: the hub does not answer at {self.base} ({e.reason}): is it running (`spinnaker-jupyter up`)?"
+            ) from None
 
 
 def cli_course_start(d: Deployment, group: str | None, users: list[str], wait: float, out=sys.stdout) -> int:
@@ -173,8 +195,7 @@ def cli_course_start(d: Deployment, group: str | None, users: list[str], wait: f
         raise ConfigError("course start: give a hub GROUP or --users a,b,c (not both)")
     hub = _Hub(d)
     who = f"group {group}" if group else f"{len(users)} users"
-    print(f"Starting the servers of {who} (a few at a time; the others wait in line)", file=out,
-          flush=True)
+    print(f"Starting the servers of {who} (a few at a time; the others wait in line)", file=out, flush=True)
     answer = hub.call("POST", "/spinnaker/course/start", {"group": group} if group else {"users": users})
     for name in answer["unknown"]:
         print(f"  {name}: no such hub user (they have never logged in, or the name is misspelt)", file=out)
@@ -196,9 +217,13 @@ def cli_course_start(d: Deployment, group: str | None, users: list[str], wait: f
             break
         time.sleep(1)
     others = len(servers) - counts["ready"] - counts["starting"] - counts["failed"]
-    print(f"{counts['ready']} of {len(servers)} ready, {counts['starting']} still starting, {counts['failed']} "
-          f"failed" + (f", {others} not started" if others else "") +
-          (f"; {len(answer['unknown'])} unknown" if answer["unknown"] else ""), file=out)
+    print(
+        f"{counts['ready']} of {len(servers)} ready, {counts['starting']} still starting, {counts['failed']} "
+        f"failed"
+        + (f", {others} not started" if others else "")
+        + (f"; {len(answer['unknown'])} unknown" if answer["unknown"] else ""),
+        file=out,
+    )
     if not wait:
         return 0 if not answer["refused"] and not answer["unknown"] else 1
     return 0 if counts["ready"] == len(servers) and not answer["unknown"] else 1

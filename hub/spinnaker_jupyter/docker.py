@@ -23,8 +23,10 @@ IMAGE_ENV_ROOT = "/opt/envs"  # where the single-user image keeps its environmen
 class ContainerSpawner(ProgressMixin, DockerSpawner):
     """DockerSpawner with spawn progress in words, the fast readiness wait, and optional host networking."""
 
-    host_network = Bool(False, help="Containers share the host's network (single host, tests): each server gets "
-                                    "a free port on 127.0.0.1.").tag(config=True)
+    host_network = Bool(
+        False,
+        help="Containers share the host's network (single host, tests): each server gets a free port on 127.0.0.1.",
+    ).tag(config=True)
     drive_image = Unicode(
         "",
         help="Image of the EBRAINS Drive helper (images/drive); empty: no helper. Used when "
@@ -58,8 +60,11 @@ class ContainerSpawner(ProgressMixin, DockerSpawner):
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 self.port = s.getsockname()[1]
-        self.progress_say(20, f"Starting your container from {self.image}, with your home volume "
-                              f"{self.volume_name_template.format(username=self.escaped_name, servername='')}")
+        self.progress_say(
+            20,
+            f"Starting your container from {self.image}, with your home volume "
+            f"{self.volume_name_template.format(username=self.escaped_name, servername='')}",
+        )
         if self.drive_image and json.loads(self.environment.get("SPINNAKER_DRIVE") or "null"):
             from .drive_helper import DriveHelper  # the user's Drive, mounted by a helper container beside this one
 
@@ -114,15 +119,19 @@ def check_engine(dk: dict) -> str:
         client = engine(dk)
         version = client.version().get("Version", "?")
     except docker.errors.DockerException as e:
-        raise RuntimeError(f"spawner.docker: cannot reach the container engine at {where} ({e}). Start Docker "
-                           "Engine (or `podman system service`) or set spawner.docker.engine_url.") from None
+        raise RuntimeError(
+            f"spawner.docker: cannot reach the container engine at {where} ({e}). Start Docker "
+            "Engine (or `podman system service`) or set spawner.docker.engine_url."
+        ) from None
     for image in {dk["image"], *dk["images"].values()}:
         try:
             client.images.get(image)
         except docker.errors.ImageNotFound:
             if dk["pull_policy"] in ("never", "skip"):
-                raise RuntimeError(f"spawner.docker.image: {image} is not on the engine and pull_policy is "
-                                   f"{dk['pull_policy']}: build it with `python images/build.py` first") from None
+                raise RuntimeError(
+                    f"spawner.docker.image: {image} is not on the engine and pull_policy is "
+                    f"{dk['pull_policy']}: build it with `python images/build.py` first"
+                ) from None
     return version
 
 

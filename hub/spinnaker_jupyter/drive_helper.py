@@ -131,14 +131,18 @@ class DriveHelper:
             self.host_dir = prepare_host_dir(Path(self.spawner.drive_dir), self.spawner.escaped_name)
             await self.spawner.docker("inspect_image", self.spawner.drive_image)
         except NotFound:
-            self._failed(f"spawner.docker.drive_image {self.spawner.drive_image} is not on the container engine: "
-                         f"build it (docker build -f images/drive/Containerfile -t {self.spawner.drive_image} .)")
+            self._failed(
+                f"spawner.docker.drive_image {self.spawner.drive_image} is not on the container engine: "
+                f"build it (docker build -f images/drive/Containerfile -t {self.spawner.drive_image} .)"
+            )
             return
         except (DriveSetupError, OSError, APIError) as e:
             self._failed(str(e))
             return
-        self.spawner.volumes = {**self.spawner.volumes, str(self.host_dir): {
-            "bind": self.target, "mode": "rw", "propagation": "rslave"}}
+        self.spawner.volumes = {
+            **self.spawner.volumes,
+            str(self.host_dir): {"bind": self.target, "mode": "rw", "propagation": "rslave"},
+        }
 
     def _failed(self, why: str) -> None:
         self.error = f"the Drive cannot be mounted in containers on this host ({why})"

@@ -26,13 +26,19 @@ from . import collabs, upstream
 
 class EBRAINSAuthenticator(GenericOAuthenticator):
     provider_name = Unicode("EBRAINS", help="Name of the identity provider in messages.").tag(config=True)
-    allowed_collabs = Dict(help="collab -> the least role (viewer, editor, administrator) admitted. Members become "
-                                "hub groups collab-<collab>-<role>; list those in allowed_groups.").tag(config=True)
+    allowed_collabs = Dict(
+        help="collab -> the least role (viewer, editor, administrator) admitted. Members become "
+        "hub groups collab-<collab>-<role>; list those in allowed_groups."
+    ).tag(config=True)
     admin_collabs = Dict(help="collab -> the least role that makes hub admins (as allowed_collabs).").tag(config=True)
     team_claim = Unicode("roles.team", help="Dotted path of the userinfo claim listing collab memberships.").tag(
-        config=True)
-    membership_check_interval = Integer(300, help="Seconds between checks that the owners of running servers are "
-                                                  "still admitted (0: only at spawns and requests).").tag(config=True)
+        config=True
+    )
+    membership_check_interval = Integer(
+        300,
+        help="Seconds between checks that the owners of running servers are "
+        "still admitted (0: only at spawns and requests).",
+    ).tag(config=True)
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -49,10 +55,14 @@ class EBRAINSAuthenticator(GenericOAuthenticator):
         refreshed = await super().refresh_user(user, handler, **kwargs)
         # True (nothing new, or the provider is not answering: nobody is refused for that) and False (log in again)
         # say nothing about membership; a fresh model does.
-        if isinstance(refreshed, dict) and self._admits_by_membership() and \
-                not await self.check_allowed(user.name, refreshed):
-            self.log.warning("%s is no longer in a group or collab admitted: refused, and their servers stopped",
-                             user.name)
+        if (
+            isinstance(refreshed, dict)
+            and self._admits_by_membership()
+            and not await self.check_allowed(user.name, refreshed)
+        ):
+            self.log.warning(
+                "%s is no longer in a group or collab admitted: refused, and their servers stopped", user.name
+            )
             for name, spawner in list(user.spawners.items()):
                 if spawner.active:
                     asyncio.ensure_future(upstream.stop_server(self, user, name))
@@ -87,6 +97,9 @@ class EBRAINSAuthenticator(GenericOAuthenticator):
             if isinstance(e, HTTPClientError) and e.code != 599:  # the provider answered: upstream handles it
                 raise
             self.log.error("%s login could not reach %s: %s", self.provider_name, req.url, e)
-            raise web.HTTPError(503, f"{self.provider_name} login cannot be reached right now, so you cannot sign "
-                                     "in. Please try again in a few minutes. Servers that are already running and "
-                                     "your files are not affected.") from None
+            raise web.HTTPError(
+                503,
+                f"{self.provider_name} login cannot be reached right now, so you cannot sign "
+                "in. Please try again in a few minutes. Servers that are already running and "
+                "your files are not affected.",
+            ) from None

@@ -67,8 +67,10 @@ def user_server_env(d: Deployment, in_container: bool = False) -> dict[str, str]
     own paths, and the machine cfg travels as text (boards: BoardSession.env)."""
     nrp, git, drive = d["nrp"], d["git_kernel"], d["drive"]
     if drive["enabled"] and d["auth"]["type"] != "ebrains":  # the server mounts the Drive itself (extension drive.py)
-        raise ConfigError("drive.enabled: the Drive is reached with each user's EBRAINS login; set auth.type: "
-                          "ebrains, or drive.enabled: false")
+        raise ConfigError(
+            "drive.enabled: the Drive is reached with each user's EBRAINS login; set auth.type: "
+            "ebrains, or drive.enabled: false"
+        )
     env, paths = {}, {}
     if in_container:
         from .docker import IMAGE_ENV_ROOT  # here, not at the top: dockerspawner's import costs seconds per command
@@ -76,15 +78,22 @@ def user_server_env(d: Deployment, in_container: bool = False) -> dict[str, str]
         base_env, git_slots = str(Path(IMAGE_ENV_ROOT) / "spynnaker"), None
     else:
         env = {"JUPYTER_PATH": str(d.share_dir), "JUPYTER_CONFIG_PATH": str(write_server_config(d))}
-        paths = {"cfg_dir": str(d.spynnaker_cfg_dir), "tutorials_dir": str(d.tutorials_dir),
-                 "git_support_dir": str(PROJECT_ROOT / "kernels" / "spynnaker-git" / "support")}
+        paths = {
+            "cfg_dir": str(d.spynnaker_cfg_dir),
+            "tutorials_dir": str(d.tutorials_dir),
+            "git_support_dir": str(PROJECT_ROOT / "kernels" / "spynnaker-git" / "support"),
+        }
         base_env, git_slots = str(d.envs_dir / "spynnaker"), git_kernel_slots(d) if git["enabled"] else None
     # git_kernel: the whole validated section (the server has no defaults of its own), the pinned env, the slots
     contract = ServerContract(
-        proxy_ports=d["proxy_ports"], nrp_port=nrp["port"], nrp_start_timeout=nrp["start_timeout"],
+        proxy_ports=d["proxy_ports"],
+        nrp_port=nrp["port"],
+        nrp_start_timeout=nrp["start_timeout"],
         nrp_command=nrp["command"],
         git_kernel=dict(git, base_env=base_env, slots_dir=git_slots) if git["enabled"] else None,
-        drive={k: v for k, v in drive.items() if k != "enabled"} if drive["enabled"] else None, **paths)
+        drive={k: v for k, v in drive.items() if k != "enabled"} if drive["enabled"] else None,
+        **paths,
+    )
     return {**env, **contract.to_env()}
 
 
@@ -206,11 +215,16 @@ def update_ebrains(c, d: Deployment) -> None:
     """`auth.ebrains`: the authenticator, and the service through which the user's fresh access token reaches
     notebooks (spinnman, ebrains-drive, nmpi)."""
     token_service = _apply_ebrains(c, d)
-    _add_service(c, token_service["service"], [
-        *token_service["roles"], {"name": "user", "scopes": ["self", *token_service["extra_user_scopes"]]}])
+    _add_service(
+        c,
+        token_service["service"],
+        [*token_service["roles"], {"name": "user", "scopes": ["self", *token_service["extra_user_scopes"]]}],
+    )
     c.Spawner.server_token_scopes = token_service["server_token_scopes"]
-    c.Spawner.environment = {**(c.Spawner.environment if "environment" in c.Spawner else {}),
-                             **token_service["spawner_environment"]}
+    c.Spawner.environment = {
+        **(c.Spawner.environment if "environment" in c.Spawner else {}),
+        **token_service["spawner_environment"],
+    }
 
 
 def public_url(d: Deployment) -> str:
@@ -249,15 +263,20 @@ def _apply_ebrains(c, d: Deployment) -> dict:
         a.allowed_groups = set(eb["allowed_groups"]) | required_groups(eb["allowed_collabs"])
         a.admin_groups = set(eb["admin_groups"]) | required_groups(eb["admin_collabs"])
     collab_note = " (nor in a collab admitted, with the role it needs)" if eb["allowed_collabs"] else ""
-    a.custom_403_message = (f"Your EBRAINS account is not in the groups allowed to use this SpiNNaker "
-                            f"service{collab_note}. To get access, ask {eb['contact']}.")
+    a.custom_403_message = (
+        f"Your EBRAINS account is not in the groups allowed to use this SpiNNaker "
+        f"service{collab_note}. To get access, ask {eb['contact']}."
+    )
     for key, value in access_token_service.authenticator_settings(
-            refresh_margin=eb["refresh_margin"], auth_refresh_age=eb["auth_refresh_age"],
-            provider_timeout=eb["provider_timeout"]).items():
+        refresh_margin=eb["refresh_margin"],
+        auth_refresh_age=eb["auth_refresh_age"],
+        provider_timeout=eb["provider_timeout"],
+    ).items():
         setattr(a, key, value)
     c.CryptKeeper.keys = [bytes.fromhex(d.secret("crypt_key"))]
-    return access_token_service.service_definition(f"http://127.0.0.1:{eb['token_service_port']}",
-                                                   provider_timeout=eb["provider_timeout"])
+    return access_token_service.service_definition(
+        f"http://127.0.0.1:{eb['token_service_port']}", provider_timeout=eb["provider_timeout"]
+    )
 
 
 def update_spawner(c, d: Deployment) -> None:
@@ -301,8 +320,12 @@ def update_local_spawner(c, d: Deployment) -> None:
     print(f"[spinnaker-jupyter] {describe_deployment(d, prune=True)}", flush=True)  # which limits, and how
     # The user servers run from the hub's own environment; as root they need --allow-root only if not switched.
     # jupyterhub-singleuser without two start-up costs nobody here needs (spinnaker_jupyter/singleuser.py)
-    c.Spawner.cmd = [sys.executable, "-m", "spinnaker_jupyter.singleuser",
-                     str(Path(sys.executable).parent / "jupyterhub-singleuser")]
+    c.Spawner.cmd = [
+        sys.executable,
+        "-m",
+        "spinnaker_jupyter.singleuser",
+        str(Path(sys.executable).parent / "jupyterhub-singleuser"),
+    ]
     if not system_users_enabled(d) and os.geteuid() == 0:
         _extend(c.Spawner, "args", ["--allow-root"])
 
@@ -346,19 +369,42 @@ def update_culler(c, d: Deployment) -> None:
     extension's activity.py)."""
     cull, kernels = d["culler"], d["culler"]["kernels"]
     if kernels["timeout"]:  # jupyter_server's own culler; cull_busy False: a kernel running code is never touched
-        _extend(c.Spawner, "args", [f"--MappingKernelManager.{k}={v}" for k, v in {
-            "cull_idle_timeout": kernels["timeout"], "cull_interval": kernels["every"], "cull_busy": False,
-            "cull_connected": kernels["connected"]}.items()])
+        _extend(
+            c.Spawner,
+            "args",
+            [
+                f"--MappingKernelManager.{k}={v}"
+                for k, v in {
+                    "cull_idle_timeout": kernels["timeout"],
+                    "cull_interval": kernels["every"],
+                    "cull_busy": False,
+                    "cull_connected": kernels["connected"],
+                }.items()
+            ],
+        )
     if not cull["enabled"]:
         return
     # The hub's record of a server's activity lags by up to its resolution plus the server's report interval
     # (JupyterHub's defaults: 30 s and 300 s, longer than a short timeout): keep the lag within a sixth of it.
     c.JupyterHub.activity_resolution = min(30, cull["timeout"] // 6)
     _extend(c.Spawner, "args", [f"--JupyterHubSingleUser.hub_activity_interval={min(300, cull['timeout'] // 6)}"])
-    cmd = [sys.executable, "-m", "jupyterhub_idle_culler", f"--timeout={cull['timeout']}",
-           f"--cull-every={cull['every']}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jupyterhub_idle_culler",
+        f"--timeout={cull['timeout']}",
+        f"--cull-every={cull['every']}",
+    ]
     if cull["max_age"]:
         cmd.append(f"--max-age={cull['max_age']}")
-    _add_service(c, {"name": "idle-culler", "command": cmd},
-                 [{"name": "idle-culler", "services": ["idle-culler"],
-                   "scopes": ["list:users", "read:users:activity", "read:servers", "delete:servers"]}])
+    _add_service(
+        c,
+        {"name": "idle-culler", "command": cmd},
+        [
+            {
+                "name": "idle-culler",
+                "services": ["idle-culler"],
+                "scopes": ["list:users", "read:users:activity", "read:servers", "delete:servers"],
+            }
+        ],
+    )

@@ -70,10 +70,17 @@ def build_spynnaker_env(deployment: Deployment, say=print, force: bool = False) 
         shutil.rmtree(env)
     # System site packages on, so that `pip install --user` works in the kernel and survives restarts.
     _run([python, "-m", "venv", "--system-site-packages", str(env)], say, "creating the kernel environment")
-    _run([str(env / "bin" / "python"), "-m", "pip", "install", "--progress-bar", "off", "-r", str(req)], say,
-         f"installing {req}")
-    site = subprocess.run([str(env / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          check=True, capture_output=True, text=True).stdout.strip()
+    _run(
+        [str(env / "bin" / "python"), "-m", "pip", "install", "--progress-bar", "off", "-r", str(req)],
+        say,
+        f"installing {req}",
+    )
+    site = subprocess.run(
+        [str(env / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     shutil.copy2(launcher, Path(site) / "spinnaker_kernel.py")
     shutil.copy2(CONTRACT, Path(site) / CONTRACT.name)
     make_world_readable(env)
@@ -118,8 +125,13 @@ def write_python3_kernelspec(deployment: Deployment) -> Path:
     spec_dir = deployment.share_dir / "kernels" / "python3"
     spec_dir.mkdir(parents=True, exist_ok=True)
     spec = {
-        "argv": [sys.executable, str(KERNELS_SRC / "spynnaker" / "spinnaker_kernel.py"), "--plain",
-                 "-f", "{connection_file}"],
+        "argv": [
+            sys.executable,
+            str(KERNELS_SRC / "spynnaker" / "spinnaker_kernel.py"),
+            "--plain",
+            "-f",
+            "{connection_file}",
+        ],
         "display_name": "Python 3 (ipykernel)",
         "language": "python",
         "metadata": {"debugger": False},

@@ -41,12 +41,21 @@ import sqlite3
 import stat
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Optional, Union
+from typing import Any
 
-from .spalloc import (Allocation, JobState, JobStatus, SpallocAllocator, SpallocClient, SpallocError,
-                      SpallocRequestError, SpallocUnreachableError)
+from .spalloc import (
+    Allocation,
+    JobState,
+    JobStatus,
+    SpallocAllocator,
+    SpallocClient,
+    SpallocError,
+    SpallocRequestError,
+    SpallocUnreachableError,
+)
 
 CREATING, CLAIMED, HELD = "creating", "claimed", "held"
 #: How far the service's clock may be from the hub's, for the fingerprint window (seconds).
@@ -82,13 +91,13 @@ class Lease:
     owner: str
     service: str
     phase: str
-    job_url: Optional[str]
-    boards: Optional[int]
-    keepalive: Optional[float]
+    job_url: str | None
+    boards: int | None
+    keepalive: float | None
     incarnation: str
     created_at: float
     updated_at: float
-    host: Optional[str] = None  # the machine of the hub that wrote it (a restored backup's rows are not ours)
+    host: str | None = None  # the machine of the hub that wrote it (a restored backup's rows are not ours)
 
 
 class LeaseStoreError(Exception):
@@ -99,8 +108,7 @@ class LeaseStore:
     """The durable record of the hub's spalloc jobs (see the module doc). Calls are short synchronous SQLite
     transactions (a few ms, one fsync), made from the event loop's thread."""
 
-    def __init__(self, path: Union[str, Path], incarnation: Optional[str] = None,
-                 host: Optional[str] = None) -> None:
+    def __init__(self, path: str | Path, incarnation: str | None = None, host: str | None = None) -> None:
         self.path = Path(path)
         self.incarnation = incarnation or uuid.uuid4().hex
         self.host = host or socket.gethostname()
@@ -113,9 +121,11 @@ class LeaseStore:
             if "host" not in [row[1] for row in self._db.execute("PRAGMA table_info(leases)")]:
                 self._db.execute("ALTER TABLE leases ADD COLUMN host TEXT")
         except sqlite3.Error as e:
-            raise LeaseStoreError(f"cannot use the board lease store {self.path}: {e}. Check that the folder is "
-                                  f"writable by the hub; remove the file if it is damaged (the next hub start "
-                                  f"then cannot reconcile the jobs it recorded).") from e
+            raise LeaseStoreError(
+                f"cannot use the board lease store {self.path}: {e}. Check that the folder is "
+                f"writable by the hub; remove the file if it is damaged (the next hub start "
+                f"then cannot reconcile the jobs it recorded)."
+            ) from e
         os.chmod(self.path, 0o600)
 
     def _check_file(self) -> None:
@@ -130,8 +140,10 @@ class LeaseStore:
         if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode):
             raise LeaseStoreError(f"the board lease store {self.path} is not a regular file; remove it")
         if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-            raise LeaseStoreError(f"the board lease store {self.path} is owned by another account or writable by "
-                                  f"others; remove it (the hub makes a fresh one)")
+            raise LeaseStoreError(
+                f"the board lease store {self.path} is owned by another account or writable by "
+                f"others; remove it (the hub makes a fresh one)"
+            )
 
     def close(self) -> None:
         self._db.close()
@@ -141,44 +153,51 @@ class LeaseStore:
         with self._db:  # BEGIN ... COMMIT
             return self._db.execute(sql, args).rowcount
 
-    def begin(self, holder: str, owner: str, service: str, *, boards: Optional[int] = None,
-              keepalive: Optional[float] = None) -> str:
+    def begin(
+        self, holder: str, owner: str, service: str, *, boards: int | None = None, keepalive: float | None = None
+    ) -> str:
         """Record that a job is about to be created for `owner`; returns the lease id. Call before the POST."""
         lease_id = uuid.uuid4().hex
         now = time.time()
-        self._write("INSERT INTO leases (id, holder, owner, service, phase, job_url, boards, keepalive, incarnation, "
-                    "created_at, updated_at, host) VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?)",
-                    (lease_id, holder, owner, service, CREATING, boards, keepalive, self.incarnation, now, now,
-                     self.host))
+        self._write(
+            "INSERT INTO leases (id, holder, owner, service, phase, job_url, boards, keepalive, incarnation, "
+            "created_at, updated_at, host) VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?)",
+            (lease_id, holder, owner, service, CREATING, boards, keepalive, self.incarnation, now, now, self.host),
+        )
         return lease_id
 
     def created(self, lease_id: str, job_url: str) -> None:
         """The service made the job: record its URL (call before anything else is done with the job)."""
-        n = self._write("UPDATE leases SET job_url = ?, phase = ?, updated_at = ? WHERE id = ?",
-                        (job_url, CLAIMED, time.time(), lease_id))
+        n = self._write(
+            "UPDATE leases SET job_url = ?, phase = ?, updated_at = ? WHERE id = ?",
+            (job_url, CLAIMED, time.time(), lease_id),
+        )
         if n != 1:
             raise LeaseStoreError(f"board lease {lease_id} vanished from {self.path} while its job was created")
 
     def held(self, job_url: str) -> None:
         """A started holder has the job now."""
-        self._write("UPDATE leases SET phase = ?, incarnation = ?, host = ?, updated_at = ? WHERE job_url = ?",
-                    (HELD, self.incarnation, self.host, time.time(), job_url))
+        self._write(
+            "UPDATE leases SET phase = ?, incarnation = ?, host = ?, updated_at = ? WHERE job_url = ?",
+            (HELD, self.incarnation, self.host, time.time(), job_url),
+        )
 
     def adopt(self, job_url: str, holder: str, owner: str, service: str) -> None:
         """This process keeps `job_url` alive now (a holder that outlived a hub restart); records it if it was not."""
         now = time.time()
         with self._db:
-            n = self._db.execute("UPDATE leases SET phase = ?, incarnation = ?, host = ?, holder = ?, updated_at = ? "
-                                 "WHERE job_url = ?", (HELD, self.incarnation, self.host, holder, now,
-                                                       job_url)).rowcount
+            n = self._db.execute(
+                "UPDATE leases SET phase = ?, incarnation = ?, host = ?, holder = ?, updated_at = ? WHERE job_url = ?",
+                (HELD, self.incarnation, self.host, holder, now, job_url),
+            ).rowcount
             if n == 0:
                 self._db.execute(
                     "INSERT INTO leases (id, holder, owner, service, phase, job_url, boards, keepalive, incarnation, "
                     "created_at, updated_at, host) VALUES (?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?, ?, ?)",
-                    (uuid.uuid4().hex, holder, owner, service, HELD, job_url, self.incarnation, now, now,
-                     self.host))
+                    (uuid.uuid4().hex, holder, owner, service, HELD, job_url, self.incarnation, now, now, self.host),
+                )
 
-    def forget(self, *, lease_id: Optional[str] = None, job_url: Optional[str] = None) -> None:
+    def forget(self, *, lease_id: str | None = None, job_url: str | None = None) -> None:
         """The job was released or has ended (or never came): drop its row."""
         if lease_id is not None:
             self._write("DELETE FROM leases WHERE id = ?", (lease_id,))
@@ -187,8 +206,10 @@ class LeaseStore:
 
     # -- reads ----------------------------------------------------------------------------------------------------
     def leases(self) -> list[Lease]:
-        rows = self._db.execute("SELECT id, holder, owner, service, phase, job_url, boards, keepalive, incarnation, "
-                                "created_at, updated_at, host FROM leases ORDER BY created_at").fetchall()
+        rows = self._db.execute(
+            "SELECT id, holder, owner, service, phase, job_url, boards, keepalive, incarnation, "
+            "created_at, updated_at, host FROM leases ORDER BY created_at"
+        ).fetchall()
         return [Lease(*row) for row in rows]
 
     def inherited(self) -> list[Lease]:
@@ -199,7 +220,7 @@ class LeaseStore:
 _STORES: dict[str, LeaseStore] = {}
 
 
-def open_store(path: Union[str, Path]) -> LeaseStore:
+def open_store(path: str | Path) -> LeaseStore:
     """The process's one store for `path` (one incarnation per hub process)."""
     key = str(Path(path).resolve())
     if key not in _STORES:
@@ -208,8 +229,15 @@ def open_store(path: Union[str, Path]) -> LeaseStore:
 
 
 # --------------------------------------------------------------------------------------------------- claims
-async def claim_recorded(allocator: SpallocAllocator, store: Optional[LeaseStore], owner: str, *, holder: str,
-                         n_boards: Optional[int] = None, **claim: Any) -> Allocation:
+async def claim_recorded(
+    allocator: SpallocAllocator,
+    store: LeaseStore | None,
+    owner: str,
+    *,
+    holder: str,
+    n_boards: int | None = None,
+    **claim: Any,
+) -> Allocation:
     """`allocator.claim(owner, ...)` with its job recorded in `store` (any holder: a user server, a batch job).
 
     The row is written before the service is asked and gets the job's URL the moment the service answers. When the
@@ -221,8 +249,9 @@ async def claim_recorded(allocator: SpallocAllocator, store: Optional[LeaseStore
     n = n_boards or allocator.boards
     if store is None:
         return await allocator.claim(owner, n_boards=n, **claim)
-    lease_id = store.begin(holder, owner, allocator.client().service_url, boards=n,
-                           keepalive=allocator.keepalive_interval)
+    lease_id = store.begin(
+        holder, owner, allocator.client().service_url, boards=n, keepalive=allocator.keepalive_interval
+    )
     made: list[str] = []
 
     def created(job: Any) -> None:
@@ -251,14 +280,14 @@ async def claim_recorded(allocator: SpallocAllocator, store: Optional[LeaseStore
 class ReconcileReport:
     """What one reconciliation found and did."""
 
-    listed: int = 0                                   # live jobs the service listed
-    kept: list[str] = field(default_factory=list)     # job URLs a live holder still has
+    listed: int = 0  # live jobs the service listed
+    kept: list[str] = field(default_factory=list)  # job URLs a live holder still has
     destroyed: list[str] = field(default_factory=list)
-    forgotten: int = 0                                # rows of jobs that had ended anyway
-    error: Optional[str] = None
+    forgotten: int = 0  # rows of jobs that had ended anyway
+    error: str | None = None
 
 
-IsHeld = Callable[[Lease], Union[bool, Awaitable[bool]]]
+IsHeld = Callable[[Lease], bool | Awaitable[bool]]
 
 #: Holders of batch jobs' claims are ``job:<id>`` (the job service's runner); a server's is always ``user/name``.
 JOB_HOLDER = "job:"
@@ -283,16 +312,24 @@ def _matches(lease: Lease, st: JobStatus) -> bool:
     req = st.original_request
     if lease.boards is not None and isinstance(req.get("num-boards"), int) and req["num-boards"] != lease.boards:
         return False
-    if lease.keepalive is not None and st.keepalive_interval is not None \
-            and abs(st.keepalive_interval - lease.keepalive) > 0.5:
+    if (
+        lease.keepalive is not None
+        and st.keepalive_interval is not None
+        and abs(st.keepalive_interval - lease.keepalive) > 0.5
+    ):
         return False
     return True
 
 
-async def reconcile(store: LeaseStore, client: SpallocClient, *, is_held: IsHeld,
-                    log: Union[logging.Logger, logging.LoggerAdapter, None] = None,
-                    reason: str = "the hub restarted and no server of it holds this job",
-                    scope: Callable[[Lease], bool] = held_by_a_server) -> ReconcileReport:
+async def reconcile(
+    store: LeaseStore,
+    client: SpallocClient,
+    *,
+    is_held: IsHeld,
+    log: logging.Logger | logging.LoggerAdapter | None = None,
+    reason: str = "the hub restarted and no server of it holds this job",
+    scope: Callable[[Lease], bool] = held_by_a_server,
+) -> ReconcileReport:
     """Give back every job recorded by an earlier hub process that no live holder has (see the module doc).
 
     Only the rows `scope` accepts are looked at: by default the servers'. Batch jobs' rows belong to the job
@@ -300,6 +337,7 @@ async def reconcile(store: LeaseStore, client: SpallocClient, *, is_held: IsHeld
     its own rows at its start (`scope=held_by_a_job`)."""
     log = log or logging.getLogger(__name__)
     report = ReconcileReport()
+
     def ours(lease: Lease) -> bool:
         return lease.service == client.service_url and lease.host in (None, store.host)
 
@@ -307,21 +345,33 @@ async def reconcile(store: LeaseStore, client: SpallocClient, *, is_held: IsHeld
     for lease in [lease for lease in store.inherited() if scope(lease)]:
         if lease.host not in (None, store.host):
             # A backup restored onto another machine: the jobs may be those of a hub still running elsewhere.
-            log.warning("SpiNNaker jobs: lease of %s for %s was recorded on another machine (%s; a restored "
-                        "backup?): not touched here; it ends at the service when nobody keeps it alive",
-                        lease.job_url or "a job", lease.owner, lease.host)
+            log.warning(
+                "SpiNNaker jobs: lease of %s for %s was recorded on another machine (%s; a restored "
+                "backup?): not touched here; it ends at the service when nobody keeps it alive",
+                lease.job_url or "a job",
+                lease.owner,
+                lease.host,
+            )
             store.forget(lease_id=lease.id)
         elif lease.service != client.service_url:
-            log.warning("SpiNNaker jobs: lease of %s for %s is at another allocation service (%s; the setting "
-                        "changed?); it ends there when its keepalive interval passes", lease.job_url or "a job",
-                        lease.owner, lease.service)
+            log.warning(
+                "SpiNNaker jobs: lease of %s for %s is at another allocation service (%s; the setting "
+                "changed?); it ends there when its keepalive interval passes",
+                lease.job_url or "a job",
+                lease.owner,
+                lease.service,
+            )
             store.forget(lease_id=lease.id)
     try:
         live = await client.list_jobs()
     except SpallocError as e:
         report.error = str(e)
-        log.warning("SpiNNaker jobs: cannot list the allocation service's jobs to reconcile (%s); the %d job(s) "
-                    "recorded by the last hub process stay recorded until the next start", e, len(inherited))
+        log.warning(
+            "SpiNNaker jobs: cannot list the allocation service's jobs to reconcile (%s); the %d job(s) "
+            "recorded by the last hub process stay recorded until the next start",
+            e,
+            len(inherited),
+        )
         return report
     report.listed = len(live)
     live_set = set(live)
@@ -332,8 +382,12 @@ async def reconcile(store: LeaseStore, client: SpallocClient, *, is_held: IsHeld
             report.destroyed.append(url)
             log.warning("SpiNNaker jobs: destroyed %s of %s: %s", url, owner, why)
         except SpallocError as e:
-            log.warning("SpiNNaker jobs: could not destroy %s of %s (%s); the service ends it after its keepalive "
-                        "interval", url, owner, e)
+            log.warning(
+                "SpiNNaker jobs: could not destroy %s of %s (%s); the service ends it after its keepalive interval",
+                url,
+                owner,
+                e,
+            )
 
     # Jobs the service made for `creating` rows (the hub died between the POST and recording the answer).
     creating = [lease for lease in inherited if lease.phase == CREATING]
@@ -353,9 +407,12 @@ async def reconcile(store: LeaseStore, client: SpallocClient, *, is_held: IsHeld
                 continue
             match = next((lease for lease in creating if _matches(lease, st)), None)
             if match is not None:
-                await destroy(url, st.owner or match.owner,
-                              f"{reason} (created for {match.holder} by a hub process that stopped before it "
-                              f"could record the job)")
+                await destroy(
+                    url,
+                    st.owner or match.owner,
+                    f"{reason} (created for {match.holder} by a hub process that stopped before it "
+                    f"could record the job)",
+                )
         for lease in creating:
             store.forget(lease_id=lease.id)
 
@@ -375,11 +432,30 @@ async def reconcile(store: LeaseStore, client: SpallocClient, *, is_held: IsHeld
         else:
             report.forgotten += 1
         store.forget(lease_id=lease.id)
-    log.info("SpiNNaker jobs reconciled with %s: %d live job(s) listed, %d held by servers that outlived the "
-             "restart, %d destroyed, %d ended meanwhile", client.service_url, report.listed, len(report.kept),
-             len(report.destroyed), report.forgotten)
+    log.info(
+        "SpiNNaker jobs reconciled with %s: %d live job(s) listed, %d held by servers that outlived the "
+        "restart, %d destroyed, %d ended meanwhile",
+        client.service_url,
+        report.listed,
+        len(report.kept),
+        len(report.destroyed),
+        report.forgotten,
+    )
     return report
 
 
-__all__ = ["CLAIMED", "CREATING", "HELD", "JOB_HOLDER", "Lease", "LeaseStore", "LeaseStoreError",
-           "ReconcileReport", "claim_recorded", "held_by_a_job", "held_by_a_server", "open_store", "reconcile"]
+__all__ = [
+    "CLAIMED",
+    "CREATING",
+    "HELD",
+    "JOB_HOLDER",
+    "Lease",
+    "LeaseStore",
+    "LeaseStoreError",
+    "ReconcileReport",
+    "claim_recorded",
+    "held_by_a_job",
+    "held_by_a_server",
+    "open_store",
+    "reconcile",
+]

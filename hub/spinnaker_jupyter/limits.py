@@ -33,9 +33,13 @@ class Limits:
     tasks: int | None = None  # processes and threads
 
     def words(self) -> str:
-        return ", ".join([f"{self.tasks} processes" if self.tasks else "processes unlimited",
-                          f"{self.mem / 2**20:.0f} MiB memory" if self.mem else "memory unlimited",
-                          f"{self.cpu:g} CPU" if self.cpu else "CPU unlimited"])
+        return ", ".join(
+            [
+                f"{self.tasks} processes" if self.tasks else "processes unlimited",
+                f"{self.mem / 2**20:.0f} MiB memory" if self.mem else "memory unlimited",
+                f"{self.cpu:g} CPU" if self.cpu else "CPU unlimited",
+            ]
+        )
 
 
 def parse_bytes(value: str | int | None) -> int | None:
@@ -95,8 +99,11 @@ class CgroupTree:
             _write(d / "pids.max", limits.tasks or "max")
             _write(d / "memory.max", limits.mem or "max")
             _write(d / "memory.swap.max", 0 if limits.mem else "max", optional=True)
-            _write(d / "cpu.max", f"{int(limits.cpu * CPU_PERIOD)} {CPU_PERIOD}" if limits.cpu else "max",
-                   optional="cpu" not in _controllers(self.bases[""]))
+            _write(
+                d / "cpu.max",
+                f"{int(limits.cpu * CPU_PERIOD)} {CPU_PERIOD}" if limits.cpu else "max",
+                optional="cpu" not in _controllers(self.bases[""]),
+            )
         else:
             _write(self.bases["pids"] / name / "pids.max", limits.tasks or "max")
             mem = self.bases["memory"] / name
@@ -110,8 +117,9 @@ class CgroupTree:
                 _write(mem / "memory.limit_in_bytes", -1)
             if "cpu" in self.bases:
                 _write(self.bases["cpu"] / name / "cpu.cfs_period_us", CPU_PERIOD)
-                _write(self.bases["cpu"] / name / "cpu.cfs_quota_us",
-                       int(limits.cpu * CPU_PERIOD) if limits.cpu else -1)
+                _write(
+                    self.bases["cpu"] / name / "cpu.cfs_quota_us", int(limits.cpu * CPU_PERIOD) if limits.cpu else -1
+                )
         return self.dirs(name)
 
     def pids(self, name: str) -> set[int]:
@@ -221,8 +229,9 @@ def _v1_tree(name: str) -> tuple[CgroupTree | None, str]:
         bases[controller] = tree
     if not {"pids", "memory"} <= set(bases):
         return None, "no writable cgroup v1 pids and memory controllers"
-    return CgroupTree("cgroup1", bases), (f"a cgroup per server (v1 controllers {', '.join(sorted(bases))}) "
-                                         f"under {bases['pids'].parent.parent}/…/{name}")
+    return CgroupTree("cgroup1", bases), (
+        f"a cgroup per server (v1 controllers {', '.join(sorted(bases))}) under {bases['pids'].parent.parent}/…/{name}"
+    )
 
 
 def deployment_tree_name(homes_dir: str) -> str:
@@ -244,8 +253,11 @@ def choose(mode: str, homes_dir: str) -> tuple[CgroupTree | None, str]:
     else:
         reasons.append("the hub is not root")
     if mode == "cgroup":
-        raise RuntimeError("spawner.local.limits is `cgroup` but no cgroup can be made here: " + "; ".join(reasons)
-                           + ". Run the hub as root with a writable /sys/fs/cgroup, or set it to `auto`.")
+        raise RuntimeError(
+            "spawner.local.limits is `cgroup` but no cgroup can be made here: "
+            + "; ".join(reasons)
+            + ". Run the hub as root with a writable /sys/fs/cgroup, or set it to `auto`."
+        )
     return None, "rlimits, since " + "; ".join(reasons)
 
 
@@ -259,10 +271,15 @@ def describe(mode: str, homes_dir: str, limits: Limits, system_users: bool) -> s
         return f"Each user server is limited to {limits.words()}: {why}."
     caveats = ["cpu_limit is not enforced (servers run at a lower priority instead)"] if limits.cpu else []
     if limits.tasks and not system_users:
-        caveats.append("process_limit is not enforced, since every server runs as the hub's own account (an "
-                       "RLIMIT_NPROC would count all of that account's processes)")
-    return (f"Each user server is limited to {limits.words()} by {why} (memory per process)"
-            + (f"; {'; '.join(caveats)}" if caveats else "") + ".")
+        caveats.append(
+            "process_limit is not enforced, since every server runs as the hub's own account (an "
+            "RLIMIT_NPROC would count all of that account's processes)"
+        )
+    return (
+        f"Each user server is limited to {limits.words()} by {why} (memory per process)"
+        + (f"; {'; '.join(caveats)}" if caveats else "")
+        + "."
+    )
 
 
 def preexec(cgroup_dirs: list[Path], limits: Limits, own_account: bool = True):
@@ -299,6 +316,9 @@ def describe_deployment(d, prune: bool = False) -> str:
             if tree:
                 tree.prune()
 
-    return describe(sp["local"]["limits"], str(d.homes_dir),
-                    Limits(mem=parse_bytes(sp["mem_limit"]), cpu=sp["cpu_limit"], tasks=sp["process_limit"]),
-                    system_users_enabled(d))
+    return describe(
+        sp["local"]["limits"],
+        str(d.homes_dir),
+        Limits(mem=parse_bytes(sp["mem_limit"]), cpu=sp["cpu_limit"], tasks=sp["process_limit"]),
+        system_users_enabled(d),
+    )

@@ -74,8 +74,10 @@ def password_problem(name: str, password: str, min_length: int = 10) -> str | No
     verdict = zxcvbn(password[:100], user_inputs=[name])
     if verdict["score"] < 3:
         hint = verdict["feedback"].get("warning") or "it is easy to guess"
-        return (f"that password is too easy to guess ({hint.rstrip('.')}): use four or more uncommon words or a "
-                "generated password (leave the password out to get one)")
+        return (
+            f"that password is too easy to guess ({hint.rstrip('.')}): use four or more uncommon words or a "
+            "generated password (leave the password out to get one)"
+        )
     return None
 
 
@@ -129,8 +131,7 @@ class AccountStore:
             raise AccountError(problem)
         with self._locked() as accounts:
             if name in accounts:
-                raise AccountError(f"account '{name}' already exists (use `user passwd {name}` to reset its "
-                                   "password)")
+                raise AccountError(f"account '{name}' already exists (use `user passwd {name}` to reset its password)")
             password = password or generate_password()
             accounts[name] = {"hash": _hash(password, secrets.token_bytes(16)), "admin": admin}
             self._save(accounts)
@@ -178,8 +179,14 @@ class LoginThrottle:
 
     A success clears its (name, address) count and remembers the address for the name."""
 
-    def __init__(self, free_per_pair: int = 5, free_per_address: int = 20, free_per_name: int = 30,
-                 cap: float = 300.0, max_entries: int = 100_000):
+    def __init__(
+        self,
+        free_per_pair: int = 5,
+        free_per_address: int = 20,
+        free_per_name: int = 30,
+        cap: float = 300.0,
+        max_entries: int = 100_000,
+    ):
         self.free = {"pair": free_per_pair, "address": free_per_address, "name": free_per_name}
         self.cap, self.max_entries = cap, max_entries
         self._fails: dict[tuple, tuple[int, float]] = {}
@@ -240,7 +247,8 @@ class LocalAccountsAuthenticator(Authenticator):
     """Log in with an account from the deployment's account file."""
 
     accounts_file = Unicode(help="JSON file of local accounts (managed with `spinnaker-jupyter user`).").tag(
-        config=True)
+        config=True
+    )
 
     @default("any_allow_config")
     def _any_allow_config_default(self):
@@ -260,10 +268,14 @@ class LocalAccountsAuthenticator(Authenticator):
         address = client_address(handler)
         wait = self.throttle.retry_after(name, address)
         if wait > 0:
-            self.log.warning("Login for %r from %s refused: back-off after failed logins (%.0f s left)", name,
-                             address, wait)
-            raise web.HTTPError(429, f"Too many failed logins for this name from your address: try again in "
-                                     f"{duration(max(1, math.ceil(wait)))}.")
+            self.log.warning(
+                "Login for %r from %s refused: back-off after failed logins (%.0f s left)", name, address, wait
+            )
+            raise web.HTTPError(
+                429,
+                f"Too many failed logins for this name from your address: try again in "
+                f"{duration(max(1, math.ceil(wait)))}.",
+            )
         account = await _in_thread(self._store().check, name, data.get("password", ""))
         if account is None:
             self.throttle.failed(name, address)

@@ -86,18 +86,23 @@ def check_ports(ports: list[tuple[str, str, int]]) -> None:
         error = None if who else _bind_error(host, port)
         if who or error:
             because = f"listening: {who}" if who else error.strerror
-            raise ConfigError(f"{key}: port {port} is already in use ({because}). Stop that program or set "
-                              f"{key} to a free port; the hub sends secrets to this port, so it never shares it.")
+            raise ConfigError(
+                f"{key}: port {port} is already in use ({because}). Stop that program or set "
+                f"{key} to a free port; the hub sends secrets to this port, so it never shares it."
+            )
 
 
 def deployment_ports(d: Deployment) -> list[tuple[str, str, int]]:
     """Every port the hub and the processes it starts listen on, with the key that sets it."""
     v = d.values
-    hub_ip = "0.0.0.0" if v["spawner"]["type"] == "docker" and v["spawner"]["docker"]["network"] != "host" \
-        else "127.0.0.1"  # as hubconfig sets JupyterHub.hub_ip
-    ports = [("hub.port", v["hub"]["ip"], v["hub"]["port"]),
-             ("proxy.api_port", "127.0.0.1", v["proxy"]["api_port"]),
-             ("proxy.hub_port", hub_ip, v["proxy"]["hub_port"])]
+    hub_ip = (
+        "0.0.0.0" if v["spawner"]["type"] == "docker" and v["spawner"]["docker"]["network"] != "host" else "127.0.0.1"
+    )  # as hubconfig sets JupyterHub.hub_ip
+    ports = [
+        ("hub.port", v["hub"]["ip"], v["hub"]["port"]),
+        ("proxy.api_port", "127.0.0.1", v["proxy"]["api_port"]),
+        ("proxy.hub_port", hub_ip, v["proxy"]["hub_port"]),
+    ]
     if v["auth"]["type"] == "ebrains":
         ports.append(("auth.ebrains.token_service_port", "127.0.0.1", v["auth"]["ebrains"]["token_service_port"]))
     if v["hub"]["tls"]["cert_file"] and v["hub"]["tls"]["http_redirect_port"]:  # the proxy's, on every address
@@ -131,8 +136,10 @@ def check_listener_is(pid: int, port: int, what: str) -> None:
     strangers = [inode for inode in found if owners.get(inode) not in ours]
     if not found or strangers:
         who = describe_listeners(port) or "nothing"
-        raise ConfigError(f"{what}: port {port} is answered by {who}, not by the process the hub started (pid "
-                          f"{pid}); no secret is sent there. Stop that program or choose another port.")
+        raise ConfigError(
+            f"{what}: port {port} is answered by {who}, not by the process the hub started (pid "
+            f"{pid}); no secret is sent there. Stop that program or choose another port."
+        )
 
 
 # ---------------------------------------------------------------------------------------------- files and folders
@@ -148,16 +155,22 @@ def trusted(path: Path, what: str, *, private: bool = False, sticky_ok: bool = F
     kind = "folder" if stat.S_ISDIR(st.st_mode) else "file"
     mode = stat.S_IMODE(st.st_mode)
     if st.st_uid != me and (private or st.st_uid != 0):
-        raise ConfigError(f"{what} {path} belongs to {_account(st.st_uid)}, another account, which could have "
-                          f"written it. Check what it holds, then `chown {_account(me).split()[0]} {path}`, or "
-                          f"remove it{' (a new one is made at start)' if private else ''}.")
+        raise ConfigError(
+            f"{what} {path} belongs to {_account(st.st_uid)}, another account, which could have "
+            f"written it. Check what it holds, then `chown {_account(me).split()[0]} {path}`, or "
+            f"remove it{' (a new one is made at start)' if private else ''}."
+        )
     writable_by_others = mode & 0o002 or (mode & 0o020 and not _private_group(st))
     if writable_by_others and not (sticky_ok and kind == "folder" and mode & stat.S_ISVTX):
-        raise ConfigError(f"{what} {path} is writable by other accounts (mode {mode:04o}), which could change what "
-                          f"the hub runs or trusts. Check what it holds, then `chmod go-w {path}`.")
+        raise ConfigError(
+            f"{what} {path} is writable by other accounts (mode {mode:04o}), which could change what "
+            f"the hub runs or trusts. Check what it holds, then `chmod go-w {path}`."
+        )
     if private and mode & 0o077:
-        raise ConfigError(f"{what} {path} is open to other accounts (mode {mode:04o}). `chmod "
-                          f"{'700' if kind == 'folder' else '600'} {path}`.")
+        raise ConfigError(
+            f"{what} {path} is open to other accounts (mode {mode:04o}). `chmod "
+            f"{'700' if kind == 'folder' else '600'} {path}`."
+        )
 
 
 def _private_group(st: os.stat_result) -> bool:
@@ -167,8 +180,11 @@ def _private_group(st: os.stat_result) -> bool:
         members = grp.getgrgid(st.st_gid).gr_mem
     except KeyError:
         return False
-    return (owner.pw_gid == st.st_gid and all(m == owner.pw_name for m in members)
-            and not any(u.pw_gid == st.st_gid and u.pw_uid != st.st_uid for u in pwd.getpwall()))
+    return (
+        owner.pw_gid == st.st_gid
+        and all(m == owner.pw_name for m in members)
+        and not any(u.pw_gid == st.st_gid and u.pw_uid != st.st_uid for u in pwd.getpwall())
+    )
 
 
 def config_d(d: Deployment) -> Path:
@@ -194,8 +210,13 @@ def trusted_config(d: Deployment) -> list[Path]:
 
 def data_dirs(d: Deployment) -> list[tuple[Path, str]]:
     """The folders under data_dir the project keeps, with the key that places them."""
-    return [(d.homes_dir, "data_dir/homes"), (d.logs_dir, "data_dir/logs"), (d.data_dir / "etc", "data_dir/etc"),
-            (d.data_dir / "share", "data_dir/share"), (d.envs_dir, "kernels.envs_dir")]
+    return [
+        (d.homes_dir, "data_dir/homes"),
+        (d.logs_dir, "data_dir/logs"),
+        (d.data_dir / "etc", "data_dir/etc"),
+        (d.data_dir / "share", "data_dir/share"),
+        (d.envs_dir, "kernels.envs_dir"),
+    ]
 
 
 def check_data_dir(d: Deployment) -> None:
@@ -216,21 +237,28 @@ def check_accounts(d: Deployment) -> None:
     path = d.accounts_file
     if d["auth"]["type"] != "local" or not path.exists():
         return
-    fix = ("Restore it from a backup, or move it aside and run `up` again (a new admin account is created and "
-           "`spinnaker-jupyter user add` adds the others)")
+    fix = (
+        "Restore it from a backup, or move it aside and run `up` again (a new admin account is created and "
+        "`spinnaker-jupyter user add` adds the others)"
+    )
     try:
         accounts = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ConfigError(f"accounts file {path} is not readable JSON ({getattr(e, 'strerror', None) or e}). "
-                          f"{fix}") from None
+        raise ConfigError(
+            f"accounts file {path} is not readable JSON ({getattr(e, 'strerror', None) or e}). {fix}"
+        ) from None
     if not isinstance(accounts, dict):
-        raise ConfigError(f"accounts file {path}: expected an object of accounts, got {type(accounts).__name__}. "
-                          f"{fix}")
+        raise ConfigError(f"accounts file {path}: expected an object of accounts, got {type(accounts).__name__}. {fix}")
     for name, entry in accounts.items():
-        if not (isinstance(entry, dict) and isinstance(entry.get("hash"), str)
-                and isinstance(entry.get("admin", False), bool)):
-            raise ConfigError(f"accounts file {path}: the entry of {name!r} is not an account (expected "
-                              f"{{\"hash\": ..., \"admin\": true|false}}). {fix}")
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("hash"), str)
+            and isinstance(entry.get("admin", False), bool)
+        ):
+            raise ConfigError(
+                f"accounts file {path}: the entry of {name!r} is not an account (expected "
+                f'{{"hash": ..., "admin": true|false}}). {fix}'
+            )
 
 
 # ------------------------------------------------------------------------------------------ after a hub crash
@@ -296,8 +324,10 @@ def end_previous_hub_leftovers(d: Deployment, say, grace: float = 10.0) -> None:
     """Refuse while this deployment's hub runs; end what a crashed one left (its proxy, services), saying so."""
     hub_pid, left = previous_hub_processes(d)
     if hub_pid is not None:
-        raise ConfigError(f"the hub of this deployment is already running (pid {hub_pid}, {d.hub_dir}). Stop it "
-                          "first, or use another data_dir for a second deployment.")
+        raise ConfigError(
+            f"the hub of this deployment is already running (pid {hub_pid}, {d.hub_dir}). Stop it "
+            "first, or use another data_dir for a second deployment."
+        )
     if not left:
         return
     for pid in left:

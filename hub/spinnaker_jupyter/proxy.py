@@ -31,8 +31,11 @@ class CheckedProxy(ConfigurableHTTPProxy):
         named = [("hub.port", self.public_url), ("proxy.api_port", self.api_url)]
         if not self._running_hub:  # at the first start; a restarted proxy finds the hub and services listening
             named.append(("proxy.hub_port", self.app.hub.bind_url))
-            named += [(f"the port of service {s['name']}", s["url"]) for s in self.app.services
-                      if s.get("command") and s.get("url")]  # the hub-managed ones (e.g. access-token-service)
+            named += [
+                (f"the port of service {s['name']}", s["url"])
+                for s in self.app.services
+                if s.get("command") and s.get("url")
+            ]  # the hub-managed ones (e.g. access-token-service)
         return [(key, *hp) for key, url in named if (hp := _host_port(url))]
 
     async def start(self):

@@ -46,8 +46,17 @@ from .slurm_spawner import DEFAULT_PATH, SlurmStartError, SlurmUserSpawner
 # The spawners live in slurm_spawner.py (SlurmUserSpawner: batchspawner configured) and slurm_boards.py (boards as
 # licences), the port-report fence in batchspawner_fence.py; importable from here as before (the hub's
 # spawner_class names spinnaker_jupyter.slurm.SpiNNakerSlurmSpawner).
-__all__ = ["configure", "SlurmUserSpawner", "SpiNNakerSlurmSpawner", "SlurmStartError", "PortReportHandler",
-           "fence_port_report", "BOARD_VARS", "BOARD_WAIT", "DEFAULT_PATH"]
+__all__ = [
+    "configure",
+    "SlurmUserSpawner",
+    "SpiNNakerSlurmSpawner",
+    "SlurmStartError",
+    "PortReportHandler",
+    "fence_port_report",
+    "BOARD_VARS",
+    "BOARD_WAIT",
+    "DEFAULT_PATH",
+]
 
 
 def configure(c, d, args: list[str]) -> None:
@@ -88,4 +97,3 @@ def configure(c, d, args: list[str]) -> None:
         c.JupyterHub.hub_connect_ip = sl["hub_connect_ip"]
     if not system_users_enabled(d) and os.geteuid() == 0:
         args.append("--allow-root")
-

@@ -39,8 +39,9 @@ class SpiNNakerSlurmSpawner(BoardsMixin, SlurmUserSpawner):
         limit = int(self.spinnaker["claim_timeout"]) + 120
         # (sbatch --export names what the job's srun passes on: the boards' variables, set only once it runs)
         self.req_keepvars_extra = ",".join(BOARD_VARS)
-        self.req_prologue = BOARD_WAIT.format(dir=shlex.quote(str(Path(self.home) / ".spinnaker-jupyter")),
-                                              tries=limit * 5)
+        self.req_prologue = BOARD_WAIT.format(
+            dir=shlex.quote(str(Path(self.home) / ".spinnaker-jupyter")), tries=limit * 5
+        )
         self._boards_in_start = True
         try:
             started = await SlurmUserSpawner.start(self)
@@ -68,19 +69,32 @@ class SpiNNakerSlurmSpawner(BoardsMixin, SlurmUserSpawner):
     def _hand_over(self, text: str) -> None:
         """The boards' environment into the file the job waits for, written by the user's own account (their home)."""
         path = self._board_file()
-        argv = ["sh", "-c", 'umask 077 && mkdir -p "$1" && cat > "$2.tmp" && mv "$2.tmp" "$2"', "sh",
-                str(path.parent), str(path)]
+        argv = [
+            "sh",
+            "-c",
+            'umask 077 && mkdir -p "$1" && cat > "$2.tmp" && mv "$2.tmp" "$2"',
+            "sh",
+            str(path.parent),
+            str(path),
+        ]
         if self.system_users:
             argv = [shutil.which("runuser") or "/usr/sbin/runuser", "-u", self.system_username, "--", *argv]
-        done = subprocess.run(argv, input=text, text=True, capture_output=True, env={"PATH": DEFAULT_PATH}, cwd="/",
-                              check=False)
+        done = subprocess.run(
+            argv, input=text, text=True, capture_output=True, env={"PATH": DEFAULT_PATH}, cwd="/", check=False
+        )
         if done.returncode != 0:
             raise SlurmStartError(f"Could not hand the SpiNNaker board to your Slurm job: {done.stderr.strip()}")
 
 
 #: The variables of a server's boards (spinnaker_server_contract.ServerContract: mode .. board_notice).
-BOARD_VARS = ("SPINNAKER_MODE", "SPINNAKER_MACHINE_CFG", "SPINNAKER_BOARD", "SPINNAKER_BOARD_JOB",
-              "SPINNAKER_BOARD_JOB_URL", "SPINNAKER_BOARD_NOTICE")
+BOARD_VARS = (
+    "SPINNAKER_MODE",
+    "SPINNAKER_MACHINE_CFG",
+    "SPINNAKER_BOARD",
+    "SPINNAKER_BOARD_JOB",
+    "SPINNAKER_BOARD_JOB_URL",
+    "SPINNAKER_BOARD_NOTICE",
+)
 #: The job script's wait for its boards (sh; batchspawner's prologue): the hub writes the file once it has claimed
 #: them for the running job; sourced, then removed. A hub that never writes it: the job ends after `tries` / 5 s.
 BOARD_WAIT = """f={dir}/slurm-board-$SLURM_JOB_ID.env
@@ -92,4 +106,3 @@ while [ ! -f "$f" ]; do
 done
 . "$f" && rm -f "$f"
 """
-

@@ -15,10 +15,21 @@ from pathlib import Path
 LICENSE = "spinnaker_board"  # the licence name sbatch -L asks for, one per board
 
 
-def render(folder: Path, *, node: str | None = None, node_addr: str = "127.0.0.1", cpus: int | None = None,
-           memory_mb: int = 2000, boards: int = 2, ctld_port: int = 16817, slurmd_port: int = 16818,
-           partition: str = "spinnaker", munge_socket: Path | None = None, share_cores: bool = False,
-           jobs_per_core: int = 8) -> str:
+def render(
+    folder: Path,
+    *,
+    node: str | None = None,
+    node_addr: str = "127.0.0.1",
+    cpus: int | None = None,
+    memory_mb: int = 2000,
+    boards: int = 2,
+    ctld_port: int = 16817,
+    slurmd_port: int = 16818,
+    partition: str = "spinnaker",
+    munge_socket: Path | None = None,
+    share_cores: bool = False,
+    jobs_per_core: int = 8,
+) -> str:
     """slurm.conf text for one node named `node` (default: this host's short name, which slurmd must match).
     `share_cores`: up to `jobs_per_core` jobs share a core (memory still counts), so that more servers than cores
     run at once (Jupyter servers idle most of the time; the local spawner shares cores the same way); else each job

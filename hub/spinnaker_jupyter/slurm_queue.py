@@ -19,8 +19,19 @@ REASONS = {
 
 #: Job states after which a job runs no more (not COMPLETING: its processes are still being ended, and scontrol says
 #: COMPLETING in place of how it ended, e.g. TIMEOUT).
-ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
-         "DEADLINE", "OUT_OF_MEMORY", "SPECIAL_EXIT", "REVOKED"}
+ENDED = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "OUT_OF_MEMORY",
+    "SPECIAL_EXIT",
+    "REVOKED",
+}
 
 
 def pending_words(reason: str) -> str:
@@ -49,18 +60,38 @@ def sbatch_error(stderr: str, keys: dict[str, str], values: dict[str, str]) -> s
     text = " ".join(stderr.split())
     checks = [
         (r"invalid partition", "partition", "the partition '{v}' does not exist; set {k} to one `sinfo` lists"),
-        (r"invalid account", "account", ("the account '{v}' is not valid here; set {k} to one `sacctmgr show "
-                                         "assoc` lists for this user")),
+        (
+            r"invalid account",
+            "account",
+            ("the account '{v}' is not valid here; set {k} to one `sacctmgr show assoc` lists for this user"),
+        ),
         (r"invalid qos", "qos", "the QoS '{v}' is not valid; fix {k}"),
-        (r"invalid license", "license", ("the cluster has no licence '{v}' for SpiNNaker boards; add "
-                                         "`Licenses={v}:<boards>` to slurm.conf or set {k}")),
-        (r"Requested node configuration is not available|Memory specification can not be satisfied", "memory",
-         "no node of the partition has the memory asked for; lower {k}"),
-        (r"Unable to process configuration file|s_p_parse_file|Could not establish a configuration source", "conf",
-         ("the Slurm commands cannot read their configuration; set {k} to a slurm.conf every user's account can "
-          "read")),
-        (r"Unable to contact slurm controller|Connection refused|connect failure|Socket timed out", "",
-         "the Slurm cluster is not answering (its controller cannot be reached); the operator checks slurmctld"),
+        (
+            r"invalid license",
+            "license",
+            (
+                "the cluster has no licence '{v}' for SpiNNaker boards; add "
+                "`Licenses={v}:<boards>` to slurm.conf or set {k}"
+            ),
+        ),
+        (
+            r"Requested node configuration is not available|Memory specification can not be satisfied",
+            "memory",
+            "no node of the partition has the memory asked for; lower {k}",
+        ),
+        (
+            r"Unable to process configuration file|s_p_parse_file|Could not establish a configuration source",
+            "conf",
+            (
+                "the Slurm commands cannot read their configuration; set {k} to a slurm.conf every user's account can "
+                "read"
+            ),
+        ),
+        (
+            r"Unable to contact slurm controller|Connection refused|connect failure|Socket timed out",
+            "",
+            "the Slurm cluster is not answering (its controller cannot be reached); the operator checks slurmctld",
+        ),
     ]
     for pattern, what, words in checks:
         if re.search(pattern, text, re.IGNORECASE):
@@ -92,8 +123,13 @@ def probe(d) -> list[tuple[bool, str]]:
 
     code, said = run("scontrol", "ping")
     if code != 0 or "UP" not in said:
-        return [(False, f"Slurm: the controller is not answering ({said}); start slurmctld, or point "
-                        f"spawner.slurm.conf at the cluster's slurm.conf (now {conf})")]
+        return [
+            (
+                False,
+                f"Slurm: the controller is not answering ({said}); start slurmctld, or point "
+                f"spawner.slurm.conf at the cluster's slurm.conf (now {conf})",
+            )
+        ]
     out = [(True, f"Slurm: the controller answers ({said}; {conf})")]
     wanted = {}
     if d["spawner"]["type"] == "slurm":
@@ -111,20 +147,40 @@ def probe(d) -> list[tuple[bool, str]]:
         name = partition or default
         if name in names:
             avail, nodes = names[name]
-            out.append((avail == "up", f"Slurm: partition {name} ({key}{'' if partition else ', the default'}) "
-                                       f"is {avail} with {nodes} node(s)"))
+            out.append(
+                (
+                    avail == "up",
+                    f"Slurm: partition {name} ({key}{'' if partition else ', the default'}) "
+                    f"is {avail} with {nodes} node(s)",
+                )
+            )
         else:
-            out.append((False, f"Slurm: no partition {partition or '(default)'} ({key}); set it to one of: "
-                               f"{', '.join(sorted(names)) or 'none found'}"))
+            out.append(
+                (
+                    False,
+                    f"Slurm: no partition {partition or '(default)'} ({key}); set it to one of: "
+                    f"{', '.join(sorted(names)) or 'none found'}",
+                )
+            )
     lic = sl["board_license"]
     if lic and d["spinnaker"]["mode"] in ("session", "machine"):
         code, said = run("scontrol", "-o", "show", "lic", lic)
         total = re.search(r"Total=(\d+)", said)
         free = re.search(r"Free=(\d+)", said)
         if code == 0 and total:
-            out.append((True, f"Slurm: licence {lic}: {total.group(1)} board(s) (Licenses= in slurm.conf), "
-                              f"{free.group(1) if free else '?'} free"))
+            out.append(
+                (
+                    True,
+                    f"Slurm: licence {lic}: {total.group(1)} board(s) (Licenses= in slurm.conf), "
+                    f"{free.group(1) if free else '?'} free",
+                )
+            )
         else:
-            out.append((False, f"Slurm: no licence {lic} for SpiNNaker boards; add `Licenses={lic}:<boards>` to "
-                               "slurm.conf, or set spawner.slurm.board_license: null (boards then not counted)"))
+            out.append(
+                (
+                    False,
+                    f"Slurm: no licence {lic} for SpiNNaker boards; add `Licenses={lic}:<boards>` to "
+                    "slurm.conf, or set spawner.slurm.board_license: null (boards then not counted)",
+                )
+            )
     return out

@@ -15,13 +15,16 @@ from urllib.parse import urlparse, urlunparse
 
 
 def node_address(node: str) -> str:
-    out = subprocess.run(["scontrol", "-o", "show", "node", node], capture_output=True, text=True, timeout=60,
-                         check=False)
+    out = subprocess.run(
+        ["scontrol", "-o", "show", "node", node], capture_output=True, text=True, timeout=60, check=False
+    )
     found = re.search(r"\bNodeAddr=(\S+)", out.stdout)
     if not found:
-        sys.exit(f"spinnaker-jupyter: cannot find the Slurm address of node {node!r} (scontrol show node: "
-                 f"{' '.join((out.stderr or out.stdout).split())}); the server is not started on every interface "
-                 "instead.")
+        sys.exit(
+            f"spinnaker-jupyter: cannot find the Slurm address of node {node!r} (scontrol show node: "
+            f"{' '.join((out.stderr or out.stdout).split())}); the server is not started on every interface "
+            "instead."
+        )
     return found.group(1)
 
 

@@ -42,13 +42,16 @@ class SlurmUserSpawner(ProgressMixin, SlurmSpawner):
     """SlurmSpawner with the local spawner's accounts and homes, progress in words and the fast readiness wait."""
 
     homes_dir = Unicode(help="Folder holding each user's home; every Slurm node mounts it at this path.").tag(
-        config=True)
+        config=True
+    )
     system_users = Bool(help="Run each server as the user's own system account (requires root).").tag(config=True)
     system_user_prefix = Unicode("jupyter-", help="Prefix of the system account names.").tag(config=True)
     slurm_conf = Unicode("", help="slurm.conf the Slurm commands use (SLURM_CONF); empty: the system's.").tag(
-        config=True)
-    board_license = Unicode("", help="Slurm licence taken per SpiNNaker board (empty: boards are not counted by "
-                                     "Slurm).").tag(config=True)
+        config=True
+    )
+    board_license = Unicode(
+        "", help="Slurm licence taken per SpiNNaker board (empty: boards are not counted by Slurm)."
+    ).tag(config=True)
     extra_sbatch_options = List(Unicode(), help="More sbatch options, each one argument.").tag(config=True)
 
     # The local spawner's account and home handling, reused as it is (one naming, one refusal of foreign accounts).
@@ -184,15 +187,26 @@ class SlurmUserSpawner(ProgressMixin, SlurmSpawner):
         return self._node_addr or super().state_gethost()
 
     async def _node_address(self, node: str) -> str:
-        proc = await asyncio.create_subprocess_exec("scontrol", "-o", "show", "node", node, env=self.run_env(),
-                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        proc = await asyncio.create_subprocess_exec(
+            "scontrol",
+            "-o",
+            "show",
+            "node",
+            node,
+            env=self.run_env(),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         out, _ = await proc.communicate()
         found = re.search(r"\bNodeAddr=(\S+)", out.decode(errors="replace"))
         return found.group(1) if found else node
 
     def run_env(self) -> dict:
-        return {"PATH": DEFAULT_PATH, "LANG": os.environ.get("LANG", "C.UTF-8"),
-                **({"SLURM_CONF": self.slurm_conf} if self.slurm_conf else {})}
+        return {
+            "PATH": DEFAULT_PATH,
+            "LANG": os.environ.get("LANG", "C.UTF-8"),
+            **({"SLURM_CONF": self.slurm_conf} if self.slurm_conf else {}),
+        }
 
     async def _say_queue(self) -> None:
         if time.monotonic() - self._queue_checked < QUEUE_CHECK_EVERY and self._queue_said is not None:
@@ -203,8 +217,10 @@ class SlurmUserSpawner(ProgressMixin, SlurmSpawner):
         try:
             # The queue in Slurm's own order of priority: this job's place among the pending jobs of its partition.
             part = ["-p", self.req_partition] if self.req_partition else []
-            out = await self.run_command(" ".join(["squeue", "-h", "-t", "PD", "--sort=-p,i", "-o", "%i",
-                                                   *map(shlex.quote, part)]), env=self.get_env())
+            out = await self.run_command(
+                " ".join(["squeue", "-h", "-t", "PD", "--sort=-p,i", "-o", "%i", *map(shlex.quote, part)]),
+                env=self.get_env(),
+            )
             ids = out.split()
             if self.job_id in ids:
                 position = str(ids.index(self.job_id) + 1)
@@ -213,40 +229,50 @@ class SlurmUserSpawner(ProgressMixin, SlurmSpawner):
         said = (position, reason)
         if said != self._queue_said:
             self._queue_said = said
-            self.progress_say(40, f"Your server is waiting in the Slurm queue: position {position}, "
-                                  f"{pending_words(reason)}")
+            self.progress_say(
+                40, f"Your server is waiting in the Slurm queue: position {position}, {pending_words(reason)}"
+            )
 
     def _start_error(self, stderr: str) -> SlurmStartError:
         text = " ".join(stderr.split())
         if re.search(r"invalid partition", text, re.I):
             return SlurmStartError(
                 f"Slurm refused your server: the partition '{self.req_partition}' does not exist ({text}). The "
-                "operator sets spawner.slurm.partition to one that `sinfo` lists.")
+                "operator sets spawner.slurm.partition to one that `sinfo` lists."
+            )
         if re.search(r"invalid account", text, re.I):
             return SlurmStartError(
                 f"Slurm refused your server: the account '{self.req_account}' is not valid here ({text}). The "
-                "operator sets spawner.slurm.account to one `sacctmgr show assoc` lists for this user.")
+                "operator sets spawner.slurm.account to one `sacctmgr show assoc` lists for this user."
+            )
         if re.search(r"invalid qos", text, re.I):
-            return SlurmStartError(f"Slurm refused your server: the QoS '{self.req_qos}' is not valid ({text}). The "
-                                   "operator fixes spawner.slurm.qos.")
+            return SlurmStartError(
+                f"Slurm refused your server: the QoS '{self.req_qos}' is not valid ({text}). The "
+                "operator fixes spawner.slurm.qos."
+            )
         if re.search(r"Unable to process configuration file|s_p_parse_file", text, re.I):
             return SlurmStartError(
                 f"The Slurm commands cannot read their configuration ({text}). The operator sets "
                 "spawner.slurm.conf to a slurm.conf every user's account can read (or leaves it null for the "
-                "system's).")
+                "system's)."
+            )
         if re.search(r"invalid license", text, re.I):
             return SlurmStartError(
                 f"Slurm refused your server: the cluster has no licence '{self.board_license}' for SpiNNaker boards "
                 f"({text}). The operator adds `Licenses={self.board_license}:<boards>` to slurm.conf or sets "
-                "spawner.slurm.board_license.")
-        if re.search(r"Unable to contact slurm controller|Connection refused|connect failure|Socket timed out",
-                     text, re.I):
+                "spawner.slurm.board_license."
+            )
+        if re.search(
+            r"Unable to contact slurm controller|Connection refused|connect failure|Socket timed out", text, re.I
+        ):
             return SlurmStartError(
                 "The Slurm cluster is not answering (its controller cannot be reached), so your server cannot "
-                f"start now; try again in a few minutes. The operator checks slurmctld. ({text})")
+                f"start now; try again in a few minutes. The operator checks slurmctld. ({text})"
+            )
         if "disappeared" in text:
-            return SlurmStartError(f"Your Slurm job {self._started_job} ended before your server started. "
-                                   f"{self._job_log_tail()}")
+            return SlurmStartError(
+                f"Your Slurm job {self._started_job} ended before your server started. {self._job_log_tail()}"
+            )
         return SlurmStartError(f"Slurm did not start your server: {text}")
 
     def _job_log_tail(self, lines: int = 10) -> str:
@@ -259,4 +285,3 @@ class SlurmUserSpawner(ProgressMixin, SlurmSpawner):
         except OSError:
             return ""
         return "Last lines of its log:\n" + "\n".join(tail)
-

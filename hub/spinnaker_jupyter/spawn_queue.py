@@ -29,8 +29,8 @@ import heapq
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 from jupyterhub.spawner import SpawnException
 from traitlets import Integer, Unicode, default
@@ -51,23 +51,33 @@ def usable_cpus() -> int:
 class QueueFull(SpawnException):
     """The queue already holds `limit` waiting starts: refused at once, with a page saying so."""
 
-    def __init__(self, waiting: int, estimate: Optional[float]):
+    def __init__(self, waiting: int, estimate: float | None):
         later = f" in about {_minutes(estimate)}" if estimate else " in a few minutes"
-        message = (f"Too many servers are starting right now ({waiting} are already waiting for their turn), so "
-                   f"yours was not started. Please try again{later}.")
+        message = (
+            f"Too many servers are starting right now ({waiting} are already waiting for their turn), so "
+            f"yours was not started. Please try again{later}."
+        )
         super().__init__(message, reason="start_queue_full", status_code=429)
         self.jupyterhub_message = message
 
 
 class SpawnQueue(LoggingConfigurable):
-    concurrency = Integer(help="Servers started at the same time; the others wait in line, first come first served. "
-                               "Default: one more than the cores this hub may use.").tag(config=True)
-    limit = Integer(200, help="Starts that may wait in line; one more is refused (HTTP 429, with a page saying "
-                              "so). 0: none wait (starts beyond `concurrency` are refused).").tag(config=True)
+    concurrency = Integer(
+        help="Servers started at the same time; the others wait in line, first come first served. "
+        "Default: one more than the cores this hub may use."
+    ).tag(config=True)
+    limit = Integer(
+        200,
+        help="Starts that may wait in line; one more is refused (HTTP 429, with a page saying "
+        "so). 0: none wait (starts beyond `concurrency` are refused).",
+    ).tag(config=True)
 
-    hold_slots = Unicode("", help="A folder of set-up slot files (the git kernel's, gitkernel/slots.py) that the hub "
-                                  "holds while starts run or wait, so that those set-ups do not slow the starts. "
-                                  "Empty: none.").tag(config=True)
+    hold_slots = Unicode(
+        "",
+        help="A folder of set-up slot files (the git kernel's, gitkernel/slots.py) that the hub "
+        "holds while starts run or wait, so that those set-ups do not slow the starts. "
+        "Empty: none.",
+    ).tag(config=True)
 
     @default("concurrency")
     def _concurrency_default(self):
@@ -81,16 +91,16 @@ class SpawnQueue(LoggingConfigurable):
         self._running: dict[int, float] = {}  # place -> when it started (monotonic)
         self._waiting: collections.deque = collections.deque()  # futures, first come first
         self._durations: collections.deque = collections.deque(maxlen=RECENT)
-        self._changed: Optional[asyncio.Future] = None  # set at each change of the line (made in the hub's loop)
+        self._changed: asyncio.Future | None = None  # set at each change of the line (made in the hub's loop)
         self._next_id = 0
         self._slots = SlotHold(self.hold_slots, self.log) if self.hold_slots else None
 
     # -- what a waiting start is told --------------------------------------------------------------------------
-    def typical_start(self) -> Optional[float]:
+    def typical_start(self) -> float | None:
         """Median duration of recent starts (None before the first one finished)."""
         return statistics.median(self._durations) if self._durations else None
 
-    def estimate(self, ahead_waiting: int) -> Optional[float]:
+    def estimate(self, ahead_waiting: int) -> float | None:
         """Seconds until a start with `ahead_waiting` starts queued before it is ready: the running starts finish
         at the typical duration, then the queued ones take the first free place each."""
         t = self.typical_start()
@@ -106,8 +116,7 @@ class SpawnQueue(LoggingConfigurable):
 
     def describe(self, ahead_waiting: int) -> str:
         ahead = len(self._running) + ahead_waiting
-        words = (f"{ahead} servers are starting before yours" if ahead != 1
-                 else "1 server is starting before yours")
+        words = f"{ahead} servers are starting before yours" if ahead != 1 else "1 server is starting before yours"
         eta = self.estimate(ahead_waiting)
         return words + (f", about {_seconds(eta)} until yours is ready" if eta is not None else "")
 
@@ -115,8 +124,9 @@ class SpawnQueue(LoggingConfigurable):
     def refuse_if_full(self, who: str) -> None:
         """Refuse now when a start would find the line full (checked again when it asks for its place)."""
         if len(self._waiting) >= self.limit and (self._waiting or len(self._running) >= self.concurrency):
-            self.log.warning("Start queue full (%d waiting, %d starting): refused %s", len(self._waiting),
-                             len(self._running), who)
+            self.log.warning(
+                "Start queue full (%d waiting, %d starting): refused %s", len(self._waiting), len(self._running), who
+            )
             raise QueueFull(len(self._waiting), self.estimate(len(self._waiting)))
 
     @contextlib.asynccontextmanager
@@ -236,7 +246,7 @@ class SlotHold:
             self._retrying = None
 
 
-_queue: Optional[SpawnQueue] = None
+_queue: SpawnQueue | None = None
 
 
 def queue_for(spawner) -> SpawnQueue:

@@ -35,18 +35,25 @@ class PrivateHomeSpawner(ProgressMixin, LocalProcessSpawner):
     logs_dir = Unicode(help="Folder for each server's log (read by the hub when a start fails).").tag(config=True)
     system_users = Bool(help="Run each server as the user's own system account (requires root).").tag(config=True)
     system_user_prefix = Unicode("jupyter-", help="Prefix of the system account names.").tag(config=True)
-    fast_ready_check = Bool(True, help="Return from start() only once the server listens (polled every 50 ms), so "
-                                       "the hub's own readiness check, which backs off exponentially up to 5 s, "
-                                       "succeeds at its first try. False: stock behaviour (for benchmarks).").tag(
-        config=True)
+    fast_ready_check = Bool(
+        True,
+        help="Return from start() only once the server listens (polled every 50 ms), so "
+        "the hub's own readiness check, which backs off exponentially up to 5 s, "
+        "succeeds at its first try. False: stock behaviour (for benchmarks).",
+    ).tag(config=True)
     process_limit = Integer(None, allow_none=True, help="Processes and threads per server (None: no limit).").tag(
-        config=True)
-    limits_mode = Unicode("auto", help="How mem_limit, cpu_limit and process_limit are enforced: `auto` (a cgroup "
-                                       "per server where possible, else rlimits), `cgroup` or `rlimits`.").tag(
-        config=True)
-    job_sessions_dir = Unicode("", help="Folder where the job service records the process sessions of running batch "
-                                        "jobs (jobs/sessions.py): a server's stop spares them. '' = no job service."
-                               ).tag(config=True)
+        config=True
+    )
+    limits_mode = Unicode(
+        "auto",
+        help="How mem_limit, cpu_limit and process_limit are enforced: `auto` (a cgroup "
+        "per server where possible, else rlimits), `cgroup` or `rlimits`.",
+    ).tag(config=True)
+    job_sessions_dir = Unicode(
+        "",
+        help="Folder where the job service records the process sessions of running batch "
+        "jobs (jobs/sessions.py): a server's stop spares them. '' = no job service.",
+    ).tag(config=True)
     _cgroup_dirs: list = []
 
     @default("system_users")
@@ -192,8 +199,10 @@ class PrivateHomeSpawner(ProgressMixin, LocalProcessSpawner):
     async def _wait_listening(self, ip: str, port: int, log_path: Path) -> None:
         async def ended():
             if self.proc is not None and self.proc.poll() is not None:
-                return (f"Your server stopped during start-up (exit code {self.proc.returncode}). Last lines of "
-                        f"its log:\n{_tail(log_path)}")
+                return (
+                    f"Your server stopped during start-up (exit code {self.proc.returncode}). Last lines of "
+                    f"its log:\n{_tail(log_path)}"
+                )
             return None
 
         try:

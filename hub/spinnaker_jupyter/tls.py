@@ -36,9 +36,11 @@ def _pem(path: Path, key: str, marker: str, what: str) -> None:
     except OSError as e:
         raise ConfigError(f"hub.tls.{key}: cannot read {path}: {e.strerror}") from None
     if b"-----BEGIN " not in text or marker.encode() not in text:
-        raise ConfigError(f"hub.tls.{key}: {path} holds no PEM {what} (no '-----BEGIN ...{marker}' line); give "
-                          f"the PEM file (with certbot: /etc/letsencrypt/live/<name>/"
-                          f"{'fullchain' if key == 'cert_file' else 'privkey'}.pem)")
+        raise ConfigError(
+            f"hub.tls.{key}: {path} holds no PEM {what} (no '-----BEGIN ...{marker}' line); give "
+            f"the PEM file (with certbot: /etc/letsencrypt/live/<name>/"
+            f"{'fullchain' if key == 'cert_file' else 'privkey'}.pem)"
+        )
 
 
 def check(d: Deployment) -> None:
@@ -46,8 +48,9 @@ def check(d: Deployment) -> None:
     tls = d["hub"]["tls"]
     if bool(tls["cert_file"]) != bool(tls["key_file"]):
         given, missing = ("cert_file", "key_file") if tls["cert_file"] else ("key_file", "cert_file")
-        raise ConfigError(f"hub.tls.{missing}: required with hub.tls.{given} (the certificate and its private key "
-                          "go together)")
+        raise ConfigError(
+            f"hub.tls.{missing}: required with hub.tls.{given} (the certificate and its private key go together)"
+        )
     if not tls["cert_file"]:
         if tls["http_redirect_port"]:
             raise ConfigError("hub.tls.http_redirect_port: redirects to HTTPS need hub.tls.cert_file and key_file")
@@ -59,10 +62,12 @@ def check(d: Deployment) -> None:
     trusted(key, "hub.tls.key_file:")
     mode = stat.S_IMODE(key.stat().st_mode)
     if mode & 0o007:
-        raise ConfigError(f"hub.tls.key_file: {key} is readable by every account (mode "
-                          f"{mode:04o}), so anyone on this machine could impersonate the service. `chmod 600 {key}` "
-                          "(or 640 with a group only the hub's account is in), and replace the certificate if "
-                          "others may have read it.")
+        raise ConfigError(
+            f"hub.tls.key_file: {key} is readable by every account (mode "
+            f"{mode:04o}), so anyone on this machine could impersonate the service. `chmod 600 {key}` "
+            "(or 640 with a group only the hub's account is in), and replace the certificate if "
+            "others may have read it."
+        )
     if tls["http_redirect_port"] == d["hub"]["port"]:
         raise ConfigError("hub.tls.http_redirect_port: must differ from hub.port (HTTPS is served there)")
 
@@ -74,8 +79,11 @@ def apply(c, d: Deployment, headers: dict, server_settings: dict) -> None:
         c.JupyterHub.ssl_cert = str(d.path(tls["cert_file"], Path()))
         c.JupyterHub.ssl_key = str(d.path(tls["key_file"], Path()))
         if tls["http_redirect_port"]:
-            c.ConfigurableHTTPProxy.command = [*c.ConfigurableHTTPProxy.command, "--redirect-port",
-                                               str(tls["http_redirect_port"])]
+            c.ConfigurableHTTPProxy.command = [
+                *c.ConfigurableHTTPProxy.command,
+                "--redirect-port",
+                str(tls["http_redirect_port"]),
+            ]
     if served_over_https(d) and tls["hsts_max_age"]:
         headers["Strict-Transport-Security"] = f"max-age={tls['hsts_max_age']}"
     if hub["frame_ancestors"] and served_over_https(d):
@@ -86,7 +94,9 @@ def apply(c, d: Deployment, headers: dict, server_settings: dict) -> None:
         spinnaker_framing.frame_cookies()  # this (the hub's) process
         server_settings["xsrf_cookie_kwargs"] = dict(spinnaker_framing.FRAMED)  # the user server's _xsrf
     elif hub["frame_ancestors"]:
-        print("[spinnaker-jupyter] hub.frame_ancestors: a page of another site may show the hub, but logging in "
-              "inside its frame fails over plain HTTP (browsers keep a framed site's cookies only over HTTPS). Set "
-              "hub.tls.cert_file and key_file, or hub.public_url to the https:// address of your reverse proxy.",
-              flush=True)
+        print(
+            "[spinnaker-jupyter] hub.frame_ancestors: a page of another site may show the hub, but logging in "
+            "inside its frame fails over plain HTTP (browsers keep a framed site's cookies only over HTTPS). Set "
+            "hub.tls.cert_file and key_file, or hub.public_url to the https:// address of your reverse proxy.",
+            flush=True,
+        )

@@ -128,10 +128,15 @@ def spawner_states(db_url: str) -> list[tuple[str, str, dict, bool, Any]]:
             # (6.1.1's JSONDict type lacks SQLAlchemy's cache_ok: a warning an operator's command should not print)
             warnings.filterwarnings("ignore", "TypeDecorator JSONDict", sa.exc.SAWarning)
             S = orm.Spawner
-            rows = db.execute(sa.select(orm.User.name, S.name, S.state, S.server_id, S.started)
-                              .join(S.user).order_by(orm.User.name, S.name))
-            return [(user, name or "", state or {}, server_id is not None, started)
-                    for user, name, state, server_id, started in rows]
+            rows = db.execute(
+                sa.select(orm.User.name, S.name, S.state, S.server_id, S.started)
+                .join(S.user)
+                .order_by(orm.User.name, S.name)
+            )
+            return [
+                (user, name or "", state or {}, server_id is not None, started)
+                for user, name, state, server_id, started in rows
+            ]
     finally:
         engine.dispose()
 

@@ -75,11 +75,7 @@ def is_safe_username(name: str, max_length: int = MAX_LENGTH) -> bool:
     Both unchanged and changed names pass; this is the check to apply to a name before using it
     in a path or a container name.
     """
-    return (
-        isinstance(name, str)
-        and 0 < len(name) <= max_length
-        and _CANONICAL.fullmatch(name) is not None
-    )
+    return isinstance(name, str) and 0 < len(name) <= max_length and _CANONICAL.fullmatch(name) is not None
 
 
 def is_canonical(name: str, max_length: int = MAX_LENGTH) -> bool:
@@ -101,9 +97,7 @@ def _readable(name: str) -> str:
     """The readable ASCII part of a name (may be empty)."""
     text = unicodedata.normalize("NFKC", name).casefold()
     # drop accents: decompose, then remove combining marks (ü -> u, ï -> i)
-    text = "".join(
-        c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c)
-    )
+    text = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
     text = _NOT_ALLOWED.sub("-", text)
     text = _DASHES.sub("-", text)
     return _EDGE.sub("", text)

@@ -104,15 +104,16 @@ class PodmanEnv:
         """Why podman cannot run here (None when it can, as far as can be told without trying)."""
         missing = self.missing_tools()
         if missing:
-            return (f"missing {', '.join(missing)}: run scripts/system-deps.sh --test "
-                    "(apt-get install podman runc debootstrap)")
+            return (
+                f"missing {', '.join(missing)}: run scripts/system-deps.sh --test "
+                "(apt-get install podman runc debootstrap)"
+            )
         if os.geteuid() != 0:
             return "rootful podman needs root (these tests use rootful podman with overlay storage)"
         return None
 
     def podman(self, *args: str, check: bool = True, capture: bool = True, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run(["podman", *args], env=self.env, check=check, text=True,
-                              capture_output=capture, **kw)
+        return subprocess.run(["podman", *args], env=self.env, check=check, text=True, capture_output=capture, **kw)
 
     def write_config(self) -> None:
         for d in (self.dir, self.storage, self.runroot, self.tmpdir):
@@ -122,7 +123,7 @@ class PodmanEnv:
             "[containers]\n"
             'netns = "host"\n'
             'default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]\n'
-            "log_driver = \"k8s-file\"\n"
+            'log_driver = "k8s-file"\n'
             "[engine]\n"
             'runtime = "runc"\n'
             'cgroup_manager = "cgroupfs"\n'
@@ -196,23 +197,30 @@ class PodmanEnv:
         with open(self.logfile, "ab") as logf:
             proc = subprocess.Popen(
                 ["podman", "--log-level=info", "system", "service", "--time=0", self.url],
-                env=self.env, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                start_new_session=True)
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.pidfile.write_text(f"{proc.pid}\n")
         deadline = started + timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"podman service exited with {proc.returncode}; see {self.logfile}:\n"
-                                   + self.logfile.read_text()[-3000:])
+                raise RuntimeError(
+                    f"podman service exited with {proc.returncode}; see {self.logfile}:\n"
+                    + self.logfile.read_text()[-3000:]
+                )
             if self.socket_path.exists() and self.api_ready():
                 status, version = self.api("GET", "/version")
-                log(f"Docker API {version.get('ApiVersion')} (podman {version.get('Version')}) at {self.url} "
-                    f"after {time.monotonic() - started:.1f}s")
+                log(
+                    f"Docker API {version.get('ApiVersion')} (podman {version.get('Version')}) at {self.url} "
+                    f"after {time.monotonic() - started:.1f}s"
+                )
                 return self.url
             time.sleep(0.1)
         self.stop_service()
-        raise TimeoutError(f"podman service did not answer on {self.socket_path} within {timeout}s; "
-                           f"see {self.logfile}")
+        raise TimeoutError(f"podman service did not answer on {self.socket_path} within {timeout}s; see {self.logfile}")
 
     def stop_service(self, timeout: float = 20.0) -> None:
         pid = self._service_pid()
@@ -237,8 +245,9 @@ class PodmanEnv:
     def image_exists(self, name: str) -> bool:
         return self.podman("image", "exists", name, check=False).returncode == 0
 
-    def build_base_image(self, name: str = BASE_IMAGE, suite: str = DEBIAN_SUITE, mirror: str = DEBIAN_MIRROR,
-                         force: bool = False) -> str:
+    def build_base_image(
+        self, name: str = BASE_IMAGE, suite: str = DEBIAN_SUITE, mirror: str = DEBIAN_MIRROR, force: bool = False
+    ) -> str:
         """A Debian minbase image made with debootstrap + podman import (no registry is reachable here).
 
         Cached: nothing is done when ``name`` exists (unless ``force``)."""
@@ -254,23 +263,27 @@ class PodmanEnv:
         rootfs = work / "rootfs"
         try:
             log(f"debootstrap --variant=minbase {suite} from {mirror} ...")
-            subprocess.run(["debootstrap", "--variant=minbase", suite, str(rootfs), mirror],
-                           check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                ["debootstrap", "--variant=minbase", suite, str(rootfs), mirror], check=True, stdout=subprocess.DEVNULL
+            )
             t1 = time.monotonic()
             log(f"debootstrap done in {t1 - t0:.0f}s")
             # Like the official debian images: full sources, no caches, apt keeps no downloaded .debs.
             (rootfs / "etc/apt/sources.list").write_text(
                 f"deb {mirror} {suite} main\n"
                 f"deb {mirror} {suite}-updates main\n"
-                f"deb {mirror.replace('/debian', '/debian-security')} {suite}-security main\n")
+                f"deb {mirror.replace('/debian', '/debian-security')} {suite}-security main\n"
+            )
             (rootfs / "etc/apt/apt.conf.d/docker-clean").write_text(
                 'DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb '
                 '/var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };\n'
                 'APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb '
                 '/var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };\n'
-                'Dir::Cache::pkgcache ""; Dir::Cache::srcpkgcache "";\n')
+                'Dir::Cache::pkgcache ""; Dir::Cache::srcpkgcache "";\n'
+            )
             (rootfs / "etc/apt/apt.conf.d/docker-no-recommends").write_text(
-                'APT::Install-Recommends "false";\nAPT::Install-Suggests "false";\n')
+                'APT::Install-Recommends "false";\nAPT::Install-Suggests "false";\n'
+            )
             for sub in ("var/cache/apt/archives", "var/lib/apt/lists"):
                 for p in (rootfs / sub).glob("*"):
                     if p.is_file():
@@ -279,16 +292,23 @@ class PodmanEnv:
                 if p.is_file():
                     p.write_bytes(b"")
             tar = work / "rootfs.tar"
-            subprocess.run(["tar", "--numeric-owner", "--xattrs", "-C", str(rootfs), "-cf", str(tar), "."],
-                           check=True)
+            subprocess.run(["tar", "--numeric-owner", "--xattrs", "-C", str(rootfs), "-cf", str(tar), "."], check=True)
             log(f"importing as {name} ...")
-            self.podman("import",
-                        "--change", "CMD [\"/bin/bash\"]",
-                        "--change", "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                        "--message", f"debootstrap --variant=minbase {suite} {mirror}",
-                        str(tar), name)
-            log(f"base image {name} built in {time.monotonic() - t0:.0f}s "
-                f"(debootstrap {t1 - t0:.0f}s, import {time.monotonic() - t1:.0f}s)")
+            self.podman(
+                "import",
+                "--change",
+                'CMD ["/bin/bash"]',
+                "--change",
+                "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "--message",
+                f"debootstrap --variant=minbase {suite} {mirror}",
+                str(tar),
+                name,
+            )
+            log(
+                f"base image {name} built in {time.monotonic() - t0:.0f}s "
+                f"(debootstrap {t1 - t0:.0f}s, import {time.monotonic() - t1:.0f}s)"
+            )
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return name
@@ -315,8 +335,9 @@ class PodmanEnv:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dir", help="environment directory (default: $SPINNAKER_PODMAN_DIR or "
-                                  "~/.cache/spinnaker-jupyter/podman)")
+    ap.add_argument(
+        "--dir", help="environment directory (default: $SPINNAKER_PODMAN_DIR or ~/.cache/spinnaker-jupyter/podman)"
+    )
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the API (default 60)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("up", help="start the API service (if not running) and build the base image (if missing)")
@@ -343,8 +364,10 @@ def main(argv=None) -> int:
         env.write_config()
         print(env.build_base_image(force=args.force))
     elif args.cmd == "shell-env":
-        print(f"export CONTAINERS_CONF={env.conf}\nexport CONTAINERS_STORAGE_CONF={env.storage_conf}\n"
-              f"export DOCKER_HOST={env.url}")
+        print(
+            f"export CONTAINERS_CONF={env.conf}\nexport CONTAINERS_STORAGE_CONF={env.storage_conf}\n"
+            f"export DOCKER_HOST={env.url}"
+        )
     elif args.cmd == "purge":
         env.purge()
     return 0

@@ -82,8 +82,10 @@ def machine_notice(cfg_path):
     parser = configparser.ConfigParser()
     parser.read(cfg_path)
     if parser.getboolean("Machine", "virtual_board", fallback=False):
-        return ("SpiNNaker: this service runs sPyNNaker in virtual mode (no SpiNNaker board is attached). "
-                "run() maps and loads your network, but recorded spikes and voltages come back empty.")
+        return (
+            "SpiNNaker: this service runs sPyNNaker in virtual mode (no SpiNNaker board is attached). "
+            "run() maps and loads your network, but recorded spikes and voltages come back empty."
+        )
     return None
 
 
@@ -95,8 +97,10 @@ def notices(environ):
     cfg = environ.get("SPINNAKER_CFG_IN_FORCE", "")
     said = []
     if cfg and environ.get("SPINNAKER_CFG_SOURCE") == "user":
-        said.append(f"sPyNNaker uses your own configuration {cfg} instead of this service's machine settings. "
-                    "Rename it to use the SpiNNaker machine this service provides.")
+        said.append(
+            f"sPyNNaker uses your own configuration {cfg} instead of this service's machine settings. "
+            "Rename it to use the SpiNNaker machine this service provides."
+        )
     elif cfg and ServerContract.from_env(environ).board_notice:  # why this session has no board
         said.append("SpiNNaker: " + ServerContract.from_env(environ).board_notice)
         return said
@@ -129,8 +133,10 @@ def register_hooks():
 # overrides (the kernel_info property and the do_debug_request hook) is ipykernel's own detail, checked against
 # CHECKED_IPYKERNEL by debugger_fence_problem() (tests/test_kernel_debugger.py fails when it moves).
 CHECKED_IPYKERNEL = "7.4"
-DEBUGGER_OFF = ("The debugger is not available on this service: it would listen on a network port that other "
-                "accounts on this machine could use to run code as you. Use %debug or pdb instead.")
+DEBUGGER_OFF = (
+    "The debugger is not available on this service: it would listen on a network port that other "
+    "accounts on this machine could use to run code as you. Use %debug or pdb instead."
+)
 
 
 def _no_debugger_kernel():
@@ -147,8 +153,13 @@ def _no_debugger_kernel():
             return info
 
         async def do_debug_request(self, msg):
-            return {"type": "response", "request_seq": msg.get("seq"), "success": False,
-                    "command": msg.get("command"), "message": DEBUGGER_OFF}
+            return {
+                "type": "response",
+                "request_seq": msg.get("seq"),
+                "success": False,
+                "command": msg.get("command"),
+                "message": DEBUGGER_OFF,
+            }
 
     NoDebuggerKernel.__module__, NoDebuggerKernel.__qualname__ = __name__, "NoDebuggerKernel"
     return NoDebuggerKernel

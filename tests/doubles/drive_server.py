@@ -49,7 +49,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any
 from urllib.parse import quote
 
 import tornado.httpclient
@@ -80,7 +80,7 @@ class File:
 
 @dataclass
 class Dir:
-    entries: dict[str, Union["Dir", File]] = field(default_factory=dict)
+    entries: dict[str, Dir | File] = field(default_factory=dict)
     mtime: float = field(default_factory=time.time)
 
     @property
@@ -97,14 +97,15 @@ class Dir:
 class Library:
     id: str
     name: str
-    owner: str               # a user name, or "collab-<name>-administrator"
-    collab: Optional[str] = None
+    owner: str  # a user name, or "collab-<name>-administrator"
+    collab: str | None = None
     root: Dir = field(default_factory=Dir)
     mtime: float = field(default_factory=time.time)
 
     def size(self) -> int:
         def walk(d: Dir) -> int:
             return sum(walk(e) if isinstance(e, Dir) else len(e.data) for e in d.entries.values())
+
         return walk(self.root)
 
 
@@ -125,19 +126,18 @@ class DriveDouble(ThreadedHTTPDouble):
 
     thread_name = "drive-double"
 
-    def __init__(self, *, userinfo_url: str, host: str = "127.0.0.1", port: int = 0,
-                 userinfo_timeout: float = 10.0):
+    def __init__(self, *, userinfo_url: str, host: str = "127.0.0.1", port: int = 0, userinfo_timeout: float = 10.0):
         self.userinfo_url = userinfo_url
         self.host = host
         self.port = port
         self.userinfo_timeout = userinfo_timeout
         self.libraries: dict[str, Library] = {}
-        self.tokens: dict[str, str] = {}            # seafile token -> user name
-        self.teams: dict[str, set[str]] = {}        # user name -> collab names (from roles.team)
+        self.tokens: dict[str, str] = {}  # seafile token -> user name
+        self.teams: dict[str, set[str]] = {}  # user name -> collab names (from roles.team)
         self.write_teams: dict[str, set[str]] = {}  # user name -> collabs with editor/administrator role
         self.links: dict[str, tuple[str, str, str]] = {}  # token -> (kind, repo id, path)
         self.down = False
-        self.status_override: Optional[int] = None
+        self.status_override: int | None = None
         self.requests: list[tuple[str, str]] = []
         self.exchanges = 0
         self.exchanged: list[tuple[str, str]] = []  # (user, OIDC access token) of each successful exchange
@@ -156,8 +156,9 @@ class DriveDouble(ThreadedHTTPDouble):
                     return lib
             return self._new_library(MY_LIBRARY, user)
 
-    def add_library(self, name: str, *, owner: Optional[str] = None, collab: Optional[str] = None,
-                    files: Optional[dict[str, bytes]] = None) -> Library:
+    def add_library(
+        self, name: str, *, owner: str | None = None, collab: str | None = None, files: dict[str, bytes] | None = None
+    ) -> Library:
         """A library owned by ``owner``, or a collab's (shared with the collab's members)."""
         if (owner is None) == (collab is None):
             raise ValueError("give exactly one of owner= and collab=")
@@ -167,7 +168,7 @@ class DriveDouble(ThreadedHTTPDouble):
                 self.write(lib, path, data)
             return lib
 
-    def _new_library(self, name: str, owner: str, collab: Optional[str] = None) -> Library:
+    def _new_library(self, name: str, owner: str, collab: str | None = None) -> Library:
         lib = Library(id=str(uuid.uuid4()), name=name, owner=owner, collab=collab)
         self.libraries[lib.id] = lib
         return lib
@@ -182,7 +183,7 @@ class DriveDouble(ThreadedHTTPDouble):
             d.entries[name] = File(data)
             lib.mtime = time.time()
 
-    def read(self, lib: Library, path: str) -> Optional[bytes]:
+    def read(self, lib: Library, path: str) -> bytes | None:
         """A file's content, or None."""
         with self.lock:
             try:
@@ -196,7 +197,7 @@ class DriveDouble(ThreadedHTTPDouble):
             node = self._node(lib, path)
             return sorted(node.entries) if isinstance(node, Dir) else []
 
-    def revoke_tokens(self, user: Optional[str] = None) -> int:
+    def revoke_tokens(self, user: str | None = None) -> int:
         """Forget the Seafile tokens (of one user, or everyone's): their next requests answer 401."""
         with self.lock:
             gone = [t for t, u in self.tokens.items() if user is None or u == user]
@@ -231,8 +232,8 @@ class DriveDouble(ThreadedHTTPDouble):
     def can_write(self, user: str, lib: Library) -> bool:
         return lib.collab is None or lib.collab in self.write_teams.get(user, set())
 
-    def _node(self, lib: Library, path: str) -> Union[Dir, File]:
-        node: Union[Dir, File] = lib.root
+    def _node(self, lib: Library, path: str) -> Dir | File:
+        node: Dir | File = lib.root
         for part in _split(path):
             if not isinstance(node, Dir) or part not in node.entries:
                 raise DriveError(404, f"{path} not found.")
@@ -257,14 +258,14 @@ class DriveDouble(ThreadedHTTPDouble):
             raise DriveError(400, "path invalid.")
         return self._dir(lib, "/" + "/".join(parts[:-1])), parts[-1]
 
-    def _detach(self, lib: Library, path: str) -> Union[Dir, File]:
+    def _detach(self, lib: Library, path: str) -> Dir | File:
         parent, name = self._parent(lib, path)
         if name not in parent.entries:
             raise DriveError(404, f"{path} not found.")
         parent.mtime = lib.mtime = time.time()
         return parent.entries.pop(name)
 
-    def _attach(self, lib: Library, dir_path: str, name: str, node: Union[Dir, File], replace: bool = True) -> str:
+    def _attach(self, lib: Library, dir_path: str, name: str, node: Dir | File, replace: bool = True) -> str:
         parent = self._dir(lib, dir_path)
         if name in parent.entries and not replace:
             stem, ext = posixpath.splitext(name)
@@ -287,27 +288,31 @@ class DriveDouble(ThreadedHTTPDouble):
     def make_app(self) -> tornado.web.Application:
         kw = {"double": self}
         repo = r"([0-9a-f-]{36})"
-        return tornado.web.Application([
-            (r"/api2/server-info/?", ServerInfoHandler, kw),
-            (r"/api2/account/token/?", TokenExchangeHandler, kw),
-            (r"/api2/auth/ping/?", PingHandler, kw),
-            (r"/api2/account/info/?", AccountInfoHandler, kw),
-            (r"/api2/default-repo/?", DefaultRepoHandler, kw),
-            (r"/api2/repos/?", ReposHandler, kw),
-            (rf"/api2/repos/{repo}/?", RepoHandler, kw),
-            (rf"/api2/repos/{repo}/dir/?", DirV2Handler, kw),
-            (rf"/api/v2\.1/repos/{repo}/dir/?", DirV21Handler, kw),
-            (rf"/api/v2\.1/repos/{repo}/dir/detail/?", DirDetailHandler, kw),
-            (rf"/api2/repos/{repo}/file/detail/?", FileDetailHandler, kw),
-            (rf"/api2/repos/{repo}/file/?", FileV2Handler, kw),
-            (rf"/api/v2\.1/repos/{repo}/file/?", FileV21Handler, kw),
-            (r"/api/v2\.1/repos/sync-batch-(move|copy)-item/?", BatchHandler, kw),
-            (r"/api/v2\.1/copy-move-task/?", CopyMoveTaskHandler, kw),
-            (rf"/api2/repos/{repo}/upload-link/?", UploadLinkHandler, kw),
-            (r"/seafhttp/files/([^/]+)/.*", DownloadHandler, kw),
-            (r"/seafhttp/upload-api/([^/]+)", UploadHandler, kw),
-            (r".*", NotFoundHandler, kw),
-        ], xsrf_cookies=False, compress_response=False)
+        return tornado.web.Application(
+            [
+                (r"/api2/server-info/?", ServerInfoHandler, kw),
+                (r"/api2/account/token/?", TokenExchangeHandler, kw),
+                (r"/api2/auth/ping/?", PingHandler, kw),
+                (r"/api2/account/info/?", AccountInfoHandler, kw),
+                (r"/api2/default-repo/?", DefaultRepoHandler, kw),
+                (r"/api2/repos/?", ReposHandler, kw),
+                (rf"/api2/repos/{repo}/?", RepoHandler, kw),
+                (rf"/api2/repos/{repo}/dir/?", DirV2Handler, kw),
+                (rf"/api/v2\.1/repos/{repo}/dir/?", DirV21Handler, kw),
+                (rf"/api/v2\.1/repos/{repo}/dir/detail/?", DirDetailHandler, kw),
+                (rf"/api2/repos/{repo}/file/detail/?", FileDetailHandler, kw),
+                (rf"/api2/repos/{repo}/file/?", FileV2Handler, kw),
+                (rf"/api/v2\.1/repos/{repo}/file/?", FileV21Handler, kw),
+                (r"/api/v2\.1/repos/sync-batch-(move|copy)-item/?", BatchHandler, kw),
+                (r"/api/v2\.1/copy-move-task/?", CopyMoveTaskHandler, kw),
+                (rf"/api2/repos/{repo}/upload-link/?", UploadLinkHandler, kw),
+                (r"/seafhttp/files/([^/]+)/.*", DownloadHandler, kw),
+                (r"/seafhttp/upload-api/([^/]+)", UploadHandler, kw),
+                (r".*", NotFoundHandler, kw),
+            ],
+            xsrf_cookies=False,
+            compress_response=False,
+        )
 
     async def serve(self) -> None:
         self.listen(idle_connection_timeout=60, max_body_size=512 * 1024 * 1024)
@@ -328,7 +333,7 @@ class BaseHandler(ApiHandler):
 
     def initialize(self, double: DriveDouble) -> None:
         self.double = double
-        self.user: Optional[str] = None
+        self.user: str | None = None
 
     def prepare(self) -> None:
         d = self.double
@@ -345,7 +350,7 @@ class BaseHandler(ApiHandler):
             user = d.tokens.get(token) if scheme == "token" else None
         if user is None:
             self.set_status(401)
-            self.set_header("WWW-Authenticate", 'Token')
+            self.set_header("WWW-Authenticate", "Token")
             self.finish({"detail": "Invalid token"})
             return
         if d.status_override:
@@ -401,8 +406,13 @@ class ServerInfoHandler(BaseHandler):
     auth_required = False
 
     def get(self) -> None:
-        self.finish({"version": SERVER_VERSION, "encrypted_library_version": 2,
-                     "features": ["seafile-basic", "seafile-pro", "office-preview", "file-search"]})
+        self.finish(
+            {
+                "version": SERVER_VERSION,
+                "encrypted_library_version": 2,
+                "features": ["seafile-basic", "seafile-pro", "office-preview", "file-search"],
+            }
+        )
 
 
 class TokenExchangeHandler(BaseHandler):
@@ -417,8 +427,12 @@ class TokenExchangeHandler(BaseHandler):
             raise DriveError(401, "Bearer token required.")
         client = tornado.httpclient.AsyncHTTPClient()
         try:
-            resp = await client.fetch(d.userinfo_url, headers={"Authorization": f"Bearer {oidc_token}"},
-                                      raise_error=False, request_timeout=d.userinfo_timeout)
+            resp = await client.fetch(
+                d.userinfo_url,
+                headers={"Authorization": f"Bearer {oidc_token}"},
+                raise_error=False,
+                request_timeout=d.userinfo_timeout,
+            )
         except OSError as e:
             raise DriveError(502, f"identity provider unreachable: {e}")
         if resp.code != 200:
@@ -453,15 +467,34 @@ class AccountInfoHandler(BaseHandler):
     def get(self) -> None:
         with self.double.lock:
             usage = sum(lib.size() for lib, kind in self.double.visible(self.user) if kind == "repo")
-        self.finish({"usage": usage, "total": -2, "email": f"{self.user}@ebrains.test", "name": self.user,
-                     "login_id": self.user})
+        self.finish(
+            {
+                "usage": usage,
+                "total": -2,
+                "email": f"{self.user}@ebrains.test",
+                "name": self.user,
+                "login_id": self.user,
+            }
+        )
 
 
 def _repo_json(d: DriveDouble, lib: Library, kind: str, user: str) -> dict:
-    return {"id": lib.id, "name": lib.name, "owner": lib.owner, "owner_name": lib.owner, "type": kind,
-            "permission": "rw" if d.can_write(user, lib) else "r", "encrypted": False, "size": lib.size(),
-            "mtime": int(lib.mtime), "root": lib.root.id, "virtual": False, "version": 1,
-            "head_commit_id": lib.root.id, **({"groupid": 1, "group_name": lib.collab} if lib.collab else {})}
+    return {
+        "id": lib.id,
+        "name": lib.name,
+        "owner": lib.owner,
+        "owner_name": lib.owner,
+        "type": kind,
+        "permission": "rw" if d.can_write(user, lib) else "r",
+        "encrypted": False,
+        "size": lib.size(),
+        "mtime": int(lib.mtime),
+        "root": lib.root.id,
+        "virtual": False,
+        "version": 1,
+        "head_commit_id": lib.root.id,
+        **({"groupid": 1, "group_name": lib.collab} if lib.collab else {}),
+    }
 
 
 class DefaultRepoHandler(BaseHandler):
@@ -507,7 +540,7 @@ class RepoHandler(BaseHandler):
         self.quoted("success")
 
 
-def _dirent(name: str, node: Union[Dir, File], parent: str, lib: Library, perm: str) -> dict:
+def _dirent(name: str, node: Dir | File, parent: str, lib: Library, perm: str) -> dict:
     entry = {"id": node.id, "name": name, "mtime": int(node.mtime), "permission": perm, "parent_dir": parent}
     if isinstance(node, File):
         entry.update(type="file", size=len(node.data))
@@ -594,6 +627,7 @@ class DirV21Handler(BaseHandler):
                     entries.append(_dirent(name, e, at, lib, perm))
                     if recursive and isinstance(e, Dir):
                         walk(e, posixpath.join(at, name))
+
             walk(top, path)
         self.finish({"user_perm": perm, "dir_id": top.id, "dirent_list": entries})
 
@@ -605,13 +639,27 @@ class DirDetailHandler(BaseHandler):
             lib = d.library_for(self.user, repo_id)
             path = self.p("path")
             node = d._dir(lib, path)
-        self.finish({"repo_id": lib.id, "path": path, "name": posixpath.basename(path) or lib.name,
-                     "mtime": _iso(node.mtime), "permission": "rw" if d.can_write(self.user, lib) else "r"})
+        self.finish(
+            {
+                "repo_id": lib.id,
+                "path": path,
+                "name": posixpath.basename(path) or lib.name,
+                "mtime": _iso(node.mtime),
+                "permission": "rw" if d.can_write(self.user, lib) else "r",
+            }
+        )
 
 
 def _file_json(name: str, node: File, parent: str) -> dict:
-    return {"id": node.id, "type": "file", "name": name, "size": len(node.data), "parent_dir": parent,
-            "mtime": int(node.mtime), "last_modified": _iso(node.mtime)}
+    return {
+        "id": node.id,
+        "type": "file",
+        "name": name,
+        "size": len(node.data),
+        "parent_dir": parent,
+        "mtime": int(node.mtime),
+        "last_modified": _iso(node.mtime),
+    }
 
 
 class FileDetailHandler(BaseHandler):
@@ -661,7 +709,10 @@ class FileV2Handler(BaseHandler):
                 self.set_header("oid", node.id)
                 if not self.reload_dir(lib, posixpath.dirname(path)):
                     self.set_status(301)
-                    self.set_header("Location", f"{d.url}/api2/repos/{lib.id}/file/?p={quote(posixpath.join(posixpath.dirname(path), newname))}")
+                    self.set_header(
+                        "Location",
+                        f"{d.url}/api2/repos/{lib.id}/file/?p={quote(posixpath.join(posixpath.dirname(path), newname))}",
+                    )
                     self.quoted("success")
             else:
                 raise DriveError(400, "operation invalid.")
@@ -704,12 +755,22 @@ class FileV21Handler(BaseHandler):
                 name = d._attach(dst, dst_dir, posixpath.basename(path), node)
             else:
                 raise DriveError(400, "operation invalid.")
-        self.finish({"type": "file", "repo_id": dst.id, "parent_dir": dst_dir, "obj_name": name, "obj_id": node.id,
-                     "size": len(node.data), "mtime": _iso(node.mtime)})
+        self.finish(
+            {
+                "type": "file",
+                "repo_id": dst.id,
+                "parent_dir": dst_dir,
+                "obj_name": name,
+                "obj_id": node.id,
+                "size": len(node.data),
+                "mtime": _iso(node.mtime),
+            }
+        )
 
 
-def _move_items(d: DriveDouble, user: str, op: str, src_id: str, src_dir: str, names: list[str],
-                dst_id: str, dst_dir: str) -> None:
+def _move_items(
+    d: DriveDouble, user: str, op: str, src_id: str, src_dir: str, names: list[str], dst_id: str, dst_dir: str
+) -> None:
     src = d.library_for(user, src_id, write=op == "move")
     dst = d.library_for(user, dst_id, write=True)
     d._dir(dst, dst_dir)
@@ -723,7 +784,7 @@ def _move_items(d: DriveDouble, user: str, op: str, src_id: str, src_dir: str, n
         d._attach(dst, "/" + "/".join(_split(dst_dir)), name, node)
 
 
-def _deep_copy(node: Union[Dir, File]) -> Union[Dir, File]:
+def _deep_copy(node: Dir | File) -> Dir | File:
     if isinstance(node, File):
         return File(node.data, node.mtime)
     return Dir({n: _deep_copy(e) for n, e in node.entries.items()}, node.mtime)
@@ -735,9 +796,16 @@ class BatchHandler(BaseHandler):
     def post(self, op: str) -> None:
         body = self.json_body()
         with self.double.lock:
-            _move_items(self.double, self.user, op, body.get("src_repo_id") or "", body.get("src_parent_dir") or "/",
-                        list(body.get("src_dirents") or []), body.get("dst_repo_id") or "",
-                        body.get("dst_parent_dir") or "/")
+            _move_items(
+                self.double,
+                self.user,
+                op,
+                body.get("src_repo_id") or "",
+                body.get("src_parent_dir") or "/",
+                list(body.get("src_dirents") or []),
+                body.get("dst_repo_id") or "",
+                body.get("dst_parent_dir") or "/",
+            )
         self.finish({"success": True})
 
 
@@ -750,9 +818,16 @@ class CopyMoveTaskHandler(BaseHandler):
         if op not in ("move", "copy"):
             raise DriveError(400, "operation invalid.")
         with self.double.lock:
-            _move_items(self.double, self.user, op, body.get("src_repo_id") or "", body.get("src_parent_dir") or "/",
-                        [body.get("src_dirent_name") or ""], body.get("dst_repo_id") or "",
-                        body.get("dst_parent_dir") or "/")
+            _move_items(
+                self.double,
+                self.user,
+                op,
+                body.get("src_repo_id") or "",
+                body.get("src_parent_dir") or "/",
+                [body.get("src_dirent_name") or ""],
+                body.get("dst_repo_id") or "",
+                body.get("dst_parent_dir") or "/",
+            )
         self.finish({"task_id": ""})
 
 
@@ -799,7 +874,7 @@ class DownloadHandler(BaseHandler):
                     return
                 self.set_status(206)
                 self.set_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
-                self.finish(data[start:end + 1])
+                self.finish(data[start : end + 1])
                 return
         self.finish(data)
 
@@ -818,8 +893,9 @@ class UploadHandler(BaseHandler):
             raise DriveError(403, "Access denied: the upload link expired or is unknown.")
         args: dict[str, list[bytes]] = {}
         files: dict[str, list[tornado.httputil.HTTPFile]] = {}
-        tornado.httputil.parse_body_arguments(self.request.headers.get("Content-Type", ""), self.request.body,
-                                              args, files, self.request.headers)
+        tornado.httputil.parse_body_arguments(
+            self.request.headers.get("Content-Type", ""), self.request.body, args, files, self.request.headers
+        )
         if not files.get("file"):
             raise DriveError(400, "No file.")
 
@@ -833,7 +909,7 @@ class UploadHandler(BaseHandler):
         results = []
         with d.lock:
             # uploads make the folders of relative_path, as Seafile does
-            node: Union[Dir, File] = d._dir(lib, parent)
+            node: Dir | File = d._dir(lib, parent)
             for part in _split(relative):
                 assert isinstance(node, Dir)
                 nxt = node.entries.get(part)
@@ -856,7 +932,7 @@ class UploadHandler(BaseHandler):
             self.finish(results[-1]["id"])
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Test double of EBRAINS Drive (Seahub web API subset).")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)

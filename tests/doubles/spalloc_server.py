@@ -60,8 +60,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import tornado.web
@@ -86,13 +87,25 @@ SERVICE_VERSION = (7, 4, 1)
 
 QUEUED, POWER, READY, DESTROYED = "QUEUED", "POWER", "READY", "DESTROYED"
 
-_CREATE_FIELDS = {"owner", "group", "nmpi-collab", "nmpi-job-id", "keepalive-interval", "num-boards",
-                  "dimensions", "board", "machine-name", "tags", "max-dead-boards"}
+_CREATE_FIELDS = {
+    "owner",
+    "group",
+    "nmpi-collab",
+    "nmpi-job-id",
+    "keepalive-interval",
+    "num-boards",
+    "dimensions",
+    "board",
+    "machine-name",
+    "tags",
+    "max-dead-boards",
+}
 
 _DURATION = re.compile(
     r"^(?P<sign>[-+]?)P(?:(?P<d>[-+]?\d+)D)?"
     r"(?:T(?:(?P<h>[-+]?\d+)H)?(?:(?P<m>[-+]?\d+)M)?(?:(?P<s>[-+]?\d+)(?:[.,](?P<f>\d{0,9}))?S)?)?$",
-    re.IGNORECASE)
+    re.IGNORECASE,
+)
 
 
 def parse_iso_duration(text: str) -> float:
@@ -115,7 +128,7 @@ def format_iso_duration(seconds: float) -> str:
     return f"PT{seconds:g}S"
 
 
-def _iso(t: Optional[dt.datetime]) -> Optional[str]:
+def _iso(t: dt.datetime | None) -> str | None:
     return None if t is None else t.isoformat().replace("+00:00", "Z")
 
 
@@ -142,23 +155,30 @@ class Board:
     frame: int
     board: int
     address: str
-    job: Optional[int] = None
+    job: int | None = None
 
     def triad(self) -> tuple[int, int]:
         return (self.x, self.y)
 
     def as_json(self) -> dict:
-        return {"x": self.x, "y": self.y, "z": self.z, "cabinet": self.cabinet, "frame": self.frame,
-                "board": self.board, "address": self.address}
+        return {
+            "x": self.x,
+            "y": self.y,
+            "z": self.z,
+            "cabinet": self.cabinet,
+            "frame": self.frame,
+            "board": self.board,
+            "address": self.address,
+        }
 
 
 @dataclass
 class Job:
     id: int
     owner: str
-    group: Optional[str]
-    collab: Optional[str]
-    nmpi_job_id: Optional[int]
+    group: str | None
+    collab: str | None
+    nmpi_job_id: int | None
     request: dict
     keepalive_interval: float
     want: tuple
@@ -166,31 +186,49 @@ class Job:
     start_wall: dt.datetime
     last_keepalive: float
     keepalive_wall: dt.datetime
-    keepalive_host: Optional[str] = None
+    keepalive_host: str | None = None
     state: str = QUEUED
     boards: list[int] = field(default_factory=list)
-    ready_at: Optional[float] = None
-    finish_wall: Optional[dt.datetime] = None
-    reason: Optional[str] = None
+    ready_at: float | None = None
+    finish_wall: dt.datetime | None = None
+    reason: str | None = None
     keepalives: int = 0
     changes: int = 0
     waiters: int = 0
     event: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def snapshot(self, model: "SpallocModel") -> dict:
-        return {"id": self.id, "owner": self.owner, "group": self.group, "collab": self.collab,
-                "nmpi_job_id": self.nmpi_job_id, "state": self.state, "reason": self.reason,
-                "boards": [model.boards[i].address for i in self.boards], "keepalives": self.keepalives,
-                "waiters": self.waiters,
-                "keepalive_interval": self.keepalive_interval, "keepalive_host": self.keepalive_host,
-                "request": dict(self.request), "created_by": self.created_by}
+    def snapshot(self, model: SpallocModel) -> dict:
+        return {
+            "id": self.id,
+            "owner": self.owner,
+            "group": self.group,
+            "collab": self.collab,
+            "nmpi_job_id": self.nmpi_job_id,
+            "state": self.state,
+            "reason": self.reason,
+            "boards": [model.boards[i].address for i in self.boards],
+            "keepalives": self.keepalives,
+            "waiters": self.waiters,
+            "keepalive_interval": self.keepalive_interval,
+            "keepalive_host": self.keepalive_host,
+            "request": dict(self.request),
+            "created_by": self.created_by,
+        }
 
 
 class SpallocModel:
     """The allocation engine: jobs, boards, queue, keepalive expiry. Used only from the server's event loop."""
 
-    def __init__(self, *, boards: int, machine_name: str, tags: Sequence[str], power_delay: float,
-                 clock: _Clock, first_ip: str = "10.11.192.1") -> None:
+    def __init__(
+        self,
+        *,
+        boards: int,
+        machine_name: str,
+        tags: Sequence[str],
+        power_delay: float,
+        clock: _Clock,
+        first_ip: str = "10.11.192.1",
+    ) -> None:
         self.machine_name = machine_name
         self.tags = list(tags)
         self.power_delay = power_delay
@@ -203,26 +241,51 @@ class SpallocModel:
         n_triads = max(1, math.ceil(boards / 3))
         self.width_triads = n_triads
         self.height_triads = 1
-        self.boards = [Board(index=i, x=i // 3, y=0, z=i % 3, cabinet=0, frame=i // 24, board=i % 24,
-                             address=str(ip0 + 8 * i)) for i in range(boards)]
+        self.boards = [
+            Board(index=i, x=i // 3, y=0, z=i % 3, cabinet=0, frame=i // 24, board=i % 24, address=str(ip0 + 8 * i))
+            for i in range(boards)
+        ]
         # Boards missing from the last triad are reported as dead, as on a real machine with holes.
-        self.dead = [Board(index=i, x=i // 3, y=0, z=i % 3, cabinet=0, frame=i // 24, board=i % 24,
-                           address=str(ip0 + 8 * i)) for i in range(boards, n_triads * 3)]
+        self.dead = [
+            Board(index=i, x=i // 3, y=0, z=i % 3, cabinet=0, frame=i // 24, board=i % 24, address=str(ip0 + 8 * i))
+            for i in range(boards, n_triads * 3)
+        ]
 
     # -- jobs -------------------------------------------------------------------------------------------------
-    def create(self, *, owner: str, created_by: str, group: Optional[str], collab: Optional[str],
-               nmpi_job_id: Optional[int], request: dict, keepalive_interval: float, want: tuple) -> Job:
+    def create(
+        self,
+        *,
+        owner: str,
+        created_by: str,
+        group: str | None,
+        collab: str | None,
+        nmpi_job_id: int | None,
+        request: dict,
+        keepalive_interval: float,
+        want: tuple,
+    ) -> Job:
         now = self.clock.now()
-        job = Job(id=self.next_id, owner=owner, group=group, collab=collab, nmpi_job_id=nmpi_job_id,
-                  request=request, keepalive_interval=keepalive_interval, want=want, created_by=created_by,
-                  start_wall=self.clock.wall(), last_keepalive=now, keepalive_wall=self.clock.wall())
+        job = Job(
+            id=self.next_id,
+            owner=owner,
+            group=group,
+            collab=collab,
+            nmpi_job_id=nmpi_job_id,
+            request=request,
+            keepalive_interval=keepalive_interval,
+            want=want,
+            created_by=created_by,
+            start_wall=self.clock.wall(),
+            last_keepalive=now,
+            keepalive_wall=self.clock.wall(),
+        )
         self.next_id += 1
         self.jobs[job.id] = job
         self._list_changed()
         self.allocate()
         return job
 
-    def keepalive(self, job: Job, host: Optional[str]) -> None:
+    def keepalive(self, job: Job, host: str | None) -> None:
         if job.state == DESTROYED:
             return
         job.last_keepalive = self.clock.now()
@@ -308,10 +371,9 @@ class SpallocModel:
         triads: dict[tuple[int, int], list[Board]] = {}
         for b in self.boards:
             triads.setdefault(b.triad(), []).append(b)
-        return [[b.index for b in bs] for bs in triads.values()
-                if len(bs) == 3 and all(b.job is None for b in bs)]
+        return [[b.index for b in bs] for bs in triads.values() if len(bs) == 3 and all(b.job is None for b in bs)]
 
-    def _find(self, want: tuple) -> Optional[list[int]]:
+    def _find(self, want: tuple) -> list[int] | None:
         kind = want[0]
         if kind == "boards" and want[1] == 1:
             free = [b.index for b in self.boards if b.job is None]
@@ -327,14 +389,17 @@ class SpallocModel:
             return [b.index] if b.job is None else None
         raise AssertionError(want)
 
-    def find_board(self, spec: dict) -> Optional[Board]:
+    def find_board(self, spec: dict) -> Board | None:
         for b in self.boards:
             if spec.get("address") is not None and b.address == spec["address"]:
                 return b
             if spec.get("x") is not None and (b.x, b.y, b.z) == (spec["x"], spec["y"], spec["z"]):
                 return b
             if spec.get("cabinet") is not None and (b.cabinet, b.frame, b.board) == (
-                    spec["cabinet"], spec["frame"], spec["board"]):
+                spec["cabinet"],
+                spec["frame"],
+                spec["board"],
+            ):
                 return b
         return None
 
@@ -355,19 +420,25 @@ class SpallocModel:
                 tx = triads.index(b.triad())
                 ox, oy = offsets[b.z]
                 conns.append([[12 * tx + ox, oy], b.address])
-        return {"width": width, "height": height, "depth": depth, "machine-name": self.machine_name,
-                "connections": conns, "boards": [[b.x, b.y, b.z] for b in boards]}
+        return {
+            "width": width,
+            "height": height,
+            "depth": depth,
+            "machine-name": self.machine_name,
+            "connections": conns,
+            "boards": [[b.x, b.y, b.z] for b in boards],
+        }
 
 
 @dataclass
 class _Session:
     id: str
     csrf: str
-    user: Optional[str] = None
+    user: str | None = None
 
 
 class _HTTPError(Exception):
-    def __init__(self, status: int, text: str, headers: Optional[Mapping[str, str]] = None) -> None:
+    def __init__(self, status: int, text: str, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(text)
         self.status = status
         self.text = text
@@ -378,14 +449,14 @@ class _Handler(ApiHandler):
     """Shared request plumbing: authentication, sessions, CSRF (Spring-style, done here: no tornado XSRF cookie),
     plain-text errors, URL building."""
 
-    double: "SpallocDouble"
+    double: SpallocDouble
     error_type = _HTTPError
 
-    def initialize(self, double: "SpallocDouble") -> None:
+    def initialize(self, double: SpallocDouble) -> None:
         self.double = double
         self.model = double.model
-        self.user: Optional[str] = None
-        self.session: Optional[_Session] = None
+        self.user: str | None = None
+        self.session: _Session | None = None
         self.bearer = False
 
     # tornado hooks
@@ -420,14 +491,19 @@ class _Handler(ApiHandler):
         return f"{self.srv()}jobs/{job.id}"
 
     # sessions and auth
-    def _get_session(self, create: bool) -> Optional[_Session]:
+    def _get_session(self, create: bool) -> _Session | None:
         sid = self.get_cookie(SESSION_COOKIE)
         sess = self.double.sessions.get(sid) if sid else None
         if sess is None and create:
             sess = _Session(id=secrets.token_hex(16).upper(), csrf=secrets.token_urlsafe(24))
             self.double.sessions[sess.id] = sess
-            self.set_cookie(SESSION_COOKIE, sess.id, path=self.double.prefix or "/", httponly=True,
-                            secure=self.request.protocol == "https")
+            self.set_cookie(
+                SESSION_COOKIE,
+                sess.id,
+                path=self.double.prefix or "/",
+                httponly=True,
+                secure=self.request.protocol == "https",
+            )
         return sess
 
     def authenticate(self, *, create_session: bool = False) -> str:
@@ -435,9 +511,14 @@ class _Handler(ApiHandler):
         if scheme == "bearer":
             user = self.double.tokens.get(credentials)
             if user is None:
-                raise _HTTPError(401, "invalid bearer token",
-                                 {"WWW-Authenticate": 'Bearer error="invalid_token", '
-                                  'error_description="the access token is not valid"'})
+                raise _HTTPError(
+                    401,
+                    "invalid bearer token",
+                    {
+                        "WWW-Authenticate": 'Bearer error="invalid_token", '
+                        'error_description="the access token is not valid"'
+                    },
+                )
             self.user, self.bearer = user, True
             self.session = self._get_session(create_session)
             if self.session is not None:
@@ -447,17 +528,20 @@ class _Handler(ApiHandler):
         if self.session is not None and self.session.user is not None:
             self.user = self.session.user
             return self.user
-        raise _HTTPError(401, "log in required, either with BASIC auth or HBP/EBRAINS bearer token "
-                              "(if they are enabled)\n",
-                         {"WWW-Authenticate": 'Bearer realm="SpallocService", scope="openid, profile"'})
+        raise _HTTPError(
+            401,
+            "log in required, either with BASIC auth or HBP/EBRAINS bearer token (if they are enabled)\n",
+            {"WWW-Authenticate": 'Bearer realm="SpallocService", scope="openid, profile"'},
+        )
 
     def check_csrf(self) -> None:
         if self.bearer:
             return  # Spring's resource-server config exempts bearer-token requests from CSRF
         token = self.request.headers.get(CSRF_HEADER)
         if self.session is None or token != self.session.csrf:
-            raise _HTTPError(403, "Invalid CSRF Token was found on the request parameter '_csrf' or header "
-                                  f"'{CSRF_HEADER}'.")
+            raise _HTTPError(
+                403, f"Invalid CSRF Token was found on the request parameter '_csrf' or header '{CSRF_HEADER}'."
+            )
 
     @property
     def is_admin(self) -> bool:
@@ -485,10 +569,11 @@ class LoginPageHandler(_Handler):
         self.set_header("Content-Type", "text/html;charset=UTF-8")
         self.finish(
             "<!DOCTYPE html><html><head><title>Spalloc Login</title></head><body>"
-            f"<form method=\"POST\" action=\"{self.double.prefix}/system/perform_login\">"
-            "<input type=\"text\" name=\"username\" /><input type=\"password\" name=\"password\" />"
-            f"<input type=\"hidden\" name=\"_csrf\" value=\"{html.escape(sess.csrf)}\" />"
-            "<input type=\"submit\" name=\"submit\" value=\"submit\" /></form></body></html>")
+            f'<form method="POST" action="{self.double.prefix}/system/perform_login">'
+            '<input type="text" name="username" /><input type="password" name="password" />'
+            f'<input type="hidden" name="_csrf" value="{html.escape(sess.csrf)}" />'
+            '<input type="submit" name="submit" value="submit" /></form></body></html>'
+        )
 
 
 class PerformLoginHandler(_Handler):
@@ -502,8 +587,13 @@ class PerformLoginHandler(_Handler):
             self.double.sessions.pop(old.id, None)
             sess = _Session(id=secrets.token_hex(16).upper(), csrf=secrets.token_urlsafe(24), user=user)
             self.double.sessions[sess.id] = sess
-            self.set_cookie(SESSION_COOKIE, sess.id, path=self.double.prefix or "/", httponly=True,
-                            secure=self.request.protocol == "https")
+            self.set_cookie(
+                SESSION_COOKIE,
+                sess.id,
+                path=self.double.prefix or "/",
+                httponly=True,
+                secure=self.request.protocol == "https",
+            )
             self.redirect(f"{self.double.prefix}/system/")
         else:
             self.send_json({"message": "Bad credentials"}, status=401)
@@ -515,13 +605,15 @@ class RootHandler(_Handler):
         assert self.session is not None
         here = f"{self.base()}{self.request.path.rstrip('/')}"
         major, minor, rev = self.double.version
-        self.send_json({
-            "version": {"major-version": major, "minor-version": minor, "revision": rev},
-            "jobs-ref": f"{here}/jobs",
-            "machines-ref": f"{here}/machines",
-            "csrf-header": CSRF_HEADER,
-            "csrf-token": self.session.csrf,
-        })
+        self.send_json(
+            {
+                "version": {"major-version": major, "minor-version": minor, "revision": rev},
+                "jobs-ref": f"{here}/jobs",
+                "machines-ref": f"{here}/machines",
+                "csrf-header": CSRF_HEADER,
+                "csrf-token": self.session.csrf,
+            }
+        )
 
 
 class MachinesHandler(_Handler):
@@ -529,11 +621,21 @@ class MachinesHandler(_Handler):
         self.authenticate()
         m = self.model
         here = f"{self.base()}{self.request.path.rstrip('/')}"
-        self.send_json({"machines": [{
-            "name": m.machine_name, "tags": m.tags, "uri": f"{here}/{quote(m.machine_name)}",
-            "width": m.width_triads, "height": m.height_triads,
-            "dead-boards": [b.as_json() for b in m.dead], "dead-links": [],
-        }]})
+        self.send_json(
+            {
+                "machines": [
+                    {
+                        "name": m.machine_name,
+                        "tags": m.tags,
+                        "uri": f"{here}/{quote(m.machine_name)}",
+                        "width": m.width_triads,
+                        "height": m.height_triads,
+                        "dead-boards": [b.as_json() for b in m.dead],
+                        "dead-links": [],
+                    }
+                ]
+            }
+        )
 
 
 class MachineHandler(_Handler):
@@ -543,10 +645,18 @@ class MachineHandler(_Handler):
         if name != m.machine_name:
             raise _HTTPError(404, "no such machine")
         in_use = sum(1 for b in m.boards if b.job is not None)
-        self.send_json({"name": m.machine_name, "tags": m.tags, "width": m.width_triads,
-                        "height": m.height_triads, "num-in-use": in_use,
-                        "dead-boards": [b.as_json() for b in m.dead], "dead-links": [],
-                        "live-boards": [b.as_json() for b in m.boards]})
+        self.send_json(
+            {
+                "name": m.machine_name,
+                "tags": m.tags,
+                "width": m.width_triads,
+                "height": m.height_triads,
+                "num-in-use": in_use,
+                "dead-boards": [b.as_json() for b in m.dead],
+                "dead-links": [],
+                "live-boards": [b.as_json() for b in m.boards],
+            }
+        )
 
 
 class JobsHandler(_Handler):
@@ -564,9 +674,8 @@ class JobsHandler(_Handler):
             raise _HTTPError(400, "start must not be less than 0")
         if self.bool_arg("wait"):
             await self.model.wait_list_change(self.double.wait_timeout)
-        jobs = [j for j in sorted(self.model.jobs.values(), key=lambda j: -j.id)
-                if deleted or j.state != DESTROYED]
-        page = jobs[start:start + limit]
+        jobs = [j for j in sorted(self.model.jobs.values(), key=lambda j: -j.id) if deleted or j.state != DESTROYED]
+        page = jobs[start : start + limit]
         here = f"{self.base()}{self.request.path.rstrip('/')}"
         body: dict[str, Any] = {"jobs": [f"{here}/{j.id}" for j in page]}
         links = []
@@ -621,8 +730,9 @@ class JobsHandler(_Handler):
             raise _HTTPError(400, "either machine-name or tags must be supplied")
         if machine_name is not None and (not isinstance(machine_name, str) or not machine_name.strip()):
             raise _HTTPError(400, "machine-name, if given, must be non-blank")
-        if tags is not None and (not isinstance(tags, list)
-                                 or any(not isinstance(t, str) or not t.strip() for t in tags)):
+        if tags is not None and (
+            not isinstance(tags, list) or any(not isinstance(t, str) or not t.strip() for t in tags)
+        ):
             raise _HTTPError(400, "tags must not be blank")
         num, dims, board = req.get("num-boards"), req.get("dimensions"), req.get("board")
         if num is not None and (dims is not None or board is not None):
@@ -643,17 +753,22 @@ class JobsHandler(_Handler):
                 raise _HTTPError(400, "number of boards must be at least 1 if given")
             want: tuple = ("boards", num)
         elif dims is not None:
-            if (not isinstance(dims, dict) or set(dims) - {"width", "height"}
-                    or not all(isinstance(dims.get(k), int) and dims[k] >= 1 for k in ("width", "height"))):
+            if (
+                not isinstance(dims, dict)
+                or set(dims) - {"width", "height"}
+                or not all(isinstance(dims.get(k), int) and dims[k] >= 1 for k in ("width", "height"))
+            ):
                 raise _HTTPError(400, "dimensions must give a positive width and height (in triads)")
             want = ("dims", dims["width"], dims["height"])
         elif board is not None:
             keys = {"x", "y", "z", "cabinet", "frame", "board", "address"}
             if not isinstance(board, dict) or set(board) - keys:
                 raise _HTTPError(400, "at least one way of identifying a board must be given")
-            complete = (all(board.get(k) is not None for k in "xyz")
-                        or all(board.get(k) is not None for k in ("cabinet", "frame", "board"))
-                        or board.get("address") is not None)
+            complete = (
+                all(board.get(k) is not None for k in "xyz")
+                or all(board.get(k) is not None for k in ("cabinet", "frame", "board"))
+                or board.get("address") is not None
+            )
             if not complete:
                 raise _HTTPError(400, "at least one way of identifying a board must be given")
             b = m.find_board(board)
@@ -668,10 +783,16 @@ class JobsHandler(_Handler):
         assert owner is not None
         group = req.get("group")
         collab = req.get("nmpi-collab")
-        job = m.create(owner=owner, created_by=self.user or owner,
-                       group=group.strip() if isinstance(group, str) else None,
-                       collab=collab.strip() if isinstance(collab, str) else None,
-                       nmpi_job_id=nmpi_job, request=dict(req), keepalive_interval=interval, want=want)
+        job = m.create(
+            owner=owner,
+            created_by=self.user or owner,
+            group=group.strip() if isinstance(group, str) else None,
+            collab=collab.strip() if isinstance(collab, str) else None,
+            nmpi_job_id=nmpi_job,
+            request=dict(req),
+            keepalive_interval=interval,
+            want=want,
+        )
         log.info("job %d created for %s (%s), %s", job.id, owner, self.user, job.state)
         return job
 
@@ -706,8 +827,14 @@ class JobHandler(_Handler):
             if job.keepalive_host is not None:
                 out["keepalive-host"] = job.keepalive_host
             out["keep-alive-time"] = _iso(job.keepalive_wall)
-        out.update({"keepalive-ref": f"{url}/keepalive", "machine-ref": f"{url}/machine",
-                    "chip-ref": f"{url}/chip", "power-ref": f"{url}/machine/power"})
+        out.update(
+            {
+                "keepalive-ref": f"{url}/keepalive",
+                "machine-ref": f"{url}/machine",
+                "chip-ref": f"{url}/chip",
+                "power-ref": f"{url}/machine/power",
+            }
+        )
         if job.state in (POWER, READY):
             out["proxy-ref"] = f"wss://{self.request.host}{self.double.prefix}/proxy/{job.id}"
         out["original-request"] = job.request
@@ -773,46 +900,92 @@ def _make_certificate(directory: str) -> tuple[str, str, str]:
         openssl = shutil.which("openssl")
         if not openssl:
             raise RuntimeError("--tls needs the Python package 'cryptography' or the 'openssl' command")
-        subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                        "-nodes", "-keyout", key_file, "-out", cert_file, "-days", "2", "-subj",
-                        "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
-                        "-addext", "basicConstraints=critical,CA:TRUE"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [
+                openssl,
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                key_file,
+                "-out",
+                cert_file,
+                "-days",
+                "2",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+            ],
+            check=True,
+            capture_output=True,
+        )
         shutil.copyfile(cert_file, ca_file)
         return ca_file, cert_file, key_file
 
     now = dt.datetime.now(dt.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "spalloc double test CA")])
-    ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-               .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=2))
-               .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-               .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                            content_commitment=False, key_encipherment=False,
-                                            data_encipherment=False, key_agreement=False,
-                                            encipher_only=False, decipher_only=False), critical=True)
-               .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-               .sign(ca_key, hashes.SHA256()))
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=2))
-            .add_extension(x509.SubjectAlternativeName([
-                x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                           critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=2))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
     with open(ca_file, "wb") as f:
         f.write(ca_cert.public_bytes(serialization.Encoding.PEM))
     with open(cert_file, "wb") as f:
         f.write(cert.public_bytes(serialization.Encoding.PEM))
     with open(key_file, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
     return ca_file, cert_file, key_file
 
 
@@ -833,20 +1006,37 @@ class SpallocDouble(ThreadedHTTPDouble):
         follow ``next``).
     """
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, boards: int = 1,
-                 tokens: Optional[Mapping[str, str]] = None, admins: Sequence[str] = (),
-                 passwords: Optional[Mapping[str, str]] = None, machine_name: str = "spinnaker-double",
-                 tags: Sequence[str] = ("default",), keepalive_min: float = REAL_KEEPALIVE_MIN,
-                 keepalive_max: float = REAL_KEEPALIVE_MAX, wait_timeout: float = REAL_WAIT_TIMEOUT,
-                 power_delay: float = 0.5, tick: float = 0.05, tls: bool = False,
-                 certfile: Optional[str] = None, keyfile: Optional[str] = None, testing: bool = False,
-                 prefix: str = "/spalloc", version: tuple[int, int, int] = SERVICE_VERSION,
-                 first_ip: str = "10.11.192.1", list_limit: int = 100) -> None:
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        boards: int = 1,
+        tokens: Mapping[str, str] | None = None,
+        admins: Sequence[str] = (),
+        passwords: Mapping[str, str] | None = None,
+        machine_name: str = "spinnaker-double",
+        tags: Sequence[str] = ("default",),
+        keepalive_min: float = REAL_KEEPALIVE_MIN,
+        keepalive_max: float = REAL_KEEPALIVE_MAX,
+        wait_timeout: float = REAL_WAIT_TIMEOUT,
+        power_delay: float = 0.5,
+        tick: float = 0.05,
+        tls: bool = False,
+        certfile: str | None = None,
+        keyfile: str | None = None,
+        testing: bool = False,
+        prefix: str = "/spalloc",
+        version: tuple[int, int, int] = SERVICE_VERSION,
+        first_ip: str = "10.11.192.1",
+        list_limit: int = 100,
+    ) -> None:
         if boards < 1:
             raise ValueError("boards must be at least 1")
         if keepalive_min < REAL_KEEPALIVE_MIN and not testing:
-            raise ValueError(f"keepalive_min below {REAL_KEEPALIVE_MIN:g} s is a test-only setting: pass "
-                             "testing=True (--testing)")
+            raise ValueError(
+                f"keepalive_min below {REAL_KEEPALIVE_MIN:g} s is a test-only setting: pass testing=True (--testing)"
+            )
         if keepalive_min <= 0 or keepalive_max < keepalive_min:
             raise ValueError("need 0 < keepalive_min <= keepalive_max")
         self.host = host
@@ -862,16 +1052,22 @@ class SpallocDouble(ThreadedHTTPDouble):
         self.prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
         self.version = version
         self.clock = _Clock()
-        self.model = SpallocModel(boards=boards, machine_name=machine_name, tags=tags, power_delay=power_delay,
-                                  clock=self.clock, first_ip=first_ip)
+        self.model = SpallocModel(
+            boards=boards,
+            machine_name=machine_name,
+            tags=tags,
+            power_delay=power_delay,
+            clock=self.clock,
+            first_ip=first_ip,
+        )
         self.sessions: dict[str, _Session] = {}
         self.requests: list[dict] = []
         self.tls = tls or bool(certfile)
         self.certfile, self.keyfile = certfile, keyfile
-        self.ca_file: Optional[str] = certfile
-        self._tmpdir: Optional[tempfile.TemporaryDirectory] = None
-        self._ticker: Optional[asyncio.Task] = None
-        self._create_gate: Optional[asyncio.Event] = None
+        self.ca_file: str | None = certfile
+        self._tmpdir: tempfile.TemporaryDirectory | None = None
+        self._ticker: asyncio.Task | None = None
+        self._create_gate: asyncio.Event | None = None
 
     # -- addresses ----------------------------------------------------------------------------------------------
     @property
@@ -893,21 +1089,25 @@ class SpallocDouble(ThreadedHTTPDouble):
         p = re.escape(self.prefix)
         srv = p + r"/srv/spalloc"
         kw = {"double": self}
-        return tornado.web.Application([
-            (p + r"/system/login\.html", LoginPageHandler, kw),
-            (p + r"/system/perform_login", PerformLoginHandler, kw),
-            (srv + r"/?", RootHandler, kw),
-            (srv + r"/machines/?", MachinesHandler, kw),
-            (srv + r"/machines/([^/]+)/?", MachineHandler, kw),
-            (srv + r"/jobs/?", JobsHandler, kw),
-            (srv + r"/jobs/([0-9]+)/?", JobHandler, kw),
-            (srv + r"/jobs/([0-9]+)/keepalive/?", KeepaliveHandler, kw),
-            (srv + r"/jobs/([0-9]+)/machine/?", JobMachineHandler, kw),
-            (srv + r"/jobs/([0-9]+)/machine/power/?", JobPowerHandler, kw),
-            (r".*", NotFoundHandler, kw),
-        ], xsrf_cookies=False, compress_response=False)
+        return tornado.web.Application(
+            [
+                (p + r"/system/login\.html", LoginPageHandler, kw),
+                (p + r"/system/perform_login", PerformLoginHandler, kw),
+                (srv + r"/?", RootHandler, kw),
+                (srv + r"/machines/?", MachinesHandler, kw),
+                (srv + r"/machines/([^/]+)/?", MachineHandler, kw),
+                (srv + r"/jobs/?", JobsHandler, kw),
+                (srv + r"/jobs/([0-9]+)/?", JobHandler, kw),
+                (srv + r"/jobs/([0-9]+)/keepalive/?", KeepaliveHandler, kw),
+                (srv + r"/jobs/([0-9]+)/machine/?", JobMachineHandler, kw),
+                (srv + r"/jobs/([0-9]+)/machine/power/?", JobPowerHandler, kw),
+                (r".*", NotFoundHandler, kw),
+            ],
+            xsrf_cookies=False,
+            compress_response=False,
+        )
 
-    def _ssl_context(self) -> Optional[ssl.SSLContext]:
+    def _ssl_context(self) -> ssl.SSLContext | None:
         if not self.tls:
             return None
         if not self.certfile:
@@ -961,15 +1161,16 @@ class SpallocDouble(ThreadedHTTPDouble):
 
     def advance_clock(self, seconds: float) -> None:
         """Move the double's clock forward (keepalive expiry, power-up) and process what falls due."""
+
         def go() -> None:
             self.clock.offset += seconds
             self.model.tick()
+
         self.call(go)
 
     def jobs(self) -> list[dict]:
         """Snapshots of every job, oldest first."""
-        return self.call(lambda: [j.snapshot(self.model) for j in sorted(self.model.jobs.values(),
-                                                                          key=lambda j: j.id)])
+        return self.call(lambda: [j.snapshot(self.model) for j in sorted(self.model.jobs.values(), key=lambda j: j.id)])
 
     def job(self, job_id: int) -> dict:
         return self.call(lambda: self.model.jobs[job_id].snapshot(self.model))
@@ -980,8 +1181,10 @@ class SpallocDouble(ThreadedHTTPDouble):
     def hold_create_answers(self) -> None:
         """From now on create jobs but hold the answers to ``POST jobs`` until ``release_create_answers()``: the
         window in which a client has asked for a job, the service has made it, and the client does not know it."""
+
         def go() -> None:
             self._create_gate = asyncio.Event()
+
         self.call(go)
 
     def release_create_answers(self) -> None:
@@ -989,26 +1192,34 @@ class SpallocDouble(ThreadedHTTPDouble):
             gate, self._create_gate = self._create_gate, None
             if gate is not None:
                 gate.set()
+
         self.call(go)
 
     def drop_sessions(self) -> None:
         """Forget every session, as after a server restart or session timeout."""
         self.call(self.sessions.clear)
 
-    def set_token(self, token: str, user: Optional[str]) -> None:
+    def set_token(self, token: str, user: str | None) -> None:
         """Accept ``token`` for ``user`` (``None``: revoke it)."""
+
         def go() -> None:
             if user is None:
                 self.tokens.pop(token, None)
             else:
                 self.tokens[token] = user
+
         self.call(go)
 
     def request_log(self) -> list[dict]:
         return self.call(lambda: list(self.requests))
 
-    def wait_for(self, predicate: Callable[["SpallocDouble"], T], timeout: float = 10.0,
-                 interval: float = 0.02, what: str = "condition") -> T:
+    def wait_for(
+        self,
+        predicate: Callable[[SpallocDouble], T],
+        timeout: float = 10.0,
+        interval: float = 0.02,
+        what: str = "condition",
+    ) -> T:
         """Poll ``predicate(self)`` until it returns something truthy; raise ``TimeoutError`` after ``timeout``."""
         deadline = time.monotonic() + timeout
         while True:
@@ -1020,25 +1231,47 @@ class SpallocDouble(ThreadedHTTPDouble):
             time.sleep(interval)
 
     def _log_request(self, h: _Handler) -> None:
-        self.requests.append({
-            "method": h.request.method, "path": h.request.path, "query": h.request.query,
-            "status": h.get_status(), "user": h.user, "bearer": h.bearer,
-            "content_type": h.request.headers.get("Content-Type"),
-            "csrf": h.request.headers.get(CSRF_HEADER) is not None})
+        self.requests.append(
+            {
+                "method": h.request.method,
+                "path": h.request.path,
+                "query": h.request.query,
+                "status": h.get_status(),
+                "user": h.user,
+                "bearer": h.bearer,
+                "content_type": h.request.headers.get("Content-Type"),
+                "csrf": h.request.headers.get(CSRF_HEADER) is not None,
+            }
+        )
         del self.requests[:-2000]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Test double of the SpiNNaker allocation service (spalloc) HTTP API.")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0, help="0: pick a free port (printed on the first line)")
     ap.add_argument("--boards", type=int, default=1, help="boards in the machine")
-    ap.add_argument("--token", action="append", default=[], metavar="TOKEN=USER",
-                    help="accept this bearer token for this user (repeatable)")
-    ap.add_argument("--admin", action="append", default=[], metavar="USER",
-                    help="user whose 'owner' field is honoured and who sees all jobs (repeatable)")
-    ap.add_argument("--password", action="append", default=[], metavar="USER=PASSWORD",
-                    help="local user for the login form (repeatable)")
+    ap.add_argument(
+        "--token",
+        action="append",
+        default=[],
+        metavar="TOKEN=USER",
+        help="accept this bearer token for this user (repeatable)",
+    )
+    ap.add_argument(
+        "--admin",
+        action="append",
+        default=[],
+        metavar="USER",
+        help="user whose 'owner' field is honoured and who sees all jobs (repeatable)",
+    )
+    ap.add_argument(
+        "--password",
+        action="append",
+        default=[],
+        metavar="USER=PASSWORD",
+        help="local user for the login form (repeatable)",
+    )
     ap.add_argument("--machine-name", default="spinnaker-double")
     ap.add_argument("--tag", action="append", default=None, help="machine tag (default: 'default')")
     ap.add_argument("--keepalive-min", type=float, default=REAL_KEEPALIVE_MIN)
@@ -1052,8 +1285,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--prefix", default="/spalloc")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s"
+    )
 
     def pairs(items: list[str], what: str) -> dict[str, str]:
         out = {}
@@ -1066,11 +1300,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         double = SpallocDouble(
-            host=args.host, port=args.port, boards=args.boards, tokens=pairs(args.token, "--token"),
-            admins=args.admin, passwords=pairs(args.password, "--password"), machine_name=args.machine_name,
-            tags=args.tag or ["default"], keepalive_min=args.keepalive_min, keepalive_max=args.keepalive_max,
-            wait_timeout=args.wait_timeout, power_delay=args.power_delay, tls=args.tls,
-            certfile=args.certfile, keyfile=args.keyfile, testing=args.testing, prefix=args.prefix)
+            host=args.host,
+            port=args.port,
+            boards=args.boards,
+            tokens=pairs(args.token, "--token"),
+            admins=args.admin,
+            passwords=pairs(args.password, "--password"),
+            machine_name=args.machine_name,
+            tags=args.tag or ["default"],
+            keepalive_min=args.keepalive_min,
+            keepalive_max=args.keepalive_max,
+            wait_timeout=args.wait_timeout,
+            power_delay=args.power_delay,
+            tls=args.tls,
+            certfile=args.certfile,
+            keyfile=args.keyfile,
+            testing=args.testing,
+            prefix=args.prefix,
+        )
     except ValueError as e:
         ap.error(str(e))
 

@@ -86,8 +86,10 @@ def _no_process_no_network(monkeypatch):
 
     def refuse(what: str):
         violations.append(what)
-        raise RuntimeError(f"unit tests start no process and open no outside connection: {what} "
-                           "(a test that needs it belongs in tests/, the integration lane)")
+        raise RuntimeError(
+            f"unit tests start no process and open no outside connection: {what} "
+            "(a test that needs it belongs in tests/, the integration lane)"
+        )
 
     def popen(self, args, *a, **kw):
         refuse(f"subprocess.Popen({args!r})")

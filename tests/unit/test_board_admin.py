@@ -18,8 +18,16 @@ from spinnaker_jupyter.config import ConfigError
 
 TOKEN = "c" * 64
 JOB_URL = "https://spalloc.example/spalloc/srv/spalloc/jobs/7"
-RECORD = {"mode": "session", "boards": 1, "board": "10.11.192.1", "version": 5, "job_id": 7, "job_url": JOB_URL,
-          "state": "READY", "claimed_at": "2026-12-02T08:00:00Z"}
+RECORD = {
+    "mode": "session",
+    "boards": 1,
+    "board": "10.11.192.1",
+    "version": 5,
+    "job_id": 7,
+    "job_url": JOB_URL,
+    "state": "READY",
+    "claimed_at": "2026-12-02T08:00:00Z",
+}
 
 
 class FakeHub:
@@ -38,8 +46,20 @@ class FakeHub:
                 elif hub.status != 200:
                     code, body = hub.status, {"message": "boom"}
                 else:
-                    code, body = 200, [{"user": "alice", "server": "", "configured_mode": "session", "running": True,
-                                        "pending": None, **RECORD, "keepalive": "running"}]
+                    code, body = (
+                        200,
+                        [
+                            {
+                                "user": "alice",
+                                "server": "",
+                                "configured_mode": "session",
+                                "running": True,
+                                "pending": None,
+                                **RECORD,
+                                "keepalive": "running",
+                            }
+                        ],
+                    )
                 data = json.dumps(body).encode()
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
@@ -76,12 +96,16 @@ def deployment(write_config, hub, monkeypatch):
     (d.hub_dir / "course-manager-token").write_text(TOKEN)
     # The database as a hub that has stopped left it: alice's server recorded as running with her board.
     db = sqlite3.connect(d.hub_dir / "jupyterhub.sqlite")
-    db.executescript("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT);"
-                     "CREATE TABLE spawners (id INTEGER PRIMARY KEY, user_id INTEGER, name TEXT, state TEXT, "
-                     "server_id INTEGER, started TEXT);")
+    db.executescript(
+        "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT);"
+        "CREATE TABLE spawners (id INTEGER PRIMARY KEY, user_id INTEGER, name TEXT, state TEXT, "
+        "server_id INTEGER, started TEXT);"
+    )
     db.execute("INSERT INTO users VALUES (1, 'alice')")
-    db.execute("INSERT INTO spawners VALUES (1, 1, '', ?, 3, '2026-12-02 08:00:00')",
-               (json.dumps({"pid": 4321, "spinnaker": RECORD}),))
+    db.execute(
+        "INSERT INTO spawners VALUES (1, 1, '', ?, 3, '2026-12-02 08:00:00')",
+        (json.dumps({"pid": 4321, "spinnaker": RECORD}),),
+    )
     db.commit()
     db.close()
     return d
@@ -112,8 +136,9 @@ def test_with_the_hub_down_it_reads_the_database_and_says_so(deployment, hub, mo
     assert hub.asked == []
 
 
-def test_a_hub_that_answers_with_an_error_is_read_from_the_database_with_the_reason(deployment, hub, monkeypatch,
-                                                                                    capsys):
+def test_a_hub_that_answers_with_an_error_is_read_from_the_database_with_the_reason(
+    deployment, hub, monkeypatch, capsys
+):
     hub_running(monkeypatch, True)
     hub.status = 500
     assert cli_boards(deployment) == 0

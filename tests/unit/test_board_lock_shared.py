@@ -77,8 +77,10 @@ def test_a_lock_folder_or_file_another_account_could_write_is_refused(tmp_path):
 
 def test_sessions_in_two_processes_share_the_lab_board(tmp_path, monkeypatch):
     """BoardSession (the servers' and the jobs' code) over the shared lock: a job is told whose server has it."""
-    sp = merge(defaults(SCHEMA["properties"]["spinnaker"]),
-               {"mode": "machine", "machine_name": "lab", "claim_timeout": 0.3, "on_timeout": "virtual"})
+    sp = merge(
+        defaults(SCHEMA["properties"]["spinnaker"]),
+        {"mode": "machine", "machine_name": "lab", "claim_timeout": 0.3, "on_timeout": "virtual"},
+    )
     hub_locks, service_locks = {}, {}
     monkeypatch.setattr(lock_module, "_FOLDER", tmp_path / "board-locks")
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import configparser
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 

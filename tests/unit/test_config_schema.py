@@ -49,8 +49,21 @@ def test_an_unknown_key_in_any_section_is_one_line_naming_it(tmp_path, section):
 def test_every_strict_section_is_found():
     """(So that the test above covers the schema: its sections, nested ones included.)"""
     names = {".".join(s) for s in strict_sections()}
-    assert {"", "hub", "hub.tls", "proxy", "auth.ebrains", "spawner.docker", "spawner.slurm", "culler.kernels",
-            "spinnaker.spalloc", "git_kernel", "drive", "jobs", "jobs.limits"} <= names
+    assert {
+        "",
+        "hub",
+        "hub.tls",
+        "proxy",
+        "auth.ebrains",
+        "spawner.docker",
+        "spawner.slurm",
+        "culler.kernels",
+        "spinnaker.spalloc",
+        "git_kernel",
+        "drive",
+        "jobs",
+        "jobs.limits",
+    } <= names
 
 
 def test_unknown_key_names_its_path_and_suggests(tmp_path):
@@ -64,8 +77,11 @@ def test_two_mistakes_are_two_lines(tmp_path):
     with pytest.raises(ConfigError) as e:
         config.load([write(tmp_path, {"hub": {"prot": 8000}, "culler": {"timeout": "soon"}})])
     lines = str(e.value).splitlines()
-    assert len(lines) == 2 and lines[0].startswith("culler.timeout: expected integer") \
+    assert (
+        len(lines) == 2
+        and lines[0].startswith("culler.timeout: expected integer")
         and lines[1].startswith("hub.prot: unknown key")
+    )
 
 
 def test_wrong_type_says_what_was_expected(tmp_path):
@@ -139,8 +155,11 @@ def test_a_crypt_key_that_is_not_32_hex_bytes_is_one_line(tmp_path, monkeypatch)
     monkeypatch.delenv("JUPYTERHUB_CRYPT_KEY", raising=False)
     d = config.load([write(tmp_path, {})])
     monkeypatch.setenv("JUPYTERHUB_CRYPT_KEY", "not-hex-but-long-enough-" * 3)
-    with pytest.raises(ConfigError, match="JUPYTERHUB_CRYPT_KEY: the key that encrypts users' tokens must be 64 "
-                                          "hexadecimal characters .* `openssl rand -hex 32`"):
+    with pytest.raises(
+        ConfigError,
+        match="JUPYTERHUB_CRYPT_KEY: the key that encrypts users' tokens must be 64 "
+        "hexadecimal characters .* `openssl rand -hex 32`",
+    ):
         d.secret("crypt_key")
     monkeypatch.delenv("JUPYTERHUB_CRYPT_KEY")
     assert bytes.fromhex(d.secret("crypt_key")) and len(d.secret("crypt_key")) == 64  # the generated one

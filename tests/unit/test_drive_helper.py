@@ -22,8 +22,16 @@ def test_a_server_without_its_helper_says_why_in_drive_and_mounts_nothing(tmp_pa
     from spinnaker_jupyter_ext import drive
 
     monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setenv(drive.ENV, json.dumps({"url": "https://d", "keeper": "helper",
-                                              "helper_error": "spawner.docker.drive_image x is not on the engine"}))
+    monkeypatch.setenv(
+        drive.ENV,
+        json.dumps(
+            {
+                "url": "https://d",
+                "keeper": "helper",
+                "helper_error": "spawner.docker.drive_image x is not on the engine",
+            }
+        ),
+    )
     app = types.SimpleNamespace(log=logging.getLogger("test"), io_loop=None)
     assert drive.start_drive(app) is None  # no keeper in the notebook container
     placeholder = (tmp_path / "drive" / drive.PLACEHOLDER).read_text()

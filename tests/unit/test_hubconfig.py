@@ -81,9 +81,21 @@ def test_defaults_give_a_local_hub_on_port_8000(apply):
 
 
 def test_hub_section(apply):
-    c, d = apply({"hub": {"ip": "0.0.0.0", "port": 9443, "base_url": "/spinnaker/", "admin_users": ["alice"],
-                          "allow_named_servers": False, "named_server_limit": 5, "log_level": "DEBUG",
-                          "start_timeout": 120, "stop_servers_on_exit": False}})
+    c, d = apply(
+        {
+            "hub": {
+                "ip": "0.0.0.0",
+                "port": 9443,
+                "base_url": "/spinnaker/",
+                "admin_users": ["alice"],
+                "allow_named_servers": False,
+                "named_server_limit": 5,
+                "log_level": "DEBUG",
+                "start_timeout": 120,
+                "stop_servers_on_exit": False,
+            }
+        }
+    )
     assert c.JupyterHub.bind_url == "http://0.0.0.0:9443/spinnaker/"
     assert c.Authenticator.admin_users == {"alice", "admin"}  # and the local admin account
     assert c.JupyterHub.allow_named_servers is False and c.JupyterHub.named_server_limit_per_user == 5
@@ -94,8 +106,10 @@ def test_hub_section(apply):
 
 def test_servers_outlive_the_hub_by_default_only_in_containers(apply):
     assert apply({"spawner": {"type": "docker"}})[0].JupyterHub.cleanup_servers is False
-    assert apply({"spawner": {"type": "docker"}, "hub": {"stop_servers_on_exit": True}})[0] \
-        .JupyterHub.cleanup_servers is True
+    assert (
+        apply({"spawner": {"type": "docker"}, "hub": {"stop_servers_on_exit": True}})[0].JupyterHub.cleanup_servers
+        is True
+    )
 
 
 def test_database_url_from_the_file_or_the_environment(apply, monkeypatch):
@@ -118,8 +132,9 @@ def test_proxy_section(apply):
 
 def test_default_proxy_is_the_projects_pinned_one(apply):
     c, _ = apply({})
-    assert c.ConfigurableHTTPProxy.command == [str(config.PROJECT_ROOT / "node_modules" / ".bin" /
-                                                   "configurable-http-proxy")]
+    assert c.ConfigurableHTTPProxy.command == [
+        str(config.PROJECT_ROOT / "node_modules" / ".bin" / "configurable-http-proxy")
+    ]
 
 
 @pytest.fixture
@@ -133,8 +148,14 @@ def certificate(tmp_path):
 
 def test_tls_serves_https_with_hsts_and_redirects_plain_http(apply, certificate):
     cert, key = certificate
-    c, _ = apply({"hub": {"port": 443, "tls": {"cert_file": str(cert), "key_file": str(key),
-                                                "http_redirect_port": 80, "hsts_max_age": 600}}})
+    c, _ = apply(
+        {
+            "hub": {
+                "port": 443,
+                "tls": {"cert_file": str(cert), "key_file": str(key), "http_redirect_port": 80, "hsts_max_age": 600},
+            }
+        }
+    )
     assert c.JupyterHub.bind_url == "https://127.0.0.1:443/"
     assert (c.JupyterHub.ssl_cert, c.JupyterHub.ssl_key) == (str(cert), str(key))
     assert c.ConfigurableHTTPProxy.command[-2:] == ["--redirect-port", "80"]
@@ -153,8 +174,15 @@ def test_frame_ancestors_over_https_allow_framing_with_cross_site_cookies(apply,
 
     framed = []  # the hub's own process frames its cookies (tornado, patched: not in this test process)
     monkeypatch.setattr(framing, "frame_cookies", lambda: framed.append(True))
-    c, _ = apply({"hub": {"public_url": "https://hub.example.org/", "frame_ancestors": ["https://wiki.ebrains.eu"],
-                          "tls": {"hsts_max_age": 0}}})
+    c, _ = apply(
+        {
+            "hub": {
+                "public_url": "https://hub.example.org/",
+                "frame_ancestors": ["https://wiki.ebrains.eu"],
+                "tls": {"hsts_max_age": 0},
+            }
+        }
+    )
     csp = {"Content-Security-Policy": "frame-ancestors 'self' https://wiki.ebrains.eu"}
     assert c.JupyterHub.tornado_settings["headers"] == csp
     cookies = c.JupyterHub.tornado_settings["cookie_options"]
@@ -172,17 +200,38 @@ def test_frame_ancestors_over_plain_http_set_the_header_but_no_cookie_options(ap
 
 # --- culler: ------------------------------------------------------------------------------------------------------
 def test_culler_section(apply):
-    c, _ = apply({"culler": {"timeout": 600, "every": 60, "max_age": 7200,
-                             "kernels": {"timeout": 900, "every": 30, "connected": True}}})
-    assert service(c, "idle-culler")["command"] == [sys.executable, "-m", "jupyterhub_idle_culler",
-                                                     "--timeout=600", "--cull-every=60", "--max-age=7200"]
-    assert set(role(c, "idle-culler")["scopes"]) == {"list:users", "read:users:activity", "read:servers",
-                                                      "delete:servers"}
+    c, _ = apply(
+        {
+            "culler": {
+                "timeout": 600,
+                "every": 60,
+                "max_age": 7200,
+                "kernels": {"timeout": 900, "every": 30, "connected": True},
+            }
+        }
+    )
+    assert service(c, "idle-culler")["command"] == [
+        sys.executable,
+        "-m",
+        "jupyterhub_idle_culler",
+        "--timeout=600",
+        "--cull-every=60",
+        "--max-age=7200",
+    ]
+    assert set(role(c, "idle-culler")["scopes"]) == {
+        "list:users",
+        "read:users:activity",
+        "read:servers",
+        "delete:servers",
+    }
     assert c.JupyterHub.activity_resolution == 30  # (600 // 6 capped at JupyterHub's default)
     assert "--JupyterHubSingleUser.hub_activity_interval=100" in c.Spawner.args
-    assert {"--MappingKernelManager.cull_idle_timeout=900", "--MappingKernelManager.cull_interval=30",
-            "--MappingKernelManager.cull_busy=False", "--MappingKernelManager.cull_connected=True"} \
-        <= set(c.Spawner.args)
+    assert {
+        "--MappingKernelManager.cull_idle_timeout=900",
+        "--MappingKernelManager.cull_interval=30",
+        "--MappingKernelManager.cull_busy=False",
+        "--MappingKernelManager.cull_connected=True",
+    } <= set(c.Spawner.args)
 
 
 def test_culler_defaults_cull_servers_after_an_hour_and_leave_kernels_alone(apply):
@@ -210,14 +259,18 @@ def test_local_accounts(apply):
 
 
 def test_ebrains_login(apply):
-    c, _ = apply({"auth": EBRAINS, "hub": {"public_url": "https://hub.example.org", "base_url": "/sp/",
-                                          "admin_users": ["boss"]}})
+    c, _ = apply(
+        {"auth": EBRAINS, "hub": {"public_url": "https://hub.example.org", "base_url": "/sp/", "admin_users": ["boss"]}}
+    )
     a = c.EBRAINSAuthenticator
     assert c.JupyterHub.authenticator_class == "spinnaker_jupyter.ebrains.EBRAINSAuthenticator"
     assert (a.client_id, a.client_secret) == ("spinnaker-jupyter", SECRET)  # the secret from the environment
     keycloak = "https://iam.ebrains.eu/auth/realms/hbp/protocol/openid-connect"
-    assert (a.authorize_url, a.token_url, a.userdata_url) == (f"{keycloak}/auth", f"{keycloak}/token",
-                                                              f"{keycloak}/userinfo")
+    assert (a.authorize_url, a.token_url, a.userdata_url) == (
+        f"{keycloak}/auth",
+        f"{keycloak}/token",
+        f"{keycloak}/userinfo",
+    )
     assert a.oauth_callback_url == "https://hub.example.org/sp/hub/oauth_callback"
     assert a.allowed_groups == {"neuro"} and a.manage_groups is True
     assert a.auth_state_groups_key == "oauth_user.roles.group"
@@ -241,10 +294,22 @@ def test_ebrains_hands_notebooks_the_users_token_through_the_token_service(apply
 
 
 def test_ebrains_provider_urls_collabs_and_contact(apply):
-    c, _ = apply({"auth": {"type": "ebrains", "ebrains": {
-        "client_id": "x", "issuer": "https://keycloak.example.org/realms/r", "token_url": "https://tok.example.org/",
-        "allowed_collabs": {"my-collab": "viewer"}, "admin_collabs": {"ops": "administrator"},
-        "contact": "support@example.org", "provider_timeout": 7}}})
+    c, _ = apply(
+        {
+            "auth": {
+                "type": "ebrains",
+                "ebrains": {
+                    "client_id": "x",
+                    "issuer": "https://keycloak.example.org/realms/r",
+                    "token_url": "https://tok.example.org/",
+                    "allowed_collabs": {"my-collab": "viewer"},
+                    "admin_collabs": {"ops": "administrator"},
+                    "contact": "support@example.org",
+                    "provider_timeout": 7,
+                },
+            }
+        }
+    )
     a = c.EBRAINSAuthenticator
     assert a.authorize_url == "https://keycloak.example.org/realms/r/protocol/openid-connect/auth"
     assert a.token_url == "https://tok.example.org/"
@@ -261,9 +326,19 @@ def test_ebrains_allow_all_manages_no_groups(apply):
 
 # --- spawner: -----------------------------------------------------------------------------------------------------
 def test_local_spawner_section(apply):
-    c, d = apply({"spawner": {"mem_limit": "2G", "cpu_limit": 1.5, "process_limit": 99, "default_url": "/tree",
-                              "local": {"system_user_prefix": "sp-", "limits": "rlimits"},
-                              "start_queue": {"concurrency": 4, "limit": 10}, "poll_interval": 11}})
+    c, d = apply(
+        {
+            "spawner": {
+                "mem_limit": "2G",
+                "cpu_limit": 1.5,
+                "process_limit": 99,
+                "default_url": "/tree",
+                "local": {"system_user_prefix": "sp-", "limits": "rlimits"},
+                "start_queue": {"concurrency": 4, "limit": 10},
+                "poll_interval": 11,
+            }
+        }
+    )
     s = c.SpiNNakerLocalSpawner
     assert (s.homes_dir, s.logs_dir) == (str(d.homes_dir), str(d.logs_dir))
     assert (s.system_user_prefix, s.process_limit, s.limits_mode) == ("sp-", 99, "rlimits")
@@ -282,9 +357,21 @@ def test_local_spawner_in_one_shared_account_as_root_allows_root(apply):
 
 
 def test_docker_spawner_on_the_host_network(apply):
-    c, _ = apply({"spawner": {"type": "docker", "docker": {
-        "network": "host", "engine_url": "unix:///run/podman/podman.sock", "image": "img:1",
-        "images": {"sPyNNaker 7": "img:7"}, "labels": {"team": "neuro"}, "pull_policy": "never"}}})
+    c, _ = apply(
+        {
+            "spawner": {
+                "type": "docker",
+                "docker": {
+                    "network": "host",
+                    "engine_url": "unix:///run/podman/podman.sock",
+                    "image": "img:1",
+                    "images": {"sPyNNaker 7": "img:7"},
+                    "labels": {"team": "neuro"},
+                    "pull_policy": "never",
+                },
+            }
+        }
+    )
     s = c.SpiNNakerDockerSpawner
     assert c.JupyterHub.spawner_class == "spinnaker_jupyter.docker.SpiNNakerDockerSpawner"
     assert (s.image, s.allowed_images, s.pull_policy) == ("img:1", {"sPyNNaker 7": "img:7"}, "never")
@@ -296,8 +383,15 @@ def test_docker_spawner_on_the_host_network(apply):
 
 
 def test_docker_spawner_on_its_own_network(apply):
-    c, _ = apply({"spawner": {"type": "docker", "mem_limit": "1G", "docker": {"hub_connect_host": "hubhost",
-                                                                              "volume_prefix": "home-"}}})
+    c, _ = apply(
+        {
+            "spawner": {
+                "type": "docker",
+                "mem_limit": "1G",
+                "docker": {"hub_connect_host": "hubhost", "volume_prefix": "home-"},
+            }
+        }
+    )
     s = c.SpiNNakerDockerSpawner
     assert s.network_name == "spinnaker-jupyter" and s.host_network is False
     assert (c.JupyterHub.hub_ip, c.JupyterHub.hub_connect_ip) == ("0.0.0.0", "hubhost")
@@ -308,9 +402,23 @@ def test_docker_spawner_on_its_own_network(apply):
 
 
 def test_slurm_spawner_section(apply):
-    c, d = apply({"spawner": {"type": "slurm", "cpu_limit": 2.5, "mem_limit": "3G", "slurm": {
-        "partition": "gpu", "account": "neuro", "qos": "short", "time": "8:00:00",
-        "extra_sbatch_options": ["--exclusive"], "hub_connect_ip": "10.0.0.1"}}})
+    c, d = apply(
+        {
+            "spawner": {
+                "type": "slurm",
+                "cpu_limit": 2.5,
+                "mem_limit": "3G",
+                "slurm": {
+                    "partition": "gpu",
+                    "account": "neuro",
+                    "qos": "short",
+                    "time": "8:00:00",
+                    "extra_sbatch_options": ["--exclusive"],
+                    "hub_connect_ip": "10.0.0.1",
+                },
+            }
+        }
+    )
     s = c.SpiNNakerSlurmSpawner
     assert c.JupyterHub.spawner_class == "spinnaker_jupyter.slurm.SpiNNakerSlurmSpawner"
     assert (s.req_partition, s.req_account, s.req_qos, s.req_runtime) == ("gpu", "neuro", "short", "8:00:00")
@@ -335,9 +443,22 @@ def test_one_machine_waits_for_the_board_on_top_of_the_start(apply):
 
 
 def test_session_boards_from_spalloc(apply):
-    c, d = apply({"spinnaker": {"mode": "session", "claim_timeout": 60, "spalloc": {
-        "url": "https://spalloc.example.org/", "machine_name": "m1", "group": "g", "boards": 3,
-        "keepalive_interval": 45, "tags": ["a"]}}})
+    c, d = apply(
+        {
+            "spinnaker": {
+                "mode": "session",
+                "claim_timeout": 60,
+                "spalloc": {
+                    "url": "https://spalloc.example.org/",
+                    "machine_name": "m1",
+                    "group": "g",
+                    "boards": 3,
+                    "keepalive_interval": 45,
+                    "tags": ["a"],
+                },
+            }
+        }
+    )
     a = c.SpallocAllocator
     assert (a.url, a.machine_name, a.group, a.boards, a.tags) == ("https://spalloc.example.org/", "m1", "g", 3, ["a"])
     assert (a.keepalive_interval, a.claim_timeout) == (45.0, 60.0)
@@ -349,11 +470,23 @@ def test_session_boards_from_spalloc(apply):
 def test_each_board_setting_is_a_typed_trait_and_the_session_gets_the_section_back(apply):
     from spinnaker_jupyter.boards.mixin import BoardsMixin
 
-    section = {"mode": "session", "version": 3, "claim_timeout": 60, "on_timeout": "fail",
-               "extra_cfg": {"Reports": {"write_energy_report": "False"}},
-               "spalloc": {"url": "https://spalloc.example.org/", "boards": 2, "boards_per_group": {"course": 3},
-                           "boards_per_user": {"ada": 4}, "group": "g", "collab": "c", "machine_name": "m1",
-                           "use_proxy": False}}
+    section = {
+        "mode": "session",
+        "version": 3,
+        "claim_timeout": 60,
+        "on_timeout": "fail",
+        "extra_cfg": {"Reports": {"write_energy_report": "False"}},
+        "spalloc": {
+            "url": "https://spalloc.example.org/",
+            "boards": 2,
+            "boards_per_group": {"course": 3},
+            "boards_per_user": {"ada": 4},
+            "group": "g",
+            "collab": "c",
+            "machine_name": "m1",
+            "use_proxy": False,
+        },
+    }
     c, d = apply({"spinnaker": section})
     b = c.BoardsMixin
     assert (b.board_mode, b.board_version, b.claim_timeout, b.on_timeout) == ("session", 3, 60, "fail")
@@ -376,13 +509,22 @@ def test_board_traits_left_unset_take_the_schemas_defaults():
     default = defaults(SCHEMA["properties"]["spinnaker"])
     settings = BoardsMixin().spinnaker
     assert {k: settings[k] for k in ("mode", "version", "machine_name", "claim_timeout", "on_timeout")} == {
-        k: default[k] for k in ("mode", "version", "machine_name", "claim_timeout", "on_timeout")}
+        k: default[k] for k in ("mode", "version", "machine_name", "claim_timeout", "on_timeout")
+    }
     assert {k: default["spalloc"][k] for k in settings["spalloc"]} == settings["spalloc"]
 
 
-@pytest.mark.parametrize("trait, value", [("board_mode", "sessions"), ("board_version", "5"), ("claim_timeout", -1),
-                                          ("on_timeout", "wait"), ("spalloc_boards_per_user", {"ada": 0}),
-                                          ("spalloc_use_proxy", "no")])
+@pytest.mark.parametrize(
+    "trait, value",
+    [
+        ("board_mode", "sessions"),
+        ("board_version", "5"),
+        ("claim_timeout", -1),
+        ("on_timeout", "wait"),
+        ("spalloc_boards_per_user", {"ada": 0}),
+        ("spalloc_use_proxy", "no"),
+    ],
+)
 def test_an_operators_own_board_setting_is_validated_by_traitlets(trait, value):
     """c.BoardsMixin.<trait> in jupyterhub_config.d: a wrong value stops the spawner with the trait's name."""
     from traitlets import TraitError
@@ -396,8 +538,12 @@ def test_an_operators_own_board_setting_is_validated_by_traitlets(trait, value):
 
 
 def test_per_run_boards_tell_servers_where_the_hub_is(apply):
-    c, _ = apply({"spinnaker": {"mode": "per-run", "spalloc": {"url": "https://spalloc.example.org/"}},
-                  "hub": {"ip": "0.0.0.0", "port": 8100}})
+    c, _ = apply(
+        {
+            "spinnaker": {"mode": "per-run", "spalloc": {"url": "https://spalloc.example.org/"}},
+            "hub": {"ip": "0.0.0.0", "port": 8100},
+        }
+    )
     assert c.BoardsMixin.service_env == {"JUPYTERHUB_SERVICE_HOST": "127.0.0.1", "JUPYTERHUB_SERVICE_PORT": "8100"}
     assert "lease_store" not in c.BoardsMixin
 
@@ -406,9 +552,15 @@ def test_per_run_boards_tell_servers_where_the_hub_is(apply):
 def test_user_server_environment(apply, tmp_path):
     tutorials = tmp_path / "my-tutorials"
     tutorials.mkdir()
-    c, d = apply({"nrp": {"command": ["nrp-backend", "--port", "{port}"], "port": 9100, "start_timeout": 30},
-                  "proxy_ports": [9100, 9200], "tutorials": {"source": str(tutorials)},
-                  "kernels": {"envs_dir": str(tmp_path / "envs")}, "git_kernel": {"branch": "dev"}})
+    c, d = apply(
+        {
+            "nrp": {"command": ["nrp-backend", "--port", "{port}"], "port": 9100, "start_timeout": 30},
+            "proxy_ports": [9100, 9200],
+            "tutorials": {"source": str(tutorials)},
+            "kernels": {"envs_dir": str(tmp_path / "envs")},
+            "git_kernel": {"branch": "dev"},
+        }
+    )
     env = c.Spawner.environment
     assert env["SPINNAKER_PROXY_PORTS"] == "9100,9200"
     assert (env["SPINNAKER_NRP_PORT"], env["SPINNAKER_NRP_START_TIMEOUT"]) == ("9100", "30")
@@ -435,11 +587,15 @@ def test_containers_get_only_portable_settings(apply):
 
 
 def test_drive(apply):
-    env = apply({"auth": EBRAINS, "drive": {"enabled": True, "mount_point": "ebrains", "cache_max_size": "2G"}})[0] \
-        .Spawner.environment
+    env = apply({"auth": EBRAINS, "drive": {"enabled": True, "mount_point": "ebrains", "cache_max_size": "2G"}})[
+        0
+    ].Spawner.environment
     drive = json.loads(env["SPINNAKER_DRIVE"])
-    assert (drive["url"], drive["mount_point"], drive["cache_max_size"]) == ("https://drive.ebrains.eu", "ebrains",
-                                                                             "2G")
+    assert (drive["url"], drive["mount_point"], drive["cache_max_size"]) == (
+        "https://drive.ebrains.eu",
+        "ebrains",
+        "2G",
+    )
 
 
 # --- jobs: --------------------------------------------------------------------------------------------------------
@@ -455,8 +611,9 @@ def test_jobs_service(apply):
 
 def test_jobs_with_ebrains_keep_both_services_scopes(apply):
     c, _ = apply({"jobs": {"enabled": True}, "auth": EBRAINS})
-    assert {"access:services!service=jobs", "access:services!service=access-token-service"} \
-        <= set(role(c, "user")["scopes"]) & set(c.Spawner.server_token_scopes)
+    assert {"access:services!service=jobs", "access:services!service=access-token-service"} <= set(
+        role(c, "user")["scopes"]
+    ) & set(c.Spawner.server_token_scopes)
     assert "JUPYTERHUB_SERVICE_HOST" in c.Spawner.environment and "SPINNAKER_JOBS_URL" in c.Spawner.environment
 
 
@@ -470,13 +627,28 @@ def test_services_and_roles_of_a_full_deployment(apply):
     c, _ = apply({"auth": EBRAINS, "jobs": {"enabled": True}})
     names = [s["name"] for s in c.JupyterHub.services]
     assert names == ["idle-culler", "course-manager", "access-token-service", "jobs"]
-    assert {r["name"] for r in c.JupyterHub.load_roles} == {"idle-culler", "course-manager", "access-token-service",
-                                                            "user"}
+    assert {r["name"] for r in c.JupyterHub.load_roles} == {
+        "idle-culler",
+        "course-manager",
+        "access-token-service",
+        "user",
+    }
 
 
 # --- each area on its own -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("area", ["update_hub", "update_proxy", "update_tls", "update_culler", "update_services",
-                                  "update_user_servers", "update_auth", "update_spawner"])
+@pytest.mark.parametrize(
+    "area",
+    [
+        "update_hub",
+        "update_proxy",
+        "update_tls",
+        "update_culler",
+        "update_services",
+        "update_user_servers",
+        "update_auth",
+        "update_spawner",
+    ],
+)
 def test_each_area_applies_onto_a_bare_config_on_its_own(write_config, area):
     d = config.load([write_config({"culler": {"kernels": {"timeout": 60}}})])
     d.private_hub_dir()

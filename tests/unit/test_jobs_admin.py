@@ -21,8 +21,16 @@ def deployment(tmp_path):
     store = Store(f"sqlite:///{jobs / 'jobs.sqlite'}")
 
     def add(user: str, status: str = "submitted", ended_days_ago: float | None = None, log: str = "") -> int:
-        job = store.create(user, {"collab": f"private-{user}", "code": "print(1)", "command": "run.py {system}",
-                                  "hardware_platform": "SpiNNaker", "tags": "[]"})
+        job = store.create(
+            user,
+            {
+                "collab": f"private-{user}",
+                "code": "print(1)",
+                "command": "run.py {system}",
+                "hardware_platform": "SpiNNaker",
+                "tags": "[]",
+            },
+        )
         values = {"status": status}
         if ended_days_ago is not None:
             values["timestamp_completion"] = now() - timedelta(days=ended_days_ago)
@@ -49,8 +57,11 @@ def test_list_filters_by_user_and_state(deployment, capsys):
     assert code == 0
     lines = out.splitlines()
     assert lines[0].split()[:3] == ["ID", "USER", "STATE"]
-    assert [line.split()[:3] for line in lines[1:]] == [[str(a1), "alice", "running"], [str(a2), "alice", "finished"],
-                                                        [str(b1), "bob", "submitted"]]
+    assert [line.split()[:3] for line in lines[1:]] == [
+        [str(a1), "alice", "running"],
+        [str(a2), "alice", "finished"],
+        [str(b1), "bob", "submitted"],
+    ]
     _, out, _ = run(deployment, capsys, "list", "--user", "alice", "--state", "running", "--json")
     assert [(j["id"], j["user"], j["status"]) for j in json.loads(out)] == [(a1, "alice", "running")]
     _, out, _ = run(deployment, capsys, "list", "--user", "carol")
@@ -63,7 +74,9 @@ def test_show_gives_the_job_and_its_log_tail(deployment, capsys):
     job = deployment.add("alice", "error", ended_days_ago=0, log="".join(f"line {i}\n" for i in range(100)))
     code, out, _ = run(deployment, capsys, "show", str(job), "--lines", "3")
     assert code == 0
-    assert f"id:                {job}" in out and "user:              alice" in out and "status:            error" in out
+    assert (
+        f"id:                {job}" in out and "user:              alice" in out and "status:            error" in out
+    )
     assert out.rstrip().endswith("  line 97\n  line 98\n  line 99") and "line 96" not in out
     code, _, err = run(deployment, capsys, "show", "999")
     assert code == 2 and "no job 999 in the job store" in err
@@ -99,7 +112,9 @@ def test_purge_deletes_old_ended_jobs_with_their_files(deployment, capsys):
     code, out, _ = run(deployment, capsys, "purge", "--days", "30")
     assert code == 0 and "deleted with their files (1.0 MiB)" in out, out
     assert deployment.store.get(old) is None
-    assert not (deployment.jobs / "outputs" / str(old)).exists() and not (deployment.jobs / "logs" / f"{old}.log").exists()
+    assert (
+        not (deployment.jobs / "outputs" / str(old)).exists() and not (deployment.jobs / "logs" / f"{old}.log").exists()
+    )
     assert deployment.store.get(recent) is not None and deployment.store.get(queued) is not None
     code, _, err = run(deployment, capsys, "purge")
     assert code == 2 and "`jobs purge` needs --days N" in err
@@ -117,8 +132,10 @@ def test_an_old_store_gains_the_new_columns(tmp_path):
     import sqlite3
 
     path = tmp_path / "jobs.sqlite"
-    Store(f"sqlite:///{path}").create("alice", {"collab": "private-alice", "code": "print(1)", "command": "x",
-                                                "hardware_platform": "SpiNNaker", "tags": "[]"})
+    Store(f"sqlite:///{path}").create(
+        "alice",
+        {"collab": "private-alice", "code": "print(1)", "command": "x", "hardware_platform": "SpiNNaker", "tags": "[]"},
+    )
     db = sqlite3.connect(path)
     for column in ("cancel_reason", "detail"):
         db.execute(f"ALTER TABLE jobs DROP COLUMN {column}")

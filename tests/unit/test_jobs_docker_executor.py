@@ -14,9 +14,19 @@ from spinnaker_jupyter.jobs.docker_executor import DockerExecutor
 
 def make(tmp_path, url):
     settings = SimpleNamespace(data=tmp_path, wall_time=60, spynnaker_env=tmp_path / "env")
-    return DockerExecutor(tmp_path / "homes", False, "jupyter-", store=None, settings=settings,
-                          docker={"engine_url": url}, image="spinnaker-jupyter/singleuser:latest", network="none",
-                          pip_network="none", cpus=1, labels={})
+    return DockerExecutor(
+        tmp_path / "homes",
+        False,
+        "jupyter-",
+        store=None,
+        settings=settings,
+        docker={"engine_url": url},
+        image="spinnaker-jupyter/singleuser:latest",
+        network="none",
+        pip_network="none",
+        cpus=1,
+        labels={},
+    )
 
 
 def test_no_engine_is_one_line_naming_the_key(tmp_path):

@@ -10,7 +10,7 @@ import socket
 import spinnaker_listeners
 from spinnaker_listeners import listeners, parse
 
-HEADER = ("  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n")
+HEADER = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
 TCP = HEADER + (
     # 127.0.0.1:8080 listening, uid 1000, inode 51234
     "   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 51234 1 "

@@ -29,8 +29,10 @@ def test_own_cfgs_in_sPyNNakers_order(tmp_path):
     xdg = tmp_path / "xdg"
     xdg.mkdir()
     (xdg / ".spynnaker.cfg").write_text("[Machine]\n")
-    assert own_cfgs(str(home), {"XDG_CONFIG_HOME": str(xdg)}) == [str(xdg / ".spynnaker.cfg"),
-                                                                    str(home / ".spynnaker.cfg")]
+    assert own_cfgs(str(home), {"XDG_CONFIG_HOME": str(xdg)}) == [
+        str(xdg / ".spynnaker.cfg"),
+        str(home / ".spynnaker.cfg"),
+    ]
 
 
 def test_status_names_the_cfg_the_kernel_uses(tmp_path, monkeypatch):

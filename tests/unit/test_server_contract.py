@@ -11,18 +11,27 @@ import re
 from pathlib import Path
 
 import pytest
-import spinnaker_server_contract
-from spinnaker_server_contract import ServerContract, jupyter_server_config
 
+import spinnaker_server_contract
 from spinnaker_jupyter import config, hubconfig
+from spinnaker_server_contract import ServerContract, jupyter_server_config
 
 ROOT = Path(__file__).resolve().parents[2]
 EVERYTHING = ServerContract(
-    proxy_ports=(9000, 9100), nrp_port=9100, nrp_start_timeout=30, nrp_command=("nrp", "--socket", "{unix_socket}"),
-    cfg_dir="/srv/data/etc/spynnaker", tutorials_dir="/srv/notebooks", git_support_dir="/srv/kernels/support",
-    git_kernel={"branch": "dev", "base_env": "/srv/envs/spynnaker"}, drive={"url": "https://drive.ebrains.eu"},
-    mode="session", machine_cfg="# claimed\n[Machine]\nmachine_name = 10.11.192.1\n", board="10.11.192.1",
-    board_job="7", board_job_url="https://spalloc.example.org/spalloc/srv/spalloc/jobs/7",
+    proxy_ports=(9000, 9100),
+    nrp_port=9100,
+    nrp_start_timeout=30,
+    nrp_command=("nrp", "--socket", "{unix_socket}"),
+    cfg_dir="/srv/data/etc/spynnaker",
+    tutorials_dir="/srv/notebooks",
+    git_support_dir="/srv/kernels/support",
+    git_kernel={"branch": "dev", "base_env": "/srv/envs/spynnaker"},
+    drive={"url": "https://drive.ebrains.eu"},
+    mode="session",
+    machine_cfg="# claimed\n[Machine]\nmachine_name = 10.11.192.1\n",
+    board="10.11.192.1",
+    board_job="7",
+    board_job_url="https://spalloc.example.org/spalloc/srv/spalloc/jobs/7",
     board_notice="No SpiNNaker board for this session: all boards busy.",
 )
 
@@ -51,16 +60,19 @@ def test_board_part_alone_leaves_the_deployments_variables_alone():
     assert env == {"SPINNAKER_NRP_PORT": "9100", "SPINNAKER_MODE": "virtual", "SPINNAKER_MACHINE_CFG": "[Machine]\n"}
 
 
-@pytest.mark.parametrize("variable, value, field, kept, words", [
-    ("SPINNAKER_NRP_PORT", "90o0", "nrp_port", 9000, "not a port number"),
-    ("SPINNAKER_NRP_PORT", "70000", "nrp_port", 9000, "not a port number"),
-    ("SPINNAKER_NRP_START_TIMEOUT", "2m", "nrp_start_timeout", 120, "not a whole number of seconds"),
-    ("SPINNAKER_PROXY_PORTS", "9000,ssh,9100", "proxy_ports", (9000, 9100), "not port numbers"),
-    ("SPINNAKER_NRP_COMMAND", "cle-nginx --foreground", "nrp_command", (), "not a command"),
-    ("SPINNAKER_GIT_KERNEL_CONFIG", "{'branch': 'dev'}", "git_kernel", None, "not a JSON object"),
-    ("SPINNAKER_DRIVE", "[1, 2]", "drive", None, "not a JSON object"),
-    ("SPINNAKER_MODE", "lab", "mode", None, "not one of virtual, machine, session, per-run"),
-])
+@pytest.mark.parametrize(
+    "variable, value, field, kept, words",
+    [
+        ("SPINNAKER_NRP_PORT", "90o0", "nrp_port", 9000, "not a port number"),
+        ("SPINNAKER_NRP_PORT", "70000", "nrp_port", 9000, "not a port number"),
+        ("SPINNAKER_NRP_START_TIMEOUT", "2m", "nrp_start_timeout", 120, "not a whole number of seconds"),
+        ("SPINNAKER_PROXY_PORTS", "9000,ssh,9100", "proxy_ports", (9000, 9100), "not port numbers"),
+        ("SPINNAKER_NRP_COMMAND", "cle-nginx --foreground", "nrp_command", (), "not a command"),
+        ("SPINNAKER_GIT_KERNEL_CONFIG", "{'branch': 'dev'}", "git_kernel", None, "not a JSON object"),
+        ("SPINNAKER_DRIVE", "[1, 2]", "drive", None, "not a JSON object"),
+        ("SPINNAKER_MODE", "lab", "mode", None, "not one of virtual, machine, session, per-run"),
+    ],
+)
 def test_a_bad_value_costs_only_itself_and_is_said_in_one_line(variable, value, field, kept, words):
     env = {**EVERYTHING.to_env(), variable: value}
     told = ServerContract.from_env(env)
@@ -101,8 +113,11 @@ def test_server_settings():
     settings = jupyter_server_config()
     assert settings["KernelManager"] == {"transport": "ipc"}  # kernels never on TCP ports
     assert settings["ServerProxy"] == {"host_allowlist": ["localhost", "127.0.0.1"]}
-    assert settings["ServerApp"]["jpserver_extensions"] == {"spinnaker_jupyter_ext": True,
-                                                            "jupyter_server_proxy": True, "jupyter_lsp": False}
+    assert settings["ServerApp"]["jpserver_extensions"] == {
+        "spinnaker_jupyter_ext": True,
+        "jupyter_server_proxy": True,
+        "jupyter_lsp": False,
+    }
     assert settings["LabApp"]["news_url"] is None and settings["LabApp"]["extension_manager"] == "readonly"
 
 
@@ -110,8 +125,11 @@ def test_the_hub_and_the_image_write_the_server_settings_with_the_same_function(
     written = hubconfig.write_server_config(_deployment(tmp_path)) / "jupyter_server_config.json"
     assert json.loads(written.read_text()) == jupyter_server_config()
     containerfile = (ROOT / "images" / "singleuser" / "Containerfile").read_text()
-    assert re.search(r"python -m spinnaker_server_contract jupyter-server-config > "
-                     r"\"\$conf/spinnaker-jupyter.json\"", containerfile)
+    assert re.search(
+        r"python -m spinnaker_server_contract jupyter-server-config > "
+        r"\"\$conf/spinnaker-jupyter.json\"",
+        containerfile,
+    )
     assert "conf=/opt/envs/server/etc/jupyter/jupyter_server_config.d" in containerfile
     assert not (ROOT / "images" / "singleuser" / "jupyter_server_config.json").exists()  # no copy to drift
 
@@ -123,7 +141,7 @@ def test_the_module_works_where_only_it_is_copied():
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert imported <= {"__future__", "dataclasses", "json", "os", "sys", "collections", "typing"}, imported
     containerfile = (ROOT / "images" / "singleuser" / "Containerfile").read_text()
-    assert "spinnaker_server_contract.py \"$site/\"" in containerfile  # beside the launcher in the kernel env
+    assert 'spinnaker_server_contract.py "$site/"' in containerfile  # beside the launcher in the kernel env
     # (the hub image copies every top-level module of the extension distribution: tests/unit/test_shared_modules.py)
     assert "COPY extensions/spinnaker_*.py" in (ROOT / "images" / "hub" / "Containerfile").read_text()
 
@@ -137,8 +155,13 @@ def test_kernel_launcher_reads_the_contract(tmp_path, monkeypatch):
     spec.loader.exec_module(launcher)
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
-    env = dict(ServerContract(cfg_dir=str(tmp_path / "etc"), machine_cfg="[Machine]\nvirtual_board = True\n",
-                              board_notice="all boards busy").to_env())
+    env = dict(
+        ServerContract(
+            cfg_dir=str(tmp_path / "etc"),
+            machine_cfg="[Machine]\nvirtual_board = True\n",
+            board_notice="all boards busy",
+        ).to_env()
+    )
     chosen = launcher.choose_cfg(env)
     assert Path(chosen).read_text() == "[Machine]\nvirtual_board = True\n"
     assert not chosen.startswith(str(tmp_path / "etc"))

@@ -170,8 +170,11 @@ def test_managed_service_processes():
 def test_proxy_files_removed(tmp_path):
     pid_file = tmp_path / "jupyterhub-proxy.pid"
     pid_file.write_text("4242")
-    upstream.remove_proxy_files(ConfigurableHTTPProxy(pid_file=str(pid_file), api_url="http://127.0.0.1:8001",
-                                                      public_url="http://127.0.0.1:8000"))
+    upstream.remove_proxy_files(
+        ConfigurableHTTPProxy(
+            pid_file=str(pid_file), api_url="http://127.0.0.1:8001", public_url="http://127.0.0.1:8000"
+        )
+    )
     assert not pid_file.exists()
 
 

@@ -8,6 +8,7 @@ import re
 
 import jsonschema
 import pytest
+
 from spinnaker_jupyter.local_accounts import (
     AccountError,
     AccountStore,

@@ -99,8 +99,11 @@ def ensure_git_kernel(
             atomic_write(root / STATE_FILE, json.dumps(state, indent=1) + "\n")
 
         def wait(n: int) -> None:
-            status.say(f"waiting for a turn: {n} first set-up{'s' if n > 1 else ''} of ~/{cfg.directory} run at a "
-                       f"time on this machine", "queue")
+            status.say(
+                f"waiting for a turn: {n} first set-up{'s' if n > 1 else ''} of ~/{cfg.directory} run at a "
+                f"time on this machine",
+                "queue",
+            )
 
         def give_up() -> None:
             status.warn("no set-up turn came free in 30 minutes: going ahead without one")
@@ -122,8 +125,16 @@ def ensure_git_kernel(
         return SetupResult("done", root, kdir, commits, list(status.data["warnings"]), time.monotonic() - t0, True)
 
 
-def _steps(cfg: GitKernelConfig, root: Path, kdir: Path, runner: Runner, status: Status, state: dict[str, Any],
-           save_state: Callable[[], None], sub_env: Mapping[str, str]) -> dict[str, str]:
+def _steps(
+    cfg: GitKernelConfig,
+    root: Path,
+    kdir: Path,
+    runner: Runner,
+    status: Status,
+    state: dict[str, Any],
+    save_state: Callable[[], None],
+    sub_env: Mapping[str, str],
+) -> dict[str, str]:
     """The set-up's steps in order; each skips what is already in place. Returns the clones' commits."""
     specs = list(cfg.repos)
     python = environment.ensure_venv(root, cfg.base_python, runner, status, state, save_state)

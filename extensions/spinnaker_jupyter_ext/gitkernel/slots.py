@@ -56,8 +56,12 @@ def _try_one(files: list[Path]) -> int | None:
 
 
 @contextlib.contextmanager
-def turn(slots_dir: str | os.PathLike[str] | None, on_wait: Callable[[int], None], max_wait: float = 1800.0,
-         on_give_up: Callable[[], None] | None = None) -> Iterator[None]:
+def turn(
+    slots_dir: str | os.PathLike[str] | None,
+    on_wait: Callable[[int], None],
+    max_wait: float = 1800.0,
+    on_give_up: Callable[[], None] | None = None,
+) -> Iterator[None]:
     """Hold one of the deployment's set-up slots for the ``with`` block, waiting for one to be free. ``on_wait(n)``
     is called once if the set-up has to wait (n: how many run at a time); after ``max_wait`` seconds it goes ahead
     anyway (``on_give_up``), so that an account holding every slot cannot stop the others' set-ups for good."""

@@ -32,8 +32,14 @@ class ServiceError(Exception):
 class AccessTokenLookup:
     """The lookup itself, independent of the web framework (easy to test)."""
 
-    def __init__(self, api_url: str, api_token: str, name: str = SERVICE_NAME,
-                 login_url: str | None = None, request_timeout: float = DEFAULT_HUB_TIMEOUT):
+    def __init__(
+        self,
+        api_url: str,
+        api_token: str,
+        name: str = SERVICE_NAME,
+        login_url: str | None = None,
+        request_timeout: float = DEFAULT_HUB_TIMEOUT,
+    ):
         from tornado.httpclient import AsyncHTTPClient
 
         self.api_url = api_url.rstrip("/")
@@ -78,8 +84,9 @@ class AccessTokenLookup:
         from jupyterhub.services.auth import check_scopes
 
         if not caller_token:
-            raise ServiceError(401, "missing_token",
-                               "Send your hub API token: 'Authorization: token <JUPYTERHUB_API_TOKEN>'.")
+            raise ServiceError(
+                401, "missing_token", "Send your hub API token: 'Authorization: token <JUPYTERHUB_API_TOKEN>'."
+            )
         try:
             # resolves the caller, and makes the hub refresh the user's auth when due
             status, whoami = await self._hub_get("/user", caller_token)
@@ -88,11 +95,11 @@ class AccessTokenLookup:
             if status != 200 or not isinstance(whoami, dict):
                 raise ServiceError(502, "hub_error", f"The hub answered {status} to GET /hub/api/user.")
             if whoami.get("kind") != "user":
-                raise ServiceError(403, "not_a_user",
-                                   "Only a user's token (or a user's server's token) can get an access token.")
+                raise ServiceError(
+                    403, "not_a_user", "Only a user's token (or a user's server's token) can get an access token."
+                )
             if not check_scopes(access_scope(self.name), set(whoami.get("scopes") or [])):
-                raise ServiceError(403, "insufficient_scope",
-                                   f"This token lacks the scope {access_scope(self.name)}.")
+                raise ServiceError(403, "insufficient_scope", f"This token lacks the scope {access_scope(self.name)}.")
             username = whoami["name"]
             status, model = await self._hub_get(f"/users/{quote(username, safe='')}", self.api_token)
         except HubError as err:
@@ -112,13 +119,18 @@ class AccessTokenLookup:
         if expires_at is not None and expires_at <= time.time():
             refresh = auth_state.get(REFRESH_STATUS_KEY)
             if isinstance(refresh, dict) and refresh.get("state") in ("pending", "unreachable"):
-                log.warning("The access token of %s has expired and the identity provider is not answering",
-                            username)
-                raise ServiceError(503, "provider_unavailable",
-                                   "The login service is not answering, so your access token could not be "
-                                   "renewed; try again in a minute. You stay logged in.")
+                log.warning("The access token of %s has expired and the identity provider is not answering", username)
+                raise ServiceError(
+                    503,
+                    "provider_unavailable",
+                    "The login service is not answering, so your access token could not be "
+                    "renewed; try again in a minute. You stay logged in.",
+                )
             log.warning("The access token of %s has expired and could not be refreshed", username)
             raise self._login_required("Your login has expired and could not be renewed.")
-        log.info("Access token handed to %s (expires in %s s)", username,
-                 "?" if expires_at is None else int(expires_at - time.time()))
+        log.info(
+            "Access token handed to %s (expires in %s s)",
+            username,
+            "?" if expires_at is None else int(expires_at - time.time()),
+        )
         return {"access_token": token, "token_type": "Bearer", "expires_at": expires_at}

@@ -28,8 +28,9 @@ from .tokens import (
 # hub side: authenticator hooks
 
 
-def reconcile_auth_state_hook(authenticator: Any, authenticated: Mapping[str, Any],
-                              existing_auth_state: Mapping[str, Any] | None) -> dict | None:
+def reconcile_auth_state_hook(
+    authenticator: Any, authenticated: Mapping[str, Any], existing_auth_state: Mapping[str, Any] | None
+) -> dict | None:
     """``Authenticator.reconcile_auth_state_hook`` (JupyterHub >= 6): record the token's expiry, and make the hub
     check the user's tokens often enough for the provider's token lifetime (:func:`check_often_enough`).
 
@@ -61,7 +62,10 @@ def check_often_enough(authenticator: Any, auth_state: Mapping[str, Any] | None)
         authenticator.log.warning(
             "The identity provider's access tokens live %d s, less than twice auth_refresh_age (%d s): the hub now "
             "checks users' tokens every %d s, so that each one is renewed before it expires",
-            lifetime, authenticator.auth_refresh_age, needed)
+            lifetime,
+            authenticator.auth_refresh_age,
+            needed,
+        )
         authenticator.auth_refresh_age = needed
 
 
@@ -150,16 +154,19 @@ def make_refresh_user_hook(
         from tornado.httpclient import HTTPRequest
 
         params = authenticator.build_refresh_token_request_params(refresh_token)
-        request = HTTPRequest(authenticator.token_url, **{
-            **authenticator.http_request_kwargs,
-            "method": "POST",
-            "headers": authenticator.build_token_info_request_headers(),
-            "body": urlencode(params).encode(),
-            "validate_cert": authenticator.validate_server_cert,
-            # not connected: nothing was sent, give up soon; sent: wait for the answer
-            "connect_timeout": provider_timeout,
-            "request_timeout": refresh_request_lifetime,
-        })
+        request = HTTPRequest(
+            authenticator.token_url,
+            **{
+                **authenticator.http_request_kwargs,
+                "method": "POST",
+                "headers": authenticator.build_token_info_request_headers(),
+                "body": urlencode(params).encode(),
+                "validate_cert": authenticator.validate_server_cert,
+                # not connected: nothing was sent, give up soon; sent: wait for the answer
+                "connect_timeout": provider_timeout,
+                "request_timeout": refresh_request_lifetime,
+            },
+        )
         response = await token_client().fetch(request, raise_error=False)
         try:
             body = json.loads(response.body) if response.body else None
@@ -178,18 +185,21 @@ def make_refresh_user_hook(
         try:
             token_info = await redeem(authenticator, refresh_token)
         except RefreshRefused as err:
-            authenticator.log.warning("The refresh token of %s was refused (%s): a new login is needed",
-                                      user.name, err)
-            await store(authenticator, user, {**auth_state, REFRESH_STATUS_KEY: _status("refused")},
-                        reconcile=False)
+            authenticator.log.warning("The refresh token of %s was refused (%s): a new login is needed", user.name, err)
+            await store(authenticator, user, {**auth_state, REFRESH_STATUS_KEY: _status("refused")}, reconcile=False)
             return False
         except Exception as err:
             if not provider_unreachable(err):
                 raise
-            authenticator.log.warning("Could not refresh the access token of %s: the identity provider did "
-                                      "not answer (%s); the login is kept", user.name, err)
-            await store(authenticator, user, {**auth_state, REFRESH_STATUS_KEY: _status("unreachable")},
-                        reconcile=False)
+            authenticator.log.warning(
+                "Could not refresh the access token of %s: the identity provider did "
+                "not answer (%s); the login is kept",
+                user.name,
+                err,
+            )
+            await store(
+                authenticator, user, {**auth_state, REFRESH_STATUS_KEY: _status("unreachable")}, reconcile=False
+            )
             return True
         if not token_info.get("refresh_token"):
             token_info["refresh_token"] = refresh_token
@@ -217,8 +227,9 @@ def make_refresh_user_hook(
             if expires_at is None or expires_at - time.time() > margin:
                 # not due: check the token at userinfo, as oauthenticator would (groups, revocation)
                 try:
-                    return await _auth_model(authenticator, auth_state.get("token_response")
-                                             or {"access_token": auth_state["access_token"]})
+                    return await _auth_model(
+                        authenticator, auth_state.get("token_response") or {"access_token": auth_state["access_token"]}
+                    )
                 except HTTPClientError as err:
                     if not 400 <= err.code < 500:
                         raise
@@ -229,8 +240,11 @@ def make_refresh_user_hook(
         except Exception as err:
             if not provider_unreachable(err):
                 raise
-            authenticator.log.warning("Could not check the login of %s: the identity provider did not answer "
-                                      "(%s); the login is kept", user.name, err)
+            authenticator.log.warning(
+                "Could not check the login of %s: the identity provider did not answer (%s); the login is kept",
+                user.name,
+                err,
+            )
             return True
 
     def landed(name: str, flight: asyncio.Future) -> None:

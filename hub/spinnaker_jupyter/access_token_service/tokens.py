@@ -44,6 +44,7 @@ def access_scope(name: str = SERVICE_NAME) -> str:
     """The scope a token needs to use the service."""
     return f"access:services!service={name}"
 
+
 # ------------------------------------------------------------------------------------------------
 # token expiry (used on both sides)
 

@@ -37,9 +37,7 @@ def authenticator_settings(
     wait for a refresh (see :func:`make_refresh_user_hook`).
     """
     if not 0 < auth_refresh_age < refresh_margin:
-        raise ValueError(
-            f"auth_refresh_age ({auth_refresh_age}) must be > 0 and < refresh_margin ({refresh_margin})"
-        )
+        raise ValueError(f"auth_refresh_age ({auth_refresh_age}) must be > 0 and < refresh_margin ({refresh_margin})")
     if not provider_timeout > 0:
         raise ValueError(f"provider_timeout ({provider_timeout}) must be > 0")
     return {
@@ -81,8 +79,10 @@ def service_definition(
             "url": url,
             "command": [python, "-m", "spinnaker_jupyter.access_token_service"],
             "display": False,
-            "environment": {HUB_TIMEOUT_ENV: str(max(DEFAULT_HUB_TIMEOUT, provider_timeout + 20)),
-                            **(environment or {})},
+            "environment": {
+                HUB_TIMEOUT_ENV: str(max(DEFAULT_HUB_TIMEOUT, provider_timeout + 20)),
+                **(environment or {}),
+            },
         },
         "roles": [
             {

@@ -29,9 +29,17 @@ def held_boards(d) -> list[dict]:
         from ..config import ConfigError
 
         raise ConfigError(f"cannot read the hub's database {d.db_url}: {e.orig}") from None
-    return [{"user": user, "server": server, "running": running, "started": str(started) if started else None,
-             **state[STATE_KEY]}
-            for user, server, state, running, started in spawners if state.get(STATE_KEY)]
+    return [
+        {
+            "user": user,
+            "server": server,
+            "running": running,
+            "started": str(started) if started else None,
+            **state[STATE_KEY],
+        }
+        for user, server, state, running, started in spawners
+        if state.get(STATE_KEY)
+    ]
 
 
 def hub_boards(d) -> tuple[list[dict] | None, str]:
@@ -67,8 +75,9 @@ async def _live(d, held: list[dict]) -> tuple[dict, list[dict], str | None]:
     from ..spalloc import SpallocClient
 
     sp = d["spinnaker"]["spalloc"]
-    client = SpallocClient(sp["url"], d.spalloc_token, retries=1,
-                           ca_certs=str(d.path(sp["ca_certs"], Path())) if sp["ca_certs"] else None)
+    client = SpallocClient(
+        sp["url"], d.spalloc_token, retries=1, ca_certs=str(d.path(sp["ca_certs"], Path())) if sp["ca_certs"] else None
+    )
     states: dict[str, Any] = {}
     others: list[dict] = []
     try:
@@ -126,8 +135,10 @@ def cli_boards(d, live: bool = False, as_json: bool = False) -> int:
         if b.get("fallback"):
             what = f"no board ({b['fallback']} mode): {b.get('notice', '')}"
         elif b.get("job_url"):
-            what = (f"board {b.get('board', '?')} ({b.get('boards', 1)} board(s)), job {b.get('job_id')}, "
-                    f"claimed {b.get('claimed_at', '?')}")
+            what = (
+                f"board {b.get('board', '?')} ({b.get('boards', 1)} board(s)), job {b.get('job_id')}, "
+                f"claimed {b.get('claimed_at', '?')}"
+            )
             if b.get("lost"):
                 what += f"; LOST at {b.get('lost_at')}: {b['lost']}"
             elif b.get("keepalive"):  # (only the running hub knows)

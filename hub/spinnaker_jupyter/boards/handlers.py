@@ -21,8 +21,16 @@ def handlers() -> list:
                 raise web.HTTPError(404, f"No server {user_name}/{server_name}")
             spawner = user.spawners[server_name]
             if not hasattr(spawner, "board_status"):
-                self.write(json.dumps({"user": user_name, "server": server_name, "mode": None,
-                                       "message": "this server's spawner does not manage SpiNNaker boards"}))
+                self.write(
+                    json.dumps(
+                        {
+                            "user": user_name,
+                            "server": server_name,
+                            "mode": None,
+                            "message": "this server's spawner does not manage SpiNNaker boards",
+                        }
+                    )
+                )
                 return
             live = self.get_argument("live", "1") not in ("0", "false", "no")
             self.write(json.dumps(await spawner.board_status(live=live)))
@@ -41,5 +49,7 @@ def handlers() -> list:
                     out.append(await spawner.board_status(live=live))
             self.write(json.dumps(out))
 
-    return [(r"/api/spinnaker/boards/?", AllBoardsHandler),
-            (r"/api/spinnaker/boards/([^/]+)/?([^/]*)", ServerBoardsHandler)]
+    return [
+        (r"/api/spinnaker/boards/?", AllBoardsHandler),
+        (r"/api/spinnaker/boards/([^/]+)/?([^/]*)", ServerBoardsHandler),
+    ]

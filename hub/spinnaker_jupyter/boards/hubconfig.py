@@ -6,18 +6,17 @@ import asyncio
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 from .. import leases
 from ..spalloc import SpallocAllocator
 from ..upstream import add_hub_handlers
 from .admin import held_boards
 from .handlers import handlers
-from .mixin import section_traits
 from .lock import use_deployment
+from .mixin import section_traits
 
 
-def status_command_dir(d) -> Optional[Path]:
+def status_command_dir(d) -> Path | None:
     """A folder holding only `spinnaker-status` (linked from the hub environment), for local servers' PATH."""
     script = Path(sys.executable).parent / "spinnaker-status"
     if not script.exists():
@@ -35,16 +34,19 @@ def status_command_dir(d) -> Optional[Path]:
 
 
 LEASE_FILE = "spinnaker-leases.sqlite"
-_RECONCILE: Optional[asyncio.Task] = None  # (referenced so the task is not collected while it runs)
+_RECONCILE: asyncio.Task | None = None  # (referenced so the task is not collected while it runs)
 
 
 def _running_server_jobs(d) -> set[str]:
     """Job URLs held by servers the hub database records as running (their spawners resume or release them)."""
-    return {b["job_url"] for b in held_boards(d)
-            if b["running"] and b.get("job_url") and not b.get("released") and not b.get("lost")}
+    return {
+        b["job_url"]
+        for b in held_boards(d)
+        if b["running"] and b.get("job_url") and not b.get("released") and not b.get("lost")
+    }
 
 
-async def reconcile_at_start(c, d) -> Optional[leases.ReconcileReport]:
+async def reconcile_at_start(c, d) -> leases.ReconcileReport | None:
     """At hub start: give back the spalloc jobs the last hub process recorded and no server holds now."""
     from traitlets.log import get_logger
 
@@ -53,7 +55,7 @@ async def reconcile_at_start(c, d) -> Optional[leases.ReconcileReport]:
     try:
         store = leases.open_store(d.hub_dir / LEASE_FILE)
         loop = asyncio.get_running_loop()
-        running: Optional[set[str]] = None
+        running: set[str] | None = None
 
         async def is_held(lease: leases.Lease) -> bool:
             nonlocal running
@@ -111,4 +113,3 @@ def configure_hub(c, d) -> None:
         if folder:
             c.BoardsMixin.path_append = [str(folder)]
     add_hub_handlers(c, handlers())  # deprecated JupyterHub.extra_handlers, and why: upstream.py
-

@@ -168,8 +168,10 @@ class BoardLock:
             holder = self.holder_words(who[0])
             if holder != "nobody" and (holder != said_holder or waited - said_at >= SAY_EVERY):
                 owner = "they stop it" if not holder.startswith("your") else "you stop it"
-                say(f"The lab's SpiNNaker board {self.name} is in use by {holder}; you get it when {owner} "
-                    f"(waiting up to {words(timeout)}{f', {words(waited)} so far' if waited >= 1 else ''}).")
+                say(
+                    f"The lab's SpiNNaker board {self.name} is in use by {holder}; you get it when {owner} "
+                    f"(waiting up to {words(timeout)}{f', {words(waited)} so far' if waited >= 1 else ''})."
+                )
                 said_at, said_holder = waited, holder
             await asyncio.sleep(min(0.25, max(timeout - waited, 0.01)))
         return True
@@ -178,11 +180,15 @@ class BoardLock:
 def _trusted(st: os.stat_result, path: Path, kind: str, me: int) -> None:
     """Refuse a lock folder or file another account made or could change (it would say who holds the board)."""
     if st.st_uid != me:
-        raise BoardLockError(f"the lab board lock {kind} {path} belongs to uid {st.st_uid}, not to this account "
-                             f"(uid {me}); check it, then remove it (the hub makes it again)")
+        raise BoardLockError(
+            f"the lab board lock {kind} {path} belongs to uid {st.st_uid}, not to this account "
+            f"(uid {me}); check it, then remove it (the hub makes it again)"
+        )
     if stat.S_IMODE(st.st_mode) & 0o077:
-        raise BoardLockError(f"the lab board lock {kind} {path} is open to other accounts (mode "
-                             f"{stat.S_IMODE(st.st_mode):04o}); `chmod {'700' if kind == 'folder' else '600'} {path}`")
+        raise BoardLockError(
+            f"the lab board lock {kind} {path} is open to other accounts (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}); `chmod {'700' if kind == 'folder' else '600'} {path}`"
+        )
 
 
 _LOCKS: dict[str, BoardLock] = {}

@@ -32,7 +32,6 @@ class NoBoardError(SpawnException):
         self.jupyterhub_message = message  # what the spawn page says
 
 
-
 #: Each board trait of `BoardsMixin` and the key of the deployment's `spinnaker:` section it holds: the one place
 #: that maps the section onto the traits (`section_traits`, used by `hubconfig.configure_hub`) and back into the
 #: settings a `BoardSession` takes (`BoardsMixin.spinnaker`). The job runner gives its sessions the section itself.
@@ -88,8 +87,9 @@ class BoardsMixin(LoggingConfigurable):
     an operator's ``c.BoardsMixin.<trait>`` in jupyterhub_config.d is validated by traitlets) and
     ``c.SpallocAllocator.*``."""
 
-    board_mode = Enum(["virtual", "machine", "session", "per-run"], _default("board_mode"),
-                      help=_help("board_mode")).tag(config=True)
+    board_mode = Enum(
+        ["virtual", "machine", "session", "per-run"], _default("board_mode"), help=_help("board_mode")
+    ).tag(config=True)
     board_version = Enum([3, 5, 201, 248], _default("board_version"), help=_help("board_version")).tag(config=True)
     machine_name = Unicode(_default("machine_name"), allow_none=True, help=_help("machine_name")).tag(config=True)
     claim_timeout = Integer(_default("claim_timeout"), min=0, help=_help("claim_timeout")).tag(config=True)
@@ -97,24 +97,30 @@ class BoardsMixin(LoggingConfigurable):
     extra_cfg = Dict(Dict(), default_value=_default("extra_cfg"), help=_help("extra_cfg")).tag(config=True)
     spalloc_url = Unicode(_default("spalloc_url"), allow_none=True, help=_help("spalloc_url")).tag(config=True)
     spalloc_boards = Integer(_default("spalloc_boards"), min=1, help=_help("spalloc_boards")).tag(config=True)
-    spalloc_boards_per_group = Dict(Integer(min=1), default_value=_default("spalloc_boards_per_group"),
-                                    help=_help("spalloc_boards_per_group")).tag(config=True)
-    spalloc_boards_per_user = Dict(Integer(min=1), default_value=_default("spalloc_boards_per_user"),
-                                   help=_help("spalloc_boards_per_user")).tag(config=True)
+    spalloc_boards_per_group = Dict(
+        Integer(min=1), default_value=_default("spalloc_boards_per_group"), help=_help("spalloc_boards_per_group")
+    ).tag(config=True)
+    spalloc_boards_per_user = Dict(
+        Integer(min=1), default_value=_default("spalloc_boards_per_user"), help=_help("spalloc_boards_per_user")
+    ).tag(config=True)
     spalloc_group = Unicode(_default("spalloc_group"), allow_none=True, help=_help("spalloc_group")).tag(config=True)
-    spalloc_collab = Unicode(_default("spalloc_collab"), allow_none=True,
-                             help=_help("spalloc_collab")).tag(config=True)
-    spalloc_machine_name = Unicode(_default("spalloc_machine_name"), allow_none=True,
-                                   help=_help("spalloc_machine_name")).tag(config=True)
+    spalloc_collab = Unicode(_default("spalloc_collab"), allow_none=True, help=_help("spalloc_collab")).tag(config=True)
+    spalloc_machine_name = Unicode(
+        _default("spalloc_machine_name"), allow_none=True, help=_help("spalloc_machine_name")
+    ).tag(config=True)
     spalloc_use_proxy = Bool(_default("spalloc_use_proxy"), help=_help("spalloc_use_proxy")).tag(config=True)
     service_env = Dict(
         help="Environment defaults for `per-run` servers: how spinnman reaches the hub's access-token-service "
-             "(JUPYTERHUB_SERVICE_HOST/PORT). Values already in the environment win.").tag(config=True)
-    path_append = List(Unicode(), help="Folders appended to the servers' PATH (the `spinnaker-status` "
-                                       "command).").tag(config=True)
+        "(JUPYTERHUB_SERVICE_HOST/PORT). Values already in the environment win."
+    ).tag(config=True)
+    path_append = List(Unicode(), help="Folders appended to the servers' PATH (the `spinnaker-status` command).").tag(
+        config=True
+    )
     lease_store = Unicode(
-        "", help="SQLite file recording every spalloc job the hub creates (`leases.LeaseStore`), so a restarted "
-                 "hub can give back the jobs of claims and servers it lost. Empty: not recorded.").tag(config=True)
+        "",
+        help="SQLite file recording every spalloc job the hub creates (`leases.LeaseStore`), so a restarted "
+        "hub can give back the jobs of claims and servers it lost. Empty: not recorded.",
+    ).tag(config=True)
 
     _allocator: SpallocAllocator | None = None  # one per hub process, shared by all spawners
 
@@ -214,8 +220,7 @@ class BoardsMixin(LoggingConfigurable):
         return self._post_stop(super().run_post_stop_hook())
 
     async def _post_stop(self, upstream) -> None:
-        reason = ("user server stopped" if self._stop_called
-                  else "user server ended unexpectedly (noticed by the hub)")
+        reason = "user server stopped" if self._stop_called else "user server ended unexpectedly (noticed by the hub)"
         await self._release_boards(reason)
         if asyncio.iscoroutine(upstream) or isinstance(upstream, asyncio.Future):
             await upstream

@@ -22,8 +22,9 @@ import asyncio
 import calendar
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from spinnaker_server_contract import ServerContract
 
@@ -291,8 +292,12 @@ class BoardSession:
         except BoardLockError as e:
             self.log.error("%s: %s", self.label, e)
             return False
-        self.log.error("%s: the lab board %s is recorded as held by two holders (now %s)", self.label, r.board,
-                       lock.holder_words(self.owner))
+        self.log.error(
+            "%s: the lab board %s is recorded as held by two holders (now %s)",
+            self.label,
+            r.board,
+            lock.holder_words(self.owner),
+        )
         return False
 
     def needs_resume(self) -> bool:
@@ -415,10 +420,14 @@ class BoardSession:
         """The holder's SPINNAKER_* environment: its one sPyNNaker cfg (text) and what it holds, for people."""
         r = self.record or BoardRecord(mode=self.mode)
         job = r.job_id is not None
-        return ServerContract(mode=r.mode, machine_cfg=self.cfg or self.deployment_cfg(),
-                              board=str(r.board) if r.board and not r.fallback else None,
-                              board_job=str(r.job_id) if job else None, board_job_url=str(r.job_url) if job else None,
-                              board_notice=r.notice or None).to_env()
+        return ServerContract(
+            mode=r.mode,
+            machine_cfg=self.cfg or self.deployment_cfg(),
+            board=str(r.board) if r.board and not r.fallback else None,
+            board_job=str(r.job_id) if job else None,
+            board_job_url=str(r.job_url) if job else None,
+            board_notice=r.notice or None,
+        ).to_env()
 
     async def status(self, live: bool = True) -> dict[str, Any]:
         """The record as a dict, with the keepalive's state, the lab board's holder and (`live`) the job's state

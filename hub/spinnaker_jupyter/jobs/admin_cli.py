@@ -23,9 +23,11 @@ def _store(d: Deployment):
     from .store import Store
 
     url = db_url(d)
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
-        raise ConfigError(f"no job store at {url[len('sqlite:///'):]}: the job service has never run here "
-                          "(jobs.enabled) or data_dir is another one")
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).exists():
+        raise ConfigError(
+            f"no job store at {url[len('sqlite:///') :]}: the job service has never run here "
+            "(jobs.enabled) or data_dir is another one"
+        )
     return Store(url)
 
 
@@ -45,9 +47,17 @@ def _job_or_fail(store, job_id: int):
 
 
 def _summary(job) -> dict:
-    return {"id": job.id, "user": job.user_id, "status": job.status, "collab": job.collab,
-            "submitted": _when(job.timestamp_submission), "started": _when(job.timestamp_started),
-            "ended": _when(job.timestamp_completion), "attempts": job.attempts, "detail": job.detail or ""}
+    return {
+        "id": job.id,
+        "user": job.user_id,
+        "status": job.status,
+        "collab": job.collab,
+        "submitted": _when(job.timestamp_submission),
+        "started": _when(job.timestamp_started),
+        "ended": _when(job.timestamp_completion),
+        "attempts": job.attempts,
+        "detail": job.detail or "",
+    }
 
 
 def cmd_list(d: Deployment, args) -> int:
@@ -67,8 +77,10 @@ def cmd_list(d: Deployment, args) -> int:
         return 0
     print(f"{'ID':>6}  {'USER':<16} {'STATE':<10} {'COLLAB':<22} {'SUBMITTED':<19}  {'ENDED':<19}  DETAIL")
     for r in rows:
-        print(f"{r['id']:>6}  {r['user']:<16} {r['status']:<10} {r['collab']:<22} {r['submitted']:<19}  "
-              f"{r['ended']:<19}  {r['detail']}".rstrip())
+        print(
+            f"{r['id']:>6}  {r['user']:<16} {r['status']:<10} {r['collab']:<22} {r['submitted']:<19}  "
+            f"{r['ended']:<19}  {r['detail']}".rstrip()
+        )
     return 0
 
 
@@ -89,11 +101,16 @@ def cmd_show(d: Deployment, args) -> int:
     job = _job_or_fail(store, args.id)
     info = _summary(job)
     files = json.loads(job.output_files or "[]")
-    info.update(command=job.command, code=job.code if len(job.code) < 200 else f"(inline script, {len(job.code)} "
-                "characters)", hardware_config=json.loads(job.hardware_config) if job.hardware_config else None,
-                tags=json.loads(job.tags or "[]"), input_data=json.loads(job.input_data) if job.input_data else None,
-                core_hours=job.resource_usage, outputs=[f"{f['path']} ({f['size']} bytes)" for f in files],
-                cancel_requested=job.cancel_requested)
+    info.update(
+        command=job.command,
+        code=job.code if len(job.code) < 200 else f"(inline script, {len(job.code)} characters)",
+        hardware_config=json.loads(job.hardware_config) if job.hardware_config else None,
+        tags=json.loads(job.tags or "[]"),
+        input_data=json.loads(job.input_data) if job.input_data else None,
+        core_hours=job.resource_usage,
+        outputs=[f"{f['path']} ({f['size']} bytes)" for f in files],
+        cancel_requested=job.cancel_requested,
+    )
     log_path = jobs_dir(d) / "logs" / f"{job.id}.log"
     tail = _tail(log_path, args.lines)
     if args.json:
@@ -125,12 +142,16 @@ def cmd_cancel(d: Deployment, args) -> int:
             continue
         before = store.request_removal(job_id, OPERATOR)
         if before == "submitted":
-            JobLog.append(jobs_dir(d) / "logs" / f"{job_id}.log", f"{_stamp()}: cancelled {OPERATOR} while it "
-                          "was queued; it does not run.")
+            JobLog.append(
+                jobs_dir(d) / "logs" / f"{job_id}.log",
+                f"{_stamp()}: cancelled {OPERATOR} while it was queued; it does not run.",
+            )
             print(f"job {job_id} ({job.user_id}): was queued, removed")
         elif before == "running":
-            print(f"job {job_id} ({job.user_id}): running; its runner stops it within a second (or at the next "
-                  "start of the job service), and its log says it was cancelled by an operator")
+            print(
+                f"job {job_id} ({job.user_id}): running; its runner stops it within a second (or at the next "
+                "start of the job service), and its log says it was cancelled by an operator"
+            )
         else:  # ended between the read and the cancel
             print(f"job {job_id} ({job.user_id}): already {before}, nothing to cancel")
     return code
@@ -156,8 +177,10 @@ def cmd_purge(d: Deployment, args) -> int:
             store.delete(job.id)
     what = "would be deleted" if args.dry_run else "deleted"
     ids = ", ".join(str(j.id) for j in jobs[:20]) + (", ..." if len(jobs) > 20 else "")
-    print(f"{len(jobs)} job(s) that ended before {before:%Y-%m-%d %H:%M} UTC {what} with their files "
-          f"({freed / 2**20:.1f} MiB){': ' + ids if jobs else ''}")
+    print(
+        f"{len(jobs)} job(s) that ended before {before:%Y-%m-%d %H:%M} UTC {what} with their files "
+        f"({freed / 2**20:.1f} MiB){': ' + ids if jobs else ''}"
+    )
     return 0
 
 
@@ -182,8 +205,11 @@ def register(add, load) -> None:
     j.add_argument("action", choices=list(COMMANDS))
     j.add_argument("ids", nargs="*", type=int, help="(show, cancel) job id(s)")
     j.add_argument("--user", action="append", help="(list) only this user's jobs (repeatable)")
-    j.add_argument("--state", action="append", help="(list) only jobs in this state (repeatable): submitted, "
-                                                    "running, finished, error, removed")
+    j.add_argument(
+        "--state",
+        action="append",
+        help="(list) only jobs in this state (repeatable): submitted, running, finished, error, removed",
+    )
     j.add_argument("--lines", type=int, default=20, help="(show) lines of the log's end shown (default 20)")
     j.add_argument("--days", type=int, help="(purge) delete jobs that ended more than this many days ago")
     j.add_argument("--dry-run", action="store_true", help="(purge) say what would be deleted, delete nothing")
@@ -196,7 +222,8 @@ def _check_args(args) -> None:
     if args.action == "cancel" and not args.ids:
         raise ConfigError("`jobs cancel` needs one or more job IDs")
     if args.action == "purge" and args.days is None:
-        raise ConfigError("`jobs purge` needs --days N: jobs that ended more than N days ago are deleted with their "
-                          "log and outputs")
+        raise ConfigError(
+            "`jobs purge` needs --days N: jobs that ended more than N days ago are deleted with their log and outputs"
+        )
     if args.action == "show":
         args.id = args.ids[0]

@@ -35,15 +35,28 @@ def job_model(app, job: Job, with_log: bool) -> dict:
     s = app.settings["jobs"]
     files = []
     for f in json.loads(job.output_files or "[]"):
-        files.append({"url": signing.sign(app.settings["signing_key"], s.base_url, job.id, f["path"], s.url_ttl),
-                      "path": f["path"], "content_type": f.get("content_type"), "size": f["size"], "hash": f["hash"]})
+        files.append(
+            {
+                "url": signing.sign(app.settings["signing_key"], s.base_url, job.id, f["path"], s.url_ttl),
+                "path": f["path"],
+                "content_type": f.get("content_type"),
+                "size": f["size"],
+                "hash": f["hash"],
+            }
+        )
     log = ""
     if with_log:
         path = s.logs / f"{job.id}.log"
         log = path.read_text(errors="replace") if path.exists() else ""
     return {
-        "id": job.id, "resource_uri": f"/jobs/{job.id}", "user_id": job.user_id, "status": job.status,
-        "collab": job.collab, "code": job.code, "command": job.command, "hardware_platform": job.hardware_platform,
+        "id": job.id,
+        "resource_uri": f"/jobs/{job.id}",
+        "user_id": job.user_id,
+        "status": job.status,
+        "collab": job.collab,
+        "code": job.code,
+        "command": job.command,
+        "hardware_platform": job.hardware_platform,
         "hardware_config": json.loads(job.hardware_config) if job.hardware_config else None,
         "input_data": json.loads(job.input_data) if job.input_data else None,
         "tags": json.loads(job.tags or "[]"),
@@ -51,8 +64,9 @@ def job_model(app, job: Job, with_log: bool) -> dict:
         "timestamp_completion": _iso(job.timestamp_completion),
         "output_data": {"repository": REPOSITORY, "files": files},
         "provenance": json.loads(job.provenance) if job.provenance else None,
-        "resource_usage": ({"value": job.resource_usage, "units": "core-hours"}
-                           if job.resource_usage is not None else None),
+        "resource_usage": (
+            {"value": job.resource_usage, "units": "core-hours"} if job.resource_usage is not None else None
+        ),
         "log": log,  # always a string: `nmpi check` writes it to a file
         "comments": [],
     }
@@ -111,9 +125,16 @@ class Base(web.RequestHandler):
 class AboutHandler(web.RequestHandler):
     def get(self):
         self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"about": "This is the SpiNNaker Jupyter job service (EBRAINS Neuromorphic Computing "
-                                         "Job Queue API v3, as the nmpi client uses it).",
-                                "version": "3", "links": {"jobs": "/jobs/", "userinfo": "/userinfo"}}))
+        self.finish(
+            json.dumps(
+                {
+                    "about": "This is the SpiNNaker Jupyter job service (EBRAINS Neuromorphic Computing "
+                    "Job Queue API v3, as the nmpi client uses it).",
+                    "version": "3",
+                    "links": {"jobs": "/jobs/", "userinfo": "/userinfo"},
+                }
+            )
+        )
 
 
 class UserInfoHandler(Base):
@@ -140,16 +161,19 @@ class JobsHandler(Base):
         platforms = self.get_arguments("hardware_platform")
         if platforms and PLATFORM.lower() not in {p.lower() for p in platforms}:
             return self.json([])
-        jobs = self.store.query(self.who.name, statuses, self.get_arguments("collab"), self.get_arguments("tags"),
-                                size, start)
+        jobs = self.store.query(
+            self.who.name, statuses, self.get_arguments("collab"), self.get_arguments("tags"), size, start
+        )
         self.json([job_model(self.application, j, with_log=False) for j in jobs])
 
     def post(self):
         try:
             body = json.loads(self.request.body or b"")
         except ValueError as e:
-            self.fail(400, f"The request body is not valid JSON ({e}); send a JSON object with code, collab and "
-                           "hardware_platform")
+            self.fail(
+                400,
+                f"The request body is not valid JSON ({e}); send a JSON object with code, collab and hardware_platform",
+            )
         try:
             job = submit(self.application, self.who, body)
         except Refused as e:
@@ -176,12 +200,16 @@ def submit(app, who: identity.Identity, body) -> Job:
         if not isinstance(body.get(key), str) or not body[key].strip():
             raise Refused(422, f"{key}: required (a non-empty string)")
     if body["hardware_platform"].lower() != PLATFORM.lower():
-        raise Refused(422, f"hardware_platform: {body['hardware_platform']!r} is not run here; this service runs "
-                           f"{PLATFORM} jobs")
+        raise Refused(
+            422, f"hardware_platform: {body['hardware_platform']!r} is not run here; this service runs {PLATFORM} jobs"
+        )
     collabs = who.collabs(js.collabs)
     if body["collab"] not in collabs:
-        raise Refused(404, f"You do not have access to the collab {body['collab']!r} or there is no collab with this "
-                           f"id. Yours here: {', '.join(collabs)}")
+        raise Refused(
+            404,
+            f"You do not have access to the collab {body['collab']!r} or there is no collab with this "
+            f"id. Yours here: {', '.join(collabs)}",
+        )
     command = body.get("command") or "run.py {system}"
     if not isinstance(command, str):
         raise Refused(422, "command: expected a string such as 'run.py {system}'")
@@ -189,18 +217,30 @@ def submit(app, who: identity.Identity, body) -> Job:
     if not isinstance(tags, list) or not all(isinstance(t, str) and 2 <= len(t.strip()) <= 100 for t in tags):
         raise Refused(422, "tags: expected a list of strings of 2 to 100 characters")
     try:
-        config = hardware_config.parse(body.get("hardware_config"), js.allowed_keys, app.settings["versions"],
-                                       js.pip_packages, js.wall_time, job_boards.max_boards(js.spinnaker, who.name,
-                                                                                            list(who.groups)))
+        config = hardware_config.parse(
+            body.get("hardware_config"),
+            js.allowed_keys,
+            app.settings["versions"],
+            js.pip_packages,
+            js.wall_time,
+            job_boards.max_boards(js.spinnaker, who.name, list(who.groups)),
+        )
         fetch.check_inline(body["code"], js.fetch_limits)
         input_data = inputs.parse(body.get("input_data"))
     except (hardware_config.HardwareConfigError, fetch.FetchError, inputs.InputError) as e:
         raise Refused(422, str(e)) from None
-    job = app.settings["store"].create(who.name, {
-        "collab": body["collab"], "code": body["code"], "command": command, "hardware_platform": PLATFORM,
-        "hardware_config": json.dumps(config) if config else None,
-        "input_data": json.dumps(input_data) if input_data else None,
-        "tags": json.dumps([t.strip() for t in tags])})
+    job = app.settings["store"].create(
+        who.name,
+        {
+            "collab": body["collab"],
+            "code": body["code"],
+            "command": command,
+            "hardware_platform": PLATFORM,
+            "hardware_config": json.dumps(config) if config else None,
+            "input_data": json.dumps(input_data) if input_data else None,
+            "tags": json.dumps([t.strip() for t in tags]),
+        },
+    )
     app.settings["runner"].wake()
     return job
 
@@ -222,8 +262,13 @@ class JobHandler(Base):
     def delete(self, job_id):
         job = self.own_job(job_id)
         before = remove(self.application, job)
-        self.json({"id": job.id, "status": "removed" if before != "running" else "running",
-                   "detail": "The job is being stopped." if before == "running" else "The job was removed."})
+        self.json(
+            {
+                "id": job.id,
+                "status": "removed" if before != "running" else "running",
+                "detail": "The job is being stopped." if before == "running" else "The job was removed.",
+            }
+        )
 
 
 class LogHandler(Base):
@@ -247,17 +292,26 @@ class FileHandler(web.RequestHandler):
         self.finish(json.dumps({"detail": detail or status_reason(self)}))
 
     async def get(self, job_id, path):
-        why = signing.check(self.settings["signing_key"], int(job_id), path, self.get_argument("expires", ""),
-                            self.get_argument("signature", ""))
+        why = signing.check(
+            self.settings["signing_key"],
+            int(job_id),
+            path,
+            self.get_argument("expires", ""),
+            self.get_argument("signature", ""),
+        )
         if why:
             raise web.HTTPError(403, why.replace("%", "%%"))
         job = self.settings["store"].get(int(job_id))
-        entries = {f["path"]: f for f in json.loads(job.output_files or "[]")} if job and job.status != "removed" else {}
+        entries = (
+            {f["path"]: f for f in json.loads(job.output_files or "[]")} if job and job.status != "removed" else {}
+        )
         if path not in entries:
             raise web.HTTPError(404, "This file is no longer kept (removed, or past jobs.retention_days)")
         target = Path(self.settings["jobs"].outputs) / str(job.id) / path
-        self.set_header("Content-Type", entries[path].get("content_type") or
-                        mimetypes.guess_type(path)[0] or "application/octet-stream")
+        self.set_header(
+            "Content-Type",
+            entries[path].get("content_type") or mimetypes.guess_type(path)[0] or "application/octet-stream",
+        )
         self.set_header("Content-Length", str(target.stat().st_size))
         self.set_header("Cache-Control", "no-store")
         with open(target, "rb") as f:
@@ -268,17 +322,20 @@ class FileHandler(web.RequestHandler):
 
 
 def make_app(pages: list | None = None, **settings) -> web.Application:
-    return web.Application([
-        *(pages or []),
-        (r"/", AboutHandler),
-        (r"/userinfo/?", UserInfoHandler),
-        (r"/jobs/?", JobsHandler),
-        (r"/jobs/(\d+)/?", JobHandler),
-        (r"/jobs/(\d+)/log/?", LogHandler),
-        (r"/jobs/(\d+)/output_data/?", OutputDataHandler),
-        (r"/files/(\d+)/(.+)", FileHandler),
-        *uploads.ROUTES,
-    ], **settings)
+    return web.Application(
+        [
+            *(pages or []),
+            (r"/", AboutHandler),
+            (r"/userinfo/?", UserInfoHandler),
+            (r"/jobs/?", JobsHandler),
+            (r"/jobs/(\d+)/?", JobHandler),
+            (r"/jobs/(\d+)/log/?", LogHandler),
+            (r"/jobs/(\d+)/output_data/?", OutputDataHandler),
+            (r"/files/(\d+)/(.+)", FileHandler),
+            *uploads.ROUTES,
+        ],
+        **settings,
+    )
 
 
 from . import uploads  # noqa: E402 (its handlers build on Base above)

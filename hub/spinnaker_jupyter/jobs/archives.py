@@ -44,8 +44,10 @@ class _Budget:
     def add(self, n: int, name: str) -> None:
         self.bytes += n
         if self.bytes > self.max_bytes:
-            raise ArchiveError(f"{self.what} unpacks to more than {self.max_bytes // 2**20} MiB (at {name!r}): "
-                               f"too large, or a decompression bomb; see {self.limits}")
+            raise ArchiveError(
+                f"{self.what} unpacks to more than {self.max_bytes // 2**20} MiB (at {name!r}): "
+                f"too large, or a decompression bomb; see {self.limits}"
+            )
 
 
 def _write(src, dest: Path, rel: str, budget: _Budget, digest: bool = False) -> tuple[int, str | None]:
@@ -77,12 +79,15 @@ def extract_zip(path: Path, dest: Path, max_bytes: int, max_files: int) -> None:
         for info in zf.infolist():
             rel = safe_relpath(info.filename)
             if rel is None:
-                raise ArchiveError(f"The zip archive has an entry outside its folder: {info.filename!r}; nothing "
-                                   "was run. Rebuild the archive with relative paths only")
+                raise ArchiveError(
+                    f"The zip archive has an entry outside its folder: {info.filename!r}; nothing "
+                    "was run. Rebuild the archive with relative paths only"
+                )
             mode = info.external_attr >> 16
             if mode and (mode & 0o170000) not in (0, 0o100000, 0o040000):
-                raise ArchiveError(f"The zip archive has a link or special file: {info.filename!r}; only regular "
-                                   "files are accepted")
+                raise ArchiveError(
+                    f"The zip archive has a link or special file: {info.filename!r}; only regular files are accepted"
+                )
             if info.is_dir():
                 (dest / rel).mkdir(parents=True, exist_ok=True)
                 continue
@@ -102,14 +107,17 @@ def extract_tar(path: Path, dest: Path, max_bytes: int, max_files: int) -> None:
             for member in tf:
                 rel = safe_relpath(member.name)
                 if rel is None:
-                    raise ArchiveError(f"The tar archive has an entry outside its folder: {member.name!r}; nothing "
-                                       "was run. Rebuild the archive with relative paths only")
+                    raise ArchiveError(
+                        f"The tar archive has an entry outside its folder: {member.name!r}; nothing "
+                        "was run. Rebuild the archive with relative paths only"
+                    )
                 if member.isdir():
                     (dest / rel).mkdir(parents=True, exist_ok=True)
                     continue
                 if not member.isfile():
-                    raise ArchiveError(f"The tar archive has a link or special file: {member.name!r}; only "
-                                       "regular files are accepted")
+                    raise ArchiveError(
+                        f"The tar archive has a link or special file: {member.name!r}; only regular files are accepted"
+                    )
                 budget.file(rel)
                 _write(tf.extractfile(member), dest, rel, budget)
         except (tarfile.TarError, EOFError, OSError) as e:

@@ -28,8 +28,13 @@ from pathlib import Path
 
 CONFIG = Path("~/.config/spinnaker-jupyter/job.json")
 SKIP = {".git", "__pycache__", ".ipynb_checkpoints", "reports"}
-WORDS = {"submitted": "is queued", "running": "is running", "finished": "finished",
-         "error": "ended with an error", "removed": "was cancelled"}
+WORDS = {
+    "submitted": "is queued",
+    "running": "is running",
+    "finished": "finished",
+    "error": "ended with an error",
+    "removed": "was cancelled",
+}
 
 
 class Failure(Exception):
@@ -45,15 +50,21 @@ def settings(args) -> tuple[str, str]:
         try:
             cfg = json.loads(path.read_text())
         except ValueError as e:
-            raise Failure(f"{path}: not valid JSON ({e}); expected {{\"url\": ..., \"token\": ...}}") from None
+            raise Failure(f'{path}: not valid JSON ({e}); expected {{"url": ..., "token": ...}}') from None
     url = args.url or os.environ.get("SPINNAKER_JOBS_URL") or cfg.get("url")
-    token = (args.token or os.environ.get("SPINNAKER_JOBS_TOKEN") or os.environ.get("JUPYTERHUB_API_TOKEN")
-             or cfg.get("token"))
+    token = (
+        args.token
+        or os.environ.get("SPINNAKER_JOBS_TOKEN")
+        or os.environ.get("JUPYTERHUB_API_TOKEN")
+        or cfg.get("token")
+    )
     if not url:
-        raise Failure(f"No job service given: use --url, set SPINNAKER_JOBS_URL, or put \"url\" in {path}")
+        raise Failure(f'No job service given: use --url, set SPINNAKER_JOBS_URL, or put "url" in {path}')
     if not token:
-        raise Failure("No token given: use --token, set SPINNAKER_JOBS_TOKEN (a token from the hub's Token page), "
-                      f"or put \"token\" in {path}")
+        raise Failure(
+            "No token given: use --token, set SPINNAKER_JOBS_TOKEN (a token from the hub's Token page), "
+            f'or put "token" in {path}'
+        )
     return url.rstrip("/"), token
 
 
@@ -62,8 +73,12 @@ class Service:
         self.url, self.token = url, token
 
     def call(self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json"):
-        req = urllib.request.Request(self.url + path, data=body, method=method,
-                                     headers={"Authorization": f"Bearer {self.token}", "Content-Type": content_type})
+        req = urllib.request.Request(
+            self.url + path,
+            data=body,
+            method=method,
+            headers={"Authorization": f"Bearer {self.token}", "Content-Type": content_type},
+        )
         try:
             with urllib.request.urlopen(req, timeout=120) as r:
                 return json.loads(r.read() or b"null")
@@ -73,8 +88,10 @@ class Service:
             except ValueError:
                 detail = None
             if e.code == 401 or e.code == 403 and not detail:
-                raise Failure(f"The job service at {self.url} refused the token ({e.code}): get a new one from the "
-                              "hub's Token page") from None
+                raise Failure(
+                    f"The job service at {self.url} refused the token ({e.code}): get a new one from the "
+                    "hub's Token page"
+                ) from None
             raise Failure(f"The job service said: {detail or e.reason} ({e.code})") from None
         except urllib.error.URLError as e:
             raise Failure(f"Cannot reach the job service at {self.url}: {e.reason}") from None
@@ -144,9 +161,20 @@ def cmd_run(args) -> int:
     me = svc.call("GET", "/userinfo")["preferred_username"]
     upload = svc.call("POST", "/uploads", archive(script.resolve().parent), "application/gzip")
     command = " ".join([script.name, "{system}", *args.args])
-    job = svc.call("POST", "/jobs/", json.dumps({
-        "code": upload["url"], "command": command, "collab": args.collab or f"private-{me}",
-        "hardware_platform": "SpiNNaker", "hardware_config": config, "tags": args.tag or []}).encode())
+    job = svc.call(
+        "POST",
+        "/jobs/",
+        json.dumps(
+            {
+                "code": upload["url"],
+                "command": command,
+                "collab": args.collab or f"private-{me}",
+                "hardware_platform": "SpiNNaker",
+                "hardware_config": config,
+                "tags": args.tag or [],
+            }
+        ).encode(),
+    )
     print(f"Job {job['id']} submitted ({script.resolve().parent} as {upload['size']} bytes)", flush=True)
     if args.batch:
         print(f"Follow it with: spinnaker-jupyter-job check {job['id']}")
@@ -164,11 +192,14 @@ def cmd_check(args) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="spinnaker-jupyter-job", description="Run batch jobs on this SpiNNaker "
-                                "Jupyter deployment's job service (the nmpi API).")
+    p = argparse.ArgumentParser(
+        prog="spinnaker-jupyter-job",
+        description="Run batch jobs on this SpiNNaker Jupyter deployment's job service (the nmpi API).",
+    )
     p.add_argument("--url", help="the job service (default: SPINNAKER_JOBS_URL, or the config file)")
-    p.add_argument("--token", help="a hub API token (default: SPINNAKER_JOBS_TOKEN, JUPYTERHUB_API_TOKEN, or the "
-                                   "config file)")
+    p.add_argument(
+        "--token", help="a hub API token (default: SPINNAKER_JOBS_TOKEN, JUPYTERHUB_API_TOKEN, or the config file)"
+    )
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="upload the script's folder, run the script, follow it, fetch the outputs")
     run.add_argument("-b", "--batch", action="store_true", help="submit and return at once (then use `check`)")

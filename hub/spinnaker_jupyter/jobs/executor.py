@@ -54,8 +54,9 @@ class Executor(ABC):
         """The account a user's jobs run as (created when missing)."""
 
     @abstractmethod
-    async def start(self, argv: list[str], cwd: Path, env: dict, limits: RunLimits,
-                    account: Account) -> asyncio.subprocess.Process:
+    async def start(
+        self, argv: list[str], cwd: Path, env: dict, limits: RunLimits, account: Account
+    ) -> asyncio.subprocess.Process:
         """Start the job's command with stdout and stderr on one pipe, in a process group of its own."""
 
     @abstractmethod
@@ -95,7 +96,7 @@ class LocalExecutor(Executor):
         try:  # by the rule the spawner applies to servers: another deployment's `jupyter-alice` is another person
             pw = own_system_account(pw, self.home(user), user)
         except AccountOfAnotherDeployment as e:
-                raise AccountError(e.message("jobs")) from None
+            raise AccountError(e.message("jobs")) from None
         return Account(name, pw.pw_uid, pw.pw_gid, switched=True)
 
     def _preexec(self, limits: RunLimits | None, account: Account, record: bool = False):
@@ -127,8 +128,15 @@ class LocalExecutor(Executor):
 
     async def start(self, argv, cwd, env, limits, account):
         return await asyncio.create_subprocess_exec(
-            *argv, cwd=str(cwd), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=self._preexec(limits, account, record=True))
+            *argv,
+            cwd=str(cwd),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=self._preexec(limits, account, record=True),
+        )
 
     def ended(self, pid: int) -> None:
         """The command started with `pid` has ended and its process group was stopped: its session is no longer
@@ -155,10 +163,15 @@ class LocalExecutor(Executor):
             pass
 
     def tar_files(self, root, paths, account):
-        proc = subprocess.Popen(["tar", "--create", "--file=-", "--directory", str(root), "--no-recursion", "--null",
-                                 "--files-from=-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-                                preexec_fn=self._preexec(None, account), cwd="/")
+        proc = subprocess.Popen(
+            ["tar", "--create", "--file=-", "--directory", str(root), "--no-recursion", "--null", "--files-from=-"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+            preexec_fn=self._preexec(None, account),
+            cwd="/",
+        )
         names = b"".join(p.encode() + b"\0" for p in paths)
 
         def feed():  # in a thread: tar writes its output while it still reads names, and the pipes are small

@@ -50,9 +50,11 @@ def kind_of(code: str) -> str:
 def check_inline(code: str, limits: Limits) -> None:
     """Said at submission, so an oversized script is refused before it is stored."""
     if not is_url(code) and len(code.encode()) > limits.inline_bytes:
-        raise FetchError(f"The inline script is {len(code.encode()) // 1024} KiB, over the limit of "
-                         f"{limits.inline_bytes // 1024} KiB (jobs.limits.inline_code_kb): put it in a git "
-                         "repository or an archive and give its URL")
+        raise FetchError(
+            f"The inline script is {len(code.encode()) // 1024} KiB, over the limit of "
+            f"{limits.inline_bytes // 1024} KiB (jobs.limits.inline_code_kb): put it in a git "
+            "repository or an archive and give its URL"
+        )
 
 
 def fetch(code: str, dest: Path, limits: Limits, as_user=None) -> dict:
@@ -93,10 +95,16 @@ def _fetch_archive(url: str, dest: Path, limits: Limits, as_user) -> dict:
     download = dest.parent / (dest.name + ".download")
     h = hashlib.sha256()
     size = 0
-    proc = subprocess.Popen([sys.executable, "-I", "-c", _DOWNLOAD, url, str(limits.code_bytes), str(limits.timeout)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, cwd="/", preexec_fn=as_user,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-I", "-c", _DOWNLOAD, url, str(limits.code_bytes), str(limits.timeout)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+        cwd="/",
+        preexec_fn=as_user,
+        start_new_session=True,
+    )
     try:
         with open(download, "wb") as out:
             while chunk := proc.stdout.read(archives.CHUNK):
@@ -113,8 +121,9 @@ def _fetch_archive(url: str, dest: Path, limits: Limits, as_user) -> dict:
             raise FetchError(f"Downloading {url} took longer than {limits.timeout} s") from None
         err = proc.stderr.read().decode(errors="replace").strip()
         if proc.returncode == 3 or size > limits.code_bytes:
-            raise FetchError(f"The archive at {url} is larger than {limits.code_bytes // 2**20} MiB "
-                             "(jobs.limits.code_mb)")
+            raise FetchError(
+                f"The archive at {url} is larger than {limits.code_bytes // 2**20} MiB (jobs.limits.code_mb)"
+            )
         if proc.returncode != 0:
             raise FetchError(f"Could not download the code archive {url}: {err.splitlines()[-1] if err else 'failed'}")
         path = url.split("?", 1)[0].lower()
@@ -148,13 +157,45 @@ def _tree_size(root: Path) -> int:
 
 
 def _clone(url: str, dest: Path, limits: Limits, as_user) -> dict:
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(dest), "GIT_TERMINAL_PROMPT": "0", "GIT_CONFIG_NOSYSTEM": "1",
-           "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_ASKPASS": "/bin/false", "LANG": "C.UTF-8"}
-    cmd = ["git", "-c", "protocol.allow=never", "-c", "protocol.http.allow=always", "-c", "protocol.https.allow=always",
-           "-c", "core.hooksPath=/dev/null", "clone", "--quiet", "--depth", "1", "--single-branch",
-           "--no-recurse-submodules", "--", url, str(dest)]
-    proc = subprocess.Popen(cmd, env=env, cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True, preexec_fn=as_user)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(dest),
+        "GIT_TERMINAL_PROMPT": "0",
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_CONFIG_GLOBAL": "/dev/null",
+        "GIT_ASKPASS": "/bin/false",
+        "LANG": "C.UTF-8",
+    }
+    cmd = [
+        "git",
+        "-c",
+        "protocol.allow=never",
+        "-c",
+        "protocol.http.allow=always",
+        "-c",
+        "protocol.https.allow=always",
+        "-c",
+        "core.hooksPath=/dev/null",
+        "clone",
+        "--quiet",
+        "--depth",
+        "1",
+        "--single-branch",
+        "--no-recurse-submodules",
+        "--",
+        url,
+        str(dest),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        cwd="/",
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=as_user,
+    )
     deadline = time.monotonic() + limits.timeout
     why = None
     while proc.poll() is None:
@@ -170,10 +211,18 @@ def _clone(url: str, dest: Path, limits: Limits, as_user) -> dict:
     err = proc.stderr.read().decode(errors="replace").strip()
     if proc.returncode != 0:
         last = err.splitlines()[-1] if err else f"git exited with {proc.returncode}"
-        raise FetchError(f"Could not clone {url}: {last.removeprefix('fatal: ')}. Check that the URL is a public git "
-                         "repository reachable from this service")
+        raise FetchError(
+            f"Could not clone {url}: {last.removeprefix('fatal: ')}. Check that the URL is a public git "
+            "repository reachable from this service"
+        )
     if _tree_size(dest) > limits.code_bytes:
         raise FetchError(f"The repository {url} is larger than {limits.code_bytes // 2**20} MiB (jobs.limits.code_mb)")
-    commit = subprocess.run(["git", "-C", str(dest), "rev-parse", "HEAD"], env=env, cwd="/", capture_output=True,
-                            text=True, preexec_fn=as_user).stdout.strip()
+    commit = subprocess.run(
+        ["git", "-C", str(dest), "rev-parse", "HEAD"],
+        env=env,
+        cwd="/",
+        capture_output=True,
+        text=True,
+        preexec_fn=as_user,
+    ).stdout.strip()
     return {"source": "git", "url": url, "commit": commit}

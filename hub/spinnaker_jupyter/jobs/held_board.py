@@ -49,8 +49,15 @@ def lost_to(jlog: JobLog):
 
 
 async def claim(
-    s: Settings, store: Store, boards: JobBoards, job: Job, held: HeldBoard, config: dict, account: Account,
-    jlog: JobLog, provenance: dict
+    s: Settings,
+    store: Store,
+    boards: JobBoards,
+    job: Job,
+    held: HeldBoard,
+    config: dict,
+    account: Account,
+    jlog: JobLog,
+    provenance: dict,
 ) -> dict:
     """Claim the job's boards (waiting in the service's queue, or for the lab board, as long as the deployment
     lets sessions wait); a cancel while waiting ends the wait. Returns the job's SPINNAKER_* environment."""
@@ -93,8 +100,7 @@ async def claim(
         }
         where = f"spalloc job {record.job_id}" if record.job_id is not None else "the lab's board"
         jlog.note(
-            f"SpiNNaker board {record.board} is this job's until it ends ({where}); the job's sPyNNaker "
-            "cfg names it."
+            f"SpiNNaker board {record.board} is this job's until it ends ({where}); the job's sPyNNaker cfg names it."
         )
         store.set_detail(job.id, f"running on SpiNNaker board {record.board}")
     cfg = write_cfg(

@@ -15,8 +15,10 @@ ACCESS_SCOPE = f"access:services!service={SERVICE_NAME}"
 def update_jobs(c, d: Deployment) -> None:
     if not d["jobs"]["enabled"]:
         return
-    env = {CONFIG_ENV: os.pathsep.join(str(f) for f in d.files) or os.environ.get(CONFIG_ENV, ""),
-           BASE_DIR_ENV: str(d.base_dir)}
+    env = {
+        CONFIG_ENV: os.pathsep.join(str(f) for f in d.files) or os.environ.get(CONFIG_ENV, ""),
+        BASE_DIR_ENV: str(d.base_dir),
+    }
     if os.environ.get(DB_URL_ENV):  # a secret: from the hub's environment, never from the config file
         env[DB_URL_ENV] = os.environ[DB_URL_ENV]
     if d["spinnaker"]["mode"] == "session" and os.environ.get("SPALLOC_TOKEN"):  # jobs claim boards as the hub does
@@ -25,9 +27,17 @@ def update_jobs(c, d: Deployment) -> None:
     # The `url` also gives it the hub's proxy route /services/jobs/ and an OAuth client: there the Jobs page is
     # served to browsers logged in to the hub (JupyterHub's HubOAuth), and the hub's menu lists it.
     ip = d["jobs"]["ip"] if d["jobs"]["ip"] not in ("", "0.0.0.0", "::") else "127.0.0.1"
-    c.JupyterHub.services = [*c.JupyterHub.services, {
-        "name": SERVICE_NAME, "command": service_command(), "environment": env, "display": True,
-        "url": f"http://{ip}:{d['jobs']['port']}", "oauth_no_confirm": True}]
+    c.JupyterHub.services = [
+        *c.JupyterHub.services,
+        {
+            "name": SERVICE_NAME,
+            "command": service_command(),
+            "environment": env,
+            "display": True,
+            "url": f"http://{ip}:{d['jobs']['port']}",
+            "oauth_no_confirm": True,
+        },
+    ]
     c.JupyterHub.template_vars.update({"jobs_page": f"{d['hub']['base_url']}services/{SERVICE_NAME}/"})
     roles = [dict(r) for r in c.JupyterHub.load_roles]
     user = next((r for r in roles if r["name"] == "user"), None)
@@ -37,8 +47,11 @@ def update_jobs(c, d: Deployment) -> None:
         user["scopes"] = [*user.get("scopes", []), ACCESS_SCOPE]
     c.JupyterHub.load_roles = roles
     # Notebooks submit jobs with their server's JUPYTERHUB_API_TOKEN: JupyterHub's `server` role scopes plus this.
-    base = list(c.Spawner.server_token_scopes) if "server_token_scopes" in c.Spawner else [
-        "users:activity!user", "access:servers!server"]
+    base = (
+        list(c.Spawner.server_token_scopes)
+        if "server_token_scopes" in c.Spawner
+        else ["users:activity!user", "access:servers!server"]
+    )
     c.Spawner.server_token_scopes = [*base, ACCESS_SCOPE]
     # ... and find the service here (what they give nmpi as job_service and, with local accounts, userinfo)
     c.Spawner.environment = {**c.Spawner.environment, "SPINNAKER_JOBS_URL": public_url(d)}

@@ -85,9 +85,11 @@ class TokenChecker:
 
     async def identify(self, token: str | None) -> Identity:
         if not token:
-            raise AuthError(401, "No token: send 'Authorization: Bearer <token>' with a token of this hub (make "
-                                 "one on the hub's Token page)" + (" or an EBRAINS access token" if self.ebrains
-                                                                   else "") + ".")
+            raise AuthError(
+                401,
+                "No token: send 'Authorization: Bearer <token>' with a token of this hub (make "
+                "one on the hub's Token page)" + (" or an EBRAINS access token" if self.ebrains else "") + ".",
+            )
         key = hashlib.sha256(token.encode()).hexdigest()
         hit = self._cache.get(key)
         if hit and hit[0] > time.monotonic():
@@ -114,8 +116,12 @@ class TokenChecker:
             who = await self._from_ebrains(token)
             if who is not None:
                 return who
-        raise AuthError(401, "This token is not valid here: use a token of this hub" +
-                        (" or a current EBRAINS access token" if self.ebrains else "") + ".")
+        raise AuthError(
+            401,
+            "This token is not valid here: use a token of this hub"
+            + (" or a current EBRAINS access token" if self.ebrains else "")
+            + ".",
+        )
 
     async def _get(self, url: str, auth: str) -> tuple[int, dict | None]:
         req = HTTPRequest(url, headers={"Authorization": auth}, request_timeout=20)
@@ -141,10 +147,13 @@ class TokenChecker:
 
         scope = f"access:services!service={self.service_name}"
         if not check_scopes(scope, set(model.get("scopes") or [])):
-            raise AuthError(403, f"This token lacks the scope {scope}: make a token without restricted scopes on "
-                                 "the hub's Token page.")
-        return Identity(name=model["name"], groups=list(model.get("groups") or []),
-                        admin=bool(model.get("admin")), source="hub")
+            raise AuthError(
+                403,
+                f"This token lacks the scope {scope}: make a token without restricted scopes on the hub's Token page.",
+            )
+        return Identity(
+            name=model["name"], groups=list(model.get("groups") or []), admin=bool(model.get("admin")), source="hub"
+        )
 
     async def _from_ebrains(self, token: str) -> Identity | None:
         eb = self.ebrains
@@ -159,17 +168,32 @@ class TokenChecker:
             raise AuthError(403, "The EBRAINS token carries no user name (preferred_username).") from None
         groups = _claim(info, eb["groups_claim"]) or []
         groups = [str(g) for g in groups] if isinstance(groups, list) else []
-        allowed = (eb["allow_all"] or name in eb["allowed_users"] or info.get("preferred_username") in
-                   eb["allowed_users"] or bool(set(groups) & set(eb["allowed_groups"])))
+        allowed = (
+            eb["allow_all"]
+            or name in eb["allowed_users"]
+            or info.get("preferred_username") in eb["allowed_users"]
+            or bool(set(groups) & set(eb["allowed_groups"]))
+        )
         if not allowed:
-            raise AuthError(403, "Your EBRAINS account is not in the groups allowed to use this SpiNNaker service. "
-                                 f"To get access, ask {eb['contact']}.")
-        return Identity(name=name, groups=groups, teams=teams_to_collabs(_claim(info, "roles.team")),
-                        admin=bool(set(groups) & set(eb["admin_groups"])), source="ebrains")
+            raise AuthError(
+                403,
+                "Your EBRAINS account is not in the groups allowed to use this SpiNNaker service. "
+                f"To get access, ask {eb['contact']}.",
+            )
+        return Identity(
+            name=name,
+            groups=groups,
+            teams=teams_to_collabs(_claim(info, "roles.team")),
+            admin=bool(set(groups) & set(eb["admin_groups"])),
+            source="ebrains",
+        )
 
 
 def userinfo(who: Identity, collab_map: dict[str, list[str]]) -> dict:
     """An OpenID Connect userinfo answer for the nmpi client on a local-accounts deployment (it reads
     preferred_username, and roles.team for `my_collabs()`)."""
-    return {"sub": who.name, "preferred_username": who.name,
-            "roles": {"team": [f"collab-{c}-editor" for c in who.collabs(collab_map)], "group": who.groups}}
+    return {
+        "sub": who.name,
+        "preferred_username": who.name,
+        "roles": {"team": [f"collab-{c}-editor" for c in who.collabs(collab_map)], "group": who.groups},
+    }

@@ -49,22 +49,28 @@ def parse(value) -> list[dict] | None:
         if unknown:
             raise InputError(f"{where}.{unknown[0]}: unknown key; an input has a url and optionally a path")
         url = item.get("url")
-        if not isinstance(url, str) or not url.strip().startswith(("http://", "https://")) or any(
-                c.isspace() for c in url.strip()):
+        if (
+            not isinstance(url, str)
+            or not url.strip().startswith(("http://", "https://"))
+            or any(c.isspace() for c in url.strip())
+        ):
             raise InputError(f"{where}.url: {url!r} is not an http(s) URL")
         url = url.strip()
         path = item.get("path")
         if path is None:
             path = unquote(posixpath.basename(urlsplit(url).path))
             if not path:
-                raise InputError(f"{where}: {url} names no file; give a path for it, e.g. "
-                                 "{\"url\": \"...\", \"path\": \"data.csv\"}")
+                raise InputError(
+                    f'{where}: {url} names no file; give a path for it, e.g. {{"url": "...", "path": "data.csv"}}'
+                )
         if not isinstance(path, str):
             raise InputError(f"{where}.path: expected a string such as 'data/input.csv'")
         rel = safe_relpath(path)
         if rel is None or rel.split("/", 1)[0] in INTERNAL:
-            raise InputError(f"{where}.path: {path!r} must be a relative path inside the job's folder (no '..', "
-                             "not absolute, not .job or .git)")
+            raise InputError(
+                f"{where}.path: {path!r} must be a relative path inside the job's folder (no '..', "
+                "not absolute, not .job or .git)"
+            )
         if rel in seen:
             raise InputError(f"{where}.path: {rel!r} is given twice; give each input a path of its own")
         seen.add(rel)
@@ -115,25 +121,33 @@ def download(items: list[dict], folder: Path, limit: int, timeout: int, as_user=
     used, done = 0, []
     for i, item in enumerate(items):
         url, path = item["url"], item["path"]
-        proc = subprocess.Popen([sys.executable, "-I", "-c", _DOWNLOAD_TO, url, path, str(limit - used),
-                                 str(timeout)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-                                cwd=str(folder), preexec_fn=as_user, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-c", _DOWNLOAD_TO, url, path, str(limit - used), str(timeout)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+            cwd=str(folder),
+            preexec_fn=as_user,
+            start_new_session=True,
+        )
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
             proc.communicate()
-            raise InputError(f"input_data[{i}]: downloading {url} took longer than {timeout} s "
-                             "(jobs.limits.fetch_timeout)") from None
+            raise InputError(
+                f"input_data[{i}]: downloading {url} took longer than {timeout} s (jobs.limits.fetch_timeout)"
+            ) from None
         said = err.decode(errors="replace").strip().splitlines()
         if proc.returncode == 3:
-            raise InputError(f"input_data: the input files are larger than {limit // 2**20} MiB in all "
-                             f"(jobs.limits.input_mb); {url} went past it. Download big data from your script, "
-                             "or ask the operator for a larger limit")
+            raise InputError(
+                f"input_data: the input files are larger than {limit // 2**20} MiB in all "
+                f"(jobs.limits.input_mb); {url} went past it. Download big data from your script, "
+                "or ask the operator for a larger limit"
+            )
         if proc.returncode == 4:
-            raise InputError(f"input_data[{i}].path: {path} is already in the job's code; give the input another "
-                             "path")
+            raise InputError(f"input_data[{i}].path: {path} is already in the job's code; give the input another path")
         if proc.returncode != 0:
             raise InputError(f"input_data[{i}]: could not download {url}: {said[-1] if said else 'failed'}")
         size, sha = out.decode().split()

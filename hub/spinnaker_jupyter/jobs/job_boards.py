@@ -52,8 +52,9 @@ def max_boards(spinnaker: dict, user: str | None = None, groups: list[str] = ())
     if user is not None:
         return boards_for(spinnaker, user, groups)
     sp = spinnaker["spalloc"]
-    return max([int(sp["boards"]), *map(int, sp["boards_per_user"].values()),
-                *map(int, sp["boards_per_group"].values())])
+    return max(
+        [int(sp["boards"]), *map(int, sp["boards_per_user"].values()), *map(int, sp["boards_per_group"].values())]
+    )
 
 
 class JobBoards:
@@ -69,7 +70,7 @@ class JobBoards:
         self._token_provider, self._ca_certs = token_provider, ca_certs
 
     @classmethod
-    def from_deployment(cls, d) -> "JobBoards":
+    def from_deployment(cls, d) -> JobBoards:
         from ..boards.hubconfig import LEASE_FILE
         from ..boards.lock import use_deployment
 

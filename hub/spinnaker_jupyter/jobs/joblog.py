@@ -31,9 +31,13 @@ class JobLog:
             if self.capped:
                 return
             self.capped = True
-            data = data[: max(0, self.cap - self.size)] + (
-                f"\n[spinnaker-jupyter] The log reached {self.cap // 2**20} MiB (jobs.limits.log_mb); the rest "
-                "of the job's output is not kept here.\n").encode()
+            data = (
+                data[: max(0, self.cap - self.size)]
+                + (
+                    f"\n[spinnaker-jupyter] The log reached {self.cap // 2**20} MiB (jobs.limits.log_mb); the rest "
+                    "of the job's output is not kept here.\n"
+                ).encode()
+            )
         with open(self.path, "ab") as f:
             f.write(data)
         self.size += len(data)

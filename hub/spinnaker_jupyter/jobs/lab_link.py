@@ -16,9 +16,13 @@ from .settings import SERVICE_NAME
 
 
 def setup_jobs_link() -> dict:
-    return {"command": [sys.executable, "-m", "spinnaker_jupyter.jobs.lab_link", "{unix_socket}"],
-            "unix_socket": True, "timeout": 20, "new_browser_tab": True,
-            "launcher_entry": {"title": "Batch jobs", "enabled": bool(os.environ.get("SPINNAKER_JOBS_URL"))}}
+    return {
+        "command": [sys.executable, "-m", "spinnaker_jupyter.jobs.lab_link", "{unix_socket}"],
+        "unix_socket": True,
+        "timeout": 20,
+        "new_browser_tab": True,
+        "launcher_entry": {"title": "Batch jobs", "enabled": bool(os.environ.get("SPINNAKER_JOBS_URL"))},
+    }
 
 
 def page_url() -> str:
@@ -30,8 +34,10 @@ class Redirect(BaseHTTPRequestHandler):
 
     def do_GET(self):
         url = html.escape(page_url(), quote=True)
-        body = (f'<!doctype html><meta charset="utf-8"><meta http-equiv="refresh" content="0; url={url}">'
-                f'<title>Batch jobs</title><p>Opening <a href="{url}">the Jobs page</a>...</p>').encode()
+        body = (
+            f'<!doctype html><meta charset="utf-8"><meta http-equiv="refresh" content="0; url={url}">'
+            f'<title>Batch jobs</title><p>Opening <a href="{url}">the Jobs page</a>...</p>'
+        ).encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/html; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))

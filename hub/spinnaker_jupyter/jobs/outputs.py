@@ -27,8 +27,12 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     out = {}
     for dirpath, dirs, files in os.walk(root):
         rel_dir = os.path.relpath(dirpath, root)
-        if rel_dir == INTERNAL or rel_dir.startswith(INTERNAL + os.sep) or rel_dir == ".git" or \
-                rel_dir.startswith(".git" + os.sep):
+        if (
+            rel_dir == INTERNAL
+            or rel_dir.startswith(INTERNAL + os.sep)
+            or rel_dir == ".git"
+            or rel_dir.startswith(".git" + os.sep)
+        ):
             dirs[:] = []
             continue
         for name in files:
@@ -42,8 +46,9 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
-def collect(s: Settings, executor: Executor, job: Job, scratch: Path, before: dict,
-            account: Account) -> tuple[list[dict], list[str]]:
+def collect(
+    s: Settings, executor: Executor, job: Job, scratch: Path, before: dict, account: Account
+) -> tuple[list[dict], list[str]]:
     """New or changed files, copied out with the job account's rights, listed with size and sha256; what
     sPyNNaker writes under reports/ goes into one reports.zip. Returns (files, what was not collected and why)."""
     after = snapshot(scratch)
@@ -89,10 +94,15 @@ def copy_home(s: Settings, executor: Executor, job: Job, files: list[dict], jlog
     except AccountError:
         return
     target = home / "jobs" / str(job.id)
-    proc = subprocess.Popen(["sh", "-c", 'mkdir -p -- "$1" && exec tar --extract --file=- --directory "$1"', "sh",
-                             str(target)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, cwd="/",
-                            preexec_fn=executor.as_account(account))
+    proc = subprocess.Popen(
+        ["sh", "-c", 'mkdir -p -- "$1" && exec tar --extract --file=- --directory "$1"', "sh", str(target)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+        cwd="/",
+        preexec_fn=executor.as_account(account),
+    )
     out = s.outputs / str(job.id)
     try:
         with tarfile.open(fileobj=proc.stdin, mode="w|") as tf:

@@ -40,8 +40,11 @@ class Page(HubOAuthenticated, web.RequestHandler):
     def get_template_namespace(self):
         ns = super().get_template_namespace()
         token = self.xsrf_token
-        ns.update(prefix=self.prefix, hub_home=self.settings["hub_prefix"] + "home",
-                  xsrf=token.decode() if isinstance(token, bytes) else token)
+        ns.update(
+            prefix=self.prefix,
+            hub_home=self.settings["hub_prefix"] + "home",
+            xsrf=token.decode() if isinstance(token, bytes) else token,
+        )
         return ns
 
     def write_error(self, status_code, **kwargs):
@@ -60,8 +63,12 @@ class ListPage(Page):
     @web.authenticated
     def get(self):
         jobs = self.settings["store"].query(self.current_user["name"], size=500)
-        self.render("list.html", jobs=[api.job_model(self.application, j, with_log=False) for j in jobs],
-                    user=self.current_user["name"], api_url=self.settings["jobs"].base_url)
+        self.render(
+            "list.html",
+            jobs=[api.job_model(self.application, j, with_log=False) for j in jobs],
+            user=self.current_user["name"],
+            api_url=self.settings["jobs"].base_url,
+        )
 
 
 class NewPage(Page):
@@ -72,13 +79,21 @@ class NewPage(Page):
     def form(self, values: dict, error: str | None = None):
         self.set_status(422 if error else 200)
         collab = values.get("collab") or f"private-{self.current_user['name']}"
-        self.render("new.html", v=values, error=error, collabs=self.who.collabs(self.settings["jobs"].collabs),
-                    collab=collab, versions=self.settings["versions"])
+        self.render(
+            "new.html",
+            v=values,
+            error=error,
+            collabs=self.who.collabs(self.settings["jobs"].collabs),
+            collab=collab,
+            versions=self.settings["versions"],
+        )
 
     @web.authenticated
     def post(self):
-        v = {k: self.get_argument(k, "", strip=False).replace("\r\n", "\n")
-             for k in ("code", "url", "command", "input_data", "hardware_config", "tags", "collab")}
+        v = {
+            k: self.get_argument(k, "", strip=False).replace("\r\n", "\n")
+            for k in ("code", "url", "command", "input_data", "hardware_config", "tags", "collab")
+        }
         if v["code"].strip() and v["url"].strip():
             return self.form(v, "Give either a script or a URL, not both (the URL would replace the script).")
         config = None
@@ -86,14 +101,20 @@ class NewPage(Page):
             try:
                 config = json.loads(v["hardware_config"])
             except ValueError as e:
-                return self.form(v, f"Hardware config: not valid JSON ({e}); e.g. {{\"time_limit\": 600}}")
-        body = {"code": v["url"].strip() or v["code"], "command": v["command"].strip() or "run.py {system}",
-                "collab": v["collab"], "hardware_platform": api.PLATFORM, "hardware_config": config,
-                "tags": [t.strip() for t in v["tags"].split(",") if t.strip()],
-                "input_data": [u.strip() for u in v["input_data"].splitlines() if u.strip()]}
+                return self.form(v, f'Hardware config: not valid JSON ({e}); e.g. {{"time_limit": 600}}')
+        body = {
+            "code": v["url"].strip() or v["code"],
+            "command": v["command"].strip() or "run.py {system}",
+            "collab": v["collab"],
+            "hardware_platform": api.PLATFORM,
+            "hardware_config": config,
+            "tags": [t.strip() for t in v["tags"].split(",") if t.strip()],
+            "input_data": [u.strip() for u in v["input_data"].splitlines() if u.strip()],
+        }
         if not body["code"].strip():
-            return self.form(v, "Code: paste a script, or give the URL of a git repository or a .zip / .tar.gz "
-                                "archive.")
+            return self.form(
+                v, "Code: paste a script, or give the URL of a git repository or a .zip / .tar.gz archive."
+            )
         try:
             job = api.submit(self.application, self.who, body)
         except api.Refused as e:
@@ -109,9 +130,15 @@ class JobPage(Page):
         path = self.settings["jobs"].logs / f"{job.id}.log"
         data = path.read_bytes() if path.exists() else b""
         model["log"] = data.decode(errors="replace")
-        self.render("job.html", job=model, active=job.status in ACTIVE, log_offset=len(data), detail=job.detail,
-                    provenance=json.dumps(model["provenance"], indent=2) if model["provenance"] else "",
-                    config=json.dumps(model["hardware_config"], indent=2) if model["hardware_config"] else "{}")
+        self.render(
+            "job.html",
+            job=model,
+            active=job.status in ACTIVE,
+            log_offset=len(data),
+            detail=job.detail,
+            provenance=json.dumps(model["provenance"], indent=2) if model["provenance"] else "",
+            config=json.dumps(model["hardware_config"], indent=2) if model["hardware_config"] else "{}",
+        )
 
 
 class LogPoll(Page):
@@ -131,8 +158,16 @@ class LogPoll(Page):
                 f.seek(offset)
                 text = f.read(LOG_CHUNK)
         self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"status": job.status, "text": text.decode(errors="replace"),
-                                "offset": offset + len(text), "detail": job.detail if job.status in ACTIVE else None}))
+        self.finish(
+            json.dumps(
+                {
+                    "status": job.status,
+                    "text": text.decode(errors="replace"),
+                    "offset": offset + len(text),
+                    "detail": job.detail if job.status in ACTIVE else None,
+                }
+            )
+        )
 
 
 class DeletePage(Page):

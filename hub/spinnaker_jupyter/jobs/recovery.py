@@ -26,15 +26,19 @@ def recover(store: Store, executor: Executor, s: Settings) -> list[int]:
         if job.pgid:
             executor.kill(job.pgid, job.run_uid)
         if job.cancel_requested:  # cancelled while the service was down (e.g. its user removed): not re-run
-            JobLog.append(s.logs / f"{job.id}.log", f"{stamp()}: the job was cancelled while the job "
-                          "service was stopped; it does not run again.")
+            JobLog.append(
+                s.logs / f"{job.id}.log",
+                f"{stamp()}: the job was cancelled while the job service was stopped; it does not run again.",
+            )
             shutil.rmtree(s.work / str(job.id), ignore_errors=True)
             store.finish(job.id, "removed", json.loads(job.provenance or "{}"), [], None)
             continue
-        JobLog.append(s.logs / f"{job.id}.log",
-                      f"{stamp()}: the job service stopped while this job was running (attempt "
-                      f"{job.attempts}) and did not finish it. It was put back in the queue and will run again "
-                      "from the start; outputs of the interrupted attempt are discarded.")
+        JobLog.append(
+            s.logs / f"{job.id}.log",
+            f"{stamp()}: the job service stopped while this job was running (attempt "
+            f"{job.attempts}) and did not finish it. It was put back in the queue and will run again "
+            "from the start; outputs of the interrupted attempt are discarded.",
+        )
         shutil.rmtree(s.work / str(job.id), ignore_errors=True)
         store.requeue(job.id)
         back.append(job.id)
@@ -50,9 +54,11 @@ def requeue_stopped(store: Store, executor: Executor, s: Settings, runner_id: st
     for job in store.interrupted(runner_id):
         if job.pgid:
             executor.kill(job.pgid, job.run_uid)
-        JobLog.append(s.logs / f"{job.id}.log",
-                      f"{stamp()}: the job service was stopped while this job was running (attempt "
-                      f"{job.attempts}). It was put back in the queue and will run again from the start when "
-                      "the service is back; outputs of the interrupted attempt are discarded.")
+        JobLog.append(
+            s.logs / f"{job.id}.log",
+            f"{stamp()}: the job service was stopped while this job was running (attempt "
+            f"{job.attempts}). It was put back in the queue and will run again from the start when "
+            "the service is back; outputs of the interrupted attempt are discarded.",
+        )
         shutil.rmtree(s.work / str(job.id), ignore_errors=True)
         store.requeue(job.id)

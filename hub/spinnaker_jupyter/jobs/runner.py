@@ -118,8 +118,10 @@ class Runner:
             if out.exists():
                 shutil.rmtree(out, ignore_errors=True)
                 self.store.clear_outputs(job.id)
-                JobLog.append(self.s.logs / f"{job.id}.log", f"{stamp()}: output files removed after "
-                              f"{self.s.retention_days} days (jobs.retention_days).")
+                JobLog.append(
+                    self.s.logs / f"{job.id}.log",
+                    f"{stamp()}: output files removed after {self.s.retention_days} days (jobs.retention_days).",
+                )
 
     # --- one job -------------------------------------------------------------------------------------------------
     async def run(self, job: Job) -> None:
@@ -127,8 +129,15 @@ class Runner:
         jlog = JobLog(s.logs / f"{job.id}.log", s.log_bytes)
         t0 = time.monotonic()
         mode = self.boards.mode if self.boards is not None else "virtual"
-        provenance = {"platform": "SpiNNaker", "spinnaker_mode": mode, "virtual_board": True,
-                      "attempt": job.attempts, "runner": self.id, "started": stamp(), "started_at": time.time()}
+        provenance = {
+            "platform": "SpiNNaker",
+            "spinnaker_mode": mode,
+            "virtual_board": True,
+            "attempt": job.attempts,
+            "runner": self.id,
+            "started": stamp(),
+            "started_at": time.time(),
+        }
         status, files = "error", []
         scratch = s.work / str(job.id)
         held = HeldBoard(
@@ -157,11 +166,13 @@ class Runner:
             provenance["account"] = account.name
             if not account.switched:
                 jlog.note(f"The service has no per-user accounts (not root): the job runs as {account.name}.")
-            provenance["code"] = await loop.run_in_executor(None, steps.prepare, s, executor, job, scratch, account,
-                                                            jlog)
+            provenance["code"] = await loop.run_in_executor(
+                None, steps.prepare, s, executor, job, scratch, account, jlog
+            )
             if job.input_data:
-                provenance["input_data"] = await loop.run_in_executor(None, steps.download_inputs, s, executor, job,
-                                                                      scratch, account, jlog)
+                provenance["input_data"] = await loop.run_in_executor(
+                    None, steps.download_inputs, s, executor, job, scratch, account, jlog
+                )
             env = steps.env_for(s, job, scratch, account)
             if config.get("extra_pip_installs"):
                 await steps.pip_install(s, executor, config["extra_pip_installs"], scratch, env, account, jlog)
@@ -169,23 +180,26 @@ class Runner:
             provenance["command"] = argv[1:]
             provenance["sPyNNaker"] = self.versions[0] if self.versions else None
             if held.session is not None:
-                env.update(await held_board.claim(s, store, self.boards, job, held, config, account, jlog,
-                                                  provenance))
+                env.update(await held_board.claim(s, store, self.boards, job, held, config, account, jlog, provenance))
             before = await loop.run_in_executor(None, outputs.snapshot, scratch)
             wall = config.get("time_limit") or s.wall_time
             jlog.note(f"Running: {shlex.join(['python', *argv[1:]])} (time limit {wall} s)")
             code, why = await steps.execute(s, executor, store, job, argv, scratch, env, account, wall, jlog)
             provenance["exit_code"] = code
             await held_board.release(s, job, held, "the job's command ended", jlog, provenance)
-            files, skipped = await loop.run_in_executor(None, outputs.collect, s, executor, job, scratch, before,
-                                                        account)
+            files, skipped = await loop.run_in_executor(
+                None, outputs.collect, s, executor, job, scratch, before, account
+            )
             for entry in skipped:
                 jlog.note(f"Not collected: {entry}")
             if why:
                 raise JobFailed(why)
             if code != 0:
-                raise JobFailed(f"The command exited with code {code}" if code > 0 else
-                                f"The command was stopped by signal {-code} ({steps.signal_name(-code)})")
+                raise JobFailed(
+                    f"The command exited with code {code}"
+                    if code > 0
+                    else f"The command was stopped by signal {-code} ({steps.signal_name(-code)})"
+                )
             status = "finished"
             jlog.note(f"{stamp()}: finished; {len(files)} output file(s).")
         except JobFailed as e:
@@ -202,8 +216,7 @@ class Runner:
         if store.cancel_requested(job.id):
             status, files = "removed", []
             shutil.rmtree(s.outputs / str(job.id), ignore_errors=True)
-            jlog.note(f"{stamp()}: the job was cancelled {store.cancel_words(job.id)}; its outputs were "
-                      "discarded.")
+            jlog.note(f"{stamp()}: the job was cancelled {store.cancel_words(job.id)}; its outputs were discarded.")
         if files and status != "removed":
             await asyncio.get_running_loop().run_in_executor(None, outputs.copy_home, s, executor, job, files, jlog)
         provenance["wall_seconds"] = round(time.monotonic() - t0, 3)

@@ -42,8 +42,7 @@ async def serve() -> None:
     sp = d["spawner"]
     # Jobs never run as root: as root, each user's jobs run as their own account, whatever the spawner does with
     # servers (a container spawner, or spawner.local.system_users: false); otherwise as the service's account.
-    executor = LocalExecutor(d.homes_dir, os.geteuid() == 0, sp["local"]["system_user_prefix"],
-                             sessions_dir=s.sessions)
+    executor = LocalExecutor(d.homes_dir, os.geteuid() == 0, sp["local"]["system_user_prefix"], sessions_dir=s.sessions)
     if d["jobs"]["executor"] == "slurm":  # the same accounts; the command runs as a Slurm job (slurm_executor.py)
         from .slurm_executor import SlurmExecutor
 
@@ -60,18 +59,43 @@ async def serve() -> None:
     reconciling = asyncio.create_task(boards.reconcile())
     if back:
         log.warning("Put %d interrupted job(s) back in the queue: %s", len(back), back)
-    checker = identity.TokenChecker(os.environ["JUPYTERHUB_API_URL"], os.environ.get("JUPYTERHUB_SERVICE_NAME",
-                                                                                      SERVICE_NAME),
-                                    ebrains_settings(d), d["jobs"]["token_cache_seconds"])
+    checker = identity.TokenChecker(
+        os.environ["JUPYTERHUB_API_URL"],
+        os.environ.get("JUPYTERHUB_SERVICE_NAME", SERVICE_NAME),
+        ebrains_settings(d),
+        d["jobs"]["token_cache_seconds"],
+    )
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX")  # the Jobs page, behind the hub's login (pages.py)
-    web_pages = {"pages": pages.routes(prefix), "pages_prefix": prefix, "template_path": str(pages.TEMPLATES),
-                 "hub_prefix": prefix.rsplit("services/", 1)[0] + "hub/", "xsrf_cookies": True,
-                 "cookie_secret": secrets.token_bytes(32)} if prefix else {}
-    app = api.make_app(**web_pages, store=store, jobs=s, checker=checker, runner=runner, versions=spynnaker_versions(
-        s.spynnaker_env), signing_key=signing.load_key(s.data / "signing_key"))
+    web_pages = (
+        {
+            "pages": pages.routes(prefix),
+            "pages_prefix": prefix,
+            "template_path": str(pages.TEMPLATES),
+            "hub_prefix": prefix.rsplit("services/", 1)[0] + "hub/",
+            "xsrf_cookies": True,
+            "cookie_secret": secrets.token_bytes(32),
+        }
+        if prefix
+        else {}
+    )
+    app = api.make_app(
+        **web_pages,
+        store=store,
+        jobs=s,
+        checker=checker,
+        runner=runner,
+        versions=spynnaker_versions(s.spynnaker_env),
+        signing_key=signing.load_key(s.data / "signing_key"),
+    )
     server = app.listen(d["jobs"]["port"], d["jobs"]["ip"], xheaders=True)
-    log.info("Job service listening on %s:%s (public URL %s); runner %s, concurrency %d", d["jobs"]["ip"],
-             d["jobs"]["port"], s.base_url, runner.id, s.concurrency)
+    log.info(
+        "Job service listening on %s:%s (public URL %s); runner %s, concurrency %d",
+        d["jobs"]["ip"],
+        d["jobs"]["port"],
+        s.base_url,
+        runner.id,
+        s.concurrency,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -97,21 +97,39 @@ class Settings:
         return self.spynnaker_env / "bin" / "python"
 
     @classmethod
-    def from_deployment(cls, d: Deployment) -> "Settings":
+    def from_deployment(cls, d: Deployment) -> Settings:
         j, lim = d["jobs"], d["jobs"]["limits"]
         mib = 2**20
         return cls(
-            base_url=public_url(d), data=jobs_dir(d), spynnaker_env=d.envs_dir / "spynnaker",
-            spinnaker=d["spinnaker"], concurrency=j["concurrency"], wall_time=lim["wall_time"],
-            run_limits=RunLimits(cpu_seconds=lim["cpu_time"], memory_bytes=lim["memory_mb"] * mib,
-                                 processes=lim["processes"], file_bytes=lim["output_mb"] * mib),
-            output_bytes=lim["output_mb"] * mib, output_files=lim["output_files"], log_bytes=lim["log_mb"] * mib,
-            fetch_limits=fetch.Limits(code_bytes=lim["code_mb"] * mib, code_files=lim["code_files"],
-                                      inline_bytes=lim["inline_code_kb"] * 1024, timeout=lim["fetch_timeout"]),
-            url_ttl=j["download_url_ttl"], retention_days=j["retention_days"],
-            allowed_keys=list(j["hardware_config_keys"]), pip_packages=list(j["pip_packages"]),
-            collabs={k: list(v) for k, v in j["collabs"].items()}, input_bytes=lim["input_mb"] * mib,
-            upload_quota_bytes=lim["upload_quota_mb"] * mib)
+            base_url=public_url(d),
+            data=jobs_dir(d),
+            spynnaker_env=d.envs_dir / "spynnaker",
+            spinnaker=d["spinnaker"],
+            concurrency=j["concurrency"],
+            wall_time=lim["wall_time"],
+            run_limits=RunLimits(
+                cpu_seconds=lim["cpu_time"],
+                memory_bytes=lim["memory_mb"] * mib,
+                processes=lim["processes"],
+                file_bytes=lim["output_mb"] * mib,
+            ),
+            output_bytes=lim["output_mb"] * mib,
+            output_files=lim["output_files"],
+            log_bytes=lim["log_mb"] * mib,
+            fetch_limits=fetch.Limits(
+                code_bytes=lim["code_mb"] * mib,
+                code_files=lim["code_files"],
+                inline_bytes=lim["inline_code_kb"] * 1024,
+                timeout=lim["fetch_timeout"],
+            ),
+            url_ttl=j["download_url_ttl"],
+            retention_days=j["retention_days"],
+            allowed_keys=list(j["hardware_config_keys"]),
+            pip_packages=list(j["pip_packages"]),
+            collabs={k: list(v) for k, v in j["collabs"].items()},
+            input_bytes=lim["input_mb"] * mib,
+            upload_quota_bytes=lim["upload_quota_mb"] * mib,
+        )
 
 
 def service_command() -> list[str]:

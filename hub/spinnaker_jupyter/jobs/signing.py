@@ -36,8 +36,10 @@ def _mac(key: bytes, job_id: int, path: str, expires: int) -> str:
 
 def sign(key: bytes, base_url: str, job_id: int, path: str, ttl: int) -> str:
     expires = int(time.time()) + ttl
-    return (f"{base_url.rstrip('/')}/files/{job_id}/{quote(path)}?expires={expires}"
-            f"&signature={_mac(key, job_id, path, expires)}")
+    return (
+        f"{base_url.rstrip('/')}/files/{job_id}/{quote(path)}?expires={expires}"
+        f"&signature={_mac(key, job_id, path, expires)}"
+    )
 
 
 def check(key: bytes, job_id: int, path: str, expires: str, signature: str) -> str | None:
@@ -49,8 +51,7 @@ def check(key: bytes, job_id: int, path: str, expires: str, signature: str) -> s
     if not hmac.compare_digest(_mac(key, job_id, path, when), signature or ""):
         return "This download link is not valid. Read the job again to get a fresh link."
     if when < time.time():
-        return ("This download link has expired. Read the job again (nmpi get_job, or the Jobs page) for a fresh "
-                "link.")
+        return "This download link has expired. Read the job again (nmpi get_job, or the Jobs page) for a fresh link."
     return None
 
 
@@ -60,4 +61,6 @@ UPLOAD = 0  # job ids start at 1: an upload's MAC can never pass for a job file'
 def sign_upload(key: bytes, base_url: str, name: str, ttl: int) -> str:
     """The link the runner fetches an uploaded code archive by (command-line client `run`; uploads.py)."""
     expires = int(time.time()) + ttl
-    return f"{base_url.rstrip('/')}/uploads/{quote(name)}?expires={expires}&signature={_mac(key, UPLOAD, name, expires)}"
+    return (
+        f"{base_url.rstrip('/')}/uploads/{quote(name)}?expires={expires}&signature={_mac(key, UPLOAD, name, expires)}"
+    )

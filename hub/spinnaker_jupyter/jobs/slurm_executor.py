@@ -52,6 +52,8 @@ def _pauses():
     while True:
         yield pause
         pause = min(POLL, pause * 2)
+
+
 READ_EVERY = 0.25  # seconds between reads of the output file (a local or NFS read, not a Slurm call)
 OUT_FILE = "slurm.out"
 
@@ -68,8 +70,19 @@ ENDINGS = {
 
 
 class SlurmExecutor(LocalExecutor):
-    def __init__(self, homes_dir: Path, system_users: bool, prefix: str, *, store, settings, slurm: dict,
-                 board_mode: str, sessions_dir: Path | None = None, log=None):
+    def __init__(
+        self,
+        homes_dir: Path,
+        system_users: bool,
+        prefix: str,
+        *,
+        store,
+        settings,
+        slurm: dict,
+        board_mode: str,
+        sessions_dir: Path | None = None,
+        log=None,
+    ):
         super().__init__(homes_dir, system_users, prefix, log=log, sessions_dir=sessions_dir)
         self.store, self.s, self.board_mode = store, settings, board_mode
         self.conf = slurm.get("conf") or ""
@@ -94,18 +107,31 @@ class SlurmExecutor(LocalExecutor):
         for key in ("partition", "account", "qos"):  # the jobs' own, else the servers'
             sl[key] = js[key] or sl[key]
         sl["extra_sbatch_options"] = js["extra_sbatch_options"]
-        return cls(local.homes_dir, local.system_users, local.prefix, store=store, settings=settings, slurm=sl,
-                   board_mode=d["spinnaker"]["mode"], sessions_dir=local.sessions_dir, log=local.log)
+        return cls(
+            local.homes_dir,
+            local.system_users,
+            local.prefix,
+            store=store,
+            settings=settings,
+            slurm=sl,
+            board_mode=d["spinnaker"]["mode"],
+            sessions_dir=local.sessions_dir,
+            log=local.log,
+        )
 
     # --- Slurm commands (as root: the service sees and cancels every job it submitted) --------------------------
     @property
     def slurm_env(self) -> dict:
-        return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", **({"SLURM_CONF": self.conf}
-                                                                               if self.conf else {})}
+        return {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "LANG": "C.UTF-8",
+            **({"SLURM_CONF": self.conf} if self.conf else {}),
+        }
 
     async def _run(self, *argv: str) -> tuple[int, str, str]:
-        proc = await asyncio.create_subprocess_exec(*argv, env=self.slurm_env, stdin=subprocess.DEVNULL,
-                                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/")
+        proc = await asyncio.create_subprocess_exec(
+            *argv, env=self.slurm_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/"
+        )
         out, err = await proc.communicate()
         return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
 
@@ -125,8 +151,14 @@ class SlurmExecutor(LocalExecutor):
         return str(ids.index(str(slurm_id)) + 1) if str(slurm_id) in ids else "?"
 
     def _scancel(self, slurm_id: int) -> None:
-        subprocess.run([self.bin["scancel"], str(slurm_id)], env=self.slurm_env, capture_output=True, timeout=30,
-                       cwd="/", check=False)
+        subprocess.run(
+            [self.bin["scancel"], str(slurm_id)],
+            env=self.slurm_env,
+            capture_output=True,
+            timeout=30,
+            cwd="/",
+            check=False,
+        )
 
     def _sweep(self) -> None:
         """Slurm jobs a previous run of the service submitted and did not see end: cancelled (their jobs go back in
@@ -139,9 +171,18 @@ class SlurmExecutor(LocalExecutor):
 
     # --- the executor interface ---------------------------------------------------------------------------------
     def sbatch_argv(self, job_id: int, cwd: Path, limits, wall: int, boards: int) -> list[str]:
-        args = [self.bin["sbatch"], "--parsable", f"--job-name=spinnaker-job-{job_id}", f"--chdir={cwd}",
-                f"--output={cwd / INTERNAL / OUT_FILE}", "--no-requeue", "--export=ALL", "--cpus-per-task=1",
-                f"--time={math.ceil(wall / 60) + 1}", f"--mem={limits.memory_bytes // 2**20}M"]
+        args = [
+            self.bin["sbatch"],
+            "--parsable",
+            f"--job-name=spinnaker-job-{job_id}",
+            f"--chdir={cwd}",
+            f"--output={cwd / INTERNAL / OUT_FILE}",
+            "--no-requeue",
+            "--export=ALL",
+            "--cpus-per-task=1",
+            f"--time={math.ceil(wall / 60) + 1}",
+            f"--mem={limits.memory_bytes // 2**20}M",
+        ]
         if self.license and boards:
             args.append(f"--licenses={self.license}:{boards}")
         for flag, value in (("partition", self.partition), ("account", self.slurm_account), ("qos", self.qos)):
@@ -168,9 +209,14 @@ class SlurmExecutor(LocalExecutor):
         script = f"#!{argv[0]}\nimport os\nargv = {json.dumps(argv)}\nos.execv(argv[0], argv)\n"
         sbatch = self.sbatch_argv(job_id, cwd, limits, wall, boards)
         proc = await asyncio.create_subprocess_exec(
-            *sbatch, env={**env, **self.slurm_env, "PATH": env.get("PATH", "/usr/bin:/bin")},
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/",
-            preexec_fn=self._preexec(limits, account))
+            *sbatch,
+            env={**env, **self.slurm_env, "PATH": env.get("PATH", "/usr/bin:/bin")},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd="/",
+            preexec_fn=self._preexec(limits, account),
+        )
         out, err = await proc.communicate(script.encode())
         if proc.returncode != 0:
             raise JobFailed(self._refusal(err.decode(errors="replace")))
@@ -179,8 +225,9 @@ class SlurmExecutor(LocalExecutor):
         job = SlurmJob(self, slurm_id, job_id, cwd, account.uid)
         self.jobs[slurm_id] = job
         where = ", ".join(a.removeprefix("--") for a in sbatch if a.startswith(("--partition", "--licenses")))
-        self._note(job_id, f"Submitted to Slurm as job {slurm_id}" + (f" ({where})" if where else "") +
-                   f", as {account.name}.")
+        self._note(
+            job_id, f"Submitted to Slurm as job {slurm_id}" + (f" ({where})" if where else "") + f", as {account.name}."
+        )
         try:
             await job.wait_running()
         except BaseException:  # a cancel, a service stop, or Slurm lost: the Slurm job goes too
@@ -189,12 +236,15 @@ class SlurmExecutor(LocalExecutor):
         return job
 
     def _refusal(self, stderr: str) -> str:
-        keys = {"partition": "jobs.slurm.partition (or spawner.slurm.partition)",
-                "account": "jobs.slurm.account (or spawner.slurm.account)",
-                "qos": "jobs.slurm.qos (or spawner.slurm.qos)", "license": "spawner.slurm.board_license",
-                "conf": "spawner.slurm.conf", "memory": "jobs.limits.memory_mb"}
-        values = {"partition": self.partition, "account": self.slurm_account, "qos": self.qos,
-                  "license": self.license}
+        keys = {
+            "partition": "jobs.slurm.partition (or spawner.slurm.partition)",
+            "account": "jobs.slurm.account (or spawner.slurm.account)",
+            "qos": "jobs.slurm.qos (or spawner.slurm.qos)",
+            "license": "spawner.slurm.board_license",
+            "conf": "spawner.slurm.conf",
+            "memory": "jobs.limits.memory_mb",
+        }
+        values = {"partition": self.partition, "account": self.slurm_account, "qos": self.qos, "license": self.license}
         said = slurm_queue.sbatch_error(stderr, keys, values)
         return f"Slurm refused the job: {said}" if said else f"Slurm refused the job: {' '.join(stderr.split())}"
 

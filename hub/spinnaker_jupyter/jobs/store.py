@@ -11,11 +11,26 @@ threads of one, never take the same job, on SQLite as on PostgreSQL.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from datetime import datetime, timezone
-from typing import Any, Iterable
+from typing import Any
 
-from sqlalchemy import (Boolean, DateTime, Float, Integer, String, Text, create_engine, delete, event, func, inspect,
-                        select, text, update)
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    Float,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    delete,
+    event,
+    func,
+    inspect,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 STATUSES = ("submitted", "running", "finished", "error", "removed")
@@ -58,6 +73,7 @@ class Job(Base):
     cancel_reason: Mapped[str | None] = mapped_column(Text, nullable=True)  # e.g. "by an operator"
     detail: Mapped[str | None] = mapped_column(Text, nullable=True)  # what a running job waits for, in words
 
+
 #: Columns added after the first release: (name, SQL type), added to an existing table at start-up.
 ADDED_COLUMNS = (("cancel_reason", "TEXT"), ("detail", "TEXT"))
 
@@ -69,9 +85,11 @@ class Store:
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         self.engine = create_engine(url, **kwargs)
         if url.startswith("sqlite"):
+
             @event.listens_for(self.engine, "connect")
             def _wal(dbapi_conn, _record):  # readers do not wait for the runner's writes
                 dbapi_conn.execute("PRAGMA journal_mode=WAL")
+
         Base.metadata.create_all(self.engine)
         self._add_columns()
         self.session = sessionmaker(self.engine, expire_on_commit=False)
@@ -96,8 +114,15 @@ class Store:
         with self.session() as s:
             return s.get(Job, job_id)
 
-    def query(self, user_id: str, statuses: Iterable[str] = (), collabs: Iterable[str] = (), tags: Iterable[str] = (),
-              size: int = 10, from_index: int = 0) -> list[Job]:
+    def query(
+        self,
+        user_id: str,
+        statuses: Iterable[str] = (),
+        collabs: Iterable[str] = (),
+        tags: Iterable[str] = (),
+        size: int = 10,
+        from_index: int = 0,
+    ) -> list[Job]:
         q = select(Job).where(Job.user_id == user_id)
         statuses, collabs = list(statuses), list(collabs)
         q = q.where(Job.status.in_(statuses)) if statuses else q.where(Job.status != "removed")
@@ -117,13 +142,19 @@ class Store:
             before = self.get(job_id).status
             with self.session() as s, s.begin():
                 if before == "running":
-                    done = s.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(
-                        cancel_requested=True, cancel_reason=reason))
+                    done = s.execute(
+                        update(Job)
+                        .where(Job.id == job_id, Job.status == "running")
+                        .values(cancel_requested=True, cancel_reason=reason)
+                    )
                 elif before == "removed":
                     return before
                 else:
-                    done = s.execute(update(Job).where(Job.id == job_id, Job.status == before).values(
-                        status="removed", timestamp_completion=func.coalesce(Job.timestamp_completion, now())))
+                    done = s.execute(
+                        update(Job)
+                        .where(Job.id == job_id, Job.status == before)
+                        .values(status="removed", timestamp_completion=func.coalesce(Job.timestamp_completion, now()))
+                    )
             if done.rowcount == 1:
                 return before
 
@@ -146,9 +177,19 @@ class Store:
             if candidate is None:
                 return None
             with self.session() as s, s.begin():
-                done = s.execute(update(Job).where(Job.id == candidate, Job.status == "submitted").values(
-                    status="running", runner_id=runner_id, timestamp_started=now(), attempts=Job.attempts + 1,
-                    cancel_requested=False, cancel_reason=None, detail=None))
+                done = s.execute(
+                    update(Job)
+                    .where(Job.id == candidate, Job.status == "submitted")
+                    .values(
+                        status="running",
+                        runner_id=runner_id,
+                        timestamp_started=now(),
+                        attempts=Job.attempts + 1,
+                        cancel_requested=False,
+                        cancel_reason=None,
+                        detail=None,
+                    )
+                )
             if done.rowcount == 1:
                 return self.get(candidate)
 
@@ -156,8 +197,17 @@ class Store:
         self._update(job_id, pgid=pgid, run_uid=uid)
 
     def finish(self, job_id: int, status: str, provenance: dict, files: list[dict], usage: float | None) -> None:
-        self._update(job_id, status=status, provenance=json.dumps(provenance), output_files=json.dumps(files),
-                     resource_usage=usage, timestamp_completion=now(), pgid=None, runner_id=None, detail=None)
+        self._update(
+            job_id,
+            status=status,
+            provenance=json.dumps(provenance),
+            output_files=json.dumps(files),
+            resource_usage=usage,
+            timestamp_completion=now(),
+            pgid=None,
+            runner_id=None,
+            detail=None,
+        )
 
     def requeue(self, job_id: int) -> None:
         self._update(job_id, status="submitted", pgid=None, runner_id=None, timestamp_started=None, detail=None)
@@ -197,8 +247,13 @@ class Store:
     def ended_before(self, before: datetime) -> list[Job]:
         """Jobs that ended (finished, error, removed) before `before`."""
         with self.session() as s:
-            return list(s.scalars(select(Job).where(Job.status.in_(DONE + ("removed",)),
-                                                    Job.timestamp_completion < before).order_by(Job.id)))
+            return list(
+                s.scalars(
+                    select(Job)
+                    .where(Job.status.in_(DONE + ("removed",)), Job.timestamp_completion < before)
+                    .order_by(Job.id)
+                )
+            )
 
     def delete(self, job_id: int) -> None:
         """Drop an ended job's record (only one that has ended: a running or queued job is never deleted)."""
@@ -207,8 +262,9 @@ class Store:
 
     def expired(self, before: datetime) -> list[Job]:
         with self.session() as s:
-            return list(s.scalars(select(Job).where(Job.status.in_(DONE + ("removed",)),
-                                                    Job.timestamp_completion < before)))
+            return list(
+                s.scalars(select(Job).where(Job.status.in_(DONE + ("removed",)), Job.timestamp_completion < before))
+            )
 
     def clear_outputs(self, job_id: int) -> None:
         self._update(job_id, output_files="[]")

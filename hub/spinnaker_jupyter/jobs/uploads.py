@@ -54,16 +54,22 @@ class UploadHandler(api.Base):
         limit = self.js.fetch_limits.code_bytes
         body = self.request.body
         if len(body) > limit:
-            self.fail(413, f"The archive is larger than {limit // 2**20} MiB (jobs.limits.code_mb): leave data "
-                           "out of the script's folder, or put the code in a git repository")
+            self.fail(
+                413,
+                f"The archive is larger than {limit // 2**20} MiB (jobs.limits.code_mb): leave data "
+                "out of the script's folder, or put the code in a git repository",
+            )
         if body[:2] != b"\x1f\x8b":
             self.fail(422, "The upload must be a .tar.gz archive of the script's folder")
         quota, used = self.js.upload_quota_bytes, used_by(self.js.data, self.who.name)
         if used + len(body) > quota:
-            self.fail(413, f"Your uploads here would take {_mib(used + len(body))} MiB, over your quota of "
-                           f"{quota // 2**20} MiB (jobs.limits.upload_quota_mb): uploads are deleted "
-                           f"{self.js.retention_days} days after they were made; until then leave data out of the "
-                           "script's folder, or put the code in a git repository")
+            self.fail(
+                413,
+                f"Your uploads here would take {_mib(used + len(body))} MiB, over your quota of "
+                f"{quota // 2**20} MiB (jobs.limits.upload_quota_mb): uploads are deleted "
+                f"{self.js.retention_days} days after they were made; until then leave data out of the "
+                "script's folder, or put the code in a git repository",
+            )
         where = folder(self.js.data)
         where.mkdir(mode=0o700, exist_ok=True)
         name = f"{owner_tag(self.who.name)}-{secrets.token_urlsafe(24)}{SUFFIX}"
@@ -84,8 +90,13 @@ class UploadFileHandler(web.RequestHandler):
         self.finish({"detail": detail or status_reason(self)})
 
     def get(self, name):
-        why = signing.check(self.settings["signing_key"], signing.UPLOAD, name, self.get_argument("expires", ""),
-                            self.get_argument("signature", ""))
+        why = signing.check(
+            self.settings["signing_key"],
+            signing.UPLOAD,
+            name,
+            self.get_argument("expires", ""),
+            self.get_argument("signature", ""),
+        )
         if why:
             raise web.HTTPError(403, "This upload link is not valid or has expired; submit the job again")
         path = folder(self.settings["jobs"].data) / name

@@ -10,7 +10,8 @@ import json
 import logging
 import socket
 import ssl
-from typing import Any, Awaitable, Callable, Mapping, Optional, Sequence, Union
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Union
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
@@ -36,7 +37,7 @@ log = logging.getLogger(__package__)
 
 #: A bearer token, or something that returns one (sync or async): called again whenever a session is renewed,
 #: so an expiring access token can be refreshed.
-TokenSource = Union[str, Callable[[], Union[str, None, Awaitable[Optional[str]]]], None]
+TokenSource = Union[str, Callable[[], str | None | Awaitable[str | None]], None]
 
 SESSION_COOKIE = "JSESSIONID"
 _RETRY_STATUSES = {500, 502, 503, 504}
@@ -70,11 +71,21 @@ class SpallocClient:
     :param http_client: a tornado ``AsyncHTTPClient`` to share; by default the client makes (and closes) its own.
     """
 
-    def __init__(self, url: str, token: TokenSource = None, *, request_timeout: float = 30.0,
-                 connect_timeout: float = 10.0, long_poll_timeout: float = 45.0, retries: int = 3,
-                 retry_delay: float = 1.0, ca_certs: Optional[str] = None, validate_cert: bool = True,
-                 http_client: Optional[AsyncHTTPClient] = None,
-                 logger: Optional[Union[logging.Logger, logging.LoggerAdapter[Any]]] = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: TokenSource = None,
+        *,
+        request_timeout: float = 30.0,
+        connect_timeout: float = 10.0,
+        long_poll_timeout: float = 45.0,
+        retries: int = 3,
+        retry_delay: float = 1.0,
+        ca_certs: str | None = None,
+        validate_cert: bool = True,
+        http_client: AsyncHTTPClient | None = None,
+        logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
+    ) -> None:
         self.service_url = normalize_service_url(url)
         self.srv_url = self.service_url + "srv/spalloc/"
         self._token_source = token
@@ -88,16 +99,16 @@ class SpallocClient:
         self.log = logger or log
         self._http = http_client
         self._own_http = http_client is None
-        self._token: Optional[str] = None
-        self._cookie: Optional[str] = None
-        self._csrf: Optional[tuple[str, str]] = None
-        self._service: Optional[ServiceInfo] = None
+        self._token: str | None = None
+        self._cookie: str | None = None
+        self._csrf: tuple[str, str] | None = None
+        self._service: ServiceInfo | None = None
         self._login_lock = asyncio.Lock()
         self._login_count = 0
 
     # -- public ---------------------------------------------------------------------------------------------
     @property
-    def service(self) -> Optional[ServiceInfo]:
+    def service(self) -> ServiceInfo | None:
         """What the service said at the last login (``None`` before ``connect()``)."""
         return self._service
 
@@ -114,12 +125,21 @@ class SpallocClient:
         obj = await self._json("GET", service.machines_url, what="list the SpiNNaker machines")
         return list(obj.get("machines", []))
 
-    async def create_job(self, *, owner: Optional[str] = None, n_boards: Optional[int] = 1,
-                         dimensions: Optional[tuple[int, int]] = None, board: Optional[Mapping[str, Any]] = None,
-                         group: Optional[str] = None, collab: Optional[str] = None,
-                         nmpi_job_id: Optional[int] = None, machine_name: Optional[str] = None,
-                         tags: Optional[Sequence[str]] = None, keepalive_interval: float = 60.0,
-                         max_dead_boards: Optional[int] = None) -> "SpallocJob":
+    async def create_job(
+        self,
+        *,
+        owner: str | None = None,
+        n_boards: int | None = 1,
+        dimensions: tuple[int, int] | None = None,
+        board: Mapping[str, Any] | None = None,
+        group: str | None = None,
+        collab: str | None = None,
+        nmpi_job_id: int | None = None,
+        machine_name: str | None = None,
+        tags: Sequence[str] | None = None,
+        keepalive_interval: float = 60.0,
+        max_dead_boards: int | None = None,
+    ) -> SpallocJob:
         """Ask for boards; returns the (usually queued) job. Start its keepalive at once.
 
         Give one of ``n_boards``, ``dimensions`` (width, height in triads) or ``board`` (``{"address": ip}``,
@@ -151,10 +171,15 @@ class SpallocClient:
             body["tags"] = list(tags) if tags else ["default"]
         if max_dead_boards is not None:
             body["max-dead-boards"] = int(max_dead_boards)
-        what = f"create a job for {_plural(int(n_boards or 1), 'board')}" if "num-boards" in body else \
-            "create a job"
-        resp = await self._request("POST", service.jobs_url, body=json.dumps(body).encode(),
-                                   content_type="application/json", idempotent=False, what=what)
+        what = f"create a job for {_plural(int(n_boards or 1), 'board')}" if "num-boards" in body else "create a job"
+        resp = await self._request(
+            "POST",
+            service.jobs_url,
+            body=json.dumps(body).encode(),
+            content_type="application/json",
+            idempotent=False,
+            what=what,
+        )
         location = resp.headers.get("Location")
         if not location:
             try:
@@ -162,14 +187,15 @@ class SpallocClient:
             except ValueError:
                 location = None
         if not location:
-            raise SpallocProtocolError(f"The allocation service created a job but did not say where it is "
-                                       f"(no Location header; HTTP {resp.code}).")
+            raise SpallocProtocolError(
+                f"The allocation service created a job but did not say where it is "
+                f"(no Location header; HTTP {resp.code})."
+            )
         job = SpallocJob(self, self._follow(location), keepalive_interval=keepalive_interval)
         self.log.info("spalloc: created %s for %s (%s)", job.url, owner or "(token user)", body)
         return job
 
-    async def list_jobs(self, *, deleted: bool = False, limit: Optional[int] = None,
-                        max_pages: int = 1000) -> list[str]:
+    async def list_jobs(self, *, deleted: bool = False, limit: int | None = None, max_pages: int = 1000) -> list[str]:
         """Every job the service lists (``GET jobs``, following its ``next`` pages), as job URLs, newest first.
 
         The service lists every live job (with ``deleted``: ended ones too) to anyone logged in; reading a job's
@@ -179,7 +205,7 @@ class SpallocClient:
         params = {"deleted": "true" if deleted else "false"}
         if limit is not None:
             params["limit"] = str(int(limit))
-        url: Optional[str] = f"{service.jobs_url}?{urlencode(params)}"
+        url: str | None = f"{service.jobs_url}?{urlencode(params)}"
         out: list[str] = []
         listed: set[str] = set()
         seen: set[str] = set()
@@ -197,7 +223,7 @@ class SpallocClient:
             url = self._follow(str(nxt)) if nxt and page else None
         return out
 
-    def job(self, job_url: str, *, keepalive_interval: Optional[float] = None) -> "SpallocJob":
+    def job(self, job_url: str, *, keepalive_interval: float | None = None) -> SpallocJob:
         """A handle on an existing job (e.g. a URL persisted before a hub restart).
 
         The URL must belong to this service: the session's credentials are never sent elsewhere.
@@ -212,14 +238,14 @@ class SpallocClient:
             self._http.close()
             self._http = None
 
-    async def __aenter__(self) -> "SpallocClient":
+    async def __aenter__(self) -> SpallocClient:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
 
     # -- session ----------------------------------------------------------------------------------------------
-    async def _get_token(self) -> Optional[str]:
+    async def _get_token(self) -> str | None:
         src = self._token_source
         if src is None or isinstance(src, str):
             return src or None
@@ -238,11 +264,16 @@ class SpallocClient:
             if not self._token:
                 raise SpallocAuthError(
                     f"No access token for the SpiNNaker allocation service at {self.service_url}: set "
-                    f"`{SETTINGS}.token` (or log in with an account whose token the service accepts).")
+                    f"`{SETTINGS}.token` (or log in with an account whose token the service accepts)."
+                )
             # Step 1: bearer token -> session cookie (what spinnman's Session.renew does).
-            resp = await self._fetch_retrying("GET", self.service_url + "system/login.html",
-                                              headers={"Authorization": f"Bearer {self._token}"},
-                                              idempotent=True, what="log in")
+            resp = await self._fetch_retrying(
+                "GET",
+                self.service_url + "system/login.html",
+                headers={"Authorization": f"Bearer {self._token}"},
+                idempotent=True,
+                what="log in",
+            )
             if resp.code in (401, 403):
                 raise auth_error(self.service_url, resp, "log in")
             if resp.code == 200:
@@ -250,8 +281,9 @@ class SpallocClient:
             # (No login page or no cookie: carry on with the bearer token on every request.)
             # Step 2: the service description and the session's CSRF token.
             headers = self._headers("GET")
-            resp = await self._fetch_retrying("GET", self.srv_url, headers=headers, idempotent=True,
-                                              what="read the service description")
+            resp = await self._fetch_retrying(
+                "GET", self.srv_url, headers=headers, idempotent=True, what="read the service description"
+            )
             if resp.code in (401, 403):
                 raise auth_error(self.service_url, resp, "read the service description")
             if resp.code != 200:
@@ -265,14 +297,22 @@ class SpallocClient:
                 raise protocol_error(resp, self.srv_url, detail=f"missing {e}") from e
             if obj.get("csrf-header") and obj.get("csrf-token"):
                 self._csrf = (str(obj["csrf-header"]), str(obj["csrf-token"]))
-            self._service = ServiceInfo(service_url=self.service_url, version=version,
-                                        jobs_url=self._follow(jobs_url), machines_url=self._follow(machines_url))
+            self._service = ServiceInfo(
+                service_url=self.service_url,
+                version=version,
+                jobs_url=self._follow(jobs_url),
+                machines_url=self._follow(machines_url),
+            )
             self._login_count += 1
-            self.log.debug("spalloc: session open with %s (version %s, cookie %s)", self.service_url, version,
-                           "yes" if self._cookie else "no")
+            self.log.debug(
+                "spalloc: session open with %s (version %s, cookie %s)",
+                self.service_url,
+                version,
+                "yes" if self._cookie else "no",
+            )
 
     @staticmethod
-    def _session_cookie(resp: HTTPResponse) -> Optional[str]:
+    def _session_cookie(resp: HTTPResponse) -> str | None:
         for header in resp.headers.get_list("Set-Cookie"):
             jar: http.cookies.SimpleCookie = http.cookies.SimpleCookie()
             try:
@@ -302,10 +342,15 @@ class SpallocClient:
 
     def _check_ours(self, url: str) -> None:
         ours, theirs = urlsplit(self.srv_url), urlsplit(url)
-        if (theirs.scheme not in ("http", "https") or theirs.netloc != ours.netloc
-                or not theirs.path.startswith(ours.path + "jobs/")):
-            raise SpallocError(f"Refusing to use the job URL {url!r}: it is not a job of the configured "
-                               f"allocation service {self.service_url} (setting `{SETTINGS}.url` changed?).")
+        if (
+            theirs.scheme not in ("http", "https")
+            or theirs.netloc != ours.netloc
+            or not theirs.path.startswith(ours.path + "jobs/")
+        ):
+            raise SpallocError(
+                f"Refusing to use the job URL {url!r}: it is not a job of the configured "
+                f"allocation service {self.service_url} (setting `{SETTINGS}.url` changed?)."
+            )
 
     # -- requests ---------------------------------------------------------------------------------------------
     async def _json(self, method: str, url: str, *, what: str, **kw: Any) -> Any:
@@ -315,10 +360,20 @@ class SpallocClient:
         except ValueError as e:
             raise protocol_error(resp, url, detail="the answer is not JSON") from e
 
-    async def _request(self, method: str, url: str, *, params: Optional[Mapping[str, str]] = None,
-                       body: Optional[bytes] = None, content_type: Optional[str] = None, idempotent: bool = True,
-                       timeout: Optional[float] = None, what: str, ok: Sequence[int] = (200, 201, 202, 204),
-                       retries: Optional[int] = None) -> HTTPResponse:
+    async def _request(
+        self,
+        method: str,
+        url: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: bytes | None = None,
+        content_type: str | None = None,
+        idempotent: bool = True,
+        timeout: float | None = None,
+        what: str,
+        ok: Sequence[int] = (200, 201, 202, 204),
+        retries: int | None = None,
+    ) -> HTTPResponse:
         """One API request in the session: renews the session once on 401/403, raises ``SpallocError`` else."""
         await self.connect()
         if params:
@@ -328,8 +383,16 @@ class SpallocClient:
             headers = self._headers(method)
             if content_type:
                 headers["Content-Type"] = content_type
-            resp = await self._fetch_retrying(method, url, headers=headers, body=body, idempotent=idempotent,
-                                              timeout=timeout, what=what, retries=retries)
+            resp = await self._fetch_retrying(
+                method,
+                url,
+                headers=headers,
+                body=body,
+                idempotent=idempotent,
+                timeout=timeout,
+                what=what,
+                retries=retries,
+            )
             if resp.code in ok:
                 return resp
             if resp.code in (401, 403) or (300 <= resp.code < 400 and "login" in resp.headers.get("Location", "")):
@@ -341,13 +404,22 @@ class SpallocClient:
             raise status_error(resp, what)
         raise AssertionError("unreachable")
 
-    async def _fetch_retrying(self, method: str, url: str, *, headers: Mapping[str, str],
-                              body: Optional[bytes] = None, idempotent: bool, what: str,
-                              timeout: Optional[float] = None, retries: Optional[int] = None) -> HTTPResponse:
+    async def _fetch_retrying(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str],
+        body: bytes | None = None,
+        idempotent: bool,
+        what: str,
+        timeout: float | None = None,
+        retries: int | None = None,
+    ) -> HTTPResponse:
         """Fetch with retries of transient failures; raises ``SpallocUnreachableError`` when they run out."""
         attempts = (self.retries if retries is None else retries) + 1
         delay = self.retry_delay
-        last: Optional[str] = None
+        last: str | None = None
         for attempt in range(1, attempts + 1):
             sent = False
             try:
@@ -361,7 +433,8 @@ class SpallocClient:
                 raise SpallocUnreachableError(
                     f"The TLS certificate of the SpiNNaker allocation service at {self.service_url} is not "
                     f"trusted ({e.verify_message or e}). If it uses a private CA, set `{SETTINGS}.ca_certs` to "
-                    f"the CA certificate file.") from e
+                    f"the CA certificate file."
+                ) from e
             except (ConnectionRefusedError, socket.gaierror) as e:
                 last = describe(e)  # certainly not sent: safe to retry even a POST
             except (HTTPClientError, OSError, StreamClosedError) as e:
@@ -372,25 +445,49 @@ class SpallocClient:
             if sent and not idempotent:
                 raise SpallocUnreachableError(
                     f"Lost contact with the SpiNNaker allocation service at {self.service_url} while trying to "
-                    f"{what} ({last}); the request may or may not have been carried out. Try again.")
+                    f"{what} ({last}); the request may or may not have been carried out. Try again."
+                )
             if attempt < attempts:
-                self.log.warning("spalloc: cannot %s (%s); retrying in %.1f s (attempt %d of %d)",
-                                 what, last, delay, attempt + 1, attempts)
+                self.log.warning(
+                    "spalloc: cannot %s (%s); retrying in %.1f s (attempt %d of %d)",
+                    what,
+                    last,
+                    delay,
+                    attempt + 1,
+                    attempts,
+                )
                 await asyncio.sleep(delay)
                 delay *= 2
         raise SpallocUnreachableError(
             f"Cannot reach the SpiNNaker allocation service at {self.service_url} to {what}: {last} "
             f"({_plural(attempts, 'attempt')}). Check `{SETTINGS}.url` and that this host can reach the service "
-            f"(DNS, firewall, proxy); if the service is down, try again later.")
+            f"(DNS, firewall, proxy); if the service is down, try again later."
+        )
 
-    async def _fetch(self, method: str, url: str, *, headers: Mapping[str, str], body: Optional[bytes] = None,
-                     timeout: Optional[float] = None) -> HTTPResponse:
+    async def _fetch(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str],
+        body: bytes | None = None,
+        timeout: float | None = None,
+    ) -> HTTPResponse:
         if self._http is None:
             self._http = AsyncHTTPClient(force_instance=True)
         if method in ("POST", "PUT") and body is None:
             body = b""
-        req = HTTPRequest(url, method=method, headers=dict(headers), body=body,
-                          request_timeout=timeout or self.request_timeout, connect_timeout=self.connect_timeout,
-                          follow_redirects=False, ca_certs=self.ca_certs, validate_cert=self.validate_cert,
-                          allow_nonstandard_methods=False, decompress_response=True)
+        req = HTTPRequest(
+            url,
+            method=method,
+            headers=dict(headers),
+            body=body,
+            request_timeout=timeout or self.request_timeout,
+            connect_timeout=self.connect_timeout,
+            follow_redirects=False,
+            ca_certs=self.ca_certs,
+            validate_cert=self.validate_cert,
+            allow_nonstandard_methods=False,
+            decompress_response=True,
+        )
         return await self._http.fetch(req, raise_error=False)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-from typing import Optional
 
 from tornado.httpclient import HTTPClientError, HTTPResponse
 
@@ -39,7 +38,7 @@ class SpallocProtocolError(SpallocError):
 class SpallocJobDestroyedError(SpallocError):
     """The job was destroyed (by the service, an operator, a keepalive expiry, or a release)."""
 
-    def __init__(self, message: str, job_url: str, reason: Optional[str]) -> None:
+    def __init__(self, message: str, job_url: str, reason: str | None) -> None:
         super().__init__(message)
         self.job_url = job_url
         self.reason = reason
@@ -73,10 +72,12 @@ def auth_error(service_url: str, resp: HTTPResponse, what: str) -> SpallocAuthEr
     if resp.code == 403:
         return SpallocAuthError(
             f"The SpiNNaker allocation service at {service_url} refused to let this account {what} "
-            f"(HTTP 403: {text}). The account may lack the right role or group; ask the service's operators.")
+            f"(HTTP 403: {text}). The account may lack the right role or group; ask the service's operators."
+        )
     return SpallocAuthError(
         f"The SpiNNaker allocation service at {service_url} did not accept the access token when "
-        f"trying to {what} (HTTP {resp.code}: {text}). Check `{SETTINGS}.token`: it may be wrong or expired.")
+        f"trying to {what} (HTTP {resp.code}: {text}). Check `{SETTINGS}.token`: it may be wrong or expired."
+    )
 
 
 def status_error(resp: HTTPResponse, what: str) -> SpallocRequestError:
@@ -86,8 +87,10 @@ def status_error(resp: HTTPResponse, what: str) -> SpallocRequestError:
     elif resp.code == 404:
         msg = f"The SpiNNaker allocation service could not {what}: not found (HTTP 404: {text})."
     elif resp.code >= 500:
-        msg = (f"The SpiNNaker allocation service failed to {what} (HTTP {resp.code}: {text}); it may be "
-               f"overloaded or broken. Try again later.")
+        msg = (
+            f"The SpiNNaker allocation service failed to {what} (HTTP {resp.code}: {text}); it may be "
+            f"overloaded or broken. Try again later."
+        )
     else:
         msg = f"The SpiNNaker allocation service answered HTTP {resp.code} when asked to {what}: {text}."
     return SpallocRequestError(msg, resp.code, text)
@@ -97,4 +100,5 @@ def protocol_error(resp: HTTPResponse, url: str, detail: str = "") -> SpallocPro
     detail = detail or f"HTTP {resp.code}: {response_text(resp)[:120]}"
     return SpallocProtocolError(
         f"{url} did not answer like a SpiNNaker allocation service ({detail}). `{SETTINGS}.url` should be "
-        f"the service's root, e.g. https://spinnaker.cs.man.ac.uk/spalloc/.")
+        f"the service's root, e.g. https://spinnaker.cs.man.ac.uk/spalloc/."
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from typing import Any, Optional
+from typing import Any
 
 
 def parse_iso_duration(text: str) -> float:
@@ -13,11 +13,10 @@ def parse_iso_duration(text: str) -> float:
     if not m or not any(m.groups()):
         raise ValueError(f"not an ISO-8601 duration: {text!r}")
     d, h, mi, s = m.groups()
-    return (int(d or 0) * 86400 + int(h or 0) * 3600 + int(mi or 0) * 60
-            + float((s or "0").replace(",", ".")))
+    return int(d or 0) * 86400 + int(h or 0) * 3600 + int(mi or 0) * 60 + float((s or "0").replace(",", "."))
 
 
-def parse_instant(value: Any) -> Optional[float]:
+def parse_instant(value: Any) -> float | None:
     """Unix time of an instant as the service writes it (ISO-8601 ``2026-12-02T04:58:00.123Z``, or epoch seconds,
     Jackson's default); ``None`` when absent or unreadable."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 from .errors import SpallocProtocolError
 from .iso8601 import parse_instant, parse_iso_duration
@@ -22,7 +23,7 @@ class JobState(str, enum.Enum):
     DESTROYED = "DESTROYED"
 
     @classmethod
-    def parse(cls, value: Any) -> "JobState":
+    def parse(cls, value: Any) -> JobState:
         try:
             return cls(str(value).upper())
         except ValueError:
@@ -45,21 +46,21 @@ class JobStatus:
 
     url: str
     state: JobState
-    owner: Optional[str] = None
-    reason: Optional[str] = None
-    keepalive_host: Optional[str] = None
-    keepalive_url: Optional[str] = None
-    machine_url: Optional[str] = None
-    keepalive_interval: Optional[float] = None
+    owner: str | None = None
+    reason: str | None = None
+    keepalive_host: str | None = None
+    keepalive_url: str | None = None
+    machine_url: str | None = None
+    keepalive_interval: float | None = None
     #: When the service created the job / last had a keepalive (Unix time, the service's clock), if it says.
-    start_time: Optional[float] = None
-    keepalive_time: Optional[float] = None
+    start_time: float | None = None
+    keepalive_time: float | None = None
     #: The create request as the service recorded it (``original-request``), if it says.
     original_request: Mapping[str, Any] = field(default_factory=dict, repr=False)
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_json(cls, url: str, obj: Mapping[str, Any]) -> "JobStatus":
+    def from_json(cls, url: str, obj: Mapping[str, Any]) -> JobStatus:
         interval = None
         orig = obj.get("original-request")
         if not isinstance(orig, Mapping):
@@ -72,12 +73,20 @@ class JobStatus:
                 interval = None
         elif isinstance(ka, (int, float)) and not isinstance(ka, bool):
             interval = float(ka)  # (Jackson writes a Duration as seconds unless told otherwise)
-        return cls(url=url, state=JobState.parse(obj.get("state")), owner=obj.get("owner"),
-                   reason=obj.get("reason"), keepalive_host=obj.get("keepalive-host"),
-                   keepalive_url=obj.get("keepalive-ref"), machine_url=obj.get("machine-ref"),
-                   keepalive_interval=interval, start_time=parse_instant(obj.get("start-time")),
-                   keepalive_time=parse_instant(obj.get("keep-alive-time")), original_request=dict(orig),
-                   raw=dict(obj))
+        return cls(
+            url=url,
+            state=JobState.parse(obj.get("state")),
+            owner=obj.get("owner"),
+            reason=obj.get("reason"),
+            keepalive_host=obj.get("keepalive-host"),
+            keepalive_url=obj.get("keepalive-ref"),
+            machine_url=obj.get("machine-ref"),
+            keepalive_interval=interval,
+            start_time=parse_instant(obj.get("start-time")),
+            keepalive_time=parse_instant(obj.get("keep-alive-time")),
+            original_request=dict(orig),
+            raw=dict(obj),
+        )
 
 
 @dataclass(frozen=True)
@@ -89,18 +98,25 @@ class MachineInfo:
     connections: Mapping[tuple[int, int], str]
     boards: Sequence[Sequence[int]] = ()
     depth: int = 1
-    machine_name: Optional[str] = None
+    machine_name: str | None = None
 
     @classmethod
-    def from_json(cls, obj: Mapping[str, Any]) -> "MachineInfo":
+    def from_json(cls, obj: Mapping[str, Any]) -> MachineInfo:
         try:
             conns = {(int(xy[0]), int(xy[1])): str(host) for xy, host in obj["connections"]}
-            return cls(width=int(obj["width"]), height=int(obj["height"]), connections=conns,
-                       boards=[list(b) if isinstance(b, (list, tuple)) else b for b in obj.get("boards", [])],
-                       depth=int(obj.get("depth", 1)), machine_name=obj.get("machine-name"))
+            return cls(
+                width=int(obj["width"]),
+                height=int(obj["height"]),
+                connections=conns,
+                boards=[list(b) if isinstance(b, (list, tuple)) else b for b in obj.get("boards", [])],
+                depth=int(obj.get("depth", 1)),
+                machine_name=obj.get("machine-name"),
+            )
         except (KeyError, TypeError, ValueError) as e:
-            raise SpallocProtocolError(f"The allocation service described a job's machine in an unexpected "
-                                       f"form ({e!r}): {json.dumps(obj)[:300]}") from e
+            raise SpallocProtocolError(
+                f"The allocation service described a job's machine in an unexpected "
+                f"form ({e!r}): {json.dumps(obj)[:300]}"
+            ) from e
 
     @property
     def root_host(self) -> str:
@@ -126,6 +142,6 @@ class ClaimProgress:
     state: JobState
     message: str
     job_url: str
-    job_id: Optional[int]
+    job_id: int | None
     elapsed: float
-    machine: Optional[MachineInfo] = None
+    machine: MachineInfo | None = None
