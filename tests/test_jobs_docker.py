@@ -17,7 +17,7 @@ import requests
 import test_jobs
 from hubclient import wait_for
 from podman_fixtures import TEST_LABEL
-from test_jobs import _service_pid, client_for, start_jobs_hub, wait_done
+from test_jobs import _ended, _service_pid, client_for, start_jobs_hub, wait_done
 
 pytestmark = pytest.mark.containers
 nmpi = test_jobs.nmpi_module  # (the fixture, under the name these tests ask for)
@@ -202,3 +202,25 @@ def test_in_session_mode_the_job_reads_its_boards_cfg(hub_factory, podman_engine
         assert "given back" in job["log"], job["log"]
     finally:
         double.stop()
+
+
+def test_a_clean_stop_of_the_service_removes_its_containers(hub, nmpi, podman_engine):
+    client = client_for(nmpi, hub, "djada")
+    uri = client.submit_job(source=FOREVER, platform="SpiNNaker", collab_id="private-djada")
+    wait_for(lambda: "working in" in client.get_job(uri, with_log=True)["log"], 120, "the job to work")
+    first = {c.name for c in job_containers(podman_engine, job_id_of(uri))}
+    old = _service_pid(hub)
+    os.kill(old, signal.SIGTERM)
+    wait_for(lambda: _ended(old), 30, "the job service to stop")
+    assert not first & {c.name for c in podman_engine.client().containers.list(all=True)}
+    wait_for(lambda: _service_pid(hub) not in (None, old), 60, "the hub to start its job service again")
+    headers = {"Authorization": f"Bearer {hub.users['djada'].token}"}
+
+    def cancelled():
+        try:
+            requests.delete(hub.jobs_url + uri, headers=headers, timeout=30)
+            return client.job_status(uri) == "removed"
+        except requests.ConnectionError:
+            return False
+
+    wait_for(cancelled, 60, "the job to be removed")

@@ -227,14 +227,15 @@ class ContainerJob:
         if self.stopped or self.returncode is not None:
             return
         self.stopped = True
-        threading.Thread(target=self._quietly, args=(lambda: self.container.stop(timeout=2),), daemon=True).start()
+        threading.Thread(target=self._quietly, args=(lambda: self.container.stop(timeout=2),)).start()
 
     def remove(self) -> None:
         with self._lock:
             if self._removed:
                 return
             self._removed = True
-        threading.Thread(target=self._quietly, args=(lambda: self.container.remove(force=True),), daemon=True).start()
+        # (not a daemon: at a clean stop of the service the process waits for it, so no container outlives it)
+        threading.Thread(target=self._quietly, args=(lambda: self.container.remove(force=True),)).start()
 
     @staticmethod
     def _quietly(call) -> None:
