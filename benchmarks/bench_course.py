@@ -112,7 +112,7 @@ def cpu_per_start(command: list[str], settings: dict, runs: int = 3) -> dict:
                     break
                 except OSError:
                     if proc.poll() is not None:
-                        raise RuntimeError((base / f"log{i}").read_text()[-2000:])
+                        raise RuntimeError((base / f"log{i}").read_text()[-2000:]) from None
                     time.sleep(0.02)
             wall.append(time.monotonic() - t0)
             time.sleep(1.0)
@@ -303,7 +303,7 @@ def main() -> None:
             for k in ("first", "median", "p95", "last"):
                 r[f"{k}_over_floor"] = r[k] / r["floor_s"]
     print(table(results, args.users))
-    (ROOT / "benchmarks" / f"results-course{'-c%d' % args.concurrency if args.concurrency else ''}.json").write_text(
+    (ROOT / "benchmarks" / f"results-course{f'-c{args.concurrency}' if args.concurrency else ''}.json").write_text(
         json.dumps(results, indent=1) + "\n"
     )
 

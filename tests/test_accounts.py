@@ -55,7 +55,7 @@ def test_concurrent_adds_keep_every_account(tmp_path):
     names = [f"user{i}" for i in range(10)]
     passwords = _in_processes([(store.add, n) for n in names])
     assert sorted(store.names()) == names
-    for name, password in zip(names, passwords):  # every password printed is one that works
+    for name, password in zip(names, passwords, strict=True):  # every password printed is one that works
         assert store.check(name, password), name
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 

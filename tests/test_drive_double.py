@@ -102,7 +102,7 @@ def test_ebrains_drive_client_works_against_the_double(drive, users):
 
     mine = drive.my_library("dana")
     drive.write(mine, "/notes/hello.txt", b"hello from drive")
-    collab = drive.add_library("Brain Sim", collab="brainsim", files={"/data.csv": b"1,2,3\n"})
+    drive.add_library("Brain Sim", collab="brainsim", files={"/data.csv": b"1,2,3\n"})
     client = DriveApiClient(token=users("dana"))
     client.server = drive.url  # ebrains-drive builds its URL from `env`; point it here
     repos = {r.name: r for r in client.repos.list_repos()}

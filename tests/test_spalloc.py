@@ -264,7 +264,7 @@ class SpinnmanDriver:
         try:
             got = self.events.get(timeout=timeout)
         except queue.Empty:
-            raise AssertionError(f"spinnman driver: no {event!r} within {timeout} s\n{self.stderr()}")
+            raise AssertionError(f"spinnman driver: no {event!r} within {timeout} s\n{self.stderr()}") from None
         if got is None:
             self.proc.wait(5)
             raise AssertionError(f"spinnman driver exited ({self.proc.returncode}) before {event!r}:\n{self.stderr()}")
@@ -281,7 +281,7 @@ class SpinnmanDriver:
             rc = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            raise AssertionError(f"spinnman driver did not exit within {timeout} s\n{self.stderr()}")
+            raise AssertionError(f"spinnman driver did not exit within {timeout} s\n{self.stderr()}") from None
         assert rc == 0, f"spinnman driver failed ({rc}):\n{self.stderr()}"
 
     def close(self) -> None:

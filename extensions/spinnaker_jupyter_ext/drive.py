@@ -222,7 +222,7 @@ class DriveMount:
         try:
             status, body = _http(f"http://{host}:{port}{SERVICE_PATH}", {"Authorization": f"Token {api}"}, self.timeout)
         except OSError as e:
-            raise DriveUnavailable(f"the hub's access-token-service did not answer ({e})")
+            raise DriveUnavailable(f"the hub's access-token-service did not answer ({e})") from None
         if status != 200:
             try:
                 message = json.loads(body).get("message") or body.decode(errors="replace")[:200]
@@ -237,7 +237,7 @@ class DriveMount:
         try:
             status, body = _http(f"{self.url}/api2/account/token/", {"Authorization": f"Bearer {oidc}"}, self.timeout)
         except OSError as e:
-            raise DriveUnavailable(f"EBRAINS Drive ({self.url}) is not answering ({getattr(e, 'reason', e)})")
+            raise DriveUnavailable(f"EBRAINS Drive ({self.url}) is not answering ({getattr(e, 'reason', e)})") from None
         if status == 401:
             raise DriveUnavailable("EBRAINS Drive refused your login (HTTP 401)", refused=True)
         if status != 200:
@@ -259,7 +259,7 @@ class DriveMount:
         try:
             status, body = _http(f"{self.url}/api2/repos/", {"Authorization": f"Token {self.token}"}, self.timeout)
         except OSError as e:
-            raise DriveUnavailable(f"EBRAINS Drive ({self.url}) is not answering ({getattr(e, 'reason', e)})")
+            raise DriveUnavailable(f"EBRAINS Drive ({self.url}) is not answering ({getattr(e, 'reason', e)})") from None
         if status != 200:
             raise DriveUnavailable(
                 f"EBRAINS Drive ({self.url}) answered HTTP {status} to the library list", refused=status == 401
@@ -400,7 +400,7 @@ class DriveMount:
             except OSError as e:
                 raise DriveUnavailable(
                     f"rclone could not be started ({e}); ask the operator to install rclone and fuse3"
-                )
+                ) from None
 
     def _log_tail(self) -> str:
         try:

@@ -376,7 +376,7 @@ class BaseHandler(ApiHandler):
             try:
                 return json.loads(self.request.body or b"{}")
             except ValueError:
-                raise DriveError(400, "invalid JSON")
+                raise DriveError(400, "invalid JSON") from None
         return {k: self.get_body_argument(k) for k in self.request.body_arguments}
 
     def reload_dir(self, lib: Library, path: str) -> bool:
@@ -434,7 +434,7 @@ class TokenExchangeHandler(BaseHandler):
                 request_timeout=d.userinfo_timeout,
             )
         except OSError as e:
-            raise DriveError(502, f"identity provider unreachable: {e}")
+            raise DriveError(502, f"identity provider unreachable: {e}") from None
         if resp.code != 200:
             raise DriveError(401, "Invalid token.")
         info = json.loads(resp.body)

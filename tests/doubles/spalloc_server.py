@@ -667,7 +667,7 @@ class JobsHandler(_Handler):
             limit = int(self.get_query_argument("limit", str(self.double.list_limit)))
             start = int(self.get_query_argument("start", "0"))
         except ValueError:
-            raise _HTTPError(400, "limit and start must be integers")
+            raise _HTTPError(400, "limit and start must be integers") from None
         if limit > 200 or limit < 1:
             raise _HTTPError(400, "limit must not be bigger than 200")
         if start < 0:
@@ -700,7 +700,7 @@ class JobsHandler(_Handler):
         try:
             req = json.loads(self.request.body or b"null")
         except ValueError as e:
-            raise _HTTPError(400, f"malformed JSON: {e}")
+            raise _HTTPError(400, f"malformed JSON: {e}") from None
         if not isinstance(req, dict):
             raise _HTTPError(400, "request must be supplied")
         job = self._create(req)
@@ -722,7 +722,7 @@ class JobsHandler(_Handler):
         try:
             interval = parse_iso_duration(ka)
         except ValueError as e:
-            raise _HTTPError(400, str(e))
+            raise _HTTPError(400, str(e)) from None
         if not d.keepalive_min <= interval <= d.keepalive_max:
             raise _HTTPError(400, f"keepalive-interval must be {d.keepalive_min:g} to {d.keepalive_max:g} seconds")
         machine_name, tags = req.get("machine-name"), req.get("tags")
@@ -899,7 +899,7 @@ def _make_certificate(directory: str) -> tuple[str, str, str]:
     except ImportError:
         openssl = shutil.which("openssl")
         if not openssl:
-            raise RuntimeError("--tls needs the Python package 'cryptography' or the 'openssl' command")
+            raise RuntimeError("--tls needs the Python package 'cryptography' or the 'openssl' command") from None
         subprocess.run(
             [
                 openssl,

@@ -63,7 +63,7 @@ class Executor(ABC):
     def kill(self, pgid: int, uid: int | None) -> None:
         """Stop a job's whole process group (also one left by a previous run of the service)."""
 
-    def ended(self, pid: int) -> None:
+    def ended(self, pid: int) -> None:  # noqa: B027 - an optional hook: most executors have nothing to do
         """The command started with `pid` has ended: what is left of its session is stopped and no longer spared."""
 
     @abstractmethod

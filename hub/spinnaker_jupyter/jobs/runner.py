@@ -77,9 +77,9 @@ class Runner:
         """A clean stop: running jobs are stopped, noted and put back in the queue."""
         self._stopping = True
         self._wake.set()
-        for job_id, task in list(self.running.items()):
+        for task in list(self.running.values()):
             task.cancel()
-        for job_id, task in list(self.running.items()):
+        for task in list(self.running.values()):
             try:
                 await task
             except (asyncio.CancelledError, Exception):

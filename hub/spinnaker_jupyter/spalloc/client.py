@@ -11,7 +11,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
@@ -37,7 +37,7 @@ log = logging.getLogger(__package__)
 
 #: A bearer token, or something that returns one (sync or async): called again whenever a session is renewed,
 #: so an expiring access token can be refreshed.
-TokenSource = Union[str, Callable[[], str | None | Awaitable[str | None]], None]
+TokenSource = str | Callable[[], str | None | Awaitable[str | None]] | None
 
 SESSION_COOKIE = "JSESSIONID"
 _RETRY_STATUSES = {500, 502, 503, 504}
