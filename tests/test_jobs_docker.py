@@ -25,7 +25,7 @@ nmpi = test_jobs.nmpi_module  # (the fixture, under the name these tests ask for
 PREFIX = "djtest-"  # system accounts of their own: other suites' hubs on this machine have their jupyter-<name>
 JOB_LABEL = "spinnaker-jupyter.job"
 
-PYNN = '''
+PYNN = """
 import os, socket, sys
 import pyNN.spiNNaker as p
 p.setup(timestep=1.0)
@@ -53,20 +53,32 @@ def first(*paths):  # cgroup v2, else v1
     return next((open(f).read().strip() for f in paths if os.path.exists(f)), "?")
 print("limits", first("/sys/fs/cgroup/pids.max", "/sys/fs/cgroup/pids/pids.max"),
       first("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"), flush=True)
-'''
-FOREVER = ("import os, pathlib, time\npathlib.Path('secret.txt').write_text('mine')\n"
-           "print('working in', os.getcwd(), flush=True)\nwhile True:\n    time.sleep(0.2)\n")
+"""
+FOREVER = (
+    "import os, pathlib, time\npathlib.Path('secret.txt').write_text('mine')\n"
+    "print('working in', os.getcwd(), flush=True)\nwhile True:\n    time.sleep(0.2)\n"
+)
 
 
 @pytest.fixture(scope="module")
 def hub(hub_factory, podman_engine):
-    spawner = {"type": "docker", "local": {"system_user_prefix": PREFIX},
-               "docker": {"engine_url": podman_engine.url, "image": podman_engine.images["singleuser"],
-                          "pull_policy": "never", "network": "host", "labels": {TEST_LABEL: "1"},
-                          "volume_prefix": "spinnaker-jupyter-test-jobhome-"}}
-    hub = start_jobs_hub(hub_factory, {"executor": "docker", "limits": {"wall_time": 300, "memory_mb": 1024,
-                                                                         "processes": 64, "output_mb": 4}},
-                         {"spawner": spawner})
+    spawner = {
+        "type": "docker",
+        "local": {"system_user_prefix": PREFIX},
+        "docker": {
+            "engine_url": podman_engine.url,
+            "image": podman_engine.images["singleuser"],
+            "pull_policy": "never",
+            "network": "host",
+            "labels": {TEST_LABEL: "1"},
+            "volume_prefix": "spinnaker-jupyter-test-jobhome-",
+        },
+    }
+    hub = start_jobs_hub(
+        hub_factory,
+        {"executor": "docker", "limits": {"wall_time": 300, "memory_mb": 1024, "processes": 64, "output_mb": 4}},
+        {"spawner": spawner},
+    )
     hub.users = {name: hub.client(name, hub.add_user(name)) for name in ("djada", "djben")}
     return hub
 
@@ -83,8 +95,9 @@ def job_id_of(uri: str) -> int:
 def test_pynn_job_runs_in_the_image_as_the_users_account(hub, nmpi, podman_engine, tmp_path):
     client = client_for(nmpi, hub, "djada")
     port = urlparse(hub.jobs_url).port
-    uri = client.submit_job(source=PYNN, command=f"run.py {{system}} {port}", platform="SpiNNaker",
-                            collab_id="private-djada")
+    uri = client.submit_job(
+        source=PYNN, command=f"run.py {{system}} {port}", platform="SpiNNaker", collab_id="private-djada"
+    )
     job = wait_done(client, uri, timeout=240)
     assert job["status"] == "finished", job["log"][-3000:]
     log = job["log"]
@@ -100,8 +113,14 @@ def test_pynn_job_runs_in_the_image_as_the_users_account(hub, nmpi, podman_engin
 
 def test_an_error_is_the_commands_exit_code(hub, nmpi, podman_engine):
     client = client_for(nmpi, hub, "djada")
-    job = wait_done(client, client.submit_job(source="print('about to fail', flush=True)\nraise SystemExit(3)\n",
-                                              platform="SpiNNaker", collab_id="private-djada"))
+    job = wait_done(
+        client,
+        client.submit_job(
+            source="print('about to fail', flush=True)\nraise SystemExit(3)\n",
+            platform="SpiNNaker",
+            collab_id="private-djada",
+        ),
+    )
     assert job["status"] == "error", job["log"]
     assert "about to fail" in job["log"] and "The command exited with code 3" in job["log"], job["log"]
 
@@ -130,15 +149,16 @@ def test_cancel_stops_and_removes_the_container_and_others_see_nothing(hub, nmpi
     folder = re.search(r"working in (\S+)", ada.get_job(uri, with_log=True)["log"]).group(1)
     assert len(job_containers(podman_engine, job_id_of(uri))) == 1
     # Ben's job looks for Ada's running job's folder, by its path and anywhere it could be mounted.
-    peek = (f"import os\np = {folder!r}\nprint('sees ada:', os.path.exists(p + '/secret.txt'), "
-            "os.path.exists('/home/jovyan/secret.txt'), sorted(os.listdir(os.path.dirname(os.getcwd()))), "
-            "flush=True)\n")
+    peek = (
+        f"import os\np = {folder!r}\nprint('sees ada:', os.path.exists(p + '/secret.txt'), "
+        "os.path.exists('/home/jovyan/secret.txt'), sorted(os.listdir(os.path.dirname(os.getcwd()))), "
+        "flush=True)\n"
+    )
     seen = wait_done(ben, ben.submit_job(source=peek, platform="SpiNNaker", collab_id="private-djben"))
     assert seen["status"] == "finished", seen["log"]
     assert "sees ada: False False" in seen["log"], seen["log"]
     assert f"'{os.path.basename(folder)}'" not in seen["log"], seen["log"]  # only Ben's own folder is there
-    r = requests.delete(hub.jobs_url + uri, headers={"Authorization": f"Bearer {hub.users['djada'].token}"},
-                        timeout=30)
+    r = requests.delete(hub.jobs_url + uri, headers={"Authorization": f"Bearer {hub.users['djada'].token}"}, timeout=30)
     assert r.status_code == 200, r.text
     wait_for(lambda: ada.job_status(uri) == "removed", 30, "the job to be removed")
     wait_for(lambda: job_containers(podman_engine, job_id_of(uri)) == [], 30, "the container to be removed")
@@ -179,23 +199,50 @@ def test_in_session_mode_the_job_reads_its_boards_cfg(hub_factory, podman_engine
         token_file = tmp_path / "spalloc-token"
         token_file.write_text(token + "\n")
         os.chmod(token_file, 0o600)
-        spawner = {"type": "docker", "local": {"system_user_prefix": PREFIX},
-                   "docker": {"engine_url": podman_engine.url, "image": podman_engine.images["singleuser"],
-                              "pull_policy": "never", "network": "host", "labels": {TEST_LABEL: "1"},
-                              "volume_prefix": "spinnaker-jupyter-test-jobhome-"}}
-        board_hub = start_jobs_hub(hub_factory, {"executor": "docker"}, {"spawner": spawner, "spinnaker": {
-            "mode": "session", "claim_timeout": 60, "on_timeout": "fail",
-            "spalloc": {"url": double.url, "token_file": str(token_file), "keepalive_interval": 30}}})
+        spawner = {
+            "type": "docker",
+            "local": {"system_user_prefix": PREFIX},
+            "docker": {
+                "engine_url": podman_engine.url,
+                "image": podman_engine.images["singleuser"],
+                "pull_policy": "never",
+                "network": "host",
+                "labels": {TEST_LABEL: "1"},
+                "volume_prefix": "spinnaker-jupyter-test-jobhome-",
+            },
+        }
+        board_hub = start_jobs_hub(
+            hub_factory,
+            {"executor": "docker"},
+            {
+                "spawner": spawner,
+                "spinnaker": {
+                    "mode": "session",
+                    "claim_timeout": 60,
+                    "on_timeout": "fail",
+                    "spalloc": {"url": double.url, "token_file": str(token_file), "keepalive_interval": 30},
+                },
+            },
+        )
         user = board_hub.client("djcy", board_hub.add_user("djcy"))
-        script = ("import os\ncfg = open(os.path.join(os.environ['XDG_CONFIG_DIRS'], '.spynnaker.cfg')).read()\n"
-                  "print('MACHINE', [l for l in cfg.splitlines() if l.startswith('machine_name')], flush=True)\n")
+        script = (
+            "import os\ncfg = open(os.path.join(os.environ['XDG_CONFIG_DIRS'], '.spynnaker.cfg')).read()\n"
+            "print('MACHINE', [l for l in cfg.splitlines() if l.startswith('machine_name')], flush=True)\n"
+        )
         headers = {"Authorization": f"Bearer {user.token}"}
-        r = requests.post(board_hub.jobs_url + "/jobs/", headers=headers, timeout=30,
-                          json={"code": script, "collab": "private-djcy", "hardware_platform": "SpiNNaker"})
+        r = requests.post(
+            board_hub.jobs_url + "/jobs/",
+            headers=headers,
+            timeout=30,
+            json={"code": script, "collab": "private-djcy", "hardware_platform": "SpiNNaker"},
+        )
         assert r.status_code == 201, r.text
         url = f"{board_hub.jobs_url}/jobs/{r.json()['id']}?with_log=true"
-        wait_for(lambda: requests.get(url, headers=headers, timeout=30).json()["status"] in ("finished", "error"),
-                 120, "the job to end")
+        wait_for(
+            lambda: requests.get(url, headers=headers, timeout=30).json()["status"] in ("finished", "error"),
+            120,
+            "the job to end",
+        )
         job = requests.get(url, headers=headers, timeout=30).json()
         assert job["status"] == "finished", job["log"]
         assert "MACHINE ['machine_name = 10.11.192.1']" in job["log"] and "network host" in job["log"], job["log"]

@@ -49,9 +49,23 @@ BACKSTOP = 30  # seconds past the time limit after which `timeout` in the contai
 
 
 class DockerExecutor(LocalExecutor):
-    def __init__(self, homes_dir: Path, system_users: bool, prefix: str, *, store, settings, docker: dict,
-                 image: str, network: str, pip_network: str, cpus: float, labels: dict,
-                 sessions_dir: Path | None = None, log=None):
+    def __init__(
+        self,
+        homes_dir: Path,
+        system_users: bool,
+        prefix: str,
+        *,
+        store,
+        settings,
+        docker: dict,
+        image: str,
+        network: str,
+        pip_network: str,
+        cpus: float,
+        labels: dict,
+        sessions_dir: Path | None = None,
+        log=None,
+    ):
         super().__init__(homes_dir, system_users, prefix, log=log, sessions_dir=sessions_dir)
         self.store, self.s, self.docker = store, settings, docker
         self.image, self.network, self.pip_network, self.cpus = image, network, pip_network, cpus
@@ -70,14 +84,18 @@ class DockerExecutor(LocalExecutor):
             client = engine(self.docker)
             client.version()
         except (docker_py.errors.DockerException, OSError) as e:  # (requests' ConnectionError is an OSError)
-            raise SystemExit(f"jobs.executor docker: cannot reach the container engine at {where} ({e}); start "
-                             "Docker Engine (or `podman system service`) or set spawner.docker.engine_url.") from None
+            raise SystemExit(
+                f"jobs.executor docker: cannot reach the container engine at {where} ({e}); start "
+                "Docker Engine (or `podman system service`) or set spawner.docker.engine_url."
+            ) from None
         try:
             client.images.get(self.image)
         except docker_py.errors.ImageNotFound:
-            raise SystemExit(f"jobs.executor docker: the image {self.image} (jobs.docker.image, else "
-                             "spawner.docker.image) is not on the engine: build it with `python images/build.py "
-                             "singleuser` first.") from None
+            raise SystemExit(
+                f"jobs.executor docker: the image {self.image} (jobs.docker.image, else "
+                "spawner.docker.image) is not on the engine: build it with `python images/build.py "
+                "singleuser` first."
+            ) from None
         return client
 
     @classmethod
@@ -85,15 +103,30 @@ class DockerExecutor(LocalExecutor):
         dk, jd = d["spawner"]["docker"], d["jobs"]["docker"]
         with_boards = d["spinnaker"]["mode"] in ("session", "machine")
         network = jd["network"] or (dk["network"] if with_boards else "none")
-        return cls(local.homes_dir, local.system_users, local.prefix, store=store, settings=settings, docker=dk,
-                   image=jd["image"] or dk["image"], network=network, pip_network=jd["network"] or dk["network"],
-                   cpus=jd["cpus"], labels=dict(dk["labels"]), sessions_dir=local.sessions_dir, log=local.log)
+        return cls(
+            local.homes_dir,
+            local.system_users,
+            local.prefix,
+            store=store,
+            settings=settings,
+            docker=dk,
+            image=jd["image"] or dk["image"],
+            network=network,
+            pip_network=jd["network"] or dk["network"],
+            cpus=jd["cpus"],
+            labels=dict(dk["labels"]),
+            sessions_dir=local.sessions_dir,
+            log=local.log,
+        )
 
     def _sweep(self) -> None:
         """Containers a previous run of the service left (it crashed or was killed): removed."""
         for c in self.client.containers.list(all=True, filters={"label": f"{LABEL}={self.s.data}"}):
-            log.warning("Removing container %s of job %s left by a previous run of the job service", c.name,
-                        c.labels.get(JOB_LABEL))
+            log.warning(
+                "Removing container %s of job %s left by a previous run of the job service",
+                c.name,
+                c.labels.get(JOB_LABEL),
+            )
             c.remove(force=True)
 
     def _wall(self, job_id: int) -> int:
@@ -109,24 +142,40 @@ class DockerExecutor(LocalExecutor):
         mounts = [docker.types.Mount(str(cwd), str(cwd), type="bind")]
         for folder in filter(None, env.get("XDG_CONFIG_DIRS", "").split(":")):  # the job's cfg, read-only
             mounts.append(docker.types.Mount(folder, folder, type="bind", read_only=True))
-        ulimits = [docker.types.Ulimit(name="cpu", soft=limits.cpu_seconds, hard=limits.cpu_seconds + 5),
-                   docker.types.Ulimit(name="fsize", soft=limits.file_bytes, hard=limits.file_bytes),
-                   docker.types.Ulimit(name="core", soft=0, hard=0),
-                   docker.types.Ulimit(name="nofile", soft=1024, hard=1024),
-                   # (set, and never above the engine's own: raising one needs CAP_SYS_RESOURCE, which jobs lack;
-                   # per uid, as on the local executor: the job account's processes)
-                   docker.types.Ulimit(name="nproc", soft=limits.processes, hard=limits.processes)]
+        ulimits = [
+            docker.types.Ulimit(name="cpu", soft=limits.cpu_seconds, hard=limits.cpu_seconds + 5),
+            docker.types.Ulimit(name="fsize", soft=limits.file_bytes, hard=limits.file_bytes),
+            docker.types.Ulimit(name="core", soft=0, hard=0),
+            docker.types.Ulimit(name="nofile", soft=1024, hard=1024),
+            # (set, and never above the engine's own: raising one needs CAP_SYS_RESOURCE, which jobs lack;
+            # per uid, as on the local executor: the job account's processes)
+            docker.types.Ulimit(name="nproc", soft=limits.processes, hard=limits.processes),
+        ]
         command = [IMAGE_PYTHON, *argv[1:]]
         if not pip:
             command = ["timeout", "-s", "KILL", f"{self._wall(job_id) + BACKSTOP}s", *command]
         return dict(
-            image=self.image, command=command, user=f"{account.uid}:{account.gid}", environment=env,
-            working_dir=str(cwd), mounts=mounts, network_mode=self.pip_network if pip else self.network,
-            mem_limit=limits.memory_bytes, memswap_limit=limits.memory_bytes, pids_limit=limits.processes,
-            nano_cpus=int(self.cpus * 1e9), ulimits=ulimits, cap_drop=["ALL"], security_opt=["no-new-privileges"],
-            read_only=True, tmpfs={"/tmp": "size=64m,mode=1777"}, stdin_open=False, tty=False,
+            image=self.image,
+            command=command,
+            user=f"{account.uid}:{account.gid}",
+            environment=env,
+            working_dir=str(cwd),
+            mounts=mounts,
+            network_mode=self.pip_network if pip else self.network,
+            mem_limit=limits.memory_bytes,
+            memswap_limit=limits.memory_bytes,
+            pids_limit=limits.processes,
+            nano_cpus=int(self.cpus * 1e9),
+            ulimits=ulimits,
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            read_only=True,
+            tmpfs={"/tmp": "size=64m,mode=1777"},
+            stdin_open=False,
+            tty=False,
             labels={**self.labels, JOB_LABEL: str(job_id)},
-            name=f"spinnaker-jupyter-job-{job_id}-{secrets.token_hex(3)}")
+            name=f"spinnaker-jupyter-job-{job_id}-{secrets.token_hex(3)}",
+        )
 
     async def start(self, argv, cwd, env, limits, account):
         job_id = int(env["SPINNAKER_JOB_ID"])
@@ -145,8 +194,11 @@ class DockerExecutor(LocalExecutor):
             raise
         if not pip:
             where = "no network" if kwargs["network_mode"] == "none" else f"network {kwargs['network_mode']}"
-            self._note(job_id, f"{_stamp()}: running in container {container.name} of {self.image}, as "
-                               f"{account.name} (uid {account.uid}), {where}.")
+            self._note(
+                job_id,
+                f"{_stamp()}: running in container {container.name} of {self.image}, as "
+                f"{account.name} (uid {account.uid}), {where}.",
+            )
         job.follow()
         return job
 
@@ -202,9 +254,12 @@ class ContainerJob:
         # The engine's OOMKilled covers the container's first process only (tini here), and podman on cgroup v1
         # never sets it: a SIGKILL nobody here sent is, in a job container, the kernel's out-of-memory killer.
         if state.get("OOMKilled") or (code == 128 + signal.SIGKILL and not self.stopped):
-            put(self._chunks.put_nowait, f"[spinnaker-jupyter] {_stamp()}: the job was killed by the kernel: it "
+            put(
+                self._chunks.put_nowait,
+                f"[spinnaker-jupyter] {_stamp()}: the job was killed by the kernel: it "
                 f"ran out of memory (it may use at most {self.x.s.run_limits.memory_bytes // 2**20} MiB: "
-                "jobs.limits.memory_mb).\n".encode())
+                "jobs.limits.memory_mb).\n".encode(),
+            )
         if code > 128 and code - 128 in set(signal.Signals):  # killed: the engine says 128 + signal
             code = -(code - 128)
         put(self._finish, code)
