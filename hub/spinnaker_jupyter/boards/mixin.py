@@ -22,6 +22,7 @@ from ..spalloc import SpallocAllocator
 from ..upstream import log_name, save_spawner_state
 from .record import STATE_KEY, BoardRecord
 from .session import BoardSession, NoBoard
+from .share import boards_share
 
 
 class NoBoardError(SpawnException):
@@ -152,11 +153,10 @@ class BoardsMixin(LoggingConfigurable):
         return cls._allocator
 
     def boards_wanted(self) -> int:
-        if self.user.name in self.spalloc_boards_per_user:
-            return self.spalloc_boards_per_user[self.user.name]
         groups = [g.name for g in getattr(self.user, "groups", []) or []]
-        per_group = [self.spalloc_boards_per_group[g] for g in groups if g in self.spalloc_boards_per_group]
-        return max(per_group) if per_group else self.spalloc_boards
+        return boards_share(
+            self.user.name, groups, self.spalloc_boards_per_user, self.spalloc_boards_per_group, self.spalloc_boards
+        )
 
     def _new_session(self, record: BoardRecord | None = None) -> BoardSession:
         return BoardSession(

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .. import leases
 from ..boards.session import BoardSession, NoBoard
+from ..boards.share import boards_share
 from ..spalloc import SpallocAllocator
 
 log = logging.getLogger("spinnaker_jupyter.jobs")
@@ -38,10 +39,7 @@ def holder(job_id: int) -> str:
 def boards_for(spinnaker: dict, user: str, groups: list[str] = ()) -> int:
     """The boards a user's job gets unless it asks for fewer (as for their server: per user, per group, default)."""
     sp = spinnaker["spalloc"]
-    if user in sp["boards_per_user"]:
-        return int(sp["boards_per_user"][user])
-    per_group = [int(sp["boards_per_group"][g]) for g in groups if g in sp["boards_per_group"]]
-    return max(per_group) if per_group else int(sp["boards"])
+    return boards_share(user, groups, sp["boards_per_user"], sp["boards_per_group"], sp["boards"])
 
 
 def max_boards(spinnaker: dict, user: str | None = None, groups: list[str] = ()) -> int:
