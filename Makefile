@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 CONFIG ?=
 PYTEST_ARGS ?=
 
-.PHONY: up setup check build test test-unit test-deps bench clean
+.PHONY: up setup check build test test-unit test-integration test-deps bench clean
 
 up: setup
 	$(BIN)/spinnaker-jupyter up $(if $(CONFIG),-c $(CONFIG))
@@ -48,6 +48,9 @@ test: test-deps
 
 test-unit: setup $(VENV)/.unit-installed
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+test-integration: test-deps
+	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
 
 bench: test-deps
 	$(BIN)/python benchmarks/bench_hub.py

@@ -10,7 +10,7 @@ through the hub's REST API, every one's ~/sPyNNakerGit is set up from local mirr
          of --cpu-runs.
 
 The mirrors are bare repositories made from the PyPI sdists of the SpiNNaker packages plus a small C repository, as
-in tests/test_git_kernel.py (sdists cached under .cache/gitkernel/). Run as root (one system account per user, as in
+in tests/integration/test_git_kernel.py (sdists cached under .cache/gitkernel/). Run as root (one system account per user, as in
 production): `.venv/bin/python benchmarks/bench_git_kernel_course.py [--users 30] [--setup-concurrency 0 default]
 [--concurrency N] [--cpu-runs 2]` (one git-kernel run per --setup-concurrency value, after the run without it).
 Prints a table and writes benchmarks/results-git-kernel-course.json; the machine's load (`uptime`) is recorded before

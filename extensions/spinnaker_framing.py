@@ -9,7 +9,7 @@ kept per embedding site). JupyterHub's `cookie_options` pass these on when cooki
 
 So, in a process that serves framed pages (the hub, a user server), every cookie set or cleared carries the three
 attributes. Private APIs, fenced here and checked against Python 3.11 (http.cookies.Morsel._reserved / _flags) and
-Tornado 6.6 (RequestHandler.set_cookie passes unknown keywords on to the Morsel): tests/test_embedding.py fails if
+Tornado 6.6 (RequestHandler.set_cookie passes unknown keywords on to the Morsel): tests/integration/test_embedding.py fails if
 they change.
 """
 

@@ -2,7 +2,7 @@
 # Install the system packages the project needs (Debian/Ubuntu). `--test` adds what the test suite drives:
 # headless Chromium, podman (the container engine for the container tests), debootstrap (their base image), and
 # Slurm with munge (tests/slurm_fixtures.py starts a one-node cluster of its own from them), rclone + fuse3 (the
-# EBRAINS Drive mount, tests/test_drive*.py).
+# EBRAINS Drive mount, tests/integration/test_drive*.py).
 set -euo pipefail
 want=(python3 python3-venv python3-dev git make gcc)
 command -v node >/dev/null && command -v npm >/dev/null || want+=(nodejs npm)

@@ -12,7 +12,7 @@ Jupyter news?". News are off here (`LabApp.news_url` null: the question leads no
 extension answers it for users who never did (`fetchNews: "false"` in their own JupyterLab settings, which they may
 change; a settings override in the environment would do the same, but pip's editable installs leave data files
 out). The plugin's own button under the notice, "Ignore all updates", turns the notice off for that user.
-Checked against JupyterLab 4.6.6 (tests/test_drive_notice.py shows the notice in Chromium).
+Checked against JupyterLab 4.6.6 (tests/integration/test_drive_notice.py shows the notice in Chromium).
 """
 
 from __future__ import annotations

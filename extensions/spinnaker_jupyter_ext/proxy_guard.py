@@ -15,7 +15,7 @@ from tornado import web
 from tornado.routing import PathMatches, Rule
 
 from . import proxy_upstream
-from .listeners import listener_uid, recent_owner  # noqa: F401 - listener_uid: tests/test_hub.py
+from .listeners import listener_uid, recent_owner  # noqa: F401 - listener_uid: tests/integration/test_hub.py
 
 NOT_INSTALLED = """<!doctype html><html><head><meta charset="utf-8"><title>NRP not installed</title></head>
 <body style="font-family: sans-serif; max-width: 40em; margin: 3em auto">

@@ -12,7 +12,7 @@ RawSocketHandler._create_ws_connection(). Those three are wrapped here, once, fo
 - the headers and the query lose the user's credentials (forwarding.py).
 
 Any other version of jupyter-server-proxy is not hooked: then the proxy guard refuses the routes this service
-defines, /proxy/ and /nrp/ (fail closed), says why, and the server's log names the cause. tests/test_isolation.py fails when the installed version or these methods change.
+defines, /proxy/ and /nrp/ (fail closed), says why, and the server's log names the cause. tests/integration/test_isolation.py fails when the installed version or these methods change.
 """
 
 from __future__ import annotations

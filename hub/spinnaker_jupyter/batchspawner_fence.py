@@ -1,6 +1,6 @@
 """Fenced: batchspawner 1.3.0's API handler. batchspawner registers it at import for /hub/api/batchspawner, and
 it sets ANY spawner attribute a user's server names (the commands the hub runs as root included); the handler here
-takes the port only. tests/test_slurm.py fails when batchspawner's handler or version changes."""
+takes the port only. tests/integration/test_slurm.py fails when batchspawner's handler or version changes."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ class PortReportHandler(APIHandler):
 
 def fence_port_report() -> None:
     """Put PortReportHandler where batchspawner registered its handler (jupyterhub.apihandlers.default_handlers, at
-    import). Checked against batchspawner 1.3.0; tests/test_slurm.py fails when that changes."""
+    import). Checked against batchspawner 1.3.0; tests/integration/test_slurm.py fails when that changes."""
     import batchspawner
     from jupyterhub import apihandlers
 

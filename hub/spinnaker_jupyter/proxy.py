@@ -75,7 +75,7 @@ class CheckedProxy(ConfigurableHTTPProxy):
         """At the hub's exit: a hub that never came up takes its proxy and managed services along (they run in
         sessions of their own); a running one does as configured (JupyterHub.cleanup_proxy)."""
         if not self._running_hub:
-            # (tests/test_startup_safety.py fails on a service left running)
+            # (tests/integration/test_startup_safety.py fails on a service left running)
             for proc in managed_service_processes(self.app):
                 if proc.poll() is None:
                     proc.terminate()

@@ -9,7 +9,7 @@ serve nobody here (measured with `python -X importtime` and CPU time per start: 
    process at every server start when Node is on the PATH. The registry matters only to `jupyter lab build` and
    extension installs, which user servers never do (LabApp.extension_manager is `readonly`). The function answers
    here what it answers when Node is absent: no yarn or npm settings (upstream.skip_yarn_config, fenced there with
-   the private upstream APIs; checked against JupyterLab 4.6.6). tests/test_spawn_queue.py fails if either comes
+   the private upstream APIs; checked against JupyterLab 4.6.6). tests/integration/test_spawn_queue.py fails if either comes
    back.
 
 Run as ``python -m spinnaker_jupyter.singleuser /path/to/jupyterhub-singleuser [its arguments]``: the upstream script

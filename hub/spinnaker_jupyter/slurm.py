@@ -20,7 +20,7 @@ registered through `jupyterhub.apihandlers.default_handlers` at import) and `bat
 What differs from its defaults here is configuration: JupyterHub 6 keeps no PATH in a server's environment
 (`Spawner.env_keep`), and batchspawner assumes that the hub user's name is a system account (`user_env`,
 `req_username`, `req_homedir`) and that `sudo` exists (`exec_prefix`); SlurmUserSpawner sets all of them.
-Three upstream behaviours are fenced, each with a test in tests/test_slurm.py that fails when upstream changes:
+Three upstream behaviours are fenced, each with a test in tests/integration/test_slurm.py that fails when upstream changes:
 its squeue/scancel inherit the hub's environment, secrets included (`SlurmUserSpawner.run_command` gives them
 only what Slurm needs); its start() commits through `Spawner.db`, deprecated in JupyterHub 6.1 (a warning per
 start); its API handler sets any spawner attribute a user's server names, the commands the hub runs as root

@@ -131,7 +131,7 @@ def register_hooks():
 #
 # The fence: IPKernelApp.kernel_class is ipykernel's supported way to run a kernel subclass; what the subclass
 # overrides (the kernel_info property and the do_debug_request hook) is ipykernel's own detail, checked against
-# CHECKED_IPYKERNEL by debugger_fence_problem() (tests/test_kernel_debugger.py fails when it moves).
+# CHECKED_IPYKERNEL by debugger_fence_problem() (tests/integration/test_kernel_debugger.py fails when it moves).
 CHECKED_IPYKERNEL = "7.4"
 DEBUGGER_OFF = (
     "The debugger is not available on this service: it would listen on a network port that other "

@@ -1,7 +1,7 @@
 """`spinnaker-jupyter boards`: through the running hub's REST API, else from its database, and it says which.
 
 The hub is a stand-in HTTP server in a thread of this process (the real hub's answer is checked end to end in
-tests/test_boards.py); the database is a SQLite file with JupyterHub's two tables the command reads."""
+tests/integration/test_boards.py); the database is a SQLite file with JupyterHub's two tables the command reads."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """`BoardsMixin`, the spawner adapter, over a stand-in spawner base (JupyterHub's own needs a hub): the state the hub
 stores, the environment, when it resumes, and that what it holds is given back on the hub's every stop path.
-The full paths through a real hub are in tests/test_boards.py."""
+The full paths through a real hub are in tests/integration/test_boards.py."""
 
 from __future__ import annotations
 

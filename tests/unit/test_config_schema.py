@@ -1,7 +1,7 @@
 """Validation of the deployment config: a wrong key, type or value gives one clear line naming the key and the fix.
 
 The file is loaded as `spinnaker-jupyter` loads it (config.load); no hub, no subprocess. Messages as the operator
-sees them through `spinnaker-jupyter check` (one line on stderr, no traceback) are tested in tests/test_config.py.
+sees them through `spinnaker-jupyter check` (one line on stderr, no traceback) are tested in tests/integration/test_config.py.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from .runner import Runner
 from .state import PARTIAL_PREFIX, SetupBusy, SetupError, SetupResult, Status, read_status
 from .support import SUPPORT_SCRIPTS, register_kernel
 
-# the names tests/test_kernel_debugger.py registers a kernel with
+# the names tests/integration/test_kernel_debugger.py registers a kernel with
 _Runner, _register_kernel = Runner, register_kernel
 
 __all__ = [

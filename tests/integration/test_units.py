@@ -16,7 +16,7 @@ from spinnaker_jupyter.spynnaker_cfg import text as spynnaker_cfg_text
 from spinnaker_jupyter_ext.proxy_guard import verdict
 from spinnaker_jupyter_ext.tutorials import seed_tutorials
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_launcher():

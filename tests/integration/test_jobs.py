@@ -20,7 +20,7 @@ import requests
 from conftest import free_port, traversable_tmpdir
 from hubclient import wait_for
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]  # tests/: the support modules
 PAYLOAD = bytes(range(256)) * 40  # what the jobs write, compared byte for byte after download_data
 
 RUN_PY = """

@@ -24,7 +24,7 @@ import pytest
 
 from hubclient import wait_for
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 try:
     from spinnaker_jupyter_ext import gitkernel
 except ImportError:  # not installed: the namespace package from the checkout

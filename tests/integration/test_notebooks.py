@@ -25,7 +25,7 @@ import nbformat
 import pytest
 from testbook import testbook
 
-NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 NOTEBOOKS = [
     "01_getting_started.ipynb",
     "02_populations.ipynb",
@@ -35,7 +35,7 @@ NOTEBOOKS = [
     "06_live_io.ipynb",
     "SynfireExample.ipynb",
 ]
-# Tutorials that need the hub's job service: executed through a real hub in tests/test_jobs_notebook.py.
+# Tutorials that need the hub's job service: executed through a real hub in tests/integration/test_jobs_notebook.py.
 SERVICE_NOTEBOOKS = ["07_batch_jobs.ipynb"]
 KERNEL_NAME = "spynnaker"
 MACHINE_TAG = "needs-spinnaker-machine"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import processes
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 
 PROBE = textwrap.dedent("""
     import subprocess

@@ -10,7 +10,7 @@ import nbformat
 
 from test_jobs import start_jobs_hub
 
-NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "07_batch_jobs.ipynb"
+NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "07_batch_jobs.ipynb"
 
 
 def test_the_batch_jobs_tutorial_runs_in_the_spynnaker_kernel(hub_factory):

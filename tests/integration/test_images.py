@@ -21,7 +21,7 @@ from podman_fixtures import TEST_LABEL
 
 pytestmark = pytest.mark.containers
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HOME = "/home/jovyan"
 
 # Runs in the container with the server environment's Python: starts the `spynnaker` kernel through its kernelspec

@@ -522,7 +522,7 @@ def _running_hub(
     env = dict(os.environ)
     env["JUPYTERHUB_CRYPT_KEY"] = secrets.token_hex(32)
     env["CONFIGPROXY_AUTH_TOKEN"] = secrets.token_hex(16)
-    hub_src = str(Path(__file__).resolve().parents[1] / "hub")
+    hub_src = str(Path(__file__).resolve().parents[2] / "hub")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (hub_src, env.get("PYTHONPATH")) if p)
     log_path = tmp / "jupyterhub.log"
     with open(log_path, "wb") as log:
