@@ -37,6 +37,7 @@ import requests
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "integration"))  # test_git_kernel: its mirrors and wheelhouse
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import test_git_kernel as tgk  # noqa: E402  (the mirrors, repositories and wheelhouse of the git kernel tests)

@@ -1,7 +1,7 @@
 """Spawn time of a user server as a Slurm job against the local spawner, on this machine's one-node Slurm
 (tests/slurm_fixtures.py). Not part of the suite (no test_ prefix); run it on purpose:
 
-    .venv/bin/python -m pytest tests/bench_slurm_spawn.py -s -q [SPINNAKER_BENCH_ROUNDS=7]
+    .venv/bin/python -m pytest tests/integration/bench_slurm_spawn.py -s -q [SPINNAKER_BENCH_ROUNDS=7]
 
 Each round: the API start request until the hub says the server is ready, then a stop. Prints medians and ranges
 (a measurement, not a check: nothing here asserts a time).
