@@ -1,4 +1,5 @@
-"""The user's EBRAINS Drive at ~/drive, mounted by the user's own server, as the user's own account.
+"""The user's EBRAINS Drive at ~/drive, mounted by the user's own server, as the user's own account. (Over ~400
+lines: one keeper's state machine, mount, health check and remount, kept together; the container helper reuses it.)
 
 How it works (``SPINNAKER_DRIVE``, JSON from the hub's ``drive:`` section, turns it on):
 

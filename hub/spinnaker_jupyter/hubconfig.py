@@ -1,4 +1,7 @@
-"""Apply a validated deployment config to JupyterHub's `c`: the one place where config keys become traitlets."""
+"""Apply a validated deployment config to JupyterHub's `c`: the one place where config keys become traitlets.
+
+One `update_<area>(c, d)` per config section, as the-littlest-jupyterhub's configurer; about 400 lines because every
+section's mapping is here (boards and jobs have theirs in their packages)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Board leases: every spalloc job the hub creates, recorded durably, and the start-up reconciliation that gives back
 the jobs nobody holds any more. No JupyterHub in here: user servers and batch jobs share it through
-`boards.session.BoardSession`; each passes its own `is_held` rule.
+`boards.session.BoardSession`; each passes its own `is_held` rule. Longer than ~400 lines because the store, the
+recorded claim and the reconciliation are one protocol (a row's phases), which reads best in one place.
 
 Why: a claim waits in the service's queue for minutes, and its job URL used to live only in the memory of the hub
 process. A hub killed meanwhile (kill -9, OOM, power) left the job queued at the service, where it could even be

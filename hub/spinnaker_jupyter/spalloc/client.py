@@ -1,5 +1,8 @@
 """A session with the allocation service for one credential: login (cookie, CSRF), requests with retries and one
-session renewal, jobs created, listed and looked up."""
+session renewal, jobs created, listed and looked up.
+
+Longer than ~400 lines: one class whose methods share the session's cookie, CSRF token and renewal; the error
+wording is already apart (`errors.py`), and ruff's layout puts each request's arguments on lines of their own."""
 
 from __future__ import annotations
 
