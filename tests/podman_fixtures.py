@@ -32,6 +32,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "images"
 TEST_LABEL = "spinnaker-jupyter-test"
+TEST_VOLUME_PREFIX = "spinnaker-jupyter-test-"  # every volume_prefix the tests give their spawners
 TEST_TAG = "test"
 
 
@@ -91,12 +92,15 @@ class PodmanEngine:
         return name
 
     def remove_test_objects(self) -> None:
-        """Remove containers and volumes labelled as test objects (leftovers of an interrupted run)."""
+        """Remove containers and volumes labelled as test objects, and the home volumes the tests' spawners made
+        (named `spinnaker-jupyter-test-*`: DockerSpawner gives them no label), leftovers of an earlier run. A kept
+        home volume would make `user add` refuse the name (an earlier person's files), as it should for real users."""
         client = self.client()
         for c in client.containers.list(all=True, filters={"label": TEST_LABEL}):
             c.remove(force=True)
-        for v in client.volumes.list(filters={"label": TEST_LABEL}):
-            v.remove(force=True)
+        for v in client.volumes.list():
+            if v.name.startswith(TEST_VOLUME_PREFIX) or TEST_LABEL in (v.attrs.get("Labels") or {}):
+                v.remove(force=True)
 
 
 def _unusable_reason(env) -> str | None:
