@@ -45,25 +45,32 @@ def drive(oidc_provider):
         yield d
 
 
+def drive_deployment(oidc_provider, drive_url: str, **ebrains) -> dict:
+    """A deployment with EBRAINS login at the tests' provider and the Drive at `drive_url` (quick checks and
+    back-off); `ebrains` overrides the auth section's keys."""
+    return {
+        "auth": {
+            "type": "ebrains",
+            "ebrains": {
+                "client_id": oidc_provider.client_id,
+                "authorize_url": oidc_provider.authorize_url,
+                "token_url": oidc_provider.token_url,
+                "userinfo_url": oidc_provider.userinfo_url,
+                "allowed_groups": [GROUP],
+                "refresh_margin": 3,
+                "auth_refresh_age": 1,
+                "token_service_port": free_port(),
+                **ebrains,
+            },
+        },
+        "drive": {"enabled": True, "url": drive_url, "check_interval": 1, "max_backoff": 2, "timeout": 5},
+    }
+
+
 @pytest.fixture(scope="module")
 def drive_hub(hub_factory, oidc_provider, drive, fuse_for_users):
     hub = hub_factory(
-        {
-            "auth": {
-                "type": "ebrains",
-                "ebrains": {
-                    "client_id": oidc_provider.client_id,
-                    "authorize_url": oidc_provider.authorize_url,
-                    "token_url": oidc_provider.token_url,
-                    "userinfo_url": oidc_provider.userinfo_url,
-                    "allowed_groups": [GROUP],
-                    "refresh_margin": 3,
-                    "auth_refresh_age": 1,
-                    "token_service_port": free_port(),
-                },
-            },
-            "drive": {"enabled": True, "url": drive.url, "check_interval": 1, "max_backoff": 2, "timeout": 5},
-        },
+        drive_deployment(oidc_provider, drive.url),
         start=False,
         env={"EBRAINS_CLIENT_SECRET": oidc_provider.client_secret},
     )

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
 from doubles.drive_server import DriveDouble
 from test_browser import browser, shot  # noqa: F401 (the Chromium fixture)
-from test_drive import GROUP, home, login
+from test_drive import drive_deployment, home, login
 
 pytestmark = pytest.mark.browser
 
@@ -26,22 +25,7 @@ def drive_down(oidc_provider):
 @pytest.fixture(scope="module")
 def hub(hub_factory, oidc_provider, drive_down):
     hub = hub_factory(
-        {
-            "auth": {
-                "type": "ebrains",
-                "ebrains": {
-                    "client_id": oidc_provider.client_id,
-                    "authorize_url": oidc_provider.authorize_url,
-                    "token_url": oidc_provider.token_url,
-                    "userinfo_url": oidc_provider.userinfo_url,
-                    "allowed_groups": [GROUP],
-                    "refresh_margin": 3,
-                    "auth_refresh_age": 1,
-                    "token_service_port": free_port(),
-                },
-            },
-            "drive": {"enabled": True, "url": drive_down.url, "check_interval": 1, "max_backoff": 2, "timeout": 5},
-        },
+        drive_deployment(oidc_provider, drive_down.url),
         start=False,
         env={"EBRAINS_CLIENT_SECRET": oidc_provider.client_secret},
     )
