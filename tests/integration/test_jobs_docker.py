@@ -60,9 +60,9 @@ FOREVER = (
 )
 
 
-@pytest.fixture(scope="module")
-def hub(hub_factory, podman_engine):
-    spawner = {
+def docker_spawner(podman_engine) -> dict:
+    """The `spawner:` section of the deployments here: containers on the tests' podman, labelled for clean-up."""
+    return {
         "type": "docker",
         "local": {"system_user_prefix": PREFIX},
         "docker": {
@@ -74,6 +74,11 @@ def hub(hub_factory, podman_engine):
             "volume_prefix": "spinnaker-jupyter-test-jobhome-",
         },
     }
+
+
+@pytest.fixture(scope="module")
+def hub(hub_factory, podman_engine):
+    spawner = docker_spawner(podman_engine)
     hub = start_jobs_hub(
         hub_factory,
         {"executor": "docker", "limits": {"wall_time": 300, "memory_mb": 1024, "processes": 64, "output_mb": 4}},
@@ -199,18 +204,7 @@ def test_in_session_mode_the_job_reads_its_boards_cfg(hub_factory, podman_engine
         token_file = tmp_path / "spalloc-token"
         token_file.write_text(token + "\n")
         os.chmod(token_file, 0o600)
-        spawner = {
-            "type": "docker",
-            "local": {"system_user_prefix": PREFIX},
-            "docker": {
-                "engine_url": podman_engine.url,
-                "image": podman_engine.images["singleuser"],
-                "pull_policy": "never",
-                "network": "host",
-                "labels": {TEST_LABEL: "1"},
-                "volume_prefix": "spinnaker-jupyter-test-jobhome-",
-            },
-        }
+        spawner = docker_spawner(podman_engine)
         board_hub = start_jobs_hub(
             hub_factory,
             {"executor": "docker"},
