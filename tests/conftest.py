@@ -6,7 +6,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,8 +21,10 @@ BIN = ROOT / ".venv" / "bin"
 ENVS = ROOT / "data" / "envs"
 sys.path.insert(0, str(Path(__file__).parent))
 
+import ports  # noqa: E402
 import processes  # noqa: E402
 from hubclient import HubClient, wait_for  # noqa: E402
+from ports import free_port  # noqa: E402, F401  (tests and benchmarks import it from here)
 
 pytest_plugins = [
     p for p in ("oidc_fixtures", "podman_fixtures", "slurm_fixtures") if (Path(__file__).parent / f"{p}.py").exists()
@@ -70,9 +71,40 @@ def _ends_what_it_starts(request, tmp_path_factory):
         )
 
 
+# --- parallel runs (pytest-xdist, `make test`) -------------------------------------------------------------------
+# Each worker is a pytest session of its own: its own session fixtures, process watch and hubs. What cannot be shared
+# between two workers stays on one: a module's tests run together (its module fixtures start once), all container
+# tests on one worker (one podman service, which removes the tests' leftover containers when it starts) and all
+# Slurm tests on one (one test cluster). A worker's hubs give their system accounts a prefix of the worker's own,
+# so two workers' users of one name never meet (RunningHub). Ports come from tests/ports.py, unique across workers.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ... in a worker; "" otherwise
+#: modules that start a Slurm cluster themselves (not through the `slurm` fixture)
+STARTS_SLURM = {"test_ansible_slurm.py"}
+
+
+def _xdist_group(item) -> str:
+    names = set(item.fixturenames)
+    if names & {"podman_engine"}:
+        return "podman"
+    if "slurm" in names or item.path.name in STARTS_SLURM:
+        return "slurm"
+    return item.path.name
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks (--dist loadgroup)
+def pytest_collection_modifyitems(config, items):
+    by_module: dict = {}
+    for item in items:
+        by_module.setdefault(item.path, set()).add(_xdist_group(item))
+    for item in items:
+        groups = by_module[item.path]
+        group = "podman" if "podman" in groups else "slurm" if "slurm" in groups else item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 def pytest_sessionfinish(session, exitstatus):
     """After every fixture has ended: nothing the run started may still run (podman's service only when
-    SPINNAKER_PODMAN_KEEP asks to keep it)."""
+    SPINNAKER_PODMAN_KEEP asks to keep it). A worker hands what it found to the controller, which reports it."""
     procs = processes.table()
     kept = {
         p.pid
@@ -81,25 +113,44 @@ def pytest_sessionfinish(session, exitstatus):
         and p.cmdline.startswith("podman")
         and " system service " in p.cmdline
     }
+    if _xdist_controller(session.config):
+        # The workers (children of this process) are shut down only after this hook; what they started is theirs.
+        kept |= {p.pid for p in procs.values() if p.ppid == os.getpid()}
     left = [
         p
         for p in WATCH.leftovers(WATCH.baseline, include_exempt=True, settle=5)
         if not processes.has_ancestor(p, kept, procs)
     ]
+    lines = []
     if left:
-        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-        lines = [f"the test run left {len(left)} process(es) running (now ended):"]
+        lines = [
+            f"the test run{f' (worker {WORKER})' if WORKER else ''} left {len(left)} process(es) running (now ended):"
+        ]
         lines += [f"  {p.describe()}  <- {WATCH.exempt.get(p.key, 'a test or fixture')}" for p in left]
+        processes.end(left)
+    ports.forget_run()
+    if WORKER:
+        session.config.workeroutput["leftovers"] = lines
+    else:
+        lines += _LEFT_BY_WORKERS
+    if lines:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         for line in lines:
             reporter.write_line(line, red=True) if reporter else print(line, file=sys.stderr)
-        processes.end(left)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_LEFT_BY_WORKERS: list[str] = []
+
+
+def _xdist_controller(config) -> bool:
+    return not WORKER and config.pluginmanager.has_plugin("dsession")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """xdist: a worker ended; keep what it left running for the controller's report."""
+    _LEFT_BY_WORKERS.extend(getattr(node, "workeroutput", {}).get("leftovers", []))
 
 
 @pytest.fixture(scope="session")
@@ -143,6 +194,10 @@ def spynnaker_kernel(envs_dir, tmp_path_factory):
             os.environ[k] = v
 
 
+#: The system accounts of a worker's users (see "parallel runs"): jupyter-NAME in a run without xdist.
+SYSTEM_USER_PREFIX = f"jupyter{WORKER.removeprefix('gw')}-" if WORKER else "jupyter-"
+
+
 class RunningHub:
     """`spinnaker-jupyter up` in a subprocess with a config of the test's own."""
 
@@ -157,6 +212,8 @@ class RunningHub:
             "kernels": {"envs_dir": str(envs_dir)},
             "git_kernel": {"enabled": False},  # GitHub is not reachable here; tests that want it set it up
         }
+        if WORKER:
+            cfg["spawner"] = {"local": {"system_user_prefix": SYSTEM_USER_PREFIX}}
         from spinnaker_jupyter.config import merge
 
         self.config = merge(cfg, overrides)
@@ -209,6 +266,13 @@ class RunningHub:
 
     def client(self, name: str, password: str) -> HubClient:
         return HubClient(self.url, name, password)
+
+    def system_account(self, name: str) -> str:
+        """The system account the hub's local servers and jobs run as for user `name`."""
+        from spinnaker_jupyter.usernames import system_account_name
+
+        prefix = self.config.get("spawner", {}).get("local", {}).get("system_user_prefix", "jupyter-")
+        return system_account_name(prefix, name)
 
     def own_processes(self) -> list[processes.Proc]:
         """This hub's processes: its descendants, and whatever runs in its folder (the proxy, services, user servers

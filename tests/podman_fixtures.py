@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "images"
@@ -46,12 +47,6 @@ def _load(name: str, path: Path):
 
 podman_env = _load("podman_env", IMAGES / "podman" / "podman_env.py")
 image_build = _load("spinnaker_image_build", IMAGES / "build.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

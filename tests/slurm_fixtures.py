@@ -19,7 +19,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -28,16 +27,11 @@ from pathlib import Path
 
 import pytest
 
+from ports import free_port
 from spinnaker_jupyter import slurm_conf
 
 ROOT = Path(__file__).resolve().parents[1]
 DAEMONS = ("munged", "slurmctld", "slurmd")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -156,8 +150,8 @@ def start_slurm(boards: int = 2, memory_mb: int = 8000, jobs_per_core: int = 8) 
         slurm_conf.render(
             folder,
             boards=boards,
-            ctld_port=_free_port(),
-            slurmd_port=_free_port(),
+            ctld_port=free_port(),
+            slurmd_port=free_port(),
             memory_mb=memory_mb,
             munge_socket=socket_path,
             share_cores=True,

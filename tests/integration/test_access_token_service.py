@@ -16,7 +16,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -32,6 +31,7 @@ import requests
 
 # the `oidc_provider` fixture comes from oidc_fixtures, loaded as a plugin by conftest.py
 from oidc_fixtures import LoginError, OIDCProvider, wait_for
+from ports import free_port
 from spinnaker_jupyter import access_token_service as ats
 
 SERVICE = ats.SERVICE_NAME
@@ -314,12 +314,6 @@ def test_provider_requires_pkce_and_the_right_password(oidc_provider, provider_c
 # end to end with a real hub
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 FAKE_SERVER = textwrap.dedent('''\
     """Stand-in for jupyterhub-singleuser: answers HTTP, and writes the env it was given to a file."""
     import http.server, json, os, signal, urllib.parse
@@ -468,7 +462,7 @@ def _running_hub(
     refresh_margin: float = REFRESH_MARGIN,
     auth_refresh_age: int = AUTH_REFRESH_AGE,
 ):
-    port, hub_port, proxy_api_port, service_port = (_free_port() for _ in range(4))
+    port, hub_port, proxy_api_port, service_port = (free_port() for _ in range(4))
     url = f"http://127.0.0.1:{port}"
     oidc_provider.add_redirect_uri(f"{url}/hub/oauth_callback")
     env_dir = tmp / "server-env"

@@ -242,7 +242,7 @@ def test_second_deployment_does_not_run_as_the_firsts_account(hub_factory):
     shutil.rmtree(Path(first.config["data_dir"]) / "homes")
     ours.start_server()
     assert ours.server("GET", "api/contents").status_code == 200
-    assert "Took over the system account jupyter-twin" in second.log()
+    assert f"Took over the system account {second.system_account('twin')}" in second.log()
     ours.stop_server()
 
 
@@ -250,7 +250,7 @@ def test_remove_while_the_hub_is_down(hub_factory):
     hub = hub_factory({"culler": {"enabled": False}, "hub": {"stop_servers_on_exit": False}})
     hana = hub.client("hana", hub.add_user("hana"))
     hana.start_server()
-    uid = pwd.getpwnam("jupyter-hana").pw_uid
+    uid = pwd.getpwnam(hub.system_account("hana")).pw_uid
     hub.stop()  # hana's server runs on without the hub
     assert _processes_of(uid)
 

@@ -504,8 +504,9 @@ def test_jobs_never_run_as_root(tight_hub, nmpi_module):
             collab_id="private-jcarol",
         ),
     )
-    assert "uid jupyter-jcarol" in job["log"], job["log"]
-    assert job["provenance"]["account"] == "jupyter-jcarol"
+    account = tight_hub.system_account("jcarol")
+    assert f"uid {account}" in job["log"], job["log"]
+    assert job["provenance"]["account"] == account
 
 
 @pytest.mark.parametrize(
@@ -630,10 +631,11 @@ def test_a_notebook_submits_with_its_server_token(jobs_hub):
 
 
 def test_an_account_of_another_deployment_is_not_used(jobs_hub, nmpi_module, tmp_path):
-    """`jupyter-jdave` made by another deployment on this machine (its home elsewhere, still there) is another
-    person: jdave's jobs here do not run as it."""
+    """jdave's system account (`jupyter-jdave`) made by another deployment on this machine (its home elsewhere,
+    still there) is another person: jdave's jobs here do not run as it."""
     other_home = traversable_tmpdir("other-deployment-")
-    subprocess.run(["userdel", "jupyter-jdave"], capture_output=True)  # left by an interrupted run
+    account = jobs_hub.system_account("jdave")
+    subprocess.run(["userdel", account], capture_output=True)  # left by an interrupted run
     subprocess.run(
         [
             "useradd",
@@ -644,7 +646,7 @@ def test_an_account_of_another_deployment_is_not_used(jobs_hub, nmpi_module, tmp
             str(other_home),
             "--comment",
             "Jupyter user jdave",
-            "jupyter-jdave",
+            account,
         ],
         check=True,
     )
@@ -655,9 +657,9 @@ def test_an_account_of_another_deployment_is_not_used(jobs_hub, nmpi_module, tmp
             client, client.submit_job(source="print('ran')", platform="SpiNNaker", collab_id="private-jdave")
         )
         assert job["status"] == "error" and "\nran\n" not in job["log"]
-        assert "The system account jupyter-jdave belongs to another deployment on this machine" in job["log"]
+        assert f"The system account {account} belongs to another deployment on this machine" in job["log"]
     finally:
-        subprocess.run(["userdel", "jupyter-jdave"], check=False)
+        subprocess.run(["userdel", account], check=False)
         import shutil
 
         shutil.rmtree(other_home, ignore_errors=True)

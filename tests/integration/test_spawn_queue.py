@@ -110,7 +110,7 @@ def test_what_a_start_does_not_need_is_left_out_of_local_servers(hub, students):
     if not (user.server_model() or {}).get("ready"):
         user.start_server(timeout=180)
     # The launcher runs the server (ps shows it as the user's account).
-    uid = pwd.getpwnam("jupyter-qdan").pw_uid
+    uid = pwd.getpwnam(hub.system_account("qdan")).pw_uid
     cmdlines = [
         Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         for pid in (p.name for p in Path("/proc").iterdir() if p.name.isdigit())

@@ -16,6 +16,7 @@ import subprocess
 
 import pytest
 import requests
+import yaml
 from traitlets.config import Config
 
 import processes
@@ -105,6 +106,9 @@ def test_upgrade_from_the_previous_release_keeps_everything(release, double, hub
     )
 
     # --- the previous release, in use -------------------------------------------------------------------------
+    # Its schema predates spawner.local.system_user_prefix (a parallel run's worker prefix): default accounts.
+    hub.config.get("spawner", {}).get("local", {}).pop("system_user_prefix", None)
+    hub.config_file.write_text(yaml.safe_dump(hub.config))
     hub.command, hub.env = release["command"], {**hub.env, **release["env"]}
     hub.start()
     assert str(release["tree"]) in processes.read(hub.proc.pid).cmdline  # the hub runs the previous release

@@ -134,6 +134,7 @@ def test_a_failed_start_and_a_server_found_gone_give_the_board_back(double, tmp_
 
 def test_no_board_with_on_timeout_fail_refuses_the_start_with_the_reason(monkeypatch):
     monkeypatch.setattr("spinnaker_jupyter.boards.lock._LOCKS", {})
+    monkeypatch.setattr("spinnaker_jupyter.boards.lock._FOLDER", None)  # in-process locks, whatever ran before
     s = Spawner(board_mode="machine", machine_name="lab-board", claim_timeout=0, on_timeout="fail")
     other = Spawner(board_mode="machine", machine_name="lab-board")
     other.user = SimpleNamespace(name="erin", groups=[])

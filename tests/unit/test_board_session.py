@@ -293,6 +293,7 @@ def test_no_board_in_time_falls_back_to_virtual_mode_or_refuses(double, tmp_path
 
 def test_the_lab_board_goes_to_one_holder_at_a_time(monkeypatch):
     monkeypatch.setattr("spinnaker_jupyter.boards.lock._LOCKS", {})
+    monkeypatch.setattr("spinnaker_jupyter.boards.lock._FOLDER", None)  # in-process locks, whatever ran before
     sp = settings("machine", claim_timeout=20)
 
     async def scenario():
@@ -311,6 +312,7 @@ def test_the_lab_board_goes_to_one_holder_at_a_time(monkeypatch):
 
         # A restarted hub re-registers the holder from its record; a waiting claim released meanwhile stops waiting.
         monkeypatch.setattr("spinnaker_jupyter.boards.lock._LOCKS", {})
+        monkeypatch.setattr("spinnaker_jupyter.boards.lock._FOLDER", None)  # in-process locks, whatever ran before
         restored = Holder().session(sp, None, None, owner="frank", record=BoardRecord.from_dict(record.to_dict()))
         assert restored.retake_lab_board() and board_lock("lab-board").holder == ("frank", "")
         c = Holder().session(sp, None, None, owner="gina")
@@ -326,6 +328,7 @@ def test_the_lab_board_goes_to_one_holder_at_a_time(monkeypatch):
 
 def test_the_lab_board_not_free_in_time_falls_back_to_virtual(monkeypatch):
     monkeypatch.setattr("spinnaker_jupyter.boards.lock._LOCKS", {})
+    monkeypatch.setattr("spinnaker_jupyter.boards.lock._FOLDER", None)  # in-process locks, whatever ran before
     sp = settings("machine", claim_timeout=0.3)
 
     async def scenario():
@@ -349,6 +352,7 @@ def test_virtual_mode_claims_nothing():
 
 def test_a_batch_job_is_told_about_its_job_not_a_server(monkeypatch):
     monkeypatch.setattr("spinnaker_jupyter.boards.lock._LOCKS", {})
+    monkeypatch.setattr("spinnaker_jupyter.boards.lock._FOLDER", None)  # in-process locks, whatever ran before
     sp = settings("machine", claim_timeout=0.3, on_timeout="fail")
 
     async def scenario():
