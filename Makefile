@@ -43,14 +43,18 @@ test-deps: setup requirements-test.txt requirements-unit.txt
 	$(BIN)/pip install --progress-bar off -q -r requirements-test.txt
 	$(BIN)/spinnaker-jupyter build -c tests/build-config.yaml
 
+# The suite runs on TEST_WORKERS pytest-xdist workers (most of its time is waiting on hubs, kernels and timeouts);
+# tests/conftest.py keeps together what must not run side by side. TEST_WORKERS=0: one process, as before.
+TEST_WORKERS ?= 3
+
 test: test-deps
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)
 
 test-unit: setup $(VENV)/.unit-installed
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 test-integration: test-deps
-	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup) tests/integration $(PYTEST_ARGS)
 
 bench: test-deps
 	$(BIN)/python benchmarks/bench_hub.py

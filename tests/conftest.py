@@ -129,7 +129,7 @@ def pytest_sessionfinish(session, exitstatus):
         lines += [f"  {p.describe()}  <- {WATCH.exempt.get(p.key, 'a test or fixture')}" for p in left]
         processes.end(left)
     ports.forget_run()
-    if WORKER:
+    if hasattr(session.config, "workeroutput"):  # (not the env: a pytest a test starts inherits it)
         session.config.workeroutput["leftovers"] = lines
     else:
         lines += _LEFT_BY_WORKERS
@@ -144,7 +144,7 @@ _LEFT_BY_WORKERS: list[str] = []
 
 
 def _xdist_controller(config) -> bool:
-    return not WORKER and config.pluginmanager.has_plugin("dsession")
+    return config.pluginmanager.has_plugin("dsession")
 
 
 @pytest.hookimpl(optionalhook=True)
