@@ -2,19 +2,26 @@
 the real one-node Slurm the tests start (tests/slurm_fixtures.py): a job runs as a Slurm job under the user's own
 account and its log and outputs come back; it takes a SpiNNaker board licence and, while the boards are taken, its
 log says it waits in the Slurm queue and why; the runner's time limit, a cancel and an operator's scancel end the
-Slurm job and say so; a partition Slurm does not have, and a Slurm that is down, are one clear line naming the key."""
+Slurm job and say so; a partition Slurm does not have, and a Slurm that is down, are one clear line naming the key.
+In session mode (the spalloc double) a job waiting in the Slurm queue holds no board: it claims one when Slurm runs
+it, and one scancelled or cancelled while queued never claims one."""
 
 from __future__ import annotations
 
+import os
 import re
+import uuid
+from pathlib import Path
 
 import pytest
 import requests
 
 import test_jobs
 from conftest import free_port, traversable_tmpdir
+from doubles.spalloc_server import SpallocDouble
 from hubclient import wait_for
 from test_jobs import client_for, start_jobs_hub, wait_done
+from test_jobs_boards import FIRST_IP, HUB_TOKEN, JOB
 
 nmpi = test_jobs.nmpi_module  # (the fixture, under the name these tests ask for)
 
@@ -81,7 +88,8 @@ def test_a_job_waits_in_the_slurm_queue_for_a_board_and_says_why(hub, slurm, nmp
         uri = client.submit_job(source=PRINTS, platform="SpiNNaker", collab_id="private-sjkim")
         waiting = "waiting in the Slurm queue: position 1, reason Licenses (all SpiNNaker boards are in use"
         wait_for(lambda: waiting in client.get_job(uri, with_log=True)["log"], 60, "the job to say it waits")
-        assert client.job_status(uri) == "running"  # (nmpi has no state between claimed and running)
+        # not run yet ("submitted" once the API says so of a claimed job whose command has not started)
+        assert client.job_status(uri) in ("submitted", "running")
     finally:
         slurm.run("scancel", blocker.stdout.strip())
     job = wait_done(client, uri)
@@ -156,3 +164,147 @@ def test_slurm_down_is_one_clear_line_not_a_hang(hub_factory, slurm, nmpi):
     assert (
         "Slurm refused the job: the Slurm cluster is not answering (its controller cannot be reached)" in job["log"]
     ), job["log"]
+
+
+# --- session mode: the board is claimed when Slurm runs the job, not while it waits in the Slurm queue -------------
+QUEUED = "waiting in the Slurm queue: position 1, reason Licenses (all SpiNNaker boards are in use"
+
+
+@pytest.fixture(scope="module")
+def double():
+    d = SpallocDouble(boards=1, tokens={HUB_TOKEN: "hub"}, admins=["hub"], power_delay=0.1, wait_timeout=3.0).start()
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="module")
+def session_hub(hub_factory, slurm, double, tmp_path_factory):
+    token_file = tmp_path_factory.mktemp("secrets") / "spalloc-token"
+    token_file.write_text(HUB_TOKEN + "\n")
+    os.chmod(token_file, 0o600)
+    extra, jobs = jobs_slurm_config(slurm)
+    extra["spinnaker"] = {
+        "mode": "session",
+        "claim_timeout": 300,
+        "on_timeout": "fail",
+        "spalloc": {"url": double.url, "token_file": str(token_file), "keepalive_interval": 30},
+    }
+    hub = start_jobs_hub(hub_factory, {**jobs, "concurrency": 2}, extra)
+    hub.users = {"sjlee": hub.client("sjlee", hub.add_user("sjlee"))}
+    return hub
+
+
+@pytest.fixture
+def markers():
+    made = [Path("/tmp") / f"jobs-slurm-{uuid.uuid4().hex[:10]}-{i}" for i in range(2)]
+    yield made
+    for path in made:
+        path.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def licences_taken(slurm):
+    """Takes `n` of the cluster's 2 board licences with a Slurm job of the operator's own, until the test ends."""
+    taken = []
+
+    def take(n: int) -> None:
+        blocker = slurm.run(
+            "sbatch", "--parsable", f"--licenses=spinnaker_board:{n}", "--mem=64", "--wrap", "sleep 600"
+        )
+        assert blocker.returncode == 0, blocker.stderr
+        taken.append(blocker.stdout.strip())
+        wait_for(lambda: slurm_state(slurm, taken[-1]) == "RUNNING", 30, "the operator's job holding the licences")
+
+    yield take
+    for slurm_id in taken:
+        slurm.run("scancel", slurm_id)
+
+
+def claims(double, since: set) -> list[dict]:
+    """The spalloc jobs (claims, queued or not) made for the test user's batch jobs since `since`."""
+    return [j for j in double.jobs() if j["owner"] == "sjlee" and j["id"] not in since]
+
+
+def log_of(client, uri) -> str:
+    return client.get_job(uri, with_log=True)["log"]
+
+
+def test_a_job_queued_for_a_licence_claims_no_board_until_slurm_runs_it(
+    session_hub, double, slurm, nmpi, markers, licences_taken
+):
+    client = client_for(nmpi, session_hub, "sjlee")
+    before = {j["id"] for j in double.jobs()}
+    licences_taken(1)  # the cluster's one licence left goes to the first job
+    first = client.submit_job(
+        source=JOB.format(marker=str(markers[0])), platform="SpiNNaker", collab_id="private-sjlee"
+    )
+    wait_for(lambda: "MACHINE" in log_of(client, first), 120, "the first job to run with its board")
+    [held] = claims(double, before)
+    second = client.submit_job(
+        source=JOB.format(marker=str(markers[1])), platform="SpiNNaker", collab_id="private-sjlee"
+    )
+    wait_for(lambda: QUEUED in log_of(client, second), 60, "the second job to wait in the Slurm queue")
+    assert claims(double, before) == [held] and held["state"] == "READY"  # no claim for the queued job
+    assert "Claiming" not in log_of(client, second)
+
+    markers[0].write_text("finish")
+    assert wait_done(client, first)["status"] == "finished"
+    wait_for(lambda: "MACHINE" in log_of(client, second), 120, "the second job to run with its board")
+    [mine] = [j for j in claims(double, before) if j["id"] != held["id"]]
+    assert double.job(held["id"])["state"] == "DESTROYED" and mine["state"] == "READY"
+    markers[1].write_text("finish")
+    done = wait_done(client, second)
+    assert done["status"] == "finished", done["log"]
+    log = done["log"]
+    steps = [
+        QUEUED,
+        f"Slurm job {slurm_id_of(log)} runs on",
+        "Claiming a SpiNNaker board",
+        "Running: python",
+        "MACHINE",
+    ]
+    assert [log.index(s) for s in steps] == sorted(log.index(s) for s in steps), log  # in the order they happened
+    assert f"BOARD {FIRST_IP}" in log and f"SpiNNaker board {FIRST_IP} given back" in log, log
+    double.wait_for(lambda d: d.job(mine["id"])["state"] == "DESTROYED", 20, what="the second board to be given back")
+
+
+@pytest.mark.parametrize("ending", ["scancel", "cancel"])
+def test_a_job_ended_while_queued_never_claims_a_board(
+    session_hub, double, slurm, nmpi, markers, licences_taken, ending
+):
+    client = client_for(nmpi, session_hub, "sjlee")
+    before = {j["id"] for j in double.jobs()}
+    licences_taken(2)
+    uri = client.submit_job(source=JOB.format(marker=str(markers[0])), platform="SpiNNaker", collab_id="private-sjlee")
+    wait_for(lambda: QUEUED in log_of(client, uri), 60, "the job to wait in the Slurm queue")
+    slurm_id = slurm_id_of(log_of(client, uri))
+    if ending == "scancel":  # an operator's
+        slurm.run("scancel", slurm_id)
+        job = wait_done(client, uri, timeout=60)
+        assert job["status"] == "error"
+        assert "The Slurm job was cancelled outside this service" in job["log"], job["log"]
+        assert "before its command ran" in job["log"], job["log"]
+    else:  # the user's
+        r = requests.delete(
+            session_hub.jobs_url + uri,
+            headers={"Authorization": f"Bearer {session_hub.users['sjlee'].token}"},
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+        wait_for(lambda: client.job_status(uri) == "removed", 60, "the job to be removed")
+        assert "while it waited in the Slurm queue" in log_of(client, uri)
+        wait_for(lambda: slurm_state(slurm, slurm_id) in ("CANCELLED", "GONE"), 30, "the Slurm job to end")
+    assert claims(double, before) == [] and "Claiming" not in log_of(client, uri)
+
+
+def test_an_operators_scancel_of_a_running_job_gives_its_board_back(session_hub, double, slurm, nmpi, markers):
+    client = client_for(nmpi, session_hub, "sjlee")
+    before = {j["id"] for j in double.jobs()}
+    uri = client.submit_job(source=JOB.format(marker=str(markers[0])), platform="SpiNNaker", collab_id="private-sjlee")
+    wait_for(lambda: "MACHINE" in log_of(client, uri), 120, "the job to run with its board")
+    [held] = claims(double, before)
+    slurm.run("scancel", slurm_id_of(log_of(client, uri)))
+    job = wait_done(client, uri, timeout=60)
+    assert job["status"] == "error" and "the Slurm job was cancelled outside this service" in job["log"], job["log"]
+    assert f"SpiNNaker board {FIRST_IP} given back" in job["log"], job["log"]
+    double.wait_for(lambda d: d.job(held["id"])["state"] == "DESTROYED", 20, what="the board to be given back")

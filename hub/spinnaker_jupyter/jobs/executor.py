@@ -12,6 +12,7 @@ jobs run as the service's own account, and the log says so.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pwd
 import resource
@@ -53,11 +54,19 @@ class Executor(ABC):
     def account(self, user: str) -> Account:
         """The account a user's jobs run as (created when missing)."""
 
+    @contextlib.asynccontextmanager
+    async def slot(self, job_id: int, cwd: Path, limits: RunLimits, account: Account):
+        """Where job `job_id`'s command will run, taken before its board is claimed: the block runs once start()
+        can run the command at once (a Slurm job waits in the Slurm queue here, holding no board), and what was
+        taken and not started is given back when the block ends, however it ends. Default: nothing to wait for."""
+        yield
+
     @abstractmethod
     async def start(
         self, argv: list[str], cwd: Path, env: dict, limits: RunLimits, account: Account
     ) -> asyncio.subprocess.Process:
-        """Start the job's command with stdout and stderr on one pipe, in a process group of its own."""
+        """Start the job's command with stdout and stderr on one pipe, in a process group of its own (a job's
+        command: inside its slot())."""
 
     @abstractmethod
     def kill(self, pgid: int, uid: int | None) -> None:

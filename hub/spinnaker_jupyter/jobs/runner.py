@@ -179,12 +179,15 @@ class Runner:
             argv = steps.argv_for(s, job, scratch)
             provenance["command"] = argv[1:]
             provenance["sPyNNaker"] = self.versions[0] if self.versions else None
-            if held.session is not None:
-                env.update(await held_board.claim(s, store, self.boards, job, held, config, account, jlog, provenance))
-            before = await loop.run_in_executor(None, outputs.snapshot, scratch)
-            wall = config.get("time_limit") or s.wall_time
-            jlog.note(f"Running: {shlex.join(['python', *argv[1:]])} (time limit {wall} s)")
-            code, why = await steps.execute(s, executor, store, job, argv, scratch, env, account, wall, jlog)
+            # The board is claimed once the command can run at once (e.g. its Slurm job runs): none held in a queue.
+            async with executor.slot(job.id, scratch, s.run_limits, account):
+                if held.session is not None:
+                    claimed = await held_board.claim(s, store, self.boards, job, held, config, account, jlog, provenance)
+                    env.update(claimed)
+                before = await loop.run_in_executor(None, outputs.snapshot, scratch)
+                wall = config.get("time_limit") or s.wall_time
+                jlog.note(f"Running: {shlex.join(['python', *argv[1:]])} (time limit {wall} s)")
+                code, why = await steps.execute(s, executor, store, job, argv, scratch, env, account, wall, jlog)
             provenance["exit_code"] = code
             await held_board.release(s, job, held, "the job's command ended", jlog, provenance)
             files, skipped = await loop.run_in_executor(

@@ -2,15 +2,22 @@
 account (the local executor's accounts: the same `jupyter-<name>` as their server), so Slurm's queue, priorities,
 fair share, limits and accounting apply to it as to any of the user's jobs.
 
-* What is asked of Slurm: the job's time limit (`--time`, whole minutes, one more than the runner's own limit,
-  which stays the one users meet: Slurm's is the backstop while the service is down), its memory (`--mem`), one
-  core, `--no-requeue` (a job never runs twice in silence), and one licence per SpiNNaker board
-  (`spawner.slurm.board_license`, in session and machine mode) as for user servers, so that Slurm never runs more
-  jobs and sessions than there are boards. The runner's rlimits are set on sbatch, and Slurm gives them to the job
+* What is asked of Slurm: the job's time limit (`--time`, whole minutes: the runner's own limit, which stays the
+  one users meet, plus the longest wait for the go below and a minute: Slurm's is the backstop while the service is
+  down), its memory (`--mem`), one core, `--no-requeue` (a job never runs twice in silence), and one licence per
+  SpiNNaker board (`spawner.slurm.board_license`, in session and machine mode) as for user servers, so that Slurm
+  never runs more jobs and sessions than there are boards. The runner's rlimits are set on sbatch, and Slurm gives them to the job
   (PropagateResourceLimits, default ALL).
-* `start()` returns once Slurm runs the job: while it waits, the job's log (and its detail on the Jobs page) says
-  its place in the Slurm queue and Slurm's reason in words, and a cancel or a service stop scancels it. So the
-  runner's time limit counts from when the job runs, as on the local executor.
+* The job's `slot()` submits it as soon as its code is ready, with a batch script that waits for a go: while it
+  waits in the Slurm queue, the job's log (and its detail on the Jobs page) says its place and Slurm's reason in
+  words, and a cancel or a service stop scancels it. Once Slurm runs it, the runner claims the job's board (so a
+  queued job holds none), and `start()` writes the go: the command and its environment (naming the board), in the
+  job's cfg folder (data_dir/jobs/cfg/<id>, root's, readable by the job's group only: the job cannot forge it).
+  The script then replaces itself with the command; the runner's time limit counts from the go. With no go within
+  `spinnaker.claim_timeout` + GO_MARGIN seconds (the service died meanwhile) the script ends by itself, and
+  however the slot ends without a go (no board, a cancel, a service stop) its Slurm job is scancelled. The script
+  looks for the go every 0.2 s: on NFS, mount data_dir so that a new file is seen at once (README "Past one
+  machine").
 * The job's output goes to `.job/slurm.out` in its scratch folder (which every node mounts at the same path:
   data_dir on shared storage); the service reads it as the job runs, refusing a file the job's account does not
   own or a link. The state comes from `scontrol show job` every POLL seconds (squeue's own finest refresh; sooner
@@ -27,6 +34,7 @@ fair share, limits and accounting apply to it as to any of the user's jobs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -45,6 +53,8 @@ from .runner import INTERNAL, JobFailed, JobLog, _stamp
 log = logging.getLogger("spinnaker_jupyter.jobs")
 POLL = 1.0  # seconds between scontrol calls (squeue --iterate's finest step)
 FIRST_POLL = 0.25  # right after a change the first calls come sooner, doubling up to POLL (a short job ends early)
+GO_MARGIN = 120  # seconds the batch script waits for its go beyond the board claim's own limit (claim_timeout)
+GO_FILE = "go"
 
 
 def _pauses():
@@ -80,11 +90,13 @@ class SlurmExecutor(LocalExecutor):
         settings,
         slurm: dict,
         board_mode: str,
+        claim_timeout: int = 0,
         sessions_dir: Path | None = None,
         log=None,
     ):
         super().__init__(homes_dir, system_users, prefix, log=log, sessions_dir=sessions_dir)
         self.store, self.s, self.board_mode = store, settings, board_mode
+        self.go_wait = int(claim_timeout) + GO_MARGIN
         self.conf = slurm.get("conf") or ""
         self.partition = slurm.get("partition") or ""
         self.slurm_account = slurm.get("account") or ""
@@ -95,6 +107,7 @@ class SlurmExecutor(LocalExecutor):
         self.records.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.records, 0o700)
         self.jobs: dict[int, SlurmJob] = {}  # Slurm job id -> its job, this run of the service
+        self.slots: dict[int, SlurmJob] = {}  # job id -> its Slurm job, from its submission until its go
         self.local: set[int] = set()  # pids of local commands (pip) this run started
         self.bin = {t: shutil.which(t) or f"/usr/bin/{t}" for t in ("sbatch", "scontrol", "scancel", "squeue")}
         self._sweep()
@@ -115,6 +128,7 @@ class SlurmExecutor(LocalExecutor):
             settings=settings,
             slurm=sl,
             board_mode=d["spinnaker"]["mode"],
+            claim_timeout=d["spinnaker"]["claim_timeout"],
             sessions_dir=local.sessions_dir,
             log=local.log,
         )
@@ -180,7 +194,7 @@ class SlurmExecutor(LocalExecutor):
             "--no-requeue",
             "--export=ALL",
             "--cpus-per-task=1",
-            f"--time={math.ceil(wall / 60) + 1}",
+            f"--time={math.ceil((wall + self.go_wait) / 60) + 1}",
             f"--mem={limits.memory_bytes // 2**20}M",
         ]
         if self.license and boards:
@@ -198,42 +212,89 @@ class SlurmExecutor(LocalExecutor):
         boards = config.get("boards", 1) if self.board_mode in ("session", "machine") else 0
         return int(wall), int(boards)
 
-    async def start(self, argv, cwd, env, limits, account):
-        if argv[1:3] == ["-m", "pip"]:
-            proc = await super().start(argv, cwd, env, limits, account)
-            self.local.add(proc.pid)
-            return proc
-        job_id = int(env["SPINNAKER_JOB_ID"])
+    def go_path(self, job_id: int) -> Path:
+        return self.s.job_cfgs / str(job_id) / GO_FILE
+
+    def batch_script(self, job_id: int) -> str:
+        """Python itself (no shell): waits (bounded) for the go, then replaces itself with the command it names,
+        in the environment it names (and Slurm's own SLURM_* variables)."""
+        go, bound = str(self.go_path(job_id)), self.go_wait
+        return (
+            f"#!{self.s.python}\nimport json, os, sys, time\n"
+            f"go, end = {go!r}, time.monotonic() + {bound}\n"
+            "while not os.path.exists(go):\n"
+            "    if time.monotonic() > end:\n"
+            f"        sys.exit('[spinnaker-jupyter] no go from the job service within {bound} s: it stopped meanwhile')\n"
+            "    time.sleep(0.2)\n"
+            "with open(go) as f:\n    run = json.load(f)\n"
+            "env = {k: v for k, v in os.environ.items() if k.startswith('SLURM')}\n"
+            "os.execve(run['argv'][0], run['argv'], {**env, **run['env']})\n"
+        )
+
+    @contextlib.asynccontextmanager
+    async def slot(self, job_id, cwd, limits, account):
         wall, boards = self._job_settings(job_id)
-        # The batch script is Python itself (no shell): it replaces itself with the job's command.
-        script = f"#!{argv[0]}\nimport os\nargv = {json.dumps(argv)}\nos.execv(argv[0], argv)\n"
         sbatch = self.sbatch_argv(job_id, cwd, limits, wall, boards)
         proc = await asyncio.create_subprocess_exec(
             *sbatch,
-            env={**env, **self.slurm_env, "PATH": env.get("PATH", "/usr/bin:/bin")},
+            env=self.slurm_env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd="/",
             preexec_fn=self._preexec(limits, account),
         )
-        out, err = await proc.communicate(script.encode())
+        out, err = await proc.communicate(self.batch_script(job_id).encode())
         if proc.returncode != 0:
             raise JobFailed(self._refusal(err.decode(errors="replace")))
         slurm_id = int(out.decode().strip().split(";")[0])
         (self.records / str(slurm_id)).write_text(str(job_id))
         job = SlurmJob(self, slurm_id, job_id, cwd, account.uid)
-        self.jobs[slurm_id] = job
+        self.jobs[slurm_id] = self.slots[job_id] = job
         where = ", ".join(a.removeprefix("--") for a in sbatch if a.startswith(("--partition", "--licenses")))
         self._note(
             job_id, f"Submitted to Slurm as job {slurm_id}" + (f" ({where})" if where else "") + f", as {account.name}."
         )
         try:
             await job.wait_running()
-        except BaseException:  # a cancel, a service stop, or Slurm lost: the Slurm job goes too
-            self._scancel(slurm_id)
-            raise
+            yield
+        finally:
+            self.slots.pop(job_id, None)
+            if not job.went:  # no board, a cancel, a service stop, Slurm lost: the waiting Slurm job goes too
+                job.cancelled = True
+                self._scancel(slurm_id)
+                self.ended(slurm_id)
+            self.go_path(job_id).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # (the board's cfg may still be there: release() removes it)
+                self.go_path(job_id).parent.rmdir()
+
+    async def start(self, argv, cwd, env, limits, account):
+        if argv[1:3] == ["-m", "pip"]:
+            proc = await super().start(argv, cwd, env, limits, account)
+            self.local.add(proc.pid)
+            return proc
+        job = self.slots.get(int(env["SPINNAKER_JOB_ID"]))
+        if job is None:
+            raise RuntimeError("a job's command runs on Slurm only inside its slot()")
+        self._write_go(job.job_id, {"argv": argv, "env": env}, account.gid if account.switched else None)
+        job.go()
         return job
+
+    def _write_go(self, job_id: int, run: dict, gid: int | None) -> None:
+        """Written whole, then renamed (the script never reads half of it), in root's folder for the job."""
+        folder = self.go_path(job_id).parent
+        folder.mkdir(mode=0o750, parents=True, exist_ok=True)
+        if gid is not None and os.geteuid() == 0:
+            os.chown(folder, 0, gid)
+        os.chmod(folder, 0o750)
+        part = folder / f".{GO_FILE}.part"
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o640)
+        with os.fdopen(fd, "w") as f:
+            json.dump(run, f)
+        if gid is not None and os.geteuid() == 0:
+            os.chown(part, 0, gid)
+        os.chmod(part, 0o640)
+        os.replace(part, folder / GO_FILE)
 
     def _refusal(self, stderr: str) -> str:
         keys = {
@@ -282,6 +343,8 @@ class SlurmJob:
         self.returncode: int | None = None
         self.stdout = self
         self.cancelled = False  # by this service (the runner says why)
+        self.went = False  # the go was given: the command runs (or ran)
+        self._info: dict | None = None
         self.state = "PENDING"
         self._fd: int | None = None
         self._over = asyncio.Event()
@@ -289,7 +352,8 @@ class SlurmJob:
         self._ending: bytes = b""
 
     async def wait_running(self) -> None:
-        """Until Slurm runs the job; meanwhile its place in the queue and the reason, in words."""
+        """Until Slurm runs the job; meanwhile its place in the queue and the reason, in words. Raises JobFailed
+        when it ended without running (a cancel, an operator's scancel)."""
         said, checked = None, 0.0
         pauses = _pauses()
         while True:
@@ -300,13 +364,13 @@ class SlurmJob:
                 await asyncio.sleep(POLL)
                 continue
             self.state = info.get("JobState", "?") if info else "GONE"
-            if self.state != "PENDING":
+            if self.state not in ("PENDING", "CONFIGURING"):  # (configuring: its node still boots)
                 break
             if self.x.store.cancel_requested(self.job_id):
                 self.cancelled = True
                 self.x._scancel(self.pid)
             reason = info.get("Reason", "")
-            if said is None or reason != said[1] or time.monotonic() - checked > 5 * POLL:
+            if self.state == "PENDING" and (said is None or reason != said[1] or time.monotonic() - checked > 5 * POLL):
                 checked = time.monotonic()  # (the place is asked for less often: one more squeue of the queue)
                 position = await self.x.position(self.pid)
                 if said != (position, reason):
@@ -316,10 +380,24 @@ class SlurmJob:
                     self.x._detail(self.job_id, words[0].upper() + words[1:])
             await asyncio.sleep(next(pauses))
         self.x._detail(self.job_id, None)
-        if self.state in ("RUNNING", "COMPLETING", "COMPLETED", "FAILED"):
-            node = info.get("BatchHost") or info.get("NodeList") if info else "?"
-            self.x._note(self.job_id, f"{_stamp()}: Slurm job {self.pid} runs on {node}.")
-        self._follower = asyncio.create_task(self._follow(info))
+        self._info = info
+        if self.state != "RUNNING":
+            if self.cancelled and self.x.store.cancel_requested(self.job_id):
+                words = self.x.store.cancel_words(self.job_id)
+                raise JobFailed(f"The job was cancelled {words} while it waited in the Slurm queue")
+            why = ENDINGS.get(self.state, f"the Slurm job ended ({self.state})")
+            said = self._read(2000).decode(errors="replace").strip()  # (e.g. the batch script could not start)
+            if self._fd is not None and self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+            raise JobFailed(f"{why[0].upper()}{why[1:]} before its command ran" + (f": {said}" if said else ""))
+        node = info.get("BatchHost") or info.get("NodeList") or "?"
+        self.x._note(self.job_id, f"{_stamp()}: Slurm job {self.pid} runs on {node}.")
+
+    def go(self) -> None:
+        """The go was written: the command runs now; Slurm's state is followed until it ends."""
+        self.went = True
+        self._follower = asyncio.create_task(self._follow(self._info))
 
     async def _follow(self, info: dict | None) -> None:
         """Slurm's state every POLL seconds until the job is over; then its exit code."""
