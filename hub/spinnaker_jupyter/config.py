@@ -290,6 +290,9 @@ def _check_consistency(d: Deployment) -> None:
             "spinnaker.machine_name: required when spinnaker.mode is 'machine' (the board's host name or IP address)"
         )
     _check_spinnaker(d)
+    from .kernels import releases  # the sPyNNaker releases: versions differ, requirements files exist
+
+    releases(d)
     from .tls import check as check_tls  # HTTPS files: present, PEM, the key private
 
     check_tls(d)

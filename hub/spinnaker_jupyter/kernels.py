@@ -10,10 +10,12 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import spinnaker_server_contract
@@ -54,17 +56,114 @@ def _run(cmd: list[str], say, label: str) -> None:
         raise ConfigError(f"{label} failed (exit code {proc.returncode}). Last output:\n" + "\n".join(tail))
 
 
-def build_spynnaker_env(deployment: Deployment, say=print, force: bool = False) -> Path:
+@dataclass(frozen=True)
+class Release:
+    """One sPyNNaker release the deployment builds: its env, its kernel, its pinned requirements."""
+
+    version: str | None  # bare (no epoch), e.g. "7.3.0"; None: the default release's file pins no sPyNNaker
+    requirements: Path
+    env: Path
+    kernel_name: str  # `spynnaker` for the first (default) release, `spynnaker-<version>` for the others
+    display_name: str
+    key: str  # where it is configured, for messages: kernels.spynnaker or kernels.spynnaker[1]
+
+    @property
+    def python(self) -> Path:
+        return self.env / "bin" / "python"
+
+    @property
+    def label(self) -> str:
+        return f"sPyNNaker {self.version}" if self.version else "sPyNNaker"
+
+
+_PIN = re.compile(r"^\s*spynnaker\s*==\s*([^\s;#]+)", re.IGNORECASE)
+
+
+def bare_version(v: str) -> str:
+    """7.4.1 for 1!7.4.1: users and the EBRAINS clients write releases without pip's epoch."""
+    return v.split("!", 1)[-1]
+
+
+def pinned_version(requirements: Path) -> str | None:
+    """The sPyNNaker release a requirements file pins (sPyNNaker==...), bare; None when it pins none."""
+    for line in requirements.read_text().splitlines():
+        if m := _PIN.match(line):
+            return bare_version(m.group(1))
+    return None
+
+
+def installed_version(env: Path) -> str | None:
+    """The sPyNNaker release installed in an environment (its metadata), bare; None when there is none."""
+    found = sorted(env.glob("lib/python*/site-packages/[sS][pP]y[nN][nN][aA]ker-*.dist-info"))
+    return bare_version(found[0].name.split("-", 1)[1].removesuffix(".dist-info")) if found else None
+
+
+def releases(deployment: Deployment) -> list[Release]:
+    """The configured sPyNNaker releases, the default first (kernels.spynnaker: one object, or a list of them).
+    Checked here, each problem one line naming its key: the one place that maps the config to releases."""
+    value = deployment["kernels"]["spynnaker"]
+    items = [value] if isinstance(value, dict) else list(value)
     src = KERNELS_SRC / "spynnaker"
-    req = deployment.path(deployment["kernels"]["spynnaker"]["requirements"], src / "requirements.txt")
+    out: list[Release] = []
+    for n, item in enumerate(items):
+        key = "kernels.spynnaker" if isinstance(value, dict) else f"kernels.spynnaker[{n}]"
+        version = bare_version(item["version"]) if item.get("version") else None
+        if version and version in [r.version for r in out]:
+            raise ConfigError(f"{key}.version: {version} is listed twice; each release must be a different version")
+        if item.get("requirements"):
+            req = deployment.path(item["requirements"], src)
+        elif n == 0:
+            req = src / "requirements.txt"
+        elif version:
+            req = src / f"requirements-{version}.txt"
+        else:
+            raise ConfigError(
+                f"{key}: give its version (e.g. version: 7.3.0) or its pinned requirements file; only the first "
+                "release may leave both out"
+            )
+        if not req.is_file():
+            raise ConfigError(
+                f"{key}.requirements: no such file {req}; give a pinned requirements file (sPyNNaker==<version>, "
+                f"as {src / 'requirements.txt'})"
+            )
+        pinned = pinned_version(req)
+        if version and pinned and pinned != version:
+            raise ConfigError(f"{key}.version: {version}, but {req} pins sPyNNaker {pinned}; make them agree")
+        version = version or pinned
+        if n > 0 and not version:
+            raise ConfigError(f"{key}.version: missing, and {req} pins no sPyNNaker release; set version: <release>")
+        if version and version in [r.version for r in out]:
+            raise ConfigError(f"{key}.version: {version} is listed twice; each release must be a different version")
+        default = n == 0
+        out.append(
+            Release(
+                version=version,
+                requirements=req,
+                env=deployment.envs_dir / ("spynnaker" if default else f"spynnaker-{version}"),
+                kernel_name="spynnaker" if default else f"spynnaker-{version}".lower(),
+                display_name=item.get("display_name") or ("sPyNNaker" if default else f"sPyNNaker {version}"),
+                key=key,
+            )
+        )
+    return out
+
+
+def build_spynnaker_env(
+    deployment: Deployment, say=print, force: bool = False, release: Release | None = None, of: str = ""
+) -> Path:
+    """Build one release's environment (the default release when none is given); `of` says e.g. "2 of 3"."""
+    release = release or releases(deployment)[0]
+    src = KERNELS_SRC / "spynnaker"
+    req = release.requirements
     launcher = src / "spinnaker_kernel.py"
-    env = deployment.envs_dir / "spynnaker"
+    env = release.env
     stamp = _digest(req, launcher, CONTRACT)
+    which = f"{release.label}{f' (release {of})' if of else ''}"
     if not force and (env / STAMP).exists() and (env / STAMP).read_text() == stamp:
-        say(f"Kernel environment sPyNNaker is up to date ({env})")
+        say(f"Kernel environment {which} is up to date ({env})")
         return env
     t0 = time.monotonic()
-    say(f"Building the sPyNNaker kernel environment in {env} (first time: about a minute)")
+    say(f"Building the {which} kernel environment in {env} (first time: about a minute)")
     python = base_python(deployment)
     if env.exists() and not (env / "bin" / "python").exists():
         shutil.rmtree(env)
@@ -75,6 +174,12 @@ def build_spynnaker_env(deployment: Deployment, say=print, force: bool = False) 
         say,
         f"installing {req}",
     )
+    got = installed_version(env)
+    if release.version and got != release.version:
+        raise ConfigError(
+            f"{release.key}.version: {release.version}, but {req} installed sPyNNaker {got or 'nothing'}; pin "
+            f"sPyNNaker=={release.version} there"
+        )
     site = subprocess.run(
         [str(env / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
         check=True,
@@ -85,7 +190,7 @@ def build_spynnaker_env(deployment: Deployment, say=print, force: bool = False) 
     shutil.copy2(CONTRACT, Path(site) / CONTRACT.name)
     make_world_readable(env)
     (env / STAMP).write_text(stamp)
-    say(f"sPyNNaker kernel environment ready in {time.monotonic() - t0:.0f} s")
+    say(f"{which} kernel environment ready in {time.monotonic() - t0:.0f} s")
     return env
 
 
@@ -100,12 +205,14 @@ def make_world_readable(root: Path) -> None:
             os.chmod(path, want)
 
 
-def write_kernelspec(deployment: Deployment, env: Path) -> Path:
-    spec_dir = deployment.share_dir / "kernels" / "spynnaker"
+def write_kernelspec(deployment: Deployment, env: Path, release: Release | None = None) -> Path:
+    """The kernelspec of one release (the default release's, `spynnaker`, when none is given)."""
+    release = release or releases(deployment)[0]
+    spec_dir = deployment.share_dir / "kernels" / release.kernel_name
     spec_dir.mkdir(parents=True, exist_ok=True)
     spec = {
         "argv": [str(env / "bin" / "python"), "-m", "spinnaker_kernel", "-f", "{connection_file}"],
-        "display_name": deployment["kernels"]["spynnaker"]["display_name"],
+        "display_name": release.display_name,
         "language": "python",
         "metadata": {"debugger": False},  # its port would let other accounts in (spinnaker_kernel.py: No debugger)
     }
@@ -164,12 +271,22 @@ def write_spynnaker_cfg(deployment: Deployment) -> Path:
 
 
 def build_all(deployment: Deployment, say=print, force: bool = False, build: bool = True) -> None:
-    """Build (unless `build` is false), then publish the kernelspec and the sPyNNaker cfg of this deployment."""
-    if build:
-        env = build_spynnaker_env(deployment, say, force)
-    else:
-        env = deployment.envs_dir / "spynnaker"
-        if not (env / STAMP).exists():
-            raise ConfigError(f"the sPyNNaker kernel environment {env} is not built: run `spinnaker-jupyter build`")
-    write_kernelspec(deployment, env)
+    """Build (unless `build` is false) every configured release, then publish one kernelspec per release and the
+    sPyNNaker cfg of this deployment."""
+    rels = releases(deployment)
+    for n, release in enumerate(rels, 1):
+        if build:
+            env = build_spynnaker_env(deployment, say, force, release, f"{n} of {len(rels)}" if len(rels) > 1 else "")
+        else:
+            env = release.env
+            if not (env / STAMP).exists():
+                raise ConfigError(
+                    f"the {release.label} kernel environment {env} is not built: run `spinnaker-jupyter build`"
+                )
+        write_kernelspec(deployment, env, release)
+    # A release taken out of the config: its kernel goes from the launcher (its env stays until removed by hand).
+    names = {r.kernel_name for r in rels}
+    for old in (deployment.share_dir / "kernels").glob("spynnaker-*"):
+        if old.name not in names and (old / "kernel.json").exists():
+            shutil.rmtree(old)
     write_spynnaker_cfg(deployment)

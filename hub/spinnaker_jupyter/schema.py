@@ -41,6 +41,28 @@ def _list(items: dict, default=None, desc="") -> dict:
 
 
 USERNAME = {"type": "string", "pattern": CONFIG_NAME_PATTERN}  # the user-name rules: usernames.py
+#: One sPyNNaker release (kernels.spynnaker, or each item of its list form; kernels.py reads it).
+SPYNNAKER_RELEASE: dict = {
+    "version": _str(
+        None,
+        "The sPyNNaker release, e.g. 7.3.0 (pip's epoch `1!` may be left out). Default: the "
+        "release the requirements file pins (sPyNNaker==...). Names the kernel; must differ "
+        "between releases.",
+        pattern=r"^([0-9]+!)?[0-9]+(\.[0-9]+)*([a-z0-9.+-]*)$",
+        errorMessage="a release number such as 7.3.0",
+    ),
+    "requirements": _str(
+        None,
+        "Pinned requirements file of this release, which must pin sPyNNaker==<version>. "
+        "Default: kernels/spynnaker/requirements.txt for the first release, "
+        "kernels/spynnaker/requirements-<version>.txt for the others.",
+    ),
+    "display_name": _str(
+        None,
+        "Name users see in the launcher. Default: `sPyNNaker` for the first release, "
+        "`sPyNNaker <version>` for the others.",
+    ),
+}
 
 SCHEMA: dict = _obj(
     {
@@ -483,14 +505,21 @@ SCHEMA: dict = _obj(
                     "Interpreter the environments are built from (default: the hub's base Python). "
                     "Must be executable by every user account.",
                 ),
-                "spynnaker": _obj(
-                    {
-                        "display_name": _str("sPyNNaker", "Name users see in the launcher."),
-                        "requirements": _str(
-                            None, "Pinned requirements file (default: kernels/spynnaker/requirements.txt)."
-                        ),
-                    }
-                ),
+                # One release (an object: the form of earlier configs) or a list of them; `properties` apply to
+                # the object form, `items` to the list form (JSON Schema applies each only to its own type).
+                "spynnaker": {
+                    "type": ["object", "array"],
+                    "description": "The sPyNNaker release(s) users run: one release (an object), or a list of "
+                    "releases, e.g. [{version: 7.4.1}, {version: 7.3.0}]. Each gets its own environment under "
+                    "envs_dir and its own kernel; the first is the default: kernel `spynnaker` (sPyNNaker), "
+                    "used by jobs that name no spynnaker_version; the others are kernels `spynnaker-<version>` "
+                    "(sPyNNaker <version>). A job's hardware_config spynnaker_version picks among them. "
+                    "The container image (spawner.type docker) has the first release only.",
+                    "additionalProperties": False,
+                    "properties": SPYNNAKER_RELEASE,
+                    "items": _obj(SPYNNAKER_RELEASE),
+                    "minItems": 1,
+                },
             }
         ),
         "spinnaker": _obj(
@@ -949,9 +978,15 @@ SCHEMA: dict = _obj(
 )
 
 
+def _section(schema: dict) -> bool:
+    """An object of named keys (kernels.spynnaker may also be a list of them)."""
+    t = schema.get("type")
+    return "properties" in schema and (t == "object" or (isinstance(t, list) and "object" in t))
+
+
 def defaults(schema: dict = SCHEMA):
     """The built-in defaults: the bottom layer of the config."""
-    if schema.get("type") == "object" and "properties" in schema:
+    if _section(schema):
         return {k: defaults(v) for k, v in schema["properties"].items()}
     d = schema.get("default")
     return type(d)(d) if isinstance(d, (list, dict)) else d
@@ -961,7 +996,9 @@ def describe(schema: dict = SCHEMA, prefix: str = ""):
     """(path, description) for every leaf key: the operator's reference."""
     for key, sub in schema.get("properties", {}).items():
         path = f"{prefix}{key}"
-        if sub.get("type") == "object" and "properties" in sub:
+        if _section(sub):
+            if sub.get("type") != "object":  # also a list of such objects: the key's own prose says so
+                yield path, sub.get("description", ""), defaults(sub)
             yield from describe(sub, path + ".")
         else:
             yield path, sub.get("description", ""), sub.get("default")

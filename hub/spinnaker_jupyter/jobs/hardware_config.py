@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import re
 
+from ..kernels import bare_version as _bare_version
+
 # key -> (type, what it means); the keys the SpiNNaker job runners of the EBRAINS platform know
 KEYS = {
     "spynnaker_version": (str, "the sPyNNaker release to run with"),
@@ -36,14 +38,11 @@ def _canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def _bare_version(v: str) -> str:
-    return v.split("!", 1)[-1]
-
-
 def parse(
     value, allowed_keys: list[str], versions: list[str], pip_allowed: list[str], max_time: int, max_boards: int = 1
 ) -> dict:
-    """The checked hardware_config (a dict), or HardwareConfigError with one actionable line."""
+    """The checked hardware_config (a dict), or HardwareConfigError with one actionable line. `versions`: the
+    sPyNNaker releases a job may pick here (Settings.versions, from kernels.spynnaker), the default first."""
     if value is None or value == "":
         return {}
     if isinstance(value, str):

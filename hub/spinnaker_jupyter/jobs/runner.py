@@ -27,7 +27,7 @@ from .executor import AccountError, Executor
 from .held_board import HeldBoard
 from .job_boards import CORES_PER_BOARD, JobBoards
 from .joblog import JobFailed, JobLog, stamp
-from .settings import Settings, spynnaker_versions
+from .settings import Settings
 from .steps import INTERNAL, SYSTEM
 from .store import Job, Store
 
@@ -43,7 +43,7 @@ class Runner:
         self.store, self.executor, self.s = store, executor, settings
         self.boards = boards  # None: every job runs virtual
         self.id = uuid.uuid4().hex[:12]
-        self.versions = spynnaker_versions(settings.spynnaker_env)
+        self.versions = settings.versions  # the configured sPyNNaker releases (kernels.spynnaker)
         self.running: dict[int, asyncio.Task] = {}
         self._wake = asyncio.Event()
         self._stopping = False
@@ -158,6 +158,7 @@ class Runner:
                 )
             config = steps.read_hardware_config(s, self.versions, job)
             provenance["hardware_config"] = config
+            release = s.release(config)  # its spynnaker_version, else the default release
             loop = asyncio.get_running_loop()
             try:
                 account = await loop.run_in_executor(None, executor.account, job.user_id)
@@ -173,12 +174,14 @@ class Runner:
                 provenance["input_data"] = await loop.run_in_executor(
                     None, steps.download_inputs, s, executor, job, scratch, account, jlog
                 )
-            env = steps.env_for(s, job, scratch, account)
+            env = steps.env_for(s, job, scratch, account, release)
             if config.get("extra_pip_installs"):
-                await steps.pip_install(s, executor, config["extra_pip_installs"], scratch, env, account, jlog)
-            argv = steps.argv_for(s, job, scratch)
+                reqs = config["extra_pip_installs"]
+                await steps.pip_install(s, executor, reqs, scratch, env, account, jlog, release)
+            argv = steps.argv_for(s, job, scratch, release)
             provenance["command"] = argv[1:]
-            provenance["sPyNNaker"] = self.versions[0] if self.versions else None
+            provenance["sPyNNaker"] = release.version
+            jlog.note(f"sPyNNaker {release.version or '(version unknown)'}: {release.python}")
             # The board is claimed once the command can run at once (e.g. its Slurm job runs): none held in a queue.
             async with executor.slot(job.id, scratch, s.run_limits, account):
                 if held.session is not None:

@@ -18,7 +18,7 @@ from . import api, identity, pages, signing
 from .executor import LocalExecutor
 from .job_boards import JobBoards
 from .runner import Runner
-from .settings import SERVICE_NAME, Settings, db_url, load_deployment, spynnaker_versions
+from .settings import SERVICE_NAME, Settings, db_url, load_deployment
 from .store import Store
 
 log = logging.getLogger("spinnaker_jupyter.jobs")
@@ -84,7 +84,7 @@ async def serve() -> None:
         jobs=s,
         checker=checker,
         runner=runner,
-        versions=spynnaker_versions(s.spynnaker_env),
+        versions=s.versions,
         signing_key=signing.load_key(s.data / "signing_key"),
     )
     server = app.listen(d["jobs"]["port"], d["jobs"]["ip"], xheaders=True)

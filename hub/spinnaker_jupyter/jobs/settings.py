@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import CONFIG_ENV, Deployment, merge, read_file, validate
+from ..kernels import Release, bare_version, installed_version, releases
 from ..schema import defaults
 from . import fetch
 from .executor import RunLimits
@@ -41,10 +43,13 @@ def jobs_dir(d: Deployment) -> Path:
     return d.data_dir / "jobs"
 
 
-def spynnaker_versions(env: Path) -> list[str]:
-    """The sPyNNaker release(s) this deployment has built (from the kernel environment's installed metadata)."""
-    found = sorted(env.glob("lib/python*/site-packages/[sS][pP]y[nN][nN][aA]ker-*.dist-info"))
-    return [p.name.split("-", 1)[1].removesuffix(".dist-info") for p in found]
+def job_releases(d: Deployment) -> tuple[Release, ...]:
+    """The sPyNNaker releases a job may pick (kernels.spynnaker), the default first. The docker executor runs the
+    single-user image, which has the default release only: the others are not offered there."""
+    found = releases(d)
+    if not found[0].version:  # a default requirements file that pins no sPyNNaker: what its env has
+        found[0] = dataclasses.replace(found[0], version=installed_version(found[0].env))
+    return tuple(found[:1] if d["jobs"]["executor"] == "docker" else found)
 
 
 @dataclass
@@ -67,6 +72,20 @@ class Settings:
     collabs: dict[str, list[str]]
     input_bytes: int = 1024 * 2**20  # all of a job's input_data files together
     upload_quota_bytes: int = 500 * 2**20  # a user's kept uploads together
+    releases: tuple[Release, ...] = ()  # the sPyNNaker releases a job may pick, the default (spynnaker_env) first
+
+    @property
+    def versions(self) -> list[str]:
+        """What hardware_config.spynnaker_version may say here (bare versions, the default first)."""
+        return [r.version for r in self.releases if r.version]
+
+    def release(self, config: dict) -> Release:
+        """The release a checked hardware_config picks: its spynnaker_version, else the default."""
+        want = config.get("spynnaker_version")
+        for r in self.releases:
+            if want is None or r.version == bare_version(want):
+                return r
+        raise LookupError(f"sPyNNaker {want} is not one of {', '.join(self.versions)}")  # parse() refused it
 
     @property
     def logs(self) -> Path:
@@ -100,10 +119,11 @@ class Settings:
     def from_deployment(cls, d: Deployment) -> Settings:
         j, lim = d["jobs"], d["jobs"]["limits"]
         mib = 2**20
+        rels = job_releases(d)
         return cls(
             base_url=public_url(d),
             data=jobs_dir(d),
-            spynnaker_env=d.envs_dir / "spynnaker",
+            spynnaker_env=rels[0].env,
             spinnaker=d["spinnaker"],
             concurrency=j["concurrency"],
             wall_time=lim["wall_time"],
@@ -129,6 +149,7 @@ class Settings:
             collabs={k: list(v) for k, v in j["collabs"].items()},
             input_bytes=lim["input_mb"] * mib,
             upload_quota_bytes=lim["upload_quota_mb"] * mib,
+            releases=rels,
         )
 
 

@@ -15,6 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from ..kernels import Release
 from . import archives, fetch, hardware_config, inputs
 from .executor import Account, Executor
 from .job_boards import max_boards
@@ -101,10 +102,15 @@ def download_inputs(
         raise JobFailed(str(e)) from None
 
 
-def env_for(s: Settings, job: Job, scratch: Path, account: Account) -> dict:
+def _python(s: Settings, release: Release | None) -> Path:
+    """The job's interpreter: that of the sPyNNaker release its hardware_config picked (Settings.release)."""
+    return release.python if release is not None else s.python
+
+
+def env_for(s: Settings, job: Job, scratch: Path, account: Account, release: Release | None = None) -> dict:
     # HOME is the scratch folder: a user's own ~/.spynnaker.cfg would make a second cfg (sPyNNaker refuses two).
     return {
-        "PATH": f"{s.spynnaker_env / 'bin'}:/usr/local/bin:/usr/bin:/bin",
+        "PATH": f"{_python(s, release).parent}:/usr/local/bin:/usr/bin:/bin",
         "HOME": str(scratch),
         "USER": account.name,
         "LOGNAME": account.name,
@@ -121,7 +127,7 @@ def env_for(s: Settings, job: Job, scratch: Path, account: Account) -> dict:
     }
 
 
-def argv_for(s: Settings, job: Job, scratch: Path) -> list[str]:
+def argv_for(s: Settings, job: Job, scratch: Path, release: Release | None = None) -> list[str]:
     command = (job.command or "run.py {system}").replace("{system}", SYSTEM)
     try:
         words = shlex.split(command)
@@ -140,15 +146,22 @@ def argv_for(s: Settings, job: Job, scratch: Path) -> list[str]:
             f"command: the script {rel} is not in the job's code (Python files at its top: "
             f"{', '.join(found) or 'none'})"
         )
-    return [str(s.python), rel, *words[1:]]
+    return [str(_python(s, release)), rel, *words[1:]]
 
 
 async def pip_install(
-    s: Settings, executor: Executor, reqs: list[str], scratch: Path, env: dict, account: Account, jlog: JobLog
+    s: Settings,
+    executor: Executor,
+    reqs: list[str],
+    scratch: Path,
+    env: dict,
+    account: Account,
+    jlog: JobLog,
+    release: Release | None = None,
 ) -> None:
     jlog.note(f"Installing {', '.join(reqs)} for this job (hardware_config.extra_pip_installs).")
     argv = [
-        str(s.python),
+        str(_python(s, release)),
         "-m",
         "pip",
         "install",
