@@ -198,6 +198,7 @@ class PodmanEnv:
             proc = subprocess.Popen(
                 ["podman", "--log-level=info", "system", "service", "--time=0", self.url],
                 env=self.env,
+                cwd=self.dir,  # conmon writes an empty `oom` file into its working directory at an OOM kill
                 stdin=subprocess.DEVNULL,
                 stdout=logf,
                 stderr=subprocess.STDOUT,
