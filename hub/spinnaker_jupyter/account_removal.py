@@ -216,6 +216,10 @@ def _retire_system_account(d: Deployment, name: str) -> str | None:
     )
 
 
+# what a running job's log says when its runner stops it: "The job was cancelled because the account ..."
+JOBS_CANCEL_REASON = "because the account was removed by an operator (user remove)"
+
+
 def _cancel_jobs(d: Deployment, name: str) -> str | None:
     """Their queued batch jobs are removed and running ones stopped (through the job store, hub up or down; the
     job service stops a flagged job within a second, or at its next start if it is down)."""
@@ -226,7 +230,7 @@ def _cancel_jobs(d: Deployment, name: str) -> str | None:
     url = db_url(d)
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).exists():
         return None  # the job service has never run
-    done = Store(url).cancel_all_of(name)
+    done = Store(url).cancel_all_of(name, JOBS_CANCEL_REASON)
     for job_id in [i for ids in done.values() for i in ids]:
         JobLog.append(
             jobs_dir(d) / "logs" / f"{job_id}.log", f"{_stamp()}: cancelled because the account {name} was removed."

@@ -16,7 +16,7 @@ from tornado import web
 
 from ..upstream import status_reason
 from . import fetch, hardware_config, identity, inputs, job_boards, signing
-from .store import STATUSES, Job
+from .store import STATUSES, Job, public_status
 
 PLATFORM = "SpiNNaker"
 REPOSITORY = "SpiNNaker Jupyter job service"
@@ -52,7 +52,7 @@ def job_model(app, job: Job, with_log: bool) -> dict:
         "id": job.id,
         "resource_uri": f"/jobs/{job.id}",
         "user_id": job.user_id,
-        "status": job.status,
+        "status": public_status(job),  # "submitted" while a claimed job waits for its board, slot or packages
         "collab": job.collab,
         "code": job.code,
         "command": job.command,

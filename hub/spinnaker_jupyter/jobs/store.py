@@ -22,11 +22,13 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    and_,
     create_engine,
     delete,
     event,
     func,
     inspect,
+    or_,
     select,
     text,
     update,
@@ -72,10 +74,18 @@ class Job(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     cancel_reason: Mapped[str | None] = mapped_column(Text, nullable=True)  # e.g. "by an operator"
     detail: Mapped[str | None] = mapped_column(Text, nullable=True)  # what a running job waits for, in words
+    # when its command started (claimed jobs wait for a board, a Slurm slot, a pip install first): until then the
+    # API says "submitted", as upstream's status means the job has not run yet (public_status)
+    timestamp_command: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 #: Columns added after the first release: (name, SQL type), added to an existing table at start-up.
-ADDED_COLUMNS = (("cancel_reason", "TEXT"), ("detail", "TEXT"))
+ADDED_COLUMNS = (("cancel_reason", "TEXT"), ("detail", "TEXT"), ("timestamp_command", "TIMESTAMP WITH TIME ZONE"))
+
+
+def public_status(job: Job) -> str:
+    """The status users see (API, Jobs page): a claimed job is "running" only once its command runs."""
+    return "submitted" if job.status == "running" and job.timestamp_command is None else job.status
 
 
 class Store:
@@ -125,7 +135,7 @@ class Store:
     ) -> list[Job]:
         q = select(Job).where(Job.user_id == user_id)
         statuses, collabs = list(statuses), list(collabs)
-        q = q.where(Job.status.in_(statuses)) if statuses else q.where(Job.status != "removed")
+        q = q.where(_public_status_in(statuses)) if statuses else q.where(Job.status != "removed")
         if collabs:
             q = q.where(Job.collab.in_(collabs))
         q = q.order_by(Job.id.desc()).offset(from_index).limit(size)
@@ -158,14 +168,14 @@ class Store:
             if done.rowcount == 1:
                 return before
 
-    def cancel_all_of(self, user_id: str) -> dict[str, list[int]]:
+    def cancel_all_of(self, user_id: str, reason: str | None = None) -> dict[str, list[int]]:
         """Cancel every queued or running job of a user (their account is being removed): {status before: ids}.
-        Queued ones are removed at once; running ones are flagged and their runner stops them."""
+        Queued ones are removed at once; running ones are flagged and their runner stops them, saying `reason`."""
         with self.session() as s:
             ids = list(s.scalars(select(Job.id).where(Job.user_id == user_id, Job.status.in_(ACTIVE))))
         done: dict[str, list[int]] = {}
         for job_id in ids:
-            done.setdefault(self.request_removal(job_id), []).append(job_id)
+            done.setdefault(self.request_removal(job_id, reason), []).append(job_id)
         return done
 
     # --- the runner's side -------------------------------------------------------------------------------------
@@ -188,13 +198,18 @@ class Store:
                         cancel_requested=False,
                         cancel_reason=None,
                         detail=None,
+                        timestamp_command=None,
                     )
                 )
             if done.rowcount == 1:
                 return self.get(candidate)
 
     def set_process(self, job_id: int, pgid: int | None, uid: int | None) -> None:
-        self._update(job_id, pgid=pgid, run_uid=uid)
+        """The job's command started (its process group) or ended (None)."""
+        if pgid is None:
+            self._update(job_id, pgid=None, run_uid=None)
+        else:
+            self._update(job_id, pgid=pgid, run_uid=uid, timestamp_command=func.coalesce(Job.timestamp_command, now()))
 
     def finish(self, job_id: int, status: str, provenance: dict, files: list[dict], usage: float | None) -> None:
         self._update(
@@ -210,7 +225,15 @@ class Store:
         )
 
     def requeue(self, job_id: int) -> None:
-        self._update(job_id, status="submitted", pgid=None, runner_id=None, timestamp_started=None, detail=None)
+        self._update(
+            job_id,
+            status="submitted",
+            pgid=None,
+            runner_id=None,
+            timestamp_started=None,
+            timestamp_command=None,
+            detail=None,
+        )
 
     def set_detail(self, job_id: int, detail: str | None) -> None:
         """What the running job does or waits for, in words (e.g. its place in the board queue)."""
@@ -272,3 +295,14 @@ class Store:
     def _update(self, job_id: int, **values) -> None:
         with self.session() as s, s.begin():
             s.execute(update(Job).where(Job.id == job_id).values(**values))
+
+
+def _public_status_in(statuses: list[str]):
+    """The SQL condition for "public_status(job) in statuses"."""
+    started = Job.timestamp_command.is_not(None)
+    conditions = [Job.status.in_([s for s in statuses if s not in ("submitted", "running")])]
+    if "submitted" in statuses:
+        conditions.append(or_(Job.status == "submitted", and_(Job.status == "running", ~started)))
+    if "running" in statuses:
+        conditions.append(and_(Job.status == "running", started))
+    return or_(*conditions)
