@@ -6,6 +6,7 @@ service is removed when it starts again."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -111,9 +112,82 @@ def test_pynn_job_runs_in_the_image_as_the_users_account(hub, nmpi, podman_engin
     assert f"python /opt/envs/spynnaker/bin/python uid {uid}" in log and uid not in ("0", "1000"), log
     assert "cfg: readable mounted ['ro']" in log, log  # the job reads its sPyNNaker cfg and cannot change it
     assert "network: none" in log and f"limits 64 {1024 * 2**20}" in log, log
+    # the image's sPyNNaker, not the host's kernel environment
+    assert "sPyNNaker 7.4.1: /opt/envs/spynnaker/bin/python" in log and job["provenance"]["sPyNNaker"] == "7.4.1"
     client.download_data(job, local_dir=str(tmp_path))
     assert (tmp_path / "summary.txt").read_text() == "spiketrains=10\n"
     assert job_containers(podman_engine, job_id_of(uri)) == []  # removed once over
+
+
+def test_outputs_land_in_the_users_home_volume_without_following_links(hub, nmpi, podman_engine):
+    """The output file reaches ~/jobs/<id>/ in the user's home volume, as their running server sees it; a link
+    the user planted there is replaced, never followed (the file it pointed to is untouched)."""
+    user = hub.users["djada"]
+    user.start_server()  # (the first start makes the home volume)
+    try:
+        client = client_for(nmpi, hub, "djada")
+        script = "import time\ntime.sleep(8)\nopen('summary.txt', 'w').write('from the job\\n')\n"
+        uri = client.submit_job(source=script, platform="SpiNNaker", collab_id="private-djada")
+        job_id = job_id_of(uri)
+        volume = "spinnaker-jupyter-test-jobhome-djada"
+        plant = (
+            f"mkdir -p /home/jovyan/jobs/{job_id} && echo keep > /home/jovyan/victim.txt && "
+            f"ln -s ../../victim.txt /home/jovyan/jobs/{job_id}/summary.txt"
+        )
+        podman_engine.client().containers.run(
+            podman_engine.images["singleuser"],
+            ["sh", "-c", plant],
+            user="1000",
+            volumes={volume: {"bind": "/home/jovyan", "mode": "rw"}},
+            network_mode="none",
+            labels={TEST_LABEL: "1"},
+            remove=True,
+        )
+        job = wait_done(client, uri, timeout=180)
+        assert job["status"] == "finished", job["log"]
+        assert f"Output files copied to ~/jobs/{job_id}/ (in your home volume {volume})." in job["log"], job["log"]
+
+        def content(path):
+            r = user.server("GET", f"api/contents/{path}")
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        copied = content(f"jobs/{job_id}/summary.txt")
+        assert copied["type"] == "file" and copied["content"] == "from the job\n", copied
+        assert content("victim.txt")["content"] == "keep\n"
+        assert job_containers(podman_engine, job_id) == []  # the copy's container too is gone
+    finally:
+        user.stop_server()
+
+
+def test_extra_pip_installs_work_in_the_container(hub, nmpi):
+    """pip in the job's container reaches the index with this machine's pip settings (CA bundle, index URL), and
+    the job imports the package from its own folder (six is not in the image)."""
+    client = client_for(nmpi, hub, "djben")
+    script = "import six\nprint('six', six.__version__, 'from', six.__file__, flush=True)\n"
+    uri = client.submit_job(
+        source=script, platform="SpiNNaker", collab_id="private-djben", config={"extra_pip_installs": ["six"]}
+    )
+    job = wait_done(client, uri, timeout=240)
+    assert job["status"] == "finished", job["log"][-3000:]
+    assert re.search(r"six \S+ from \S+/\.job/packages/six\.py", job["log"]), job["log"][-3000:]
+
+
+def test_a_version_the_image_lacks_is_refused_naming_the_images(hub):
+    """spynnaker_version is checked against the sPyNNaker in the job image (asked once per image id and kept),
+    not against the host's kernel environments."""
+    headers = {"Authorization": f"Bearer {hub.users['djada'].token}"}
+    body = {
+        "code": "print(1)",
+        "collab": "private-djada",
+        "hardware_platform": "SpiNNaker",
+        "hardware_config": {"spynnaker_version": "6.0.0"},
+    }
+    r = requests.post(hub.jobs_url + "/jobs/", headers=headers, timeout=30, json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"].endswith("'6.0.0' is not available here. Available: 7.4.1"), r.text
+    cached = json.loads((hub.base / "data" / "jobs" / "image-versions.json").read_text())
+    assert list(cached.values()) == [["1!7.4.1"]], cached
 
 
 def test_an_error_is_the_commands_exit_code(hub, nmpi, podman_engine):

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from spinnaker_jupyter.jobs.docker_executor import DockerExecutor
+from spinnaker_jupyter.jobs.docker_executor import DockerExecutor, parse_pip_config
 
 
 def make(tmp_path, url):
@@ -48,3 +48,25 @@ def test_no_engine_is_one_line_naming_the_key(tmp_path):
     said = str(e.value)
     assert said.startswith("jobs.executor docker: cannot reach the container engine at unix://"), said
     assert "spawner.docker.engine_url" in said and "\n" not in said
+
+
+def test_pip_settings_for_job_containers_leave_host_paths_on_the_host(tmp_path):
+    ca = tmp_path / "ca.crt"
+    ca.write_text("certificates")
+    said = (
+        "global.cert='/nowhere/ca.crt'\n"
+        "global.extra-index-url='file:///opt/pypi/simple https://mirror.example/simple'\n"
+        "global.find-links='/opt/wheels'\n"
+        "global.index-url='https://pypi.example/simple'\n"
+        f":env:.cert='{ca}'\n"  # (pip lists the PIP_* variables last: they win)
+        ":env:.default-timeout='180'\n"
+    )
+    assert parse_pip_config(said) == (
+        {
+            "PIP_INDEX_URL": "https://pypi.example/simple",
+            "PIP_EXTRA_INDEX_URL": "https://mirror.example/simple",
+            "PIP_DEFAULT_TIMEOUT": "180",
+        },
+        str(ca),
+    )
+    assert parse_pip_config("global.cert='/nowhere/ca.crt'\n") == ({}, None)

@@ -19,6 +19,17 @@
   pids limit), cores (jobs.docker.cpus), CPU time and file size (rlimits: jobs.limits.cpu_time, output_mb), and
   the job's time limit twice: the runner stops the container at it, and `timeout` inside kills the command
   shortly after if the service is gone.
+* pip (extra_pip_installs) gets this machine's pip settings, as the image build does (images/build.py pip_cert):
+  the CA bundle (mounted read-only), the index URLs and trusted hosts of `pip config list`; host paths
+  (find-links, file:// indexes, constraints) stay on the host.
+* sPyNNaker versions: a job's spynnaker_version is checked against the release in the image (its label
+  spinnaker-jupyter.spynnaker, else asked once of the image's Python; cached per image id in data_dir/jobs), not
+  against the host's kernel environments: `versions()`, and `release()` is what the runner runs a job with.
+* Outputs also land in the user's home, their named volume (the spawner's: docker.home_volume_name), as
+  ~/jobs/<id>/, written by a short container of the servers' image as the servers' user (never root), with only
+  that volume and the service's copy of the outputs (read-only) mounted and no network: what the job or the user
+  planted in the home (links, files of others) can only touch that home; a link where ~/jobs or ~/jobs/<id> should
+  be stops the copy, and links inside are replaced, never followed.
 * The log is the container's output, streamed as it comes; the exit code and an out-of-memory kill come from the
   engine. Cancel and kill = stop, then remove. Every container is labelled with this deployment's job folder; at
   start-up the service removes those a previous run left (their jobs go back in the queue, as on the local
@@ -31,14 +42,21 @@ import asyncio
 import itertools
 import json
 import logging
+import os
 import secrets
 import signal
+import subprocess
+import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from ..docker import IMAGE_ENV_ROOT, engine
+from ..drive_helper import IMAGE_HOME  # where the servers' image mounts the user's home volume
+from ..kernels import Release, bare_version
 from . import sessions
 from .executor import LocalExecutor
+from .joblog import JobLog
 from .runner import _stamp
 
 log = logging.getLogger("spinnaker_jupyter.jobs")
@@ -46,6 +64,18 @@ LABEL = "spinnaker-jupyter.jobs"  # value: this deployment's data_dir/jobs (two 
 JOB_LABEL = "spinnaker-jupyter.job"
 IMAGE_PYTHON = f"{IMAGE_ENV_ROOT}/spynnaker/bin/python"
 BACKSTOP = 30  # seconds past the time limit after which `timeout` in the container kills a job nobody stopped
+VERSION_LABEL = "spinnaker-jupyter.spynnaker"  # an image's sPyNNaker release(s), comma-separated, when it says
+PIP_CA = "/etc/spinnaker-jupyter/pip-ca-bundle.crt"  # the host's pip CA bundle, inside a pip container
+PIP_KEYS = ("index-url", "extra-index-url", "trusted-host", "proxy", "default-timeout")  # (+ cert) pip settings
+# The copy into ~/jobs/<id>/ inside the helper container ($1: the job id): links are never followed.
+COPY_HOME = f"""set -eu
+cd {IMAGE_HOME}
+for d in jobs "jobs/$1"; do
+    if [ -L "$d" ] || {{ [ -e "$d" ] && [ ! -d "$d" ]; }}; then echo "~/$d is not a folder (a link?)" >&2; exit 3; fi
+    [ -d "$d" ] || mkdir -- "$d"
+done
+tar -C /job-outputs -cf - . | tar -C "jobs/$1" -xf - --no-same-owner --no-same-permissions
+"""
 
 
 class DockerExecutor(LocalExecutor):
@@ -65,15 +95,20 @@ class DockerExecutor(LocalExecutor):
         labels: dict,
         sessions_dir: Path | None = None,
         log=None,
+        home_volume: Callable[[str], str] | None = None,
+        home_image: str | None = None,
     ):
         super().__init__(homes_dir, system_users, prefix, log=log, sessions_dir=sessions_dir)
         self.store, self.s, self.docker = store, settings, docker
         self.image, self.network, self.pip_network, self.cpus = image, network, pip_network, cpus
         self.labels = {**labels, LABEL: str(settings.data)}
+        self.home_volume, self.home_image = home_volume, home_image or image  # user -> their home volume's name
         self.jobs: dict[int, ContainerJob] = {}  # our pid -> its container, this run of the service
         self._ids = itertools.count(1)
+        self._versions: dict[str, list[str]] = {}  # image id -> its sPyNNaker release(s)
         self.client = self._check()
         self._sweep()
+        self.pip_env, self.pip_ca = pip_settings()
 
     def _check(self):
         """The engine and the image, or one line saying what to do (the service cannot run jobs without them)."""
@@ -100,6 +135,8 @@ class DockerExecutor(LocalExecutor):
 
     @classmethod
     def for_deployment(cls, d, settings, store, local: LocalExecutor) -> DockerExecutor:
+        from ..docker import home_volume_name
+
         dk, jd = d["spawner"]["docker"], d["jobs"]["docker"]
         with_boards = d["spinnaker"]["mode"] in ("session", "machine")
         network = jd["network"] or (dk["network"] if with_boards else "none")
@@ -117,7 +154,64 @@ class DockerExecutor(LocalExecutor):
             labels=dict(dk["labels"]),
             sessions_dir=local.sessions_dir,
             log=local.log,
+            # (homes are volumes only where the servers are containers too)
+            home_volume=(lambda user: home_volume_name(d, user)) if d["spawner"]["type"] == "docker" else None,
+            home_image=dk["image"],
         )
+
+    # --- the image's sPyNNaker -----------------------------------------------------------------------------------
+    def versions(self) -> list[str]:
+        """The sPyNNaker release(s) of the job image: what a job's spynnaker_version is checked against."""
+        image = self.client.images.get(self.image)
+        if image.id not in self._versions:
+            self._versions[image.id] = self._image_versions(image)
+        return self._versions[image.id]
+
+    def release(self, config: dict) -> Release:
+        """What runs a job here (its spynnaker_version was checked against versions()): the image's environment."""
+        version = self.versions()[0] if self.versions() else None
+        return Release(
+            version=bare_version(version) if version else None,
+            requirements=Path(),
+            env=Path(IMAGE_PYTHON).parent.parent,
+            kernel_name="spynnaker",
+            display_name=f"sPyNNaker {bare_version(version)}" if version else "sPyNNaker",
+            key="jobs.docker.image",
+        )
+
+    def _image_versions(self, image) -> list[str]:
+        said = (image.labels or {}).get(VERSION_LABEL)
+        if said:
+            return [v.strip() for v in said.split(",") if v.strip()]
+        cache = self.s.data / "image-versions.json"  # one query per image id, also across restarts
+        try:
+            known = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            known = {}
+        if image.id in known:
+            return known[image.id]
+        query = (
+            "import importlib.metadata as m\n"
+            "print(','.join(d.version for d in m.distributions() if (d.metadata['Name'] or '').lower() == 'spynnaker'))"
+        )
+        out = self.client.containers.run(
+            image.id,
+            [IMAGE_PYTHON, "-c", query],
+            user="65534:65534",
+            network_mode="none",
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            read_only=True,
+            labels=self.labels,
+            remove=True,
+            stdout=True,
+            stderr=False,
+        )
+        found = [v for v in out.decode().strip().split(",") if v]
+        known[image.id] = found
+        cache.write_text(json.dumps(known))
+        log.info("The job image %s has sPyNNaker %s", self.image, ", ".join(found) or "(none)")
+        return found
 
     def _sweep(self) -> None:
         """Containers a previous run of the service left (it crashed or was killed): removed."""
@@ -137,11 +231,16 @@ class DockerExecutor(LocalExecutor):
     def _container_kwargs(self, argv, cwd: Path, env: dict, limits, account, job_id: int, pip: bool) -> dict:
         import docker
 
-        here = str(self.s.spynnaker_env / "bin")
+        here = str(Path(argv[0]).parent)  # the host's interpreter: the image's takes its place
         env = {**env, "PATH": env.get("PATH", "").replace(here, f"{IMAGE_ENV_ROOT}/spynnaker/bin")}
         mounts = [docker.types.Mount(str(cwd), str(cwd), type="bind")]
         for folder in filter(None, env.get("XDG_CONFIG_DIRS", "").split(":")):  # the job's cfg, read-only
             mounts.append(docker.types.Mount(folder, folder, type="bind", read_only=True))
+        if pip:  # this machine's pip settings (index, CA bundle), for pip only: the job's command does not get them
+            env.update(self.pip_env)
+            if self.pip_ca:
+                mounts.append(docker.types.Mount(PIP_CA, self.pip_ca, type="bind", read_only=True))
+                env["PIP_CERT"] = PIP_CA
         ulimits = [
             docker.types.Ulimit(name="cpu", soft=limits.cpu_seconds, hard=limits.cpu_seconds + 5),
             docker.types.Ulimit(name="fsize", soft=limits.file_bytes, hard=limits.file_bytes),
@@ -206,6 +305,61 @@ class DockerExecutor(LocalExecutor):
         from .runner import JobLog
 
         JobLog.append(self.s.logs / f"{job_id}.log", text)
+
+    # --- outputs into the user's home volume ---------------------------------------------------------------------
+    def copy_home(self, out: Path, job_id: int, user: str, jlog: JobLog) -> bool:
+        """Copy the service's copy of a job's outputs (`out`) into ~/jobs/<id>/ of the user's home volume. False:
+        homes are no volumes here (the caller copies into the host folder). A user who has never started a server
+        has no home yet: nothing is copied, as for local homes."""
+        import docker
+
+        if self.home_volume is None:
+            return False
+        volume = self.home_volume(user)
+        try:
+            self.client.volumes.get(volume)
+        except docker.errors.NotFound:
+            return True
+        user_spec = self.client.images.get(self.home_image).attrs.get("Config", {}).get("User") or ""
+        if user_spec.split(":")[0] in ("", "0", "root"):  # (never write a home as root)
+            jlog.note(f"Output files not copied to ~/jobs/{job_id}/: the servers' image runs as root.")
+            return True
+        for dirpath, _dirs, files in os.walk(out):  # readable by the helper's user; `out`'s parent stays 0700
+            os.chmod(dirpath, 0o755)
+            for name in files:
+                os.chmod(os.path.join(dirpath, name), 0o644)
+        container = self.client.containers.create(
+            self.home_image,
+            ["sh", "-c", COPY_HOME, "sh", str(job_id)],
+            user=user_spec,
+            mounts=[
+                docker.types.Mount(IMAGE_HOME, volume, type="volume"),
+                docker.types.Mount("/job-outputs", str(out), type="bind", read_only=True),
+            ],
+            network_mode="none",
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            read_only=True,
+            tmpfs={"/tmp": "size=16m"},
+            pids_limit=64,
+            mem_limit=256 * 2**20,
+            labels={**self.labels, JOB_LABEL: str(job_id)},
+            name=f"spinnaker-jupyter-job-{job_id}-home-{secrets.token_hex(3)}",
+        )
+        try:
+            container.start()
+            code = int(container.wait(timeout=300).get("StatusCode", -1))
+            said = container.logs(stdout=False, stderr=True).decode(errors="replace").strip()
+        except Exception as e:  # noqa: BLE001 - the engine away or too slow: the outputs are still downloadable
+            code, said = -1, str(e)
+        finally:
+            ContainerJob._quietly(lambda: container.remove(force=True))
+        if code == 0:
+            jlog.note(f"Output files copied to ~/jobs/{job_id}/ (in your home volume {volume}).")
+        else:
+            why = said.splitlines()[-1] if said else f"exit code {code}"
+            jlog.note(f"Output files could not be copied to ~/jobs/{job_id}/ ({why}); download them instead.")
+        return True
 
     def kill(self, pgid: int, uid: int | None) -> None:
         job = self.jobs.get(pgid)
@@ -298,3 +452,29 @@ class ContainerJob:
             call()
         except Exception as e:  # noqa: BLE001 - already gone
             log.debug("container call: %s", e)
+
+
+def pip_settings() -> tuple[dict, str | None]:
+    """This machine's pip settings a job container can use ({PIP_*: value}, CA bundle path), read by pip itself
+    (`pip config list`: the config files and PIP_* variables, as images/build.py's pip_cert reads the bundle)."""
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, timeout=60
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}, None
+    return parse_pip_config(out)
+
+
+def parse_pip_config(out: str) -> tuple[dict, str | None]:
+    values: dict[str, str] = {}
+    for line in out.splitlines():  # e.g. global.cert='/etc/ssl/certs/ca-certificates.crt' (later lines win)
+        key, _, value = line.partition("=")
+        values[key.rsplit(".", 1)[-1]] = value.strip().strip("'\"")
+    env = {}
+    for key in PIP_KEYS:
+        words = [w for w in values.get(key, "").split() if not w.startswith("file:")]  # host paths stay here
+        if words:
+            env["PIP_" + key.upper().replace("-", "_")] = " ".join(words)
+    ca = values.get("cert")
+    return env, (os.path.realpath(ca) if ca and os.path.isfile(ca) else None)

@@ -85,7 +85,10 @@ def collect(
 def copy_home(s: Settings, executor: Executor, job: Job, files: list[dict], jlog: JobLog) -> None:
     """The outputs also land in ~/jobs/<id>/ when the user has a home here, so notebooks can analyse them.
     Written by the user's own account (a tar stream from the service's copy), so a home is never written as
-    root."""
+    root. Where homes are container volumes, the executor copies them in (docker_executor.copy_home)."""
+    into_volume = getattr(executor, "copy_home", None)
+    if into_volume is not None and into_volume(s.outputs / str(job.id), job.id, job.user_id, jlog):
+        return
     home = executor.home(job.user_id)
     if not home.is_dir():
         return

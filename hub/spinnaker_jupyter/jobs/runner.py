@@ -44,6 +44,8 @@ class Runner:
         self.boards = boards  # None: every job runs virtual
         self.id = uuid.uuid4().hex[:12]
         self.versions = settings.versions  # the configured sPyNNaker releases (kernels.spynnaker)
+        if hasattr(executor, "versions"):  # an executor with its own sPyNNaker (docker: the job image's)
+            self.versions = executor.versions()
         self.running: dict[int, asyncio.Task] = {}
         self._wake = asyncio.Event()
         self._stopping = False
@@ -158,7 +160,8 @@ class Runner:
                 )
             config = steps.read_hardware_config(s, self.versions, job)
             provenance["hardware_config"] = config
-            release = s.release(config)  # its spynnaker_version, else the default release
+            # its spynnaker_version, else the default release (docker: the image's own, whatever the host has)
+            release = executor.release(config) if hasattr(executor, "release") else s.release(config)
             loop = asyncio.get_running_loop()
             try:
                 account = await loop.run_in_executor(None, executor.account, job.user_id)

@@ -84,7 +84,7 @@ async def serve() -> None:
         jobs=s,
         checker=checker,
         runner=runner,
-        versions=s.versions,
+        versions=runner.versions,
         signing_key=signing.load_key(s.data / "signing_key"),
     )
     server = app.listen(d["jobs"]["port"], d["jobs"]["ip"], xheaders=True)
