@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import uuid
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import test_jobs
 from conftest import free_port, traversable_tmpdir
 from doubles.spalloc_server import SpallocDouble
 from hubclient import wait_for
-from test_jobs import client_for, start_jobs_hub, wait_done
+from test_jobs import _ended, _service_pid, client_for, start_jobs_hub, wait_done
 from test_jobs_boards import FIRST_IP, HUB_TOKEN, JOB
 
 nmpi = test_jobs.nmpi_module  # (the fixture, under the name these tests ask for)
@@ -207,13 +208,14 @@ def licences_taken(slurm):
     """Takes `n` of the cluster's 2 board licences with a Slurm job of the operator's own, until the test ends."""
     taken = []
 
-    def take(n: int) -> None:
+    def take(n: int) -> str:
         blocker = slurm.run(
             "sbatch", "--parsable", f"--licenses=spinnaker_board:{n}", "--mem=64", "--wrap", "sleep 600"
         )
         assert blocker.returncode == 0, blocker.stderr
         taken.append(blocker.stdout.strip())
         wait_for(lambda: slurm_state(slurm, taken[-1]) == "RUNNING", 30, "the operator's job holding the licences")
+        return taken[-1]
 
     yield take
     for slurm_id in taken:
@@ -307,4 +309,40 @@ def test_an_operators_scancel_of_a_running_job_gives_its_board_back(session_hub,
     job = wait_done(client, uri, timeout=60)
     assert job["status"] == "error" and "the Slurm job was cancelled outside this service" in job["log"], job["log"]
     assert f"SpiNNaker board {FIRST_IP} given back" in job["log"], job["log"]
+    double.wait_for(lambda d: d.job(held["id"])["state"] == "DESTROYED", 20, what="the board to be given back")
+
+
+@pytest.mark.parametrize("how", ["service killed", "hub restarted"])
+def test_a_job_queued_when_the_service_stops_is_scancelled_and_runs_once_more(
+    session_hub, double, slurm, nmpi, markers, licences_taken, how
+):
+    """kill -9 of the job service: its successor scancels the Slurm job the dead one left (the batch script would
+    also give up waiting for its go); a clean stop scancels it at once. The job is queued again, still holds no
+    board, and claims one only when Slurm runs its second attempt."""
+    client = client_for(nmpi, session_hub, "sjlee")
+    before = {j["id"] for j in double.jobs()}
+    blocker = licences_taken(2)
+    uri = client.submit_job(source=JOB.format(marker=str(markers[0])), platform="SpiNNaker", collab_id="private-sjlee")
+    wait_for(lambda: QUEUED in log_of(client, uri), 60, "the job to wait in the Slurm queue")
+    first = slurm_id_of(log_of(client, uri))
+    if how == "service killed":
+        pid = _service_pid(session_hub)
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: _ended(pid), 30, "the killed job service to end")
+    else:
+        session_hub.stop()
+        session_hub.start()
+    wait_for(lambda: slurm_state(slurm, first) in ("CANCELLED", "GONE"), 60, "the first Slurm job to be scancelled")
+
+    def attempts() -> list[str]:
+        return re.findall(r"Submitted to Slurm as job (\d+)", log_of(client, uri))
+
+    wait_for(lambda: len(attempts()) == 2, 120, "the job to be queued in Slurm again")
+    assert claims(double, before) == []
+    slurm.run("scancel", blocker)
+    wait_for(lambda: "MACHINE" in log_of(client, uri), 120, "the job to run with its board")
+    [held] = claims(double, before)
+    markers[0].write_text("finish")
+    done = wait_done(client, uri)
+    assert done["status"] == "finished" and done["provenance"]["attempt"] == 2, done["log"]
     double.wait_for(lambda d: d.job(held["id"])["state"] == "DESTROYED", 20, what="the board to be given back")

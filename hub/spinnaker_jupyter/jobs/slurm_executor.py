@@ -16,7 +16,7 @@ fair share, limits and accounting apply to it as to any of the user's jobs.
   The script then replaces itself with the command; the runner's time limit counts from the go. With no go within
   `spinnaker.claim_timeout` + GO_MARGIN seconds (the service died meanwhile) the script ends by itself, and
   however the slot ends without a go (no board, a cancel, a service stop) its Slurm job is scancelled. The script
-  looks for the go every 0.2 s: on NFS, mount data_dir so that a new file is seen at once (README "Past one
+  looks for the go every 0.1 s: on NFS, mount data_dir so that a new file is seen at once (README "Past one
   machine").
 * The job's output goes to `.job/slurm.out` in its scratch folder (which every node mounts at the same path:
   data_dir on shared storage); the service reads it as the job runs, refusing a file the job's account does not
@@ -212,20 +212,21 @@ class SlurmExecutor(LocalExecutor):
         boards = config.get("boards", 1) if self.board_mode in ("session", "machine") else 0
         return int(wall), int(boards)
 
-    def go_path(self, job_id: int) -> Path:
-        return self.s.job_cfgs / str(job_id) / GO_FILE
+    def go_path(self, job_id: int, slurm_id: int | str) -> Path:
+        """Named by the Slurm job too: one left by an attempt the service did not see end is no go for the next."""
+        return self.s.job_cfgs / str(job_id) / f"{GO_FILE}-{slurm_id}"
 
     def batch_script(self, job_id: int) -> str:
         """Python itself (no shell): waits (bounded) for the go, then replaces itself with the command it names,
         in the environment it names (and Slurm's own SLURM_* variables)."""
-        go, bound = str(self.go_path(job_id)), self.go_wait
+        go, bound = str(self.go_path(job_id, "")), self.go_wait
         return (
             f"#!{self.s.python}\nimport json, os, sys, time\n"
-            f"go, end = {go!r}, time.monotonic() + {bound}\n"
+            f"go, end = {go!r} + os.environ['SLURM_JOB_ID'], time.monotonic() + {bound}\n"
             "while not os.path.exists(go):\n"
             "    if time.monotonic() > end:\n"
             f"        sys.exit('[spinnaker-jupyter] no go from the job service within {bound} s: it stopped meanwhile')\n"
-            "    time.sleep(0.2)\n"
+            "    time.sleep(0.1)\n"
             "with open(go) as f:\n    run = json.load(f)\n"
             "env = {k: v for k, v in os.environ.items() if k.startswith('SLURM')}\n"
             "os.execve(run['argv'][0], run['argv'], {**env, **run['env']})\n"
@@ -264,9 +265,9 @@ class SlurmExecutor(LocalExecutor):
                 job.cancelled = True
                 self._scancel(slurm_id)
                 self.ended(slurm_id)
-            self.go_path(job_id).unlink(missing_ok=True)
+            self.go_path(job_id, slurm_id).unlink(missing_ok=True)
             with contextlib.suppress(OSError):  # (the board's cfg may still be there: release() removes it)
-                self.go_path(job_id).parent.rmdir()
+                self.go_path(job_id, slurm_id).parent.rmdir()
 
     async def start(self, argv, cwd, env, limits, account):
         if argv[1:3] == ["-m", "pip"]:
@@ -276,25 +277,27 @@ class SlurmExecutor(LocalExecutor):
         job = self.slots.get(int(env["SPINNAKER_JOB_ID"]))
         if job is None:
             raise RuntimeError("a job's command runs on Slurm only inside its slot()")
-        self._write_go(job.job_id, {"argv": argv, "env": env}, account.gid if account.switched else None)
+        self._write_go(
+            self.go_path(job.job_id, job.pid), {"argv": argv, "env": env}, account.gid if account.switched else None
+        )
         job.go()
         return job
 
-    def _write_go(self, job_id: int, run: dict, gid: int | None) -> None:
+    def _write_go(self, go: Path, run: dict, gid: int | None) -> None:
         """Written whole, then renamed (the script never reads half of it), in root's folder for the job."""
-        folder = self.go_path(job_id).parent
+        folder = go.parent
         folder.mkdir(mode=0o750, parents=True, exist_ok=True)
         if gid is not None and os.geteuid() == 0:
             os.chown(folder, 0, gid)
         os.chmod(folder, 0o750)
-        part = folder / f".{GO_FILE}.part"
+        part = folder / f".{go.name}.part"
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o640)
         with os.fdopen(fd, "w") as f:
             json.dump(run, f)
         if gid is not None and os.geteuid() == 0:
             os.chown(part, 0, gid)
         os.chmod(part, 0o640)
-        os.replace(part, folder / GO_FILE)
+        os.replace(part, go)
 
     def _refusal(self, stderr: str) -> str:
         keys = {
