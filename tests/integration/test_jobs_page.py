@@ -5,10 +5,13 @@ live log and its output file opens; another user sees none of it."""
 from __future__ import annotations
 
 import hashlib
+import http.server
 import re
+import threading
 
 import pytest
 
+from conftest import free_port
 from test_browser import browser, shot  # noqa: F401 - browser: the module's Chromium fixture
 from test_jobs import start_jobs_hub
 
@@ -25,7 +28,7 @@ print("wrote result.txt", flush=True)
 @pytest.fixture(scope="module")
 def page_hub(hub_factory):
     hub = start_jobs_hub(hub_factory)
-    hub.passwords = {name: hub.add_user(name) for name in ("jpia", "jquin")}
+    hub.passwords = {name: hub.add_user(name) for name in ("jpia", "jquin", "jrho")}
     return hub
 
 
@@ -105,6 +108,59 @@ def test_submit_follow_and_download_then_another_user_sees_nothing(browser, page
         shot(page, "jobs-page-other-user")
     finally:
         other.close()
+
+
+@pytest.fixture
+def held_input():
+    """A loopback URL whose answer waits until the test lets it go: a job downloading it is claimed by the runner
+    but its command has not started."""
+    go = threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            go.wait(120)
+            self.send_response(200)
+            self.send_header("Content-Length", "3")
+            self.end_headers()
+            self.wfile.write(b"42\n")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/input.txt", go
+    finally:
+        go.set()
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_job_whose_command_has_not_started_stays_submitted_on_its_live_page(browser, page_hub, held_input):
+    """The page's live status says what nmpi says: "submitted" while the claimed job still downloads its input
+    (public_status), "running" only once its command runs."""
+    url, go = held_input
+    context, page = login(browser, page_hub, "jrho")
+    try:
+        page.goto(f"{page_hub.url}/services/jobs/new")
+        page.fill("#code", "print('input:', open('input.txt').read())\n")
+        page.fill("#input_data", url)
+        page.click("#submit")
+        page.wait_for_url(re.compile(r".*/services/jobs/jobs/\d+$"), timeout=30_000)
+        page.locator("#log", has_text="Input data: downloading").wait_for(timeout=60_000)
+        # Two polls after the download began: the first one's answer has been shown by the time the second is asked.
+        for _ in range(2):
+            with page.expect_response(lambda r: "/log?offset=" in r.url, timeout=30_000) as polled:
+                pass
+            assert polled.value.json()["status"] == "submitted"
+        assert page.locator("#status").inner_text() == "submitted"
+        shot(page, "jobs-page-submitted-while-downloading")
+        go.set()
+        page.locator("#status", has_text="finished").wait_for(timeout=90_000)
+        assert "input: 42" in page.locator("#log").inner_text()
+    finally:
+        context.close()
 
 
 def test_the_nmpi_api_stays_at_the_root_of_its_own_address(page_hub):

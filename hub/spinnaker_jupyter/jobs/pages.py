@@ -17,7 +17,7 @@ from tornado import web
 
 from ..upstream import status_reason
 from . import api, identity
-from .store import ACTIVE, Job
+from .store import ACTIVE, Job, public_status
 
 TEMPLATES = Path(__file__).parent / "templates"
 LOG_CHUNK = 1 << 20  # the most of a log one poll returns
@@ -161,7 +161,7 @@ class LogPoll(Page):
         self.finish(
             json.dumps(
                 {
-                    "status": job.status,
+                    "status": public_status(job),  # as the API and the page's first view say it
                     "text": text.decode(errors="replace"),
                     "offset": offset + len(text),
                     "detail": job.detail if job.status in ACTIVE else None,
