@@ -188,7 +188,9 @@ class Runner:
             # The board is claimed once the command can run at once (e.g. its Slurm job runs): none held in a queue.
             async with executor.slot(job.id, scratch, s.run_limits, account):
                 if held.session is not None:
-                    claimed = await held_board.claim(s, store, self.boards, job, held, config, account, jlog, provenance)
+                    claimed = await held_board.claim(
+                        s, store, self.boards, job, held, config, account, jlog, provenance
+                    )
                     env.update(claimed)
                 before = await loop.run_in_executor(None, outputs.snapshot, scratch)
                 wall = config.get("time_limit") or s.wall_time
