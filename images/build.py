@@ -21,7 +21,6 @@ Images (TAG default `latest`, PREFIX default `spinnaker-jupyter`):
 from __future__ import annotations
 
 import argparse
-import configparser
 import io
 import os
 import re
@@ -35,8 +34,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE / "podman"))
+sys.path.insert(0, str(REPO / "hub"))  # the hub package's pip_config (standard library only), uninstalled too
 
 import podman_env  # noqa: E402
+
+from spinnaker_jupyter import pip_config  # noqa: E402
 
 TARGETS = ("singleuser", "hub", "nrp")
 CONTAINERFILES = {
@@ -64,28 +66,8 @@ def say(msg: str = "") -> None:
 
 
 def pip_cert() -> str | None:
-    """The CA bundle pip is configured with on this machine ($PIP_CERT or `cert` in a pip config file)."""
-    if os.environ.get("PIP_CERT"):
-        return os.environ["PIP_CERT"]
-    files = [
-        os.environ.get("PIP_CONFIG_FILE"),
-        "/etc/pip.conf",
-        "/etc/xdg/pip/pip.conf",
-        str(Path.home() / ".config/pip/pip.conf"),
-        str(Path.home() / ".pip/pip.conf"),
-    ]
-    cert = None
-    for f in files:
-        if f and Path(f).is_file():
-            cp = configparser.ConfigParser()
-            try:
-                cp.read(f)
-            except configparser.Error:
-                continue
-            for section in ("global", "install"):
-                if cp.has_option(section, "cert"):
-                    cert = cp.get(section, "cert")
-    return cert
+    """The CA bundle pip is configured with on this machine (pip's own view: its config files and $PIP_CERT)."""
+    return pip_config.cert()
 
 
 def make_context(containerfile: str, ca_bundle: str | None, root: Path = REPO) -> tempfile.SpooledTemporaryFile:

@@ -19,7 +19,7 @@
   pids limit), cores (jobs.docker.cpus), CPU time and file size (rlimits: jobs.limits.cpu_time, output_mb), and
   the job's time limit twice: the runner stops the container at it, and `timeout` inside kills the command
   shortly after if the service is gone.
-* pip (extra_pip_installs) gets this machine's pip settings, as the image build does (images/build.py pip_cert):
+* pip (extra_pip_installs) gets this machine's pip settings, as the image build does (pip_config.py, shared):
   the CA bundle (mounted read-only), the index URLs and trusted hosts of `pip config list`; host paths
   (find-links, file:// indexes, constraints) stay on the host.
 * sPyNNaker versions: a job's spynnaker_version is checked against the release in the image (its label
@@ -45,12 +45,11 @@ import logging
 import os
 import secrets
 import signal
-import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from .. import pip_config
 from ..docker import IMAGE_ENV_ROOT, engine
 from ..drive_helper import IMAGE_HOME  # where the servers' image mounts the user's home volume
 from ..kernels import Release, bare_version
@@ -456,25 +455,19 @@ class ContainerJob:
 
 def pip_settings() -> tuple[dict, str | None]:
     """This machine's pip settings a job container can use ({PIP_*: value}, CA bundle path), read by pip itself
-    (`pip config list`: the config files and PIP_* variables, as images/build.py's pip_cert reads the bundle)."""
-    try:
-        out = subprocess.run(
-            [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, timeout=60
-        ).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return {}, None
-    return parse_pip_config(out)
+    (pip_config: the config files and PIP_* variables, where images/build.py also finds the bundle)."""
+    return _for_containers(pip_config.listed())
 
 
 def parse_pip_config(out: str) -> tuple[dict, str | None]:
-    values: dict[str, str] = {}
-    for line in out.splitlines():  # e.g. global.cert='/etc/ssl/certs/ca-certificates.crt' (later lines win)
-        key, _, value = line.partition("=")
-        values[key.rsplit(".", 1)[-1]] = value.strip().strip("'\"")
+    return _for_containers(pip_config.parse(out))
+
+
+def _for_containers(values: dict[str, str]) -> tuple[dict, str | None]:
     env = {}
     for key in PIP_KEYS:
         words = [w for w in values.get(key, "").split() if not w.startswith("file:")]  # host paths stay here
         if words:
             env["PIP_" + key.upper().replace("-", "_")] = " ".join(words)
-    ca = values.get("cert")
-    return env, (os.path.realpath(ca) if ca and os.path.isfile(ca) else None)
+    ca = pip_config.cert(values)
+    return env, (os.path.realpath(ca) if ca and os.path.isfile(ca) else None)  # (mounted: the file itself)
