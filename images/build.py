@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build the project's container images through the Docker API (Docker Engine, or podman's compatible service).
 
-    python images/build.py [options] [singleuser|hub|nrp|all ...]
+    python images/build.py [options] [singleuser|hub|drive|nrp|all ...]
 
 Examples:
     python images/build.py --podman singleuser         # here: the project's podman (started if needed), the
@@ -15,6 +15,7 @@ Layers are cached by the engine: an unchanged rebuild takes seconds.
 Images (TAG default `latest`, PREFIX default `spinnaker-jupyter`):
     PREFIX/singleuser:TAG   images/singleuser/Containerfile
     PREFIX/hub:TAG          images/hub/Containerfile
+    PREFIX/drive:TAG        images/drive/Containerfile (the EBRAINS Drive helper, spawner.docker.drive_image)
     PREFIX/nrp:TAG          images/singleuser/Containerfile on top of --nrp-image, then images/nrp/Containerfile
 """
 
@@ -40,10 +41,11 @@ import podman_env  # noqa: E402
 
 from spinnaker_jupyter import pip_config  # noqa: E402
 
-TARGETS = ("singleuser", "hub", "nrp")
+TARGETS = ("singleuser", "hub", "drive", "nrp")
 CONTAINERFILES = {
     "singleuser": "images/singleuser/Containerfile",
     "hub": "images/hub/Containerfile",
+    "drive": "images/drive/Containerfile",
     "nrp": "images/nrp/Containerfile",
 }
 MILESTONE = re.compile(
@@ -235,11 +237,23 @@ def print_layers(api, image: str) -> int:
     return total
 
 
+def expand_targets(names: list[str]) -> list[str]:
+    """The images to build, in order, once each ("all": every one)."""
+    targets: list[str] = []
+    for t in names:
+        for x in TARGETS if t == "all" else [t]:
+            if x not in TARGETS:
+                raise ValueError(f"unknown image {x!r}; choose from {', '.join(TARGETS)} or all")
+            if x not in targets:
+                targets.append(x)
+    return targets
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
     )
-    ap.add_argument("targets", nargs="*", default=["singleuser"], help="singleuser, hub, nrp or all")
+    ap.add_argument("targets", nargs="*", default=["singleuser"], help="singleuser, hub, drive, nrp or all")
     ap.add_argument(
         "--engine-socket",
         help="Docker API URL (default: $DOCKER_HOST, or the project's podman "
@@ -258,7 +272,7 @@ def main(argv=None) -> int:
     )
     ap.add_argument(
         "--base",
-        help="BASE_IMAGE of singleuser and hub (default: python:3.11-slim-bookworm; with "
+        help="BASE_IMAGE of singleuser, hub and drive (default: python:3.11-slim-bookworm; with "
         f"--podman: {podman_env.BASE_IMAGE})",
     )
     ap.add_argument("--nrp-image", help="the NRP's published image the nrp variant starts from (required for nrp)")
@@ -291,13 +305,10 @@ def main(argv=None) -> int:
     ap.add_argument("-v", "--verbose", action="store_true", help="print all build output")
     args = ap.parse_args(argv)
 
-    targets = []
-    for t in args.targets:
-        for x in TARGETS if t == "all" else [t]:
-            if x not in TARGETS:
-                ap.error(f"unknown image {x!r}; choose from {', '.join(TARGETS)} or all")
-            if x not in targets:
-                targets.append(x)
+    try:
+        targets = expand_targets(args.targets)
+    except ValueError as e:
+        ap.error(str(e))
 
     import docker
 
@@ -359,8 +370,8 @@ def _build_all(args, api, targets, base, network, ca, t_all) -> int:
                         **common,
                     )
                 )
-            elif target == "hub":
-                results.append(build(api, name("hub"), CONTAINERFILES["hub"], dict(base_args), **common))
+            elif target in ("hub", "drive"):
+                results.append(build(api, name(target), CONTAINERFILES[target], dict(base_args), **common))
             elif target == "nrp":
                 if not args.nrp_image:
                     say(
