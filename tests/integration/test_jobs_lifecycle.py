@@ -120,6 +120,9 @@ def test_user_remove_cancels_their_queued_and_running_jobs(rlimits_hub):
         logs = [(hub.base / "data" / "jobs" / "logs" / f"{i}.log").read_text() for i in ids]
         assert all(f"cancelled because the account {name} was removed" in text for text in logs), logs
         assert "should never run" not in logs[1]
+        # The running job's runner says why it stopped it: the operator, not its owner, cancelled it.
+        said = "the job was cancelled because the account was removed by an operator (user remove); its outputs"
+        assert said in logs[0] and "by its owner" not in logs[0], logs[0]
         store.engine.dispose()
     finally:
         marker.unlink(missing_ok=True)
