@@ -124,7 +124,8 @@ def pytest_sessionfinish(session, exitstatus):
     lines = []
     if left:
         lines = [
-            f"the test run{f' (worker {WORKER})' if WORKER else ''} left {len(left)} process(es) running (now ended):"
+            f"the test run{f' (worker {WORKER})' if hasattr(session.config, 'workerinput') else ''} left {len(left)} "
+            "process(es) running (now ended):"
         ]
         lines += [f"  {p.describe()}  <- {WATCH.exempt.get(p.key, 'a test or fixture')}" for p in left]
         processes.end(left)

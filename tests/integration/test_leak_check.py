@@ -37,7 +37,7 @@ SESSION_PROBE = textwrap.dedent("""
 """)
 
 
-def run_probe(tmp_path: Path, marker: str, probe: str = PROBE, **fmt) -> subprocess.CompletedProcess:
+def run_probe(tmp_path: Path, marker: str, probe: str = PROBE, args: tuple = (), **fmt) -> subprocess.CompletedProcess:
     (tmp_path / "test_probe.py").write_text(probe.format(marker=marker, **fmt))
     return subprocess.run(
         [
@@ -51,13 +51,15 @@ def run_probe(tmp_path: Path, marker: str, probe: str = PROBE, **fmt) -> subproc
             "no:cacheprovider",
             "--rootdir",
             str(tmp_path),
+            *args,
             str(tmp_path / "test_probe.py"),
         ],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "PYTHONPATH": str(TESTS)},
+        # a run of its own, not a worker of this one's (pytest-xdist's variables stay out)
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}, "PYTHONPATH": str(TESTS)},
     )
 
 
@@ -80,6 +82,15 @@ def test_a_session_fixture_may_keep_a_process_until_the_session_ends_but_not_bey
     assert "the test run left 1 process(es) running" in out and "sleep 3219" in out, out
     assert "session fixture service" in out, out
     assert [p for p in processes.table().values() if p.alive and p.cmdline == "sleep 3219"] == []
+
+
+def test_a_parallel_run_reports_what_a_worker_left(tmp_path):
+    """`make test` runs on pytest-xdist workers: what a worker's session left is reported by the run and fails it."""
+    forgotten = run_probe(tmp_path, "3220", SESSION_PROBE, ("-n", "1", "--dist", "loadgroup"), teardown="pass")
+    out = forgotten.stdout + forgotten.stderr
+    assert forgotten.returncode != 0, out
+    assert "the test run (worker gw0) left 1 process(es) running" in out and "sleep 3220" in out, out
+    assert [p for p in processes.table().values() if p.alive and p.cmdline == "sleep 3220"] == []
 
 
 def test_a_hub_fixture_leaves_nothing_behind(hub_factory):
