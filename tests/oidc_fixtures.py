@@ -10,7 +10,7 @@ claims. Its redirect URIs are added at run time with :meth:`OIDCProvider.add_red
 hub's port is only known later). See tests/oidc/provider.mjs for the claims and admin endpoints.
 
 :func:`login_with_requests` drives a browser-like login through the provider's login and consent
-forms with a ``requests.Session``.
+forms with a ``requests.Session``; :func:`ebrains_auth` is a hub's ``auth`` section for this provider.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from urllib.parse import urljoin
 
 import pytest
 import requests
+
+from ports import free_port
 
 OIDC_DIR = Path(__file__).resolve().parent / "oidc"
 
@@ -382,6 +384,24 @@ class OIDCProvider:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout)
+
+
+def ebrains_auth(provider: OIDCProvider, **ebrains: Any) -> dict[str, Any]:
+    """The hub's ``auth`` section for EBRAINS login at ``provider``: its client id and URLs, and a free port
+    for the access-token-service. ``ebrains`` adds or overrides keys of ``auth.ebrains`` (who is admitted:
+    allowed_groups, allowed_collabs or allow_all; contact, refresh settings, ...). The client secret reaches
+    the hub through its environment: ``hub_factory(..., env={"EBRAINS_CLIENT_SECRET": provider.client_secret})``."""
+    return {
+        "type": "ebrains",
+        "ebrains": {
+            "client_id": provider.client_id,
+            "authorize_url": provider.authorize_url,
+            "token_url": provider.token_url,
+            "userinfo_url": provider.userinfo_url,
+            "token_service_port": free_port(),
+            **ebrains,
+        },
+    }
 
 
 @contextlib.contextmanager

@@ -10,8 +10,8 @@ import time
 import pytest
 import requests
 
-from conftest import free_port
 from hubclient import HubClient, wait_for
+from oidc_fixtures import ebrains_auth
 
 CONTACT = "collab-help@example.org"
 COURSE, OPS = "collab-spinnaker-course-viewer", "collab-spinnaker-ops-editor"
@@ -23,21 +23,14 @@ def hub(hub_factory, oidc_provider):
     hub = hub_factory(
         {
             "culler": {"enabled": False},
-            "auth": {
-                "type": "ebrains",
-                "ebrains": {
-                    "client_id": oidc_provider.client_id,
-                    "authorize_url": oidc_provider.authorize_url,
-                    "token_url": oidc_provider.token_url,
-                    "userinfo_url": oidc_provider.userinfo_url,
-                    "allowed_collabs": {"spinnaker-course": "viewer"},
-                    "admin_collabs": {"spinnaker-ops": "editor"},
-                    "membership_check_interval": CHECK_INTERVAL,
-                    "auth_refresh_age": 2,
-                    "contact": CONTACT,
-                    "token_service_port": free_port(),
-                },
-            },
+            "auth": ebrains_auth(
+                oidc_provider,
+                allowed_collabs={"spinnaker-course": "viewer"},
+                admin_collabs={"spinnaker-ops": "editor"},
+                membership_check_interval=CHECK_INTERVAL,
+                auth_refresh_age=2,
+                contact=CONTACT,
+            ),
         },
         start=False,
         env={"EBRAINS_CLIENT_SECRET": oidc_provider.client_secret},

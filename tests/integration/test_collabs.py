@@ -7,7 +7,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import free_port
+from oidc_fixtures import ebrains_auth
 
 CONTACT = "collab-help@example.org"
 
@@ -15,19 +15,12 @@ CONTACT = "collab-help@example.org"
 def collab_hub(hub_factory, oidc_provider, course_role: str):
     hub = hub_factory(
         {
-            "auth": {
-                "type": "ebrains",
-                "ebrains": {
-                    "client_id": oidc_provider.client_id,
-                    "authorize_url": oidc_provider.authorize_url,
-                    "token_url": oidc_provider.token_url,
-                    "userinfo_url": oidc_provider.userinfo_url,
-                    "allowed_collabs": {"spinnaker-course": course_role},
-                    "admin_collabs": {"spinnaker-ops": "editor"},
-                    "contact": CONTACT,
-                    "token_service_port": free_port(),
-                },
-            },
+            "auth": ebrains_auth(
+                oidc_provider,
+                allowed_collabs={"spinnaker-course": course_role},
+                admin_collabs={"spinnaker-ops": "editor"},
+                contact=CONTACT,
+            ),
         },
         start=False,
         env={"EBRAINS_CLIENT_SECRET": oidc_provider.client_secret},

@@ -10,6 +10,7 @@ import requests
 
 from conftest import free_port
 from hubclient import HubClient, wait_for
+from oidc_fixtures import ebrains_auth
 
 GROUP = "spinnaker-users"
 
@@ -18,21 +19,14 @@ GROUP = "spinnaker-users"
 def ebrains_hub(hub_factory, oidc_provider):
     hub = hub_factory(
         {
-            "auth": {
-                "type": "ebrains",
-                "ebrains": {
-                    "client_id": oidc_provider.client_id,
-                    "authorize_url": oidc_provider.authorize_url,
-                    "token_url": oidc_provider.token_url,
-                    "userinfo_url": oidc_provider.userinfo_url,
-                    "allowed_groups": [GROUP],
-                    "admin_groups": ["spinnaker-admins"],
-                    "contact": "spinnaker-support@example.org",
-                    "refresh_margin": 3,
-                    "auth_refresh_age": 1,
-                    "token_service_port": free_port(),
-                },
-            },
+            "auth": ebrains_auth(
+                oidc_provider,
+                allowed_groups=[GROUP],
+                admin_groups=["spinnaker-admins"],
+                contact="spinnaker-support@example.org",
+                refresh_margin=3,
+                auth_refresh_age=1,
+            ),
             "hub": {"frame_ancestors": ["https://wiki.ebrains.eu"]},
         },
         start=False,
@@ -114,19 +108,7 @@ def test_hub_can_be_framed_by_the_collab(ebrains_hub):
 def test_unreachable_provider_gives_a_clear_page(hub_factory, oidc_provider):
     dead = f"http://127.0.0.1:{free_port()}"
     hub = hub_factory(
-        {
-            "auth": {
-                "type": "ebrains",
-                "ebrains": {
-                    "client_id": oidc_provider.client_id,
-                    "authorize_url": oidc_provider.authorize_url,
-                    "token_url": dead + "/token",
-                    "userinfo_url": dead + "/me",
-                    "allow_all": True,
-                    "token_service_port": free_port(),
-                },
-            }
-        },
+        {"auth": ebrains_auth(oidc_provider, token_url=dead + "/token", userinfo_url=dead + "/me", allow_all=True)},
         start=False,
         env={"EBRAINS_CLIENT_SECRET": oidc_provider.client_secret},
     )

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import time
 
-from conftest import free_port
+from oidc_fixtures import ebrains_auth
 
 # Seconds. JupyterHub waits 30 s for each service that ignores its SIGINT before it sends SIGTERM. Fixed, the hub's
 # clean-up takes well under a second; the interpreter's own exit adds 1-3 s on a loaded 2-CPU machine.
@@ -74,17 +74,7 @@ def test_ebrains_hub_stops_within_seconds(hub_factory, oidc_provider):
     hub = hub_factory(
         {
             "culler": {"timeout": 60, "every": 10},
-            "auth": {
-                "type": "ebrains",
-                "ebrains": {
-                    "client_id": oidc_provider.client_id,
-                    "authorize_url": oidc_provider.authorize_url,
-                    "token_url": oidc_provider.token_url,
-                    "userinfo_url": oidc_provider.userinfo_url,
-                    "allow_all": True,
-                    "token_service_port": free_port(),
-                },
-            },
+            "auth": ebrains_auth(oidc_provider, allow_all=True),
         },
         start=False,
         env={"EBRAINS_CLIENT_SECRET": oidc_provider.client_secret},
