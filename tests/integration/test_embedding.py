@@ -22,6 +22,7 @@ import requests
 import yaml
 
 from conftest import ROOT, free_port
+from oidc_fixtures import ebrains_auth
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -342,17 +343,7 @@ def test_ebrains_login_over_https(hub_factory, oidc_provider, certs, trust_ca):
                 "tls": {"cert_file": str(certs["cert"]), "key_file": str(certs["key"])},
                 "frame_ancestors": ["https://wiki.ebrains.eu"],
             },
-            "auth": {
-                "type": "ebrains",
-                "ebrains": {
-                    "client_id": oidc_provider.client_id,
-                    "authorize_url": oidc_provider.authorize_url,
-                    "token_url": oidc_provider.token_url,
-                    "userinfo_url": oidc_provider.userinfo_url,
-                    "allowed_collabs": {"spinnaker-course": "viewer"},
-                    "token_service_port": free_port(),
-                },
-            },
+            "auth": ebrains_auth(oidc_provider, allowed_collabs={"spinnaker-course": "viewer"}),
         },
         start=False,
         env={"EBRAINS_CLIENT_SECRET": oidc_provider.client_secret},

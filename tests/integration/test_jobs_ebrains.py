@@ -11,7 +11,7 @@ import requests
 
 from conftest import free_port
 from hubclient import HubClient, wait_for
-from oidc_fixtures import start_oidc_provider
+from oidc_fixtures import ebrains_auth, start_oidc_provider
 
 GROUP = "spinnaker-users"
 
@@ -37,18 +37,7 @@ def hub(hub_factory, provider):
     port = free_port()
     hub = hub_factory(
         {
-            "auth": {
-                "type": "ebrains",
-                "ebrains": {
-                    "client_id": provider.client_id,
-                    "authorize_url": provider.authorize_url,
-                    "token_url": provider.token_url,
-                    "userinfo_url": provider.userinfo_url,
-                    "allowed_groups": [GROUP],
-                    "contact": "spinnaker-support@example.org",
-                    "token_service_port": free_port(),
-                },
-            },
+            "auth": ebrains_auth(provider, allowed_groups=[GROUP], contact="spinnaker-support@example.org"),
             "jobs": {
                 "enabled": True,
                 "port": port,
