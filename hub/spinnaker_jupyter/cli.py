@@ -63,6 +63,10 @@ def cmd_check(args) -> int:
         from .limits import describe_deployment
 
         say(describe_deployment(d))
+    from .usernames import uid_range_report  # when few uids are left for new users' accounts
+
+    if low := uid_range_report(d["spawner"]["local"]["uid_range"]):
+        say(low)
     if d["spawner"]["type"] == "slurm" or (d["jobs"]["enabled"] and d["jobs"]["executor"] == "slurm"):
         from .slurm_queue import probe  # the controller, the partitions, the board licence: one line each
 

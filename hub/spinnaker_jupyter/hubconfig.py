@@ -316,6 +316,7 @@ def update_local_spawner(c, d: Deployment) -> None:
     c.SpiNNakerLocalSpawner.logs_dir = str(d.logs_dir)
     c.SpiNNakerLocalSpawner.system_users = system_users_enabled(d)
     c.SpiNNakerLocalSpawner.system_user_prefix = sp["local"]["system_user_prefix"]
+    c.SpiNNakerLocalSpawner.uid_range = list(sp["local"]["uid_range"])
     c.SpiNNakerLocalSpawner.process_limit = sp["process_limit"]
     c.SpiNNakerLocalSpawner.limits_mode = sp["local"]["limits"]
     from .limits import describe_deployment

@@ -9,7 +9,7 @@ Longer than the package's ~400-line modules on purpose: it is the one document o
 
 from __future__ import annotations
 
-from .usernames import CONFIG_NAME_PATTERN
+from .usernames import CONFIG_NAME_PATTERN, DEFAULT_UID_RANGE, UID_MAX_ALLOWED
 
 
 def _obj(properties: dict, **extra) -> dict:
@@ -278,6 +278,27 @@ SCHEMA: dict = _obj(
                             "Prefix of the system accounts created for hub users. Two "
                             "deployments on one machine need different prefixes: an account made by "
                             "another deployment (its home is elsewhere) is refused.",
+                        ),
+                        "uid_range": {
+                            "type": "array",
+                            "items": {"type": "integer", "minimum": 1, "maximum": UID_MAX_ALLOWED},
+                            "minItems": 2,
+                            "maxItems": 2,
+                            "default": list(DEFAULT_UID_RANGE),
+                            "description": "[first, last]: the uids (and their groups' gids) of the system accounts "
+                            "this deployment makes for users' servers and batch jobs. Each new account takes the "
+                            "lowest uid of the range no account or group has; a removed user's account is retired "
+                            "with its uid, so a uid is never given twice and the range bounds how many accounts the "
+                            "deployment makes in its lifetime (`spinnaker-jupyter check` says when few are left). "
+                            "It must lie above the machine's system uids (SYS_UID_MAX in /etc/login.defs, the OS's "
+                            "own services), below 2^31, outside the login accounts' uids (UID_MIN-UID_MAX), the "
+                            "subordinate uids of /etc/subuid and SUB_UID_MIN-SUB_UID_MAX, and systemd's dynamic and "
+                            "container uids. Accounts made by earlier releases (system uids) keep theirs.",
+                        },
+                        "uid_range_in_login_range": _bool(
+                            False,
+                            "Let spawner.local.uid_range overlap the machine's login accounts' uids (UID_MIN-UID_MAX "
+                            "in /etc/login.defs), e.g. to share it with a directory that gives out those uids.",
                         ),
                         "limits": _str(
                             "auto",

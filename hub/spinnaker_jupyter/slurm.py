@@ -69,6 +69,7 @@ def configure(c, d, args: list[str]) -> None:
     s.homes_dir = str(d.homes_dir)
     s.system_users = system_users_enabled(d)
     s.system_user_prefix = sp["local"]["system_user_prefix"]
+    s.uid_range = list(sp["local"]["uid_range"])
     if sl["conf"]:
         s.slurm_conf = str(d.path(sl["conf"], Path()))
     s.req_partition = sl["partition"] or ""

@@ -16,11 +16,12 @@ from pathlib import Path
 
 from batchspawner import JobStatus, SlurmSpawner
 from jupyterhub.spawner import SpawnException
-from traitlets import Bool, List, Unicode, default
+from traitlets import Bool, Integer, List, Unicode, default
 
 from .progress import ProgressMixin, wait_until_listening
 from .slurm_queue import pending_words
 from .spawner import PrivateHomeSpawner
+from .usernames import DEFAULT_UID_RANGE
 
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 #: Seconds between queue-position checks while a job waits (one extra squeue call each).
@@ -46,6 +47,9 @@ class SlurmUserSpawner(ProgressMixin, SlurmSpawner):
     )
     system_users = Bool(help="Run each server as the user's own system account (requires root).").tag(config=True)
     system_user_prefix = Unicode("jupyter-", help="Prefix of the system account names.").tag(config=True)
+    uid_range = List(
+        Integer(), list(DEFAULT_UID_RANGE), minlen=2, maxlen=2, help="First and last uid of new system accounts."
+    ).tag(config=True)
     slurm_conf = Unicode("", help="slurm.conf the Slurm commands use (SLURM_CONF); empty: the system's.").tag(
         config=True
     )

@@ -20,14 +20,21 @@ import time
 from pathlib import Path
 
 from jupyterhub.spawner import LocalProcessSpawner, SpawnException, set_user_setuid
-from traitlets import Bool, Integer, Unicode, default
+from traitlets import Bool, Integer, List, Unicode, default
 
 from . import limits as limitsmod
 from .boards import BoardsMixin
 from .jobs import sessions as job_sessions
 from .progress import ProgressMixin, wait_until_listening
 from .spawn_queue import refuse_if_full, start_slot
-from .usernames import AccountOfAnotherDeployment, make_system_account, own_system_account, system_account_name
+from .usernames import (
+    DEFAULT_UID_RANGE,
+    AccountOfAnotherDeployment,
+    UidRangeFull,
+    make_system_account,
+    own_system_account,
+    system_account_name,
+)
 
 
 class PrivateHomeSpawner(ProgressMixin, LocalProcessSpawner):
@@ -35,6 +42,9 @@ class PrivateHomeSpawner(ProgressMixin, LocalProcessSpawner):
     logs_dir = Unicode(help="Folder for each server's log (read by the hub when a start fails).").tag(config=True)
     system_users = Bool(help="Run each server as the user's own system account (requires root).").tag(config=True)
     system_user_prefix = Unicode("jupyter-", help="Prefix of the system account names.").tag(config=True)
+    uid_range = List(
+        Integer(), list(DEFAULT_UID_RANGE), minlen=2, maxlen=2, help="First and last uid of new system accounts."
+    ).tag(config=True)
     fast_ready_check = Bool(
         True,
         help="Return from start() only once the server listens (polled every 50 ms), so "
@@ -81,7 +91,12 @@ class PrivateHomeSpawner(ProgressMixin, LocalProcessSpawner):
             try:
                 pwd.getpwnam(self.system_username)
             except KeyError:
-                make_system_account(self.system_username, home, self.user.name)
+                try:
+                    make_system_account(self.system_username, home, self.user.name, self.uid_range)
+                except UidRangeFull as e:
+                    full = SpawnException(e.message("server"), reason="uid_range_full", status_code=503)
+                    full.jupyterhub_message = e.message("server")  # what the spawn page says
+                    raise full from None
                 self.log.info("Created system account %s for %s", self.system_username, self.user.name)
             pw = self._own_account(pwd.getpwnam(self.system_username))
             home.mkdir(mode=0o700, exist_ok=True)

@@ -25,7 +25,13 @@ from pathlib import Path
 
 from jupyterhub.spawner import set_user_setuid
 
-from ..usernames import AccountOfAnotherDeployment, make_system_account, own_system_account, system_account_name
+from ..usernames import (
+    AccountOfAnotherDeployment,
+    UidRangeFull,
+    make_system_account,
+    own_system_account,
+    system_account_name,
+)
 from . import sessions
 
 
@@ -89,9 +95,17 @@ class Executor(ABC):
 
 
 class LocalExecutor(Executor):
-    def __init__(self, homes_dir: Path, system_users: bool, prefix: str, log=None, sessions_dir: Path | None = None):
+    def __init__(
+        self,
+        homes_dir: Path,
+        system_users: bool,
+        prefix: str,
+        log=None,
+        sessions_dir: Path | None = None,
+        uid_range: list[int] | None = None,
+    ):
         self.homes_dir, self.system_users, self.prefix, self.log = homes_dir, system_users, prefix, log
-        self.sessions_dir = sessions_dir
+        self.sessions_dir, self.uid_range = sessions_dir, uid_range
 
     def account(self, user: str) -> Account:
         if not self.system_users:
@@ -101,7 +115,10 @@ class LocalExecutor(Executor):
         try:
             pw = pwd.getpwnam(name)
         except KeyError:  # the same account, made the same way, as the spawner makes for the user's server
-            pw = make_system_account(name, self.homes_dir / user, user)
+            try:
+                pw = make_system_account(name, self.homes_dir / user, user, self.uid_range)
+            except UidRangeFull as e:
+                raise AccountError(e.message("jobs")) from None
         try:  # by the rule the spawner applies to servers: another deployment's `jupyter-alice` is another person
             pw = own_system_account(pw, self.home(user), user)
         except AccountOfAnotherDeployment as e:

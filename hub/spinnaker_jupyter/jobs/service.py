@@ -42,7 +42,13 @@ async def serve() -> None:
     sp = d["spawner"]
     # Jobs never run as root: as root, each user's jobs run as their own account, whatever the spawner does with
     # servers (a container spawner, or spawner.local.system_users: false); otherwise as the service's account.
-    executor = LocalExecutor(d.homes_dir, os.geteuid() == 0, sp["local"]["system_user_prefix"], sessions_dir=s.sessions)
+    executor = LocalExecutor(
+        d.homes_dir,
+        os.geteuid() == 0,
+        sp["local"]["system_user_prefix"],
+        sessions_dir=s.sessions,
+        uid_range=sp["local"]["uid_range"],
+    )
     if d["jobs"]["executor"] == "slurm":  # the same accounts; the command runs as a Slurm job (slurm_executor.py)
         from .slurm_executor import SlurmExecutor
 
