@@ -57,6 +57,11 @@ Answers (JSON; every error is ``{"error": <code>, "message": <text>}``)
 * 502 ``hub_error``: the hub could not be asked; 500 ``misconfigured``: the service's role lacks
   ``admin:auth_state``.
 
+A job service asks for the user whose job it runs: ``?user=<name>`` with its own service token, which needs the
+custom scope ``custom:access-token-service:job-owners`` (:func:`job_owner_grant`; nothing else: no auth_state);
+the answers are the same (404 ``no_such_user`` for a name the hub does not know, 403 ``insufficient_scope`` for a
+service without that scope; a user's token still gets its own user's token, whatever it names). That request does not make the hub refresh the user's login: the stored token is served while valid.
+
 Wiring (see :func:`service_definition` and :func:`authenticator_settings`)
 ------------------------------------------------------------------------
 * ``c.JupyterHub.services.append(d["service"])``; ``c.JupyterHub.load_roles += d["roles"]``
@@ -89,6 +94,7 @@ from .tokens import (
     ENDPOINT,
     EXPIRES_AT_KEY,
     HUB_TIMEOUT_ENV,
+    JOB_OWNER_SCOPE,
     PENDING_REFRESH_WAIT,
     REFRESH_REQUEST_LIFETIME,
     REFRESH_STATUS_KEY,
@@ -100,7 +106,7 @@ from .tokens import (
     jwt_expiry,
     stamp_access_token_expiry,
 )
-from .wiring import authenticator_settings, service_definition
+from .wiring import authenticator_settings, job_owner_grant, service_definition
 
 __all__ = [
     "AccessTokenLookup",
@@ -121,6 +127,7 @@ __all__ = [
     "ENDPOINT",
     "EXPIRES_AT_KEY",
     "HUB_TIMEOUT_ENV",
+    "JOB_OWNER_SCOPE",
     "PENDING_REFRESH_WAIT",
     "REFRESH_REQUEST_LIFETIME",
     "REFRESH_STATUS_KEY",
@@ -133,4 +140,5 @@ __all__ = [
     "stamp_access_token_expiry",
     "authenticator_settings",
     "service_definition",
+    "job_owner_grant",
 ]

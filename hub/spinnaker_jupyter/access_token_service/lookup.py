@@ -10,6 +10,7 @@ from urllib.parse import quote
 
 from .tokens import (
     DEFAULT_HUB_TIMEOUT,
+    JOB_OWNER_SCOPE,
     REFRESH_STATUS_KEY,
     SERVICE_NAME,
     SERVICE_SCOPES,
@@ -79,8 +80,10 @@ class AccessTokenLookup:
             f"{why} Open the hub{where} in your browser to log in again, then retry.",
         )
 
-    async def lookup(self, caller_token: str | None) -> dict[str, Any]:
-        """The answer for a caller token; raises :class:`ServiceError`."""
+    async def lookup(self, caller_token: str | None, for_user: str | None = None) -> dict[str, Any]:
+        """The answer for a caller token; raises :class:`ServiceError`. ``for_user``: a job service (a service
+        holding :data:`JOB_OWNER_SCOPE` for that user) asks for the token of the user whose job it runs; a user's
+        token gets its own user's token whatever it names."""
         from jupyterhub.services.auth import check_scopes
 
         if not caller_token:
@@ -94,17 +97,29 @@ class AccessTokenLookup:
                 raise ServiceError(401, "invalid_token", "The hub does not accept this token.")
             if status != 200 or not isinstance(whoami, dict):
                 raise ServiceError(502, "hub_error", f"The hub answered {status} to GET /hub/api/user.")
-            if whoami.get("kind") != "user":
-                raise ServiceError(
-                    403, "not_a_user", "Only a user's token (or a user's server's token) can get an access token."
-                )
-            if not check_scopes(access_scope(self.name), set(whoami.get("scopes") or [])):
-                raise ServiceError(403, "insufficient_scope", f"This token lacks the scope {access_scope(self.name)}.")
-            username = whoami["name"]
+            if whoami.get("kind") != "service":
+                for_user = None  # a user's token gets its own user's token, whatever it names
+            if for_user is not None:
+                needed = f"{JOB_OWNER_SCOPE}!user={for_user}"
+                if not check_scopes(needed, set(whoami.get("scopes") or [])):
+                    raise ServiceError(403, "insufficient_scope", f"Asking for another user's token needs {needed}.")
+                username = for_user
+            else:
+                if whoami.get("kind") != "user":
+                    raise ServiceError(
+                        403, "not_a_user", "Only a user's token (or a user's server's token) can get an access token."
+                    )
+                if not check_scopes(access_scope(self.name), set(whoami.get("scopes") or [])):
+                    raise ServiceError(
+                        403, "insufficient_scope", f"This token lacks the scope {access_scope(self.name)}."
+                    )
+                username = whoami["name"]
             status, model = await self._hub_get(f"/users/{quote(username, safe='')}", self.api_token)
         except HubError as err:
             raise ServiceError(502, "hub_error", str(err)) from err
         if status == 404:
+            if for_user is not None:
+                raise ServiceError(404, "no_such_user", f"The hub has no user {for_user!r}.")
             raise ServiceError(401, "invalid_token", "The token's user no longer exists.")
         if status != 200 or not isinstance(model, dict) or model.get("name") != username:
             raise ServiceError(502, "hub_error", f"The hub answered {status} to GET /hub/api/users/<name>.")
@@ -129,8 +144,9 @@ class AccessTokenLookup:
             log.warning("The access token of %s has expired and could not be refreshed", username)
             raise self._login_required("Your login has expired and could not be renewed.")
         log.info(
-            "Access token handed to %s (expires in %s s)",
+            "Access token of %s handed to %s (expires in %s s)",
             username,
+            f"the service {whoami.get('name')}" if for_user is not None else "the user",
             "?" if expires_at is None else int(expires_at - time.time()),
         )
         return {"access_token": token, "token_type": "Bearer", "expires_at": expires_at}

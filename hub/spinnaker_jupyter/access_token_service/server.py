@@ -37,7 +37,8 @@ def make_app(lookup: AccessTokenLookup, prefixes: list[str]):
         async def get(self) -> None:
             token = token_from_header(self.request.headers.get("Authorization"))
             try:
-                answer = await lookup.lookup(token)
+                # ?user=: a job service asking for the token of the user whose job it runs (lookup checks its scope)
+                answer = await lookup.lookup(token, self.get_query_argument("user", None) or None)
             except ServiceError as err:
                 self.set_status(err.status)
                 if err.status == 401:

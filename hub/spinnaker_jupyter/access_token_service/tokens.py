@@ -15,6 +15,9 @@ SERVICE_NAME = "access-token-service"
 ENDPOINT = "access-token"
 #: Scopes of the service's own role: read any user's name and auth_state, nothing else.
 SERVICE_SCOPES = ("admin:auth_state", "read:users:name")
+#: Custom scope of a service that runs users' batch jobs (the job service, per-run boards): with it, the service may
+#: ask for the access token of a user it names (``?user=<name>``), and nothing else of theirs.
+JOB_OWNER_SCOPE = "custom:access-token-service:job-owners"
 #: auth_state key holding when the access token expires (epoch seconds), see reconcile hook.
 EXPIRES_AT_KEY = "access_token_expires_at"
 #: Default: refresh the access token when it expires within this many seconds.

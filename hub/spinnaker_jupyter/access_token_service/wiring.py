@@ -15,6 +15,7 @@ from .tokens import (
     DEFAULT_PROVIDER_TIMEOUT,
     DEFAULT_REFRESH_MARGIN,
     HUB_TIMEOUT_ENV,
+    JOB_OWNER_SCOPE,
     SERVICE_NAME,
     SERVICE_SCOPES,
     access_scope,
@@ -97,5 +98,27 @@ def service_definition(
         "spawner_environment": {
             "JUPYTERHUB_SERVICE_HOST": user_host or parts.hostname,
             "JUPYTERHUB_SERVICE_PORT": str(user_port or parts.port),
+        },
+    }
+
+
+def job_owner_grant(service: str, *, name: str = SERVICE_NAME) -> dict[str, Any]:
+    """What lets the hub-managed service ``service`` (the job service) ask this service for the access token of a
+    user it names (the owner of a job it runs: ``GET .../access-token?user=<name>`` with its own token), and
+    nothing else: no auth_state, no refresh token, no other scope.
+
+    Returns ``{"custom_scopes": <c.JupyterHub.custom_scopes entries>, "role": <a load_roles entry>}``.
+    """
+    return {
+        "custom_scopes": {
+            JOB_OWNER_SCOPE: {
+                "description": f"Get the access token of a user whose batch job the service runs, from {name}."
+            }
+        },
+        "role": {
+            "name": f"{service}-job-owner-tokens",
+            "description": f"Ask {name} for the access token of the user whose job {service} runs",
+            "scopes": [JOB_OWNER_SCOPE],
+            "services": [service],
         },
     }

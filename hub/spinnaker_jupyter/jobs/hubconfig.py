@@ -23,6 +23,7 @@ def update_jobs(c, d: Deployment) -> None:
         env[DB_URL_ENV] = os.environ[DB_URL_ENV]
     if d["spinnaker"]["mode"] == "session" and os.environ.get("SPALLOC_TOKEN"):  # jobs claim boards as the hub does
         env["SPALLOC_TOKEN"] = os.environ["SPALLOC_TOKEN"]
+    grant = _per_run_tokens(c, d, env)
     # The nmpi API sits at the root of the service's own address (jobs.ip:port: nmpi keeps only scheme://host:port).
     # The `url` also gives it the hub's proxy route /services/jobs/ and an OAuth client: there the Jobs page is
     # served to browsers logged in to the hub (JupyterHub's HubOAuth), and the hub's menu lists it.
@@ -45,6 +46,8 @@ def update_jobs(c, d: Deployment) -> None:
         roles.append({"name": "user", "scopes": ["self", ACCESS_SCOPE]})
     else:
         user["scopes"] = [*user.get("scopes", []), ACCESS_SCOPE]
+    if grant is not None:
+        roles.append(grant["role"])
     c.JupyterHub.load_roles = roles
     # Notebooks submit jobs with their server's JUPYTERHUB_API_TOKEN: JupyterHub's `server` role scopes plus this.
     base = (
@@ -57,3 +60,23 @@ def update_jobs(c, d: Deployment) -> None:
     c.Spawner.environment = {**c.Spawner.environment, "SPINNAKER_JOBS_URL": public_url(d)}
     # A server's stop spares the user's running jobs (their process sessions, recorded by the runner)
     c.PrivateHomeSpawner.job_sessions_dir = str(sessions.folder(jobs_dir(d)))
+
+
+def _per_run_tokens(c, d: Deployment, env: dict) -> dict | None:
+    """spinnaker.mode per-run with EBRAINS logins: the job service may ask the access-token-service for the token
+    of the user whose job it runs (its custom scope, nothing else), at the address the hub gave that service
+    (jobs/per_run.py). Returns the grant whose role the caller adds, or None."""
+    if d["spinnaker"]["mode"] != "per-run" or d["auth"]["type"] != "ebrains":
+        return None
+    from ..access_token_service import ENDPOINT, job_owner_grant
+    from ..access_token_service import SERVICE_NAME as TOKEN_SERVICE
+    from .per_run import TOKEN_URL_ENV
+
+    service = next((s for s in c.JupyterHub.services if s.get("name") == TOKEN_SERVICE), None)
+    if service is None:
+        return None
+    grant = job_owner_grant(SERVICE_NAME)
+    scopes = dict(c.JupyterHub.custom_scopes) if "custom_scopes" in c.JupyterHub else {}
+    c.JupyterHub.custom_scopes = {**scopes, **grant["custom_scopes"]}
+    env[TOKEN_URL_ENV] = f"{service['url'].rstrip('/')}/services/{TOKEN_SERVICE}/{ENDPOINT}"
+    return grant

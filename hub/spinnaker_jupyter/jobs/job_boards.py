@@ -10,8 +10,8 @@
 * ``machine``: the lab's board, one holder at a time (waited for like a claim): the same lock file as the hub's
   (`boards.lock`, under data_dir/hub), so a job waits for a user server that has the board and the other way
   round, and the log says who has it.
-* ``virtual``: a virtual board, said in the log and provenance. ``per-run``: jobs run virtual as well (a per-run
-  claim needs the user's own token, which a batch job does not have), said the same way.
+* ``virtual``: a virtual board, said in the log and provenance. ``per-run``: the job's sPyNNaker claims its boards
+  itself with its owner's token (per_run.py); nothing for the runner to claim here.
 
 The job's sPyNNaker cfg (naming its boards) is written where only the job's account can read it.
 """

@@ -27,6 +27,7 @@ from .executor import AccountError, Executor
 from .held_board import HeldBoard
 from .job_boards import CORES_PER_BOARD, JobBoards
 from .joblog import JobFailed, JobLog, stamp
+from .per_run import PerRun
 from .settings import Settings
 from .steps import INTERNAL, SYSTEM
 from .store import Job, Store
@@ -39,9 +40,17 @@ log = logging.getLogger("spinnaker_jupyter.jobs")
 
 
 class Runner:
-    def __init__(self, store: Store, executor: Executor, settings: Settings, boards: JobBoards | None = None):
+    def __init__(
+        self,
+        store: Store,
+        executor: Executor,
+        settings: Settings,
+        boards: JobBoards | None = None,
+        per_run: PerRun | None = None,
+    ):
         self.store, self.executor, self.s = store, executor, settings
         self.boards = boards  # None: every job runs virtual
+        self.per_run = per_run  # spinnaker.mode per-run: the owner's token and the per-run cfg (per_run.py)
         self.id = uuid.uuid4().hex[:12]
         self.versions = settings.versions  # the configured sPyNNaker releases (kernels.spynnaker)
         if hasattr(executor, "versions"):  # an executor with its own sPyNNaker (docker: the job image's)
@@ -149,14 +158,10 @@ class Runner:
         )
         try:
             jlog.note(f"{stamp()}: job {job.id} started (attempt {job.attempts}).")
-            if held.session is None:
-                why = {
-                    "per-run": "spinnaker.mode per-run claims with the user's own token, which a batch job does "
-                    "not carry"
-                }.get(mode, f"spinnaker.mode: {mode}")
+            if held.session is None and self.per_run is None:  # (per-run: said once the owner's token is asked)
                 jlog.note(
-                    f"This job runs on a VIRTUAL SpiNNaker board ({why}): run() maps and loads the network, "
-                    "but recorded data come back empty."
+                    f"This job runs on a VIRTUAL SpiNNaker board (spinnaker.mode: {mode}): run() maps and loads the "
+                    "network, but recorded data come back empty."
                 )
             config = steps.read_hardware_config(s, self.versions, job)
             provenance["hardware_config"] = config
@@ -192,6 +197,9 @@ class Runner:
                         s, store, self.boards, job, held, config, account, jlog, provenance
                     )
                     env.update(claimed)
+                elif self.per_run is not None:  # asked now: the freshest token the hub holds
+                    gid = account.gid if account.switched else None
+                    env.update(await self.per_run.prepare(s.job_cfgs / str(job.id), job.user_id, gid, jlog, provenance))
                 before = await loop.run_in_executor(None, outputs.snapshot, scratch)
                 wall = config.get("time_limit") or s.wall_time
                 jlog.note(f"Running: {shlex.join(['python', *argv[1:]])} (time limit {wall} s)")
@@ -218,6 +226,8 @@ class Runner:
             provenance["error"] = str(e)
         except asyncio.CancelledError:  # a service stop: stop() notes it and puts the job back in the queue
             await held_board.release(s, job, held, "the job service stopped", jlog, provenance)
+            if self.per_run is not None:
+                shutil.rmtree(s.job_cfgs / str(job.id), ignore_errors=True)
             raise
         except Exception as e:  # the service's own fault: say so, keep the service running
             log.exception("Job %s failed in the runner", job.id)
@@ -233,6 +243,8 @@ class Runner:
         provenance["wall_seconds"] = round(time.monotonic() - t0, 3)
         provenance["finished"], provenance["finished_at"] = stamp(), time.time()
         shutil.rmtree(scratch, ignore_errors=True)
+        if self.per_run is not None:  # the per-run cfg folder (held_board.release removes a claimed board's)
+            shutil.rmtree(s.job_cfgs / str(job.id), ignore_errors=True)
         # Whole boards held while the command ran (a virtual board uses no SpiNNaker cores: 0 core-hours).
         usage = round(provenance.get("board_hours", 0.0) * CORES_PER_BOARD, 6)
         store.finish(job.id, status, provenance, files, usage)

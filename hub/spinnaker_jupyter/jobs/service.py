@@ -17,6 +17,7 @@ import signal
 from . import api, identity, pages, signing
 from .executor import LocalExecutor
 from .job_boards import JobBoards
+from .per_run import PerRun
 from .runner import Runner
 from .settings import SERVICE_NAME, Settings, db_url, load_deployment
 from .store import Store
@@ -58,7 +59,7 @@ async def serve() -> None:
 
         executor = DockerExecutor.for_deployment(d, s, store, executor)
     boards = JobBoards.from_deployment(d)  # spinnaker.mode for jobs too (job_boards.py)
-    runner = Runner(store, executor, s, boards)
+    runner = Runner(store, executor, s, boards, PerRun.from_deployment(d, os.environ))  # per-run: owners' tokens
     back = runner.recover()
     # The boards of jobs a killed runner held (those jobs are back in the queue); new claims meanwhile are this
     # process's rows, which it does not touch.
