@@ -8,7 +8,8 @@ import shutil
 
 import pytest
 
-from conftest import ROOT, free_port
+from conftest import ROOT
+from oidc_fixtures import ebrains_auth
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -73,19 +74,7 @@ def test_wrong_password_is_said_plainly(browser, hub_factory):
 
 def test_ebrains_login_through_the_provider_to_jupyterlab(browser, hub_factory, oidc_provider):
     hub = hub_factory(
-        {
-            "auth": {
-                "type": "ebrains",
-                "ebrains": {
-                    "client_id": oidc_provider.client_id,
-                    "authorize_url": oidc_provider.authorize_url,
-                    "token_url": oidc_provider.token_url,
-                    "userinfo_url": oidc_provider.userinfo_url,
-                    "allowed_groups": ["spinnaker-users"],
-                    "token_service_port": free_port(),
-                },
-            }
-        },
+        {"auth": ebrains_auth(oidc_provider, allowed_groups=["spinnaker-users"])},
         start=False,
         env={"EBRAINS_CLIENT_SECRET": oidc_provider.client_secret},
     )

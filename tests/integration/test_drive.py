@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import free_port
 from doubles.drive_server import DriveDouble
 from hubclient import HubClient, wait_for
+from oidc_fixtures import ebrains_auth
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("rclone") and shutil.which("fusermount3")),
@@ -49,20 +49,9 @@ def drive_deployment(oidc_provider, drive_url: str, **ebrains) -> dict:
     """A deployment with EBRAINS login at the tests' provider and the Drive at `drive_url` (quick checks and
     back-off); `ebrains` overrides the auth section's keys."""
     return {
-        "auth": {
-            "type": "ebrains",
-            "ebrains": {
-                "client_id": oidc_provider.client_id,
-                "authorize_url": oidc_provider.authorize_url,
-                "token_url": oidc_provider.token_url,
-                "userinfo_url": oidc_provider.userinfo_url,
-                "allowed_groups": [GROUP],
-                "refresh_margin": 3,
-                "auth_refresh_age": 1,
-                "token_service_port": free_port(),
-                **ebrains,
-            },
-        },
+        "auth": ebrains_auth(
+            oidc_provider, **{"allowed_groups": [GROUP], "refresh_margin": 3, "auth_refresh_age": 1, **ebrains}
+        ),
         "drive": {"enabled": True, "url": drive_url, "check_interval": 1, "max_backoff": 2, "timeout": 5},
     }
 
