@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, traversable_tmpdir
+from conftest import traversable_tmpdir
 from doubles.drive_server import DriveDouble
 from hubclient import wait_for
+from oidc_fixtures import ebrains_auth
 from podman_fixtures import TEST_LABEL
 from test_drive import GROUP, LIB, listing, login
 
@@ -59,17 +60,7 @@ def drive(oidc_provider):
 def drive_hub(hub_factory, oidc_provider, drive, podman_engine, drive_image, fuse_for_users, shared_drive_dir):
     hub = hub_factory(
         {
-            "auth": {
-                "type": "ebrains",
-                "ebrains": {
-                    "client_id": oidc_provider.client_id,
-                    "authorize_url": oidc_provider.authorize_url,
-                    "token_url": oidc_provider.token_url,
-                    "userinfo_url": oidc_provider.userinfo_url,
-                    "allowed_groups": [GROUP],
-                    "token_service_port": free_port(),
-                },
-            },
+            "auth": ebrains_auth(oidc_provider, allowed_groups=[GROUP]),
             "drive": {"enabled": True, "url": drive.url, "check_interval": 1, "max_backoff": 2, "timeout": 5},
             "spawner": {
                 "type": "docker",
