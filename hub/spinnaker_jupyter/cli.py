@@ -63,7 +63,7 @@ def cmd_check(args) -> int:
         from .limits import describe_deployment
 
         say(describe_deployment(d))
-    from .usernames import uid_range_report  # when few uids are left for new users' accounts
+    from .uid_range import uid_range_report  # when few uids are left for new users' accounts
 
     if low := uid_range_report(d["spawner"]["local"]["uid_range"]):
         say(low)

@@ -290,7 +290,7 @@ def _check_consistency(d: Deployment) -> None:
             "spinnaker.machine_name: required when spinnaker.mode is 'machine' (the board's host name or IP address)"
         )
     _check_spinnaker(d)
-    from .usernames import machine_uid_range_problem  # the accounts' uids: the deployment's own, on this machine
+    from .uid_range import machine_uid_range_problem  # the accounts' uids: the deployment's own, on this machine
 
     local = v["spawner"]["local"]
     if problem := machine_uid_range_problem(local["uid_range"], local["uid_range_in_login_range"]):

@@ -9,7 +9,8 @@ Longer than the package's ~400-line modules on purpose: it is the one document o
 
 from __future__ import annotations
 
-from .usernames import CONFIG_NAME_PATTERN, DEFAULT_UID_RANGE, UID_MAX_ALLOWED
+from .uid_range import DEFAULT_UID_RANGE, UID_MAX_ALLOWED
+from .usernames import CONFIG_NAME_PATTERN
 
 
 def _obj(properties: dict, **extra) -> dict:

@@ -21,7 +21,7 @@ from traitlets import Bool, Integer, List, Unicode, default
 from .progress import ProgressMixin, wait_until_listening
 from .slurm_queue import pending_words
 from .spawner import PrivateHomeSpawner
-from .usernames import DEFAULT_UID_RANGE
+from .uid_range import DEFAULT_UID_RANGE
 
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 #: Seconds between queue-position checks while a job waits (one extra squeue call each).

@@ -27,10 +27,9 @@ from .boards import BoardsMixin
 from .jobs import sessions as job_sessions
 from .progress import ProgressMixin, wait_until_listening
 from .spawn_queue import refuse_if_full, start_slot
+from .uid_range import DEFAULT_UID_RANGE, UidRangeFull
 from .usernames import (
-    DEFAULT_UID_RANGE,
     AccountOfAnotherDeployment,
-    UidRangeFull,
     make_system_account,
     own_system_account,
     system_account_name,

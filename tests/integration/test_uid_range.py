@@ -16,7 +16,7 @@ import requests
 
 from conftest import free_port
 from hubclient import wait_for
-from spinnaker_jupyter.usernames import taken_ids
+from spinnaker_jupyter.uid_range import taken_ids
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="system accounts need root")
 

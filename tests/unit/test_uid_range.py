@@ -1,5 +1,5 @@
-"""The uid a new system account takes (usernames.next_uid) and whether a spawner.local.uid_range suits a machine
-(usernames.uid_range_problem): pure functions over a fake passwd/group list and a fake /etc/login.defs."""
+"""The uid a new system account takes (uid_range.next_uid) and whether a spawner.local.uid_range suits a machine
+(uid_range.uid_range_problem): pure functions over a fake passwd/group list and a fake /etc/login.defs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 from spinnaker_jupyter import config
 from spinnaker_jupyter.config_error import ConfigError
-from spinnaker_jupyter.usernames import (
+from spinnaker_jupyter.uid_range import (
     DEFAULT_UID_RANGE,
     UidRangeFull,
     next_uid,

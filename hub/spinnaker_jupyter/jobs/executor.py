@@ -25,9 +25,9 @@ from pathlib import Path
 
 from jupyterhub.spawner import set_user_setuid
 
+from ..uid_range import UidRangeFull
 from ..usernames import (
     AccountOfAnotherDeployment,
-    UidRangeFull,
     make_system_account,
     own_system_account,
     system_account_name,
