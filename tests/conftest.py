@@ -251,7 +251,7 @@ class RunningHub:
                 raise RuntimeError(f"hub exited ({self.proc.returncode}):\n{self.log()[-3000:]}")
             try:
                 return requests.get(self.url + "/hub/api/", timeout=2).status_code == 200
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # (not answering yet: a loaded machine)
                 return False
 
         wait_for(up, timeout, "the hub to answer")

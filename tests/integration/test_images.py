@@ -126,7 +126,7 @@ def wait_until_answers(container, url: str, timeout: float = 120) -> tuple[reque
     while time.monotonic() - t0 < timeout:
         try:
             return requests.get(url, timeout=2, allow_redirects=False), time.monotonic() - t0
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):
             pass
         container.reload()
         if container.status not in ("created", "running"):

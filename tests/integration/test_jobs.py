@@ -87,7 +87,7 @@ def code_server():
     def up():
         try:
             return requests.get(url + "/code.zip", timeout=2).status_code == 200
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):
             return False
 
     wait_for(up, 20, "the code server")
@@ -115,7 +115,7 @@ def start_jobs_hub(hub_factory, jobs: dict | None = None, extra: dict | None = N
     def up():
         try:
             return requests.get(hub.jobs_url + "/", timeout=2).status_code == 200
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):
             return False
 
     wait_for(up, 60, "the job service to answer")
@@ -575,7 +575,7 @@ def test_service_stop_puts_a_running_job_back_in_the_queue(jobs_hub, nmpi_module
         def ended():
             try:
                 return client.job_status(uri) in ("finished", "error")
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):
                 return False
 
         wait_for(ended, 120, "the job to end after the service came back")

@@ -94,7 +94,7 @@ def job(hub, job_id: int) -> dict:
                 timeout=30,
                 headers={"Authorization": f"Bearer {hub.users['jbea'].token}"},
             ).json()
-        except requests.ConnectionError:  # (the service restarting)
+        except (requests.ConnectionError, requests.Timeout):  # (the service restarting)
             return None
 
     return wait_for(get, 60, "the job service to answer")

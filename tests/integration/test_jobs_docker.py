@@ -257,7 +257,7 @@ def test_a_killed_services_container_is_removed_at_its_start(hub, nmpi, podman_e
         try:
             names = {c.name for c in job_containers(podman_engine, job_id_of(uri))}
             return not names & first and client.job_status(uri) == "running" and names
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):
             return False
 
     wait_for(rerun, 120, "the old container to go and the job to run again")
@@ -335,7 +335,7 @@ def test_a_clean_stop_of_the_service_removes_its_containers(hub, nmpi, podman_en
         try:
             requests.delete(hub.jobs_url + uri, headers=headers, timeout=30)
             return client.job_status(uri) == "removed"
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):
             return False
 
     wait_for(cancelled, 60, "the job to be removed")

@@ -55,7 +55,7 @@ def hub(hub_factory, provider):
     def up():
         try:
             return requests.get(hub.jobs_url + "/", timeout=2).status_code == 200
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):
             return False
 
     wait_for(up, 60, "the job service to answer")

@@ -93,7 +93,7 @@ def hub(hub_factory, provider, double):
 def _answers(url: str) -> bool:
     try:
         return requests.get(url + "/", timeout=2).status_code == 200
-    except requests.ConnectionError:
+    except (requests.ConnectionError, requests.Timeout):
         return False
 
 
