@@ -133,7 +133,8 @@ def burst(url: str, token: str, names: list[str], timeout: float = 400, cpu=None
     server's progress event stream (`/hub/api/users/NAME/server/progress`) until its `ready` (or `failed`) event.
     (Earlier versions asked the hub for every user's state 4 times a second instead: GET /hub/api/users cost the
     hub up to 0.3 CPU-s each, so the measuring took CPU from the starts it measured.) `cpu`, if given, is read
-    before the burst and once every start has ended, before the servers are stopped: the hub side's CPU-seconds."""
+    before the burst and once every start has ended, before the servers are stopped: CPU-seconds by what spent
+    them ({"hub": ..., "servers": ...}), reported per start, with the share of the machine's CPU time left idle."""
     headers = {"Authorization": f"token {token}"}
     api = f"{url}/hub/api"
     r = requests.post(f"{api}/users", json={"usernames": names}, headers=headers, timeout=60)
@@ -173,12 +174,13 @@ def burst(url: str, token: str, names: list[str], timeout: float = 400, cpu=None
     threads = [threading.Thread(target=follow, args=(n,), daemon=True) for n in names]
     for t in threads:
         t.start()
-    cpu_before = cpu() if cpu else None
+    cpu_before, machine_before = (cpu(), machine_cpu()) if cpu else (None, None)
     t0 = time.monotonic()
     go.set()
     for t in threads:
         t.join(max(0.0, t0 + timeout - time.monotonic()))
-    hub_cpu = cpu() - cpu_before if cpu else None
+    spent = {k: v - cpu_before[k] for k, v in cpu().items()} if cpu else None
+    machine = [b - a for a, b in zip(machine_before, machine_cpu(), strict=True)] if cpu else None
     for name in names:
         requests.delete(f"{api}/users/{name}/server", headers=headers, timeout=60)
     times = sorted(ready.values())
@@ -189,8 +191,10 @@ def burst(url: str, token: str, names: list[str], timeout: float = 400, cpu=None
         "refused_429": sum(1 for c in codes.values() if c == 429),
         "failures": sorted(set(failed.values()))[:5],
     }
-    if hub_cpu is not None:
-        out["hub_cpu_s_per_start"] = hub_cpu / len(names)
+    if spent is not None:
+        for what, seconds in spent.items():
+            out[f"{what}_cpu_s_per_start"] = seconds / len(names)
+        out["machine_idle_share"] = machine[1] / machine[0] if machine[0] else None
     if times:
         out.update(
             first=times[0],
@@ -211,20 +215,25 @@ def our_hub(users: int, concurrency: int | None = None) -> tuple[dict, RunningHu
     return burst(hub.url, admin.token, [f"s{tag}{i:02d}" for i in range(users)], cpu=lambda: hub_side_cpu(hub)), hub
 
 
-def hub_side_cpu(hub: RunningHub) -> float:
-    """CPU-seconds so far of the hub's side of a start: the hub, the proxy and the hub's services, with what they ran
-    and waited for (useradd and the like; not the user servers, which still run when this is read)."""
+def hub_side_cpu(hub: RunningHub) -> dict:
+    """CPU-seconds so far of the user servers (what runs under them included) and of the hub's side of their starts:
+    the hub, the proxy and the hub's services, with what they ran and waited for (useradd and the like)."""
     import processes
 
     procs = processes.table()
-    total = 0
+    total = {"hub": 0, "servers": 0}
     for p in hub.own_processes():
-        if processes.SINGLEUSER in p.cmdline or processes.in_user_server(p, procs):
-            continue
+        what = "servers" if processes.SINGLEUSER in p.cmdline or processes.in_user_server(p, procs) else "hub"
         with contextlib.suppress(OSError):
             fields = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
-    return total / os.sysconf("SC_CLK_TCK")
+            total[what] += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    return {k: v / os.sysconf("SC_CLK_TCK") for k, v in total.items()}
+
+
+def machine_cpu() -> tuple[int, int]:
+    """(all, idle) CPU time of the machine so far, in ticks (/proc/stat: idle and iowait count as idle)."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(ticks), ticks[3] + ticks[4]
 
 
 def stock_hub(users: int) -> dict:
@@ -303,7 +312,7 @@ def main() -> None:
     results = {
         "cores": CORES,
         "load_before": load(),
-        "concurrency": args.concurrency or CORES + 1,
+        "concurrency": args.concurrency or CORES,
     }  # (spawn_queue's default)
     results["cpu_before"] = cpu_per_start([str(BIN / "jupyterhub-singleuser")], BEFORE_SETTINGS)
     after = json.loads(json.dumps(BEFORE_SETTINGS))
@@ -364,7 +373,12 @@ def table(r: dict, n: int) -> str:
         f"stock {r['cpu_stock']['cpu_s']:.2f}"
     )
     if "hub_cpu_s_per_start" in r.get("ours", {}):
-        rows.append(f"hub side (hub, proxy, services) CPU-s per start: {r['ours']['hub_cpu_s_per_start']:.2f}")
+        o = r["ours"]
+        rows.append(
+            f"during the burst, per start: {o['servers_cpu_s_per_start']:.2f} CPU-s of the server (alone: "
+            f"{r['cpu_after']['cpu_s']:.2f}), {o['hub_cpu_s_per_start']:.2f} of the hub side; the machine idle "
+            f"{100 * o['machine_idle_share']:.0f}% of the time"
+        )
     if "login_to_lab" in r:
         lt = r["login_to_lab"]
         rows.append(f"login -> JupyterLab: median {lt['median']:.2f} s ({lt['min']:.2f}-{lt['max']:.2f}, n={lt['n']})")

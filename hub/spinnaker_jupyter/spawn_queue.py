@@ -64,7 +64,7 @@ class QueueFull(SpawnException):
 class SpawnQueue(LoggingConfigurable):
     concurrency = Integer(
         help="Servers started at the same time; the others wait in line, first come first served. "
-        "Default: one more than the cores this hub may use."
+        "Default: the cores this hub may use."
     ).tag(config=True)
     limit = Integer(
         200,
@@ -81,10 +81,12 @@ class SpawnQueue(LoggingConfigurable):
 
     @default("concurrency")
     def _concurrency_default(self):
-        # One more than the cores: a start also waits on the disk and the hub, and a core left idle then is lost.
-        # Measured with 30 starts on 2 cores (benchmarks/README.md): 2 at a time, the last was ready at 1.8 x the
-        # CPU floor; 3 at a time, 1.2 x; 4 at a time, no better than 3 and the first later.
-        return usable_cpus() + 1
+        # One per core. Measured with 30 starts on 2 cores, followed as browsers follow them (benchmarks/README.md,
+        # 5 runs each): 2 at a time, first 1.8 s, median 10.5 s, last 21.3 s, the machine 6% idle; 3 at a time, first
+        # 2.8 s, median 12.9 s, last 25.6 s: a third start on two cores leaves no core idle but makes every start
+        # cost ~25% more CPU (time-sliced against the others), more than the idle it fills. (An earlier benchmark
+        # that asked the hub for every user 4 times a second favoured 3: its load left cores idle between starts.)
+        return usable_cpus()
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
