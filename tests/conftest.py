@@ -236,6 +236,10 @@ class RunningHub:
         )
 
     def start(self, timeout: float = 60) -> RunningHub:
+        """Start the hub and wait until it is running: its API answers and JupyterHub has said "JupyterHub is now
+        running", right before it installs its SIGTERM handler (jupyterhub 6.1.1, app.py): a SIGTERM sooner, while
+        its API already answers, ends it without its clean-up, as it would an operator's hub."""
+        since = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen(
             [*self.command, "up", "--no-build", "-c", self.config_file],
@@ -250,9 +254,13 @@ class RunningHub:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"hub exited ({self.proc.returncode}):\n{self.log()[-3000:]}")
             try:
-                return requests.get(self.url + "/hub/api/", timeout=2).status_code == 200
+                if requests.get(self.url + "/hub/api/", timeout=2).status_code != 200:
+                    return False
             except (requests.ConnectionError, requests.Timeout):  # (not answering yet: a loaded machine)
                 return False
+            with open(self.log_path, "rb") as f:
+                f.seek(since)
+                return b"JupyterHub is now running" in f.read()
 
         wait_for(up, timeout, "the hub to answer")
         return self
