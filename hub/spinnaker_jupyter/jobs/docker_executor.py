@@ -34,6 +34,9 @@
   engine. Cancel and kill = stop, then remove. Every container is labelled with this deployment's job folder; at
   start-up the service removes those a previous run left (their jobs go back in the queue, as on the local
   executor).
+
+(Over ~400 lines: one executor; what a job's container, its pip container and its home-copy container may do are
+decided together, beside the engine calls that make them.)
 """
 
 from __future__ import annotations

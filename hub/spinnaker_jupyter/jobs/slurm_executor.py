@@ -29,6 +29,9 @@ fair share, limits and accounting apply to it as to any of the user's jobs.
   in the queue, as on the local executor).
 * A pip install for `extra_pip_installs` runs on the service's machine (local executor), into the shared scratch
   folder: it needs no board and should not queue twice.
+
+(Over ~400 lines: one executor, whose submission, go file, queue words, state polling and recovery of a previous
+run's Slurm jobs share the job's Slurm id and files and are only safe read together.)
 """
 
 from __future__ import annotations
