@@ -154,6 +154,14 @@ def pytest_testnodedown(node, error):
     _LEFT_BY_WORKERS.extend(getattr(node, "workeroutput", {}).get("leftovers", []))
 
 
+def secret_file(tmp_path_factory, value: str, name: str = "spalloc-token") -> Path:
+    """A secret the hub reads from a file (e.g. spinnaker.spalloc.token_file), 0600 in a folder of its own."""
+    path = tmp_path_factory.mktemp("secrets") / name
+    path.write_text(value + "\n")
+    os.chmod(path, 0o600)
+    return path
+
+
 @pytest.fixture(scope="session")
 def envs_dir() -> Path:
     """The kernel environments `make test` builds once (`spinnaker-jupyter build -c tests/build-config.yaml`)."""

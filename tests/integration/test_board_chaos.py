@@ -29,6 +29,7 @@ import time
 import pytest
 
 import processes
+from conftest import secret_file
 from doubles.spalloc_server import SpallocDouble
 from hubclient import wait_for
 
@@ -49,9 +50,7 @@ def double():
 
 @pytest.fixture(scope="module")
 def hub(hub_factory, double, tmp_path_factory):
-    token_file = tmp_path_factory.mktemp("secrets") / "spalloc-token"
-    token_file.write_text(HUB_TOKEN + "\n")
-    os.chmod(token_file, 0o600)
+    token_file = secret_file(tmp_path_factory, HUB_TOKEN)
     h = hub_factory(
         {
             "hub": {"stop_servers_on_exit": False},

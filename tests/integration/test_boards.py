@@ -21,6 +21,7 @@ import pytest
 import requests
 import yaml
 
+from conftest import secret_file
 from doubles.spalloc_server import SpallocDouble
 from hubclient import wait_for
 
@@ -150,10 +151,7 @@ def double():
 
 @pytest.fixture(scope="module")
 def token_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("secrets") / "spalloc-token"
-    path.write_text(HUB_TOKEN + "\n")
-    os.chmod(path, 0o600)
-    return path
+    return secret_file(tmp_path_factory, HUB_TOKEN)
 
 
 def stop_all_servers(hub) -> None:

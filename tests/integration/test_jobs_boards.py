@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from conftest import secret_file
 from doubles.spalloc_server import SpallocDouble
 from hubclient import wait_for
 from test_jobs import _ended, _service_pid, start_jobs_hub
@@ -49,9 +50,7 @@ def double():
 
 @pytest.fixture(scope="module")
 def hub(hub_factory, double, tmp_path_factory):
-    token_file = tmp_path_factory.mktemp("secrets") / "spalloc-token"
-    token_file.write_text(HUB_TOKEN + "\n")
-    os.chmod(token_file, 0o600)
+    token_file = secret_file(tmp_path_factory, HUB_TOKEN)
     h = start_jobs_hub(
         hub_factory,
         {"concurrency": 2},

@@ -18,7 +18,7 @@ import pytest
 import requests
 
 import test_jobs
-from conftest import free_port, traversable_tmpdir
+from conftest import free_port, secret_file, traversable_tmpdir
 from doubles.spalloc_server import SpallocDouble
 from hubclient import wait_for
 from test_jobs import _ended, _service_pid, client_for, start_jobs_hub, wait_done
@@ -179,9 +179,7 @@ def double():
 
 @pytest.fixture(scope="module")
 def session_hub(hub_factory, slurm, double, tmp_path_factory):
-    token_file = tmp_path_factory.mktemp("secrets") / "spalloc-token"
-    token_file.write_text(HUB_TOKEN + "\n")
-    os.chmod(token_file, 0o600)
+    token_file = secret_file(tmp_path_factory, HUB_TOKEN)
     extra, jobs = jobs_slurm_config(slurm)
     extra["spinnaker"] = {
         "mode": "session",
