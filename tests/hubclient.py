@@ -100,16 +100,22 @@ class HubClient:
         does."""
         path = f"/users/{self.name}/servers/{server}" if server else f"/users/{self.name}/server"
         spawn = f"/hub/spawn/{self.name}/{server}" if server else f"/hub/spawn/{self.name}"
-        r = self.session.get(self.url + spawn, allow_redirects=False, timeout=30)
-        assert r.status_code == 302 and "spawn-pending" in r.headers["location"], (r.status_code, r.headers)
-        messages = []
-        with self.api("GET", f"{path}/progress", stream=True, timeout=timeout) as r:
-            for line in r.iter_lines(decode_unicode=True):
-                if line.startswith("data:"):
-                    event = json.loads(line[5:])
-                    messages.append(event.get("message", ""))
-                    if event.get("ready") or event.get("failed"):
-                        break
+        for _ in range(3):
+            r = self.session.get(self.url + spawn, allow_redirects=False, timeout=30)
+            assert r.status_code == 302 and "spawn-pending" in r.headers["location"], (r.status_code, r.headers)
+            messages = []
+            with self.api("GET", f"{path}/progress", stream=True, timeout=timeout) as r:
+                for line in r.iter_lines(decode_unicode=True):
+                    if line.startswith("data:"):
+                        event = json.loads(line[5:])
+                        messages.append(event.get("message", ""))
+                        if event.get("ready") or event.get("failed"):
+                            break
+            # A stream opened after the server got ready hears the ready event alone (JupyterHub's
+            # SpawnProgressAPIHandler): the client was late, on a loaded machine, not the hub silent. Start again.
+            if not (len(messages) == 1 and (self.server_model(server) or {}).get("ready")):
+                return messages
+            self.stop_server(server)
         return messages
 
     def stop_server(self, server: str = "", timeout: float = 60) -> None:
