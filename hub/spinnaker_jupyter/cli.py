@@ -63,18 +63,16 @@ def cmd_check(args) -> int:
         from .limits import describe_deployment
 
         say(describe_deployment(d))
-    from .uid_range import uid_range_report  # when few uids are left for new users' accounts
+    from .uid_range import uid_range_check  # few uids left for new users' accounts (a warning), or none (a failure)
 
-    if low := uid_range_report(d["spawner"]["local"]["uid_range"]):
-        say(low)
+    results = [found] if (found := uid_range_check(d["spawner"]["local"]["uid_range"], d.data_dir)) else []
     if d["spawner"]["type"] == "slurm" or (d["jobs"]["enabled"] and d["jobs"]["executor"] == "slurm"):
         from .slurm_queue import probe  # the controller, the partitions, the board licence: one line each
 
-        results = probe(d)
-        for _ok, line in results:
-            say(line)
-        return 0 if all(ok for ok, _line in results) else 1
-    return 0
+        results += probe(d)
+    for _ok, line in results:
+        say(line)
+    return 0 if all(ok for ok, _line in results) else 1
 
 
 def _check_reachable_by_all(paths: list[Path]) -> None:

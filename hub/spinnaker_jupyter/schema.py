@@ -287,10 +287,14 @@ SCHEMA: dict = _obj(
                             "maxItems": 2,
                             "default": list(DEFAULT_UID_RANGE),
                             "description": "[first, last]: the uids (and their groups' gids) of the system accounts "
-                            "this deployment makes for users' servers and batch jobs. Each new account takes the "
-                            "lowest uid of the range no account or group has; a removed user's account is retired "
-                            "with its uid, so a uid is never given twice and the range bounds how many accounts the "
-                            "deployment makes in its lifetime (`spinnaker-jupyter check` says when few are left). "
+                            "this deployment makes for users' servers and batch jobs. A uid is never given twice, "
+                            "not even one an account deleted by hand (userdel) freed: the deployment remembers the "
+                            "highest uid it ever gave (data_dir/hub/uid-high-water; at first the highest of an "
+                            "account in the range) and each new account takes the lowest uid above it that no "
+                            "account or group has. So the range bounds how many accounts the deployment makes in its "
+                            "lifetime: once the mark reaches its last uid it is full, lower free uids included "
+                            "(`spinnaker-jupyter check` warns when few are left and fails when none is; the fix is a "
+                            "higher last uid). "
                             "It must lie above the machine's system uids (SYS_UID_MAX in /etc/login.defs, the OS's "
                             "own services), below 2^31, outside the login accounts' uids (UID_MIN-UID_MAX), the "
                             "subordinate uids of /etc/subuid and SUB_UID_MIN-SUB_UID_MAX, and systemd's dynamic and "

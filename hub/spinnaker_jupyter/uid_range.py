@@ -1,15 +1,23 @@
 """The uids of the deployment's system accounts (``spawner.local.uid_range``): which one a new account takes, how
 many are left, and whether a range suits this machine (clear of its system, login, subordinate and systemd uids).
 
-A uid is never given twice: a new account takes the lowest uid of the range that no account and no group has, and a
-removed user's account is retired (renamed, locked), never deleted, so its uid stays taken. usernames.py makes the
-accounts.
+A uid is never given twice, not even one an account deleted by hand (``userdel``) freed, whose files (homes, backups,
+job folders, Slurm nodes' disks) the next owner of the uid would own: the deployment remembers the highest uid it ever
+gave (the high-water mark, ``data_dir/hub/uid-high-water``) and a new account takes the lowest uid above it that no
+account and no group has. A deployment from before the mark starts from the highest uid of an account in the range.
+The range is full once no uid above the mark is free, even with lower ones free (they may have been given before).
+The mark is a file beside the hub database rather than a row in it: the hub and the job service (two processes that
+share data_dir, not memory) both make accounts and take turns on its lock; JupyterHub's tables stay upstream's; and
+backup/restore carry it with the hub folder. usernames.py makes the accounts.
 """
 
 from __future__ import annotations
 
+import fcntl
 import grp
+import os
 import pwd
+import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -41,20 +49,24 @@ _LOGIN_DEFS_DEFAULTS = {
 }
 
 
-def next_uid(taken: Iterable[int], uid_range: tuple[int, int] | list[int]) -> int | None:
-    """The uid of a new account: the lowest of ``uid_range`` (both ends included) not in ``taken`` (every uid and
-    gid on the machine, :func:`taken_ids`), so the account's group gets the same number as gid. A removed user's account is retired, not deleted, so its uid stays taken: no uid is given twice.
-    None: the range is full."""
+def next_uid(taken: Iterable[int], uid_range: tuple[int, int] | list[int], above: int | None = None) -> int | None:
+    """The uid of a new account: the lowest of ``uid_range`` (both ends included) above ``above`` (the high-water
+    mark, :func:`high_water`) not in ``taken`` (every uid and gid on the machine, :func:`taken_ids`), so the account's
+    group gets the same number as gid. None: the range is full."""
     lo, hi = uid_range
+    lo = lo if above is None else max(lo, above + 1)
     used = {i for i in taken if lo <= i <= hi}
     used.add(_NO_UID_16)
     # at most len(used) + 1 steps: the first number not used
     return next((uid for uid in range(lo, min(hi, lo + len(used)) + 1) if uid not in used), None)
 
 
-def uids_left(taken: Iterable[int], uid_range: tuple[int, int] | list[int]) -> int:
-    """How many new accounts ``uid_range`` still has room for (``taken``: as for :func:`next_uid`)."""
+def uids_left(taken: Iterable[int], uid_range: tuple[int, int] | list[int], above: int | None = None) -> int:
+    """How many new accounts ``uid_range`` still has room for (``taken``, ``above``: as for :func:`next_uid`)."""
     lo, hi = uid_range
+    lo = lo if above is None else max(lo, above + 1)
+    if lo > hi:
+        return 0
     used = {i for i in taken if lo <= i <= hi}
     if lo <= _NO_UID_16 <= hi:
         used.add(_NO_UID_16)
@@ -66,21 +78,100 @@ def taken_ids() -> set[int]:
     return {pw.pw_uid for pw in pwd.getpwall()} | {g.gr_gid for g in grp.getgrall()}
 
 
+#: The high-water mark's file in data_dir/hub (:func:`mark_file`): one decimal number, the highest uid ever given.
+MARK_FILE = "uid-high-water"
+
+
+def mark_file(data_dir: str | os.PathLike) -> Path:
+    """Where the deployment with this ``data_dir`` keeps its high-water mark (beside the hub database)."""
+    return Path(data_dir) / "hub" / MARK_FILE
+
+
+def read_mark(path: Path) -> int | None:
+    """The uid in the mark file; None when there is none yet (a deployment from before the mark, or a new one)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    if not text.strip().isdigit():
+        raise RuntimeError(
+            f"{path} should hold one number, the highest uid this deployment ever gave its system accounts, but holds "
+            f"{text[:40]!r}: write that uid into it (or remove the file to start again from the highest uid in use)"
+        )
+    return int(text)
+
+
+def high_water(uid_range: tuple[int, int] | list[int], mark: int | None, account_uids: Iterable[int]) -> int:
+    """The uid new accounts must be above: the ``mark`` (:func:`read_mark`) or the highest of ``account_uids`` in
+    ``uid_range``, whichever is higher (so a deployment from before the mark, or an account made there by hand, is
+    counted), else the uid before the range."""
+    lo, hi = uid_range
+    in_range = [u for u in account_uids if lo <= u <= hi]
+    return max([lo - 1, *in_range, *([mark] if mark is not None else [])])
+
+
+def current_mark(uid_range: tuple[int, int] | list[int], data_dir: str | os.PathLike | None) -> int:
+    """:func:`high_water` on this machine, for the deployment with this ``data_dir`` (None: the accounts alone)."""
+    mark = read_mark(mark_file(data_dir)) if data_dir is not None else None
+    return high_water(uid_range, mark, (pw.pw_uid for pw in pwd.getpwall()))
+
+
+def _write_mark(path: Path, uid: int) -> None:
+    """Replace the mark file atomically (a crash leaves the old mark or the new one, never half a number)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{uid}\n")
+            f.flush()
+            os.fchmod(f.fileno(), 0o644)  # a number, no secret; its folder (data_dir/hub) is private anyway
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself survives a power cut
+    finally:
+        os.close(folder)
+
+
+def give_uid(data_dir: str | os.PathLike, uid_range: tuple[int, int] | list[int]) -> int | None:
+    """The uid of a new account of the deployment with this ``data_dir``: the lowest free one above the high-water
+    mark, which is moved to it before the caller makes the account (a crash in between wastes one uid, never gives one
+    twice). None: the range is full. The hub and the job service take turns (an flock beside the mark), so they never
+    pick the same uid."""
+    if next_uid(taken_ids(), uid_range, current_mark(uid_range, data_dir)) is None:
+        return None  # full (the mark only rises): said without touching data_dir
+    path = mark_file(data_dir)
+    fd = os.open(path.with_name(MARK_FILE + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        uid = next_uid(taken_ids(), uid_range, current_mark(uid_range, data_dir))
+        if uid is not None:
+            _write_mark(path, uid)
+        return uid
+    finally:
+        os.close(fd)  # releases the lock
+
+
 class UidRangeFull(RuntimeError):
     """No uid of the deployment's range is left for a new account."""
 
-    def __init__(self, account: str, hub_user: str, uid_range: tuple[int, int]) -> None:
-        self.account, self.hub_user, self.uid_range = account, hub_user, uid_range
+    def __init__(self, account: str, hub_user: str, uid_range: tuple[int, int], mark: int | None = None) -> None:
+        self.account, self.hub_user, self.uid_range, self.mark = account, hub_user, uid_range, mark
         super().__init__(self.message("server"))
 
     def message(self, what: str) -> str:
         """The operator's line, for the user's ``what`` ("server", "jobs")."""
         lo, hi = self.uid_range
+        top = max(hi, self.mark or hi)
         return (
             f"No uid is left for {self.hub_user}'s new system account {self.account}: all {hi - lo + 1} uids of "
-            f"spawner.local.uid_range [{lo}, {hi}] are taken (a removed user's uid is never given again), so "
-            f"{self.hub_user}'s {what} cannot start. The operator sets a larger spawner.local.uid_range in the config "
-            "(`spinnaker-jupyter check` validates it) and restarts the hub."
+            f"spawner.local.uid_range [{lo}, {hi}] are taken or were given before (a uid is never given twice, even "
+            f"a deleted account's{f'; the highest given is {self.mark}' if self.mark is not None else ''}), so "
+            f"{self.hub_user}'s {what} cannot start. The operator raises the last uid of spawner.local.uid_range above "
+            f"{top} in the config (`spinnaker-jupyter check` validates it) and restarts the hub."
         )
 
 
@@ -163,19 +254,36 @@ def machine_uid_range_problem(uid_range: list[int] | tuple[int, int], in_login_r
     return uid_range_problem(uid_range, in_login_range, parse_login_defs(read("/etc/login.defs")), subids)
 
 
-def uid_range_report(uid_range: list[int] | tuple[int, int]) -> str | None:
-    """A line for `spinnaker-jupyter check` when few uids are left for new accounts (fewer than a tenth of the
-    range, or than 100), else None."""
+def uid_range_check(
+    uid_range: list[int] | tuple[int, int], data_dir: str | os.PathLike | None = None
+) -> tuple[bool, str] | None:
+    """What `spinnaker-jupyter check` says of the uids left for new accounts (above the high-water mark of the
+    deployment with this ``data_dir``): (False, line) when none is left, (True, line) when few are (fewer than a
+    tenth of the range, or than 100), else None."""
     lo, hi = uid_range
-    size, left = hi - lo + 1, uids_left(taken_ids(), uid_range)
+    try:
+        mark = current_mark(uid_range, data_dir)
+    except PermissionError:  # data_dir/hub is root's: without the mark, the accounts' highest uid
+        mark = current_mark(uid_range, None)
+    size, left = hi - lo + 1, uids_left(taken_ids(), uid_range, mark)
     if left >= max(size // 10, min(100, size)):
         return None
+    given = f"; the highest uid ever given is {mark}" if mark >= lo else ""
     if left == 0:
         return (
-            f"accounts: no uid is left in spawner.local.uid_range [{lo}, {hi}]: new users' servers and jobs cannot "
-            "start until it is made larger"
+            False,
+            f"accounts: no uid is left in spawner.local.uid_range [{lo}, {hi}] (a uid is never given twice{given}): "
+            f"new users' servers and jobs cannot start; raise the range's last uid above {max(hi, mark)} in the config "
+            "and restart the hub",
         )
     return (
+        True,
         f"accounts: only {left} of the {size} uids of spawner.local.uid_range [{lo}, {hi}] are left for new users "
-        "(removed users keep theirs): make the range larger before it runs out"
+        f"(a uid is never given twice{given}): make the range larger before it runs out",
     )
+
+
+def uid_range_report(uid_range: list[int] | tuple[int, int], data_dir: str | os.PathLike | None = None) -> str | None:
+    """:func:`uid_range_check`'s line, or None."""
+    found = uid_range_check(uid_range, data_dir)
+    return found[1] if found else None

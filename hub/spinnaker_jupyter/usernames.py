@@ -31,8 +31,8 @@ This module is also the one place for the other user-name rules, so that they ca
 * the deployment config's user names (``hub.admin_users``, ``auth.local.admin``): :data:`CONFIG_NAME_PATTERN`;
 * the system account a hub user's server and jobs run as: :func:`system_account_name`, and whether an existing
   account of that name is this deployment's (:func:`own_system_account`: another deployment's is refused);
-* the uid a new account gets: ``uid_range.next_uid``, from the deployment's own ``spawner.local.uid_range``
-  (``uid_range.py``, which also says whether a range suits this machine).
+* the uid a new account gets: ``uid_range.give_uid``, from the deployment's own ``spawner.local.uid_range``, above the
+  highest uid it ever gave (``uid_range.py``, which also says whether a range suits this machine).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .uid_range import DEFAULT_UID_RANGE, UidRangeFull, next_uid, taken_ids
+from .uid_range import DEFAULT_UID_RANGE, UidRangeFull, current_mark, give_uid
 
 #: Default upper bound of a hub user name (Linux `useradd` also stops at 32).
 MAX_LENGTH = 32
@@ -191,22 +191,29 @@ _USERADD_UID_IN_USE, _USERADD_NAME_IN_USE = 4, 9
 
 
 def make_system_account(
-    account: str, home: Path, hub_user: str, uid_range: tuple[int, int] | list[int] | None = None
+    account: str,
+    home: Path,
+    hub_user: str,
+    uid_range: tuple[int, int] | list[int] | None = None,
+    data_dir: Path | None = None,
 ) -> pwd.struct_passwd:
     """Create ``account`` (a system account with its own group, no home created: the caller makes it private).
 
-    Its uid is the lowest one of ``uid_range`` (default :data:`DEFAULT_UID_RANGE`) that no account or group has
-    (:func:`next_uid`); its group gets the same number as gid (free by that choice; another of the range should a
-    group have taken it meanwhile). :class:`UidRangeFull` when none is left."""
+    Its uid is the lowest one of ``uid_range`` (default :data:`DEFAULT_UID_RANGE`) above the highest this deployment
+    ever gave that no account or group has (:func:`give_uid`, the mark kept in ``data_dir``, by default the one of
+    ``home``: homes are data_dir/homes/<user>); its group gets the same number as gid (free by that choice; another of
+    the range should a group have taken it meanwhile). :class:`UidRangeFull` when none is left."""
     lo, hi = uid_range or DEFAULT_UID_RANGE
+    data_dir = Path(home).parent.parent if data_dir is None else data_dir
     # useradd's --system ranges pointed at the deployment's: no warning for a uid above SYS_UID_MAX, and the group's
     # gid comes from that range too (--user-group otherwise falls back to the OS's system gids, 100-999)
     ranges = [f"{key}_{value}" for key in ("SYS_UID", "SYS_GID") for value in (f"MIN={lo}", f"MAX={hi}")]
     made = None
     for _attempt in range(5):
-        uid = next_uid(taken_ids(), (lo, hi))
+        uid = give_uid(data_dir, (lo, hi))
         if uid is None:
-            raise UidRangeFull(account, hub_user, (lo, hi))
+            mark = current_mark((lo, hi), data_dir)
+            raise UidRangeFull(account, hub_user, (lo, hi), mark if mark >= lo else None)
         made = subprocess.run(
             [
                 "useradd",

@@ -1,16 +1,24 @@
 """The operators' Slurm roles (ansible/roles/slurm_*): the playbook with controller and workers parses, and the
 slurm.conf they write is one a real Slurm runs: rendered for this machine as the only worker (test paths and
 plugins), a second controller and slurmd started with it beside the test cluster (its munged) show the partition,
-the node and the board licences."""
+the node and the board licences. The worker role's accounts (tasks/accounts.yml, run here as root on this machine as
+the node) refuse a uid outside spawner.local.uid_range or one another name has on the node."""
 
 from __future__ import annotations
 
+import grp
+import os
+import pwd
+import random
+import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import time
 
 import jinja2
+import pytest
 import yaml
 
 from conftest import BIN, ROOT, free_port, traversable_tmpdir
@@ -126,3 +134,87 @@ def test_a_real_slurm_runs_the_rendered_conf(slurm):
                 d.kill()
                 d.wait()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _free_uids(size: int) -> int:
+    """The first of `size` uids no account or group here has (far above systemd's container uids)."""
+    from spinnaker_jupyter.uid_range import taken_ids
+
+    taken = taken_ids()
+    while True:
+        lo = random.randrange(1_900_000_000, 2_140_000_000)
+        if not taken & set(range(lo, lo + size)):
+            return lo
+
+
+def _worker_accounts(tmp_path, hub_accounts: dict[str, int], uid_range: list[int]) -> subprocess.CompletedProcess:
+    """The worker role's account tasks on this machine, for these hub accounts (name -> uid, its group's gid too)."""
+    entries = [
+        {"key": n, "value": ["x", str(u), str(u), f"Jupyter user {n}", "/nonexistent", "/bin/bash"]}
+        for n, u in hub_accounts.items()
+    ]
+    play = [
+        {
+            "hosts": "localhost",
+            "connection": "local",
+            "gather_facts": False,
+            "vars": {
+                "ansible_python_interpreter": sys.executable,
+                "slurm_hub_accounts": entries,
+                "slurm_uid_range": uid_range,
+            },
+            "tasks": [{"ansible.builtin.include_tasks": str(ROLES / "slurm_worker" / "tasks" / "accounts.yml")}],
+        }
+    ]
+    (tmp_path / "play.yml").write_text(yaml.safe_dump(play))
+    return subprocess.run(
+        [BIN / "ansible-playbook", "-i", "localhost,", tmp_path / "play.yml"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_HOME": str(tmp_path / "ansible")},
+    )
+
+
+def _delete(*names: str) -> None:
+    for name in names:
+        subprocess.run(["userdel", name], capture_output=True)
+        if name in {g.gr_name for g in grp.getgrall()}:
+            subprocess.run(["groupdel", name], capture_output=True)
+
+
+def test_the_role_range_default_is_the_deployments():
+    from spinnaker_jupyter.uid_range import DEFAULT_UID_RANGE
+
+    text = (ROLES / "slurm_worker" / "defaults" / "main.yml").read_text()
+    assert f"default([{DEFAULT_UID_RANGE[0]}, {DEFAULT_UID_RANGE[1]}])" in text
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="accounts need root")
+def test_worker_role_makes_the_hubs_accounts_and_refuses_a_uid_outside_the_range_or_taken_here(tmp_path):
+    lo = _free_uids(10)
+    tag = secrets.token_hex(3)
+    alice, bob, other = f"tw{tag}-alice", f"tw{tag}-bob", f"tw{tag}-other"
+    try:
+        made = _worker_accounts(tmp_path, {alice: lo + 1}, [lo, lo + 9])
+        assert made.returncode == 0, made.stdout[-3000:]
+        assert (pwd.getpwnam(alice).pw_uid, grp.getgrnam(alice).gr_gid) == (lo + 1, lo + 1)
+
+        outside = _worker_accounts(tmp_path, {bob: lo + 20}, [lo, lo + 9])
+        assert outside.returncode != 0
+        want = f"the hub's {bob} has uid {lo + 20}, outside spawner.local.uid_range [{lo}, {lo + 9}]"
+        assert want in outside.stdout, outside.stdout[-3000:]
+        with pytest.raises(KeyError):
+            pwd.getpwnam(bob)
+
+        # another name has the uid here: it would own bob's files on this node
+        added = subprocess.run(["useradd", "--system", "--uid", str(lo + 2), "--no-create-home", "--user-group", other])
+        assert added.returncode == 0
+        taken = _worker_accounts(tmp_path, {bob: lo + 2}, [lo, lo + 9])
+        assert taken.returncode != 0
+        assert f"uid {lo + 2} of the hub's {bob} belongs to {other} on localhost" in taken.stdout, taken.stdout[-3000:]
+        assert "give " + other + " another uid on this node (usermod --uid)" in taken.stdout
+        with pytest.raises(KeyError):
+            pwd.getpwnam(bob)
+    finally:
+        _delete(alice, bob, other)

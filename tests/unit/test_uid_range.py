@@ -1,7 +1,12 @@
-"""The uid a new system account takes (uid_range.next_uid) and whether a spawner.local.uid_range suits a machine
-(uid_range.uid_range_problem): pure functions over a fake passwd/group list and a fake /etc/login.defs."""
+"""The uid a new system account takes (uid_range.next_uid, above the high-water mark give_uid keeps in data_dir) and
+whether a spawner.local.uid_range suits a machine (uid_range.uid_range_problem): pure functions over a fake
+passwd/group list and a fake /etc/login.defs; the mark in a temporary data_dir."""
 
 from __future__ import annotations
+
+import random
+import stat
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -10,9 +15,15 @@ from spinnaker_jupyter.config_error import ConfigError
 from spinnaker_jupyter.uid_range import (
     DEFAULT_UID_RANGE,
     UidRangeFull,
+    give_uid,
+    high_water,
+    mark_file,
     next_uid,
     parse_login_defs,
     parse_subid,
+    read_mark,
+    taken_ids,
+    uid_range_check,
     uid_range_problem,
     uids_left,
 )
@@ -72,7 +83,7 @@ def test_a_full_range_has_no_uid_and_says_so_in_one_actionable_line():
     line = UidRangeFull("jupyter-dora", "dora", (5000, 5002)).message("server")
     assert "\n" not in line
     assert "all 3 uids of spawner.local.uid_range [5000, 5002] are taken" in line
-    assert "dora's server cannot start" in line and "larger spawner.local.uid_range" in line
+    assert "dora's server cannot start" in line and "raises the last uid of spawner.local.uid_range above 5002" in line
 
 
 def test_16_bit_minus_one_is_never_given():
@@ -141,3 +152,81 @@ def test_a_batch_job_of_a_user_without_an_account_fails_with_the_line_when_the_r
     executor = LocalExecutor(tmp_path, True, "jupyter-nosuch-", uid_range=[0, 0])  # root's uid: no room left
     with pytest.raises(AccountError, match=r"uid_range \[0, 0\] are taken .* nobody's jobs cannot start"):
         executor.account("nobody")
+
+
+# ------------------------------------------------------------------------------------------------- the high-water mark
+def test_a_uid_freed_below_the_mark_is_never_given_again():
+    # 70001 was given and its account deleted by hand (userdel): free on the machine, but below the mark
+    assert next_uid([70000, 70002], (70000, 70005), above=70002) == 70003
+    assert uids_left([70000, 70002], (70000, 70005), above=70002) == 3
+    assert next_uid([70004], (70000, 70005), above=70003) == 70005  # taken uids above the mark are skipped
+
+
+def test_the_range_is_full_at_the_top_even_with_lower_uids_free():
+    assert next_uid([], (5000, 5002), above=5002) is None
+    assert uids_left([], (5000, 5002), above=5002) == 0
+    assert uids_left([], (5000, 5002), above=9000) == 0  # the range moved below what was given: nothing is left
+    line = UidRangeFull("jupyter-dora", "dora", (5000, 5002), mark=9000).message("jobs")
+    assert "the highest given is 9000" in line and "raises the last uid of spawner.local.uid_range above 9000" in line
+    assert "\n" not in line
+
+
+def test_a_deployment_without_a_mark_starts_from_the_highest_account_uid_in_the_range():
+    assert high_water((70000, 79999), None, [0, 1000, 70000, 70004, 80000]) == 70004  # 80000: not the range's
+    assert high_water((70000, 79999), None, [0, 1000]) == 69999  # nothing given yet: from the first uid
+    assert high_water((70000, 79999), 70010, [70004]) == 70010  # the mark: above a deleted account's uid
+    assert high_water((70000, 79999), 70010, [70020]) == 70020  # an account made by hand above it counts too
+
+
+def _free_range(size: int) -> tuple[int, int]:
+    """`size` uids no account or group of this machine has (far above systemd's container uids)."""
+    taken = taken_ids()
+    while True:
+        lo = random.randrange(1_900_000_000, 2_140_000_000)
+        if not taken & set(range(lo, lo + size)):
+            return lo, lo + size - 1
+
+
+def test_give_uid_remembers_the_highest_uid_given_in_data_dir(tmp_path):
+    (tmp_path / "hub").mkdir(mode=0o700)
+    lo, hi = _free_range(3)
+    assert read_mark(mark_file(tmp_path)) is None
+    assert give_uid(tmp_path, (lo, hi)) == lo  # no account is made: the next call still gets the next uid
+    assert give_uid(tmp_path, (lo, hi)) == lo + 1
+    assert read_mark(mark_file(tmp_path)) == lo + 1 and mark_file(tmp_path) == tmp_path / "hub" / "uid-high-water"
+    assert stat.S_IMODE(mark_file(tmp_path).stat().st_mode) == 0o644
+    mark_file(tmp_path).write_text(f"{hi}\n")  # the mark at the top, lo + 2 never given: the range is full
+    assert give_uid(tmp_path, (lo, hi)) is None
+    assert read_mark(mark_file(tmp_path)) == hi
+    assert not list((tmp_path / "hub").glob("*.tmp"))
+
+
+def test_the_hub_and_the_job_service_never_pick_one_uid(tmp_path):
+    (tmp_path / "hub").mkdir(mode=0o700)
+    uid_range = _free_range(40)
+    with ThreadPoolExecutor(8) as pool:  # each call opens and flocks the lock file as another process would
+        given = list(pool.map(lambda _i: give_uid(tmp_path, uid_range), range(30)))
+    assert sorted(given) == list(range(uid_range[0], uid_range[0] + 30))
+
+
+def test_a_spoilt_mark_file_is_refused_in_one_line(tmp_path):
+    (tmp_path / "hub").mkdir()
+    mark_file(tmp_path).write_text("seventy\n")
+    with pytest.raises(RuntimeError, match=r"uid-high-water should hold one number.*write that uid into it"):
+        give_uid(tmp_path, _free_range(3))
+
+
+def test_check_says_full_as_a_failure_and_few_left_as_a_warning(tmp_path):
+    (tmp_path / "hub").mkdir()
+    lo, hi = _free_range(200)
+    assert uid_range_check((lo, hi), tmp_path) is None
+    mark_file(tmp_path).write_text(f"{hi - 50}\n")
+    ok, line = uid_range_check((lo, hi), tmp_path)
+    assert ok and f"only 50 of the 200 uids of spawner.local.uid_range [{lo}, {hi}]" in line
+    mark_file(tmp_path).write_text(f"{hi}\n")
+    ok, line = uid_range_check((lo, hi), tmp_path)
+    assert not ok and "\n" not in line
+    assert (
+        f"no uid is left in spawner.local.uid_range [{lo}, {hi}]" in line
+        and f"the highest uid ever given is {hi}" in line
+    )
