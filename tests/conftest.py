@@ -243,10 +243,11 @@ class RunningHub:
             env=self.env,
         )
 
-    def start(self, timeout: float = 60) -> RunningHub:
-        """Start the hub and wait until it is running: its API answers and JupyterHub has said "JupyterHub is now
-        running", right before it installs its SIGTERM handler (jupyterhub 6.1.1, app.py): a SIGTERM sooner, while
-        its API already answers, ends it without its clean-up, as it would an operator's hub."""
+    def start(self, timeout: float = 60, wait: bool = True) -> RunningHub:
+        """Start the hub and wait (unless not `wait`) until it is running: its API answers and JupyterHub has said
+        "JupyterHub is now running", right before it installs its own SIGTERM handler (jupyterhub 6.1.1, app.py): a
+        SIGTERM sooner, while its API already answers, ends its proxy and services without JupyterHub's clean-up
+        (proxy.py)."""
         since = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen(
@@ -270,7 +271,8 @@ class RunningHub:
                 f.seek(since)
                 return b"JupyterHub is now running" in f.read()
 
-        wait_for(up, timeout, "the hub to answer")
+        if wait:
+            wait_for(up, timeout, "the hub to answer")
         return self
 
     def log(self) -> str:

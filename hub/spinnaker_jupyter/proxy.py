@@ -5,7 +5,8 @@ the public and API ports, and the hub then sends the auth token to the API port:
 there gets the token, and one on the public port gets users' passwords ("JupyterHub is now running" meanwhile).
 Here the ports must be free before the proxy starts, and the listeners must be the proxy's own process before the
 hub talks to it. A start that fails for any reason leaves no proxy (nor hub-managed service) behind: they run in
-sessions of their own and would otherwise outlive the hub, the proxy on the public port."""
+sessions of their own and would otherwise outlive the hub, the proxy on the public port. So does a SIGTERM (an
+operator's stop) before JupyterHub installs its own handler, at the end of its start."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from jupyterhub.proxy import ConfigurableHTTPProxy
 
 from . import preflight
 from .config import ConfigError
-from .upstream import managed_service_processes, remove_proxy_files
+from .upstream import handle_sigterm_until_running, managed_service_processes, remove_proxy_files
 
 
 def _host_port(url: str) -> tuple[str, int] | None:
@@ -45,6 +46,7 @@ class CheckedProxy(ConfigurableHTTPProxy):
             raise RuntimeError(str(e)) from None
         if not self._running_hub:
             atexit.register(self._stop_unless_kept)
+            handle_sigterm_until_running(self._stop_during_start)
         try:
             await super().start()
             pid = self.proxy_process.pid
@@ -70,6 +72,13 @@ class CheckedProxy(ConfigurableHTTPProxy):
             except Exception:
                 process.kill()
         remove_proxy_files(self)  # its pid file (upstream.py)
+
+    def _stop_during_start(self, signum, frame):
+        """SIGTERM while the hub starts: an exit through atexit (_stop_unless_kept), as a failed start does, instead
+        of SIGTERM's default end, which would leave the proxy and services running."""
+        self._running_hub = False  # (also after check_routes: the hub's own clean-up is not installed yet)
+        self.log.warning("SIGTERM during start-up: ending the proxy and the services started so far")
+        raise SystemExit(128 + signum)
 
     def _stop_unless_kept(self):
         """At the hub's exit: a hub that never came up takes its proxy and managed services along (they run in

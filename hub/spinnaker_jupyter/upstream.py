@@ -80,6 +80,18 @@ def managed_service_processes(app) -> list:
     ]
 
 
+def handle_sigterm_until_running(handler) -> None:
+    """Handle SIGTERM with ``handler`` (a ``signal.signal`` handler) until the hub installs its own.
+
+    JupyterHub 6.1.1 installs its SIGTERM and SIGINT handlers (``JupyterHub.init_signal``: asyncio loop handlers,
+    which replace this one) only as the last step of ``JupyterHub.start``, after "JupyterHub is now running"; its API
+    answers, and its proxy and managed services run, well before. Until then SIGTERM has its default action: the hub
+    ends at once, without its clean-up or any ``atexit`` callback, and leaves them running in their own sessions."""
+    import signal
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def remove_proxy_files(proxy) -> None:
     """Remove what ``ConfigurableHTTPProxy`` leaves of a proxy it started (its pid file, its unix sockets): its
     private ``_remove_process_files``, the part of its public ``stop()`` that is wanted after our own stop (which,

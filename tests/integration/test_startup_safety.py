@@ -237,6 +237,51 @@ def test_a_start_that_fails_after_the_proxy_started_leaves_no_proxy(hub_factory)
     assert nothing_listens(hub.port) and nothing_listens(hub.config["proxy"]["api_port"])
 
 
+SLOW_SERVICE = "import time; time.sleep(600)"  # a managed service that never answers: the hub waits for it
+
+
+@pytest.mark.parametrize("when", ["at the API's first answer", "with its services started"])
+def test_a_sigterm_during_start_up_ends_the_proxy_and_the_services(hub_factory, when):
+    """An operator's stop (SIGTERM) while the hub starts: its API answers (on proxy.hub_port; through the proxy
+    once every service answers) and its proxy and services run before JupyterHub installs its own handler
+    ("JupyterHub is now running"). A service that never answers holds the hub in that window; the stop ends the
+    hub with its proxy and every service it started."""
+    import requests
+
+    hub = hub_factory({"culler": {"timeout": 60, "every": 10}}, start=False)
+    extra = hub.base / "jupyterhub_config.d"
+    extra.mkdir()
+    (extra / "slow.py").write_text(
+        f"c.JupyterHub.services.append({{'name': 'slow', 'url': 'http://127.0.0.1:{free_port()}', 'timeout': 120, "
+        f"'command': ['/usr/bin/python3', '-c', {SLOW_SERVICE!r}]}})\n"
+    )
+    hub.start(wait=False)
+    api = f"http://127.0.0.1:{hub.config['proxy']['hub_port']}/hub/api/"
+
+    def answers() -> bool:
+        assert hub.proc.poll() is None, hub.log()[-3000:]
+        try:
+            return requests.get(api, timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    if when == "at the API's first answer":
+        wait_for(answers, 90, "the hub's API to answer", interval=0.02)
+    else:
+        wait_for(lambda: answers() and any(SLOW_SERVICE in cmd for cmd in processes_of(hub)), 90, "the services")
+    started = processes_of(hub)
+    hub.proc.terminate()
+    hub.proc.wait(30)
+    assert "JupyterHub is now running" not in hub.log()  # it was stopped during its start
+    if when == "with its services started":
+        for name in ("configurable-http-proxy", "jupyterhub_idle_culler", SLOW_SERVICE):
+            assert any(name in cmd for cmd in started), (name, started)
+    wait_for(lambda: not processes_of(hub), 15, "the proxy and the services to be gone")
+    assert nothing_listens(hub.port) and nothing_listens(hub.config["proxy"]["api_port"])
+    assert hub.proc.returncode == 128 + signal.SIGTERM, hub.log()[-3000:]  # an exit of its own, not SIGTERM's
+    assert "SIGTERM during start-up: ending the proxy and the services" in hub.log()
+
+
 # --- finding 4: files and folders another account could have written ---------------------------------------------
 def plant_config_d(folder: Path, marker: Path) -> Path:
     """Another account puts a jupyterhub_config.d beside the config file; what it holds would run in the hub."""

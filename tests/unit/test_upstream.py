@@ -8,6 +8,7 @@ import asyncio
 import importlib.metadata
 import inspect
 import logging
+import signal
 from types import SimpleNamespace
 from unittest import mock
 
@@ -165,6 +166,29 @@ def test_managed_service_processes():
     )
     app._service_map["managed"].proc = proc
     assert upstream.managed_service_processes(app) == [proc]
+
+
+def test_sigterm_is_the_hubs_own_only_at_the_end_of_its_start():
+    """handle_sigterm_until_running's premise: JupyterHub installs its handlers as start's last step, after "now
+    running", and nowhere sooner; they replace ours (so that a running hub cleans up as JupyterHub does)."""
+    start = inspect.getsource(JupyterHub.start)
+    assert start.index("self.init_signal()") > start.rindex("JupyterHub is now running")
+    for earlier in (JupyterHub.initialize, JupyterHub.launch_instance, JupyterHub.launch_instance_async):
+        assert "init_signal" not in inspect.getsource(earlier), earlier
+    ours, before = mock.Mock(), signal.getsignal(signal.SIGTERM)
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        upstream.handle_sigterm_until_running(ours)
+        assert signal.getsignal(signal.SIGTERM) is ours
+        JupyterHub().init_signal()
+        assert signal.getsignal(signal.SIGTERM) not in (ours, signal.SIG_DFL)
+    finally:
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            loop.remove_signal_handler(s)
+        signal.signal(signal.SIGTERM, before)
+        asyncio.set_event_loop(None)
+        loop.close()
 
 
 def test_proxy_files_removed(tmp_path):
