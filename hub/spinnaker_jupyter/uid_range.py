@@ -144,7 +144,13 @@ def give_uid(data_dir: str | os.PathLike, uid_range: tuple[int, int] | list[int]
     if next_uid(taken_ids(), uid_range, current_mark(uid_range, data_dir)) is None:
         return None  # full (the mark only rises): said without touching data_dir
     path = mark_file(data_dir)
-    fd = os.open(path.with_name(MARK_FILE + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fd = os.open(path.with_name(MARK_FILE + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    except FileNotFoundError:
+        raise RuntimeError(
+            f"{path.parent} (data_dir/hub, where the deployment keeps the highest uid it gave) does not exist, so no "
+            "account is made: start the hub with `spinnaker-jupyter up`, which makes it"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         uid = next_uid(taken_ids(), uid_range, current_mark(uid_range, data_dir))

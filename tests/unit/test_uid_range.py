@@ -209,6 +209,11 @@ def test_the_hub_and_the_job_service_never_pick_one_uid(tmp_path):
     assert sorted(given) == list(range(uid_range[0], uid_range[0] + 30))
 
 
+def test_a_data_dir_without_its_hub_folder_makes_no_account(tmp_path):
+    with pytest.raises(RuntimeError, match=r"/hub \(data_dir/hub, .*\) does not exist, so no account is made"):
+        give_uid(tmp_path, _free_range(3))
+
+
 def test_a_spoilt_mark_file_is_refused_in_one_line(tmp_path):
     (tmp_path / "hub").mkdir()
     mark_file(tmp_path).write_text("seventy\n")
