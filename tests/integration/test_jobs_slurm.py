@@ -1,8 +1,8 @@
 """Batch jobs on Slurm (`jobs.executor: slurm`), through the real hub's job service and the unmodified nmpi client, on
 the real one-node Slurm the tests start (tests/slurm_fixtures.py): a job runs as a Slurm job under the user's own
 account and its log and outputs come back; it takes a SpiNNaker board licence and, while the boards are taken, its
-log says it waits in the Slurm queue and why; the runner's time limit, a cancel and an operator's scancel end the
-Slurm job and say so; a partition Slurm does not have, and a Slurm that is down, are one clear line naming the key.
+log says it waits in the Slurm queue and why; Slurm's own time limit is lowered to the runner's and a margin once
+the command runs; the runner's time limit, a cancel and an operator's scancel end the Slurm job and say so; a partition Slurm does not have, and a Slurm that is down, are one clear line naming the key.
 In session mode (the spalloc double) a job waiting in the Slurm queue holds no board: it claims one when Slurm runs
 it, and one scancelled or cancelled while queued never claims one."""
 
@@ -107,6 +107,39 @@ def test_time_limit_ends_the_slurm_job_as_error(hub, slurm, nmpi):
     assert "The job ran for longer than its time limit of 3 s and was stopped" in job["log"], job["log"]
     assert "working" in job["log"]
     wait_for(lambda: slurm_state(slurm, slurm_id_of(job["log"])) in ("CANCELLED", "GONE"), 30, "the Slurm job to end")
+
+
+def slurm_time_limit(slurm, slurm_id: str) -> str:
+    out = slurm.run("scontrol", "-o", "show", "job", slurm_id)
+    found = re.search(r"TimeLimit=(\S+)", out.stdout)
+    assert found, out.stdout + out.stderr
+    return found.group(1)
+
+
+def test_slurms_time_limit_is_the_runners_and_a_margin_once_the_command_runs(hub, slurm, nmpi):
+    """Queued, the Slurm job's limit covers the longest wait for its go (spinnaker.claim_timeout 600 s + 120 s) and
+    its run; once the command runs, Slurm's limit (as scontrol shows it) is lowered to the time run so far plus the
+    runner's own limit (60 s here) and a minute, whole minutes: 3 minutes, not the 14 it was submitted with."""
+    client = client_for(nmpi, hub, "sjkim")
+    blocker = slurm.run("sbatch", "--parsable", "--licenses=spinnaker_board:2", "--mem=64", "--wrap", "sleep 600")
+    assert blocker.returncode == 0, blocker.stderr
+    try:
+        wait_for(lambda: slurm_state(slurm, blocker.stdout.strip()) == "RUNNING", 30, "the job holding both boards")
+        uri = client.submit_job(
+            source=FOREVER, platform="SpiNNaker", collab_id="private-sjkim", config={"time_limit": 60}
+        )
+        wait_for(lambda: "waiting in the Slurm queue" in client.get_job(uri, with_log=True)["log"], 60, "the queue")
+        slurm_id = slurm_id_of(client.get_job(uri, with_log=True)["log"])
+        queued = slurm_time_limit(slurm, slurm_id)
+    finally:
+        slurm.run("scancel", blocker.stdout.strip())
+    wait_for(lambda: "working" in client.get_job(uri, with_log=True)["log"], 60, "the job to work")
+    running = slurm_time_limit(slurm, slurm_id)
+    print(f"Slurm's TimeLimit of a job with a 60 s limit: {queued} queued, {running} once its command runs")
+    assert (queued, running) == ("00:14:00", "00:03:00")
+    r = requests.delete(hub.jobs_url + uri, headers={"Authorization": f"Bearer {hub.users['sjkim'].token}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    wait_for(lambda: slurm_state(slurm, slurm_id) in ("CANCELLED", "GONE"), 30, "the Slurm job to end")
 
 
 def test_cancel_scancels_the_slurm_job(hub, slurm, nmpi):

@@ -4,9 +4,11 @@ fair share, limits and accounting apply to it as to any of the user's jobs.
 
 * What is asked of Slurm: the job's time limit (`--time`, whole minutes: the runner's own limit, which stays the
   one users meet, plus the longest wait for the go below and a minute: Slurm's is the backstop while the service is
-  down), its memory (`--mem`), one core, `--no-requeue` (a job never runs twice in silence), and one licence per
-  SpiNNaker board (`spawner.slurm.board_license`, in session and machine mode) as for user servers, so that Slurm
-  never runs more jobs and sessions than there are boards. The runner's rlimits are set on sbatch, and Slurm gives them to the job
+  down; lowered with `scontrol update` when the go is written, to the time run so far plus the runner's limit and
+  a minute, so that the backstop is at most two minutes past the runner's limit), its memory (`--mem`), one core,
+  `--no-requeue` (a job never runs twice in silence), and one licence per SpiNNaker board
+  (`spawner.slurm.board_license`, in session and machine mode) as for user servers, so that Slurm never runs more
+  jobs and sessions than there are boards. The runner's rlimits are set on sbatch, and Slurm gives them to the job
   (PropagateResourceLimits, default ALL).
 * The job's `slot()` submits it as soon as its code is ready, with a batch script that waits for a go: while it
   waits in the Slurm queue, the job's log (and its detail on the Jobs page) says its place and Slurm's reason in
@@ -280,11 +282,28 @@ class SlurmExecutor(LocalExecutor):
         job = self.slots.get(int(env["SPINNAKER_JOB_ID"]))
         if job is None:
             raise RuntimeError("a job's command runs on Slurm only inside its slot()")
+        await self._limit_to_the_run(job)
         self._write_go(
             self.go_path(job.job_id, job.pid), {"argv": argv, "env": env}, account.gid if account.switched else None
         )
         job.go()
         return job
+
+    async def _limit_to_the_run(self, job: SlurmJob) -> None:
+        """Lower the Slurm job's time limit, which covered the longest wait for the go, to the time it has run so far
+        plus the runner's limit and a minute. Slurm's clock counts from the job's start, the wait for the board
+        included, so the submitted limit cannot leave the wait out; and lowered, not raised from a short one: a limit
+        may be lowered by anyone and is the bound Slurm schedules by, and a failed update then leaves the submitted
+        limit, still a bound, where a failed raise would have Slurm end the run before the runner's limit."""
+        wall, _ = self._job_settings(job.job_id)
+        ran = job.run_seconds()
+        if ran is None:  # (a RunTime not understood: too short a limit would end the run, the submitted one stays)
+            log.warning("Slurm job %s keeps its submitted time limit: RunTime %r", job.pid, job.run_time)
+            return
+        minutes = math.ceil((ran + wall) / 60) + 1
+        code, _, err = await self._run(self.bin["scontrol"], "update", f"JobId={job.pid}", f"TimeLimit={minutes}")
+        if code != 0:
+            log.warning("Slurm job %s keeps its submitted time limit: %s", job.pid, err.strip() or f"exit {code}")
 
     def _write_go(self, go: Path, run: dict, gid: int | None) -> None:
         """Written whole, then renamed (the script never reads half of it), in root's folder for the job."""
@@ -351,6 +370,7 @@ class SlurmJob:
         self.cancelled = False  # by this service (the runner says why)
         self.went = False  # the go was given: the command runs (or ran)
         self._info: dict | None = None
+        self._running_at = 0.0  # time.monotonic() when self._info (RUNNING) was read
         self.state = "PENDING"
         self._fd: int | None = None
         self._over = asyncio.Event()
@@ -397,8 +417,24 @@ class SlurmJob:
                 os.close(self._fd)
                 self._fd = -1
             raise JobFailed(f"{why[0].upper()}{why[1:]} before its command ran" + (f": {said}" if said else ""))
+        self._running_at = time.monotonic()
         node = info.get("BatchHost") or info.get("NodeList") or "?"
         self.x._note(self.job_id, f"{_stamp()}: Slurm job {self.pid} runs on {node}.")
+
+    @property
+    def run_time(self) -> str:
+        return (self._info or {}).get("RunTime", "")
+
+    def run_seconds(self) -> float | None:
+        """How long Slurm has run the job: its RunTime ([days-]hours:minutes:seconds) when it was seen running, and
+        the time since. None: no RunTime understood."""
+        days, _, clock = self.run_time.rpartition("-")
+        try:
+            h, m, sec = (int(x) for x in clock.split(":"))
+            seen = int(days or 0) * 86400 + h * 3600 + m * 60 + sec
+        except ValueError:
+            return None
+        return seen + time.monotonic() - self._running_at
 
     def go(self) -> None:
         """The go was written: the command runs now; Slurm's state is followed until it ends."""
