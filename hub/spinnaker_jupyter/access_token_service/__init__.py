@@ -9,7 +9,8 @@ sPyNNaker finds the bearer token for the SpiNNaker allocation server (spalloc) l
 
 This package is that service (run by the hub: ``python -m spinnaker_jupyter.access_token_service``)
 plus the hub-side pieces that keep the token fresh: tokens.py (names, token expiry), refresh.py (the
-authenticator hooks), wiring.py (hub config), lookup.py (one request's answer), server.py (the process).
+authenticator hooks), hub_handlers.py (the hub endpoint that renews a job owner's login), wiring.py (hub config),
+lookup.py (one request's answer), server.py (the process).
 There is one token store only: the user's ``auth_state`` in the hub, written by the authenticator
 (oauthenticator's GenericOAuthenticator).
 
@@ -58,9 +59,15 @@ Answers (JSON; every error is ``{"error": <code>, "message": <text>}``)
   ``admin:auth_state``.
 
 A job service asks for the user whose job it runs: ``?user=<name>`` with its own service token, which needs the
-custom scope ``custom:access-token-service:job-owners`` (:func:`job_owner_grant`; nothing else: no auth_state);
-the answers are the same (404 ``no_such_user`` for a name the hub does not know, 403 ``insufficient_scope`` for a
-service without that scope; a user's token still gets its own user's token, whatever it names). That request does not make the hub refresh the user's login: the stored token is served while valid.
+custom scope ``custom:access-token-service:job-owners`` (:func:`job_owner_grant`; nothing else: no auth_state), and
+is answered only while that user has a job the job service runs now (claimed or running): the service asks the job
+service itself (``ACCESS_TOKEN_SERVICE_JOBS_URL`` + ``/access-token-service/running-jobs?user=<name>``, with the
+caller's token, which the job service takes only as its own). Refusals are one log line each: 403
+``no_running_job``, 403 ``not_the_job_service``, 502 ``job_service_error``; 404 ``no_such_user`` for a name the hub
+does not know, 403 ``insufficient_scope`` for a service without that scope; a user's token still gets its own
+user's token, whatever it names. A job owner's stored token that expires within ``DEFAULT_REFRESH_MARGIN`` is
+renewed first: the service asks the hub (``POST /hub/api/spinnaker/access-token-service/refresh/<name>``,
+hub_handlers.py, with its ``admin:auth_state``), which runs the refresh hook as a request of the user would.
 
 Wiring (see :func:`service_definition` and :func:`authenticator_settings`)
 ------------------------------------------------------------------------
@@ -95,9 +102,12 @@ from .tokens import (
     EXPIRES_AT_KEY,
     HUB_TIMEOUT_ENV,
     JOB_OWNER_SCOPE,
+    JOBS_URL_ENV,
     PENDING_REFRESH_WAIT,
+    REFRESH_API_PATH,
     REFRESH_REQUEST_LIFETIME,
     REFRESH_STATUS_KEY,
+    RUNNING_JOBS_PATH,
     SERVICE_NAME,
     SERVICE_SCOPES,
     access_scope,
@@ -128,9 +138,12 @@ __all__ = [
     "EXPIRES_AT_KEY",
     "HUB_TIMEOUT_ENV",
     "JOB_OWNER_SCOPE",
+    "JOBS_URL_ENV",
     "PENDING_REFRESH_WAIT",
+    "REFRESH_API_PATH",
     "REFRESH_REQUEST_LIFETIME",
     "REFRESH_STATUS_KEY",
+    "RUNNING_JOBS_PATH",
     "SERVICE_NAME",
     "SERVICE_SCOPES",
     "access_scope",

@@ -235,7 +235,8 @@ def make_refresh_user_hook(
                         raise
                     authenticator.log.info("The provider refused the access token of %s: refreshing it", user.name)
             else:
-                authenticator.log.info("Refreshing the access token of %s before it expires", user.name)
+                when = "it has expired" if expires_at <= time.time() else "before it expires"
+                authenticator.log.info("Refreshing the access token of %s (%s)", user.name, when)
             return await refresh(authenticator, user, auth_state)
         except Exception as err:
             if not provider_unreachable(err):

@@ -12,7 +12,7 @@ import signal
 from urllib.parse import urlsplit
 
 from .lookup import AccessTokenLookup, ServiceError
-from .tokens import DEFAULT_HUB_TIMEOUT, ENDPOINT, HUB_TIMEOUT_ENV, SERVICE_NAME, log
+from .tokens import DEFAULT_HUB_TIMEOUT, ENDPOINT, HUB_TIMEOUT_ENV, JOBS_URL_ENV, SERVICE_NAME, log
 
 _AUTH_HEADER = re.compile(r"(?:token|bearer)\s+(\S+)\s*", re.IGNORECASE)
 
@@ -82,6 +82,7 @@ def main() -> None:
             name=name,
             login_url=_login_url(),
             request_timeout=float(os.environ.get(HUB_TIMEOUT_ENV) or DEFAULT_HUB_TIMEOUT),
+            jobs_url=os.environ.get(JOBS_URL_ENV) or None,  # per-run boards: whose jobs run (job owners' tokens)
         )
         # also answer at /services/<name>/ when the hub has a base_url: spinnman asks there
         app = make_app(lookup, [prefix, f"/services/{name}/"])

@@ -16,8 +16,16 @@ ENDPOINT = "access-token"
 #: Scopes of the service's own role: read any user's name and auth_state, nothing else.
 SERVICE_SCOPES = ("admin:auth_state", "read:users:name")
 #: Custom scope of a service that runs users' batch jobs (the job service, per-run boards): with it, the service may
-#: ask for the access token of a user it names (``?user=<name>``), and nothing else of theirs.
+#: ask for the access token of a user it names (``?user=<name>``), and nothing else of theirs; and only while that
+#: user has a job running (asked of the job service itself, at ``JOBS_URL_ENV`` + ``RUNNING_JOBS_PATH``).
 JOB_OWNER_SCOPE = "custom:access-token-service:job-owners"
+#: The service's environment: the job service's own address (set by jobs/hubconfig.py with per-run boards).
+JOBS_URL_ENV = "ACCESS_TOKEN_SERVICE_JOBS_URL"
+#: Where the job service says which jobs of a user run now (``?user=<name>``; jobs/per_run.py).
+RUNNING_JOBS_PATH = "/access-token-service/running-jobs"
+#: The hub's endpoint that renews a user's stored login now, under the hub's API URL (``POST .../<name>``,
+#: ``admin:auth_state``; hub_handlers.py).
+REFRESH_API_PATH = "/spinnaker/access-token-service/refresh"
 #: auth_state key holding when the access token expires (epoch seconds), see reconcile hook.
 EXPIRES_AT_KEY = "access_token_expires_at"
 #: Default: refresh the access token when it expires within this many seconds.

@@ -16,6 +16,7 @@ from .tokens import (
     DEFAULT_REFRESH_MARGIN,
     HUB_TIMEOUT_ENV,
     JOB_OWNER_SCOPE,
+    JOBS_URL_ENV,
     SERVICE_NAME,
     SERVICE_SCOPES,
     access_scope,
@@ -102,23 +103,31 @@ def service_definition(
     }
 
 
-def job_owner_grant(service: str, *, name: str = SERVICE_NAME) -> dict[str, Any]:
-    """What lets the hub-managed service ``service`` (the job service) ask this service for the access token of a
-    user it names (the owner of a job it runs: ``GET .../access-token?user=<name>`` with its own token), and
-    nothing else: no auth_state, no refresh token, no other scope.
+def job_owner_grant(service: str, jobs_url: str, *, name: str = SERVICE_NAME) -> dict[str, Any]:
+    """What lets the hub-managed service ``service`` (the job service, at ``jobs_url``) ask this service for the
+    access token of a user it names (the owner of a job it runs: ``GET .../access-token?user=<name>`` with its own
+    token), only while a job of that user runs (this service asks the job service at ``jobs_url``), and nothing
+    else: no auth_state, no refresh token, no other scope. The hub endpoint that renews a job owner's login
+    (hub_handlers.py) comes with it.
 
-    Returns ``{"custom_scopes": <c.JupyterHub.custom_scopes entries>, "role": <a load_roles entry>}``.
+    Returns ``{"custom_scopes": <c.JupyterHub.custom_scopes entries>, "role": <a load_roles entry>,
+    "handlers": <for upstream.add_hub_handlers>, "environment": <for this service's entry>}``.
     """
+    from .hub_handlers import handlers
+
     return {
         "custom_scopes": {
             JOB_OWNER_SCOPE: {
-                "description": f"Get the access token of a user whose batch job the service runs, from {name}."
+                "description": f"Get from {name} the access token of a user while a batch job of theirs runs (asked "
+                f"of the job service; any other time, or for a user with no running job, {name} refuses)."
             }
         },
         "role": {
             "name": f"{service}-job-owner-tokens",
-            "description": f"Ask {name} for the access token of the user whose job {service} runs",
+            "description": f"Ask {name} for the access token of a user while {service} runs a job of theirs",
             "scopes": [JOB_OWNER_SCOPE],
             "services": [service],
         },
+        "handlers": handlers(),
+        "environment": {JOBS_URL_ENV: jobs_url.rstrip("/")},
     }

@@ -7,7 +7,7 @@ import os
 
 from ..config import BASE_DIR_ENV, CONFIG_ENV, Deployment
 from . import sessions
-from .settings import DB_URL_ENV, SERVICE_NAME, jobs_dir, public_url, service_command
+from .settings import DB_URL_ENV, SERVICE_NAME, jobs_dir, local_url, public_url, service_command
 
 ACCESS_SCOPE = f"access:services!service={SERVICE_NAME}"
 
@@ -27,7 +27,6 @@ def update_jobs(c, d: Deployment) -> None:
     # The nmpi API sits at the root of the service's own address (jobs.ip:port: nmpi keeps only scheme://host:port).
     # The `url` also gives it the hub's proxy route /services/jobs/ and an OAuth client: there the Jobs page is
     # served to browsers logged in to the hub (JupyterHub's HubOAuth), and the hub's menu lists it.
-    ip = d["jobs"]["ip"] if d["jobs"]["ip"] not in ("", "0.0.0.0", "::") else "127.0.0.1"
     c.JupyterHub.services = [
         *c.JupyterHub.services,
         {
@@ -35,7 +34,7 @@ def update_jobs(c, d: Deployment) -> None:
             "command": service_command(),
             "environment": env,
             "display": True,
-            "url": f"http://{ip}:{d['jobs']['port']}",
+            "url": local_url(d),
             "oauth_no_confirm": True,
         },
     ]
@@ -64,18 +63,24 @@ def update_jobs(c, d: Deployment) -> None:
 
 def _per_run_tokens(c, d: Deployment, env: dict) -> dict | None:
     """spinnaker.mode per-run with EBRAINS logins: the job service may ask the access-token-service for the token
-    of the user whose job it runs (its custom scope, nothing else), at the address the hub gave that service
-    (jobs/per_run.py). Returns the grant whose role the caller adds, or None."""
+    of a user while a job of theirs runs (its custom scope, nothing else; the access-token-service asks the job
+    service, at its address given here, which jobs run), at the address the hub gave that service (jobs/per_run.py);
+    the hub endpoint that renews a job owner's login. Returns the grant whose role the caller adds, or None."""
     if d["spinnaker"]["mode"] != "per-run" or d["auth"]["type"] != "ebrains":
         return None
     from ..access_token_service import ENDPOINT, job_owner_grant
     from ..access_token_service import SERVICE_NAME as TOKEN_SERVICE
+    from ..upstream import add_hub_handlers
     from .per_run import TOKEN_URL_ENV
 
-    service = next((s for s in c.JupyterHub.services if s.get("name") == TOKEN_SERVICE), None)
+    services = [dict(s) for s in c.JupyterHub.services]
+    service = next((s for s in services if s.get("name") == TOKEN_SERVICE), None)
     if service is None:
         return None
-    grant = job_owner_grant(SERVICE_NAME)
+    grant = job_owner_grant(SERVICE_NAME, local_url(d))
+    service["environment"] = {**service.get("environment", {}), **grant["environment"]}
+    c.JupyterHub.services = services
+    add_hub_handlers(c, grant["handlers"])  # deprecated JupyterHub.extra_handlers, and why: upstream.py
     scopes = dict(c.JupyterHub.custom_scopes) if "custom_scopes" in c.JupyterHub else {}
     c.JupyterHub.custom_scopes = {**scopes, **grant["custom_scopes"]}
     env[TOKEN_URL_ENV] = f"{service['url'].rstrip('/')}/services/{TOKEN_SERVICE}/{ENDPOINT}"

@@ -197,9 +197,10 @@ class Runner:
                         s, store, self.boards, job, held, config, account, jlog, provenance
                     )
                     env.update(claimed)
-                elif self.per_run is not None:  # asked now: the freshest token the hub holds
+                elif self.per_run is not None:  # the owner's token now, and how the job asks at each setup()
                     gid = account.gid if account.switched else None
-                    env.update(await self.per_run.prepare(s.job_cfgs / str(job.id), job.user_id, gid, jlog, provenance))
+                    folder = s.job_cfgs / str(job.id)
+                    env.update(await self.per_run.prepare(job.id, folder, job.user_id, gid, jlog, provenance))
                 before = await loop.run_in_executor(None, outputs.snapshot, scratch)
                 wall = config.get("time_limit") or s.wall_time
                 jlog.note(f"Running: {shlex.join(['python', *argv[1:]])} (time limit {wall} s)")
@@ -227,7 +228,7 @@ class Runner:
         except asyncio.CancelledError:  # a service stop: stop() notes it and puts the job back in the queue
             await held_board.release(s, job, held, "the job service stopped", jlog, provenance)
             if self.per_run is not None:
-                shutil.rmtree(s.job_cfgs / str(job.id), ignore_errors=True)
+                self.per_run.end(job.id, s.job_cfgs / str(job.id))
             raise
         except Exception as e:  # the service's own fault: say so, keep the service running
             log.exception("Job %s failed in the runner", job.id)
@@ -243,8 +244,8 @@ class Runner:
         provenance["wall_seconds"] = round(time.monotonic() - t0, 3)
         provenance["finished"], provenance["finished_at"] = stamp(), time.time()
         shutil.rmtree(scratch, ignore_errors=True)
-        if self.per_run is not None:  # the per-run cfg folder (held_board.release removes a claimed board's)
-            shutil.rmtree(s.job_cfgs / str(job.id), ignore_errors=True)
+        if self.per_run is not None:  # its token secret, the per-run cfg folder (held_board.release: a claimed board's)
+            self.per_run.end(job.id, s.job_cfgs / str(job.id))
         # Whole boards held while the command ran (a virtual board uses no SpiNNaker cores: 0 core-hours).
         usage = round(provenance.get("board_hours", 0.0) * CORES_PER_BOARD, 6)
         store.finish(job.id, status, provenance, files, usage)

@@ -85,6 +85,8 @@ async def serve() -> None:
         if prefix
         else {}
     )
+    if runner.per_run is not None:  # the jobs' own token requests, and the access-token-service's check (per_run.py)
+        web_pages["pages"] = [*web_pages.get("pages", []), *runner.per_run.routes(store)]
     app = api.make_app(
         **web_pages,
         store=store,

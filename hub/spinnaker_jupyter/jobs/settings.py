@@ -35,6 +35,13 @@ def public_url(d: Deployment) -> str:
     return (j["public_url"] or f"http://{j['ip']}:{j['port']}").rstrip("/")
 
 
+def local_url(d: Deployment) -> str:
+    """Where the hub, its services and the jobs on this machine reach the job service (jobs.ip, or loopback when it
+    listens on every address)."""
+    ip = d["jobs"]["ip"] if d["jobs"]["ip"] not in ("", "0.0.0.0", "::") else "127.0.0.1"
+    return f"http://{ip}:{d['jobs']['port']}"
+
+
 def db_url(d: Deployment) -> str:
     return os.environ.get(DB_URL_ENV) or d["jobs"]["db_url"] or f"sqlite:///{jobs_dir(d) / 'jobs.sqlite'}"
 
