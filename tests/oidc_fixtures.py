@@ -10,7 +10,8 @@ claims. Its redirect URIs are added at run time with :meth:`OIDCProvider.add_red
 hub's port is only known later). See tests/oidc/provider.mjs for the claims and admin endpoints.
 
 :func:`login_with_requests` drives a browser-like login through the provider's login and consent
-forms with a ``requests.Session``; :func:`ebrains_auth` is a hub's ``auth`` section for this provider.
+forms with a ``requests.Session``; :func:`ebrains_auth` is a hub's ``auth`` section for this provider, and
+:func:`hub_with_ebrains` starts a hub that logs in there.
 """
 
 from __future__ import annotations
@@ -402,6 +403,17 @@ def ebrains_auth(provider: OIDCProvider, **ebrains: Any) -> dict[str, Any]:
             **ebrains,
         },
     }
+
+
+def hub_with_ebrains(hub_factory, provider: OIDCProvider, overrides: dict, start: bool = True, https: bool = False):
+    """A hub of ``hub_factory`` (conftest.py) with EBRAINS login at ``provider``: ``overrides`` (its ``auth`` from
+    :func:`ebrains_auth`), the client secret in its environment, and its OAuth callback registered with the provider
+    (at ``https://`` when the hub serves TLS) before it starts; started unless not ``start``."""
+    hub = hub_factory(overrides, start=False, env={"EBRAINS_CLIENT_SECRET": provider.client_secret})
+    if https:
+        hub.url = f"https://127.0.0.1:{hub.port}"
+    provider.add_redirect_uri(f"{hub.url}/hub/oauth_callback")
+    return hub.start() if start else hub
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from conftest import ROOT
-from oidc_fixtures import ebrains_auth
+from oidc_fixtures import ebrains_auth, hub_with_ebrains
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -73,13 +73,11 @@ def test_wrong_password_is_said_plainly(browser, hub_factory):
 
 
 def test_ebrains_login_through_the_provider_to_jupyterlab(browser, hub_factory, oidc_provider):
-    hub = hub_factory(
+    hub = hub_with_ebrains(
+        hub_factory,
+        oidc_provider,
         {"auth": ebrains_auth(oidc_provider, allowed_groups=["spinnaker-users"])},
-        start=False,
-        env={"EBRAINS_CLIENT_SECRET": oidc_provider.client_secret},
     )
-    oidc_provider.add_redirect_uri(f"{hub.url}/hub/oauth_callback")
-    hub.start()
     oidc_provider.add_user("browser-user", "pw-browser-1", roles={"group": ["spinnaker-users"], "team": []})
     page = browser.new_page()
     page.goto(f"{hub.url}/hub/")

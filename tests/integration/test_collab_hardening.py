@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from hubclient import HubClient, wait_for
-from oidc_fixtures import ebrains_auth
+from oidc_fixtures import ebrains_auth, hub_with_ebrains
 
 CONTACT = "collab-help@example.org"
 COURSE, OPS = "collab-spinnaker-course-viewer", "collab-spinnaker-ops-editor"
@@ -20,7 +20,9 @@ CHECK_INTERVAL = 2
 
 @pytest.fixture(scope="module")
 def hub(hub_factory, oidc_provider):
-    hub = hub_factory(
+    return hub_with_ebrains(
+        hub_factory,
+        oidc_provider,
         {
             "culler": {"enabled": False},
             "auth": ebrains_auth(
@@ -32,11 +34,7 @@ def hub(hub_factory, oidc_provider):
                 contact=CONTACT,
             ),
         },
-        start=False,
-        env={"EBRAINS_CLIENT_SECRET": oidc_provider.client_secret},
     )
-    oidc_provider.add_redirect_uri(f"{hub.url}/hub/oauth_callback")
-    return hub.start()
 
 
 def member(hub, provider, name: str, team: list[str]) -> HubClient:

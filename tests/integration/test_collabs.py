@@ -7,13 +7,15 @@ import pytest
 import requests
 import yaml
 
-from oidc_fixtures import ebrains_auth
+from oidc_fixtures import ebrains_auth, hub_with_ebrains
 
 CONTACT = "collab-help@example.org"
 
 
 def collab_hub(hub_factory, oidc_provider, course_role: str):
-    hub = hub_factory(
+    return hub_with_ebrains(
+        hub_factory,
+        oidc_provider,
         {
             "auth": ebrains_auth(
                 oidc_provider,
@@ -22,11 +24,7 @@ def collab_hub(hub_factory, oidc_provider, course_role: str):
                 contact=CONTACT,
             ),
         },
-        start=False,
-        env={"EBRAINS_CLIENT_SECRET": oidc_provider.client_secret},
     )
-    oidc_provider.add_redirect_uri(f"{hub.url}/hub/oauth_callback")
-    return hub.start()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import requests
 
 from doubles.drive_server import DriveDouble
 from hubclient import HubClient, wait_for
-from oidc_fixtures import ebrains_auth
+from oidc_fixtures import ebrains_auth, hub_with_ebrains
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("rclone") and shutil.which("fusermount3")),
@@ -58,13 +58,11 @@ def drive_deployment(oidc_provider, drive_url: str, **ebrains) -> dict:
 
 @pytest.fixture(scope="module")
 def drive_hub(hub_factory, oidc_provider, drive, fuse_for_users):
-    hub = hub_factory(
+    return hub_with_ebrains(
+        hub_factory,
+        oidc_provider,
         drive_deployment(oidc_provider, drive.url),
-        start=False,
-        env={"EBRAINS_CLIENT_SECRET": oidc_provider.client_secret},
     )
-    oidc_provider.add_redirect_uri(f"{hub.url}/hub/oauth_callback")
-    return hub.start()
 
 
 def login(hub, provider, username: str, teams=()) -> HubClient:

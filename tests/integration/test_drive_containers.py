@@ -13,7 +13,7 @@ import pytest
 from conftest import traversable_tmpdir
 from doubles.drive_server import DriveDouble
 from hubclient import wait_for
-from oidc_fixtures import ebrains_auth
+from oidc_fixtures import ebrains_auth, hub_with_ebrains
 from podman_fixtures import TEST_LABEL
 from test_drive import GROUP, LIB, listing, login
 
@@ -58,7 +58,9 @@ def drive(oidc_provider):
 
 @pytest.fixture(scope="module")
 def drive_hub(hub_factory, oidc_provider, drive, podman_engine, drive_image, fuse_for_users, shared_drive_dir):
-    hub = hub_factory(
+    return hub_with_ebrains(
+        hub_factory,
+        oidc_provider,
         {
             "auth": ebrains_auth(oidc_provider, allowed_groups=[GROUP]),
             "drive": {"enabled": True, "url": drive.url, "check_interval": 1, "max_backoff": 2, "timeout": 5},
@@ -76,11 +78,7 @@ def drive_hub(hub_factory, oidc_provider, drive, podman_engine, drive_image, fus
                 },
             },
         },
-        start=False,
-        env={"EBRAINS_CLIENT_SECRET": oidc_provider.client_secret},
     )
-    oidc_provider.add_redirect_uri(f"{hub.url}/hub/oauth_callback")
-    return hub.start()
 
 
 def container(engine, name: str):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from doubles.drive_server import DriveDouble
+from oidc_fixtures import hub_with_ebrains
 from test_browser import browser, shot  # noqa: F401 (the Chromium fixture)
 from test_drive import drive_deployment, home, login
 
@@ -24,13 +25,11 @@ def drive_down(oidc_provider):
 
 @pytest.fixture(scope="module")
 def hub(hub_factory, oidc_provider, drive_down):
-    hub = hub_factory(
+    return hub_with_ebrains(
+        hub_factory,
+        oidc_provider,
         drive_deployment(oidc_provider, drive_down.url),
-        start=False,
-        env={"EBRAINS_CLIENT_SECRET": oidc_provider.client_secret},
     )
-    oidc_provider.add_redirect_uri(f"{hub.url}/hub/oauth_callback")
-    return hub.start()
 
 
 def test_jupyterlab_says_why_the_drive_is_not_mounted(browser, hub, oidc_provider):  # noqa: F811

@@ -10,14 +10,16 @@ import requests
 
 from conftest import free_port
 from hubclient import HubClient, wait_for
-from oidc_fixtures import ebrains_auth
+from oidc_fixtures import ebrains_auth, hub_with_ebrains
 
 GROUP = "spinnaker-users"
 
 
 @pytest.fixture(scope="module")
 def ebrains_hub(hub_factory, oidc_provider):
-    hub = hub_factory(
+    return hub_with_ebrains(
+        hub_factory,
+        oidc_provider,
         {
             "auth": ebrains_auth(
                 oidc_provider,
@@ -29,11 +31,7 @@ def ebrains_hub(hub_factory, oidc_provider):
             ),
             "hub": {"frame_ancestors": ["https://wiki.ebrains.eu"]},
         },
-        start=False,
-        env={"EBRAINS_CLIENT_SECRET": oidc_provider.client_secret},
     )
-    oidc_provider.add_redirect_uri(f"{hub.url}/hub/oauth_callback")
-    return hub.start()
 
 
 def login(hub, provider, username, password) -> tuple[requests.Session, requests.Response]:
@@ -107,13 +105,11 @@ def test_hub_can_be_framed_by_the_collab(ebrains_hub):
 
 def test_unreachable_provider_gives_a_clear_page(hub_factory, oidc_provider):
     dead = f"http://127.0.0.1:{free_port()}"
-    hub = hub_factory(
+    hub = hub_with_ebrains(
+        hub_factory,
+        oidc_provider,
         {"auth": ebrains_auth(oidc_provider, token_url=dead + "/token", userinfo_url=dead + "/me", allow_all=True)},
-        start=False,
-        env={"EBRAINS_CLIENT_SECRET": oidc_provider.client_secret},
     )
-    oidc_provider.add_redirect_uri(f"{hub.url}/hub/oauth_callback")
-    hub.start()
     oidc_provider.add_user("someone", "pw-someone-1", roles={"group": [], "team": []})
     _, final = login(hub, oidc_provider, "someone", "pw-someone-1")
     assert final.status_code == 503 and "cannot be reached right now" in final.text, (

@@ -22,7 +22,7 @@ import requests
 import yaml
 
 from conftest import ROOT, free_port
-from oidc_fixtures import ebrains_auth
+from oidc_fixtures import ebrains_auth, hub_with_ebrains
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -337,7 +337,9 @@ def test_where_third_party_cookies_are_blocked_the_framed_login_still_works(tls_
 
 def test_ebrains_login_over_https(hub_factory, oidc_provider, certs, trust_ca):
     """The OAuth callback and the access-token-service work on the HTTPS address (public_url defaults to https)."""
-    hub = hub_factory(
+    hub = hub_with_ebrains(
+        hub_factory,
+        oidc_provider,
         {
             "hub": {
                 "tls": {"cert_file": str(certs["cert"]), "key_file": str(certs["key"])},
@@ -345,12 +347,8 @@ def test_ebrains_login_over_https(hub_factory, oidc_provider, certs, trust_ca):
             },
             "auth": ebrains_auth(oidc_provider, allowed_collabs={"spinnaker-course": "viewer"}),
         },
-        start=False,
-        env={"EBRAINS_CLIENT_SECRET": oidc_provider.client_secret},
+        https=True,
     )
-    hub.url = f"https://127.0.0.1:{hub.port}"
-    oidc_provider.add_redirect_uri(f"{hub.url}/hub/oauth_callback")
-    hub.start()
     oidc_provider.add_user(
         "tls-member", "pw-tls-member-1", roles={"group": [], "team": ["collab-spinnaker-course-viewer"]}
     )

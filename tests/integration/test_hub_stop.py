@@ -10,7 +10,7 @@ import signal
 import subprocess
 import time
 
-from oidc_fixtures import ebrains_auth
+from oidc_fixtures import ebrains_auth, hub_with_ebrains
 
 # Seconds. JupyterHub waits 30 s for each service that ignores its SIGINT before it sends SIGTERM. Fixed, the hub's
 # clean-up takes well under a second; the interpreter's own exit adds 1-3 s on a loaded 2-CPU machine.
@@ -71,13 +71,11 @@ def stop_and_time(hub, services: list[str]) -> float:
 
 
 def test_ebrains_hub_stops_within_seconds(hub_factory, oidc_provider):
-    hub = hub_factory(
-        {
-            "culler": {"timeout": 60, "every": 10},
-            "auth": ebrains_auth(oidc_provider, allow_all=True),
-        },
+    hub = hub_with_ebrains(
+        hub_factory,
+        oidc_provider,
+        {"culler": {"timeout": 60, "every": 10}, "auth": ebrains_auth(oidc_provider, allow_all=True)},
         start=False,
-        env={"EBRAINS_CLIENT_SECRET": oidc_provider.client_secret},
     )
     with started_in_background():
         hub.start()

@@ -11,7 +11,7 @@ import requests
 
 from conftest import free_port
 from hubclient import HubClient, wait_for
-from oidc_fixtures import ebrains_auth, start_oidc_provider
+from oidc_fixtures import ebrains_auth, hub_with_ebrains, start_oidc_provider
 
 GROUP = "spinnaker-users"
 
@@ -35,7 +35,9 @@ def nmpi_module(tmp_path_factory):
 @pytest.fixture(scope="module")
 def hub(hub_factory, provider):
     port = free_port()
-    hub = hub_factory(
+    hub = hub_with_ebrains(
+        hub_factory,
+        provider,
         {
             "auth": ebrains_auth(provider, allowed_groups=[GROUP], contact="spinnaker-support@example.org"),
             "jobs": {
@@ -45,11 +47,7 @@ def hub(hub_factory, provider):
                 "collabs": {"course-a": ["course-a-students"]},
             },
         },
-        start=False,
-        env={"EBRAINS_CLIENT_SECRET": provider.client_secret},
     )
-    provider.add_redirect_uri(f"{hub.url}/hub/oauth_callback")
-    hub.start()
     hub.jobs_url = f"http://127.0.0.1:{port}"
 
     def up():
