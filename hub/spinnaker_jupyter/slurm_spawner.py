@@ -103,7 +103,17 @@ class SlurmUserSpawner(ProgressMixin, SlurmSpawner):
         # They get only what the Slurm commands need.
         if env is None:
             env = self.run_env()
-        return await super().run_command(cmd, input=input, env=env)
+        try:
+            return await super().run_command(cmd, input=input, env=env)
+        except RuntimeError:
+            # batchspawner 1.3.0's bare `except:` turns a cancel (the hub's shutdown cancels every task) into "the
+            # command failed": an squeue cut short then reads as "job not found", the server counts as stopped and
+            # the stopping hub spends 30 s retrying its dead proxy, while the boards' keepalives lapse. A cancel
+            # stays a cancel.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError from None
+            raise
 
     # -- what sbatch is asked for ----------------------------------------------------------------------------
     def boards_for_slurm(self) -> int:
