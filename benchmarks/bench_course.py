@@ -9,14 +9,17 @@ in the same run.
   3 starts, from exec until it answers plus one second (what it does right after), children included;
   login form -> JupyterLab answers for one user at a time (median of 10), so that it does not get worse.
 
-Run: `.venv/bin/python benchmarks/bench_course.py [--users 30] [--skip-stock] [--login-users 10]` (as root: one system
-account per user, as in production). Prints a table and writes benchmarks/results-course.json. The machine's load
+Run: `.venv/bin/python benchmarks/bench_course.py [--users 30] [--skip-stock] [--login-users 10] [--fork-server]` (as
+root: one system account per user, as in production). `--fork-server`: the hub's servers forked from its fork server
+(spawner.local.fork_server), and "after" measured from the fork. Prints a table and writes
+benchmarks/results-course[-fork].json. The machine's load
 (`uptime`) is recorded before and after: other work on the machine slows every figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import http.server
 import json
@@ -69,7 +72,9 @@ class _StubHub(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def cpu_per_start(command: list[str], settings: dict, runs: int = 3) -> dict:
+def cpu_per_start(command: list[str], settings: dict, runs: int = 3, fork_server=None) -> dict:
+    """`fork_server` (a started fork_server.ForkServer): each server forked from it (`command` must then be the
+    project's launcher), its CPU counted from the fork."""
     base = traversable_tmpdir("bench-cpu-")
     (base / "etc").mkdir()
     (base / "etc" / "jupyter_server_config.json").write_text(json.dumps(settings))
@@ -99,13 +104,19 @@ def cpu_per_start(command: list[str], settings: dict, runs: int = 3) -> dict:
                 "JUPYTERHUB_ACTIVITY_URL": f"{hub_api}/users/b/activity",
             }
             t0 = time.monotonic()
-            proc = subprocess.Popen(
-                [*command, "--allow-root"],
-                env=env,
-                cwd=home,
-                stdout=subprocess.DEVNULL,
-                stderr=open(base / f"log{i}", "w"),
-            )
+            if fork_server:
+                from spinnaker_jupyter.fork_server import Request
+
+                req = Request([*command, "--allow-root"], env, str(home), str(base / f"log{i}"))
+                proc = _Forked(asyncio.run(fork_server.start(req, 60)))
+            else:
+                proc = subprocess.Popen(
+                    [*command, "--allow-root"],
+                    env=env,
+                    cwd=home,
+                    stdout=subprocess.DEVNULL,
+                    stderr=open(base / f"log{i}", "w"),
+                )
             while True:
                 try:
                     socket.create_connection(("127.0.0.1", port), 0.2).close()
@@ -123,6 +134,32 @@ def cpu_per_start(command: list[str], settings: dict, runs: int = 3) -> dict:
     finally:
         stub.shutdown()
     return {"cpu_s": statistics.median(cpu), "cpu_runs": cpu, "listening_s": statistics.median(wall)}
+
+
+class _Forked:
+    """A server forked by the fork server (not this process's child): enough of Popen for cpu_per_start."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+
+    def poll(self) -> int | None:
+        return None if Path(f"/proc/{self.pid}").exists() else 0
+
+    def terminate(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, 15)
+
+    def wait(self) -> None:
+        wait_for(lambda: self.poll() is not None, 30, f"forked server {self.pid} to end")
+
+
+def fork_server_for(base: Path):
+    """A fork server of this process, as a hub starts one (its start() waits until it listens)."""
+    from spinnaker_jupyter.fork_server import ForkServer
+
+    zygote = ForkServer(str(base / "fork-server"))
+    zygote.launch({"PATH": os.environ["PATH"]})  # (what cpu_per_start gives each server, besides its own)
+    return zygote
 
 
 # -- N servers at once -------------------------------------------------------------------------------------------
@@ -205,10 +242,10 @@ def burst(url: str, token: str, names: list[str], timeout: float = 400, cpu=None
     return out
 
 
-def our_hub(users: int, concurrency: int | None = None) -> tuple[dict, RunningHub]:
-    overrides = {"git_kernel": {"enabled": False}}
+def our_hub(users: int, concurrency: int | None = None, fork_server: bool = False) -> tuple[dict, RunningHub]:
+    overrides = {"git_kernel": {"enabled": False}, "spawner": {"local": {"fork_server": fork_server}}}
     if concurrency:
-        overrides["spawner"] = {"start_queue": {"concurrency": concurrency}}
+        overrides["spawner"]["start_queue"] = {"concurrency": concurrency}
     hub = RunningHub(traversable_tmpdir("bench-course-"), overrides, ENVS).start()
     admin = hub.client("benchadmin", hub.add_user("benchadmin", admin=True))
     tag = secrets.token_hex(2)
@@ -308,6 +345,11 @@ def main() -> None:
     ap.add_argument("--login-users", type=int, default=10)
     ap.add_argument("--skip-stock", action="store_true")
     ap.add_argument("--concurrency", type=int, help="spawner.start_queue.concurrency (default: the hub's default)")
+    ap.add_argument(
+        "--fork-server",
+        action="store_true",
+        help="spawner.local.fork_server on: the burst's servers, and the 'after' CPU-s of one start, forked from it",
+    )
     args = ap.parse_args()
     results = {
         "cores": CORES,
@@ -322,11 +364,19 @@ def main() -> None:
         "check_for_updates_class": "jupyterlab.NeverCheckForUpdate",
         "extension_manager": "readonly",
     }
-    results["cpu_after"] = cpu_per_start(
-        [sys.executable, "-m", "spinnaker_jupyter.singleuser", str(BIN / "jupyterhub-singleuser")], after
-    )
+    launcher = [sys.executable, "-m", "spinnaker_jupyter.singleuser", str(BIN / "jupyterhub-singleuser")]
+    if args.fork_server:
+        results["fork_server"] = True
+        zygote = fork_server_for(traversable_tmpdir("bench-fork-server-"))
+        try:
+            results["cpu_after"] = cpu_per_start(launcher, after, fork_server=zygote)
+        finally:
+            zygote.proc.terminate()
+            zygote.proc.wait()
+    else:
+        results["cpu_after"] = cpu_per_start(launcher, after)
     results["cpu_stock"] = cpu_per_start([str(BIN / "jupyterhub-singleuser")], {})
-    ours, hub = our_hub(args.users, args.concurrency)
+    ours, hub = our_hub(args.users, args.concurrency, args.fork_server)
     results["ours"] = ours
     try:
         if args.login_users:
@@ -345,14 +395,14 @@ def main() -> None:
             for k in ("first", "median", "p95", "last"):
                 r[f"{k}_over_floor"] = r[k] / r["floor_s"]
     print(table(results, args.users))
-    (ROOT / "benchmarks" / f"results-course{f'-c{args.concurrency}' if args.concurrency else ''}.json").write_text(
-        json.dumps(results, indent=1) + "\n"
-    )
+    name = f"results-course{f'-c{args.concurrency}' if args.concurrency else ''}{'-fork' if args.fork_server else ''}"
+    (ROOT / "benchmarks" / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
 
 
 def table(r: dict, n: int) -> str:
     rows = [
-        f"{n} users at once, {r['cores']} cores; load {r['load_before']} -> {r['load_after']}",
+        f"{n} users at once, {r['cores']} cores; load {r['load_before']} -> {r['load_after']}"
+        + ("; fork server on" if r.get("fork_server") else ""),
         "| hub | ready | failed | first | median | p95 | last | floor | first/median/p95/last over floor |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]

@@ -63,6 +63,8 @@ def cmd_check(args) -> int:
         from .limits import describe_deployment
 
         say(describe_deployment(d))
+        fork = "on: servers are forked from the hub's fork server" if d["spawner"]["local"]["fork_server"] else "off"
+        say(f"spawner.local.fork_server: {fork}")
     from .uid_range import uid_range_check  # few uids left for new users' accounts (a warning), or none (a failure)
 
     results = [found] if (found := uid_range_check(d["spawner"]["local"]["uid_range"], d.data_dir)) else []

@@ -319,6 +319,8 @@ def update_local_spawner(c, d: Deployment) -> None:
     c.SpiNNakerLocalSpawner.uid_range = list(sp["local"]["uid_range"])
     c.SpiNNakerLocalSpawner.process_limit = sp["process_limit"]
     c.SpiNNakerLocalSpawner.limits_mode = sp["local"]["limits"]
+    c.SpiNNakerLocalSpawner.fork_server = sp["local"]["fork_server"]  # servers forked from one that imported once
+    c.SpiNNakerLocalSpawner.fork_server_dir = str(d.hub_dir / "fork-server")  # in the hub's private folder
     from .limits import describe_deployment
 
     print(f"[spinnaker-jupyter] {describe_deployment(d, prune=True)}", flush=True)  # which limits, and how

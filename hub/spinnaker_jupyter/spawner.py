@@ -24,6 +24,7 @@ from traitlets import Bool, Integer, List, Unicode, default
 
 from . import limits as limitsmod
 from .boards import BoardsMixin
+from .fork_server import ForkServer, ForkServerError, Request, popen_arguments
 from .jobs import sessions as job_sessions
 from .progress import ProgressMixin, wait_until_listening
 from .spawn_queue import refuse_if_full, start_slot
@@ -63,6 +64,14 @@ class PrivateHomeSpawner(ProgressMixin, LocalProcessSpawner):
         help="Folder where the job service records the process sessions of running batch "
         "jobs (jobs/sessions.py): a server's stop spares them. '' = no job service.",
     ).tag(config=True)
+    fork_server = Bool(
+        False,
+        help="Fork each server from the hub's fork server, which imported the server's modules once "
+        "(fork_server.py), instead of starting a new interpreter; any failure falls back to Popen.",
+    ).tag(config=True)
+    fork_server_dir = Unicode("", help="Folder of the fork server's socket (the hub's account's, 0700).").tag(
+        config=True
+    )
     _cgroup_dirs: list = []
 
     @default("system_users")
@@ -177,7 +186,7 @@ class PrivateHomeSpawner(ProgressMixin, LocalProcessSpawner):
         self.popen_kwargs = {**self.popen_kwargs, "stdout": log, "stderr": subprocess.STDOUT}
         self.progress_say(30, "Starting your Jupyter server (JupyterLab, terminals and the sPyNNaker kernel)")
         try:
-            ip, port = await super().start()
+            ip, port = await self._start_process(log_path)
         finally:
             log.close()
         self.progress_say(60, "Waiting for your Jupyter server to answer")
@@ -185,6 +194,39 @@ class PrivateHomeSpawner(ProgressMixin, LocalProcessSpawner):
             await self._wait_listening(ip, port, log_path)
         self.progress_say(90, f"Your server is up after {time.monotonic() - t0:.1f} s; opening it")
         return ip, port
+
+    async def _start_process(self, log_path: Path) -> tuple[str, int]:
+        """Forked from the fork server when it is on (it falls back to Popen, saying why, whatever goes wrong)."""
+        if self.fork_server and self.fork_server_dir:
+            try:
+                return await self._fork(log_path)
+            except (ForkServerError, OSError) as e:
+                self.log.warning("[%s] Fork server not used, starting with Popen: %s", self.user.name, e)
+        return await super().start()
+
+    async def _fork(self, log_path: Path) -> tuple[str, int]:
+        zygote = ForkServer.of(self.fork_server_dir)
+        zygote.launch({k: os.environ[k] for k in self.env_keep if k in os.environ})  # what every server shares
+        cmd, env = popen_arguments(self)
+        ids = {}
+        if self.system_users:  # (as set_user_setuid: the account's group and its supplementary groups)
+            pw = pwd.getpwnam(self.system_username)
+            ids = {"uid": pw.pw_uid, "gid": pw.pw_gid, "groups": os.getgrouplist(pw.pw_name, pw.pw_gid)}
+        lim = self.limits
+        dirs = [str(d) for d in self._cgroup_dirs]
+        req = Request(
+            cmd, env, str(self.home), str(log_path), dirs, lim.mem, lim.cpu, lim.tasks, self.system_users, **ids
+        )
+        self.pid = await zygote.start(req, timeout=30)
+        self.proc = None  # LocalProcessSpawner polls and stops by pid, as after a hub restart
+        self.log.info("[%s] Started through the fork server: pid %d", self.user.name, self.pid)
+        return (self.ip or "127.0.0.1", self.port)
+
+    async def poll(self):
+        if self.proc is None and self.pid and _ended(self.pid):  # a zombie nobody reaped (its parent gone) has ended
+            self.clear_state()
+            return 0
+        return await super().poll()
 
     async def stop(self, now=False):
         await super().stop(now=now)
@@ -217,6 +259,8 @@ class PrivateHomeSpawner(ProgressMixin, LocalProcessSpawner):
                     f"Your server stopped during start-up (exit code {self.proc.returncode}). Last lines of "
                     f"its log:\n{_tail(log_path)}"
                 )
+            if self.proc is None and self.pid and _ended(self.pid):  # (forked: not the hub's child)
+                return f"Your server stopped during start-up. Last lines of its log:\n{_tail(log_path)}"
             return None
 
         try:
@@ -269,6 +313,13 @@ def kill_processes_of(uid: int, grace: float = 5.0, spared=None) -> int:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     return len(pids)
+
+
+def _ended(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True
 
 
 def _tail(path: Path, lines: int = 15) -> str:
