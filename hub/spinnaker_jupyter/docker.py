@@ -3,21 +3,119 @@ configured), with a named home volume kept across stops, resource limits, and sp
 
 Works against Docker Engine (production) and podman's Docker-compatible API (tests here). With host networking
 (one host, no bridge: the tests) each server gets a free port on 127.0.0.1.
+
+As whom: every container of a user (the server, its Drive helper, the job service's copy into ~/jobs) runs as
+that user's own host account, jupyter-<name> (the account their batch jobs run as: container_account), never as
+the image's uid 1000 (on the host the first login account, which could then read every server's environment, its
+API token, and signal it) and never as root; the server with no capabilities and no-new-privileges. The image's
+launcher (spinnaker_singleuser) writes the uid's passwd entry into the container's own /etc/passwd, writable by
+the image's group PASSWD_GROUP only (added to the container; the image has no setuid program), so `whoami`, git and
+the prompt know the name. The home volume belongs to that uid: hand_over_home chowns a new volume, and once a
+volume an earlier release made for uid 1000, in a short root container with only that volume (no network,
+CAP_CHOWN and CAP_DAC_READ_SEARCH only, links never followed).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import secrets
 import socket
+from pathlib import Path
 
 from dockerspawner import DockerSpawner
-from traitlets import Bool, Unicode
+from jupyterhub.spawner import SpawnException
+from jupyterhub.utils import maybe_future
+from traitlets import Bool, List, Unicode
 
 from .boards import BoardsMixin
 from .progress import ProgressMixin, wait_until_listening
 from .spawn_queue import refuse_if_full, start_slot
 
 IMAGE_ENV_ROOT = "/opt/envs"  # where the single-user image keeps its environments
+IMAGE_HOME = "/home/jovyan"  # where the single-user image mounts the user's home volume
+IMAGE_UID = 1000  # the images' own user (jovyan): never a container's user
+PASSWD_GROUP = 100  # the single-user image's group that may write its /etc/passwd and /etc/group (users)
+# Inside the hand-over container ($1: uid:gid): the top of the volume last, so a hand-over cut short is done again
+# at the next start; -execdir and chown -h: no link is followed, neither a name's last part nor a folder on the way.
+HAND_OVER = f"""set -eu
+h={IMAGE_HOME}
+[ "$(stat -c %u:%g "$h")" = "$1" ] && exit 0
+find "$h" -xdev -mindepth 1 -execdir chown -h "$1" {{}} +
+chown -h "$1" "$h"
+"""
+
+
+class ContainerAccountError(RuntimeError):
+    """The user's containers have no account to run as; the message says what the operator does."""
+
+
+def container_account(prefix: str, homes_dir, hub_user: str, uid_range, what: str = "server"):
+    """The one decision of the uid and gid a user's containers run as (server, Drive helper, home copies): the
+    user's own system account, the one their batch jobs run as, found or made as the job service makes it
+    (jobs/executor.py LocalExecutor.account, usernames.make_system_account: a uid of spawner.local.uid_range).
+    Needs root (the hub makes accounts). Returns a jobs.executor.Account."""
+    from .jobs.executor import AccountError, LocalExecutor
+
+    if os.geteuid() != 0:
+        raise ContainerAccountError(
+            f"Container servers run as each user's own host account ({prefix}<name>), which the hub creates: "
+            "run the hub (and the job service) as root."
+        )
+    try:
+        account = LocalExecutor(Path(homes_dir), True, prefix, uid_range=uid_range).account(hub_user)
+    except AccountError as e:  # (its cause says it for the user's `what`: "server" or "jobs")
+        cause = e.__context__
+        raise ContainerAccountError(cause.message(what) if hasattr(cause, "message") else str(e)) from None
+    if account.uid in (0, IMAGE_UID) or account.gid == 0:
+        raise ContainerAccountError(f"{account.name} has uid {account.uid}: containers never run as 0 or 1000")
+    return account
+
+
+def hand_over_home(api, image: str, volume: str, uid: int, gid: int, labels: dict) -> bool:
+    """Make the home volume ``volume`` belong to ``uid``:``gid`` (made when missing, with the image's home in it).
+    False: it already did (seen from the host where the engine's volume folder is here: no container then). A short
+    root container of ``image`` with only that volume does it: no network, no capability but CAP_CHOWN and
+    CAP_DAC_READ_SEARCH (to enter the old owner's private folders), links never followed. ``api``: a docker
+    APIClient (blocking)."""
+    import docker
+
+    try:
+        where = api.inspect_volume(volume).get("Mountpoint") or ""
+    except docker.errors.NotFound:
+        where = ""
+    if where and os.path.isdir(where):
+        st = os.stat(where)
+        if (st.st_uid, st.st_gid) == (uid, gid):
+            return False
+    host_config = api.create_host_config(
+        binds={volume: {"bind": IMAGE_HOME, "mode": "rw"}},
+        network_mode="none",
+        cap_drop=["ALL"],
+        cap_add=["CHOWN", "DAC_READ_SEARCH"],
+        security_opt=["no-new-privileges"],
+        read_only=True,
+        pids_limit=32,
+        mem_limit=128 * 2**20,
+    )
+    created = api.create_container(
+        image,
+        ["sh", "-c", HAND_OVER, "sh", f"{uid}:{gid}"],
+        user="0:0",
+        host_config=host_config,
+        labels=labels,
+        name=f"spinnaker-jupyter-home-{secrets.token_hex(4)}",
+    )
+    try:
+        api.start(created["Id"])
+        code = int(api.wait(created["Id"], timeout=600).get("StatusCode", -1))
+        said = api.logs(created["Id"], stdout=False, stderr=True).decode(errors="replace").strip()
+    finally:
+        api.remove_container(created["Id"], force=True)
+    if code != 0:
+        raise RuntimeError(f"The home volume {volume} could not be given to uid {uid} ({said or f'exit {code}'})")
+    return True
 
 
 class ContainerSpawner(ProgressMixin, DockerSpawner):
@@ -36,10 +134,18 @@ class ContainerSpawner(ProgressMixin, DockerSpawner):
         "/var/lib/spinnaker-jupyter/drive",
         help="Host folder of the users' Drive mounts (on a shared mount; drive_helper.py).",
     ).tag(config=True)
+    system_user_prefix = Unicode("jupyter-", help="spawner.local.system_user_prefix: the users' accounts").tag(
+        config=True
+    )
+    homes_dir = Unicode("", help="The deployment's homes_dir (the users' accounts' home on the host)").tag(config=True)
+    uid_range = List([], help="spawner.local.uid_range: the uids of new accounts").tag(config=True)
     _drive = None  # this start's DriveHelper, when the Drive is on
+    account = None  # this start's jobs.executor.Account: the uid and gid the containers run as
 
     def get_env(self):
         env = super().get_env()
+        if self.account is not None:
+            env["NB_USER"] = self.account.name  # the name the image's launcher gives the uid (spinnaker_singleuser)
         if self.drive_image and env.get("SPINNAKER_DRIVE"):
             from .drive_helper import notebook_settings
 
@@ -60,6 +166,7 @@ class ContainerSpawner(ProgressMixin, DockerSpawner):
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 self.port = s.getsockname()[1]
+        await self._as_account()
         self.progress_say(
             20,
             f"Starting your container from {self.image}, with your home volume "
@@ -81,6 +188,30 @@ class ContainerSpawner(ProgressMixin, DockerSpawner):
 
         await wait_until_listening(ip, port, self.start_timeout, ended)
         return ip, port
+
+    async def _as_account(self) -> None:
+        """The user's account (made when missing), their home volume theirs, and the container made as them."""
+        loop = asyncio.get_running_loop()
+        try:
+            self.account = a = await loop.run_in_executor(
+                None, container_account, self.system_user_prefix, self.homes_dir, self.user.name, self.uid_range
+            )
+        except ContainerAccountError as e:
+            refused = SpawnException(str(e), reason="no_account", status_code=503)
+            refused.jupyterhub_message = str(e)  # what the spawn page says
+            raise refused from None
+        create = await maybe_future(self._eval_if_callable(self.extra_create_kwargs)) or {}
+        host = await maybe_future(self._eval_if_callable(self.extra_host_config)) or {}
+        volume, labels = next(iter(self.volume_binds)), create.get("labels", {})
+        if await loop.run_in_executor(None, hand_over_home, self.client, self.image, volume, a.uid, a.gid, labels):
+            self.log.info("Home volume %s of %s handed over to %s (uid %d)", volume, self.user.name, a.name, a.uid)
+        self.extra_create_kwargs = {**create, "user": f"{a.uid}:{a.gid}"}
+        self.extra_host_config = {
+            **host,
+            "group_add": [str(PASSWD_GROUP)],
+            "cap_drop": ["ALL"],
+            "security_opt": ["no-new-privileges"],
+        }
 
     async def stop(self, now=False):
         if self.drive_image:  # the helper first: it flushes pending uploads and unmounts (also after a hub restart)

@@ -1,11 +1,12 @@
 """EBRAINS Drive for container servers (spawner.type docker + drive.enabled; docs/DRIVE.md, "Containers").
 
-The notebook container stays unprivileged. Beside it runs a helper container from images/drive, as the same uid,
-with /dev/fuse and CAP_SYS_ADMIN only (every other capability dropped): the keeper of local servers
+The notebook container stays unprivileged. Beside it runs a helper container from images/drive, as the same uid
+and gid (the user's own host account, docker.container_account; never the image's 1000), with /dev/fuse and CAP_SYS_ADMIN only (every other capability dropped): the keeper of local servers
 (spinnaker_jupyter_ext.drive, `python -m`) mounts the user's Drive with rclone there. The mount reaches the notebook
 through a host folder, ``<drive_dir>/<user>``, bound into the helper with ``rshared`` and into the notebook container
 at ``~/drive`` with ``rslave`` propagation; ``drive_dir`` must be on a shared mount (systemd hosts: all are) and is
-root's, mode 0700, so that no host account and no other container reaches a user's folder.
+root's, mode 0700, so that no host account and no other container reaches a user's folder; ``<drive_dir>/<user>``
+is the user's account's, mode 0750.
 
 The helper gets the server's API token (to ask the hub's access-token-service for the user's EBRAINS token, as the
 server itself would) and the Drive settings; the Drive token exists only in rclone's environment inside the helper,
@@ -25,8 +26,8 @@ from pathlib import Path
 
 from docker.errors import APIError, NotFound
 
-IMAGE_UID, IMAGE_GID = 1000, 100  # jovyan:users of images/singleuser
-IMAGE_HOME = "/home/jovyan"
+from .docker import IMAGE_HOME, PASSWD_GROUP
+
 HELPER_CAPABILITIES = ["SYS_ADMIN"]  # mount(2) by fusermount3; nothing else
 STOP_SECONDS = 20  # the keeper waits up to drive.flush_timeout (8 s) for pending uploads, then unmounts
 MNT_DETACH = 2
@@ -59,8 +60,8 @@ def on_shared_mount(path: Path) -> bool:
     return shared
 
 
-def prepare_host_dir(root: Path, user: str) -> Path:
-    """``root/user``: made, owned by the image's uid, a dead mount a killed helper left detached."""
+def prepare_host_dir(root: Path, user: str, uid: int, gid: int) -> Path:
+    """``root/user``: made, owned by ``uid``:``gid`` (the user's account), a dead mount a killed helper left detached."""
     if os.geteuid() != 0:
         raise DriveSetupError(
             "EBRAINS Drive in containers needs the hub to run as root on the host (it prepares "
@@ -98,7 +99,7 @@ def prepare_host_dir(root: Path, user: str) -> Path:
     else:
         if not stat.S_ISDIR(st.st_mode):
             raise DriveSetupError(f"{host} is not a folder: remove it")
-    os.chown(host, IMAGE_UID, IMAGE_GID)
+    os.chown(host, uid, gid)
     os.chmod(host, 0o750)  # group: fusermount3 (setuid, fsuid dropped, no DAC capability) must enter it to mount
     return host
 
@@ -128,7 +129,8 @@ class DriveHelper:
     async def prepare(self) -> None:
         """Before the notebook container is made: what could fail is found here, and said in its ~/drive."""
         try:
-            self.host_dir = prepare_host_dir(Path(self.spawner.drive_dir), self.spawner.escaped_name)
+            a = self.spawner.account  # (docker.container_account, decided before)
+            self.host_dir = prepare_host_dir(Path(self.spawner.drive_dir), self.spawner.escaped_name, a.uid, a.gid)
             await self.spawner.docker("inspect_image", self.spawner.drive_image)
         except NotFound:
             self._failed(
@@ -159,6 +161,7 @@ class DriveHelper:
             if k in env
         }
         helper_env["SPINNAKER_DRIVE"] = json.dumps(self.settings)
+        helper_env["NB_USER"] = sp.account.name
         home_volume = next(iter(sp.volume_binds))
         host_config = sp.client.create_host_config(
             binds={
@@ -168,6 +171,7 @@ class DriveHelper:
             devices=["/dev/fuse:/dev/fuse:rwm"],
             cap_drop=["ALL"],
             cap_add=HELPER_CAPABILITIES,
+            group_add=[str(PASSWD_GROUP)],  # (its entrypoint writes the uid's passwd entry: fusermount3 asks its name)
             network_mode=sp.network_name,
         )
         await self._remove()  # one left by a hub that died
@@ -179,7 +183,7 @@ class DriveHelper:
             image=sp.drive_image,
             name=self.name,
             environment=helper_env,
-            user=f"{IMAGE_UID}:{IMAGE_GID}",
+            user=f"{sp.account.uid}:{sp.account.gid}",
             host_config=host_config,
             labels=labels,
         )

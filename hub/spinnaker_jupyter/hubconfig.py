@@ -354,6 +354,10 @@ def update_docker(c, d: Deployment) -> None:
     s.notebook_dir = "/home/jovyan"
     s.cmd = ["python3", "-m", "spinnaker_singleuser", "jupyterhub-singleuser"]  # as the image's CMD, cheaper
     s.extra_create_kwargs = {"labels": dict(dk["labels"])}
+    # As the user's own host account, the one their jobs run as (docker.container_account), never the image's 1000
+    s.system_user_prefix = d["spawner"]["local"]["system_user_prefix"]
+    s.uid_range = list(d["spawner"]["local"]["uid_range"])
+    s.homes_dir = str(d.homes_dir)
     if d["spawner"]["process_limit"]:  # the container's cgroup: a fork bomb in it cannot take other users' PIDs
         s.extra_host_config = {"pids_limit": d["spawner"]["process_limit"]}
     if d["drive"]["enabled"]:  # a Drive helper container beside each user's (drive_helper.py)

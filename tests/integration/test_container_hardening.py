@@ -1,8 +1,8 @@
 """A fork bomb in one user's container must not take the processes another user's server needs.
 
-All user containers run as the image's uid 1000, so without a pids limit of their own they share one pool (the
-engine's nproc ulimit counts every process of that uid on the host): one user filling it leaves every other
-user's kernel unable to start a process. `spawner.process_limit` gives each container a pids cgroup limit.
+Each user's containers run as the user's own uid (test_container_uids.py), so the engine's nproc ulimit (per uid)
+no longer joins them; still, without a pids limit of their own a fork bomb takes the host's processes, leaving other
+users' kernels unable to start one. `spawner.process_limit` gives each container a pids cgroup limit.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def docker_hub(hub_factory, podman_engine):
 
 def test_a_fork_bomb_in_one_container_leaves_another_users_kernel_working(docker_hub, podman_engine):
     # Without the limit, the bomb here held 2031 processes: podman caps a container at 2048 by default (its
-    # containers.conf), Docker Engine not at all, and every container's uid 1000 shares the engine's nproc 4096.
+    # containers.conf), Docker Engine not at all (before, every container's uid 1000 shared the engine's nproc 4096).
     mallory, victim = (docker_hub.client(n, docker_hub.add_user(n)) for n in ("mallory", "victim"))
     mallory.start_server()
     victim.start_server()

@@ -4,6 +4,8 @@ and PyNN in the sPyNNaker kernel inside the container."""
 
 from __future__ import annotations
 
+import pwd
+
 import pytest
 
 from podman_fixtures import TEST_LABEL
@@ -55,7 +57,8 @@ def test_each_user_gets_their_own_container_volume_and_limits(docker_hub, users,
     assert mounts["/home/jovyan"] == "spinnaker-jupyter-test-home-ada"
     host = ada.attrs["HostConfig"]
     assert host["Memory"] == 1024**3 and host["NanoCpus"] == int(1.5e9)
-    assert ada.attrs["Config"]["User"] in ("1000", "1000:100", "jovyan")
+    uid = pwd.getpwnam(docker_hub.system_account("ada")).pw_uid  # the user's own account (test_container_uids.py)
+    assert ada.attrs["Config"]["User"].split(":")[0] == str(uid) and uid not in (0, 1000)
 
 
 def test_files_survive_stop_start_and_stay_private(docker_hub, users, podman_engine):

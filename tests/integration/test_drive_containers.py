@@ -87,7 +87,7 @@ def container(engine, name: str):
 
 
 def run_in(c, command: str) -> str:
-    code, out = c.exec_run(["bash", "-c", command], user="1000:100")
+    code, out = c.exec_run(["bash", "-c", command], user=c.attrs["Config"]["User"])  # as the server: its user
     return out.decode(errors="replace")
 
 
@@ -198,4 +198,4 @@ def test_a_drive_dir_on_a_private_mount_is_refused_with_the_fix():
         match=r"spawner\.docker\.drive_dir: .* is not on a shared mount.*"
         r"mount --make-shared",
     ):
-        prepare_host_dir(private, "someone")
+        prepare_host_dir(private, "someone", 70999, 70999)

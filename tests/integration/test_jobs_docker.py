@@ -134,10 +134,11 @@ def test_outputs_land_in_the_users_home_volume_without_following_links(hub, nmpi
             f"mkdir -p /home/jovyan/jobs/{job_id} && echo keep > /home/jovyan/victim.txt && "
             f"ln -s ../../victim.txt /home/jovyan/jobs/{job_id}/summary.txt"
         )
+        server = podman_engine.client().containers.get("spinnaker-jupyter-djada")
         podman_engine.client().containers.run(
             podman_engine.images["singleuser"],
             ["sh", "-c", plant],
-            user="1000",
+            user=server.attrs["Config"]["User"],  # as the user (their server's uid) would plant it
             volumes={volume: {"bind": "/home/jovyan", "mode": "rw"}},
             network_mode="none",
             labels={TEST_LABEL: "1"},
@@ -155,6 +156,9 @@ def test_outputs_land_in_the_users_home_volume_without_following_links(hub, nmpi
         copied = content(f"jobs/{job_id}/summary.txt")
         assert copied["type"] == "file" and copied["content"] == "from the job\n", copied
         assert content("victim.txt")["content"] == "keep\n"
+        home = podman_engine.client().volumes.get(volume).attrs["Mountpoint"]  # the copy is the user's, as the server
+        st = os.lstat(f"{home}/jobs/{job_id}/summary.txt")
+        assert f"{st.st_uid}:{st.st_gid}" == server.attrs["Config"]["User"]
         assert job_containers(podman_engine, job_id) == []  # the copy's container too is gone
     finally:
         user.stop_server()

@@ -7,10 +7,9 @@
   job token (~/.config/spinnaker-jupyter/job.json); everything a job needs is in its folder, and its outputs reach
   the user through the service.
 * As whom: the user's own job account (jupyter-<name>, the local executor's: the one that fetched the code and
-  owns the folder), never root, never uid 1000. The user's server containers run as the image's uid 1000, shared by
-  every user's container and, on the host, the first login account (here `cloudsdk`): the job folder is on the
-  host, so running jobs as that uid would hand one user's job folder to every other user's job and to that host
-  account. No capabilities, no-new-privileges, a read-only image with a private /tmp.
+  owns the folder), never root, never uid 1000 (the image's user; on the host the first login account). The user's
+  server containers run as this same account (docker.container_account), so a job, its outputs in ~/jobs and the
+  user's server are one uid. No capabilities, no-new-privileges, a read-only image with a private /tmp.
 * Network: none where the job has no board to reach (spinnaker.mode virtual or per-run): `network_mode: none`.
   With boards (session, machine) it needs spalloc and the boards: jobs.docker.network, else the servers'
   network (spawner.docker.network), which the operator limits to those (docs/JOBS.md). pip installs
@@ -26,7 +25,8 @@
   spinnaker-jupyter.spynnaker, else asked once of the image's Python; cached per image id in data_dir/jobs), not
   against the host's kernel environments: `versions()`, and `release()` is what the runner runs a job with.
 * Outputs also land in the user's home, their named volume (the spawner's: docker.home_volume_name), as
-  ~/jobs/<id>/, written by a short container of the servers' image as the servers' user (never root), with only
+  ~/jobs/<id>/, written by a short container of the servers' image as the user's account (never root; a volume
+  an earlier release left to uid 1000 is first handed over, docker.hand_over_home), with only
   that volume and the service's copy of the outputs (read-only) mounted and no network: what the job or the user
   planted in the home (links, files of others) can only touch that home; a link where ~/jobs or ~/jobs/<id> should
   be stops the copy, and links inside are replaced, never followed.
@@ -53,8 +53,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import pip_config
-from ..docker import IMAGE_ENV_ROOT, engine
-from ..drive_helper import IMAGE_HOME  # where the servers' image mounts the user's home volume
+from ..docker import IMAGE_ENV_ROOT, IMAGE_HOME, ContainerAccountError, container_account, engine, hand_over_home
 from ..kernels import Release, bare_version
 from . import sessions
 from .executor import LocalExecutor
@@ -99,8 +98,9 @@ class DockerExecutor(LocalExecutor):
         log=None,
         home_volume: Callable[[str], str] | None = None,
         home_image: str | None = None,
+        uid_range: list[int] | None = None,
     ):
-        super().__init__(homes_dir, system_users, prefix, log=log, sessions_dir=sessions_dir)
+        super().__init__(homes_dir, system_users, prefix, log=log, sessions_dir=sessions_dir, uid_range=uid_range)
         self.store, self.s, self.docker = store, settings, docker
         self.image, self.network, self.pip_network, self.cpus = image, network, pip_network, cpus
         self.labels = {**labels, LABEL: str(settings.data)}
@@ -159,6 +159,7 @@ class DockerExecutor(LocalExecutor):
             # (homes are volumes only where the servers are containers too)
             home_volume=(lambda user: home_volume_name(d, user)) if d["spawner"]["type"] == "docker" else None,
             home_image=dk["image"],
+            uid_range=local.uid_range,
         )
 
     # --- the image's sPyNNaker -----------------------------------------------------------------------------------
@@ -322,9 +323,11 @@ class DockerExecutor(LocalExecutor):
             self.client.volumes.get(volume)
         except docker.errors.NotFound:
             return True
-        user_spec = self.client.images.get(self.home_image).attrs.get("Config", {}).get("User") or ""
-        if user_spec.split(":")[0] in ("", "0", "root"):  # (never write a home as root)
-            jlog.note(f"Output files not copied to ~/jobs/{job_id}/: the servers' image runs as root.")
+        try:  # as the user's server: their account (never root, never 1000), the volume theirs first
+            account = container_account(self.prefix, self.homes_dir, user, self.uid_range, what="jobs")
+            hand_over_home(self.client.api, self.home_image, volume, account.uid, account.gid, self.labels)
+        except (ContainerAccountError, RuntimeError, docker.errors.DockerException) as e:
+            jlog.note(f"Output files not copied to ~/jobs/{job_id}/ ({e}); download them instead.")
             return True
         for dirpath, _dirs, files in os.walk(out):  # readable by the helper's user; `out`'s parent stays 0700
             os.chmod(dirpath, 0o755)
@@ -333,7 +336,7 @@ class DockerExecutor(LocalExecutor):
         container = self.client.containers.create(
             self.home_image,
             ["sh", "-c", COPY_HOME, "sh", str(job_id)],
-            user=user_spec,
+            user=f"{account.uid}:{account.gid}",
             mounts=[
                 docker.types.Mount(IMAGE_HOME, volume, type="volume"),
                 docker.types.Mount("/job-outputs", str(out), type="bind", read_only=True),
