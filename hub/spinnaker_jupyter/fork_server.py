@@ -463,7 +463,9 @@ def popen_arguments(spawner) -> tuple[list[str], dict[str, str]]:
 
 
 class ForkServer:
-    """The hub's fork server for one socket folder: started at first use, restarted at most once a minute."""
+    """The hub's fork server for one socket folder: started at first use; one that ended is started again at once if
+    it had started servers, else at most once a minute (one that cannot start would otherwise be started at every
+    server start)."""
 
     _by_folder: dict[str, ForkServer] = {}
     RESTART_AFTER = 60.0
@@ -473,6 +475,7 @@ class ForkServer:
         self.proc: subprocess.Popen | None = None
         self._hub_end: int | None = None
         self.launched_at = 0.0
+        self.served = 0  # servers the running one started
 
     @classmethod
     def of(cls, folder: str) -> ForkServer:
@@ -483,12 +486,12 @@ class ForkServer:
 
     def launch(self, env: dict[str, str]) -> None:
         """Start it unless it runs (in the background: its imports take about a second). One that has ended since
-        the last start raises ForkServerError, after a new one was started (at most one a minute) for later starts."""
+        the last start raises ForkServerError, after a new one was started for later starts."""
         if self.running():
             return
         ended = self.proc.returncode if self.proc is not None else None
         self.proc = None
-        if not self.launched_at or time.monotonic() - self.launched_at >= self.RESTART_AFTER:
+        if not self.launched_at or self.served or time.monotonic() - self.launched_at >= self.RESTART_AFTER:
             self._launch(env)
         if ended is not None:
             raise ForkServerError(f"the fork server had ended (exit code {ended})")
@@ -497,8 +500,11 @@ class ForkServer:
         if self._hub_end is not None:
             os.close(self._hub_end)
         self.folder.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError, ForkServerError):  # a socket its killed predecessor left: not this one's
+            own_folder(self.folder)
+            os.unlink(self.folder / SOCKET_NAME)
         theirs, self._hub_end = os.pipe()  # (both ends close-on-exec: no other child of the hub holds one)
-        self.launched_at = time.monotonic()
+        self.launched_at, self.served = time.monotonic(), 0
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", __name__, str(self.folder), str(theirs)],
@@ -547,6 +553,7 @@ class ForkServer:
             raise ForkServerError("the fork server's child ended before it answered") from None
         if "pid" not in reply:
             raise ForkServerError(reply.get("error", "no pid in the answer"))
+        self.served += 1
         return int(reply["pid"])
 
 

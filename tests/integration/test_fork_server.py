@@ -139,6 +139,12 @@ def test_a_killed_fork_server_means_popen_with_a_warning(forked):
     assert len(warnings) == 1 and f"[{user.name}]" in warnings[0] and "ended" in warnings[0], warnings
     assert user.server("GET", "api/contents").status_code == 200
     assert _who(user)["user"] == user.name
+    # A new fork server was started for the next starts (the killed one had started servers).
+    wait_for(lambda: _zygotes(hub), 30, "a new fork server")
+    user.stop_server()
+    user.start_server()
+    assert len(re.findall(rf"\[{user.name}\] Started through the fork server", hub.log())) == 2
+    assert len([line for line in hub.log().splitlines() if "Fork server not used" in line]) == 1
 
 
 def test_nothing_is_left_once_the_hub_stops(forked):
