@@ -350,6 +350,14 @@ def test_local_spawner_section(apply):
     assert c.Spawner.cmd[:3] == [sys.executable, "-m", "spinnaker_jupyter.singleuser"]
 
 
+def test_local_spawner_fork_server(apply):
+    c, d = apply({"spawner": {"local": {"fork_server": True}}})
+    assert c.SpiNNakerLocalSpawner.fork_server is True
+    assert c.SpiNNakerLocalSpawner.fork_server_dir == str(d.hub_dir / "fork-server")  # in the hub's private folder
+    c, _ = apply({})
+    assert c.SpiNNakerLocalSpawner.fork_server is False  # off by default, for now
+
+
 def test_local_spawner_in_one_shared_account_as_root_allows_root(apply):
     c, _ = apply({"spawner": {"local": {"system_users": False}}})
     assert c.SpiNNakerLocalSpawner.system_users is False
