@@ -359,7 +359,8 @@ def drop_privileges(uid: int, gid: int, groups: list[int]) -> None:
     if uid and any(int(c, 16) for c in caps[:3]):  # (inheritable, permitted, effective)
         raise RuntimeError("the server kept capabilities")
     # A process whose ids changed is not dumpable (its /proc/PID is root's); an exec would have reset that.
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE) failed")
 
 
 def become_server(req: Request, zygote_cwd: str) -> None:
