@@ -10,9 +10,11 @@ the image's uid 1000 (on the host the first login account, which could then read
 API token, and signal it) and never as root; the server with no capabilities and no-new-privileges. The image's
 launcher (spinnaker_singleuser) writes the uid's passwd entry into the container's own /etc/passwd, writable by
 the image's group PASSWD_GROUP only (added to the container; the image has no setuid program), so `whoami`, git and
-the prompt know the name. The home volume belongs to that uid: hand_over_home chowns a new volume, and once a
-volume an earlier release made for uid 1000, in a short root container with only that volume (no network,
-CAP_CHOWN and CAP_DAC_READ_SEARCH only, links never followed).
+the prompt know the name. The home volume belongs to that uid: hand_over_home chowns it whenever its top folder is
+not that account's (a new volume; one an earlier release made for uid 1000; one of the user's account before a hub
+container was re-created without its /etc/passwd, so the account has a new uid), in a short root container with only
+that volume (no network, CAP_CHOWN and CAP_DAC_READ_SEARCH only, links never followed). A home volume is named for
+its user and only ever mounted into that user's containers, so whoever owns its files, they are that user's.
 """
 
 from __future__ import annotations
@@ -39,11 +41,14 @@ IMAGE_UID = 1000  # the images' own user (jovyan): never a container's user
 PASSWD_GROUP = 100  # the single-user image's group that may write its /etc/passwd and /etc/group (users)
 # Inside the hand-over container ($1: uid:gid): the top of the volume last, so a hand-over cut short is done again
 # at the next start; -execdir and chown -h: no link is followed, neither a name's last part nor a folder on the way.
+# Says the top's earlier owner when it handed over, nothing when there was nothing to do.
 HAND_OVER = f"""set -eu
 h={IMAGE_HOME}
-[ "$(stat -c %u:%g "$h")" = "$1" ] && exit 0
+was=$(stat -c %u:%g "$h")
+[ "$was" = "$1" ] && exit 0
 find "$h" -xdev -mindepth 1 -execdir chown -h "$1" {{}} +
 chown -h "$1" "$h"
+echo "$was"
 """
 
 
@@ -73,22 +78,24 @@ def container_account(prefix: str, homes_dir, hub_user: str, uid_range, what: st
     return account
 
 
-def hand_over_home(api, image: str, volume: str, uid: int, gid: int, labels: dict) -> bool:
-    """Make the home volume ``volume`` belong to ``uid``:``gid`` (made when missing, with the image's home in it).
-    False: it already did (seen from the host where the engine's volume folder is here: no container then). A short
-    root container of ``image`` with only that volume does it: no network, no capability but CAP_CHOWN and
-    CAP_DAC_READ_SEARCH (to enter the old owner's private folders), links never followed. ``api``: a docker
-    APIClient (blocking)."""
+def hand_over_home(api, image: str, volume: str, uid: int, gid: int, labels: dict) -> str | None:
+    """Make the home volume ``volume`` belong to ``uid``:``gid`` whenever its top folder is not theirs (made when
+    missing, with the image's home in it). Returns what it was, for the one log line ("a new volume", "uid U's (gid
+    G)"); None: it already was theirs (seen from the host where the engine's volume folder is here: no container
+    then). A short root container of ``image`` with only that volume does it: no network, no capability but
+    CAP_CHOWN and CAP_DAC_READ_SEARCH (to enter the old owner's private folders), links never followed. ``api``: a
+    docker APIClient (blocking)."""
     import docker
 
     try:
         where = api.inspect_volume(volume).get("Mountpoint") or ""
+        new = False
     except docker.errors.NotFound:
-        where = ""
+        where, new = "", True
     if where and os.path.isdir(where):
         st = os.stat(where)
         if (st.st_uid, st.st_gid) == (uid, gid):
-            return False
+            return None
     host_config = api.create_host_config(
         binds={volume: {"bind": IMAGE_HOME, "mode": "rw"}},
         network_mode="none",
@@ -111,11 +118,17 @@ def hand_over_home(api, image: str, volume: str, uid: int, gid: int, labels: dic
         api.start(created["Id"])
         code = int(api.wait(created["Id"], timeout=600).get("StatusCode", -1))
         said = api.logs(created["Id"], stdout=False, stderr=True).decode(errors="replace").strip()
+        was = api.logs(created["Id"], stdout=True, stderr=False).decode(errors="replace").strip()
     finally:
         api.remove_container(created["Id"], force=True)
     if code != 0:
         raise RuntimeError(f"The home volume {volume} could not be given to uid {uid} ({said or f'exit {code}'})")
-    return True
+    if not was:
+        return None  # (theirs already: seen only inside, where the host does not see the engine's volume folders)
+    if new:
+        return "a new volume"
+    owner, _, group = was.partition(":")
+    return f"uid {owner}'s (gid {group})"
 
 
 class ContainerSpawner(ProgressMixin, DockerSpawner):
@@ -203,8 +216,11 @@ class ContainerSpawner(ProgressMixin, DockerSpawner):
         create = await maybe_future(self._eval_if_callable(self.extra_create_kwargs)) or {}
         host = await maybe_future(self._eval_if_callable(self.extra_host_config)) or {}
         volume, labels = next(iter(self.volume_binds)), create.get("labels", {})
-        if await loop.run_in_executor(None, hand_over_home, self.client, self.image, volume, a.uid, a.gid, labels):
-            self.log.info("Home volume %s of %s handed over to %s (uid %d)", volume, self.user.name, a.name, a.uid)
+        was = await loop.run_in_executor(None, hand_over_home, self.client, self.image, volume, a.uid, a.gid, labels)
+        if was:  # once: the next start finds it theirs
+            self.log.info(
+                "Home volume %s of %s handed over to %s (uid %d); it was %s", volume, self.user.name, a.name, a.uid, was
+            )
         self.extra_create_kwargs = {**create, "user": f"{a.uid}:{a.gid}"}
         self.extra_host_config = {
             **host,

@@ -269,15 +269,20 @@ class AccountOfAnotherDeployment(RuntimeError):
 def own_system_account(pw: pwd.struct_passwd, home: Path, hub_user: str, log=None) -> pwd.struct_passwd:
     """The existing system account ``pw``, if it is this deployment's: its home is this deployment's home for the user.
 
-    Another deployment's account is refused (:class:`AccountOfAnotherDeployment`: its user would become ours), unless
-    that deployment is gone (the account was made by a deployment, its home no longer exists and nothing runs as
-    it): then it is taken over. An account some other software made is never taken over. The servers' and the batch
-    jobs' accounts go through this one rule.
+    The mark is the home path in the account's passwd entry (written by root, at useradd): ``<homes_dir>/<user>``
+    names the deployment whether the folder exists (local servers) or never does (container servers: their home is
+    a volume), and `user remove` needs no folder for it (there an existing home means a removal cut short). Another
+    deployment's account is refused (:class:`AccountOfAnotherDeployment`: its user would become ours), unless that
+    deployment is gone: the account was made by a deployment (its comment), the folder its home is in (that
+    deployment's homes_dir, which `up` makes in every mode) no longer exists, and nothing runs as it; then it is
+    taken over. Not the home itself: a container deployment's never exists, so two on one machine with one prefix
+    would take each other's accounts. An account some other software made is never taken over. Local and container
+    servers and the batch jobs go through this one rule.
     """
     if os.path.realpath(pw.pw_dir) == os.path.realpath(home):
         return pw
     made_by_a_deployment = pw.pw_gecos == ACCOUNT_COMMENT.format(hub_user)
-    if made_by_a_deployment and not os.path.exists(pw.pw_dir) and not _runs_as(pw.pw_uid):
+    if made_by_a_deployment and _deployment_gone(pw.pw_dir) and not _runs_as(pw.pw_uid):
         moved = subprocess.run(["usermod", "--home", str(home), pw.pw_name], capture_output=True, text=True)
         if moved.returncode == 0:
             if log is not None:
@@ -286,6 +291,14 @@ def own_system_account(pw: pwd.struct_passwd, home: Path, hub_user: str, log=Non
                 )
             return pwd.getpwnam(pw.pw_name)
     raise AccountOfAnotherDeployment(pw.pw_name, pw.pw_dir, home, hub_user)
+
+
+def _deployment_gone(account_home: str) -> bool:
+    """Whether the deployment that gave an account ``account_home`` is gone: its homes_dir (the folder the home is in)
+    no longer exists. A link there, even a dangling one (storage not mounted), counts as there."""
+    if not os.path.isabs(account_home):
+        return False
+    return not os.path.lexists(os.path.dirname(os.path.normpath(account_home)))
 
 
 def _runs_as(uid: int) -> bool:

@@ -2,15 +2,19 @@
 as the image's uid 1000: on the host uid 1000 is the first login account, which could otherwise read every server's
 environment (its JupyterHub API token) and signal it. Through the real hub on podman: two users, two uids, neither
 0 nor 1000, each owning their home; uid 1000 on the host kept out; a home volume of an earlier release (uid 1000's)
-handed over with its files; `whoami`, the prompt, HOME and pip --user in a terminal and a kernel."""
+or of the user's earlier account (a re-created hub container) handed over with its files; another container
+deployment's account (same prefix) never taken over; `whoami`, the prompt, HOME and pip --user in a terminal and a
+kernel."""
 
 from __future__ import annotations
 
 import json
 import os
 import pwd
+import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import websocket
@@ -24,26 +28,28 @@ PREFIX = "spinnaker-jupyter-test-uids-"
 IMAGE_UID = 1000  # the image's jovyan; on these hosts the login account `cloudsdk`
 
 
+def container_config(podman_engine, volume_prefix: str = PREFIX) -> dict:
+    return {
+        "spawner": {
+            "type": "docker",
+            "mem_limit": "1G",
+            "docker": {
+                "engine_url": podman_engine.url,
+                "image": podman_engine.images["singleuser"],
+                "pull_policy": "never",
+                "network": "host",
+                "volume_prefix": volume_prefix,
+                "labels": {TEST_LABEL: "1"},
+            },
+        }
+    }
+
+
 @pytest.fixture(scope="module")
 def hub(hub_factory, podman_engine):
-    h = hub_factory(
-        {
-            "spawner": {
-                "type": "docker",
-                "mem_limit": "1G",
-                "docker": {
-                    "engine_url": podman_engine.url,
-                    "image": podman_engine.images["singleuser"],
-                    "pull_policy": "never",
-                    "network": "host",
-                    "volume_prefix": PREFIX,
-                    "labels": {TEST_LABEL: "1"},
-                },
-            }
-        }
-    )
+    h = hub_factory(container_config(podman_engine))
     yield h
-    for name in ("uada", "uben", "uold"):  # the accounts this module's users got (their uids stay retired)
+    for name in ("uada", "uben", "uold", "uprev", "utwin"):  # this module's users' accounts (their uids stay retired)
         subprocess.run(["userdel", h.system_account(name)], capture_output=True)
 
 
@@ -200,6 +206,75 @@ def test_an_old_home_volume_of_uid_1000_is_handed_over_with_its_files(hub, podma
     finally:
         old.stop_server()
     wait_for(lambda: old.server_model() is None, 30, "uold's server to stop")
+
+
+def test_a_home_volume_of_the_users_earlier_account_is_handed_over_with_its_files(hub, podman_engine):
+    """A hub container re-created without its /etc/passwd makes the accounts again, with new uids (the high-water
+    mark in data_dir): the user's home volume, still the earlier uid's, becomes the new account's at the next start,
+    every file kept, said once in the log."""
+    prev = hub.client("uprev", hub.add_user("uprev"))
+    volume, account_name = PREFIX + "uprev", hub.system_account("uprev")
+    prev.start_server()
+    r = prev.server("PUT", "api/contents/notes.txt", json={"type": "file", "format": "text", "content": "mine"})
+    assert r.status_code in (200, 201), r.text
+    assert prev.server("PUT", "api/contents/private", json={"type": "directory"}).status_code in (200, 201)
+    home = volume_dir(podman_engine, "uprev")
+    os.chmod(os.path.join(home, "private"), 0o700)
+    os.symlink("/etc/hostname", os.path.join(home, "link"))  # (as the user would: a link the hand-over leaves be)
+    old = account(hub, "uprev")
+    os.lchown(os.path.join(home, "link"), old.pw_uid, old.pw_gid)
+    prev.stop_server()
+    # The hub's container re-created without its /etc/passwd: the account is gone, made again at the next start.
+    for step in (["userdel", account_name], ["groupdel", account_name]):
+        subprocess.run(step, capture_output=True)
+    with pytest.raises(KeyError):
+        pwd.getpwnam(account_name)
+    try:
+        prev.start_server()
+        new = account(hub, "uprev")
+        assert new.pw_uid > old.pw_uid and new.pw_uid not in (0, IMAGE_UID), (old, new)
+        assert prev.server("GET", "api/contents/notes.txt").json().get("content") == "mine"
+        r = prev.server("PUT", "api/contents/private/new.txt", json={"type": "file", "format": "text", "content": "x"})
+        assert r.status_code in (200, 201), r.text
+        assert owners(home) == {(new.pw_uid, new.pw_gid)}  # the link too (itself, never what it points at)
+        assert os.readlink(os.path.join(home, "link")) == "/etc/hostname"
+        prev.stop_server()
+        prev.start_server()
+        said = (
+            f"Home volume {volume} of uprev handed over to {account_name} (uid {new.pw_uid}); it was uid {old.pw_uid}"
+        )
+        assert hub.log().count(said) == 1, hub.log()[-3000:]
+    finally:
+        prev.stop_server()
+
+
+def test_an_account_of_another_container_deployment_is_not_taken_over(hub, hub_factory, podman_engine):
+    """Two container deployments on one host with one system_user_prefix: neither home ever exists on the host (the
+    homes are volumes), yet the second never takes over the first's account while the first is there; once the first
+    is gone (its data deleted), it does."""
+    other = hub_factory(container_config(podman_engine, PREFIX + "other-"))
+    theirs = other.client("utwin", other.add_user("utwin"))
+    theirs.start_server()
+    theirs.stop_server()  # (nothing runs as the account now)
+    before, their_home = account(hub, "utwin"), Path(other.config["data_dir"]) / "homes" / "utwin"
+    assert before.pw_dir == str(their_home) and not their_home.exists()
+    ours = hub.client("utwin", hub.add_user("utwin"))
+    page = ours.session.get(f"{hub.url}/hub/spawn/utwin", timeout=120)  # as the browser starts it
+    assert "another deployment" in page.text and "spawner.local.system_user_prefix" in page.text, page.text[-2000:]
+    assert account(hub, "utwin") == before  # neither moved nor changed
+    theirs.start_server()  # the first deployment's user still runs as their own account
+    assert theirs.server("GET", "api/contents").status_code == 200
+    theirs.stop_server()
+    other.stop()
+    shutil.rmtree(Path(other.config["data_dir"]) / "homes")
+    wait_for(lambda: ours.server_model() is None, 60, "the refused start to end")
+    ours.start_server()
+    try:
+        assert ours.server("GET", "api/contents").status_code == 200
+        taken = account(hub, "utwin")  # the same account, now this deployment's
+        assert taken.pw_uid == before.pw_uid and taken.pw_dir == str(Path(hub.config["data_dir"]) / "homes" / "utwin")
+    finally:
+        ours.stop_server()
 
 
 def test_the_nrp_layer_serves_as_a_users_uid(podman_engine, podman_nrp_layer_image):

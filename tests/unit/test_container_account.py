@@ -1,8 +1,10 @@
 """Who a user's containers run as (docker.container_account): the user's own host account, never root or the image's
-uid 1000; the config it comes from; and the passwd entry the image's launcher writes for that uid."""
+uid 1000; the config it comes from; the passwd entry the image's launcher writes for that uid; and how the home volume
+becomes that account's (docker.hand_over_home)."""
 
 from __future__ import annotations
 
+import os
 import pwd
 
 import pytest
@@ -121,3 +123,84 @@ def test_a_placeholder_named_by_the_number_is_replaced(unknown_uid, monkeypatch)
     assert spinnaker_singleuser.add_account_entry(str(passwd), str(group)) == "jupyter-ada"
     lines = passwd.read_text().splitlines()
     assert lines[-1].startswith("jupyter-ada:x:80001:80001:") and not any(x.startswith("80001:") for x in lines)
+
+
+class FakeEngine:
+    """The docker APIClient calls hand_over_home makes: a volume at `mountpoint` (None: no such volume), a hand-over
+    container whose output is `prints`."""
+
+    def __init__(self, mountpoint: str | None, prints: str = ""):
+        self.mountpoint, self.prints, self.made, self.removed = mountpoint, prints, [], []
+
+    def inspect_volume(self, name):
+        if self.mountpoint is None:
+            import docker as dockerpy
+
+            raise dockerpy.errors.NotFound(name)
+        return {"Name": name, "Mountpoint": self.mountpoint}
+
+    def create_host_config(self, **kw):
+        return kw
+
+    def create_container(self, image, command, **kw):
+        self.made.append({"image": image, "command": command, **kw})
+        return {"Id": "c1"}
+
+    def start(self, cid):
+        pass
+
+    def wait(self, cid, timeout):
+        return {"StatusCode": 0}
+
+    def logs(self, cid, stdout, stderr):
+        return (self.prints if stdout else "").encode()
+
+    def remove_container(self, cid, force):
+        self.removed.append(cid)
+
+
+def _home_of(tmp_path, uid: int, gid: int, monkeypatch) -> str:
+    """A volume folder the host sees, owned by uid:gid (as os.stat says)."""
+    real = docker.os.stat
+    monkeypatch.setattr(
+        docker.os,
+        "stat",
+        lambda p, *a, **k: (
+            os.stat_result((0o40755, 0, 0, 2, uid, gid, 0, 0, 0, 0)) if str(p) == str(tmp_path) else real(p)
+        ),
+    )
+    return str(tmp_path)
+
+
+def test_a_home_already_the_accounts_is_left_alone(tmp_path, monkeypatch):
+    engine = FakeEngine(_home_of(tmp_path, 80001, 80001, monkeypatch))
+    assert docker.hand_over_home(engine, "img", "home-ada", 80001, 80001, {}) is None
+    assert engine.made == []  # no container: the host sees its owner
+
+
+@pytest.mark.parametrize("owner", [(1000, 100), (80007, 80007), (80001, 80007), (0, 0)])
+def test_a_home_of_any_other_owner_is_handed_over_in_a_safe_container(tmp_path, monkeypatch, owner):
+    """An earlier release's 1000, the user's earlier account (a re-created hub container), another group, root."""
+    engine = FakeEngine(_home_of(tmp_path, *owner, monkeypatch), prints=f"{owner[0]}:{owner[1]}\n")
+    was = docker.hand_over_home(engine, "img", "home-ada", 80001, 80001, {"l": "1"})
+    assert was == f"uid {owner[0]}'s (gid {owner[1]})"
+    (made,) = engine.made
+    assert made["command"][-1] == "80001:80001" and made["user"] == "0:0" and made["labels"] == {"l": "1"}
+    hc = made["host_config"]
+    assert hc["binds"] == {"home-ada": {"bind": docker.IMAGE_HOME, "mode": "rw"}} and hc["network_mode"] == "none"
+    assert hc["cap_drop"] == ["ALL"] and sorted(hc["cap_add"]) == ["CHOWN", "DAC_READ_SEARCH"]
+    assert hc["security_opt"] == ["no-new-privileges"] and hc["read_only"]
+    assert "chown -h" in made["command"][2] and "-execdir" in made["command"][2]  # no link followed
+    assert engine.removed == ["c1"]
+
+
+def test_a_new_volume_is_said_to_be_new(monkeypatch):
+    engine = FakeEngine(None, prints="1000:100\n")
+    assert docker.hand_over_home(engine, "img", "home-ada", 80001, 80001, {}) == "a new volume"
+
+
+def test_a_home_found_the_accounts_inside_the_container_is_not_said(tmp_path):
+    """A hub in a container does not see the engine's volume folders: the container runs and finds nothing to do."""
+    engine = FakeEngine(str(tmp_path / "not-here"), prints="")
+    assert docker.hand_over_home(engine, "img", "home-ada", 80001, 80001, {}) is None
+    assert len(engine.made) == 1

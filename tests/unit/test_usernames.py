@@ -301,3 +301,59 @@ def test_an_account_other_software_made_is_never_taken_over(tmp_path):
     gone, home = tmp_path / "gone", tmp_path / "homes" / "alice"
     with pytest.raises(AccountOfAnotherDeployment):
         own_system_account(_account(gone, gecos="Alice Example"), home, "alice")
+
+
+# --- whose an account is when its home folder never exists (container servers: the home is a volume) ------------
+def _no_usermod(monkeypatch):
+    import spinnaker_jupyter.usernames as usernames
+
+    monkeypatch.setattr(usernames.subprocess, "run", lambda *a, **k: pytest.fail(f"account changed: {a}"))
+
+
+def test_a_container_deployments_own_account_is_used_though_its_home_never_exists(tmp_path, monkeypatch):
+    _no_usermod(monkeypatch)
+    (tmp_path / "homes").mkdir()
+    home = tmp_path / "homes" / "alice"  # never made: the user's home is a volume
+    pw = _account(home)
+    assert own_system_account(pw, home, "alice") is pw
+
+
+def test_an_account_of_a_running_container_deployment_is_not_taken_over(tmp_path, monkeypatch):
+    """Another deployment with the same prefix, its homes_dir there but the user's home never made (containers),
+    nothing running as the account (the server stopped): still that deployment's, refused, unchanged."""
+    _no_usermod(monkeypatch)
+    (tmp_path / "other" / "homes").mkdir(parents=True)
+    theirs = _account(tmp_path / "other" / "homes" / "alice")
+    with pytest.raises(AccountOfAnotherDeployment, match="belongs to another deployment"):
+        own_system_account(theirs, tmp_path / "ours" / "homes" / "alice", "alice")
+
+
+def test_an_account_whose_homes_folder_is_a_dangling_link_is_not_taken_over(tmp_path, monkeypatch):
+    """(Storage not mounted: the deployment may still be there.)"""
+    _no_usermod(monkeypatch)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "homes").symlink_to(tmp_path / "unmounted")
+    with pytest.raises(AccountOfAnotherDeployment):
+        own_system_account(_account(tmp_path / "other" / "homes" / "alice"), tmp_path / "homes" / "alice", "alice")
+
+
+def test_an_account_of_a_removed_deployment_is_taken_over(tmp_path, monkeypatch, caplog):
+    import logging
+
+    import spinnaker_jupyter.usernames as usernames
+
+    home = tmp_path / "ours" / "homes" / "alice"
+    left = _account(tmp_path / "deleted" / "homes" / "alice")  # that deployment's data_dir is gone
+    moved = pwd.struct_passwd((*left[:5], str(home), left[6]))
+    ran = []
+
+    def usermod(argv, **kw):
+        ran.append(argv)
+        return usernames.subprocess.CompletedProcess(argv, 0, "", "")
+
+    monkeypatch.setattr(usernames.subprocess, "run", usermod)
+    monkeypatch.setattr(usernames.pwd, "getpwnam", lambda name: moved)
+    with caplog.at_level(logging.WARNING):
+        assert own_system_account(left, home, "alice", logging.getLogger("test-takeover")) is moved
+    assert ran == [["usermod", "--home", str(home), "jupyter-alice"]]
+    assert "Took over the system account jupyter-alice left by a removed deployment" in caplog.text
