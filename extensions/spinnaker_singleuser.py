@@ -14,7 +14,9 @@ servers run it through ``spinnaker_jupyter.singleuser``, which adds a cut that m
 PATH (the image has no Node).
 
 Run as ``python -m spinnaker_singleuser jupyterhub-singleuser [its arguments]`` (a name on the PATH, or a path): the
-upstream script runs as it is, in this process (`ps` / `pgrep -f jupyterhub-singleuser` still find it).
+upstream script runs as it is, in this process (`ps` / `pgrep -f jupyterhub-singleuser` still find it). The hub
+(`spinnaker-jupyter up`) and the job service start through it too (``... jupyterhub -f ...``, ``... -m
+spinnaker_jupyter.jobs.service``): they import jsonschema's formats as well, about 1 CPU-second each at every start.
 
 In a container it first gives its uid a name (add_account_entry): the hub runs each user's container as that
 user's own host account's uid and gid, which the image does not know.
@@ -74,7 +76,12 @@ def add_account_entry(passwd: str = "/etc/passwd", group: str = "/etc/group") ->
 
 
 def run(argv: list[str]) -> None:
-    """Run the script ``argv[0]`` (found on the PATH when it is a bare name) with ``argv`` as its sys.argv."""
+    """Run the script ``argv[0]`` (found on the PATH when it is a bare name) with ``argv`` as its sys.argv, or the
+    module ``argv[1]`` when ``argv[0]`` is ``-m`` (as ``python -m``)."""
+    if argv[0] == "-m" and len(argv) > 1:
+        sys.argv = [argv[1], *argv[2:]]  # (runpy puts the module's file in sys.argv[0])
+        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        return
     script = shutil.which(argv[0]) if "/" not in argv[0] else argv[0]
     if not script:
         sys.exit(f"spinnaker_singleuser: {argv[0]} is not on the PATH")

@@ -161,4 +161,4 @@ class Settings:
 
 
 def service_command() -> list[str]:
-    return [sys.executable, "-m", "spinnaker_jupyter.jobs.service"]
+    return [sys.executable, "-m", "spinnaker_singleuser", "-m", "spinnaker_jupyter.jobs.service"]  # (the import cut)
