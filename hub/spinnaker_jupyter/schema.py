@@ -316,14 +316,15 @@ SCHEMA: dict = _obj(
                             enum=["auto", "cgroup", "rlimits"],
                         ),
                         "fork_server": _bool(
-                            False,
+                            True,
                             "Start each local server by forking a process of the hub's (the fork server) that has "
                             "already imported the single-user server's modules, instead of a new Python that "
                             "imports them again: a start then costs about a fifth of the CPU. Each server still "
                             "runs as its own account with its own environment, cgroup or rlimits and log; whenever "
                             "the fork server cannot start one (not running, a server environment it cannot serve) "
                             "the server starts as without it, with one warning in the hub's log. "
-                            "`spinnaker-jupyter check` says whether it is on.",
+                            "`spinnaker-jupyter check` says whether it is on. false: every server starts as a new "
+                            "Python process (Popen), as in earlier releases.",
                         ),
                     }
                 ),

@@ -44,9 +44,30 @@ def tutorials(tmp_path_factory):
     return src
 
 
+#: An operator's addition (jupyterhub_config.d): a user's start waits while a hold file of theirs exists, so the test
+#: opens the spawn page's event stream before the start runs (a start takes well under a second: unheld, the stream
+#: would often open after it and hear only "ready").
+HOLD_HOOK = """
+import asyncio, pathlib
+
+async def _hold(spawner):
+    hold = pathlib.Path({folder!r}) / spawner.user.name
+    for _ in range(1200):
+        if not hold.exists():
+            return
+        await asyncio.sleep(0.05)
+
+c.Spawner.pre_spawn_hook = _hold
+"""
+
+
 @pytest.fixture(scope="module")
 def hub(hub_factory, tutorials):
-    return hub_factory({"tutorials": {"source": str(tutorials)}, "culler": {"timeout": 600, "every": 30}})
+    hub = hub_factory({"tutorials": {"source": str(tutorials)}, "culler": {"timeout": 600, "every": 30}}, start=False)
+    (hub.base / "holds").mkdir()
+    (hub.base / "jupyterhub_config.d").mkdir()
+    (hub.base / "jupyterhub_config.d" / "hold.py").write_text(HOLD_HOOK.format(folder=str(hub.base / "holds")))
+    return hub.start()
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +103,20 @@ def test_login_lands_in_jupyterlab_and_classic_notebook(alice):
     assert terminals.status_code == 200, terminals.text
 
 
-def test_spawn_progress_is_said_in_words(bob):
-    messages = bob.progress_messages()
+def test_spawn_progress_is_said_in_words(hub, bob):
+    hold = hub.base / "holds" / "bob"
+    hold.touch()
+    r = bob.session.get(f"{hub.url}/hub/spawn/bob", allow_redirects=False, timeout=30)
+    assert r.status_code == 302 and "spawn-pending" in r.headers["location"], (r.status_code, r.headers)
+    messages = []
+    with bob.api("GET", "/users/bob/server/progress", stream=True, timeout=120) as stream:
+        for line in stream.iter_lines(decode_unicode=True):
+            if line.startswith("data:"):
+                event = json.loads(line[5:])
+                messages.append(event.get("message", ""))
+                hold.unlink(missing_ok=True)  # the page listens: the start goes on
+                if event.get("ready") or event.get("failed"):
+                    break
     text = "\n".join(messages)
     assert "Preparing your" in text and "Starting your Jupyter server" in text, messages
     assert any("Your server is up after" in m for m in messages), messages

@@ -355,7 +355,7 @@ def test_local_spawner_fork_server(apply):
     assert c.SpiNNakerLocalSpawner.fork_server is True
     assert c.SpiNNakerLocalSpawner.fork_server_dir == str(d.hub_dir / "fork-server")  # in the hub's private folder
     c, _ = apply({})
-    assert c.SpiNNakerLocalSpawner.fork_server is False  # off by default, for now
+    assert c.SpiNNakerLocalSpawner.fork_server is True  # on by default
 
 
 def test_local_spawner_in_one_shared_account_as_root_allows_root(apply):
