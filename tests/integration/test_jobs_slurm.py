@@ -166,9 +166,10 @@ def test_an_operators_scancel_is_an_error_in_words(hub, slurm, nmpi):
 def test_unknown_partition_is_one_line_naming_the_key(hub_factory, slurm, nmpi):
     extra, jobs = jobs_slurm_config(slurm, partition="nosuchpartition")
     bad = start_jobs_hub(hub_factory, jobs, extra)
-    bad.users = {"sjsam": bad.client("sjsam", bad.add_user("sjsam"))}
-    client = client_for(nmpi, bad, "sjsam")
-    job = wait_done(client, client.submit_job(source=PRINTS, platform="SpiNNaker", collab_id="private-sjsam"))
+    # A user of its own: the module's hub, a live deployment with the same prefix, keeps sjsam's account.
+    bad.users = {"sjpat": bad.client("sjpat", bad.add_user("sjpat"))}
+    client = client_for(nmpi, bad, "sjpat")
+    job = wait_done(client, client.submit_job(source=PRINTS, platform="SpiNNaker", collab_id="private-sjpat"))
     assert job["status"] == "error"
     assert (
         "Slurm refused the job: the partition 'nosuchpartition' does not exist; set jobs.slurm.partition" in job["log"]
@@ -188,10 +189,10 @@ def test_slurm_down_is_one_clear_line_not_a_hang(hub_factory, slurm, nmpi):
     extra, jobs = jobs_slurm_config(slurm)
     extra["spawner"]["slurm"]["conf"] = str(down)
     bad = start_jobs_hub(hub_factory, jobs, extra)
-    bad.users = {"sjkim": bad.client("sjkim", bad.add_user("sjkim"))}
-    client = client_for(nmpi, bad, "sjkim")
+    bad.users = {"sjron": bad.client("sjron", bad.add_user("sjron"))}  # (as above: not the module hub's sjkim)
+    client = client_for(nmpi, bad, "sjron")
     job = wait_done(
-        client, client.submit_job(source=PRINTS, platform="SpiNNaker", collab_id="private-sjkim"), timeout=90
+        client, client.submit_job(source=PRINTS, platform="SpiNNaker", collab_id="private-sjron"), timeout=90
     )
     assert job["status"] == "error"
     assert (
