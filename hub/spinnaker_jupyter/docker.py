@@ -20,6 +20,7 @@ its user and only ever mounted into that user's containers, so whoever owns its 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import secrets
@@ -56,11 +57,12 @@ class ContainerAccountError(RuntimeError):
     """The user's containers have no account to run as; the message says what the operator does."""
 
 
-def container_account(prefix: str, homes_dir, hub_user: str, uid_range, what: str = "server"):
+def container_account(prefix: str, homes_dir, hub_user: str, uid_range, what: str = "server", log=None):
     """The one decision of the uid and gid a user's containers run as (server, Drive helper, home copies): the
     user's own system account, the one their batch jobs run as, found or made as the job service makes it
     (jobs/executor.py LocalExecutor.account, usernames.make_system_account: a uid of spawner.local.uid_range).
-    Needs root (the hub makes accounts). Returns a jobs.executor.Account."""
+    Needs root (the hub makes accounts). ``log`` hears a takeover of a removed deployment's account. Returns a
+    jobs.executor.Account."""
     from .jobs.executor import AccountError, LocalExecutor
 
     if os.geteuid() != 0:
@@ -69,7 +71,7 @@ def container_account(prefix: str, homes_dir, hub_user: str, uid_range, what: st
             "run the hub (and the job service) as root."
         )
     try:
-        account = LocalExecutor(Path(homes_dir), True, prefix, uid_range=uid_range).account(hub_user)
+        account = LocalExecutor(Path(homes_dir), True, prefix, log=log, uid_range=uid_range).account(hub_user)
     except AccountError as e:  # (its cause says it for the user's `what`: "server" or "jobs")
         cause = e.__context__
         raise ContainerAccountError(cause.message(what) if hasattr(cause, "message") else str(e)) from None
@@ -207,7 +209,15 @@ class ContainerSpawner(ProgressMixin, DockerSpawner):
         loop = asyncio.get_running_loop()
         try:
             self.account = a = await loop.run_in_executor(
-                None, container_account, self.system_user_prefix, self.homes_dir, self.user.name, self.uid_range
+                None,
+                functools.partial(
+                    container_account,
+                    self.system_user_prefix,
+                    self.homes_dir,
+                    self.user.name,
+                    self.uid_range,
+                    log=self.log,
+                ),
             )
         except ContainerAccountError as e:
             refused = SpawnException(str(e), reason="no_account", status_code=503)

@@ -14,8 +14,18 @@ class ProgressMixin:
     """Mix into a Spawner before the upstream class."""
 
     def progress_reset(self) -> None:
+        # A new list, and the same Event, set: a spawn page listening since before this reset (its stream opens as
+        # soon as the spawn is asked for, before the pre-spawn hook and start()) turns to the new list at once.
+        # JupyterHub stops reading once start() has finished, dropping what was not read by then: a forked start
+        # takes well under the second a stale listener would otherwise sleep.
         self._progress_events: list[dict] = []
-        self._progress_changed = asyncio.Event()
+        if getattr(self, "_progress_changed", None) is None:
+            self._progress_changed = asyncio.Event()
+        self._progress_changed.set()
+
+    def run_pre_spawn_hook(self):
+        self.progress_reset()  # this spawn's steps only, from its start: never the last one's
+        return super().run_pre_spawn_hook()
 
     def progress_say(self, percent: int | None, message: str) -> None:
         if not hasattr(self, "_progress_events"):
@@ -30,10 +40,12 @@ class ProgressMixin:
     async def progress(self):
         if not hasattr(self, "_progress_events"):
             self.progress_reset()
-        sent = 0
+        events, sent = None, 0
         while True:
-            while sent < len(self._progress_events):
-                yield self._progress_events[sent]
+            if self._progress_events is not events:  # reset since: the steps of this spawn from its first
+                events, sent = self._progress_events, 0
+            while sent < len(events):
+                yield events[sent]
                 sent += 1
             self._progress_changed.clear()
             # The hub stops iterating once start() has finished; until then wait for the next step.

@@ -273,6 +273,7 @@ def test_an_account_of_another_container_deployment_is_not_taken_over(hub, hub_f
         assert ours.server("GET", "api/contents").status_code == 200
         taken = account(hub, "utwin")  # the same account, now this deployment's
         assert taken.pw_uid == before.pw_uid and taken.pw_dir == str(Path(hub.config["data_dir"]) / "homes" / "utwin")
+        assert f"Took over the system account {taken.pw_name} left by a removed deployment" in hub.log_path.read_text()
     finally:
         ours.stop_server()
 

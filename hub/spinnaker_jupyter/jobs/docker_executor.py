@@ -324,8 +324,17 @@ class DockerExecutor(LocalExecutor):
         except docker.errors.NotFound:
             return True
         try:  # as the user's server: their account (never root, never 1000), the volume theirs first
-            account = container_account(self.prefix, self.homes_dir, user, self.uid_range, what="jobs")
-            hand_over_home(self.client.api, self.home_image, volume, account.uid, account.gid, self.labels)
+            account = container_account(self.prefix, self.homes_dir, user, self.uid_range, what="jobs", log=log)
+            was = hand_over_home(self.client.api, self.home_image, volume, account.uid, account.gid, self.labels)
+            if was:  # once, as the spawner says it
+                log.info(
+                    "Home volume %s of %s handed over to %s (uid %d); it was %s",
+                    volume,
+                    user,
+                    account.name,
+                    account.uid,
+                    was,
+                )
         except (ContainerAccountError, RuntimeError, docker.errors.DockerException) as e:
             jlog.note(f"Output files not copied to ~/jobs/{job_id}/ ({e}); download them instead.")
             return True

@@ -120,7 +120,7 @@ class LocalExecutor(Executor):
             except UidRangeFull as e:
                 raise AccountError(e.message("jobs")) from None
         try:  # by the rule the spawner applies to servers: another deployment's `jupyter-alice` is another person
-            pw = own_system_account(pw, self.home(user), user)
+            pw = own_system_account(pw, self.home(user), user, log=self.log)
         except AccountOfAnotherDeployment as e:
             raise AccountError(e.message("jobs")) from None
         return Account(name, pw.pw_uid, pw.pw_gid, switched=True)
