@@ -5,7 +5,7 @@ the last config file (loaded last, so they win; refused when another account cou
 import signal
 from pathlib import Path
 
-from spinnaker_jupyter import config, hubconfig, preflight
+from spinnaker_jupyter import config, hubconfig, preflight, spawner
 
 c = get_config()  # noqa: F821 - provided by JupyterHub
 
@@ -21,3 +21,5 @@ hubconfig.apply(c, deployment)
 
 for extra in extras:
     exec(compile(Path(extra).read_text(), str(extra), "exec"), {"c": c, "get_config": lambda: c})
+
+spawner.launch_fork_server_with_the_hub(c)  # (after the operator's files: they may change the spawner)

@@ -319,7 +319,9 @@ SCHEMA: dict = _obj(
                             True,
                             "Start each local server by forking a process of the hub's (the fork server) that has "
                             "already imported the single-user server's modules, instead of a new Python that "
-                            "imports them again: a start then costs about a fifth of the CPU. Each server still "
+                            "imports them again: a start then costs about a fifth of the CPU. It starts with the hub "
+                            "(about a CPU-second, once), so the first start after a hub (re)start does not wait for "
+                            "it. Each server still "
                             "runs as its own account with its own environment, cgroup or rlimits and log; whenever "
                             "the fork server cannot start one (not running, a server environment it cannot serve) "
                             "the server starts as without it, with one warning in the hub's log. "

@@ -171,13 +171,16 @@ def test_nothing_is_left_once_the_hub_stops(forked):
 
 def test_a_restarted_hub_finds_its_forked_server(hub_factory):
     hub = hub_factory({"hub": {"stop_servers_on_exit": False}, "spawner": {"local": {"fork_server": True}}})
+    hub_dir = Path(hub.base) / "data" / "hub"
+    # It starts with the hub, so the first server start after a (re)start does not wait for its imports.
+    wait_for(lambda: (hub_dir / "fork-server" / "socket").exists(), 60, "the fork server to listen before any start")
+    assert len(_zygotes(hub)) == 1 and "Started through the fork server" not in hub.log()
     user = hub.client("fkr", hub.add_user("fkr"))
     user.start_server()
     pid = int(re.findall(r"\[fkr\] Started through the fork server: pid (\d+)", hub.log())[-1])
     hub.stop()  # the fork server ends with the hub; the server lives on
     assert processes.read(pid) is not None and processes.read(pid).alive
     # A fork server a crashed hub left (here: one whose pipe this test holds) is ended by `up`'s preflight.
-    hub_dir = Path(hub.base) / "data" / "hub"
     theirs, ours = os.pipe()
     left = subprocess.Popen(
         [sys.executable, "-m", ZYGOTE, str(hub_dir / "fork-server"), str(theirs)], cwd=hub_dir, pass_fds=[theirs]
@@ -192,6 +195,7 @@ def test_a_restarted_hub_finds_its_forked_server(hub_factory):
     finally:
         os.close(ours)
         left.wait(30)
+    wait_for(lambda: [z.pid for z in _zygotes(hub)] not in ([], [left.pid]), 30, "the restarted hub's fork server")
     assert (user.server_model() or {}).get("ready"), user.server_model()
     assert user.server("GET", "api/contents").status_code == 200
     uid = pwd.getpwnam(hub.system_account("fkr")).pw_uid
