@@ -20,13 +20,14 @@ reaps its children at once, so the spawner's pid-only poll() sees an ended serve
 
 What is pre-imported (`PRELOAD`, after spinnaker_jupyter.singleuser.prepare()'s cuts) reads no per-user variable at
 import: jupyterhub.singleuser (its __init__ and jupyterhub.services.auth take JUPYTERHUB_SINGLEUSER_*, the service
-prefix, API URL and SSL files into class defaults) and jupyterlab.labapp (HOME) are left to each server; what they
-cost then is ~0.05 CPU-s. Every environment read during the pre-imports is recorded, and a start whose environment
-differs in one of them (or in what the interpreter read at start-up: PYTHON*, LANG, LC_ALL, LC_CTYPE) is refused:
-the spawner then starts it with Popen (a locale coercion the zygote's interpreter made is made for the server too:
-as_started). Imports that take per-user state at import from HOME, USER, the uid or the cwd are listed in
+prefix, API URL and SSL files into class defaults) and jupyterlab.labapp (HOME) are left to each server, only their
+own modules (what they import is pre-imported): ~0.01 CPU-s. Every environment read during the pre-imports is
+recorded, and a start whose environment differs in one of them (or in what the interpreter read at start-up: PYTHON*,
+LANG, LC_ALL, LC_CTYPE) is refused: the spawner then starts it with Popen (a locale coercion the zygote's interpreter
+made is made for the server too: as_started). Imports that take per-user state at import from HOME, USER, the uid or the cwd are listed in
 PER_USER_AT_IMPORT with how each child makes it its user's (reloaded, refreshed, or unused by a server).
-Checked against jupyterhub 6.1.1, jupyter_server 2.21.1, jupyterlab 4.6.6, send2trash 2.2.0, Python 3.11.
+Checked against jupyterhub 6.1.1, jupyter_server 2.21.1, jupyterlab 4.6.6, notebook 7.6.5, IPython 9.18.1,
+send2trash 2.2.0, Python 3.11.
 
 About 550 lines: both sides of one protocol (the request, its checks, the hub's and the zygote's ends) stay together.
 """
@@ -65,6 +66,29 @@ PRELOAD = (
     "jupyter_server_terminals",
     "notebook_shim",
     "spinnaker_jupyter_ext",
+    # What every server imported after the fork (~0.03 CPU-s each start), all of it reading no per-user state at
+    # import: IPython (notebook_shim's nbextensions_path, which inspect.getmembers evaluates at every start),
+    # everything jupyterlab.labapp imports but labapp itself, notebook (classic), jupyterhub.singleuser's imports but
+    # its own and jupyterhub.services.auth's, the extension's Drive module and the server-proxy entry point's.
+    "IPython",
+    "jupyterlab.commands",
+    "jupyterlab.coreconfig",
+    "jupyterlab.debuglog",
+    "jupyterlab.extensions",
+    "jupyterlab.handlers.announcements",
+    "jupyterlab.handlers.build_handler",
+    "jupyterlab.handlers.error_handler",
+    "jupyterlab.handlers.extension_manager_handler",
+    "jupyterlab.handlers.plugin_manager_handler",
+    "notebook.app",
+    "notebook_shim.nbserver",
+    "jinja2.ext",
+    "jupyter_core.migrate",
+    "tornado.platform.asyncio",
+    "unittest.mock",
+    "jupyterhub.httpclient",
+    "spinnaker_jupyter_ext.drive",
+    "spinnaker_jupyter.jobs.lab_link",
 )
 #: Modules that take per-user state at import (HOME, USER, uid, cwd), and how each child makes it its user's.
 PER_USER_AT_IMPORT = {
@@ -215,6 +239,10 @@ def preload() -> dict[str, str | None]:
 
         prepare()
         for name in (*PRELOAD, *RELOADED, "spinnaker_singleuser", "spinnaker_jupyter.limits"):
+            importlib.import_module(name)
+        # jupyter_server's own handler modules, which it imports at every start (ServerApp.init_webapp)
+        handlers = sys.modules["jupyter_server.serverapp"].JUPYTER_SERVICE_HANDLERS
+        for name in {m for modules in handlers.values() for m in modules or ()}:
             importlib.import_module(name)
 
     return _record_environment_reads(imports)
