@@ -41,6 +41,7 @@ import dataclasses
 import importlib
 import json
 import os
+import platform
 import signal
 import socket
 import stat
@@ -245,7 +246,11 @@ def preload() -> dict[str, str | None]:
         for name in {m for modules in handlers.values() for m in modules or ()}:
             importlib.import_module(name)
 
-    return _record_environment_reads(imports)
+    read_at_import = _record_environment_reads(imports)
+    # What platform.platform() finds (os.uname, `uname -p` in a process, the C library's version read from the
+    # interpreter's binary) is the machine's, and cached: each server's sysinfo (init_webapp) then reads it.
+    platform.platform()
+    return read_at_import
 
 
 def open_listener(folder: Path) -> socket.socket:

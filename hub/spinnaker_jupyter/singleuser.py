@@ -24,7 +24,7 @@ import sys
 # single-user image runs as well; this module adds the Node cut, which only the hub's host needs.
 from spinnaker_singleuser import SKIPPED_IMPORTS, run, skip_imports
 
-__all__ = ["SKIPPED_IMPORTS", "main", "prepare"]
+__all__ = ["SKIPPED_IMPORTS", "main", "prepare", "skip_git_probe"]
 
 
 def prepare() -> None:
@@ -33,6 +33,19 @@ def prepare() -> None:
     from .upstream import skip_yarn_config
 
     skip_yarn_config()
+    skip_git_probe()
+
+
+def skip_git_probe() -> None:
+    """jupyter_server looks for a .git folder above its own package at every start (ServerApp.init_webapp, through
+    the private jupyter_server._sysinfo.pkg_commit_hash) and, finding the project's (the venv lives in its checkout),
+    runs `git rev-parse` to name jupyter_server's commit, which that is not. For every user account git refuses the
+    hub account's repository anyway (dubious ownership: the answer is then "not from a repository"); this gives that
+    answer without the walk and the process (~0.005 CPU-s of a forked start). Static files keep their version in
+    their URLs as for any installed jupyter_server. Checked against jupyter_server 2.21.1."""
+    from jupyter_server import _sysinfo
+
+    _sysinfo.pkg_commit_hash = lambda pkg_path: ("", "")
 
 
 def main() -> None:
