@@ -13,6 +13,7 @@ from pathlib import Path
 
 from spinnaker_server_contract import ServerContract, jupyter_server_config
 
+from . import hub_db
 from .config import PROJECT_ROOT, ConfigError, Deployment
 from .kernels import make_world_readable
 
@@ -144,6 +145,7 @@ def update_hub(c, d: Deployment) -> None:
     c.JupyterHub.hub_ip = "127.0.0.1"
     c.JupyterHub.hub_port = d["proxy"]["hub_port"]
     c.JupyterHub.db_url = d.db_url
+    c.JupyterHub.db_kwargs = hub_db.db_kwargs(d.db_url)  # SQLite: write-ahead log, commits not waiting for the disk
     c.JupyterHub.cookie_secret_file = str(d.hub_dir / "jupyterhub_cookie_secret")
     c.JupyterHub.pid_file = str(d.hub_dir / "jupyterhub.pid")
     c.JupyterHub.log_level = hub["log_level"]

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import stat
+from pathlib import Path
 
 import requests
 
@@ -29,6 +31,9 @@ def test_backup_of_a_running_hub_restores_onto_a_fresh_data_folder(hub_factory, 
         json={"type": "file", "format": "text", "content": "user data: not in a backup"},
     ).ok
     [server] = [p for p in hub.own_processes() if processes.SINGLEUSER in p.cmdline]
+    db = sqlite3.connect(Path(hub.base) / "data" / "hub" / "jupyterhub.sqlite")
+    assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)  # (hub_db.py: what is backed up is a WAL file)
+    db.close()
 
     backup_dir = tmp_path / "backup"
     r = hub.cli("backup", str(backup_dir))  # the hub is running

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import sqlite3
 import sys
 
 import pytest
@@ -110,6 +111,19 @@ def test_servers_outlive_the_hub_by_default_only_in_containers(apply):
         apply({"spawner": {"type": "docker"}, "hub": {"stop_servers_on_exit": True}})[0].JupyterHub.cleanup_servers
         is True
     )
+
+
+def test_the_hub_database_commits_without_waiting_for_the_disk(apply, monkeypatch, tmp_path):
+    kwargs = apply({})[0].JupyterHub.db_kwargs
+    assert kwargs["connect_args"]["check_same_thread"] is False  # (JupyterHub's own setting for SQLite, kept)
+    con = sqlite3.connect(tmp_path / "hub.sqlite", **kwargs["connect_args"])
+    try:
+        assert con.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert con.execute("PRAGMA synchronous").fetchone() == (1,)  # NORMAL
+    finally:
+        con.close()
+    monkeypatch.setenv("SPINNAKER_JUPYTER_DB_URL", "postgresql://hub@db/hub")
+    assert apply({})[0].JupyterHub.db_kwargs == {}
 
 
 def test_database_url_from_the_file_or_the_environment(apply, monkeypatch):
