@@ -4,13 +4,14 @@ passwd/group list and a fake /etc/login.defs; the mark in a temporary data_dir."
 
 from __future__ import annotations
 
+import grp
 import random
 import stat
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from spinnaker_jupyter import config
+from spinnaker_jupyter import config, uid_range
 from spinnaker_jupyter.config_error import ConfigError
 from spinnaker_jupyter.uid_range import (
     DEFAULT_UID_RANGE,
@@ -199,6 +200,18 @@ def test_give_uid_remembers_the_highest_uid_given_in_data_dir(tmp_path):
     assert give_uid(tmp_path, (lo, hi)) is None
     assert read_mark(mark_file(tmp_path)) == hi
     assert not list((tmp_path / "hub").glob("*.tmp"))
+
+
+def test_a_number_taken_after_the_accounts_were_read_is_not_given(tmp_path, monkeypatch):
+    (tmp_path / "hub").mkdir(mode=0o700)
+    lo, hi = _free_range(3)
+    real = grp.getgrgid
+
+    def getgrgid(number):  # a group made by hand with the range's first number after give_uid read them all
+        return real(0) if number == lo else real(number)
+
+    monkeypatch.setattr(uid_range.grp, "getgrgid", getgrgid)
+    assert give_uid(tmp_path, (lo, hi)) == lo + 1
 
 
 def test_the_hub_and_the_job_service_never_pick_one_uid(tmp_path):
