@@ -303,7 +303,7 @@ def update_spawner(c, d: Deployment) -> None:
     if sp["type"] in ("local", "docker"):  # (Slurm queues its own jobs)
         from .spawn_queue import configure as apply_start_queue  # a few starts at a time, the rest in line
 
-        apply_start_queue(c, sp["start_queue"])
+        apply_start_queue(c, sp["start_queue"], forked=sp["type"] == "local" and sp["local"]["fork_server"])
     if sp["mem_limit"]:
         c.Spawner.mem_limit = sp["mem_limit"]
     if sp["cpu_limit"]:

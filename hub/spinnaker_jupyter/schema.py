@@ -476,10 +476,12 @@ SCHEMA: dict = _obj(
                             "spawn page says their place and about how long (from the measured "
                             "recent starts). A start is CPU-bound: about one per core gets the "
                             "first user in within seconds and the last no later than all at "
-                            "once. null: the cores the hub may use (its CPU affinity): a start "
-                            "time-sliced against more starts than cores costs more CPU than the idle it "
-                            "fills (benchmarks/README.md); with containers on another host, base it on "
-                            "that host's cores. A server "
+                            "once. null: with forked local servers (spawner.local.fork_server, the "
+                            "default) half as many again as the cores the hub may use (its CPU affinity; 3 on "
+                            "2 cores), since a forked start spends about a third of its time waiting; "
+                            "otherwise the cores: a new Python's start time-sliced against more starts than "
+                            "cores costs more CPU than the idle it fills (benchmarks/README.md); with "
+                            "containers on another host, base it on that host's cores. A server "
                             "waiting for its SpiNNaker board holds no place; Slurm queues its own "
                             "jobs (spawner.type slurm ignores this).",
                         },

@@ -81,7 +81,8 @@ class SpawnQueue(LoggingConfigurable):
 
     @default("concurrency")
     def _concurrency_default(self):
-        # One per core. Measured with 30 starts on 2 cores, followed as browsers follow them (benchmarks/README.md,
+        # One per core for starts of a new Python or a container (hubconfig sets forked_concurrency() when local
+        # servers are forked: configure()). Measured with 30 starts on 2 cores, followed as browsers follow them (benchmarks/README.md,
         # 5 runs each): 2 at a time, first 1.8 s, median 10.5 s, last 21.3 s, the machine 6% idle; 3 at a time, first
         # 2.8 s, median 12.9 s, last 25.6 s: a third start on two cores leaves no core idle but makes every start
         # cost ~25% more CPU (time-sliced against the others), more than the idle it fills. (An earlier benchmark
@@ -274,14 +275,25 @@ def refuse_if_full(spawner) -> None:
     queue_for(spawner).refuse_if_full(spawner.user.name + (f"/{spawner.name}" if spawner.name else ""))
 
 
-def configure(c, queue_config: dict) -> None:
-    """The deployment's `spawner.start_queue` section -> the queue, and no stock throttle before it."""
+def configure(c, queue_config: dict, forked: bool = False) -> None:
+    """The deployment's `spawner.start_queue` section -> the queue, and no stock throttle before it. `forked`: local
+    servers forked from the fork server, whose default is half as many again as the cores (forked_concurrency)."""
     if queue_config.get("concurrency"):
         c.SpawnQueue.concurrency = queue_config["concurrency"]
+    elif forked:
+        c.SpawnQueue.concurrency = forked_concurrency(usable_cpus())
     c.SpawnQueue.limit = queue_config["limit"]
     # Stock JupyterHub refuses starts past concurrent_spawn_limit (default 100, counting starts that wait for a
     # board or in this queue): the queue decides instead.
     c.JupyterHub.concurrent_spawn_limit = 0
+
+
+def forked_concurrency(cores: int) -> int:
+    """Starts at a time when servers are forked: a forked start costs ~0.1 CPU-s and spends about a third of its place
+    waiting (its account, the fork's answer, the hub's own steps), so one per core left a core idle ~20% of the time.
+    30 starts on 2 cores, alternated in one run (benchmarks/README.md): 3 at a time, median 2.1-2.6 s and last
+    3.9-4.6 s; 2 at a time 2.6-3.4 s and 5.0-6.1 s; 4 at a time no better than 3. (Measured on 2 cores only.)"""
+    return cores + max(1, cores // 2)
 
 
 def _seconds(s: float) -> str:

@@ -18,6 +18,7 @@ import pytest
 from traitlets.config import Config
 
 from spinnaker_jupyter import config, hubconfig
+from spinnaker_jupyter.spawn_queue import forked_concurrency
 
 SECRET = "s" * 40
 CRYPT_KEY = "ab" * 32
@@ -360,6 +361,10 @@ def test_local_spawner_section(apply):
     assert (c.Spawner.mem_limit, c.Spawner.cpu_limit, c.Spawner.default_url) == ("2G", 1.5, "/tree")
     assert (c.SpawnQueue.concurrency, c.SpawnQueue.limit) == (4, 10)
     assert c.JupyterHub.concurrent_spawn_limit == 0  # the queue decides, not the stock throttle
+    cores = len(os.sched_getaffinity(0))
+    forked = apply({})[0].SpawnQueue  # forked starts (the default) wait a third of their time: more at once
+    assert forked.concurrency == cores + max(1, cores // 2) and forked_concurrency(2) == 3
+    assert "concurrency" not in apply({"spawner": {"local": {"fork_server": False}}})[0].SpawnQueue  # the cores
     assert c.Spawner.poll_interval == 11
     assert c.Spawner.cmd[:3] == [sys.executable, "-m", "spinnaker_jupyter.singleuser"]
 
