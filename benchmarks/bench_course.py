@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from conftest import BIN, ENVS, RunningHub, free_port, traversable_tmpdir  # noqa: E402
 from hubclient import wait_for  # noqa: E402
+from spinnaker_jupyter.spawn_queue import forked_concurrency  # noqa: E402
 
 CORES = len(os.sched_getaffinity(0))
 #: The user-server settings as they were before the start-up cuts (hubconfig.write_server_config then).
@@ -354,7 +355,7 @@ def main() -> None:
     results = {
         "cores": CORES,
         "load_before": load(),
-        "concurrency": args.concurrency or CORES,
+        "concurrency": args.concurrency or (forked_concurrency(CORES) if args.fork_server else CORES),
     }  # (spawn_queue's default)
     results["cpu_before"] = cpu_per_start([str(BIN / "jupyterhub-singleuser")], BEFORE_SETTINGS)
     after = json.loads(json.dumps(BEFORE_SETTINGS))
