@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import inspect
 import json
 import os
 import struct
@@ -152,6 +153,27 @@ def test_state_taken_at_import_follows_the_servers_user(monkeypatch, tmp_path):
         import multiprocessing.process
 
         multiprocessing.process.ORIGINAL_DIR = os.getcwd()
+
+
+def test_server_proxy_entry_points_are_read_once_in_the_zygote(monkeypatch):
+    import importlib.metadata as metadata
+
+    from jupyter_server_proxy import config
+
+    assert f'entry_points(group="{fs.SERVER_PROXY_GROUP}")' in inspect.getsource(config)  # what it calls, and how
+    expected = metadata.entry_points(group=fs.SERVER_PROXY_GROUP)
+    assert {"batch-jobs", "nrp"} <= set(expected.names)  # the project's named servers (hub and extension packages)
+    module = SimpleNamespace()
+    fs.snapshot_entry_points(module, fs.SERVER_PROXY_GROUP)
+
+    def no_reading():
+        raise AssertionError("the installed packages were read again")
+
+    monkeypatch.setattr(metadata, "distributions", no_reading)
+    answer = module.entry_points(group=fs.SERVER_PROXY_GROUP)
+    assert tuple(answer) == tuple(expected) and module.entry_points(group=fs.SERVER_PROXY_GROUP) is answer
+    with pytest.raises(AssertionError, match="read again"):  # any other question is importlib's, asked anew
+        module.entry_points(group="console_scripts")
 
 
 def test_a_folder_others_could_enter_is_refused(tmp_path):
