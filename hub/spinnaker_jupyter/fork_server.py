@@ -29,7 +29,7 @@ PER_USER_AT_IMPORT with how each child makes it its user's (reloaded, refreshed,
 Checked against jupyterhub 6.1.1, jupyter_server 2.21.1, jupyterlab 4.6.6, notebook 7.6.5, IPython 9.18.1,
 send2trash 2.2.0, Python 3.11.
 
-About 550 lines: both sides of one protocol (the request, its checks, the hub's and the zygote's ends) stay together.
+About 600 lines: both sides of one protocol (the request, its checks, the hub's and the zygote's ends) stay together.
 """
 
 from __future__ import annotations
