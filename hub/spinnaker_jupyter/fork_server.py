@@ -41,7 +41,6 @@ import dataclasses
 import importlib
 import json
 import os
-import platform
 import signal
 import socket
 import stat
@@ -100,9 +99,6 @@ PER_USER_AT_IMPORT = {
     "wsgiref.handlers": "unused",  # a copy of the whole environment, for wsgiref's own servers only
 }
 RELOADED = tuple(m for m, how in PER_USER_AT_IMPORT.items() if how == "reloaded")
-#: The entry-point group of jupyter-server-proxy's named servers, read with `entry_points(group=...)` by its module
-#: jupyter_server_proxy.config (checked against jupyter-server-proxy 4.6.0).
-SERVER_PROXY_GROUP = "jupyter_serverproxy_servers"
 #: What the interpreter itself reads from the environment at start-up (besides PYTHON*).
 STARTUP_ENV = ("LANG", "LC_ALL", "LC_CTYPE")
 SOCKET_NAME = "socket"
@@ -250,26 +246,12 @@ def preload() -> dict[str, str | None]:
             importlib.import_module(name)
 
     read_at_import = _record_environment_reads(imports)
-    # What platform.platform() finds (os.uname, `uname -p` in a process, the C library's version read from the
-    # interpreter's binary) is the machine's, and cached: each server's sysinfo (init_webapp) then reads it.
-    platform.platform()
-    snapshot_entry_points(sys.modules["jupyter_server_proxy.config"], SERVER_PROXY_GROUP)
+    # Machine-wide answers each server's start would otherwise find again (upstream internals: fenced there).
+    from .upstream import cache_platform, snapshot_server_proxy_entry_points
+
+    cache_platform()
+    snapshot_server_proxy_entry_points()
     return read_at_import
-
-
-def snapshot_entry_points(module, group: str) -> None:
-    """`module`'s entry_points(group=group) answered from one reading made now, in the zygote: jupyter-server-proxy
-    reads every installed package's entry points at each server start (~290 entry_points.txt files, ~5 ms) to find
-    its named servers (here batch-jobs and nrp). A package installed into the hub's environment later is seen after
-    the hub's restart, as its code is."""
-    from importlib.metadata import entry_points
-
-    found = entry_points(group=group)
-
-    def answer(**params):
-        return found if params == {"group": group} else entry_points(**params)
-
-    module.entry_points = answer
 
 
 def open_listener(folder: Path) -> socket.socket:

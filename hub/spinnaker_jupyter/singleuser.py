@@ -11,9 +11,11 @@ serve nobody here (measured with `python -X importtime` and CPU time per start: 
    here what it answers when Node is absent: no yarn or npm settings (upstream.skip_yarn_config, fenced there with
    the private upstream APIs; checked against JupyterLab 4.6.6). tests/integration/test_spawn_queue.py fails if either comes
    back.
+3. jupyter_server's sysinfo runs `git rev-parse` at every start, finding the project's checkout the venv lives in
+   (~0.005 CPU-s of a forked start): upstream.skip_git_probe gives the answer git gives every user account there.
 
 Run as ``python -m spinnaker_jupyter.singleuser /path/to/jupyterhub-singleuser [its arguments]``: the upstream script
-runs as it is, in this process, after the two cuts (and `ps` / `pgrep jupyterhub-singleuser` still find it).
+runs as it is, in this process, after the cuts (and `ps` / `pgrep jupyterhub-singleuser` still find it).
 """
 
 from __future__ import annotations
@@ -24,28 +26,16 @@ import sys
 # single-user image runs as well; this module adds the Node cut, which only the hub's host needs.
 from spinnaker_singleuser import SKIPPED_IMPORTS, run, skip_imports
 
-__all__ = ["SKIPPED_IMPORTS", "main", "prepare", "skip_git_probe"]
+__all__ = ["SKIPPED_IMPORTS", "main", "prepare"]
 
 
 def prepare() -> None:
     """Before anything imports jupyter_server or JupyterLab."""
     skip_imports()
-    from .upstream import skip_yarn_config
+    from .upstream import skip_git_probe, skip_yarn_config
 
     skip_yarn_config()
     skip_git_probe()
-
-
-def skip_git_probe() -> None:
-    """jupyter_server looks for a .git folder above its own package at every start (ServerApp.init_webapp, through
-    the private jupyter_server._sysinfo.pkg_commit_hash) and, finding the project's (the venv lives in its checkout),
-    runs `git rev-parse` to name jupyter_server's commit, which that is not. For every user account git refuses the
-    hub account's repository anyway (dubious ownership: the answer is then "not from a repository"); this gives that
-    answer without the walk and the process (~0.005 CPU-s of a forked start). Static files keep their version in
-    their URLs as for any installed jupyter_server. Checked against jupyter_server 2.21.1."""
-    from jupyter_server import _sysinfo
-
-    _sysinfo.pkg_commit_hash = lambda pkg_path: ("", "")
 
 
 def main() -> None:

@@ -1,10 +1,11 @@
 """Every private or deprecated upstream API the hub package relies on, in one place.
 
-The project configures JupyterHub, oauthenticator, DockerSpawner and JupyterLab rather than forking them; where a
-decision needs something they do not offer publicly, it is reached for here and nowhere else. Each function names
-the pinned version it was checked against (requirements-hub.txt, hub/pyproject.toml) and why no public API does,
-and tests/unit/test_upstream.py checks each against the installed packages (signatures, attributes, the database
-cascade): an upgrade that changes one fails there by name instead of somewhere in a running hub.
+The project configures JupyterHub, oauthenticator, DockerSpawner, JupyterLab, jupyter_server and jupyter-server-proxy
+rather than forking them; where a decision needs something they do not offer publicly, it is reached for here and
+nowhere else. Each function names the pinned version it was checked against (requirements-hub.txt,
+hub/pyproject.toml) and why no public API does, and tests/unit/test_upstream.py checks each against the installed
+packages (signatures, attributes, the database cascade): an upgrade that changes one fails there by name instead of
+somewhere in a running hub.
 
 Imports stay inside the functions: user servers import this module at start-up (singleuser.py), and must not pay
 for JupyterHub's imports. The user-server extension has its own fence (spinnaker_jupyter_ext/proxy_upstream.py).
@@ -20,6 +21,9 @@ JUPYTERHUB = "6.1.1"
 OAUTHENTICATOR = "17.4.0"
 JUPYTERLAB = "4.6.6"
 TORNADO = "6.6.1"  # not pinned itself: the version JupyterHub 6.1.1 and jupyter_server 2.21.1 bring
+JUPYTER_SERVER = "2.21.1"
+JUPYTER_SERVER_PROXY = "4.6.0"
+PYTHON = "3.11"  # the interpreter of the hub's environment (.venv), whose standard library cache_platform relies on
 
 
 # ------------------------------------------------------------------------------------------------ JupyterHub 6.1.1
@@ -198,6 +202,61 @@ def skip_yarn_config() -> None:
 def no_yarn_config(logger=None) -> dict:
     """jupyterlab.commands._yarn_config's answer when Node is not installed."""
     return {"yarn config": {}, "npm config": {}}
+
+
+# ------------------------------------------------------------------------------------------ jupyter_server 2.21.1
+def skip_git_probe() -> None:
+    """Make jupyter_server's private ``jupyter_server._sysinfo.pkg_commit_hash`` answer what it answers outside any
+    git repository ("not from a repository") without looking. At every start (``ServerApp.init_webapp``, through
+    ``_sysinfo.get_sys_info``) it looks for a .git folder above jupyter_server's package, finds the project's (the venv
+    lives in its checkout) and runs `git rev-parse` to name jupyter_server's commit, which that is not; for every user
+    account git refuses the hub account's repository anyway (dubious ownership), giving that same answer: ~0.005
+    CPU-s of a forked start spent for nothing. Static files keep their version in their URLs as for any installed
+    jupyter_server. Called by singleuser.prepare()."""
+    from jupyter_server import _sysinfo
+
+    _sysinfo.pkg_commit_hash = no_commit_hash
+
+
+def no_commit_hash(pkg_path) -> tuple[str, str]:
+    """jupyter_server._sysinfo.pkg_commit_hash's answer for a folder outside any git repository."""
+    return "", ""
+
+
+def cache_platform() -> None:
+    """Find the machine's ``platform.platform()`` now, in the fork server before it forks any server: Python 3.11
+    keeps the answer (its private ``platform._platform_cache``), and jupyter_server's private
+    ``_sysinfo.pkg_info`` asks for it at every server start (``ServerApp.init_webapp``); finding it runs `uname -p`
+    in a process and reads the C library's version from the interpreter's binary. It is the machine's, not a
+    user's."""
+    import platform
+
+    platform.platform()
+
+
+# ------------------------------------------------------------------------------------- jupyter-server-proxy 4.6.0
+#: The entry-point group of jupyter-server-proxy's named servers.
+SERVER_PROXY_GROUP = "jupyter_serverproxy_servers"
+
+
+def snapshot_server_proxy_entry_points() -> None:
+    """Answer jupyter-server-proxy's reading of its named servers (here batch-jobs and nrp) from one reading of the
+    installed packages' entry points made now, in the fork server before it forks any server: at each server start
+    ``jupyter_server_proxy.config.get_entrypoint_server_processes`` calls ``entry_points(group=SERVER_PROXY_GROUP)``,
+    the name its module imported from importlib.metadata, which reads every installed package's entry points (~290
+    entry_points.txt files, ~5 ms CPU); jupyter-server-proxy offers no setting for it. That module's ``entry_points``
+    is replaced by one that answers that question from the reading and asks importlib any other. A package
+    installed into the hub's environment later is seen after the hub's restart, as its code is."""
+    from importlib.metadata import entry_points
+
+    from jupyter_server_proxy import config
+
+    found = entry_points(group=SERVER_PROXY_GROUP)
+
+    def answer(**params):
+        return found if params == {"group": SERVER_PROXY_GROUP} else entry_points(**params)
+
+    config.entry_points = answer
 
 
 # -------------------------------------------------------------------------------------------------- tornado 6.6.1

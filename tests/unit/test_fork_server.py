@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import inspect
 import json
 import os
 import struct
@@ -20,6 +19,7 @@ from jupyterhub.objects import Hub
 from jupyterhub.spawner import LocalProcessSpawner
 
 from spinnaker_jupyter import fork_server as fs
+from spinnaker_jupyter import upstream
 
 SCRIPT = "/opt/venv/bin/jupyterhub-singleuser"
 
@@ -155,25 +155,14 @@ def test_state_taken_at_import_follows_the_servers_user(monkeypatch, tmp_path):
         multiprocessing.process.ORIGINAL_DIR = os.getcwd()
 
 
-def test_server_proxy_entry_points_are_read_once_in_the_zygote(monkeypatch):
-    import importlib.metadata as metadata
-
-    from jupyter_server_proxy import config
-
-    assert f'entry_points(group="{fs.SERVER_PROXY_GROUP}")' in inspect.getsource(config)  # what it calls, and how
-    expected = metadata.entry_points(group=fs.SERVER_PROXY_GROUP)
-    assert {"batch-jobs", "nrp"} <= set(expected.names)  # the project's named servers (hub and extension packages)
-    module = SimpleNamespace()
-    fs.snapshot_entry_points(module, fs.SERVER_PROXY_GROUP)
-
-    def no_reading():
-        raise AssertionError("the installed packages were read again")
-
-    monkeypatch.setattr(metadata, "distributions", no_reading)
-    answer = module.entry_points(group=fs.SERVER_PROXY_GROUP)
-    assert tuple(answer) == tuple(expected) and module.entry_points(group=fs.SERVER_PROXY_GROUP) is answer
-    with pytest.raises(AssertionError, match="read again"):  # any other question is importlib's, asked anew
-        module.entry_points(group="console_scripts")
+def test_the_zygote_finds_the_machine_wide_answers_after_its_imports(monkeypatch):
+    """preload() takes upstream's fenced snapshots (each checked in test_upstream.py) once its recorded imports ran."""
+    calls = []
+    monkeypatch.setattr(fs, "_record_environment_reads", lambda imports: calls.append("imports") or {"HOME": None})
+    monkeypatch.setattr(upstream, "cache_platform", lambda: calls.append("platform"))
+    monkeypatch.setattr(upstream, "snapshot_server_proxy_entry_points", lambda: calls.append("entry points"))
+    assert fs.preload() == {"HOME": None}
+    assert calls == ["imports", "platform", "entry points"]
 
 
 def test_a_folder_others_could_enter_is_refused(tmp_path):

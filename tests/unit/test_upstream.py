@@ -8,13 +8,17 @@ import asyncio
 import importlib.metadata
 import inspect
 import logging
+import platform
 import signal
+import sys
 from types import SimpleNamespace
 from unittest import mock
 
 import jupyterlab.commands
 import pytest
 import sqlalchemy
+from jupyter_server import _sysinfo
+from jupyter_server_proxy import config as server_proxy_config
 from jupyterhub import orm
 from jupyterhub.app import JupyterHub
 from jupyterhub.proxy import ConfigurableHTTPProxy
@@ -42,6 +46,8 @@ from spinnaker_jupyter_ext import proxy_upstream
         ("jupyterlab", upstream.JUPYTERLAB),
         ("tornado", upstream.TORNADO),
         ("tornado", proxy_upstream.TORNADO_CHECKED),
+        ("jupyter_server", upstream.JUPYTER_SERVER),
+        ("jupyter-server-proxy", upstream.JUPYTER_SERVER_PROXY),
     ],
 )
 def test_installed_versions_are_the_checked_ones(package, checked):
@@ -221,6 +227,66 @@ def test_yarn_config_answer_is_jupyterlabs_own_without_node(monkeypatch):
     upstream.skip_yarn_config()
     assert jupyterlab.commands._yarn_config is upstream.no_yarn_config
     monkeypatch.setattr(jupyterlab.commands, "_yarn_config", original)
+
+
+# --- jupyter_server, the standard library, jupyter-server-proxy -------------------------------------------------
+def test_git_probe_answer_is_jupyter_servers_own_outside_a_repository(monkeypatch, tmp_path):
+    original = _sysinfo.pkg_commit_hash
+    assert list(inspect.signature(original).parameters) == ["pkg_path"]
+    assert "pkg_commit_hash(pkg_path)" in inspect.getsource(_sysinfo.pkg_info)  # (looked up at each call)
+    assert original(str(tmp_path)) == upstream.no_commit_hash(str(tmp_path))  # upstream's own answer, no .git above
+    monkeypatch.setattr(_sysinfo, "pkg_commit_hash", original)  # (put back after the test)
+    monkeypatch.setattr(platform, "platform", lambda: "Linux")  # (its own fence: test_platform_found_once)
+    upstream.skip_git_probe()
+    # From this checkout's venv: without the cut, `git rev-parse` would run (a process: the unit lane's conftest fails)
+    info = _sysinfo.get_sys_info()
+    assert (info["commit_source"], info["commit_hash"]) == ("", "")
+
+
+def test_platform_found_once(monkeypatch):
+    """cache_platform's premises: jupyter_server's sysinfo asks platform.platform() at each start, whose first answer
+    runs `uname -p` and reads the C library's version, and Python keeps that answer."""
+    assert f"{sys.version_info.major}.{sys.version_info.minor}" == upstream.PYTHON, (
+        f"Python {sys.version.split()[0]} runs; upstream.cache_platform was checked against {upstream.PYTHON}"
+    )
+    assert "platform.platform()" in inspect.getsource(_sysinfo.pkg_info)
+    found: list[str] = []
+    monkeypatch.setattr(platform, "_platform_cache", {})  # (as in a new fork server; put back after the test)
+    monkeypatch.setattr(platform, "_uname_cache", None)
+    monkeypatch.setattr(platform._Processor, "from_subprocess", lambda: found.append("uname -p") or "x86_64")
+    monkeypatch.setattr(platform, "libc_ver", lambda *a, **kw: found.append("libc") or ("glibc", "2.36"))
+    monkeypatch.setattr(_sysinfo, "pkg_commit_hash", upstream.no_commit_hash)
+    upstream.cache_platform()
+    assert found == ["uname -p", "libc"]
+    assert _sysinfo.get_sys_info()["platform"].endswith("-x86_64-with-glibc2.36")
+    assert found == ["uname -p", "libc"]  # not found again
+
+
+def test_server_proxy_named_servers_found_from_one_reading(monkeypatch):
+    """jupyter-server-proxy finds its named servers through the entry_points its config module imported, asked for
+    upstream.SERVER_PROXY_GROUP; once snapshot, it finds the project's without reading the installed packages."""
+    assert f'entry_points(group="{upstream.SERVER_PROXY_GROUP}")' in inspect.getsource(
+        server_proxy_config.get_entrypoint_server_processes
+    )
+    assert server_proxy_config.entry_points is importlib.metadata.entry_points
+    expected = importlib.metadata.entry_points(group=upstream.SERVER_PROXY_GROUP)
+    assert {"batch-jobs", "nrp"} <= set(expected.names)  # the project's named servers (hub and extension packages)
+    monkeypatch.setattr(server_proxy_config, "entry_points", server_proxy_config.entry_points)  # (put back after)
+    upstream.snapshot_server_proxy_entry_points()
+
+    def no_reading():
+        raise AssertionError("the installed packages were read again")
+
+    monkeypatch.setattr(importlib.metadata, "distributions", no_reading)
+    found = [process.name for process in server_proxy_config.get_entrypoint_server_processes()]
+    assert found == [entry_point.name for entry_point in expected]
+    answer = server_proxy_config.entry_points(group=upstream.SERVER_PROXY_GROUP)
+    assert (
+        tuple(answer) == tuple(expected)
+        and server_proxy_config.entry_points(group=upstream.SERVER_PROXY_GROUP) is answer
+    )
+    with pytest.raises(AssertionError, match="read again"):  # any other question is importlib's, asked anew
+        server_proxy_config.entry_points(group="console_scripts")
 
 
 def test_home_volume_named_with_the_configured_escape(write_config):
