@@ -2,7 +2,8 @@
 single-user server's modules once, and each server start forks it instead of starting a new interpreter that
 imports them again (about 0.9 of a ~1 CPU-second start: benchmarks/README.md).
 
-Hub side (`ForkServer`): started by the spawner at its first start, with the interpreter the servers run and only the
+Hub side (`ForkServer`): started as the hub starts (spawner.launch_fork_server_with_the_hub; else at the first server
+start), with the interpreter the servers run and only the
 environment every server shares (the spawner's `env_keep`); it ends when the hub's process does (it watches a pipe
 whose other end only the hub holds) and works in the hub's folder, so `up` ends one a crashed hub left
 (preflight.end_previous_hub_leftovers). It listens on a unix socket in a folder of its own account, mode 0700; the
@@ -498,7 +499,7 @@ def popen_arguments(spawner) -> tuple[list[str], dict[str, str]]:
 
 
 class ForkServer:
-    """The hub's fork server for one socket folder: started at first use; one that ended is started again at once if
+    """The hub's fork server for one socket folder: started with the hub; one that ended is started again at once if
     it had started servers, else at most once a minute (one that cannot start would otherwise be started at every
     server start)."""
 
