@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from bench_hub import remove_accounts  # noqa: E402
 from conftest import BIN, ENVS, RunningHub, free_port, traversable_tmpdir  # noqa: E402
 from hubclient import wait_for  # noqa: E402
 from spinnaker_jupyter.spawn_queue import forked_concurrency  # noqa: E402
@@ -387,6 +388,7 @@ def main() -> None:
             results["login_to_lab"] = bench_login_to_lab(hub, args.login_users)["login_to_lab_s"]
     finally:
         hub.stop(final=True)
+        remove_accounts(hub)
     if not args.skip_stock:
         results["stock"] = stock_hub(args.users)
     results["load_after"] = load()

@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT / "tests" / "integration"))  # test_git_kernel: its 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import test_git_kernel as tgk  # noqa: E402  (the mirrors, repositories and wheelhouse of the git kernel tests)
+from bench_hub import remove_accounts  # noqa: E402
 from conftest import ENVS, RunningHub, traversable_tmpdir  # noqa: E402
 
 CORES = len(os.sched_getaffinity(0))
@@ -333,6 +334,7 @@ def main() -> None:
             )
         finally:
             hub.stop(final=True)
+            remove_accounts(hub)
         run["load_after"] = load()
         if "last" in run.get("setups", {}):
             run["setups"]["last_over_floor"] = run["setups"]["last"] / results["floor_s"]
