@@ -215,10 +215,12 @@ def burst(url: str, token: str, names: list[str], timeout: float = 400, cpu=None
     for t in threads:
         t.start()
     cpu_before, machine_before = (cpu(), machine_cpu()) if cpu else (None, None)
+    client_before = _own_cpu()
     t0 = time.monotonic()
     go.set()
     for t in threads:
         t.join(max(0.0, t0 + timeout - time.monotonic()))
+    client = _own_cpu() - client_before  # (this process: the N clients, what a browser per student would do)
     spent = {k: v - cpu_before[k] for k, v in cpu().items()} if cpu else None
     machine = [b - a for a, b in zip(machine_before, machine_cpu(), strict=True)] if cpu else None
     for name in names:
@@ -232,7 +234,7 @@ def burst(url: str, token: str, names: list[str], timeout: float = 400, cpu=None
         "failures": sorted(set(failed.values()))[:5],
     }
     if spent is not None:
-        for what, seconds in spent.items():
+        for what, seconds in {**spent, "client": client}.items():
             out[f"{what}_cpu_s_per_start"] = seconds / len(names)
         out["machine_idle_share"] = machine[1] / machine[0] if machine[0] else None
     if times:
@@ -268,6 +270,12 @@ def hub_side_cpu(hub: RunningHub) -> dict:
             fields = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
             total[what] += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
     return {k: v / os.sysconf("SC_CLK_TCK") for k, v in total.items()}
+
+
+def _own_cpu() -> float:
+    """CPU-seconds of this process so far (all its threads)."""
+    t = os.times()
+    return t.user + t.system
 
 
 def machine_cpu() -> tuple[int, int]:
@@ -436,7 +444,8 @@ def table(r: dict, n: int) -> str:
         rows.append(
             f"during the burst, per start: {o['servers_cpu_s_per_start']:.2f} CPU-s of the server (alone: "
             f"{r['cpu_after']['cpu_s']:.2f}), {o['hub_cpu_s_per_start']:.2f} of the hub side; the machine idle "
-            f"{100 * o['machine_idle_share']:.0f}% of the time"
+            f"{100 * o['machine_idle_share']:.0f}% of the time; the benchmark's own clients "
+            f"{o['client_cpu_s_per_start']:.2f}"
         )
     if "whole_floor_s" in r.get("ours", {}):
         o = r["ours"]
