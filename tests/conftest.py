@@ -284,7 +284,8 @@ class RunningHub:
         return r.stdout.strip().split()[-1]
 
     def client(self, name: str, password: str) -> HubClient:
-        return HubClient(self.url, name, password)
+        holds = self.base / "holds"  # (hubclient.hold_starts)
+        return HubClient(self.url, name, password, hold_dir=holds if holds.is_dir() else None)
 
     def system_account(self, name: str) -> str:
         """The system account the hub's local servers and jobs run as for user `name`."""

@@ -6,9 +6,34 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from pathlib import Path
 
 import requests
 import websocket
+
+#: An operator's addition (jupyterhub_config.d, written by hold_starts): a user's start waits while a hold file of
+#: theirs exists, so a test opens the spawn page's event stream before the start runs. A forked start takes ~0.1 s:
+#: unheld, the stream opens after it and hears only "ready" (JupyterHub's SpawnProgressAPIHandler).
+HOLD_HOOK = """
+import asyncio, pathlib
+
+async def _hold(spawner):
+    hold = pathlib.Path({folder!r}) / spawner.user.name
+    for _ in range(1200):
+        if not hold.exists():
+            return
+        await asyncio.sleep(0.05)
+
+c.Spawner.pre_spawn_hook = _hold
+"""
+
+
+def hold_starts(hub) -> None:
+    """Before `hub` starts: its users' starts can be held (HOLD_HOOK) until their progress stream listens
+    (HubClient.progress_messages does so for clients of such a hub)."""
+    (hub.base / "holds").mkdir(exist_ok=True)
+    (hub.base / "jupyterhub_config.d").mkdir(exist_ok=True)
+    (hub.base / "jupyterhub_config.d" / "hold.py").write_text(HOLD_HOOK.format(folder=str(hub.base / "holds")))
 
 
 def wait_for(condition, timeout: float, what: str, interval: float = 0.1):
@@ -25,10 +50,16 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.1):
 
 class HubClient:
     def __init__(
-        self, url: str, name: str | None, password: str | None = None, session: requests.Session | None = None
+        self,
+        url: str,
+        name: str | None,
+        password: str | None = None,
+        session: requests.Session | None = None,
+        hold_dir: Path | None = None,
     ):
-        """Log in through the hub's login form with `password`, or take a `session` already logged in (OAuth)."""
-        self.url, self.name = url, name
+        """Log in through the hub's login form with `password`, or take a `session` already logged in (OAuth).
+        `hold_dir`: the hub's hold folder (hold_starts), where progress_messages holds this user's start."""
+        self.url, self.name, self.hold_dir = url, name, hold_dir
         self.session = session or requests.Session()
         if session is None:
             self.login_response = self._login(password)
@@ -100,17 +131,26 @@ class HubClient:
         does."""
         path = f"/users/{self.name}/servers/{server}" if server else f"/users/{self.name}/server"
         spawn = f"/hub/spawn/{self.name}/{server}" if server else f"/hub/spawn/{self.name}"
+        hold = self.hold_dir / self.name if self.hold_dir and not server else None
         for _ in range(3):
-            r = self.session.get(self.url + spawn, allow_redirects=False, timeout=30)
-            assert r.status_code == 302 and "spawn-pending" in r.headers["location"], (r.status_code, r.headers)
-            messages = []
-            with self.api("GET", f"{path}/progress", stream=True, timeout=timeout) as r:
-                for line in r.iter_lines(decode_unicode=True):
-                    if line.startswith("data:"):
-                        event = json.loads(line[5:])
-                        messages.append(event.get("message", ""))
-                        if event.get("ready") or event.get("failed"):
-                            break
+            if hold:
+                hold.touch()  # the start waits in the hub's pre-spawn hook until the stream below listens
+            try:
+                r = self.session.get(self.url + spawn, allow_redirects=False, timeout=30)
+                assert r.status_code == 302 and "spawn-pending" in r.headers["location"], (r.status_code, r.headers)
+                messages = []
+                with self.api("GET", f"{path}/progress", stream=True, timeout=timeout) as r:
+                    for line in r.iter_lines(decode_unicode=True):
+                        if line.startswith("data:"):
+                            event = json.loads(line[5:])
+                            messages.append(event.get("message", ""))
+                            if hold:
+                                hold.unlink(missing_ok=True)  # the page listens: the start goes on
+                            if event.get("ready") or event.get("failed"):
+                                break
+            finally:
+                if hold:
+                    hold.unlink(missing_ok=True)
             # A stream opened after the server got ready hears the ready event alone (JupyterHub's
             # SpawnProgressAPIHandler): the client was late, on a loaded machine, not the hub silent. Start again.
             if not (len(messages) == 1 and (self.server_model(server) or {}).get("ready")):

@@ -36,6 +36,7 @@ About 600 lines: both sides of one protocol (the request, its checks, the hub's 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import ctypes
 import dataclasses
@@ -510,6 +511,7 @@ class ForkServer:
         self.folder = Path(folder)
         self.proc: subprocess.Popen | None = None
         self._hub_end: int | None = None
+        self._ends_with_the_hub = False
         self.launched_at = 0.0
         self.served = 0  # servers the running one started
 
@@ -541,6 +543,11 @@ class ForkServer:
             os.unlink(self.folder / SOCKET_NAME)
         theirs, self._hub_end = os.pipe()  # (both ends close-on-exec: no other child of the hub holds one)
         self.launched_at, self.served = time.monotonic(), 0
+        if not self._ends_with_the_hub:
+            # The pipe ends it when the hub's process is gone, a moment later; a hub that exits normally ends it
+            # first, so nothing the hub started outlives it.
+            atexit.register(self.end)
+            self._ends_with_the_hub = True
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", __name__, str(self.folder), str(theirs)],
@@ -551,6 +558,17 @@ class ForkServer:
             )
         finally:
             os.close(theirs)
+
+    def end(self, grace: float = 5.0) -> None:
+        """Stop it (SIGTERM: it stops listening and exits; the servers it started live on as the hub's config says)."""
+        if not self.running():
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
     async def start(self, req: Request, timeout: float) -> int:
         """The new server's pid; ForkServerError says why not."""

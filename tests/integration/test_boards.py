@@ -23,7 +23,7 @@ import yaml
 
 from conftest import secret_file
 from doubles.spalloc_server import SpallocDouble
-from hubclient import wait_for
+from hubclient import hold_starts, wait_for
 
 HUB_TOKEN = "hub-spalloc-token"
 FIRST_IP = "10.11.192.1"
@@ -179,8 +179,11 @@ def session_hub(hub_factory, double, token_file):
                 "on_timeout": "fail",
                 "spalloc": {"url": double.url, "token_file": str(token_file), "keepalive_interval": KEEPALIVE},
             },
-        }
+        },
+        start=False,
     )
+    hold_starts(hub)  # (alice's progress stream listens before her start runs: progress_messages)
+    hub.start()
     yield hub
     stop_all_servers(hub)
 

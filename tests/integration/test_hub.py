@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hubclient import wait_for
+from hubclient import hold_starts, wait_for
 
 PYNN_NETWORK = textwrap.dedent("""
     import pyNN.spiNNaker as p
@@ -44,29 +44,10 @@ def tutorials(tmp_path_factory):
     return src
 
 
-#: An operator's addition (jupyterhub_config.d): a user's start waits while a hold file of theirs exists, so the test
-#: opens the spawn page's event stream before the start runs (a start takes well under a second: unheld, the stream
-#: would often open after it and hear only "ready").
-HOLD_HOOK = """
-import asyncio, pathlib
-
-async def _hold(spawner):
-    hold = pathlib.Path({folder!r}) / spawner.user.name
-    for _ in range(1200):
-        if not hold.exists():
-            return
-        await asyncio.sleep(0.05)
-
-c.Spawner.pre_spawn_hook = _hold
-"""
-
-
 @pytest.fixture(scope="module")
 def hub(hub_factory, tutorials):
     hub = hub_factory({"tutorials": {"source": str(tutorials)}, "culler": {"timeout": 600, "every": 30}}, start=False)
-    (hub.base / "holds").mkdir()
-    (hub.base / "jupyterhub_config.d").mkdir()
-    (hub.base / "jupyterhub_config.d" / "hold.py").write_text(HOLD_HOOK.format(folder=str(hub.base / "holds")))
+    hold_starts(hub)
     return hub.start()
 
 

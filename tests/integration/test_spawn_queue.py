@@ -14,9 +14,10 @@ from hubclient import wait_for
 
 @pytest.fixture(scope="module")
 def hub(hub_factory):
-    # Each server gets a tenth of a core (its cgroup), so that a start lasts seconds on any machine: long enough for
-    # the next three to queue behind it.
-    return hub_factory({"spawner": {"start_queue": {"concurrency": 1, "limit": 2}, "cpu_limit": 0.1}})
+    # Each server gets a tenth of a core (its cgroup) and starts as a new Python (~1.3 CPU-s; a forked start takes
+    # ~0.07), so that a start lasts seconds on any machine: long enough for the next three to queue behind it.
+    local = {"fork_server": False}
+    return hub_factory({"spawner": {"start_queue": {"concurrency": 1, "limit": 2}, "cpu_limit": 0.1, "local": local}})
 
 
 @pytest.fixture(scope="module")

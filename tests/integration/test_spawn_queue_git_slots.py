@@ -14,12 +14,17 @@ from hubclient import wait_for
 
 @pytest.fixture(scope="module")
 def hub(hub_factory, tmp_path_factory):
-    # A tenth of a core per server, so that each start lasts seconds; the set-up's repositories are a missing mirror:
-    # what is seen here is whether and when a set-up gets its turn, not what it then does.
+    # A tenth of a core per server, and servers started as new Pythons (~1.3 CPU-s; a forked one takes ~0.07 and
+    # would be up in under a second), so that each start lasts seconds; the set-up's repositories are a missing
+    # mirror: what is seen here is whether and when a set-up gets its turn, not what it then does.
     missing = tmp_path_factory.mktemp("mirror") / "missing"
     return hub_factory(
         {
-            "spawner": {"start_queue": {"concurrency": 1, "limit": 5}, "cpu_limit": 0.1},
+            "spawner": {
+                "start_queue": {"concurrency": 1, "limit": 5},
+                "cpu_limit": 0.1,
+                "local": {"fork_server": False},
+            },
             "git_kernel": {
                 "enabled": True,
                 "concurrency": 1,
