@@ -10,7 +10,9 @@ import pytest
 
 @pytest.fixture(scope="module")
 def hub(hub_factory):
-    return hub_factory({"spawner": {"start_queue": {"concurrency": 1, "limit": 50}}})
+    # Servers start as new Pythons (~1.3 CPU-s each; a forked start takes ~0.07 s, and five were all up before the
+    # command's first look at the line), so that the students' places in the line are seen while they wait.
+    return hub_factory({"spawner": {"start_queue": {"concurrency": 1, "limit": 50}, "local": {"fork_server": False}}})
 
 
 @pytest.fixture(scope="module")
