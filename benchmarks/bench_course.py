@@ -404,16 +404,27 @@ def main() -> None:
         r = results.get(key)
         if r and "median" in r:
             r["floor_s"] = args.users * cpu / CORES
-            for k in ("first", "median", "p95", "last"):
-                r[f"{k}_over_floor"] = r[k] / r["floor_s"]
+            _over(r, "floor")
     ours = results["ours"]
     if "median" in ours:  # the floor of everything a start cost during the burst: the hub's side as well
         ours["whole_floor_s"] = args.users * (ours["hub_cpu_s_per_start"] + ours["servers_cpu_s_per_start"]) / CORES
-        for k in ("first", "median", "p95", "last"):
-            ours[f"{k}_over_whole_floor"] = ours[k] / ours["whole_floor_s"]
+        _over(ours, "whole_floor")
     print(table(results, args.users))
     name = f"results-course{f'-c{args.concurrency}' if args.concurrency else ''}{'-fork' if args.fork_server else ''}"
     (ROOT / "benchmarks" / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
+
+
+FIGURES = ("first", "median", "p95", "last")
+
+
+def _over(r: dict, floor: str) -> None:
+    """Each figure of a burst's result `r` over its floor `r[floor + "_s"]`, as `r["<figure>_over_<floor>"]`."""
+    for k in FIGURES:
+        r[f"{k}_over_{floor}"] = r[k] / r[f"{floor}_s"]
+
+
+def _ratios(r: dict, floor: str) -> str:
+    return " / ".join(f"{r[f'{k}_over_{floor}']:.2f}" for k in FIGURES)
 
 
 def table(r: dict, n: int) -> str:
@@ -432,8 +443,7 @@ def table(r: dict, n: int) -> str:
             continue
         rows.append(
             f"| {name} | {x['ready']} | {x['failed']} | {x['first']:.1f} s | {x['median']:.1f} s | "
-            f"{x['p95']:.1f} s | {x['last']:.1f} s | {x['floor_s']:.1f} s | {x['first_over_floor']:.2f} / "
-            f"{x['median_over_floor']:.2f} / {x['p95_over_floor']:.2f} / {x['last_over_floor']:.2f} |"
+            f"{x['p95']:.1f} s | {x['last']:.1f} s | {x['floor_s']:.1f} s | {_ratios(x, 'floor')} |"
         )
     rows.append(
         f"CPU-s per server start: before {r['cpu_before']['cpu_s']:.2f}, after {r['cpu_after']['cpu_s']:.2f}, "
@@ -451,8 +461,7 @@ def table(r: dict, n: int) -> str:
         o = r["ours"]
         rows.append(
             f"floor of the whole start (hub side + server, during the burst): {o['whole_floor_s']:.1f} s; first / "
-            f"median / p95 / last over it: {o['first_over_whole_floor']:.2f} / {o['median_over_whole_floor']:.2f} / "
-            f"{o['p95_over_whole_floor']:.2f} / {o['last_over_whole_floor']:.2f}"
+            f"median / p95 / last over it: {_ratios(o, 'whole_floor')}"
         )
     if "login_to_lab" in r:
         lt = r["login_to_lab"]

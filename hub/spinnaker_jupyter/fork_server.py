@@ -23,10 +23,11 @@ What is pre-imported (`PRELOAD`, after spinnaker_jupyter.singleuser.prepare()'s 
 import: jupyterhub.singleuser (its __init__ and jupyterhub.services.auth take JUPYTERHUB_SINGLEUSER_*, the service
 prefix, API URL and SSL files into class defaults) and jupyterlab.labapp (HOME) are left to each server, only their
 own modules (what they import is pre-imported): ~0.01 CPU-s. Every environment read during the pre-imports is
-recorded, and a start whose environment differs in one of them (or in what the interpreter read at start-up: PYTHON*,
-LANG, LC_ALL, LC_CTYPE) is refused: the spawner then starts it with Popen (a locale coercion the zygote's interpreter
-made is made for the server too: as_started). Imports that take per-user state at import from HOME, USER, the uid or the cwd are listed in
-PER_USER_AT_IMPORT with how each child makes it its user's (reloaded, refreshed, or unused by a server).
+recorded, and a start whose environment differs in one of them (or in what the interpreter read at start-up:
+PYTHON*, LANG, LC_ALL, LC_CTYPE) is refused: the spawner then starts it with Popen (a locale coercion the zygote's
+interpreter made is made for the server too: as_started). Imports that take per-user state at import from HOME,
+USER, the uid or the cwd are listed in PER_USER_AT_IMPORT with how each child makes it its user's (reloaded,
+refreshed, or unused by a server).
 Checked against jupyterhub 6.1.1, jupyter_server 2.21.1, jupyterlab 4.6.6, notebook 7.6.5, IPython 9.18.1,
 send2trash 2.2.0, Python 3.11.
 

@@ -81,12 +81,13 @@ class SpawnQueue(LoggingConfigurable):
 
     @default("concurrency")
     def _concurrency_default(self):
-        # One per core for starts of a new Python or a container (hubconfig sets forked_concurrency() when local
-        # servers are forked: configure()). Measured with 30 starts on 2 cores, followed as browsers follow them (benchmarks/README.md,
-        # 5 runs each): 2 at a time, first 1.8 s, median 10.5 s, last 21.3 s, the machine 6% idle; 3 at a time, first
-        # 2.8 s, median 12.9 s, last 25.6 s: a third start on two cores leaves no core idle but makes every start
-        # cost ~25% more CPU (time-sliced against the others), more than the idle it fills. (An earlier benchmark
-        # that asked the hub for every user 4 times a second favoured 3: its load left cores idle between starts.)
+        # One per core for starts of a new Python or a container (hubconfig sets forked_concurrency() when local servers
+        # are forked: configure()). Measured with 30 starts on 2 cores, followed as browsers follow them
+        # (benchmarks/README.md, 5 runs each): 2 at a time, first 1.8 s, median 10.5 s, last 21.3 s, the machine 6%
+        # idle; 3 at a time, first 2.8 s, median 12.9 s, last 25.6 s: a third start on two cores leaves no core idle but
+        # makes every start cost ~25% more CPU (time-sliced against the others), more than the idle it fills. (An
+        # earlier benchmark that asked the hub for every user 4 times a second favoured 3: its load left cores idle
+        # between starts.)
         return usable_cpus()
 
     def __init__(self, **kwargs):

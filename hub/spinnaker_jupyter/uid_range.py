@@ -110,10 +110,16 @@ def high_water(uid_range: tuple[int, int] | list[int], mark: int | None, account
     return max([lo - 1, *in_range, *([mark] if mark is not None else [])])
 
 
-def current_mark(uid_range: tuple[int, int] | list[int], data_dir: str | os.PathLike | None) -> int:
-    """:func:`high_water` on this machine, for the deployment with this ``data_dir`` (None: the accounts alone)."""
+def current_mark(
+    uid_range: tuple[int, int] | list[int],
+    data_dir: str | os.PathLike | None,
+    account_uids: Iterable[int] | None = None,
+) -> int:
+    """:func:`high_water` on this machine, for the deployment with this ``data_dir`` (None: the accounts alone);
+    ``account_uids``: the machine's accounts' uids when the caller has read them already."""
     mark = read_mark(mark_file(data_dir)) if data_dir is not None else None
-    return high_water(uid_range, mark, (pw.pw_uid for pw in pwd.getpwall()))
+    uids = account_uids if account_uids is not None else (pw.pw_uid for pw in pwd.getpwall())
+    return high_water(uid_range, mark, uids)
 
 
 def _write_mark(path: Path, uid: int) -> None:
@@ -151,10 +157,10 @@ def give_uid(data_dir: str | os.PathLike, uid_range: tuple[int, int] | list[int]
     taken = set(uids)
 
     def free_uid() -> int | None:
-        uid = next_uid(taken, uid_range, high_water(uid_range, read_mark(mark_file(data_dir)), uids))
+        uid = next_uid(taken, uid_range, current_mark(uid_range, data_dir, uids))
         while uid is not None and _in_use(uid):  # a group's number, or made since the read above
             taken.add(uid)
-            uid = next_uid(taken, uid_range, high_water(uid_range, read_mark(mark_file(data_dir)), uids))
+            uid = next_uid(taken, uid_range, current_mark(uid_range, data_dir, uids))
         return uid
 
     if free_uid() is None:
