@@ -59,7 +59,9 @@ def hub(hub_factory, double, tmp_path_factory):
                 "mode": "session",
                 "claim_timeout": 300,
                 "on_timeout": "fail",
-                "spalloc": {"url": double.url, "token_file": str(token_file), "keepalive_interval": 30},
+                # 120 s: a killed job service is restarted at the hub's next look (JupyterHub polls its services
+                # every 30 s, not configurable), and the restart-reconciliation test needs that before the expiry.
+                "spalloc": {"url": double.url, "token_file": str(token_file), "keepalive_interval": 120},
             }
         },
     )
@@ -252,7 +254,7 @@ def test_a_stopped_runner_gives_the_board_back_and_the_job_runs_once_more(hub, d
     else:
         hub.stop()
         hub.start()
-    double.wait_for(lambda d: d.job(first["id"])["state"] == "DESTROYED", 60, what="the first board to be released")
+    double.wait_for(lambda d: d.job(first["id"])["state"] == "DESTROYED", 90, what="the first board to be released")
     wait = "the job service restarted" if how == "runner killed" else "the job service stopped"
     assert wait in double.job(first["id"])["reason"], double.job(first["id"])
     second = wait_for(
