@@ -284,12 +284,36 @@ def machine_cpu() -> tuple[int, int]:
     return sum(ticks), ticks[3] + ticks[4]
 
 
-def stock_hub(users: int) -> dict:
+#: A spawner whose servers cost nothing: each user's "server" is the benchmark's one HTTP server, always up, so a
+#: burst on it measures what the hub itself (and its proxy) spends on N starts.
+INSTANT_SPAWNER = """
+from jupyterhub.spawner import Spawner
+
+class InstantSpawner(Spawner):
+    async def start(self):
+        return ("127.0.0.1", {port})
+
+    async def poll(self):
+        return None
+
+    async def stop(self, now=False):
+        pass
+
+c.JupyterHub.spawner_class = InstantSpawner
+"""
+
+
+def stock_hub(users: int, instant: bool = False) -> dict:
     """JupyterHub 6.1.1 as it comes: SimpleLocalProcessSpawner (servers as the hub's account, homes in a folder),
-    its default timeouts and readiness polling, the same proxy."""
+    its default timeouts and readiness polling, the same proxy. `instant`: servers that cost nothing instead
+    (INSTANT_SPAWNER), and the CPU-seconds of the hub and its proxy per start: the hub's own floor."""
     base = traversable_tmpdir("bench-stock-")
+    stub = None
+    if instant:
+        stub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StubHub)
+        threading.Thread(target=stub.serve_forever, daemon=True).start()
     token, port = secrets.token_hex(16), free_port()
-    (base / "jupyterhub_config.py").write_text(f"""
+    config = f"""
 c.JupyterHub.bind_url = "http://127.0.0.1:{port}"
 c.JupyterHub.hub_port = {free_port()}
 c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{free_port()}"
@@ -307,7 +331,10 @@ c.Spawner.default_url = "/lab"
 c.JupyterHub.services = [{{"name": "bench", "api_token": {token!r}}}]
 c.JupyterHub.load_roles = [{{"name": "bench", "services": ["bench"],
                             "scopes": ["admin:users", "admin:servers", "list:users", "read:users", "read:servers"]}}]
-""")
+"""
+    if stub:
+        config += INSTANT_SPAWNER.format(port=stub.server_address[1])
+    (base / "jupyterhub_config.py").write_text(config)
     log = open(base / "hub.log", "w")
     proc = subprocess.Popen(
         [str(BIN / "jupyterhub"), "-f", str(base / "jupyterhub_config.py")],
@@ -320,8 +347,11 @@ c.JupyterHub.load_roles = [{{"name": "bench", "services": ["bench"],
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: _answers(url), 60, "the stock hub")
-        return burst(url, token, [f"k{secrets.token_hex(2)}{i:02d}" for i in range(users)])
+        cpu = (lambda: {"hub": _session_cpu(proc.pid)}) if instant else None
+        return burst(url, token, [f"k{secrets.token_hex(2)}{i:02d}" for i in range(users)], cpu=cpu)
     finally:
+        if stub:
+            stub.shutdown()
         proc.terminate()
         try:
             proc.wait(30)
@@ -331,6 +361,18 @@ c.JupyterHub.load_roles = [{{"name": "bench", "services": ["bench"],
         for pid in _running_in(base):  # what the stock hub left in its own folder (its servers' working dirs)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
+
+
+def _session_cpu(sid: int) -> float:
+    """CPU-seconds so far of the processes of session `sid` (a hub started in its own session: it and its proxy)."""
+    ticks = 0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[3]) == sid:
+                    ticks += sum(int(x) for x in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _running_in(folder: Path) -> list[int]:
@@ -399,6 +441,7 @@ def main() -> None:
         remove_accounts(hub)
     if not args.skip_stock:
         results["stock"] = stock_hub(args.users)
+        results["stock_instant"] = stock_hub(args.users, instant=True)
     results["load_after"] = load()
     for key, cpu in (("ours", results["cpu_after"]["cpu_s"]), ("stock", results["cpu_stock"]["cpu_s"])):
         r = results.get(key)
@@ -463,6 +506,17 @@ def table(r: dict, n: int) -> str:
             f"floor of the whole start (hub side + server, during the burst): {o['whole_floor_s']:.1f} s; first / "
             f"median / p95 / last over it: {_ratios(o, 'whole_floor')}"
         )
+    x, o = r.get("stock_instant"), r.get("ours", {})
+    if x and "median" in x:
+        line = (
+            f"stock JupyterHub 6.1.1 with servers that cost nothing (the hub's own floor): {x['ready']} ready, first "
+            f"{x['first']:.1f} s, median {x['median']:.1f} s, last {x['last']:.1f} s; "
+            f"{x['hub_cpu_s_per_start']:.3f} CPU-s of the hub and proxy per start"
+        )
+        if "floor_s" in o:
+            line += f"; its median / last over this project's floor: {x['median'] / o['floor_s']:.2f} / "
+            line += f"{x['last'] / o['floor_s']:.2f}"
+        rows.append(line)
     if "login_to_lab" in r:
         lt = r["login_to_lab"]
         rows.append(f"login -> JupyterLab: median {lt['median']:.2f} s ({lt['min']:.2f}-{lt['max']:.2f}, n={lt['n']})")

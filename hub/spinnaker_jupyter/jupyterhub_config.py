@@ -5,7 +5,7 @@ the last config file (loaded last, so they win; refused when another account cou
 import signal
 from pathlib import Path
 
-from spinnaker_jupyter import config, hubconfig, preflight, spawner
+from spinnaker_jupyter import config, hubconfig, preflight, spawner, upstream
 
 c = get_config()  # noqa: F821 - provided by JupyterHub
 
@@ -14,6 +14,8 @@ c = get_config()  # noqa: F821 - provided by JupyterHub
 # before SIGTERM. The hub answers SIGINT itself anyway (JupyterHub.init_signal): restore it before anything starts.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+upstream.bound_the_shutdown()  # a stopping hub ends, whatever task ignores its cancel
 
 deployment = config.load()
 extras = preflight.trusted_config(deployment)  # they run inside the hub: refused if another account could write them

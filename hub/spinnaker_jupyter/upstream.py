@@ -96,6 +96,47 @@ def handle_sigterm_until_running(handler) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+#: Seconds a stopping hub waits for the tasks it cancelled before it stops anyway (bound_the_shutdown).
+SHUTDOWN_GRACE = 15.0
+
+
+def bound_the_shutdown(grace: float = SHUTDOWN_GRACE) -> None:
+    """A stopping hub ends within ``grace`` seconds of its clean-up, however its tasks take their cancel.
+
+    JupyterHub 6.1.1's ``JupyterHub.shutdown_cancel_tasks`` (SIGTERM, SIGINT) runs ``cleanup()``, cancels every
+    other task and then waits for all of them without a limit: one that ignores its cancel keeps a stopped hub
+    running (its proxy already gone) until systemd kills it at TimeoutStopSec, and the restart waits for that. Seen
+    once in CI, the hub silent for 63 s after "...done". No setting bounds that wait; here ``cleanup`` arms a timer
+    that, should the loop still run ``grace`` seconds after it, logs each task still running with its stack (what
+    ignored the cancel) and stops the loop, which ends the hub as the wait's end would have."""
+    import asyncio
+    import io
+
+    from jupyterhub.app import JupyterHub
+
+    cleanup = JupyterHub.cleanup
+    if getattr(cleanup, "_bounded", False):
+        return
+
+    def give_up(app, loop) -> None:
+        stuck = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for task in stuck:
+            stack = io.StringIO()
+            task.print_stack(limit=12, file=stack)
+            app.log.warning("Still running %g s after its cancel: %s", grace, stack.getvalue().rstrip())
+        app.log.error("Stopping now: %d task(s) did not end within %g s of the hub's stop", len(stuck), grace)
+        loop.stop()
+
+    async def bounded_cleanup(self):
+        await cleanup(self)
+        loop = asyncio.get_running_loop()
+        loop.call_later(grace, give_up, self, loop)  # (gone with the loop when the shutdown ends in time)
+
+    bounded_cleanup._bounded = True
+    bounded_cleanup.__wrapped_cleanup__ = cleanup
+    JupyterHub.cleanup = bounded_cleanup
+
+
 def remove_proxy_files(proxy) -> None:
     """Remove what ``ConfigurableHTTPProxy`` leaves of a proxy it started (its pid file, its unix sockets): its
     private ``_remove_process_files``, the part of its public ``stop()`` that is wanted after our own stop (which,

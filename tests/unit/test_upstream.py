@@ -161,6 +161,44 @@ def test_extra_handlers_still_served():
     assert "self.extra_handlers" in inspect.getsource(JupyterHub.init_handlers)
 
 
+def test_a_stopping_hub_ends_whatever_task_ignores_its_cancel(monkeypatch, caplog):
+    """JupyterHub's shutdown waits for every task it cancelled; with the bound, one that ignores its cancel is named
+    in the log and the loop stops anyway (without it, this loop would run until the test's own 10 s stop)."""
+    source = inspect.getsource(JupyterHub.shutdown_cancel_tasks)
+    assert "await self.cleanup()" in source and "await asyncio.wait(tasks)" in source
+
+    async def no_cleanup(self):
+        pass
+
+    monkeypatch.setattr(JupyterHub, "cleanup", no_cleanup)
+    upstream.bound_the_shutdown(grace=0.2)
+    upstream.bound_the_shutdown(grace=0.2)  # (once only: a config read twice does not wrap it twice)
+    assert JupyterHub.cleanup.__wrapped_cleanup__ is no_cleanup
+    app = JupyterHub()
+    app.log = logging.getLogger("test-shutdown")
+
+    async def stubborn():
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                continue
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.create_task(stubborn(), name="stubborn")
+        loop.call_soon(lambda: loop.create_task(app.shutdown_cancel_tasks(signal.SIGTERM)))
+        backstop = loop.call_later(10, loop.stop)
+        with caplog.at_level(logging.WARNING, logger="test-shutdown"):
+            loop.run_forever()
+        assert not backstop.cancelled() and loop.time() < backstop.when(), "the shutdown waited for the stubborn task"
+        assert "stubborn" in caplog.text and "did not end within 0.2 s" in caplog.text, caplog.text
+    finally:
+        for task in asyncio.all_tasks(loop):
+            task.cancel()
+        loop.close()
+
+
 def test_managed_service_processes():
     assert "_service_map" in JupyterHub.class_traits()
     proc = mock.Mock()
