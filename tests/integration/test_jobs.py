@@ -440,12 +440,22 @@ def test_output_limit_stops_the_job(jobs_hub, nmpi_module):
     assert "(jobs.limits.output_mb) and was stopped" in job["log"], job["log"]
 
 
+# Seconds a download link lives on tight_hub. A link expires at the whole second int(now) + ttl, so it lives
+# between ttl - 1 and ttl seconds: with ttl 1 the fresh link read after the expiry could be dead before its
+# download reached the service (as likely as the read-to-download gap is long: more so on a loaded machine);
+# with 5 it outlives that gap by seconds.
+URL_TTL = 5
+
+
 @pytest.fixture(scope="module")
 def tight_hub(hub_factory):
     """Short download links and small CPU / process limits; user servers run as root (no per-user accounts)."""
     hub = start_jobs_hub(
         hub_factory,
-        {"download_url_ttl": 1, "limits": {"cpu_time": 2, "processes": 8, "memory_mb": 512, "upload_quota_mb": 1}},
+        {
+            "download_url_ttl": URL_TTL,
+            "limits": {"cpu_time": 2, "processes": 8, "memory_mb": 512, "upload_quota_mb": 1},
+        },
         {"spawner": {"local": {"system_users": False}}},
     )
     hub.users = {"jcarol": hub.client("jcarol", hub.add_user("jcarol"))}
@@ -459,7 +469,7 @@ def test_expired_download_url(tight_hub, nmpi_module, tmp_path):
         client.submit_job(source="open('a.txt', 'w').write('hello')", platform="SpiNNaker", collab_id="private-jcarol"),
     )
     url = job["output_data"]["files"][0]["url"]
-    wait_for(lambda: requests.get(url, timeout=10).status_code == 403, 10, "the download link to expire")
+    wait_for(lambda: requests.get(url, timeout=10).status_code == 403, URL_TTL + 10, "the download link to expire")
     r = requests.get(url, timeout=10)
     assert "This download link has expired" in r.json()["detail"]
     tampered = url.replace("expires=", "expires=9")
