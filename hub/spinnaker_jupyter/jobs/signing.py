@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import os
 import secrets
 import time
@@ -34,8 +35,13 @@ def _mac(key: bytes, job_id: int, path: str, expires: int) -> str:
     return hmac.new(key, f"{job_id}\0{path}\0{expires}".encode(), hashlib.sha256).hexdigest()
 
 
+def _expiry(ttl: int) -> int:
+    """The whole second a link expires at: at least `ttl` seconds from now (rounded down, a 1 s link died at once)."""
+    return math.ceil(time.time()) + ttl
+
+
 def sign(key: bytes, base_url: str, job_id: int, path: str, ttl: int) -> str:
-    expires = int(time.time()) + ttl
+    expires = _expiry(ttl)
     return (
         f"{base_url.rstrip('/')}/files/{job_id}/{quote(path)}?expires={expires}"
         f"&signature={_mac(key, job_id, path, expires)}"
@@ -60,7 +66,7 @@ UPLOAD = 0  # job ids start at 1: an upload's MAC can never pass for a job file'
 
 def sign_upload(key: bytes, base_url: str, name: str, ttl: int) -> str:
     """The link the runner fetches an uploaded code archive by (command-line client `run`; uploads.py)."""
-    expires = int(time.time()) + ttl
+    expires = _expiry(ttl)
     return (
         f"{base_url.rstrip('/')}/uploads/{quote(name)}?expires={expires}&signature={_mac(key, UPLOAD, name, expires)}"
     )
