@@ -16,6 +16,7 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 upstream.bound_the_shutdown()  # a stopping hub ends, whatever task ignores its cancel
+upstream.watch_services_every()  # a dead job service is back within seconds
 
 deployment = config.load()
 extras = preflight.trusted_config(deployment)  # they run inside the hub: refused if another account could write them

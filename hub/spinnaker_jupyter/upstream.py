@@ -137,6 +137,36 @@ def bound_the_shutdown(grace: float = SHUTDOWN_GRACE) -> None:
     JupyterHub.cleanup = bounded_cleanup
 
 
+#: Seconds between the hub's checks that each of its managed services (the job service, the culler) still runs.
+SERVICE_POLL = 5
+
+
+def watch_services_every(seconds: int = SERVICE_POLL) -> None:
+    """A hub-managed service that dies is started again within ``seconds``, not JupyterHub's 30.
+
+    JupyterHub 6.1.1's ``Service.start`` makes its ``_ServiceSpawner`` without the hub's config (so
+    ``c.Spawner.poll_interval`` does not reach it) and polls it every 30 s (the trait's default); a dead job service
+    left nmpi clients with "connection refused" and its running jobs' boards to their keepalive for up to that long.
+    Here each start is followed by polling every ``seconds`` (``start_polling`` replaces the callback it made; the
+    restart callback JupyterHub added stays)."""
+    from jupyterhub.services.service import Service
+
+    start = Service.start
+    if getattr(start, "_watched", False):
+        return
+
+    async def start_watched(self):
+        await start(self)
+        spawner = getattr(self, "spawner", None)
+        if spawner is not None and spawner.poll_interval > seconds:
+            spawner.poll_interval = seconds
+            spawner.start_polling()
+
+    start_watched._watched = True
+    start_watched.__wrapped_start__ = start
+    Service.start = start_watched
+
+
 def remove_proxy_files(proxy) -> None:
     """Remove what ``ConfigurableHTTPProxy`` leaves of a proxy it started (its pid file, its unix sockets): its
     private ``_remove_process_files``, the part of its public ``stop()`` that is wanted after our own stop (which,

@@ -579,8 +579,10 @@ def test_service_stop_puts_a_running_job_back_in_the_queue(jobs_hub, nmpi_module
         first = int(wait_for(lambda: marker.read_text(), 10, "the first attempt's pid"))
         old = _service_pid(jobs_hub)
         os.kill(old, getattr(signals, sig))
-        # the hub starts its managed service again (the client cannot connect meanwhile); the new one puts the job
-        # back in the queue
+        # the hub starts its managed service again (the client cannot connect meanwhile): it looks every 5 s
+        # (upstream.watch_services_every; JupyterHub's own 30 s made this wait fail most times)
+        wait_for(lambda: _service_pid(jobs_hub) not in (None, old), 25, "the hub to start its job service again")
+        # the new one puts the job back in the queue
 
         def ended():
             try:

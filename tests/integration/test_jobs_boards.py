@@ -59,8 +59,9 @@ def hub(hub_factory, double, tmp_path_factory):
                 "mode": "session",
                 "claim_timeout": 300,
                 "on_timeout": "fail",
-                # 120 s: a killed job service is restarted at the hub's next look (JupyterHub polls its services
-                # every 30 s, not configurable), and the restart-reconciliation test needs that before the expiry.
+                # 120 s: a killed job service is restarted at the hub's next look (every 5 s,
+                # upstream.watch_services_every) and reconciles at its start; the restart test needs that before the
+                # expiry, also on a loaded machine.
                 "spalloc": {"url": double.url, "token_file": str(token_file), "keepalive_interval": 120},
             }
         },

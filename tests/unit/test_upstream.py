@@ -199,6 +199,32 @@ def test_a_stopping_hub_ends_whatever_task_ignores_its_cancel(monkeypatch, caplo
         loop.close()
 
 
+def test_a_dead_service_is_looked_for_every_few_seconds(monkeypatch):
+    """JupyterHub starts each managed service's spawner without the hub's config and polls it every 30 s; after
+    each start, ours polls every SERVICE_POLL s (the restart callback JupyterHub added is kept)."""
+    source = inspect.getsource(Service.start)
+    assert "_ServiceSpawner(" in source and "config=" not in source  # (c.Spawner.poll_interval never reaches it)
+    assert "self.spawner.add_poll_callback(self._proc_stopped)" in source and "start_polling()" in source
+    assert Spawner.class_traits()["poll_interval"].default_value == 30
+    assert "self.stop_polling()" in inspect.getsource(Spawner.start_polling)  # (a second call replaces the first)
+
+    class FakeSpawner:
+        poll_interval = 30
+        start_polling = mock.Mock()
+
+    async def fake_start(self):
+        self.spawner = FakeSpawner()
+
+    monkeypatch.setattr(Service, "start", fake_start)
+    upstream.watch_services_every(5)
+    upstream.watch_services_every(5)  # (once only)
+    assert Service.start.__wrapped_start__ is fake_start
+    service = Service(name="jobs", command=["x"])
+    asyncio.run(service.start())
+    assert service.spawner.poll_interval == 5
+    service.spawner.start_polling.assert_called_once_with()
+
+
 def test_managed_service_processes():
     assert "_service_map" in JupyterHub.class_traits()
     proc = mock.Mock()
