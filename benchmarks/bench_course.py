@@ -132,8 +132,7 @@ def cpu_per_start(command: list[str], settings: dict, runs: int = 3, fork_server
                     time.sleep(0.02)
             wall.append(time.monotonic() - t0)
             time.sleep(1.0)
-            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            cpu.append(sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK"))  # utime stime cutime cstime
+            cpu.append(_cpu_s(proc.pid))
             proc.terminate()
             proc.wait()
     finally:
@@ -265,13 +264,28 @@ def hub_side_cpu(hub: RunningHub) -> dict:
     import processes
 
     procs = processes.table()
-    total = {"hub": 0, "servers": 0}
+    total = {"hub": 0.0, "servers": 0.0}
     for p in hub.own_processes():
         what = "servers" if processes.SINGLEUSER in p.cmdline or processes.in_user_server(p, procs) else "hub"
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total[what] += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
-    return {k: v / os.sysconf("SC_CLK_TCK") for k, v in total.items()}
+        total[what] += _cpu_s(p.pid)
+    return total
+
+
+def _tree_cpu(pid: int) -> float:
+    """CPU-seconds so far of process `pid` and all it started (a hub: also its proxy, which runs in a session of its
+    own)."""
+    import processes
+
+    return _cpu_s(pid) + sum(_cpu_s(p.pid) for p in processes.descendants(pid, processes.table()))
+
+
+def _cpu_s(pid: int) -> float:
+    """utime + stime + cutime + cstime of `pid` (what it waited for included); 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 def _own_cpu() -> float:
@@ -349,7 +363,7 @@ c.JupyterHub.load_roles = [{{"name": "bench", "services": ["bench"],
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: _answers(url), 60, "the stock hub")
-        cpu = (lambda: {"hub": _session_cpu(proc.pid)}) if instant else None
+        cpu = (lambda: {"hub": _tree_cpu(proc.pid)}) if instant else None
         return burst(url, token, [f"k{secrets.token_hex(2)}{i:02d}" for i in range(users)], cpu=cpu)
     finally:
         if stub:
@@ -363,18 +377,6 @@ c.JupyterHub.load_roles = [{{"name": "bench", "services": ["bench"],
         for pid in _running_in(base):  # what the stock hub left in its own folder (its servers' working dirs)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
-
-
-def _session_cpu(sid: int) -> float:
-    """CPU-seconds so far of the processes of session `sid` (a hub started in its own session: it and its proxy)."""
-    ticks = 0
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError):
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                if int(fields[3]) == sid:
-                    ticks += sum(int(x) for x in fields[11:15])
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _running_in(folder: Path) -> list[int]:

@@ -114,10 +114,6 @@ def bound_the_shutdown(grace: float = SHUTDOWN_GRACE) -> None:
 
     from jupyterhub.app import JupyterHub
 
-    cleanup = JupyterHub.cleanup
-    if getattr(cleanup, "_bounded", False):
-        return
-
     def give_up(app, loop) -> None:
         stuck = [t for t in asyncio.all_tasks(loop) if not t.done()]
         for task in stuck:
@@ -127,14 +123,15 @@ def bound_the_shutdown(grace: float = SHUTDOWN_GRACE) -> None:
         app.log.error("Stopping now: %d task(s) did not end within %g s of the hub's stop", len(stuck), grace)
         loop.stop()
 
-    async def bounded_cleanup(self):
-        await cleanup(self)
-        loop = asyncio.get_running_loop()
-        loop.call_later(grace, give_up, self, loop)  # (gone with the loop when the shutdown ends in time)
+    def bounded(cleanup):
+        async def bounded_cleanup(self):
+            await cleanup(self)
+            loop = asyncio.get_running_loop()
+            loop.call_later(grace, give_up, self, loop)  # (gone with the loop when the shutdown ends in time)
 
-    bounded_cleanup._bounded = True
-    bounded_cleanup.__wrapped_cleanup__ = cleanup
-    JupyterHub.cleanup = bounded_cleanup
+        return bounded_cleanup
+
+    _patch_once(JupyterHub, "cleanup", bounded)
 
 
 #: Seconds between the hub's checks that each of its managed services (the job service, the culler) still runs.
@@ -151,20 +148,29 @@ def watch_services_every(seconds: int = SERVICE_POLL) -> None:
     restart callback JupyterHub added stays)."""
     from jupyterhub.services.service import Service
 
-    start = Service.start
-    if getattr(start, "_watched", False):
+    def watched(start):
+        async def start_watched(self):
+            await start(self)
+            spawner = getattr(self, "spawner", None)
+            if spawner is not None and spawner.poll_interval > seconds:
+                spawner.poll_interval = seconds
+                spawner.start_polling()
+
+        return start_watched
+
+    _patch_once(Service, "start", watched)
+
+
+def _patch_once(owner, name: str, wrap) -> None:
+    """Replace ``owner.name`` with ``wrap(original)``, once (a config read twice does not wrap it twice); the
+    original stays reachable as the replacement's ``__wrapped__``."""
+    original = getattr(owner, name)
+    if getattr(original, "_spinnaker_patched", False):
         return
-
-    async def start_watched(self):
-        await start(self)
-        spawner = getattr(self, "spawner", None)
-        if spawner is not None and spawner.poll_interval > seconds:
-            spawner.poll_interval = seconds
-            spawner.start_polling()
-
-    start_watched._watched = True
-    start_watched.__wrapped_start__ = start
-    Service.start = start_watched
+    patched = wrap(original)
+    patched._spinnaker_patched = True
+    patched.__wrapped__ = original
+    setattr(owner, name, patched)
 
 
 def remove_proxy_files(proxy) -> None:

@@ -173,7 +173,7 @@ def test_a_stopping_hub_ends_whatever_task_ignores_its_cancel(monkeypatch, caplo
     monkeypatch.setattr(JupyterHub, "cleanup", no_cleanup)
     upstream.bound_the_shutdown(grace=0.2)
     upstream.bound_the_shutdown(grace=0.2)  # (once only: a config read twice does not wrap it twice)
-    assert JupyterHub.cleanup.__wrapped_cleanup__ is no_cleanup
+    assert JupyterHub.cleanup.__wrapped__ is no_cleanup
     app = JupyterHub()
     app.log = logging.getLogger("test-shutdown")
 
@@ -218,7 +218,7 @@ def test_a_dead_service_is_looked_for_every_few_seconds(monkeypatch):
     monkeypatch.setattr(Service, "start", fake_start)
     upstream.watch_services_every(5)
     upstream.watch_services_every(5)  # (once only)
-    assert Service.start.__wrapped_start__ is fake_start
+    assert Service.start.__wrapped__ is fake_start
     service = Service(name="jobs", command=["x"])
     asyncio.run(service.start())
     assert service.spawner.poll_interval == 5
